@@ -1,0 +1,72 @@
+"""kivigo-async: an asyncio-native key-value client with Redis and Valkey as first-class backends.
+
+Example:
+    ```python
+    from kivigo_async import Client
+    from kivigo_async.backends.redis import RedisBackend
+
+    async with Client(RedisBackend.from_url("redis://localhost:6379/0")) as client:
+        await client.set("session:abc123", {"user_id": "u1"}, ttl=1800)
+        print(await client.get("session:abc123"))
+    ```
+"""
+
+from .backend import AsyncBackend, BatchBackend, HealthBackend, TransactionBackend, TTLBackend
+from .client import Client, HealthCheck, Transaction
+from .codecs import Codec, CompressedCodec, EncryptedCodec, JsonCodec, MsgspecCodec
+from .errors import (
+    BackendError,
+    BackendUnavailableError,
+    CodecError,
+    ConfigurationError,
+    DecodeError,
+    EncodeError,
+    HealthCheckError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    KeyNotFoundError,
+    KivigoError,
+    OperationTimeoutError,
+    PermissionDeniedError,
+    TransactionConflictError,
+    UnsupportedOperationError,
+)
+from .hooks import EventType, HookEvent, HookHandle, HookRegistry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncBackend",
+    "BackendError",
+    "BackendUnavailableError",
+    "BatchBackend",
+    "Client",
+    "Codec",
+    "CodecError",
+    "CompressedCodec",
+    "ConfigurationError",
+    "DecodeError",
+    "EncodeError",
+    "EncryptedCodec",
+    "EventType",
+    "HealthBackend",
+    "HealthCheck",
+    "HealthCheckError",
+    "HookEvent",
+    "HookHandle",
+    "HookRegistry",
+    "InvalidArgumentError",
+    "InvalidKeyError",
+    "JsonCodec",
+    "KeyNotFoundError",
+    "KivigoError",
+    "MsgspecCodec",
+    "OperationTimeoutError",
+    "PermissionDeniedError",
+    "TTLBackend",
+    "Transaction",
+    "TransactionBackend",
+    "TransactionConflictError",
+    "UnsupportedOperationError",
+    "__version__",
+]

@@ -1,0 +1,170 @@
+"""Backend protocols: what a storage engine must (and may) implement.
+
+A backend works on ``str`` keys and ``bytes`` values only; validation, codecs
+and hooks live in :class:`kivigo_async.Client`. Only :class:`AsyncBackend` is
+required. The other protocols are capabilities the client detects with
+``isinstance`` once, when it is created:
+
+* :class:`BatchBackend`: multi-key calls in one round trip. Without it the
+  client emulates batches with ``asyncio.gather``.
+* :class:`TTLBackend`: ``expire`` / ``ttl`` / ``persist``.
+* :class:`HealthBackend`: a liveness probe.
+* :class:`TransactionBackend`: atomic, optionally optimistic transactions.
+
+A missing capability (other than batch) makes the client raise
+:class:`~kivigo_async.errors.UnsupportedOperationError`.
+
+Backends raise only :mod:`kivigo_async.errors` exceptions.
+
+Example:
+    >>> from kivigo_async.backend import AsyncBackend, BatchBackend
+    >>> from kivigo_async.backends.memory import MemoryBackend
+    >>> isinstance(MemoryBackend(), AsyncBackend), isinstance(MemoryBackend(), BatchBackend)
+    (True, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Literal, Protocol, Union, runtime_checkable
+
+__all__ = [
+    "AsyncBackend",
+    "BackendTransaction",
+    "BatchBackend",
+    "ConnectableBackend",
+    "HealthBackend",
+    "TTLBackend",
+    "TransactionBackend",
+    "TxDelete",
+    "TxOp",
+    "TxSet",
+]
+
+#: A queued transaction write: ``("set", key, value, ttl_ms)``.
+TxSet = tuple[Literal["set"], str, bytes, Union[int, None]]  # noqa: UP007
+#: A queued transaction delete: ``("delete", key)``.
+TxDelete = tuple[Literal["delete"], str]
+TxOp = Union[TxSet, TxDelete]  # noqa: UP007
+
+
+@runtime_checkable
+class AsyncBackend(Protocol):
+    """The required backend interface.
+
+    ``ttl_ms`` is a positive number of milliseconds, or ``None`` for no expiry.
+    """
+
+    async def get(self, key: str) -> bytes | None:
+        """Return the value of ``key``, or ``None`` when it does not exist."""
+        ...
+
+    async def set(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
+        """Store ``value`` under ``key``, replacing any value and any TTL."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Delete ``key``; return whether it existed."""
+        ...
+
+    def scan(self, prefix: str) -> AsyncIterator[str]:
+        """Yield every key starting with the literal ``prefix`` (``""``: all keys).
+
+        Order is unspecified. A key present for the whole scan is yielded at
+        least once; when the keyspace is resized during the scan it may be
+        yielded twice.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release connections and background tasks. Safe to call twice."""
+        ...
+
+
+@runtime_checkable
+class BatchBackend(Protocol):
+    """Multi-key operations, each in as few round trips as the engine allows."""
+
+    async def batch_get(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Return the values of ``keys`` in input order, ``None`` for missing ones."""
+        ...
+
+    async def batch_set(self, items: Sequence[tuple[str, bytes]], ttl_ms: int | None = None) -> None:
+        """Store every pair; all of them or (on error) as documented by the backend."""
+        ...
+
+    async def batch_delete(self, keys: Sequence[str]) -> int:
+        """Delete ``keys``; return how many existed."""
+        ...
+
+    async def exists(self, keys: Sequence[str]) -> int:
+        """Return how many of ``keys`` exist (a key listed twice counts twice)."""
+        ...
+
+
+@runtime_checkable
+class TTLBackend(Protocol):
+    """Key expiry."""
+
+    async def expire(self, key: str, ttl_ms: int) -> bool:
+        """Set a TTL on an existing key; return ``False`` when the key does not exist."""
+        ...
+
+    async def ttl(self, key: str) -> int | None:
+        """Return the remaining TTL in milliseconds, ``None`` when the key has none.
+
+        Raises :class:`~kivigo_async.errors.KeyNotFoundError` for a missing key.
+        """
+        ...
+
+    async def persist(self, key: str) -> bool:
+        """Remove the TTL; return ``True`` when a TTL was removed."""
+        ...
+
+
+@runtime_checkable
+class HealthBackend(Protocol):
+    """A liveness probe."""
+
+    async def health(self) -> None:
+        """Return when the backend answers; raise a :class:`~kivigo_async.errors.KivigoError` otherwise."""
+        ...
+
+
+class BackendTransaction(Protocol):
+    """One open transaction, returned by :meth:`TransactionBackend.begin`."""
+
+    async def get(self, key: str) -> bytes | None:
+        """Read ``key`` now (reads are not queued)."""
+        ...
+
+    async def commit(self, ops: Sequence[TxOp]) -> None:
+        """Apply ``ops`` atomically.
+
+        Raises :class:`~kivigo_async.errors.TransactionConflictError` when a
+        watched key changed since :meth:`TransactionBackend.begin`; then
+        nothing is written.
+        """
+        ...
+
+    async def discard(self) -> None:
+        """Abandon the transaction and release what it holds. Safe after commit."""
+        ...
+
+
+@runtime_checkable
+class TransactionBackend(Protocol):
+    """Atomic MULTI/EXEC-style transactions with optional optimistic locking."""
+
+    async def begin(self, watch: Sequence[str]) -> BackendTransaction:
+        """Open a transaction that fails on commit if any key in ``watch`` changes."""
+        ...
+
+
+@runtime_checkable
+class ConnectableBackend(Protocol):
+    """A backend that can connect eagerly (``Client.__aenter__`` calls it)."""
+
+    async def connect(self) -> None:
+        """Open connections now and check that the backend answers."""
+        ...

@@ -1,0 +1,247 @@
+"""An in-process backend: a dict with TTLs and transactions.
+
+:class:`MemoryBackend` implements every capability protocol and passes the
+same conformance suite as the Redis backends, so code tested against it
+behaves the same in production. It is not shared between processes.
+
+Example:
+    >>> import asyncio
+    >>> from kivigo_async import Client
+    >>> from kivigo_async.backends.memory import MemoryBackend
+    >>> async def main() -> int:
+    ...     async with Client(MemoryBackend()) as client:
+    ...         await client.set("answer", 42)
+    ...         return await client.get("answer", int)
+    >>> asyncio.run(main())
+    42
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+
+from ..backend import BackendTransaction, TxOp
+from ..errors import BackendUnavailableError, KeyNotFoundError, TransactionConflictError
+
+__all__ = ["MemoryBackend"]
+
+# Entries are (value, deadline); deadline is a time.monotonic() instant or None.
+_Entry = tuple[bytes, "float | None"]
+
+# How many keys a scan yields between two trips through the event loop, so that
+# listing a huge keyspace does not starve other tasks.
+_SCAN_CHUNK = 1000
+
+
+class MemoryBackend:
+    """A TTL-aware in-memory backend.
+
+    Expired keys are dropped when they are read or scanned, and by a sweep that
+    runs every ``sweep_every`` writes, so memory does not grow with keys that
+    expire without ever being read again.
+
+    Example:
+        >>> backend = MemoryBackend()
+        >>> backend
+        MemoryBackend(keys=0)
+    """
+
+    def __init__(self, *, sweep_every: int = 10_000) -> None:
+        self._data: dict[str, _Entry] = {}
+        self._watchers: dict[str, set[_MemoryTransaction]] = {}
+        self._writes = 0
+        self._sweep_every = sweep_every
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"MemoryBackend(keys={len(self._data)})"
+
+    # -- internals -------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendUnavailableError("the memory backend is closed")
+
+    def _live(self, key: str) -> _Entry | None:
+        entry = self._data.get(key)
+        if entry is not None and entry[1] is not None and entry[1] <= time.monotonic():
+            del self._data[key]
+            return None
+        return entry
+
+    def _touch(self, key: str) -> None:
+        # WATCH semantics: any write to a watched key dooms the transactions watching it.
+        if self._watchers:
+            for tx in self._watchers.get(key, ()):
+                tx.dirty = True
+
+    def _write(self, key: str, value: bytes, ttl_ms: int | None) -> None:
+        deadline = None if ttl_ms is None else time.monotonic() + ttl_ms / 1000
+        self._data[key] = (value, deadline)
+        self._touch(key)
+        self._writes += 1
+        if self._writes >= self._sweep_every:
+            self._sweep()
+
+    def _remove(self, key: str) -> bool:
+        if self._live(key) is None:
+            return False
+        del self._data[key]
+        self._touch(key)
+        return True
+
+    def _sweep(self) -> None:
+        self._writes = 0
+        now = time.monotonic()
+        expired = [k for k, (_, d) in self._data.items() if d is not None and d <= now]
+        for k in expired:
+            del self._data[k]
+
+    # -- AsyncBackend ----------------------------------------------------
+
+    async def get(self, key: str) -> bytes | None:
+        self._check_open()
+        entry = self._live(key)
+        return None if entry is None else entry[0]
+
+    async def set(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
+        self._check_open()
+        self._write(key, value, ttl_ms)
+
+    async def delete(self, key: str) -> bool:
+        self._check_open()
+        return self._remove(key)
+
+    async def scan(self, prefix: str) -> AsyncIterator[str]:
+        self._check_open()
+        # A snapshot, because the dict may change while the caller awaits between keys.
+        keys = [k for k in self._data if k.startswith(prefix)]
+        for i, key in enumerate(keys, 1):
+            if self._live(key) is not None:
+                yield key
+            if i % _SCAN_CHUNK == 0:
+                await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        self._closed = True
+        for txs in self._watchers.values():
+            for tx in txs:
+                tx.dirty = True
+        self._watchers.clear()
+
+    # -- BatchBackend ----------------------------------------------------
+
+    async def batch_get(self, keys: Sequence[str]) -> list[bytes | None]:
+        self._check_open()
+        out: list[bytes | None] = []
+        for key in keys:
+            entry = self._live(key)
+            out.append(None if entry is None else entry[0])
+        return out
+
+    async def batch_set(self, items: Sequence[tuple[str, bytes]], ttl_ms: int | None = None) -> None:
+        self._check_open()
+        for key, value in items:
+            self._write(key, value, ttl_ms)
+
+    async def batch_delete(self, keys: Sequence[str]) -> int:
+        self._check_open()
+        return sum(self._remove(key) for key in keys)
+
+    async def exists(self, keys: Sequence[str]) -> int:
+        self._check_open()
+        return sum(self._live(key) is not None for key in keys)
+
+    # -- TTLBackend ------------------------------------------------------
+
+    async def expire(self, key: str, ttl_ms: int) -> bool:
+        self._check_open()
+        entry = self._live(key)
+        if entry is None:
+            return False
+        self._write(key, entry[0], ttl_ms)
+        return True
+
+    async def ttl(self, key: str) -> int | None:
+        self._check_open()
+        entry = self._live(key)
+        if entry is None:
+            raise KeyNotFoundError(key)
+        if entry[1] is None:
+            return None
+        return max(0, round((entry[1] - time.monotonic()) * 1000))
+
+    async def persist(self, key: str) -> bool:
+        self._check_open()
+        entry = self._live(key)
+        if entry is None or entry[1] is None:
+            return False
+        self._data[key] = (entry[0], None)
+        self._touch(key)
+        return True
+
+    # -- HealthBackend ---------------------------------------------------
+
+    async def health(self) -> None:
+        self._check_open()
+
+    # -- TransactionBackend ----------------------------------------------
+
+    async def begin(self, watch: Sequence[str]) -> BackendTransaction:
+        self._check_open()
+        return _MemoryTransaction(self, watch)
+
+
+class _MemoryTransaction:
+    """An optimistic transaction; commits run without awaiting, hence atomically."""
+
+    def __init__(self, backend: MemoryBackend, watch: Sequence[str]) -> None:
+        self._backend = backend
+        self._watch = tuple(dict.fromkeys(watch))
+        self.dirty = False
+        self._done = False
+        # Redis aborts EXEC when a watched key expires in between, so remember deadlines.
+        self._deadlines: list[float] = []
+        for key in self._watch:
+            backend._watchers.setdefault(key, set()).add(self)
+            entry = backend._live(key)
+            if entry is not None and entry[1] is not None:
+                self._deadlines.append(entry[1])
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._backend.get(key)
+
+    async def commit(self, ops: Sequence[TxOp]) -> None:
+        backend = self._backend
+        try:
+            backend._check_open()
+            now = time.monotonic()
+            if self.dirty or any(d <= now for d in self._deadlines):
+                raise TransactionConflictError(
+                    f"a watched key changed before commit: {', '.join(map(repr, self._watch))}"
+                )
+            self._unwatch()
+            for op in ops:
+                if op[0] == "set":
+                    backend._write(op[1], op[2], op[3])
+                else:
+                    backend._remove(op[1])
+        finally:
+            self._unwatch()
+
+    async def discard(self) -> None:
+        self._unwatch()
+
+    def _unwatch(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        watchers = self._backend._watchers
+        for key in self._watch:
+            txs = watchers.get(key)
+            if txs is not None:
+                txs.discard(self)
+                if not txs:
+                    del watchers[key]

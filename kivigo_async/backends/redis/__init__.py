@@ -1,0 +1,16 @@
+"""Redis and Valkey backends on ``redis.asyncio`` with the hiredis parser.
+
+Example:
+    ```python
+    from kivigo_async import Client
+    from kivigo_async.backends.redis import RedisBackend, RedisOptions
+
+    async with Client(RedisBackend(RedisOptions(addr="localhost:6379"))) as client:
+        await client.set("k", {"v": 1}, ttl=60)
+    ```
+"""
+
+from .options import RedisOptions
+from .standalone import RedisBackend
+
+__all__ = ["RedisBackend", "RedisOptions"]

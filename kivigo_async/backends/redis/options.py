@@ -1,0 +1,252 @@
+"""Options of the standalone Redis backend, and parsing of ``redis://`` URLs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import ssl
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from ...errors import ConfigurationError
+
+__all__ = ["RedisOptions"]
+
+
+def _default_pool_size() -> int:
+    # The same default as go-redis: ten connections per CPU.
+    return 10 * (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class RedisOptions:
+    """How :class:`~kivigo_async.backends.redis.RedisBackend` connects.
+
+    The fields follow KiviGo's (go-redis') options. Durations are seconds.
+
+    Attributes:
+        addr: ``"host:port"`` (``"[::1]:6379"`` for IPv6), or a socket path when
+            ``network="unix"``.
+        network: ``"tcp"`` or ``"unix"``.
+        username: the ACL user; ``None`` for the default user.
+        password: never shown in ``repr``, logs or error messages.
+        db: the database number.
+        pool_size: the most connections open at once; callers beyond it wait
+            up to ``pool_timeout`` for a free one.
+        min_idle_conns: connections opened and checked when the client connects.
+        max_retries: how many times a command is retried after a *connection*
+            error (never after a timeout, so ``read_timeout`` bounds every call),
+            with jittered exponential backoff; ``0`` turns retries off.
+            A retried write may have been applied once already: ``SET`` is
+            idempotent, but ``delete`` may then report ``False``.
+        dial_timeout: bound on opening a connection (TCP, TLS, AUTH).
+        read_timeout: bound on waiting for a reply; ``None`` waits forever.
+        write_timeout: bound on sending a command. The redis-py transport uses
+            one socket timeout for both directions, so this must be ``None``
+            (meaning "same as ``read_timeout``") or equal to ``read_timeout``.
+        pool_timeout: how long a call waits for a free connection;
+            ``None`` means ``read_timeout + 1`` (as go-redis).
+        tls: ``True`` for TLS with certificate and host name verification
+            against the system's trust store, or an :class:`ssl.SSLContext`
+            (e.g. one trusting a private CA). Verification is only off when
+            the context you pass turns it off.
+        client_name: sent with ``CLIENT SETNAME`` (shown in ``CLIENT LIST``).
+        protocol: RESP version, 2 or 3; ``None`` for redis-py's default.
+
+    Example:
+        >>> opts = RedisOptions(addr="cache:6379", password="s3cret", pool_size=20)
+        >>> "s3cret" in repr(opts)
+        False
+    """
+
+    addr: str = "localhost:6379"
+    network: Literal["tcp", "unix"] = "tcp"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    db: int = 0
+    pool_size: int = field(default_factory=_default_pool_size)
+    min_idle_conns: int = 0
+    max_retries: int = 3
+    dial_timeout: float | None = 5.0
+    read_timeout: float | None = 3.0
+    write_timeout: float | None = None
+    pool_timeout: float | None = None
+    tls: bool | ssl.SSLContext = False
+    client_name: str | None = None
+    protocol: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.addr, str) or not self.addr:
+            raise ConfigurationError("addr must be a non-empty string")
+        if self.network not in ("tcp", "unix"):
+            raise ConfigurationError(f"network must be 'tcp' or 'unix', not {self.network!r}")
+        if self.network == "tcp":
+            _split_addr(self.addr)
+        for name in ("db", "pool_size", "min_idle_conns", "max_retries"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigurationError(f"{name} must be a non-negative int, not {value!r}")
+        if self.pool_size < 1:
+            raise ConfigurationError("pool_size must be at least 1")
+        if self.min_idle_conns > self.pool_size:
+            raise ConfigurationError("min_idle_conns cannot exceed pool_size")
+        for name in ("dial_timeout", "read_timeout", "write_timeout", "pool_timeout"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+            ):
+                raise ConfigurationError(f"{name} must be a positive number of seconds or None")
+        if self.write_timeout is not None and self.write_timeout != self.read_timeout:
+            raise ConfigurationError(
+                "write_timeout must be None or equal to read_timeout: "
+                "the redis.asyncio transport applies one socket timeout to reads and writes"
+            )
+        if not isinstance(self.tls, (bool, ssl.SSLContext)):
+            raise ConfigurationError("tls must be True, False or an ssl.SSLContext")
+        if self.tls and self.network == "unix":
+            raise ConfigurationError("tls is not available over a unix socket")
+        if self.protocol not in (None, 2, 3):
+            raise ConfigurationError(f"protocol must be 2, 3 or None, not {self.protocol!r}")
+
+    @classmethod
+    def default(cls) -> RedisOptions:
+        """Options for a local server: ``localhost:6379``, database 0, no password.
+
+        Example:
+            >>> RedisOptions.default().addr
+            'localhost:6379'
+        """
+        return cls()
+
+    def replace(self, **changes: object) -> RedisOptions:
+        """Return a copy with ``changes`` applied (and validated).
+
+        Example:
+            >>> RedisOptions.default().replace(db=2).db
+            2
+        """
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def host(self) -> str:
+        """The host part of ``addr`` (TCP only)."""
+        return _split_addr(self.addr)[0]
+
+    @property
+    def port(self) -> int:
+        """The port part of ``addr`` (TCP only)."""
+        return _split_addr(self.addr)[1]
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context to connect with, or ``None`` without TLS."""
+        if isinstance(self.tls, ssl.SSLContext):
+            return self.tls
+        return ssl.create_default_context() if self.tls else None
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: object) -> RedisOptions:
+        """Parse a ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL.
+
+        ``redis://[[username]:password@]host[:port][/db][?option=value...]``.
+        Query options: ``db``, ``client_name``, ``pool_size``, ``min_idle_conns``,
+        ``max_retries``, ``dial_timeout``, ``read_timeout``, ``pool_timeout``,
+        ``protocol``, and for ``rediss://`` ``ssl_ca_certs`` (a CA file) and
+        ``ssl_cert_reqs=none`` (turns verification off, explicitly). An unknown
+        option is an error, never silently ignored. ``overrides`` win over the URL.
+
+        Example:
+            >>> o = RedisOptions.from_url("rediss://app:p%40ss@cache.internal:6380/2")
+            >>> (o.addr, o.username, o.db, bool(o.tls))
+            ('cache.internal:6380', 'app', 2, True)
+        """
+        try:
+            parts = urlsplit(url)
+            parsed_port = parts.port
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid Redis URL: {exc}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("redis", "rediss", "unix", "valkey", "valkeys"):
+            raise ConfigurationError(
+                f"unsupported URL scheme {scheme!r}: use redis://, rediss:// or unix://"
+            )
+        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        kwargs: dict[str, object] = {}
+        if parts.username:
+            kwargs["username"] = unquote(parts.username)
+        if parts.password is not None:
+            kwargs["password"] = unquote(parts.password)
+        if scheme == "unix":
+            if not parts.path:
+                raise ConfigurationError("a unix:// URL needs a socket path")
+            kwargs["network"] = "unix"
+            kwargs["addr"] = unquote(parts.path)
+            if "password" in query:
+                kwargs["password"] = query.pop("password")
+            if "username" in query:
+                kwargs["username"] = query.pop("username")
+        else:
+            host = parts.hostname or "localhost"
+            host = f"[{host}]" if ":" in host else host
+            kwargs["addr"] = f"{host}:{parsed_port or 6379}"
+            path = parts.path.strip("/")
+            if path:
+                kwargs["db"] = _int_option("db", path)
+        tls_required = scheme in ("rediss", "valkeys")
+        ca_file = query.pop("ssl_ca_certs", None)
+        cert_reqs = query.pop("ssl_cert_reqs", None)
+        if (ca_file is not None or cert_reqs is not None) and not tls_required:
+            raise ConfigurationError("ssl_ca_certs and ssl_cert_reqs need a rediss:// URL")
+        if tls_required:
+            ctx = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+            if cert_reqs is not None:
+                if cert_reqs.lower() in ("none", "cert_none"):
+                    ctx.check_hostname = False
+                    ctx.verify_mode = ssl.CERT_NONE
+                elif cert_reqs.lower() not in ("required", "cert_required"):
+                    raise ConfigurationError("ssl_cert_reqs must be 'required' or 'none'")
+            kwargs["tls"] = ctx
+        for name, raw in query.items():
+            if name in ("db", "pool_size", "min_idle_conns", "max_retries", "protocol"):
+                kwargs[name] = _int_option(name, raw)
+            elif name in ("dial_timeout", "read_timeout", "write_timeout", "pool_timeout"):
+                kwargs[name] = _float_option(name, raw)
+            elif name == "client_name":
+                kwargs[name] = raw
+            else:
+                raise ConfigurationError(f"unknown option {name!r} in Redis URL")
+        kwargs.update(overrides)
+        try:
+            return cls(**kwargs)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise ConfigurationError(str(exc)) from None
+
+
+def _int_option(name: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be an integer, not {raw!r}") from None
+
+
+def _float_option(name: str, raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number of seconds, not {raw!r}") from None
+
+
+def _split_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host:
+        raise ConfigurationError(f"addr must be 'host:port', not {addr!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigurationError(f"addr must be 'host:port', not {addr!r}") from None
+    if not 0 < number < 65536:
+        raise ConfigurationError(f"port out of range in addr {addr!r}")
+    return host, number

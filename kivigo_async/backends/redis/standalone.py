@@ -1,0 +1,324 @@
+"""The standalone Redis / Valkey backend, on ``redis.asyncio`` with the hiredis parser."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import AbstractConnection, Connection, UnixDomainSocketConnection
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from ...backend import BackendTransaction, TxOp
+from ...errors import KeyNotFoundError
+from ._errors import translate
+from ._scan import SCAN_COUNT, decode_key, match_pattern
+from .options import RedisOptions
+
+__all__ = ["RedisBackend"]
+
+
+class _TLSConnection(Connection):
+    """A TCP connection wrapped in the caller's :class:`ssl.SSLContext`.
+
+    redis-py's own SSL connection builds its context from loose arguments; a
+    ready context lets users bring private CAs, client certificates and
+    pinning without us re-implementing each knob.
+    """
+
+    def __init__(self, *, tls_context: ssl.SSLContext, **kwargs: Any) -> None:
+        self._tls_context = tls_context
+        super().__init__(**kwargs)
+
+    def _connection_arguments(self) -> Mapping[str, Any]:
+        return {"host": self.host, "port": self.port, "ssl": self._tls_context}
+
+
+def _pool_for(options: RedisOptions) -> BlockingConnectionPool:
+    kwargs: dict[str, Any] = {
+        "db": options.db,
+        "username": options.username,
+        "password": options.password,
+        "socket_connect_timeout": options.dial_timeout,
+        "socket_timeout": options.read_timeout,
+        "client_name": options.client_name,
+        "encoding_errors": "surrogateescape",
+        # Retrying after a timeout would let one stalled call wait (retries + 1)
+        # times read_timeout; only connection errors are retried.
+        "retry": Retry(
+            ExponentialWithJitterBackoff(cap=0.512, base=0.008),
+            options.max_retries,
+            supported_errors=(RedisConnectionError,),
+        ),
+    }
+    if options.protocol is not None:
+        kwargs["protocol"] = options.protocol
+    connection_class: type[AbstractConnection]
+    if options.network == "unix":
+        connection_class = UnixDomainSocketConnection
+        kwargs["path"] = options.addr
+    else:
+        kwargs["host"], kwargs["port"] = options.host, options.port
+        tls_context = options.ssl_context()
+        if tls_context is None:
+            connection_class = Connection
+        else:
+            connection_class = _TLSConnection
+            kwargs["tls_context"] = tls_context
+    pool_timeout = options.pool_timeout
+    if pool_timeout is None and options.read_timeout is not None:
+        pool_timeout = options.read_timeout + 1
+    return BlockingConnectionPool(
+        max_connections=options.pool_size,
+        timeout=pool_timeout,
+        connection_class=connection_class,
+        **kwargs,
+    )
+
+
+class RedisBackend:
+    """A backend on one Redis or Valkey server (standalone, or a primary).
+
+    Every capability is implemented: batches are one round trip each
+    (``MGET``; ``MSET`` or, with a TTL, ``SET ... PX`` inside ``MULTI/EXEC``;
+    ``UNLINK``), so ``batch_set`` is atomic; TTLs are milliseconds
+    (``PX``/``PEXPIRE``/``PTTL``); listing uses ``SCAN`` with the prefix's
+    glob characters escaped; transactions are ``MULTI/EXEC`` with ``WATCH``.
+
+    A call cancelled while waiting for its reply closes that connection rather
+    than returning it to the pool, so no later call can read a stale reply.
+
+    Example:
+        ```python
+        from kivigo_async import Client
+        from kivigo_async.backends.redis import RedisBackend, RedisOptions
+
+        backend = RedisBackend(RedisOptions(addr="localhost:6379", pool_size=20))
+        async with Client(backend) as client:
+            await client.set("greeting", "hello")
+        ```
+    """
+
+    def __init__(self, options: RedisOptions | None = None) -> None:
+        self._options = options if options is not None else RedisOptions.default()
+        self._pool = _pool_for(self._options)
+        self._redis: Redis = Redis.from_pool(self._pool)
+        # redis-py leaves execute_command untyped; one typed, pre-bound reference.
+        self._exec: Callable[..., Awaitable[Any]] = self._redis.execute_command
+        self._node = self._options.addr
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: object) -> RedisBackend:
+        """Build a backend from a ``redis://``, ``rediss://`` or ``unix://`` URL.
+
+        See :meth:`RedisOptions.from_url` for the accepted query options.
+
+        Example:
+            ```python
+            backend = RedisBackend.from_url("rediss://app:secret@cache:6380/0")
+            ```
+        """
+        return cls(RedisOptions.from_url(url, **overrides))
+
+    def __repr__(self) -> str:
+        return f"RedisBackend(addr={self._node!r}, db={self._options.db})"
+
+    @property
+    def options(self) -> RedisOptions:
+        """The options this backend was built with."""
+        return self._options
+
+    @property
+    def redis(self) -> Redis:
+        """The underlying ``redis.asyncio.Redis`` client, for commands kivigo does not wrap."""
+        return self._redis
+
+    def _error(self, exc: Exception, command: str, key: str | None = None) -> Exception:
+        return translate(exc, command, key, self._node)
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Check the server answers and open ``min_idle_conns`` connections."""
+        try:
+            await self._exec("PING")
+            wanted = self._options.min_idle_conns
+            if wanted > 1:
+                acquire: Callable[[], Awaitable[AbstractConnection]] = self._pool.get_connection
+                conns = await asyncio.gather(*(acquire() for _ in range(wanted - 1)))
+                for conn in conns:
+                    await self._pool.release(conn)
+        except RedisError as exc:
+            raise self._error(exc, "CONNECT") from exc
+
+    async def close(self) -> None:
+        try:
+            await self._redis.aclose()
+        except RedisError as exc:  # closing never fails the caller's shutdown
+            raise self._error(exc, "CLOSE") from exc
+
+    # -- AsyncBackend ----------------------------------------------------
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            value: bytes | None = await self._exec("GET", key)
+            return value
+        except RedisError as exc:
+            raise self._error(exc, "GET", key) from exc
+
+    async def set(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
+        try:
+            if ttl_ms is None:
+                await self._exec("SET", key, value)
+            else:
+                await self._exec("SET", key, value, "PX", ttl_ms)
+        except RedisError as exc:
+            raise self._error(exc, "SET", key) from exc
+
+    async def delete(self, key: str) -> bool:
+        try:
+            return bool(await self._exec("UNLINK", key))
+        except RedisError as exc:
+            raise self._error(exc, "UNLINK", key) from exc
+
+    async def scan(self, prefix: str) -> AsyncIterator[str]:
+        pattern = match_pattern(prefix)
+        cursor: int = 0
+        while True:
+            try:
+                cursor, keys = await self._redis.scan(cursor, match=pattern, count=SCAN_COUNT)
+            except RedisError as exc:
+                raise self._error(exc, "SCAN") from exc
+            for raw in keys:
+                yield decode_key(raw)
+            if cursor == 0:
+                return
+
+    # -- BatchBackend ----------------------------------------------------
+
+    async def batch_get(self, keys: Sequence[str]) -> list[bytes | None]:
+        try:
+            values: list[bytes | None] = await self._exec("MGET", *keys)
+            return values
+        except RedisError as exc:
+            raise self._error(exc, "MGET", keys[0] if len(keys) == 1 else None) from exc
+
+    async def batch_set(self, items: Sequence[tuple[str, bytes]], ttl_ms: int | None = None) -> None:
+        try:
+            if ttl_ms is None:
+                args: list[str | bytes] = []
+                for key, value in items:
+                    args += (key, value)
+                await self._exec("MSET", *args)
+                return
+            pipe: Pipeline = self._redis.pipeline(transaction=True)
+            for key, value in items:
+                pipe.execute_command("SET", key, value, "PX", ttl_ms)
+            await pipe.execute()
+        except RedisError as exc:
+            raise self._error(exc, "MSET" if ttl_ms is None else "MULTI/SET PX") from exc
+
+    async def batch_delete(self, keys: Sequence[str]) -> int:
+        try:
+            return int(await self._exec("UNLINK", *keys))
+        except RedisError as exc:
+            raise self._error(exc, "UNLINK") from exc
+
+    async def exists(self, keys: Sequence[str]) -> int:
+        try:
+            return int(await self._exec("EXISTS", *keys))
+        except RedisError as exc:
+            raise self._error(exc, "EXISTS", keys[0] if len(keys) == 1 else None) from exc
+
+    # -- TTLBackend ------------------------------------------------------
+
+    async def expire(self, key: str, ttl_ms: int) -> bool:
+        try:
+            return bool(await self._exec("PEXPIRE", key, ttl_ms))
+        except RedisError as exc:
+            raise self._error(exc, "PEXPIRE", key) from exc
+
+    async def ttl(self, key: str) -> int | None:
+        try:
+            ms = int(await self._exec("PTTL", key))
+        except RedisError as exc:
+            raise self._error(exc, "PTTL", key) from exc
+        if ms == -2:
+            raise KeyNotFoundError(key)
+        return None if ms == -1 else ms
+
+    async def persist(self, key: str) -> bool:
+        try:
+            return bool(await self._exec("PERSIST", key))
+        except RedisError as exc:
+            raise self._error(exc, "PERSIST", key) from exc
+
+    # -- HealthBackend ---------------------------------------------------
+
+    async def health(self) -> None:
+        try:
+            await self._exec("PING")
+        except RedisError as exc:
+            raise self._error(exc, "PING") from exc
+
+    # -- TransactionBackend ----------------------------------------------
+
+    async def begin(self, watch: Sequence[str]) -> BackendTransaction:
+        pipe: Pipeline = self._redis.pipeline(transaction=True)
+        if watch:
+            try:
+                await pipe.watch(*watch)
+            except RedisError as exc:
+                await _reset(pipe)
+                raise self._error(exc, "WATCH") from exc
+        return _RedisTransaction(self, pipe, bool(watch))
+
+
+async def _reset(pipe: Pipeline) -> None:
+    # Shielded: a reset interrupted by cancellation would keep a watching
+    # connection out of the pool for good.
+    reset: Callable[[], Awaitable[None]] = pipe.reset
+    await asyncio.shield(reset())
+
+
+class _RedisTransaction:
+    def __init__(self, backend: RedisBackend, pipe: Pipeline, watching: bool) -> None:
+        self._backend = backend
+        self._pipe = pipe
+        self._watching = watching
+
+    async def get(self, key: str) -> bytes | None:
+        if not self._watching:
+            return await self._backend.get(key)
+        try:
+            # While watching, the pipeline runs commands at once on its own connection.
+            execute: Callable[..., Awaitable[Any]] = self._pipe.execute_command
+            return await execute("GET", key)  # type: ignore[no-any-return]
+        except RedisError as exc:
+            raise self._backend._error(exc, "GET", key) from exc
+
+    async def commit(self, ops: Sequence[TxOp]) -> None:
+        pipe = self._pipe
+        start: Callable[[], None] = pipe.multi
+        start()
+        for op in ops:
+            if op[0] == "set":
+                if op[3] is None:
+                    pipe.execute_command("SET", op[1], op[2])
+                else:
+                    pipe.execute_command("SET", op[1], op[2], "PX", op[3])
+            else:
+                pipe.execute_command("UNLINK", op[1])
+        try:
+            await pipe.execute()
+        except RedisError as exc:
+            raise self._backend._error(exc, "EXEC") from exc
+
+    async def discard(self) -> None:
+        await _reset(self._pipe)

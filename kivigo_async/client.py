@@ -1,0 +1,648 @@
+"""The :class:`Client`: validation, codecs and hooks in front of any backend.
+
+The client owns everything that is the same for every storage engine: key and
+argument checks, turning values into bytes and back, TTL conversion, hook
+events and error wording. I/O is delegated to an
+:class:`~kivigo_async.backend.AsyncBackend`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import inspect
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, TypeVar, Union, overload
+
+from .backend import (
+    AsyncBackend,
+    BackendTransaction,
+    BatchBackend,
+    ConnectableBackend,
+    HealthBackend,
+    TransactionBackend,
+    TTLBackend,
+    TxOp,
+)
+from .codecs import Codec, JsonCodec
+from .errors import (
+    CodecError,
+    ConfigurationError,
+    DecodeError,
+    EncodeError,
+    HealthCheckError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    KeyNotFoundError,
+    KivigoError,
+    UnsupportedOperationError,
+)
+from .hooks import EventType, HookRegistry
+
+__all__ = ["Client", "HealthCheck", "Transaction", "TTLLike"]
+
+T = TypeVar("T")
+D = TypeVar("D")
+
+#: A TTL: seconds as a number (fractions keep millisecond precision) or a timedelta.
+TTLLike = Union[float, int, timedelta]  # noqa: UP007 (a runtime alias must work on 3.9 syntax)
+#: An extra health check: receives the client, raises on failure.
+HealthCheck = Callable[["Client"], Awaitable[object]]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING: Any = _Missing()
+
+
+def _check_key(key: object) -> None:
+    if key.__class__ is not str:
+        raise InvalidKeyError(f"keys must be str, not {type(key).__name__}")
+    if not key:
+        raise InvalidKeyError("keys must not be empty")
+
+
+def _check_keys(keys: Iterable[str]) -> list[str]:
+    if isinstance(keys, (str, bytes)):
+        raise InvalidKeyError("expected a collection of keys, not a single string")
+    out = list(keys)
+    for key in out:
+        _check_key(key)
+    return out
+
+
+def _ttl_ms(ttl: TTLLike | None) -> int | None:
+    """Convert a user TTL to whole milliseconds (None: no expiry)."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, timedelta):
+        seconds = ttl.total_seconds()
+    elif isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+        seconds = float(ttl)
+    else:
+        raise InvalidArgumentError(
+            f"ttl must be seconds (int or float) or a timedelta, not {type(ttl).__name__}"
+        )
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidArgumentError(f"ttl must be a positive, finite duration, got {seconds!r} seconds")
+    ms = round(seconds * 1000)
+    if ms < 1:
+        raise InvalidArgumentError(f"ttl must be at least 1 millisecond, got {seconds!r} seconds")
+    return ms
+
+
+def _encode_error(key: str, exc: Exception) -> EncodeError:
+    detail = str(exc) if isinstance(exc, CodecError) else f"{type(exc).__name__}: {exc}"
+    return EncodeError(f"cannot encode the value for key {key!r}: {detail}")
+
+
+def _decode_error(key: str, exc: Exception) -> DecodeError:
+    detail = str(exc) if isinstance(exc, CodecError) else f"{type(exc).__name__}: {exc}"
+    return DecodeError(f"cannot decode the value of key {key!r}: {detail}")
+
+
+class Client:
+    """An asyncio key-value client over any :class:`~kivigo_async.backend.AsyncBackend`.
+
+    Values are encoded with ``codec`` (default :class:`~kivigo_async.codecs.JsonCodec`).
+    Using the client as an async context manager connects the backend (when it
+    supports eager connection) and closes it on exit.
+
+    Args:
+        backend: the storage engine, e.g. ``RedisBackend`` or ``MemoryBackend``.
+        codec: how values become bytes; any object with ``encode``/``decode``.
+
+    Example:
+        ```python
+        from kivigo_async import Client
+        from kivigo_async.backends.redis import RedisBackend
+
+        async with Client(RedisBackend.from_url("redis://localhost:6379/0")) as client:
+            await client.set("session:abc123", {"user_id": "u1"}, ttl=1800)
+            session = await client.get("session:abc123")
+        ```
+    """
+
+    def __init__(self, backend: AsyncBackend, *, codec: Codec | None = None) -> None:
+        if not isinstance(backend, AsyncBackend):
+            raise ConfigurationError(f"backend must implement AsyncBackend, got {type(backend).__name__}")
+        codec = JsonCodec() if codec is None else codec
+        if not (callable(getattr(codec, "encode", None)) and callable(getattr(codec, "decode", None))):
+            raise ConfigurationError(f"codec must have encode() and decode(), got {type(codec).__name__}")
+        self._backend = backend
+        self._codec = codec
+        # Capabilities are detected once: isinstance on a runtime protocol is slow.
+        self._batch: BatchBackend | None = backend if isinstance(backend, BatchBackend) else None
+        self._ttl: TTLBackend | None = backend if isinstance(backend, TTLBackend) else None
+        self._tx: TransactionBackend | None = backend if isinstance(backend, TransactionBackend) else None
+        self._health: HealthBackend | None = backend if isinstance(backend, HealthBackend) else None
+        self.hooks = HookRegistry()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"Client(backend={self._backend!r}, codec={self._codec!r})"
+
+    @property
+    def backend(self) -> AsyncBackend:
+        """The backend this client delegates to."""
+        return self._backend
+
+    @property
+    def codec(self) -> Codec:
+        """The codec values go through."""
+        return self._codec
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def __aenter__(self) -> Client:
+        if isinstance(self._backend, ConnectableBackend):
+            await self._backend.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop background hooks and close the backend. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.hooks.aclose()
+        finally:
+            await self._backend.close()
+
+    # -- encoding helpers ------------------------------------------------
+
+    def _encode(self, key: str, value: object) -> bytes:
+        try:
+            return self._codec.encode(value)
+        except Exception as exc:
+            raise _encode_error(key, exc) from exc
+
+    def _decode(self, key: str, data: bytes, type: type[T]) -> T:
+        try:
+            return self._codec.decode(data, type)
+        except Exception as exc:
+            raise _decode_error(key, exc) from exc
+
+    def _require_ttl(self, operation: str) -> TTLBackend:
+        if self._ttl is None:
+            raise UnsupportedOperationError(f"{operation}: {type(self._backend).__name__} has no TTL support")
+        return self._ttl
+
+    # -- single keys -----------------------------------------------------
+
+    @overload
+    async def get(self, key: str) -> Any: ...
+    @overload
+    async def get(self, key: str, type: type[T]) -> T: ...
+    @overload
+    async def get(self, key: str, type: type[T], *, default: D) -> T | D: ...
+    @overload
+    async def get(self, key: str, *, default: D) -> Any | D: ...
+
+    async def get(self, key: str, type: Any = object, *, default: Any = _MISSING) -> Any:
+        """Return the value stored under ``key``, decoded as ``type``.
+
+        Raises :class:`~kivigo_async.errors.KeyNotFoundError` when the key does
+        not exist, unless ``default`` is given.
+
+        Example:
+            ```python
+            session = await client.get("session:abc123", Session)
+            count = await client.get("visits", int, default=0)
+            ```
+        """
+        _check_key(key)
+        data = await self._backend.get(key)
+        if data is None:
+            if default is _MISSING:
+                raise KeyNotFoundError(key)
+            return default
+        try:
+            return self._codec.decode(data, type)
+        except Exception as exc:
+            raise _decode_error(key, exc) from exc
+
+    async def set(self, key: str, value: object, *, ttl: TTLLike | None = None) -> None:
+        """Store ``value`` under ``key``, replacing any value and TTL.
+
+        ``ttl`` is seconds (``float`` keeps millisecond precision) or a
+        ``timedelta``; ``None`` keeps the key until it is deleted.
+
+        Example:
+            ```python
+            await client.set("session:abc123", session, ttl=1800)
+            ```
+        """
+        _check_key(key)
+        ttl_ms = None if ttl is None else _ttl_ms(ttl)
+        try:
+            data = self._codec.encode(value)
+        except Exception as exc:
+            raise _encode_error(key, exc) from exc
+        await self._backend.set(key, data, ttl_ms)
+        if self.hooks:
+            await self.hooks.emit(EventType.SET, key, data)
+
+    async def delete(self, key: str) -> bool:
+        """Delete ``key``; return whether it existed.
+
+        Example:
+            ```python
+            existed = await client.delete("session:abc123")
+            ```
+        """
+        _check_key(key)
+        existed = await self._backend.delete(key)
+        if self.hooks:
+            await self.hooks.emit(EventType.DELETE, key, None)
+        return existed
+
+    async def get_raw(self, key: str) -> bytes:
+        """Return the stored bytes of ``key`` without decoding them.
+
+        Example:
+            ```python
+            blob = await client.get_raw("avatar:42")
+            ```
+        """
+        _check_key(key)
+        data = await self._backend.get(key)
+        if data is None:
+            raise KeyNotFoundError(key)
+        return data
+
+    async def set_raw(
+        self, key: str, value: bytes | bytearray | memoryview, *, ttl: TTLLike | None = None
+    ) -> None:
+        """Store ``value`` (bytes-like) as is, bypassing the codec.
+
+        Example:
+            ```python
+            await client.set_raw("avatar:42", png_bytes, ttl=3600)
+            ```
+        """
+        _check_key(key)
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError(f"set_raw needs bytes, not {type(value).__name__}")
+        data = bytes(value)
+        await self._backend.set(key, data, _ttl_ms(ttl))
+        if self.hooks:
+            await self.hooks.emit(EventType.SET_RAW, key, data)
+
+    async def has_key(self, key: str) -> bool:
+        """Return whether ``key`` exists.
+
+        Example:
+            ```python
+            if await client.has_key("session:abc123"): ...
+            ```
+        """
+        _check_key(key)
+        if self._batch is not None:
+            return await self._batch.exists([key]) == 1
+        return await self._backend.get(key) is not None
+
+    async def has_keys(self, keys: Iterable[str]) -> bool:
+        """Return whether every key in ``keys`` exists (``True`` for no keys).
+
+        Example:
+            ```python
+            ready = await client.has_keys(["config:db", "config:api"])
+            ```
+        """
+        unique = list(dict.fromkeys(_check_keys(keys)))
+        if not unique:
+            return True
+        if self._batch is not None:
+            return await self._batch.exists(unique) == len(unique)
+        values = await asyncio.gather(*(self._backend.get(k) for k in unique))
+        return all(v is not None for v in values)
+
+    # -- TTL -------------------------------------------------------------
+
+    async def expire(self, key: str, ttl: TTLLike) -> bool:
+        """Set a TTL on an existing key; return ``False`` when it does not exist.
+
+        Example:
+            ```python
+            await client.expire("session:abc123", 30)
+            ```
+        """
+        _check_key(key)
+        ttl_ms = _ttl_ms(ttl)
+        if ttl_ms is None:
+            raise InvalidArgumentError("expire needs a ttl; use persist() to remove one")
+        done = await self._require_ttl("expire").expire(key, ttl_ms)
+        if done and self.hooks:
+            await self.hooks.emit(EventType.EXPIRE, key, None)
+        return done
+
+    async def ttl(self, key: str) -> float | None:
+        """Return the seconds ``key`` has left (ms precision), ``None`` when it never expires.
+
+        Raises :class:`~kivigo_async.errors.KeyNotFoundError` for a missing key.
+
+        Example:
+            ```python
+            remaining = await client.ttl("session:abc123")   # e.g. 1799.412
+            ```
+        """
+        _check_key(key)
+        ms = await self._require_ttl("ttl").ttl(key)
+        return None if ms is None else ms / 1000
+
+    async def persist(self, key: str) -> bool:
+        """Remove the TTL of ``key``; return ``True`` when there was one.
+
+        Example:
+            ```python
+            await client.persist("session:abc123")
+            ```
+        """
+        _check_key(key)
+        done = await self._require_ttl("persist").persist(key)
+        if done and self.hooks:
+            await self.hooks.emit(EventType.PERSIST, key, None)
+        return done
+
+    # -- listing ---------------------------------------------------------
+
+    def iter_keys(self, prefix: str = "") -> AsyncIterator[str]:
+        """Stream the keys that start with the literal ``prefix``, in no order.
+
+        Works on keyspaces of any size (Redis ``SCAN``, never ``KEYS``).
+        Characters that are special in glob patterns are matched literally and
+        no separator is added: ``iter_keys("user")`` also yields ``user1``.
+        A key may be yielded twice if the server resizes its table during the
+        scan; :meth:`list` removes such duplicates.
+
+        Example:
+            ```python
+            async for key in client.iter_keys("session:"):
+                ...
+            ```
+        """
+        if not isinstance(prefix, str):
+            raise InvalidArgumentError(f"prefix must be str, not {type(prefix).__name__}")
+        return self._backend.scan(prefix)
+
+    async def list(self, prefix: str = "") -> list[str]:
+        """Return the sorted keys that start with the literal ``prefix`` (``""``: all keys).
+
+        Example:
+            ```python
+            sessions = await client.list("session:")
+            ```
+        """
+        return sorted({key async for key in self.iter_keys(prefix)})
+
+    async def match_keys(
+        self, prefix: str, fn: Callable[[builtins.list[str]], bool | Awaitable[bool]]
+    ) -> bool:
+        """Call ``fn`` with the keys under ``prefix`` and return its verdict.
+
+        ``fn`` may be a plain or an async function.
+
+        Example:
+            ```python
+            many = await client.match_keys("session:", lambda keys: len(keys) > 1000)
+            ```
+        """
+        if not callable(fn):
+            raise InvalidArgumentError("match_keys needs a callable")
+        result = fn(await self.list(prefix))
+        if inspect.isawaitable(result):
+            result = await result
+        return bool(result)
+
+    # -- batches ---------------------------------------------------------
+
+    async def batch_set(self, mapping: Mapping[str, object], *, ttl: TTLLike | None = None) -> None:
+        """Store every key/value pair of ``mapping``, with one optional TTL for all.
+
+        Every key is checked and every value encoded before anything is sent:
+        one bad key or value raises and nothing is written. On Redis the batch
+        is one round trip and atomic.
+
+        Example:
+            ```python
+            await client.batch_set({"cache:user:1": alice, "cache:user:2": bob}, ttl=60)
+            ```
+        """
+        if not isinstance(mapping, Mapping):
+            raise InvalidArgumentError(f"batch_set needs a mapping, not {type(mapping).__name__}")
+        ttl_ms = _ttl_ms(ttl)
+        items: builtins.list[tuple[str, bytes]] = []
+        encode = self._codec.encode
+        for key, value in mapping.items():
+            _check_key(key)
+            try:
+                items.append((key, encode(value)))
+            except Exception as exc:
+                raise _encode_error(key, exc) from exc
+        if not items:
+            return
+        if self._batch is not None:
+            await self._batch.batch_set(items, ttl_ms)
+        else:
+            await asyncio.gather(*(self._backend.set(k, v, ttl_ms) for k, v in items))
+        if self.hooks:
+            await self.hooks.emit_many(EventType.BATCH_SET, items)
+
+    @overload
+    async def batch_get(self, keys: Iterable[str]) -> dict[str, Any]: ...
+    @overload
+    async def batch_get(self, keys: Iterable[str], type: type[T]) -> dict[str, T]: ...
+
+    async def batch_get(self, keys: Iterable[str], type: Any = object) -> dict[str, Any]:
+        """Return ``{key: value}`` for the keys that exist, in input order.
+
+        Missing keys are left out (never mapped to a zero value).
+
+        Example:
+            ```python
+            found = await client.batch_get(["cache:user:1", "cache:user:9"], User)
+            ```
+        """
+        unique = list(dict.fromkeys(_check_keys(keys)))
+        if not unique:
+            return {}
+        if self._batch is not None:
+            values = await self._batch.batch_get(unique)
+        else:
+            values = list(await asyncio.gather(*(self._backend.get(k) for k in unique)))
+        decode = self._codec.decode
+        out: dict[str, Any] = {}
+        for key, data in zip(unique, values, strict=True):
+            if data is not None:
+                try:
+                    out[key] = decode(data, type)
+                except Exception as exc:
+                    raise _decode_error(key, exc) from exc
+        return out
+
+    async def batch_delete(self, keys: Iterable[str]) -> int:
+        """Delete ``keys``; return how many existed.
+
+        Example:
+            ```python
+            removed = await client.batch_delete(["cache:user:1", "cache:user:2"])
+            ```
+        """
+        unique = list(dict.fromkeys(_check_keys(keys)))
+        if not unique:
+            return 0
+        if self._batch is not None:
+            count = await self._batch.batch_delete(unique)
+        else:
+            count = sum(await asyncio.gather(*(self._backend.delete(k) for k in unique)))
+        if self.hooks:
+            await self.hooks.emit_many(EventType.BATCH_DELETE, [(k, None) for k in unique])
+        return count
+
+    # -- health and transactions -------------------------------------------
+
+    async def health(self, *extra_checks: HealthCheck) -> None:
+        """Check the backend (and ``extra_checks``, run concurrently); raise on failure.
+
+        Each extra check is an async callable that receives the client and
+        raises when unhealthy. A backend without a health probe is checked
+        with a read of a key that does not need to exist.
+
+        Raises:
+            HealthCheckError: with every failure in ``.errors``.
+
+        Example:
+            ```python
+            await client.health()
+            ```
+        """
+        probes: builtins.list[Awaitable[object]] = [
+            self._health.health() if self._health is not None else self._backend.get("kivigo:health")
+        ]
+        probes.extend(check(self) for check in extra_checks)
+        results = await asyncio.gather(*probes, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for err in errors:
+            if not isinstance(err, Exception):
+                raise err  # cancellation and the like are not health results
+        if errors:
+            summary = "; ".join(f"{type(e).__name__}: {e}" for e in errors)
+            raise HealthCheckError(f"health check failed: {summary}", errors) from errors[0]
+
+    def transaction(self, watch: Iterable[str] = ()) -> Transaction:
+        """Open an atomic transaction (``async with``); writes apply together on exit.
+
+        Reads inside run at once; ``set``/``delete`` are queued and applied
+        atomically when the block exits without an exception (and discarded
+        when it raises). With ``watch``, the commit fails with
+        :class:`~kivigo_async.errors.TransactionConflictError` if any watched
+        key changed after the block started.
+
+        Example:
+            ```python
+            async with client.transaction(watch=["stock:42"]) as tx:
+                stock = await tx.get("stock:42", int)
+                tx.set("stock:42", stock - 1)
+                tx.set("order:7", {"item": 42})
+            ```
+        """
+        if self._tx is None:
+            raise UnsupportedOperationError(
+                f"transaction: {type(self._backend).__name__} has no transaction support"
+            )
+        return Transaction(self, self._tx, _check_keys(watch))
+
+
+class Transaction:
+    """A transaction opened by :meth:`Client.transaction`.
+
+    Example:
+        ```python
+        async with client.transaction() as tx:
+            tx.set("a", 1)
+            tx.delete("b")
+        ```
+    """
+
+    def __init__(self, client: Client, backend: TransactionBackend, watch: Sequence[str]) -> None:
+        self._client = client
+        self._backend = backend
+        self._watch = watch
+        self._tx: BackendTransaction | None = None
+        self._ops: list[TxOp] = []
+
+    def _open(self) -> BackendTransaction:
+        if self._tx is None:
+            raise KivigoError("use the transaction inside 'async with'")
+        return self._tx
+
+    async def __aenter__(self) -> Transaction:
+        if self._tx is not None:
+            raise KivigoError("a transaction can be entered only once")
+        self._tx = await self._backend.begin(self._watch)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        tx = self._open()
+        try:
+            if exc_type is None and self._ops:
+                await tx.commit(self._ops)
+        finally:
+            await tx.discard()
+        if exc_type is None and self._client.hooks:
+            for op in self._ops:
+                if op[0] == "set":
+                    await self._client.hooks.emit(EventType.SET, op[1], op[2])
+                else:
+                    await self._client.hooks.emit(EventType.DELETE, op[1], None)
+
+    @overload
+    async def get(self, key: str) -> Any: ...
+    @overload
+    async def get(self, key: str, type: type[T]) -> T: ...
+    @overload
+    async def get(self, key: str, type: type[T], *, default: D) -> T | D: ...
+    @overload
+    async def get(self, key: str, *, default: D) -> Any | D: ...
+
+    async def get(self, key: str, type: Any = object, *, default: Any = _MISSING) -> Any:
+        """Read ``key`` now (not queued); like :meth:`Client.get`."""
+        _check_key(key)
+        data = await self._open().get(key)
+        if data is None:
+            if default is _MISSING:
+                raise KeyNotFoundError(key)
+            return default
+        return self._client._decode(key, data, type)
+
+    def set(self, key: str, value: object, *, ttl: TTLLike | None = None) -> None:
+        """Queue a write; the value is encoded now, so a bad value raises here."""
+        self._open()
+        _check_key(key)
+        self._ops.append(("set", key, self._client._encode(key, value), _ttl_ms(ttl)))
+
+    def delete(self, key: str) -> None:
+        """Queue a delete."""
+        self._open()
+        _check_key(key)
+        self._ops.append(("delete", key))

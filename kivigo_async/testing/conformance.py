@@ -1,0 +1,514 @@
+"""The backend conformance suite: what every backend must do, through the Client.
+
+Every backend shipped with kivigo-async passes this suite, against real
+servers. Third-party backends can run it too: subclass
+:class:`BackendConformance` in a test module and provide a ``kv_backend``
+fixture that yields a fresh, *empty* backend for each test.
+
+Example:
+    ```python
+    # tests/test_my_backend.py
+    import pytest
+    from kivigo_async.testing.conformance import BackendConformance
+
+    class TestMyBackend(BackendConformance):
+        @pytest.fixture
+        async def kv_backend(self):
+            backend = MyBackend(...)
+            yield backend
+            await backend.close()
+    ```
+
+The suite needs ``pytest-asyncio`` (``asyncio_mode = "auto"``) and, for the
+encrypted codec cases, ``cryptography``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
+from typing import Any, TypedDict
+
+import msgspec
+import pytest
+
+from ..backend import AsyncBackend
+from ..client import Client
+from ..codecs import Codec, CompressedCodec, EncryptedCodec, JsonCodec, MsgspecCodec
+from ..errors import (
+    DecodeError,
+    EncodeError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    KeyNotFoundError,
+    TransactionConflictError,
+)
+
+__all__ = ["BackendConformance", "CODECS"]
+
+
+class _Session(msgspec.Struct):
+    user_id: str
+    login_time: dt.datetime
+    ip_address: str
+
+
+@dataclasses.dataclass
+class _Point:
+    x: int
+    y: float
+    label: str = ""
+
+
+class _Config(TypedDict):
+    host: str
+    port: int
+
+
+def _encrypted() -> Codec:
+    return EncryptedCodec(MsgspecCodec("msgpack"), [bytes(range(32))])
+
+
+#: The codecs every backend round-trips values through, by name.
+CODECS: dict[str, Callable[[], Codec]] = {
+    "json": JsonCodec,
+    "msgspec-json": lambda: MsgspecCodec("json"),
+    "msgspec-msgpack": lambda: MsgspecCodec("msgpack"),
+    "zlib-json": lambda: CompressedCodec(JsonCodec(), "zlib", min_size=16),
+    "encrypted-msgpack": _encrypted,
+}
+
+_PLAIN_VALUES: list[Any] = [
+    "hello",
+    "unicode: héllo wörld ✓ 日本語 🎉",
+    "",
+    0,
+    -(2**53),
+    3.25,
+    True,
+    False,
+    None,
+    [1, "two", 3.0, None, [4]],
+    {"name": "Alice", "roles": ["admin"], "nested": {"depth": 2, "ok": True}},
+    {"": "empty key in a document", "k" * 300: "long key"},
+]
+
+_NOW = dt.datetime(2025, 10, 1, 12, 30, 15, 123000, tzinfo=dt.timezone.utc)
+_TYPED_VALUES: list[tuple[Any, Any]] = [
+    (_Session("user123", _NOW, "192.168.1.100"), _Session),
+    (_Point(1, 2.5, "p"), _Point),
+    (_Config(host="localhost", port=5432), _Config),
+    (_NOW, dt.datetime),
+    (uuid.UUID("12345678-1234-5678-1234-567812345678"), uuid.UUID),
+    (Decimal("12.3400"), Decimal),
+    ([1, 2, 3], list[int]),
+    ({"a": 1.5}, dict[str, float]),
+]
+
+_WEIRD_KEYS = [
+    "ключ:ü:日本:🎉",
+    "glob*star",
+    "question?mark",
+    "[brackets]",
+    "back\\slash",
+    "with space",
+    "new\nline",
+    "tab\tand:colon",
+    "^caret",
+    "x" * 1024,
+]
+
+
+class BackendConformance:
+    """The conformance tests. Subclass it and provide a ``kv_backend`` fixture."""
+
+    @pytest.fixture
+    async def client(self, kv_backend: AsyncBackend) -> AsyncIterator[Client]:
+        client = Client(kv_backend)
+        yield client
+        await client.hooks.aclose()
+
+    @pytest.fixture(params=sorted(CODECS))
+    async def codec_client(self, request: pytest.FixtureRequest, kv_backend: AsyncBackend) -> Client:
+        return Client(kv_backend, codec=CODECS[request.param]())
+
+    # -- round trips -----------------------------------------------------
+
+    @pytest.mark.parametrize("value", _PLAIN_VALUES, ids=lambda v: type(v).__name__)
+    async def test_round_trip(self, codec_client: Client, value: Any) -> None:
+        await codec_client.set("rt", value)
+        assert await codec_client.get("rt") == value
+
+    @pytest.mark.parametrize(("value", "type_"), _TYPED_VALUES, ids=lambda v: getattr(v, "__name__", ""))
+    async def test_typed_round_trip(self, codec_client: Client, value: Any, type_: Any) -> None:
+        await codec_client.set("typed", value)
+        got = await codec_client.get("typed", type_)
+        assert got == value
+        assert type(got) is type(value)
+
+    async def test_pydantic_model_round_trip(self, codec_client: Client) -> None:
+        pydantic = pytest.importorskip("pydantic")
+
+        class User(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+            name: str
+            joined: dt.datetime
+
+        user = User(name="Bob", joined=_NOW)
+        await codec_client.set("user:bob", user)
+        got = await codec_client.get("user:bob", User)
+        assert isinstance(got, User)
+        assert got == user
+
+    async def test_wrong_type_decode_names_key(self, client: Client) -> None:
+        await client.set("not-an-int", "abc")
+        with pytest.raises(DecodeError, match="not-an-int"):
+            await client.get("not-an-int", int)
+
+    async def test_corrupt_bytes_decode_error(self, client: Client) -> None:
+        await client.set_raw("corrupt", b"\xff\x00{not json")
+        with pytest.raises(DecodeError, match="corrupt"):
+            await client.get("corrupt")
+
+    async def test_raw_round_trip(self, client: Client) -> None:
+        payload = bytes(range(256)) * 4
+        await client.set_raw("raw", payload)
+        assert await client.get_raw("raw") == payload
+        await client.set_raw("raw-view", memoryview(b"view"))
+        assert await client.get_raw("raw-view") == b"view"
+        with pytest.raises(KeyNotFoundError):
+            await client.get_raw("raw-missing")
+        with pytest.raises(InvalidArgumentError):
+            await client.set_raw("raw-bad", "text")  # type: ignore[arg-type]
+        assert not await client.has_key("raw-bad")
+
+    async def test_ten_megabyte_value(self, client: Client) -> None:
+        big = os.urandom(5 * 1024 * 1024).hex()  # 10 MiB of text
+        await client.set("big", big)
+        assert await client.get("big", str) == big
+        await client.set_raw("big-raw", big.encode())
+        assert len(await client.get_raw("big-raw")) == len(big)
+
+    async def test_overwrite_replaces_value_and_ttl(self, client: Client) -> None:
+        await client.set("ow", 1, ttl=60)
+        await client.set("ow", 2)
+        assert await client.get("ow") == 2
+        assert await client.ttl("ow") is None
+
+    # -- missing keys and bad input --------------------------------------
+
+    async def test_missing_key_raises(self, client: Client) -> None:
+        with pytest.raises(KeyNotFoundError) as info:
+            await client.get("nope")
+        assert isinstance(info.value, KeyError)
+        assert info.value.key == "nope"
+
+    async def test_missing_key_default(self, client: Client) -> None:
+        assert await client.get("nope", default=None) is None
+        assert await client.get("nope", int, default=7) == 7
+        sentinel = object()
+        assert await client.get("nope", default=sentinel) is sentinel
+
+    @pytest.mark.parametrize("bad", ["", 1, b"bytes", None, ("t",)], ids=repr)
+    async def test_invalid_keys_rejected(self, client: Client, bad: Any) -> None:
+        with pytest.raises(InvalidKeyError):
+            await client.set(bad, 1)
+        with pytest.raises(InvalidKeyError):
+            await client.get(bad)
+        with pytest.raises(InvalidKeyError):
+            await client.delete(bad)
+        with pytest.raises(InvalidKeyError):
+            await client.has_key(bad)
+        with pytest.raises(InvalidKeyError):
+            await client.set_raw(bad, b"x")
+        with pytest.raises(InvalidKeyError):
+            await client.batch_get(["ok", bad])
+        with pytest.raises(InvalidKeyError):
+            await client.batch_delete(["ok", bad])
+        assert await client.list() == []
+
+    @pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("inf"), 0.0001, "10", True])
+    async def test_invalid_ttl_rejected(self, client: Client, ttl: Any) -> None:
+        with pytest.raises(InvalidArgumentError):
+            await client.set("t", 1, ttl=ttl)
+        with pytest.raises(InvalidArgumentError):
+            await client.batch_set({"t": 1}, ttl=ttl)
+        assert not await client.has_key("t")
+
+    async def test_unencodable_value_writes_nothing(self, client: Client) -> None:
+        with pytest.raises(EncodeError, match="bad"):
+            await client.set("bad", object())
+        assert not await client.has_key("bad")
+
+    # -- keys and listing ------------------------------------------------
+
+    @pytest.mark.parametrize("key", _WEIRD_KEYS, ids=lambda k: repr(k[:20]))
+    async def test_unusual_keys(self, client: Client, key: str) -> None:
+        await client.set(key, {"k": key})
+        await client.set(key + "-sibling", 1)
+        assert await client.get(key) == {"k": key}
+        assert await client.has_key(key)
+        assert await client.list(key) == sorted([key, key + "-sibling"])
+        assert await client.delete(key)
+        assert not await client.has_key(key)
+
+    async def test_list_prefix_is_literal(self, client: Client) -> None:
+        await client.batch_set({"user": 0, "user1": 1, "user:1": 2, "users:x": 3, "other": 4})
+        assert await client.list("user") == ["user", "user1", "user:1", "users:x"]
+        assert await client.list("user:") == ["user:1"]
+        assert await client.list("nomatch") == []
+        await client.batch_set({"a*b": 1, "a*c": 2, "axb": 3, "a?": 4, "a[1]": 5, "a\\": 6})
+        assert await client.list("a*") == ["a*b", "a*c"]
+        assert await client.list("a?") == ["a?"]
+        assert await client.list("a[") == ["a[1]"]
+        assert await client.list("a\\") == ["a\\"]
+
+    async def test_list_empty_prefix_lists_all_sorted(self, client: Client) -> None:
+        keys = ["b", "a", "c:1", "A"]
+        await client.batch_set(dict.fromkeys(keys, 1))
+        assert await client.list("") == sorted(keys)
+        assert await client.list() == sorted(keys)
+
+    async def test_list_ten_thousand_keys(self, client: Client) -> None:
+        wanted = {f"bulk:{i:05d}": i for i in range(10_000)}
+        for start in range(0, 10_000, 1000):
+            await client.batch_set(dict(list(wanted.items())[start : start + 1000]))
+        await client.set("bulky-not-in-prefix", 1)
+        assert await client.list("bulk:") == sorted(wanted)
+        streamed = {key async for key in client.iter_keys("bulk:")}
+        assert streamed == set(wanted)
+
+    async def test_invalid_prefix(self, client: Client) -> None:
+        with pytest.raises(InvalidArgumentError):
+            client.iter_keys(None)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError):
+            await client.list(b"x")  # type: ignore[arg-type]
+
+    async def test_match_keys(self, client: Client) -> None:
+        await client.batch_set({"m:1": 1, "m:2": 2})
+        seen: list[list[str]] = []
+
+        def two(keys: list[str]) -> bool:
+            seen.append(keys)
+            return len(keys) == 2
+
+        async def has_three(keys: list[str]) -> bool:
+            return "m:3" in keys
+
+        assert await client.match_keys("m:", two)
+        assert seen == [["m:1", "m:2"]]
+        assert not await client.match_keys("m:", has_three)
+
+    # -- single-key writes -----------------------------------------------
+
+    async def test_delete_reports_existence(self, client: Client) -> None:
+        await client.set("d", 1)
+        assert await client.delete("d") is True
+        assert await client.delete("d") is False
+
+    async def test_has_key_and_has_keys(self, client: Client) -> None:
+        await client.batch_set({"h1": 1, "h2": None})
+        assert await client.has_key("h1")
+        assert await client.has_key("h2")  # a stored null is a value, not a missing key
+        assert not await client.has_key("h3")
+        assert await client.has_keys(["h1", "h2", "h1"])
+        assert not await client.has_keys(["h1", "h3"])
+        assert await client.has_keys([])
+        with pytest.raises(InvalidKeyError):
+            await client.has_keys("h1")
+
+    # -- batches ---------------------------------------------------------
+
+    async def test_batch_round_trip_in_input_order(self, client: Client) -> None:
+        data = {f"b:{i}": {"i": i} for i in range(50)}
+        await client.batch_set(data)
+        keys = list(reversed(data))
+        got = await client.batch_get(keys)
+        assert list(got) == keys
+        assert got == data
+
+    async def test_batch_get_omits_missing(self, client: Client) -> None:
+        await client.batch_set({"a": 1, "b": 2})
+        assert await client.batch_get(["a", "zz", "b", "a"], int) == {"a": 1, "b": 2}
+        assert await client.batch_get(["zz"]) == {}
+        assert await client.batch_get([]) == {}
+
+    async def test_batch_set_one_unencodable_writes_nothing(self, client: Client) -> None:
+        with pytest.raises(EncodeError, match="k2"):
+            await client.batch_set({"k1": 1, "k2": object(), "k3": 3})
+        assert await client.list() == []
+
+    async def test_batch_set_one_bad_key_writes_nothing(self, client: Client) -> None:
+        with pytest.raises(InvalidKeyError):
+            await client.batch_set({"k1": 1, "": 2})
+        assert await client.list() == []
+
+    async def test_batch_delete_counts(self, client: Client) -> None:
+        await client.batch_set({"x1": 1, "x2": 2, "x3": 3})
+        assert await client.batch_delete(["x1", "x2", "missing", "x1"]) == 2
+        assert await client.list("x") == ["x3"]
+        assert await client.batch_delete([]) == 0
+
+    async def test_batch_set_with_ttl(self, client: Client) -> None:
+        await client.batch_set({"bt1": 1, "bt2": 2}, ttl=0.2)
+        for key in ("bt1", "bt2"):
+            remaining = await client.ttl(key)
+            assert remaining is not None
+            assert 0 < remaining <= 0.2
+        await asyncio.sleep(0.35)
+        assert await client.batch_get(["bt1", "bt2"]) == {}
+
+    # -- TTL ---------------------------------------------------------------
+
+    async def test_ttl_expires_at_millisecond_scale(self, client: Client) -> None:
+        await client.set("short", "v", ttl=0.05)
+        await client.set("long", "v", ttl=dt.timedelta(seconds=30))
+        assert await client.get("short") == "v"
+        await asyncio.sleep(0.15)
+        assert await client.get("short", default=None) is None
+        assert not await client.has_key("short")
+        assert await client.list("short") == []
+        assert await client.get("long") == "v"
+
+    async def test_ttl_reads_remaining_time(self, client: Client) -> None:
+        await client.set("t", 1, ttl=1.5)
+        remaining = await client.ttl("t")
+        assert remaining is not None
+        assert 1.0 < remaining <= 1.5
+        await client.set("forever", 1)
+        assert await client.ttl("forever") is None
+        with pytest.raises(KeyNotFoundError):
+            await client.ttl("missing")
+
+    async def test_expire_and_persist(self, client: Client) -> None:
+        await client.set("e", 1)
+        assert await client.expire("e", 0.05)
+        assert await client.persist("e")
+        assert not await client.persist("e")
+        await asyncio.sleep(0.1)
+        assert await client.get("e") == 1
+        assert not await client.expire("missing", 10)
+        assert not await client.persist("missing")
+        assert await client.expire("e", dt.timedelta(milliseconds=50))
+        await asyncio.sleep(0.12)
+        assert not await client.has_key("e")
+        with pytest.raises(InvalidArgumentError):
+            await client.expire("e", 0)
+
+    # -- transactions ------------------------------------------------------
+
+    async def test_transaction_applies_all_writes(self, client: Client) -> None:
+        await client.set("gone", 1)
+        async with client.transaction() as tx:
+            tx.set("a", 1)
+            tx.set("b", {"x": 2}, ttl=60)
+            tx.delete("gone")
+            assert await tx.get("a", default=None) is None  # queued, not applied yet
+        assert await client.batch_get(["a", "b", "gone"]) == {"a": 1, "b": {"x": 2}}
+        assert (await client.ttl("b") or 0) > 59
+
+    async def test_transaction_error_writes_nothing(self, client: Client) -> None:
+        with pytest.raises(RuntimeError):
+            async with client.transaction() as tx:
+                tx.set("a", 1)
+                raise RuntimeError("abort")
+        with pytest.raises(EncodeError):
+            async with client.transaction() as tx:
+                tx.set("b", 1)
+                tx.set("c", object())
+        assert await client.list() == []
+
+    async def test_transaction_conflict_detected(self, client: Client) -> None:
+        await client.set("stock", 10)
+        with pytest.raises(TransactionConflictError):
+            async with client.transaction(watch=["stock"]) as tx:
+                stock = await tx.get("stock", int)
+                await client.set("stock", 3)  # a concurrent writer
+                tx.set("stock", stock - 1)
+                tx.set("order", 1)
+        assert await client.get("stock") == 3
+        assert not await client.has_key("order")
+
+    async def test_transaction_conflict_on_delete_and_recreate(self, client: Client) -> None:
+        with pytest.raises(TransactionConflictError):
+            async with client.transaction(watch=["w"]) as tx:
+                await client.set("w", 1)
+                await client.delete("w")
+                tx.set("w", 2)
+        assert not await client.has_key("w")
+
+    async def test_transaction_without_conflict_commits(self, client: Client) -> None:
+        await client.set("stock", 10)
+        async with client.transaction(watch=["stock"]) as tx:
+            tx.set("stock", await tx.get("stock", int) - 1)
+        assert await client.get("stock") == 9
+
+    async def test_optimistic_increments_from_100_tasks(self, client: Client) -> None:
+        await client.set("counter", 0)
+
+        async def increment() -> None:
+            while True:
+                try:
+                    async with client.transaction(watch=["counter"]) as tx:
+                        tx.set("counter", await tx.get("counter", int) + 1)
+                    return
+                except TransactionConflictError:
+                    await asyncio.sleep(0)
+
+        await asyncio.wait_for(asyncio.gather(*(increment() for _ in range(100))), 60)
+        assert await client.get("counter") == 100
+
+    # -- concurrency -------------------------------------------------------
+
+    async def test_100_concurrent_tasks_on_the_same_keys(self, client: Client) -> None:
+        keys = [f"shared:{i}" for i in range(5)]
+
+        async def worker(n: int) -> None:
+            for round_ in range(20):
+                key = keys[(n + round_) % len(keys)]
+                await client.set(key, {"writer": n, "round": round_})
+                value = await client.get(key)
+                assert set(value) == {"writer", "round"}  # a whole value, never a torn one
+                await client.batch_get(keys)
+
+        await asyncio.wait_for(asyncio.gather(*(worker(n) for n in range(100))), 120)
+        final = await client.batch_get(keys)
+        assert set(final) == set(keys)
+        for value in final.values():
+            assert 0 <= value["writer"] < 100
+
+    async def test_concurrent_tasks_read_their_own_keys(self, client: Client) -> None:
+        async def worker(n: int) -> None:
+            for i in range(10):
+                await client.set(f"own:{n}", [n, i])
+                assert await client.get(f"own:{n}") == [n, i]
+
+        await asyncio.wait_for(asyncio.gather(*(worker(n) for n in range(100))), 120)
+
+    # -- health and hooks --------------------------------------------------
+
+    async def test_health(self, client: Client) -> None:
+        await client.health()
+
+    async def test_hooks_fire_after_writes(self, client: Client) -> None:
+        events: list[tuple[str, str]] = []
+        handle = client.hooks.register(lambda e: events.append((e.type.value, e.key)))
+        await client.set("h", 1)
+        await client.set_raw("hr", b"1")
+        await client.batch_set({"h1": 1, "h2": 2})
+        await client.delete("h")
+        await client.batch_delete(["h1"])
+        handle.remove()
+        await client.set("after", 1)
+        assert events == [
+            ("set", "h"),
+            ("set_raw", "hr"),
+            ("batch_set", "h1"),
+            ("batch_set", "h2"),
+            ("delete", "h"),
+            ("batch_delete", "h1"),
+        ]
