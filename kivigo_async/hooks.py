@@ -1,0 +1,625 @@
+"""Hooks: functions called after a successful write.
+
+A :class:`HookRegistry` (``client.hooks``) calls the registered functions with
+a :class:`HookEvent` once the backend has confirmed a write. A hook can never
+fail or undo the operation: its exceptions and timeouts are logged on the
+``kivigo_async.hooks`` logger (with the event type and key, never the value)
+and swallowed. Cancelling the task that performs the write still cancels it.
+
+Synchronous hooks (the default) run inside the write call, in registration
+order, so the event has been handled when ``await client.set(...)`` returns.
+Background hooks run as tasks; :meth:`HookRegistry.drain` waits for them and
+:meth:`HookRegistry.aclose` cancels them.
+
+Example:
+    ```python
+    from kivigo_async.hooks import EventType, HookEvent, prefix_filter
+
+    async def audit(event: HookEvent) -> None:
+        print(event.type.value, event.key)
+
+    handle = client.hooks.register(
+        audit,
+        events=[EventType.SET, EventType.DELETE],
+        key_filter=prefix_filter("user:"),
+        background=True,
+        timeout=2.0,
+    )
+    await client.set("user:42", {"name": "Ada"})  # audit() runs in the background
+    handle.remove()
+    ```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import re
+import secrets
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from .errors import InvalidArgumentError
+
+__all__ = [
+    "EventType",
+    "HookEvent",
+    "HookFn",
+    "HookHandle",
+    "HookRegistry",
+    "KeyFilter",
+    "key_list_filter",
+    "prefix_filter",
+    "regex_filter",
+    "suffix_filter",
+]
+
+_logger = logging.getLogger("kivigo_async.hooks")
+
+
+class EventType(str, Enum):
+    """The kind of write that produced a :class:`HookEvent`.
+
+    Members compare equal to their string value, so ``EventType.SET == "set"``.
+    """
+
+    SET = "set"
+    SET_RAW = "set_raw"
+    DELETE = "delete"
+    BATCH_SET = "batch_set"
+    BATCH_DELETE = "batch_delete"
+    EXPIRE = "expire"
+    PERSIST = "persist"
+
+    def __str__(self) -> str:
+        # The str mixin makes Enum.__str__ vary between Python versions; the value is what users expect.
+        return self.value
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class HookEvent:
+    """One successful write, as seen by a hook.
+
+    Args:
+        type: what happened.
+        key: the key written, deleted or whose TTL changed.
+        value: the encoded bytes written (``SET``, ``SET_RAW``, ``BATCH_SET``);
+            ``None`` for deletes, ``EXPIRE`` and ``PERSIST``.
+
+    Example:
+        ```python
+        >>> HookEvent(EventType.SET, "user:42", b'{"name":"Ada"}')
+        HookEvent(type='set', key='user:42', value=<14 bytes>)
+        ```
+    """
+
+    type: EventType
+    key: str
+    value: bytes | None
+
+    def __repr__(self) -> str:
+        # Values may be secrets; show their size only, so logging an event never leaks one.
+        value = "None" if self.value is None else f"<{len(self.value)} bytes>"
+        return f"HookEvent(type={str(self.type)!r}, key={self.key!r}, value={value})"
+
+
+#: A hook: an ``async def`` or a plain function taking a :class:`HookEvent`.
+HookFn = Callable[[HookEvent], Awaitable[None] | None]
+#: A predicate on keys; the hook is called only when it returns true.
+KeyFilter = Callable[[str], bool]
+
+_ALL_EVENTS: frozenset[EventType] = frozenset(EventType)
+
+
+# -- key filters ----------------------------------------------------------
+
+
+def prefix_filter(prefix: str) -> KeyFilter:
+    """Match keys that start with ``prefix``.
+
+    Example:
+        ```python
+        >>> prefix_filter("user:")("user:42")
+        True
+        ```
+    """
+    if not isinstance(prefix, str):
+        raise InvalidArgumentError(f"prefix must be str, not {type(prefix).__name__}")
+
+    def match_prefix(key: str) -> bool:
+        return key.startswith(prefix)
+
+    return match_prefix
+
+
+def suffix_filter(suffix: str) -> KeyFilter:
+    """Match keys that end with ``suffix``.
+
+    Example:
+        ```python
+        >>> suffix_filter(":lock")("job:7:lock")
+        True
+        ```
+    """
+    if not isinstance(suffix, str):
+        raise InvalidArgumentError(f"suffix must be str, not {type(suffix).__name__}")
+
+    def match_suffix(key: str) -> bool:
+        return key.endswith(suffix)
+
+    return match_suffix
+
+
+def regex_filter(pattern: str | re.Pattern[str]) -> KeyFilter:
+    """Match keys in which the regular expression is found (:func:`re.search`).
+
+    Anchor the pattern (``^...$``) to match whole keys. The pattern is compiled once.
+
+    Example:
+        ```python
+        >>> regex_filter(r"^session:[0-9a-f]+$")("session:abc123")
+        True
+        ```
+    """
+    if isinstance(pattern, re.Pattern):
+        if not isinstance(pattern.pattern, str):
+            raise InvalidArgumentError("regex_filter needs a str pattern, not a bytes pattern")
+        compiled = pattern
+    elif isinstance(pattern, str):
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise InvalidArgumentError(f"invalid regular expression {pattern!r}: {exc}") from exc
+    else:
+        raise InvalidArgumentError(f"pattern must be str or re.Pattern, not {type(pattern).__name__}")
+    search = compiled.search
+
+    def match_regex(key: str) -> bool:
+        return search(key) is not None
+
+    return match_regex
+
+
+def key_list_filter(keys: Iterable[str]) -> KeyFilter:
+    """Match exactly the given keys.
+
+    Example:
+        ```python
+        >>> key_list_filter(["config", "feature-flags"])("config")
+        True
+        ```
+    """
+    if isinstance(keys, (str, bytes)):
+        # A lone string would silently become a set of its characters.
+        raise InvalidArgumentError("key_list_filter needs a collection of keys, not a single string")
+    try:
+        members = frozenset(keys)
+    except TypeError as exc:
+        raise InvalidArgumentError(f"keys must be an iterable of str: {exc}") from exc
+    for key in members:
+        if not isinstance(key, str):
+            raise InvalidArgumentError(f"keys must be str, not {type(key).__name__}")
+    return members.__contains__
+
+
+# -- running one hook -----------------------------------------------------
+
+
+class _Hook:
+    __slots__ = ("active", "background", "events", "fn", "id", "is_coro", "key_filter", "name", "timeout")
+
+    def __init__(
+        self,
+        fn: HookFn,
+        events: frozenset[EventType],
+        key_filter: KeyFilter | None,
+        background: bool,
+        timeout: float | None,
+    ) -> None:
+        self.id = secrets.token_hex(8)
+        self.fn = fn
+        self.name: str = getattr(fn, "__qualname__", None) or repr(fn)
+        # Decided once so the hot path needs no inspect call for async hooks.
+        self.is_coro = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - an object with `async def __call__`
+        )
+        self.events = events
+        self.key_filter = key_filter
+        self.background = background
+        self.timeout = timeout
+        self.active = True
+
+
+class _HookTimeoutError(Exception):
+    """Internal: the hook's own deadline expired (``__cause__`` is the TimeoutError)."""
+
+
+async def _call(hook: _Hook, event: HookEvent) -> None:
+    result = hook.fn(event)
+    # Plain functions may still return an awaitable (a partial, a lambda around a coroutine function).
+    if result is not None and (hook.is_coro or inspect.isawaitable(result)):
+        await result
+
+
+async def _bounded_wait_for(hook: _Hook, event: HookEvent, timeout: float) -> None:
+    # Python 3.10 has no asyncio.timeout; wait_for cannot tell our deadline from
+    # a TimeoutError raised by the hook itself, so both count as timed out.
+    try:
+        await asyncio.wait_for(_call(hook, event), timeout)
+    except asyncio.TimeoutError as exc:
+        raise _HookTimeoutError from exc
+
+
+if sys.version_info >= (3, 11):
+
+    async def _bounded_timeout(hook: _Hook, event: HookEvent, timeout: float) -> None:
+        # asyncio.timeout runs the hook in the current task, unlike wait_for, which creates one.
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                await _call(hook, event)
+        except TimeoutError as exc:
+            if deadline.expired():
+                raise _HookTimeoutError from exc
+            raise
+
+    _bounded: Callable[[_Hook, HookEvent, float], Coroutine[Any, Any, None]] = _bounded_timeout
+else:
+    _bounded = _bounded_wait_for
+
+
+def _cancelled_by_hook() -> bool:
+    """True when a CancelledError came from inside the hook rather than from cancelling our task."""
+    if sys.version_info >= (3, 11):
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() == 0
+    # Without Task.cancelling() the two cannot be told apart; propagating is the safe choice.
+    return False
+
+
+def _log_failure(hook: _Hook, event: HookEvent, what: str) -> None:
+    _logger.error(
+        "%s %s (id %s) failed on %s event for key %r",
+        what,
+        hook.name,
+        hook.id,
+        str(event.type),
+        event.key,
+        exc_info=True,
+    )
+
+
+async def _invoke(hook: _Hook, event: HookEvent) -> None:
+    """Run one hook call; log and swallow everything except cancellation of our task."""
+    try:
+        if hook.timeout is None:
+            # Inlined _call: one coroutine frame less on the common path.
+            result = hook.fn(event)
+            if result is not None and (hook.is_coro or inspect.isawaitable(result)):
+                await result
+        else:
+            await _bounded(hook, event, hook.timeout)
+    except _HookTimeoutError as exc:
+        _logger.warning(
+            "hook %s (id %s) timed out after %ss on %s event for key %r",
+            hook.name,
+            hook.id,
+            hook.timeout,
+            str(event.type),
+            event.key,
+            exc_info=exc.__cause__,
+        )
+    except Exception:
+        _log_failure(hook, event, "hook")
+    except asyncio.CancelledError:
+        if not _cancelled_by_hook():
+            raise
+        _log_failure(hook, event, "hook")
+
+
+async def _invoke_each(hook: _Hook, events: list[HookEvent]) -> None:
+    for event in events:
+        if not hook.active:
+            return
+        await _invoke(hook, event)
+
+
+def _accepts(hook: _Hook, event: HookEvent) -> bool:
+    key_filter = hook.key_filter
+    if key_filter is None:
+        return True
+    # A raising filter is a failure of the hook, not of the write.
+    try:
+        return bool(key_filter(event.key))
+    except Exception:
+        _log_failure(hook, event, "key filter of hook")
+        return False
+
+
+# -- public API -----------------------------------------------------------
+
+
+class HookHandle:
+    """What :meth:`HookRegistry.register` returns; call :meth:`remove` to unregister.
+
+    Example:
+        ```python
+        handle = client.hooks.register(print)
+        handle.remove()
+        assert not handle.active
+        ```
+    """
+
+    __slots__ = ("_hook", "_registry", "id")
+
+    def __init__(self, registry: HookRegistry, hook: _Hook) -> None:
+        self._registry = registry
+        self._hook = hook
+        #: A random identifier, also printed in log records about this hook.
+        self.id: str = hook.id
+
+    @property
+    def active(self) -> bool:
+        """Whether the hook is still registered."""
+        return self._hook.active
+
+    def remove(self) -> None:
+        """Unregister the hook. Calling it again does nothing.
+
+        The hook is not called for any later event. A call already running (a
+        background task, or the hook removing itself) is left to finish within
+        its timeout; :meth:`HookRegistry.drain` and :meth:`HookRegistry.aclose`
+        still wait for or cancel it. Pending events of a batch are not delivered.
+        """
+        self._registry._remove(self._hook)
+
+    def __repr__(self) -> str:
+        return f"<HookHandle id={self.id} hook={self._hook.name} active={self._hook.active}>"
+
+
+class HookRegistry:
+    """The hooks of one client, and the background tasks running them.
+
+    ``bool(registry)`` is false when no hook is registered, which lets callers
+    skip building events at all.
+
+    Example:
+        ```python
+        registry = HookRegistry()
+        seen: list[str] = []
+        registry.register(lambda event: seen.append(event.key), events=["set"])
+        await registry.emit(EventType.SET, "user:42", b"{}")
+        assert seen == ["user:42"]
+        ```
+    """
+
+    def __init__(self) -> None:
+        self._hooks: list[_Hook] = []
+        # Per event type, the (synchronous, background) hooks, rebuilt on every
+        # register/remove so emit does no event matching. Tuples are immutable,
+        # which makes them the snapshot that survives hooks (un)registering during emit.
+        self._index: dict[EventType, tuple[tuple[_Hook, ...], tuple[_Hook, ...]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def __bool__(self) -> bool:
+        return bool(self._hooks)
+
+    def __len__(self) -> int:
+        return len(self._hooks)
+
+    def __repr__(self) -> str:
+        return f"<HookRegistry hooks={len(self._hooks)} running={len(self._tasks)}>"
+
+    def register(
+        self,
+        fn: HookFn,
+        *,
+        events: Iterable[EventType | str] | None = None,
+        key_filter: KeyFilter | None = None,
+        background: bool = False,
+        timeout: float | None = None,
+    ) -> HookHandle:
+        """Call ``fn`` after each successful write that matches.
+
+        Args:
+            fn: an ``async def`` or plain function taking a :class:`HookEvent`.
+                Its return value is ignored (awaited first if awaitable).
+            events: the event types to receive, as members or their string
+                values (``"set"``); ``None`` or empty means every event.
+            key_filter: called with the key; the hook runs only when it returns
+                true. See :func:`prefix_filter`, :func:`suffix_filter`,
+                :func:`regex_filter` and :func:`key_list_filter`.
+            background: run the hook in a task instead of inside the write call.
+            timeout: seconds after which an awaiting hook is cancelled and the
+                timeout logged. It cannot interrupt code that never awaits.
+
+        Raises:
+            InvalidArgumentError: ``fn`` or ``key_filter`` is not callable, an
+                event type is unknown, or ``timeout`` is not a positive number.
+
+        Example:
+            ```python
+            async def invalidate(event: HookEvent) -> None:
+                await local_cache.pop(event.key)
+
+            handle = client.hooks.register(
+                invalidate, events=["set", "delete"], key_filter=prefix_filter("user:")
+            )
+            ```
+        """
+        if not callable(fn):
+            raise InvalidArgumentError(f"hook must be callable, not {type(fn).__name__}")
+        if key_filter is not None and not callable(key_filter):
+            raise InvalidArgumentError(f"key_filter must be callable, not {type(key_filter).__name__}")
+        if timeout is not None:
+            if (
+                isinstance(timeout, bool)
+                or not isinstance(timeout, (int, float))
+                or not math.isfinite(timeout)
+                or timeout <= 0
+            ):
+                raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
+            timeout = float(timeout)
+        hook = _Hook(fn, _parse_events(events), key_filter, bool(background), timeout)
+        self._hooks.append(hook)
+        self._reindex()
+        return HookHandle(self, hook)
+
+    def _remove(self, hook: _Hook) -> None:
+        if not hook.active:
+            return
+        hook.active = False
+        self._hooks.remove(hook)
+        self._reindex()
+
+    def _reindex(self) -> None:
+        index: dict[EventType, tuple[tuple[_Hook, ...], tuple[_Hook, ...]]] = {}
+        for event_type in EventType:
+            matching = [hook for hook in self._hooks if event_type in hook.events]
+            if matching:
+                index[event_type] = (
+                    tuple(hook for hook in matching if not hook.background),
+                    tuple(hook for hook in matching if hook.background),
+                )
+        self._index = index
+
+    def _spawn(self, hook: _Hook, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"kivigo-hook-{hook.id}")
+        # The loop keeps only weak references to tasks; the set keeps them alive until done.
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def emit(self, type: EventType, key: str, value: bytes | None) -> None:
+        """Deliver one event to the matching hooks.
+
+        Background hooks are started first, then synchronous hooks run in
+        registration order. Hook failures are logged, never raised;
+        cancellation of the calling task propagates.
+
+        Example:
+            ```python
+            await registry.emit(EventType.DELETE, "user:42", None)
+            ```
+        """
+        entry = self._index.get(type)
+        if entry is None:
+            return
+        sync_hooks, background_hooks = entry
+        event = HookEvent(_coerce_type(type), key, value)
+        if background_hooks and not self._closed:
+            for hook in background_hooks:
+                if hook.active and (hook.key_filter is None or _accepts(hook, event)):
+                    self._spawn(hook, _invoke(hook, event))
+        for hook in sync_hooks:
+            # A hook earlier in this emit may have removed this one.
+            if hook.active and (hook.key_filter is None or _accepts(hook, event)):
+                await _invoke(hook, event)
+
+    async def emit_many(self, type: EventType, items: Sequence[tuple[str, bytes | None]]) -> None:
+        """Deliver one event per ``(key, value)`` pair, in order (batch writes).
+
+        A background hook gets one task per batch that handles its events in
+        order, each call with its own timeout and error isolation.
+
+        Example:
+            ```python
+            await registry.emit_many(EventType.BATCH_DELETE, [("a", None), ("b", None)])
+            ```
+        """
+        entry = self._index.get(type)
+        if entry is None or not items:
+            return
+        sync_hooks, background_hooks = entry
+        event_type = _coerce_type(type)
+        events = [HookEvent(event_type, key, value) for key, value in items]
+        if background_hooks and not self._closed:
+            for hook in background_hooks:
+                if not hook.active:
+                    continue
+                selected = events if hook.key_filter is None else [e for e in events if _accepts(hook, e)]
+                if selected:
+                    self._spawn(hook, _invoke_each(hook, selected))
+        if sync_hooks:
+            for event in events:
+                for hook in sync_hooks:
+                    if hook.active and (hook.key_filter is None or _accepts(hook, event)):
+                        await _invoke(hook, event)
+
+    async def drain(self) -> None:
+        """Wait until no background hook call is running, including calls started meanwhile.
+
+        Called from inside a background hook, it does not wait for that hook itself.
+
+        Example:
+            ```python
+            await client.set("k", 1)
+            await client.hooks.drain()  # background hooks have seen "k"
+            ```
+        """
+        current = asyncio.current_task()
+        while True:
+            pending = [task for task in self._tasks if task is not current]
+            if not pending:
+                return
+            await asyncio.wait(pending)
+
+    async def aclose(self) -> None:
+        """Cancel running background hook calls and wait for them to finish.
+
+        Background hooks are not started by later emits; synchronous hooks still
+        run. Safe to call more than once.
+
+        Example:
+            ```python
+            await client.hooks.aclose()
+            ```
+        """
+        self._closed = True
+        current = asyncio.current_task()
+        pending = [task for task in self._tasks if task is not current]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+
+def _coerce_type(type: EventType | str) -> EventType:
+    if isinstance(type, EventType):
+        return type
+    try:
+        return EventType(type)
+    except ValueError:
+        raise InvalidArgumentError(f"unknown event type {type!r}") from None
+
+
+def _parse_events(events: Iterable[EventType | str] | None) -> frozenset[EventType]:
+    if events is None:
+        return _ALL_EVENTS
+    if isinstance(events, str):
+        # A lone "set" (or EventType.SET, itself a str) means that one event, not its letters.
+        events = (events,)
+    try:
+        values = list(events)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"events must be an iterable of EventType or str, not {type(events).__name__}"
+        ) from None
+    parsed: set[EventType] = set()
+    for value in values:
+        if isinstance(value, EventType):
+            parsed.add(value)
+        elif isinstance(value, str):
+            try:
+                parsed.add(EventType(value))
+            except ValueError:
+                valid = ", ".join(repr(member.value) for member in EventType)
+                raise InvalidArgumentError(f"unknown event type {value!r}; expected one of {valid}") from None
+        else:
+            raise InvalidArgumentError(f"event types must be EventType or str, not {type(value).__name__}")
+    return frozenset(parsed) if parsed else _ALL_EVENTS
