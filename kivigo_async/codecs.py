@@ -1,0 +1,707 @@
+"""Codecs: how values become bytes in the store, and bytes become values again.
+
+Every value written with :meth:`Client.set <kivigo_async.Client.set>` goes through
+``codec.encode(value) -> bytes``; every value read goes through
+``codec.decode(data, type) -> value``. ``type`` is what the caller asked for
+(``client.get(key, User)``), or ``object`` when they gave none, meaning "untyped":
+return whatever the format naturally produces (dicts, lists, str, int...).
+
+Built-in codecs:
+
+* :class:`JsonCodec` -- the default. orjson to encode, msgspec/pydantic for typed decode.
+* :class:`MsgspecCodec` -- msgspec end to end, as JSON or MessagePack (binary-safe).
+* :class:`CompressedCodec` -- zlib around another codec, for large values.
+* :class:`EncryptedCodec` -- AES-256-GCM around another codec, with key rotation.
+
+Wrappers compose; compress *before* encrypting (ciphertext does not compress):
+
+    >>> codec = CompressedCodec(JsonCodec(), min_size=1024)
+    >>> codec.decode(codec.encode({"n": 1}), object)
+    {'n': 1}
+
+Writing your own codec
+----------------------
+A codec is any object with these two methods (see :class:`Codec`); no base class needed.
+Follow the same rules as the built-in codecs:
+
+* raise :class:`~kivigo_async.errors.EncodeError` when a value cannot be encoded;
+  name the offending *type*, never the value (it may be a secret);
+* raise :class:`~kivigo_async.errors.DecodeError` when bytes cannot be decoded;
+  say what was expected, never include the bytes, and chain the original
+  exception (``raise DecodeError(...) from exc``);
+* do not mention the key: codecs never see it, the client adds it to the message;
+* keep per-call work small: codecs run on every get and set. Resolve per-type
+  work once and cache it (as :class:`JsonCodec` does with its decoders).
+
+    >>> import pickle
+    >>> from kivigo_async.errors import DecodeError, EncodeError
+    >>> class PickleCodec:  # only for data you fully trust!
+    ...     def encode(self, value):
+    ...         try:
+    ...             return pickle.dumps(value, protocol=5)
+    ...         except Exception as exc:
+    ...             raise EncodeError(f"cannot pickle a value of type {type(value).__name__}") from exc
+    ...     def decode(self, data, type):
+    ...         try:
+    ...             value = pickle.loads(data)
+    ...         except Exception as exc:
+    ...             raise DecodeError("expected a pickle") from exc
+    ...         if type is not object and not isinstance(value, type):
+    ...             raise DecodeError(f"expected {type.__name__}, got {value.__class__.__name__}")
+    ...         return value
+    >>> isinstance(PickleCodec(), Codec)
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import types
+import zlib
+from collections.abc import Callable, Sequence
+from decimal import Decimal
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    Final,
+    Literal,
+    Protocol,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+    runtime_checkable,
+)
+
+import msgspec
+import orjson
+
+from .errors import ConfigurationError, DecodeError, EncodeError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+__all__ = [
+    "Codec",
+    "JsonCodec",
+    "MsgspecCodec",
+    "CompressedCodec",
+    "EncryptedCodec",
+]
+
+T = TypeVar("T")
+
+_Decoder = Callable[[bytes], Any]
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Turns values into bytes and back. Any object with these two methods is a codec.
+
+    ``decode(data, object)`` means "untyped": return what the format gives
+    (dicts, lists, str, int, float, bool, None). Any other ``type`` asks for a
+    value of that type, or a :class:`~kivigo_async.errors.DecodeError`.
+    """
+
+    def encode(self, value: Any) -> bytes:
+        """Return ``value`` as bytes, or raise :class:`~kivigo_async.errors.EncodeError`."""
+        ...
+
+    def decode(self, data: bytes, type: type[T]) -> T:
+        """Return ``data`` as a ``type``, or raise :class:`~kivigo_async.errors.DecodeError`."""
+        ...
+
+
+# -- shared helpers ----------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    """A short, readable name for a type or type annotation (``int``, ``User``, ``list[int]``)."""
+    args = get_args(tp)
+    if not args:
+        if tp is type(None):
+            return "None"
+        return tp.__qualname__ if isinstance(tp, type) else repr(tp).replace("typing.", "")
+    origin = get_origin(tp)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin is Union or origin is types.UnionType:
+        return " | ".join(_type_name(a) for a in args)
+    return f"{_type_name(origin)}[{', '.join('...' if a is Ellipsis else _type_name(a) for a in args)}]"
+
+
+def _check_inner(inner: object, owner: str) -> None:
+    if not (callable(getattr(inner, "encode", None)) and callable(getattr(inner, "decode", None))):
+        raise ConfigurationError(
+            f"{owner}: inner must be a codec (encode/decode), got {type(inner).__name__}"
+        )
+
+
+def _is_pydantic_model(tp: Any) -> bool:
+    """True for pydantic v2 model classes, detected without importing pydantic."""
+    return isinstance(tp, type) and callable(getattr(tp, "model_validate", None))
+
+
+# msgspec quotes the offending value in a few messages ("Invalid enum value 'x'",
+# "Invalid value 'x' - at `$.type`"); stored values may be secret, so drop it.
+_MSGSPEC_VALUE_RE: Final = re.compile(r"^(Invalid (?:enum )?value) .*?(?= - at `|$)", re.DOTALL)
+
+
+def _validation_summary(exc: BaseException) -> str:
+    """A message for a decode failure that carries no stored data.
+
+    msgspec and orjson messages only hold positions, paths and types (minus the
+    quoted values removed above). pydantic's ``str(ValidationError)`` includes the
+    input, so it is rebuilt from ``errors(include_input=False)``. Messages of
+    anything else are not trusted: only the exception type is shown.
+    """
+    if isinstance(exc, (msgspec.DecodeError, orjson.JSONDecodeError)):
+        return _MSGSPEC_VALUE_RE.sub(r"\1", str(exc))
+    errors = getattr(exc, "errors", None)
+    if callable(errors):  # pydantic.ValidationError
+        try:
+            details = errors(include_url=False, include_input=False, include_context=False)
+            parts = [
+                f"{'.'.join(str(p) for p in d.get('loc', ())) or '<root>'}: {d.get('msg', '')}"
+                for d in details
+            ]
+            return f"{len(parts)} validation error(s): " + "; ".join(parts)
+        except Exception:
+            pass
+    return type(exc).__name__
+
+
+def _decode_error(exc: BaseException, tp: Any, fmt: str) -> DecodeError:
+    if tp is object or tp is Any:
+        return DecodeError(f"expected a {fmt} document: {_validation_summary(exc)}")
+    return DecodeError(f"expected {_type_name(tp)} ({fmt}): {_validation_summary(exc)}")
+
+
+def _pydantic_dump(obj: Any) -> Any:
+    return obj.model_dump(mode="json")
+
+
+def _msgspec_enc_hook(obj: Any) -> Any:
+    """msgspec ``enc_hook``: pydantic models (duck-typed); everything else is unsupported."""
+    if callable(getattr(obj, "model_dump", None)):
+        return obj.model_dump(mode="json")
+    raise TypeError(f"unsupported type `{_type_name(type(obj))}`")
+
+
+def _msgspec_dec_hook(tp: Any, obj: Any) -> Any:
+    """msgspec ``dec_hook``: lets pydantic models appear inside msgspec types (``list[User]``)."""
+    if not _is_pydantic_model(tp):
+        raise NotImplementedError
+    try:
+        return tp.model_validate(obj)
+    except ValueError as exc:  # pydantic.ValidationError; its str() holds the input
+        raise ValueError(_validation_summary(exc)) from exc
+
+
+# -- JsonCodec ---------------------------------------------------------------
+
+
+class _Unsupported(TypeError):
+    """Raised by the orjson ``default`` hook; its message ends up in the EncodeError."""
+
+
+_STRUCT_JSON_ENCODER: Final = msgspec.json.Encoder(enc_hook=_msgspec_enc_hook)
+
+
+def _struct_to_json(obj: Any) -> orjson.Fragment:
+    # Serialised by msgspec (its JSON rules, fastest path) and spliced in verbatim.
+    return orjson.Fragment(_STRUCT_JSON_ENCODER.encode(obj))
+
+
+def _reject_bytes(obj: Any) -> Any:
+    raise _Unsupported(
+        f"`{type(obj).__name__}` is not supported: JSON has no binary type; store raw bytes with "
+        "Client.set_raw(), or use MsgspecCodec('msgpack')"
+    )
+
+
+def _resolve_json_default(cls: type) -> Callable[[Any], Any]:
+    if issubclass(cls, msgspec.Struct):
+        return _struct_to_json
+    if callable(getattr(cls, "model_dump", None)):
+        return _pydantic_dump
+    if issubclass(cls, Decimal):
+        return str
+    if issubclass(cls, (set, frozenset, tuple)):  # tuple: NamedTuple and other subclasses
+        return list
+    if issubclass(cls, (bytes, bytearray, memoryview)):
+        return _reject_bytes
+    name = _type_name(cls)
+
+    def unsupported(obj: Any) -> Any:
+        raise _Unsupported(f"unsupported type `{name}`")
+
+    return unsupported
+
+
+# One converter per type, resolved on first sight; orjson only calls the hook for
+# types it does not handle natively, so this is off the common path anyway.
+_JSON_DEFAULTS: dict[type, Callable[[Any], Any]] = {}
+
+
+def _json_default(obj: Any) -> Any:
+    cls = type(obj)
+    convert = _JSON_DEFAULTS.get(cls)
+    if convert is None:
+        convert = _JSON_DEFAULTS[cls] = _resolve_json_default(cls)
+    return convert(obj)
+
+
+_JSON_OPTIONS: Final = orjson.OPT_NON_STR_KEYS
+
+
+class JsonCodec:
+    """The default codec: JSON via `orjson`_ to encode, `msgspec`_ (or pydantic) to decode typed.
+
+    Encodes natively: ``str``, ``int`` (64-bit), ``float``, ``bool``, ``None``, ``dict``,
+    ``list``, ``tuple``, ``datetime``/``date``/``time``, ``UUID``, ``Enum``, dataclasses and
+    ``TypedDict`` s; plus msgspec ``Struct`` s, pydantic models (``model_dump(mode="json")``),
+    ``Decimal`` (as a string), ``set``/``frozenset`` (as a list) and ``NamedTuple`` s.
+
+    ``decode(data, object)`` returns plain JSON values. Any other type is validated:
+    pydantic model classes through ``model_validate_json``, everything else through a
+    ``msgspec.json.Decoder`` built once per type (Structs, dataclasses, TypedDicts,
+    ``datetime``, ``UUID``, ``Decimal``, ``list[int]``, ``User | None``...).
+
+    Choices worth knowing:
+
+    * **bytes** are rejected with an :class:`~kivigo_async.errors.EncodeError`: JSON has no
+      binary type, and a base64 string would come back as ``str`` from an untyped read.
+      Use ``Client.set_raw``/``get_raw``, or ``MsgspecCodec("msgpack")``. (Inside a msgspec
+      ``Struct``, msgspec's own rule applies: bytes become base64.)
+    * **NaN and ±infinity** are written as ``null`` (the orjson and msgspec behaviour;
+      JSON cannot represent them). Rejecting them would mean walking every value in
+      Python on every write. A typed read of a ``float`` field then fails loudly with a
+      :class:`~kivigo_async.errors.DecodeError`; ``MsgspecCodec("msgpack")`` keeps them exactly.
+    * **Non-string dict keys** (int, float, bool, UUID, datetime, Enum) are written as
+      strings, like msgspec does: an untyped read returns ``{"1": ...}``, a typed read
+      (``dict[int, str]``) returns ``{1: ...}``.
+    * **ints beyond 64 bits** are rejected (use ``MsgspecCodec("json")``).
+
+    Example:
+        >>> import msgspec
+        >>> class User(msgspec.Struct):
+        ...     name: str
+        ...     age: int
+        >>> codec = JsonCodec()
+        >>> data = codec.encode(User("ada", 36))
+        >>> data
+        b'{"name":"ada","age":36}'
+        >>> codec.decode(data, User)
+        User(name='ada', age=36)
+        >>> codec.decode(data, object)
+        {'name': 'ada', 'age': 36}
+
+    .. _orjson: https://github.com/ijl/orjson
+    .. _msgspec: https://jcristharif.com/msgspec/
+    """
+
+    __slots__ = ("_decoders",)
+
+    def __init__(self) -> None:
+        self._decoders: dict[Any, _Decoder] = {}
+
+    def __repr__(self) -> str:
+        return "JsonCodec()"
+
+    def encode(self, value: Any) -> bytes:
+        """Return ``value`` as JSON bytes.
+
+        Raises:
+            EncodeError: the value (or something inside it) is not JSON-serialisable.
+        """
+        try:
+            return orjson.dumps(value, default=_json_default, option=_JSON_OPTIONS)
+        except Exception as exc:
+            cause = exc.__cause__
+            if isinstance(cause, TypeError):  # from our hooks or msgspec: names the type
+                detail = str(cause)
+            elif cause is not None:  # e.g. model_dump() failed: trust only the exception type
+                detail = f"{exc} ({type(cause).__name__})"
+            else:  # orjson's own messages name a type or a limit, never the value
+                detail = str(exc)
+            raise EncodeError(
+                f"cannot encode a value of type {_type_name(type(value))} as JSON: {detail}"
+            ) from exc
+
+    def decode(self, data: bytes, type: type[T]) -> T:
+        """Return ``data`` decoded as ``type`` (``object``: untyped).
+
+        Raises:
+            DecodeError: ``data`` is not JSON, or does not match ``type``.
+        """
+        try:
+            decoder = self._decoders[type]
+        except (KeyError, TypeError):  # TypeError: an unhashable annotation, decoded uncached
+            decoder = self._resolve(type)
+        try:
+            result: T = decoder(data)
+        except Exception as exc:
+            raise _decode_error(exc, type, "JSON") from exc
+        return result
+
+    def _resolve(self, tp: Any) -> _Decoder:
+        decoder: _Decoder
+        if tp is object or tp is Any:
+            decoder = orjson.loads
+        elif _is_pydantic_model(tp) and callable(getattr(tp, "model_validate_json", None)):
+            decoder = tp.model_validate_json
+        else:
+            try:
+                decoder = msgspec.json.Decoder(tp, dec_hook=_msgspec_dec_hook).decode
+            except (TypeError, ValueError) as exc:
+                raise DecodeError(f"cannot decode into {_type_name(tp)}: not a supported type") from exc
+        with contextlib.suppress(TypeError):  # unhashable annotation: not cached
+            self._decoders[tp] = decoder
+        return decoder
+
+
+# -- MsgspecCodec ------------------------------------------------------------
+
+
+class MsgspecCodec:
+    """A codec built on `msgspec`_ alone, as JSON or MessagePack.
+
+    ``"json"`` follows msgspec's JSON rules: ``bytes`` become base64 strings (a typed
+    read as ``bytes`` decodes them back), ints of any size, NaN/infinity as ``null``.
+    ``"msgpack"`` is compact and binary-safe: ``bytes``, NaN and infinity round-trip
+    exactly, and aware datetimes are stored as timestamps (read back in UTC).
+
+    Typed decoding accepts every type msgspec does (Structs, dataclasses, TypedDicts,
+    ``datetime``, ``UUID``, ``Decimal``, ``list[int]``...), with a decoder built once
+    per type. pydantic models are written with ``model_dump(mode="json")`` and read
+    with ``model_validate_json`` (JSON) or ``model_validate`` (msgpack).
+
+    Args:
+        format: ``"json"`` (default) or ``"msgpack"``.
+
+    Example:
+        >>> codec = MsgspecCodec("msgpack")
+        >>> codec.decode(codec.encode({"blob": b"\\x00\\xff"}), object)
+        {'blob': b'\\x00\\xff'}
+        >>> codec.decode(codec.encode([1, 2]), list[int])
+        [1, 2]
+
+    .. _msgspec: https://jcristharif.com/msgspec/
+    """
+
+    __slots__ = ("_decoders", "_encode", "_format", "_label", "_new_decoder")
+
+    def __init__(self, format: Literal["json", "msgpack"] = "json") -> None:
+        self._new_decoder: Callable[..., msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]]
+        if format == "json":
+            self._encode = msgspec.json.Encoder(enc_hook=_msgspec_enc_hook).encode
+            self._new_decoder = msgspec.json.Decoder
+            self._label = "JSON"
+        elif format == "msgpack":
+            self._encode = msgspec.msgpack.Encoder(enc_hook=_msgspec_enc_hook).encode
+            self._new_decoder = msgspec.msgpack.Decoder
+            self._label = "MessagePack"
+        else:
+            raise ConfigurationError(f"MsgspecCodec: format must be 'json' or 'msgpack', got {format!r}")
+        self._format: Literal["json", "msgpack"] = format
+        self._decoders: dict[Any, _Decoder] = {}
+
+    def __repr__(self) -> str:
+        return f"MsgspecCodec(format={self._format!r})"
+
+    @property
+    def format(self) -> Literal["json", "msgpack"]:
+        """The wire format, ``"json"`` or ``"msgpack"``."""
+        return self._format
+
+    def encode(self, value: Any) -> bytes:
+        """Return ``value`` encoded with msgspec.
+
+        Raises:
+            EncodeError: the value (or something inside it) is not supported.
+        """
+        try:
+            return self._encode(value)
+        except Exception as exc:
+            detail = str(exc) if isinstance(exc, (TypeError, OverflowError, msgspec.EncodeError)) else ""
+            raise EncodeError(
+                f"cannot encode a value of type {_type_name(type(value))} as {self._label}: "
+                f"{detail or type(exc).__name__}"
+            ) from exc
+
+    def decode(self, data: bytes, type: type[T]) -> T:
+        """Return ``data`` decoded as ``type`` (``object``: untyped).
+
+        Raises:
+            DecodeError: ``data`` is malformed, or does not match ``type``.
+        """
+        try:
+            decoder = self._decoders[type]
+        except (KeyError, TypeError):  # TypeError: an unhashable annotation, decoded uncached
+            decoder = self._resolve(type)
+        try:
+            result: T = decoder(data)
+        except Exception as exc:
+            raise _decode_error(exc, type, self._label) from exc
+        return result
+
+    def _resolve(self, tp: Any) -> _Decoder:
+        decoder: _Decoder
+        if tp is object or tp is Any:
+            decoder = self._new_decoder().decode
+        elif _is_pydantic_model(tp):
+            if self._format == "json" and callable(getattr(tp, "model_validate_json", None)):
+                decoder = tp.model_validate_json
+            else:
+                untyped = self._new_decoder().decode
+                validate = tp.model_validate
+
+                def decoder(data: bytes) -> Any:
+                    return validate(untyped(data))
+        else:
+            try:
+                decoder = self._new_decoder(tp, dec_hook=_msgspec_dec_hook).decode
+            except (TypeError, ValueError) as exc:
+                raise DecodeError(f"cannot decode into {_type_name(tp)}: not a supported type") from exc
+        with contextlib.suppress(TypeError):  # unhashable annotation: not cached
+            self._decoders[tp] = decoder
+        return decoder
+
+
+# -- CompressedCodec ---------------------------------------------------------
+
+_RAW: Final = b"\x00"
+_ZLIB: Final = b"\x01"
+
+
+class CompressedCodec:
+    """Compresses the output of another codec when it is large enough to pay off.
+
+    Each stored value starts with one header byte: ``0x00`` for a value stored as is,
+    ``0x01`` for zlib. Values shorter than ``min_size`` bytes, or that do not shrink,
+    are stored as is, so small values cost one byte and no CPU. New algorithms can be
+    added as new header bytes without breaking stored data.
+
+    Args:
+        inner: the codec whose output is compressed (e.g. :class:`JsonCodec`).
+        algorithm: ``"zlib"`` (the only one for now).
+        level: zlib level, ``0`` (none) to ``9`` (smallest), or ``-1`` for zlib's default.
+        min_size: encoded size, in bytes, from which compression is attempted.
+
+    Example:
+        >>> codec = CompressedCodec(JsonCodec(), min_size=100)
+        >>> codec.encode("short")
+        b'\\x00"short"'
+        >>> big = codec.encode("a" * 10_000)
+        >>> big[:1], len(big) < 100
+        (b'\\x01', True)
+        >>> codec.decode(big, str) == "a" * 10_000
+        True
+    """
+
+    __slots__ = ("_algorithm", "_inner", "_level", "_min_size")
+
+    def __init__(
+        self,
+        inner: Codec,
+        algorithm: Literal["zlib"] = "zlib",
+        *,
+        level: int = 6,
+        min_size: int = 512,
+    ) -> None:
+        _check_inner(inner, "CompressedCodec")
+        if algorithm != "zlib":
+            raise ConfigurationError(f"CompressedCodec: algorithm must be 'zlib', got {algorithm!r}")
+        if isinstance(level, bool) or not isinstance(level, int) or not -1 <= level <= 9:
+            raise ConfigurationError(f"CompressedCodec: level must be an int from -1 to 9, got {level!r}")
+        if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
+            raise ConfigurationError(f"CompressedCodec: min_size must be an int >= 0, got {min_size!r}")
+        self._inner = inner
+        self._algorithm = algorithm
+        self._level = level
+        self._min_size = min_size
+
+    def __repr__(self) -> str:
+        return (
+            f"CompressedCodec(inner={self._inner!r}, algorithm={self._algorithm!r}, "
+            f"level={self._level}, min_size={self._min_size})"
+        )
+
+    @property
+    def inner(self) -> Codec:
+        """The wrapped codec."""
+        return self._inner
+
+    def encode(self, value: Any) -> bytes:
+        """Encode ``value`` with the inner codec, then compress it if it is worth it."""
+        payload = self._inner.encode(value)
+        if len(payload) >= self._min_size:
+            compressed = zlib.compress(payload, self._level)
+            if len(compressed) < len(payload):
+                return _ZLIB + compressed
+        return _RAW + payload
+
+    def decode(self, data: bytes, type: type[T]) -> T:
+        """Decompress ``data`` if needed, then decode it with the inner codec.
+
+        Raises:
+            DecodeError: unknown header byte, or corrupt compressed data.
+        """
+        if not data:
+            raise DecodeError("expected a compressed value, got an empty one")
+        header = data[0]
+        if header == 0:
+            payload = data[1:]
+        elif header == 1:
+            try:
+                payload = zlib.decompress(memoryview(data)[1:])
+            except zlib.error as exc:
+                raise DecodeError("expected zlib-compressed data, but it is corrupt") from exc
+        else:
+            raise DecodeError(
+                "expected a compressed value, but its header byte is unknown "
+                "(was it written without CompressedCodec, or by a newer version?)"
+            )
+        return self._inner.decode(payload, type)
+
+
+# -- EncryptedCodec ----------------------------------------------------------
+
+_ENC_VERSION: Final = 1
+_KEY_ID_SIZE: Final = 8
+_NONCE_SIZE: Final = 12
+_TAG_SIZE: Final = 16
+_HEADER_SIZE: Final = 1 + _KEY_ID_SIZE
+_MIN_SIZE: Final = _HEADER_SIZE + _NONCE_SIZE + _TAG_SIZE
+_KEY_SIZE: Final = 32
+
+
+class EncryptedCodec:
+    """Encrypts and authenticates the output of another codec with AES-256-GCM.
+
+    New values are encrypted with the **first** key; values are decrypted with
+    whichever listed key they were written with. To rotate, put the new key first
+    and keep the old ones until every value has been rewritten or has expired.
+
+    Layout of a stored value (all lengths in bytes)::
+
+        version (1, = 0x01) | key id (8) | nonce (12) | ciphertext | tag (16)
+
+    The key id is the first 8 bytes of SHA-256(key): it identifies a key without
+    revealing it. The version and key id are authenticated too (as associated data).
+    Nonces are random; with 96-bit random nonces, rotate a key well before 2**32
+    writes. A value is not bound to its Redis key: someone who can write to the
+    store can copy a valid ciphertext from one key to another.
+
+    Args:
+        inner: the codec whose output is encrypted. To compress too, wrap a
+            :class:`CompressedCodec` (compressing ciphertext is useless).
+        keys: one or more 32-byte keys, newest first. Make one with :meth:`generate_key`.
+
+    Raises:
+        ConfigurationError: no key, a key that is not 32 bytes, a duplicate key, or
+            the ``cryptography`` package is missing (``pip install 'kivigo-async[encryption]'``).
+
+    Example:
+        >>> old, new = EncryptedCodec.generate_key(), EncryptedCodec.generate_key()
+        >>> data = EncryptedCodec(JsonCodec(), [old]).encode({"card": "4111..."})
+        >>> codec = EncryptedCodec(JsonCodec(), [new, old])
+        >>> codec.decode(data, object)
+        {'card': '4111...'}
+        >>> codec
+        EncryptedCodec(inner=JsonCodec(), keys=<2 keys>)
+    """
+
+    __slots__ = ("_aeads", "_encryptor", "_header", "_inner", "_invalid_tag")
+
+    def __init__(self, inner: Codec, keys: Sequence[bytes]) -> None:
+        try:
+            from cryptography.exceptions import InvalidTag
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        except ImportError as exc:
+            raise ConfigurationError(
+                "EncryptedCodec needs the 'cryptography' package: pip install 'kivigo-async[encryption]'"
+            ) from exc
+        _check_inner(inner, "EncryptedCodec")
+        if isinstance(keys, (bytes, bytearray, memoryview, str)) or not isinstance(keys, Sequence):
+            raise ConfigurationError("EncryptedCodec: keys must be a list of keys, e.g. keys=[key]")
+        if not keys:
+            raise ConfigurationError("EncryptedCodec: at least one key is required")
+        aeads: dict[bytes, AESGCM] = {}
+        headers: list[bytes] = []
+        for i, key in enumerate(keys):
+            if not isinstance(key, (bytes, bytearray, memoryview)):
+                raise ConfigurationError(
+                    f"EncryptedCodec: key #{i} must be bytes, got {type(key).__name__} "
+                    "(decode hex/base64 keys to raw bytes first)"
+                )
+            raw = bytes(key)
+            if len(raw) != _KEY_SIZE:
+                raise ConfigurationError(
+                    f"EncryptedCodec: key #{i} must be {_KEY_SIZE} bytes (AES-256), got {len(raw)} bytes"
+                )
+            key_id = hashlib.sha256(raw).digest()[:_KEY_ID_SIZE]
+            if key_id in aeads:
+                raise ConfigurationError(f"EncryptedCodec: key #{i} is listed twice")
+            aeads[key_id] = AESGCM(raw)
+            headers.append(bytes((_ENC_VERSION,)) + key_id)
+        self._inner = inner
+        self._aeads = aeads
+        self._header = headers[0]
+        self._encryptor = aeads[headers[0][1:]]
+        self._invalid_tag: type[Exception] = InvalidTag
+
+    def __repr__(self) -> str:
+        n = len(self._aeads)
+        return f"EncryptedCodec(inner={self._inner!r}, keys=<{n} key{'' if n == 1 else 's'}>)"
+
+    @property
+    def inner(self) -> Codec:
+        """The wrapped codec."""
+        return self._inner
+
+    @staticmethod
+    def generate_key() -> bytes:
+        """Return a new random 32-byte key (``os.urandom``). Store it somewhere safe."""
+        return os.urandom(_KEY_SIZE)
+
+    def encode(self, value: Any) -> bytes:
+        """Encode ``value`` with the inner codec, then encrypt it with the first key."""
+        plaintext = self._inner.encode(value)
+        nonce = os.urandom(_NONCE_SIZE)
+        header = self._header
+        return header + nonce + self._encryptor.encrypt(nonce, plaintext, header)
+
+    def decode(self, data: bytes, type: type[T]) -> T:
+        """Authenticate and decrypt ``data``, then decode it with the inner codec.
+
+        Raises:
+            DecodeError: the value could not be authenticated (tampered with, truncated,
+                unknown format, or written with a key that is not configured).
+        """
+        if len(data) < _MIN_SIZE:
+            raise DecodeError("value could not be authenticated: too short to be an encrypted value")
+        if data[0] != _ENC_VERSION:
+            raise DecodeError("value could not be authenticated: unsupported format version")
+        view = memoryview(data)
+        aead = self._aeads.get(bytes(view[1:_HEADER_SIZE]))
+        if aead is None:
+            raise DecodeError(
+                "value could not be authenticated: it was encrypted with a key that is not configured"
+            )
+        try:
+            plaintext = aead.decrypt(
+                view[_HEADER_SIZE : _HEADER_SIZE + _NONCE_SIZE],
+                view[_HEADER_SIZE + _NONCE_SIZE :],
+                view[:_HEADER_SIZE],
+            )
+        except self._invalid_tag as exc:
+            raise DecodeError("value could not be authenticated: it was tampered with or corrupted") from exc
+        return self._inner.decode(plaintext, type)

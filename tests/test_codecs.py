@@ -1,0 +1,883 @@
+"""Tests of kivigo_async.codecs: round trips, typed decoding, errors, compression, encryption."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import math
+import os
+import sys
+import uuid
+import zlib
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict
+
+import msgspec
+import orjson
+import pytest
+
+from kivigo_async.codecs import Codec, CompressedCodec, EncryptedCodec, JsonCodec, MsgspecCodec
+from kivigo_async.errors import CodecError, ConfigurationError, DecodeError, EncodeError, KivigoError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+SECRET = "s3cr3t-Value-Do-Not-Leak"
+
+# -- sample types --------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: float
+    label: str = ""
+
+
+class UserStruct(msgspec.Struct):
+    name: str
+    age: int
+    tags: list[str] = []
+    joined: datetime | None = None
+
+
+class Scores(msgspec.Struct):
+    values: list[float]
+
+
+class MovieDict(TypedDict):
+    title: str
+    year: int
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Pair(NamedTuple):
+    left: int
+    right: str
+
+
+class FakeValidationError(ValueError):
+    """Mimics pydantic.ValidationError: str() holds the input, errors() can leave it out."""
+
+    def __init__(self, loc: tuple[str, ...], msg: str, input_value: object) -> None:
+        super().__init__(f"{msg} [input_value={input_value!r}]")
+        self._details = [{"loc": loc, "msg": msg, "input": input_value}]
+
+    def errors(
+        self, *, include_url: bool = True, include_context: bool = True, include_input: bool = True
+    ) -> list[dict[str, object]]:
+        return [{k: v for k, v in d.items() if include_input or k != "input"} for d in self._details]
+
+
+class FakeModel:
+    """Duck-types the pydantic v2 model API the codecs rely on (pydantic may be absent)."""
+
+    def __init__(self, name: str, age: int) -> None:
+        self.name = name
+        self.age = age
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FakeModel) and (self.name, self.age) == (other.name, other.age)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def model_dump(self, *, mode: str = "python") -> dict[str, Any]:
+        assert mode == "json"
+        return {"name": self.name, "age": self.age}
+
+    @classmethod
+    def model_validate(cls, obj: object) -> FakeModel:
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            raise FakeValidationError(("name",), "Input should be a valid string", obj)
+        age = obj.get("age")
+        if not isinstance(age, int) or isinstance(age, bool):
+            raise FakeValidationError(("age",), "Input should be a valid integer", age)
+        return cls(obj["name"], age)
+
+    @classmethod
+    def model_validate_json(cls, data: bytes | str) -> FakeModel:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise FakeValidationError((), "Invalid JSON", data) from exc
+        return cls.model_validate(obj)
+
+
+# -- codec matrix ------------------------------------------------------------------
+
+KEY_A = bytes(range(32))
+KEY_B = bytes(range(100, 132))
+
+CODEC_FACTORIES: dict[str, Callable[[], Codec]] = {
+    "json": JsonCodec,
+    "msgspec-json": lambda: MsgspecCodec("json"),
+    "msgspec-msgpack": lambda: MsgspecCodec("msgpack"),
+    "compressed-json": lambda: CompressedCodec(JsonCodec(), min_size=0),
+    "compressed-msgpack": lambda: CompressedCodec(MsgspecCodec("msgpack"), level=9, min_size=16),
+    "encrypted-json": lambda: EncryptedCodec(JsonCodec(), [KEY_A]),
+    "encrypted-compressed": lambda: EncryptedCodec(CompressedCodec(JsonCodec(), min_size=0), [KEY_A, KEY_B]),
+}
+
+
+@pytest.fixture(params=list(CODEC_FACTORIES), ids=list(CODEC_FACTORIES))
+def codec(request: pytest.FixtureRequest) -> Codec:
+    factory = CODEC_FACTORIES[request.param]
+    return factory()
+
+
+def roundtrip(codec: Codec, value: object, tp: Any = object) -> Any:
+    data = codec.encode(value)
+    assert isinstance(data, bytes)
+    return codec.decode(data, tp)
+
+
+# -- error classes -------------------------------------------------------------------
+
+
+def test_error_classes_subclass_the_right_builtins() -> None:
+    assert issubclass(EncodeError, TypeError)
+    assert issubclass(DecodeError, ValueError)
+    assert issubclass(ConfigurationError, ValueError)
+    for cls in (EncodeError, DecodeError):
+        assert issubclass(cls, CodecError)
+        assert issubclass(cls, KivigoError)
+
+
+def test_codecs_satisfy_the_protocol(codec: Codec) -> None:
+    assert isinstance(codec, Codec)
+
+
+def test_protocol_rejects_non_codecs() -> None:
+    assert not isinstance(object(), Codec)
+
+
+def test_public_names() -> None:
+    import kivigo_async.codecs as mod
+
+    assert set(mod.__all__) == {"Codec", "JsonCodec", "MsgspecCodec", "CompressedCodec", "EncryptedCodec"}
+
+
+# -- untyped round trips ---------------------------------------------------------------
+
+UNTYPED_VALUES: list[Any] = [
+    "hello",
+    "",
+    0,
+    -42,
+    2**63 - 1,
+    -(2**63),
+    3.5,
+    -0.0,
+    1e308,
+    True,
+    False,
+    None,
+    [],
+    {},
+    [1, "two", 3.0, None, True],
+    {"a": {"b": {"c": [1, {"d": None}]}}, "e": []},
+    'unicode: héllo wörld — 日本語 — emoji 🎉🔑 — nul \x00 — quote " backslash \\',
+    {"ключ": "значение", "🔑": ["ü", "ß"]},
+]
+
+
+@pytest.mark.parametrize("value", UNTYPED_VALUES, ids=repr)
+def test_untyped_round_trip(codec: Codec, value: object) -> None:
+    assert roundtrip(codec, value) == value
+
+
+@pytest.mark.parametrize("value", UNTYPED_VALUES, ids=repr)
+def test_typed_round_trip_of_builtins(codec: Codec, value: object) -> None:
+    assert roundtrip(codec, value, type(value)) == value
+
+
+def test_untyped_decode_returns_plain_containers(codec: Codec) -> None:
+    out = roundtrip(codec, UserStruct("ada", 36, ["x"]))
+    assert out == {"name": "ada", "age": 36, "tags": ["x"], "joined": None}
+
+
+def test_tuple_comes_back_as_list_untyped_and_tuple_typed(codec: Codec) -> None:
+    assert roundtrip(codec, (1, 2)) == [1, 2]
+    assert roundtrip(codec, (1, "a"), tuple[int, str]) == (1, "a")
+
+
+def test_typing_any_is_untyped(codec: Codec) -> None:
+    assert roundtrip(codec, {"a": [1]}, Any) == {"a": [1]}
+
+
+# -- typed round trips -------------------------------------------------------------------
+
+NOW = datetime(2024, 5, 17, 13, 45, 30, 123456, tzinfo=timezone(timedelta(hours=2)))
+
+
+def test_datetime_tz_aware(codec: Codec) -> None:
+    out = roundtrip(codec, NOW, datetime)
+    assert isinstance(out, datetime)
+    assert out == NOW
+    assert out.tzinfo is not None
+    assert out.utcoffset() is not None
+
+
+def test_date(codec: Codec) -> None:
+    assert roundtrip(codec, date(2024, 2, 29), date) == date(2024, 2, 29)
+
+
+def test_uuid(codec: Codec) -> None:
+    u = uuid.uuid4()
+    out = roundtrip(codec, u, uuid.UUID)
+    assert isinstance(out, uuid.UUID)
+    assert out == u
+
+
+def test_decimal(codec: Codec) -> None:
+    d = Decimal("12345678901234567890.000000000123")
+    out = roundtrip(codec, d, Decimal)
+    assert isinstance(out, Decimal)
+    assert out == d
+    assert roundtrip(codec, {"price": Decimal("9.99")}, dict[str, Decimal]) == {"price": Decimal("9.99")}
+
+
+def test_dataclass(codec: Codec) -> None:
+    p = Point(1, 2.5, "p")
+    out = roundtrip(codec, p, Point)
+    assert isinstance(out, Point)
+    assert out == p
+
+
+def test_msgspec_struct(codec: Codec) -> None:
+    u = UserStruct("ada", 36, ["admin", "ünï"], joined=NOW)
+    out = roundtrip(codec, u, UserStruct)
+    assert isinstance(out, UserStruct)
+    assert out == u
+
+
+def test_typed_dict(codec: Codec) -> None:
+    m: MovieDict = {"title": "Metropolis", "year": 1927}
+    assert roundtrip(codec, m, MovieDict) == m
+
+
+def test_enum_namedtuple_and_sets(codec: Codec) -> None:
+    assert roundtrip(codec, Color.BLUE, Color) is Color.BLUE
+    assert roundtrip(codec, Pair(1, "x"), Pair) == Pair(1, "x")
+    assert roundtrip(codec, {3, 1, 2}, set[int]) == {1, 2, 3}
+    assert roundtrip(codec, frozenset({"a"}), frozenset[str]) == frozenset({"a"})
+    assert sorted(roundtrip(codec, {3, 1, 2})) == [1, 2, 3]
+
+
+def test_generic_containers(codec: Codec) -> None:
+    assert roundtrip(codec, [1, 2, 3], list[int]) == [1, 2, 3]
+    value = {"a": [Point(1, 2.0)], "b": []}
+    assert roundtrip(codec, value, dict[str, list[Point]]) == value
+    assert roundtrip(codec, None, int | None) is None
+    assert roundtrip(codec, 5, int | None) == 5
+    structs = [UserStruct("a", 1), UserStruct("b", 2)]
+    assert roundtrip(codec, structs, list[UserStruct]) == structs
+
+
+def test_int_is_accepted_as_float(codec: Codec) -> None:
+    out = roundtrip(codec, 3, float)
+    assert out == 3.0
+    assert isinstance(out, float)
+
+
+def test_fake_pydantic_model(codec: Codec) -> None:
+    m = FakeModel("ada", 36)
+    out = roundtrip(codec, m, FakeModel)
+    assert isinstance(out, FakeModel)
+    assert out == m
+    assert roundtrip(codec, m) == {"name": "ada", "age": 36}
+    # nested inside msgspec-decoded types, through the dec_hook
+    assert roundtrip(codec, [m, FakeModel("bob", 1)], list[FakeModel]) == [m, FakeModel("bob", 1)]
+
+
+def test_fake_pydantic_validation_error_is_redacted(codec: Codec) -> None:
+    data = codec.encode({"name": "ada", "age": SECRET})
+    with pytest.raises(DecodeError) as info:
+        codec.decode(data, FakeModel)
+    assert SECRET not in str(info.value)
+    assert "age" in str(info.value)
+    assert isinstance(info.value.__cause__, FakeValidationError)
+    with pytest.raises(DecodeError) as info:
+        codec.decode(codec.encode([{"name": "ada", "age": SECRET}]), list[FakeModel])
+    assert SECRET not in str(info.value)
+
+
+def test_real_pydantic_model(codec: Codec) -> None:
+    pydantic = pytest.importorskip("pydantic")
+
+    class Address(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        city: str
+        zip: str
+
+    class Person(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        name: str
+        age: int
+        born: datetime
+        id: uuid.UUID
+        address: Address
+        balance: Decimal
+
+    p = Person(
+        name="ada",
+        age=36,
+        born=NOW,
+        id=uuid.uuid4(),
+        address=Address(city="London", zip="N1"),
+        balance=Decimal("1.10"),
+    )
+    out = roundtrip(codec, p, Person)
+    assert type(out) is Person
+    assert out == p
+    assert roundtrip(codec, p)["address"] == {"city": "London", "zip": "N1"}
+    with pytest.raises(DecodeError) as info:
+        roundtrip(codec, {"name": "x", "age": SECRET}, Person)
+    assert SECRET not in str(info.value)
+    assert isinstance(info.value.__cause__, pydantic.ValidationError)
+
+
+# -- decode errors ---------------------------------------------------------------------------
+
+
+def test_wrong_type_decode(codec: Codec) -> None:
+    data = codec.encode("abc")
+    with pytest.raises(DecodeError) as info:
+        codec.decode(data, int)
+    message = str(info.value)
+    assert "int" in message
+    assert "abc" not in message
+    assert info.value.__cause__ is not None
+
+
+def test_wrong_struct_field_type(codec: Codec) -> None:
+    data = codec.encode({"name": "ada", "age": SECRET})
+    with pytest.raises(DecodeError) as info:
+        codec.decode(data, UserStruct)
+    assert "UserStruct" in str(info.value)
+    assert "age" in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+def test_literal_and_enum_mismatch_does_not_leak_the_value(codec: Codec) -> None:
+    data = codec.encode(SECRET)
+    targets: list[Any] = [Literal["a", "b"], Color]
+    for tp in targets:
+        with pytest.raises(DecodeError) as info:
+            codec.decode(data, tp)
+        assert SECRET not in str(info.value)
+        assert "Invalid enum value" in str(info.value)
+
+
+# Invalid in every format (JSON, MessagePack, and for the wrappers' headers): empty,
+# 0xc1 (never used by MessagePack), a truncated array, a truncated str32.
+CORRUPT: list[bytes] = [
+    b"",
+    b"\xc1",
+    b"\xc1garbage" + SECRET.encode(),
+    b"\x92\x01",
+    b"\xdb\xff\xff\xff\xffgarbage" + SECRET.encode(),
+]
+
+
+@pytest.mark.parametrize("data", CORRUPT, ids=repr)
+@pytest.mark.parametrize("tp", [object, int, UserStruct, dict[str, int]], ids=repr)
+def test_corrupt_bytes(codec: Codec, data: bytes, tp: Any) -> None:
+    with pytest.raises(DecodeError) as info:
+        codec.decode(data, tp)
+    assert SECRET not in str(info.value)
+    assert "garbage" not in str(info.value)
+
+
+def test_decode_error_keeps_the_original_exception(codec: Codec) -> None:
+    with pytest.raises(DecodeError) as info:
+        codec.decode(codec.encode([1, "x"]), list[int])
+    assert info.value.__cause__ is not None
+
+
+@pytest.mark.parametrize(
+    "factory", [JsonCodec, lambda: MsgspecCodec("json"), lambda: MsgspecCodec("msgpack")]
+)
+def test_unsupported_decode_target(factory: Callable[[], Codec]) -> None:
+    codec = factory()
+    with pytest.raises(DecodeError, match="not a supported type"):
+        codec.decode(codec.encode(1), 5)  # type: ignore[arg-type]
+
+
+def test_json_decode_error_messages() -> None:
+    codec = JsonCodec()
+    with pytest.raises(DecodeError, match="expected a JSON document"):
+        codec.decode(b"{", object)
+    with pytest.raises(DecodeError, match=r"expected int \(JSON\)"):
+        codec.decode(b'"abc"', int)
+    with pytest.raises(DecodeError, match=r"expected list\[int\]"):
+        codec.decode(b"[1, 2, {}]", list[int])
+
+
+def test_decoders_are_cached_per_type() -> None:
+    codec = JsonCodec()
+    for _ in range(3):
+        codec.decode(b'{"name": "a", "age": 1}', UserStruct)
+        codec.decode(b"[1]", list[int])
+        codec.decode(b"1", object)
+    assert len(codec._decoders) == 3
+    first = codec._decoders[UserStruct]
+    codec.decode(b'{"name": "b", "age": 2}', UserStruct)
+    assert codec._decoders[UserStruct] is first
+
+
+# -- encode errors -------------------------------------------------------------------------
+
+
+class Secretive:
+    def __repr__(self) -> str:
+        return SECRET
+
+    __str__ = __repr__
+
+
+def some_function() -> None:
+    pass
+
+
+UNENCODABLE: list[tuple[object, str]] = [
+    (object(), "object"),
+    (some_function, "function"),
+    (Secretive(), "Secretive"),
+    ({"nested": [Secretive()]}, "Secretive"),
+    (UserStruct("a", 1, tags=[Secretive()]), "Secretive"),  # type: ignore[list-item]
+]
+
+
+@pytest.mark.parametrize(("value", "type_name"), UNENCODABLE, ids=lambda v: type(v).__name__)
+def test_unencodable_values(codec: Codec, value: object, type_name: str) -> None:
+    with pytest.raises(EncodeError) as info:
+        codec.encode(value)
+    message = str(info.value)
+    assert type_name in message
+    assert repr(value) not in message
+    assert SECRET not in message
+    assert "0x" not in message  # no default object repr (address)
+
+
+def test_json_rejects_bytes_with_a_hint() -> None:
+    for value in (b"\x00\x01", {"blob": bytearray(b"x")}, [memoryview(b"y")]):
+        with pytest.raises(EncodeError, match="set_raw") as info:
+            JsonCodec().encode(value)
+        assert "msgpack" in str(info.value)
+
+
+def test_json_big_int_is_rejected_but_msgspec_json_handles_it() -> None:
+    with pytest.raises(EncodeError, match="64-bit"):
+        JsonCodec().encode(2**64)
+    assert roundtrip(MsgspecCodec("json"), 2**100, int) == 2**100
+
+
+def test_failing_model_dump_becomes_encode_error() -> None:
+    class Broken:
+        def model_dump(self, *, mode: str = "python") -> dict[str, Any]:
+            raise RuntimeError(SECRET)
+
+    with pytest.raises(EncodeError) as info:
+        JsonCodec().encode(Broken())
+    assert "Broken" in str(info.value)
+    assert SECRET not in str(info.value)
+    with pytest.raises(EncodeError) as info:
+        MsgspecCodec().encode(Broken())
+    assert SECRET not in str(info.value)
+
+
+def test_json_surrogates_rejected() -> None:
+    with pytest.raises(EncodeError, match="str"):
+        JsonCodec().encode("\ud800")
+
+
+# -- JsonCodec choices ---------------------------------------------------------------------
+
+
+def test_json_output_is_compact_json() -> None:
+    assert JsonCodec().encode({"a": [1, "é"]}) == '{"a":[1,"é"]}'.encode()
+    assert JsonCodec().encode(Decimal("1.50")) == b'"1.50"'
+    assert JsonCodec().encode(UserStruct("a", 1)) == b'{"name":"a","age":1,"tags":[],"joined":null}'
+
+
+def test_json_nan_and_infinity_become_null() -> None:
+    codec = JsonCodec()
+    for value in (math.nan, math.inf, -math.inf):
+        assert codec.encode(value) == b"null"
+        assert codec.decode(codec.encode(value), object) is None
+    data = codec.encode({"values": [1.0, math.nan]})
+    assert codec.decode(data, object) == {"values": [1.0, None]}
+    with pytest.raises(DecodeError):  # a typed read notices
+        codec.decode(data, Scores)
+
+
+def test_msgpack_keeps_nan_and_infinity() -> None:
+    codec = MsgspecCodec("msgpack")
+    out = roundtrip(codec, [math.nan, math.inf, -math.inf], list[float])
+    assert math.isnan(out[0])
+    assert out[1:] == [math.inf, -math.inf]
+
+
+def test_json_non_string_keys() -> None:
+    codec = JsonCodec()
+    data = codec.encode({1: "a", 2: "b"})
+    assert codec.decode(data, object) == {"1": "a", "2": "b"}
+    assert codec.decode(data, dict[int, str]) == {1: "a", 2: "b"}
+    u = uuid.uuid4()
+    assert codec.decode(codec.encode({u: 1}), dict[uuid.UUID, int]) == {u: 1}
+
+
+def test_bytes_in_msgspec_codecs() -> None:
+    blob = os.urandom(64)
+    msgpack = MsgspecCodec("msgpack")
+    assert roundtrip(msgpack, blob) == blob
+    assert roundtrip(msgpack, {"b": blob}, dict[str, bytes]) == {"b": blob}
+    json = MsgspecCodec("json")
+    assert isinstance(roundtrip(json, blob), str)  # base64 when untyped
+    assert roundtrip(json, blob, bytes) == blob
+
+
+def test_msgspec_codec_config() -> None:
+    assert MsgspecCodec().format == "json"
+    assert MsgspecCodec("msgpack").format == "msgpack"
+    with pytest.raises(ConfigurationError, match="format"):
+        MsgspecCodec("yaml")  # type: ignore[arg-type]
+
+
+# -- reprs ------------------------------------------------------------------------------------
+
+
+def test_reprs() -> None:
+    assert repr(JsonCodec()) == "JsonCodec()"
+    assert repr(MsgspecCodec("msgpack")) == "MsgspecCodec(format='msgpack')"
+    assert (
+        repr(CompressedCodec(JsonCodec(), level=3, min_size=10))
+        == "CompressedCodec(inner=JsonCodec(), algorithm='zlib', level=3, min_size=10)"
+    )
+    assert repr(EncryptedCodec(JsonCodec(), [KEY_A])) == "EncryptedCodec(inner=JsonCodec(), keys=<1 key>)"
+    assert (
+        repr(EncryptedCodec(CompressedCodec(MsgspecCodec()), [KEY_A, KEY_B]))
+        == "EncryptedCodec(inner=CompressedCodec(inner=MsgspecCodec(format='json'), algorithm='zlib', "
+        "level=6, min_size=512), keys=<2 keys>)"
+    )
+
+
+# -- CompressedCodec ------------------------------------------------------------------------
+
+
+def test_compressed_small_values_are_stored_raw() -> None:
+    inner = JsonCodec()
+    codec = CompressedCodec(inner, min_size=100)
+    data = codec.encode({"small": True})
+    assert data == b"\x00" + inner.encode({"small": True})
+    assert codec.decode(data, object) == {"small": True}
+
+
+def test_compressed_large_values_are_compressed_and_smaller() -> None:
+    inner = JsonCodec()
+    codec = CompressedCodec(inner)
+    value = {"rows": [{"id": i, "name": f"user-{i}", "active": True} for i in range(500)]}
+    data = codec.encode(value)
+    assert data[:1] == b"\x01"
+    assert len(data) < len(inner.encode(value)) / 4
+    assert zlib.decompress(data[1:]) == inner.encode(value)
+    assert codec.decode(data, object) == value
+    assert codec.decode(data, dict[str, list[dict[str, Any]]]) == value
+
+
+def test_compressed_min_size_boundary() -> None:
+    inner = JsonCodec()
+    payload = inner.encode("a" * 100)
+    exact = CompressedCodec(inner, min_size=len(payload))
+    assert exact.encode("a" * 100)[:1] == b"\x01"
+    above = CompressedCodec(inner, min_size=len(payload) + 1)
+    assert above.encode("a" * 100)[:1] == b"\x00"
+
+
+def test_compressed_incompressible_values_are_stored_raw() -> None:
+    inner = MsgspecCodec("msgpack")
+    codec = CompressedCodec(inner, min_size=0)
+    blob = os.urandom(4096)
+    data = codec.encode(blob)
+    assert data == b"\x00" + inner.encode(blob)
+    assert codec.decode(data, bytes) == blob
+
+
+def test_compressed_level_zero_never_grows_beyond_raw() -> None:
+    codec = CompressedCodec(JsonCodec(), level=0, min_size=0)
+    data = codec.encode("x" * 2000)
+    assert data[:1] == b"\x00"
+    assert codec.decode(data, str) == "x" * 2000
+
+
+@pytest.mark.parametrize("header", [2, 3, 0x7B, 0xFF])
+def test_compressed_unknown_header(header: int) -> None:
+    codec = CompressedCodec(JsonCodec())
+    with pytest.raises(DecodeError, match="header"):
+        codec.decode(bytes([header]) + b'{"a":1}', object)
+
+
+def test_compressed_empty_and_corrupt() -> None:
+    codec = CompressedCodec(JsonCodec())
+    with pytest.raises(DecodeError):
+        codec.decode(b"", object)
+    with pytest.raises(DecodeError, match="zlib") as info:
+        codec.decode(b"\x01not zlib " + SECRET.encode(), object)
+    assert isinstance(info.value.__cause__, zlib.error)
+    assert SECRET not in str(info.value)
+    good = CompressedCodec(JsonCodec(), min_size=0).encode("y" * 1000)
+    with pytest.raises(DecodeError):
+        codec.decode(good[:-5], object)  # truncated stream
+
+
+def test_compressed_inner_errors_pass_through() -> None:
+    codec = CompressedCodec(JsonCodec(), min_size=0)
+    with pytest.raises(EncodeError):
+        codec.encode(object())
+    with pytest.raises(DecodeError):
+        codec.decode(codec.encode("abc"), int)
+    assert codec.inner.__class__ is JsonCodec
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"algorithm": "lz4"},
+        {"level": 10},
+        {"level": -2},
+        {"level": True},
+        {"level": 1.5},
+        {"min_size": -1},
+        {"min_size": "512"},
+        {"min_size": False},
+    ],
+    ids=repr,
+)
+def test_compressed_config_validation(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        CompressedCodec(JsonCodec(), **kwargs)
+
+
+def test_compressed_needs_a_codec() -> None:
+    with pytest.raises(ConfigurationError, match="inner"):
+        CompressedCodec(object())  # type: ignore[arg-type]
+
+
+# -- EncryptedCodec -------------------------------------------------------------------------
+
+
+def _key_id(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()[:8]
+
+
+def test_encrypted_round_trip_and_layout() -> None:
+    inner = JsonCodec()
+    codec = EncryptedCodec(inner, [KEY_A])
+    value = {"card": SECRET}
+    data = codec.encode(value)
+    plaintext = inner.encode(value)
+    assert data[:1] == b"\x01"
+    assert data[1:9] == _key_id(KEY_A)
+    assert len(data) == 1 + 8 + 12 + len(plaintext) + 16
+    assert SECRET.encode() not in data
+    assert codec.decode(data, object) == value
+    assert codec.decode(data, dict[str, str]) == value
+
+
+def test_encrypted_uses_fresh_nonces() -> None:
+    codec = EncryptedCodec(JsonCodec(), [KEY_A])
+    a, b = codec.encode("same"), codec.encode("same")
+    assert a != b
+    assert a[9:21] != b[9:21]
+    assert codec.decode(a, str) == codec.decode(b, str) == "same"
+
+
+def test_encrypted_typed_values() -> None:
+    codec = EncryptedCodec(MsgspecCodec("msgpack"), [KEY_A])
+    u = UserStruct("ada", 36, joined=NOW)
+    assert roundtrip(codec, u, UserStruct) == u
+    blob = os.urandom(100)
+    assert roundtrip(codec, blob, bytes) == blob
+
+
+def test_encrypted_key_rotation() -> None:
+    old, new = EncryptedCodec.generate_key(), EncryptedCodec.generate_key()
+    old_codec = EncryptedCodec(JsonCodec(), [old])
+    rotated = EncryptedCodec(JsonCodec(), [new, old])
+    legacy = old_codec.encode({"v": 1})
+    assert rotated.decode(legacy, object) == {"v": 1}
+
+    fresh = rotated.encode({"v": 2})
+    assert fresh[1:9] == _key_id(new)
+    assert rotated.decode(fresh, object) == {"v": 2}
+    with pytest.raises(DecodeError, match="could not be authenticated") as info:
+        old_codec.decode(fresh, object)
+    assert "not configured" in str(info.value)
+    assert EncryptedCodec(JsonCodec(), [new]).decode(fresh, object) == {"v": 2}
+
+
+def test_encrypted_tampering_with_any_byte_is_detected() -> None:
+    codec = EncryptedCodec(JsonCodec(), [KEY_A, KEY_B])
+    data = codec.encode({"amount": 100})
+    for i in range(len(data)):
+        for flip in (0x01, 0x80):
+            tampered = bytearray(data)
+            tampered[i] ^= flip
+            with pytest.raises(DecodeError, match="could not be authenticated"):
+                codec.decode(bytes(tampered), object)
+
+
+def test_encrypted_header_is_authenticated() -> None:
+    # Re-labelling a ciphertext with another configured key's id must fail the tag check.
+    codec = EncryptedCodec(JsonCodec(), [KEY_A, KEY_B])
+    data = codec.encode("x")
+    relabelled = data[:1] + _key_id(KEY_B) + data[9:]
+    with pytest.raises(DecodeError, match="tampered") as info:
+        codec.decode(relabelled, object)
+    assert info.value.__cause__ is not None
+
+
+def test_encrypted_truncated_extended_and_garbage() -> None:
+    codec = EncryptedCodec(JsonCodec(), [KEY_A])
+    data = codec.encode("hello")
+    for bad in (b"", data[:1], data[:20], data[:36], data[:-1], data + b"\x00", os.urandom(64)):
+        with pytest.raises(DecodeError, match="could not be authenticated"):
+            codec.decode(bad, object)
+
+
+def test_encrypted_wrong_version() -> None:
+    codec = EncryptedCodec(JsonCodec(), [KEY_A])
+    data = codec.encode("hello")
+    with pytest.raises(DecodeError, match="version"):
+        codec.decode(b"\x02" + data[1:], object)
+
+
+def test_encrypted_errors_hold_no_key_material() -> None:
+    codec = EncryptedCodec(JsonCodec(), [KEY_A])
+    other = EncryptedCodec(JsonCodec(), [KEY_B]).encode("x")
+    data = codec.encode("x")
+    for bad in (other, data[:-1] + bytes([data[-1] ^ 1]), b"\x02" + data[1:], data[:10]):
+        with pytest.raises(DecodeError) as info:
+            codec.decode(bad, object)
+        message = str(info.value)
+        for key in (KEY_A, KEY_B):
+            assert key.hex() not in message
+            assert _key_id(key).hex() not in message
+            assert repr(key) not in message
+
+
+def test_encrypted_inner_decode_errors_pass_through() -> None:
+    codec = EncryptedCodec(JsonCodec(), [KEY_A])
+    with pytest.raises(DecodeError) as info:
+        codec.decode(codec.encode("abc"), int)
+    assert "int" in str(info.value)
+    with pytest.raises(EncodeError):
+        codec.encode(object())
+
+
+def test_encrypted_repr_hides_keys() -> None:
+    keys = [EncryptedCodec.generate_key() for _ in range(3)]
+    codec = EncryptedCodec(JsonCodec(), keys)
+    text = repr(codec) + str(codec)
+    assert text == "EncryptedCodec(inner=JsonCodec(), keys=<3 keys>)" * 2
+    for key in keys:
+        assert key.hex() not in text
+        assert key.hex().upper() not in text
+        assert repr(key) not in text
+        assert _key_id(key).hex() not in text
+
+
+def test_generate_key() -> None:
+    a, b = EncryptedCodec.generate_key(), EncryptedCodec.generate_key()
+    assert isinstance(a, bytes)
+    assert len(a) == 32
+    assert a != b
+
+
+@pytest.mark.parametrize("length", [0, 1, 16, 24, 31, 33, 64])
+def test_encrypted_bad_key_length(length: int) -> None:
+    key = b"k" * length
+    with pytest.raises(ConfigurationError, match="32 bytes") as info:
+        EncryptedCodec(JsonCodec(), [KEY_A, key])
+    assert "#1" in str(info.value)
+    if length:
+        assert repr(key) not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        [],
+        (),
+        KEY_A,  # a single key instead of a list of keys
+        KEY_A.hex(),
+        [KEY_A.hex()],
+        [KEY_A, KEY_A],
+        [32],
+        None,
+    ],
+    ids=["empty-list", "empty-tuple", "bare-bytes", "bare-str", "hex-str", "duplicate", "int", "none"],
+)
+def test_encrypted_bad_keys(keys: Any) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        EncryptedCodec(JsonCodec(), keys)
+    assert KEY_A.hex() not in str(info.value)
+
+
+def test_encrypted_accepts_bytearray_keys_and_tuples() -> None:
+    keys: Any = (bytearray(KEY_A),)
+    codec = EncryptedCodec(JsonCodec(), keys)
+    assert codec.decode(EncryptedCodec(JsonCodec(), [KEY_A]).encode(1), int) == 1
+
+
+def test_encrypted_needs_a_codec() -> None:
+    with pytest.raises(ConfigurationError, match="inner"):
+        EncryptedCodec("json", [KEY_A])  # type: ignore[arg-type]
+
+
+def test_encrypted_without_cryptography(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.ciphers.aead", None)
+    with pytest.raises(ConfigurationError, match=r"kivigo-async\[encryption\]") as info:
+        EncryptedCodec(JsonCodec(), [KEY_A])
+    assert isinstance(info.value.__cause__, ImportError)
+
+
+# -- large values -----------------------------------------------------------------------------
+
+
+def _ten_megabytes() -> dict[str, Any]:
+    rows = [
+        {"id": i, "name": f"user-{i:07d}", "score": i / 7, "tags": ["a", "bc", "déf"]} for i in range(140_000)
+    ]
+    value = {"rows": rows, "blob": "x" * 1_000_000}
+    return value
+
+
+def test_ten_megabyte_value_json() -> None:
+    codec = JsonCodec()
+    value = _ten_megabytes()
+    data = codec.encode(value)
+    assert len(data) >= 10_000_000
+    assert codec.decode(data, object) == value
+
+
+def test_ten_megabyte_value_compressed() -> None:
+    inner = JsonCodec()
+    codec = CompressedCodec(inner)
+    value = _ten_megabytes()
+    data = codec.encode(value)
+    assert data[:1] == b"\x01"
+    assert len(data) < len(inner.encode(value)) / 3
+    assert codec.decode(data, object) == value
+    assert codec.decode(data, dict[str, Any]) == value
+
+
+def test_ten_megabyte_value_encrypted_and_compressed() -> None:
+    codec = EncryptedCodec(CompressedCodec(MsgspecCodec("msgpack")), [KEY_A])
+    value = {"blob": os.urandom(10 * 1024 * 1024)}
+    assert codec.decode(codec.encode(value), dict[str, bytes]) == value
