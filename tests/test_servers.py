@@ -1,0 +1,387 @@
+"""The test-server machinery itself, against real server processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from kivigo_async.testing import servers
+from kivigo_async.testing.pytest_plugin import ServerFactory, require_server
+from kivigo_async.testing.servers import (
+    BINARY_KINDS,
+    VARIANTS,
+    BinaryKind,
+    ExternalServer,
+    RedisServer,
+    ServerPool,
+    ServerStartError,
+    ServerUnavailable,
+    Variant,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+TARGETS = [
+    pytest.param(kind, variant, id=f"{kind}-{variant}") for kind in BINARY_KINDS for variant in VARIANTS
+]
+AUTH_TARGETS = [
+    pytest.param(kind, variant, id=f"{kind}-{variant}")
+    for kind in BINARY_KINDS
+    for variant in ("password", "acl")
+]
+
+
+def raw_command(server: RedisServer, payload: bytes, *, context: ssl.SSLContext | None = None) -> bytes:
+    """Send RESP bytes over a fresh connection and return the first reply line (or b"")."""
+    with socket.create_connection((server.host, server.port), timeout=5) as raw:
+        sock = context.wrap_socket(raw, server_hostname=server.host) if context else raw
+        with sock:
+            sock.sendall(payload)
+            data = b""
+            while not data.endswith(b"\r\n"):
+                try:
+                    chunk = sock.recv(4096)
+                except (ConnectionResetError, ssl.SSLError):
+                    break
+                if not chunk:
+                    break
+                data += chunk
+            return data
+
+
+def client(server: RedisServer, **overrides: object) -> redis.Redis:
+    # No retries: tests expect refusals to surface at once.
+    kwargs: dict[str, object] = {
+        **server.redis_kwargs(),
+        "socket_timeout": 5,
+        "retry": Retry(NoBackoff(), 0),
+        **overrides,
+    }
+    return redis.Redis(**kwargs)  # type: ignore[arg-type]
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize(("kind", "variant"), TARGETS)
+def test_variant_answers_ping_with_its_credentials(
+    kivigo_server_pool: ServerPool, kind: BinaryKind, variant: Variant
+) -> None:
+    server = require_server(kivigo_server_pool, kind, variant)
+    assert server.kind == kind
+    assert server.variant == variant
+    assert 20000 <= server.port <= 55535
+    assert server.url == f"{'rediss' if variant == 'tls' else 'redis'}://127.0.0.1:{server.port}"
+    with client(server) as conn:
+        assert conn.ping() is True
+        info = conn.info("server")
+        # Valkey keeps redis_version at its compatibility level and reports its own version apart.
+        assert str(info.get("valkey_version", info["redis_version"])) == server.version
+        if variant == "acl":
+            assert conn.acl_whoami() == "kivigo"
+
+
+@pytest.mark.parametrize(("kind", "variant"), AUTH_TARGETS)
+def test_auth_variants_refuse_unauthenticated_commands(
+    kivigo_server_pool: ServerPool, kind: BinaryKind, variant: Variant
+) -> None:
+    server = require_server(kivigo_server_pool, kind, variant)
+    assert server.password
+    assert raw_command(server, servers._resp("PING")).startswith(b"-NOAUTH")
+    wrong = raw_command(server, servers._resp("AUTH", "not-the-password"))
+    assert wrong.startswith(b"-WRONGPASS") or wrong.startswith(b"-ERR")
+    if variant == "acl":
+        # The default user is off, so even its "password" must not let anyone in.
+        assert raw_command(server, servers._resp("AUTH", server.password)).startswith(b"-WRONGPASS")
+    with client(server, username=None, password=None) as conn, pytest.raises(redis.AuthenticationError):
+        conn.ping()
+
+
+@pytest.mark.parametrize("kind", BINARY_KINDS)
+def test_limited_acl_user_is_confined_to_allowed_keys(
+    kivigo_server_pool: ServerPool, kind: BinaryKind
+) -> None:
+    server = require_server(kivigo_server_pool, kind, "acl")
+    assert server.limited_username == "limited"
+    with client(server, username=server.limited_username, password=server.limited_password) as conn:
+        assert conn.set("allowed:x", "1") is True
+        assert conn.get("allowed:x") == b"1"
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            conn.set("forbidden:x", "1")
+
+
+@pytest.mark.parametrize("kind", BINARY_KINDS)
+def test_tls_variant_needs_tls(kivigo_server_pool: ServerPool, kind: BinaryKind) -> None:
+    server = require_server(kivigo_server_pool, kind, "tls")
+    assert server.ca_path is not None
+    assert os.path.exists(server.ca_path)
+    assert b"+PONG" not in raw_command(server, servers._resp("PING"))
+    with client(server, ssl=False) as plain, pytest.raises(redis.ConnectionError):
+        plain.ping()
+    assert raw_command(server, servers._resp("PING"), context=server.ssl_context()) == b"+PONG\r\n"
+    # A context that does not trust the test CA must be refused: the server is not "just any" TLS.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        raw_command(server, servers._resp("PING"), context=ssl.create_default_context())
+
+
+def test_some_binary_serves_tls(kivigo_server_pool: ServerPool) -> None:
+    # A binary without TLS may skip its tls tests even under CI, so CI must still have one that works.
+    targets = kivigo_server_pool.available_targets()
+    if not any(kind in BINARY_KINDS and variant == "tls" for kind, variant in targets):
+        reason = f"no server binary here serves TLS: {kivigo_server_pool.binaries}"
+        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off"):
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+
+
+def test_pool_caches_one_server_per_target(kivigo_server_pool: ServerPool) -> None:
+    targets = kivigo_server_pool.available_targets()
+    kind, variant = next(((k, v) for k, v in targets if k in BINARY_KINDS), ("valkey", "plain"))
+    first = require_server(kivigo_server_pool, kind, variant)
+    assert require_server(kivigo_server_pool, kind, variant) is first
+
+
+@pytest.mark.parametrize("variant", ["password", "acl"])
+def test_password_stays_out_of_repr_and_log(redis_server_factory: ServerFactory, variant: Variant) -> None:
+    server = redis_server_factory(variant=variant)
+    secrets = [s for s in (server.password, server.limited_password) if s]
+    raw_command(server, servers._resp("AUTH", "nope"))
+    with client(server) as conn:
+        conn.ping()
+    text = repr(server) + str(server) + server.url + repr(server.redis_kwargs()["host"])
+    text += server.log_path.read_text()
+    for secret in secrets:
+        assert secret not in text
+
+
+def test_stop_reaps_process_and_removes_directory(redis_server_factory: ServerFactory) -> None:
+    server = redis_server_factory()
+    pid, directory = server.pid, server.dir
+    assert pid is not None
+    assert directory.is_dir()
+    assert directory.name.startswith("kivigo-")
+    server.stop()
+    assert pid_gone(pid)
+    assert not directory.exists()
+    assert server.pid is None
+    server.stop()  # idempotent
+
+
+@pytest.mark.parametrize("kind", BINARY_KINDS)
+def test_kill_and_restart_keep_port_and_data(redis_server_factory: ServerFactory, kind: BinaryKind) -> None:
+    server = redis_server_factory(kind, "acl", extra_config={"appendonly": "yes", "appendfsync": "always"})
+    port, directory = server.port, server.dir
+    with client(server) as conn:
+        conn.set("survivor", "yes")
+    pid = server.pid
+    assert pid is not None
+    server.kill()
+    assert pid_gone(pid)
+    assert server.pid is None
+    with client(server) as conn, pytest.raises(redis.ConnectionError):
+        conn.ping()
+    assert directory.is_dir()
+    server.restart()
+    assert server.port == port
+    assert server.dir == directory
+    assert server.pid not in (None, pid)
+    with client(server) as conn:
+        assert conn.get("survivor") == b"yes"
+
+
+def test_restart_of_running_server_is_graceful(redis_server_factory: ServerFactory) -> None:
+    server = redis_server_factory(extra_config={"appendonly": "yes"})
+    with client(server) as conn:
+        conn.set("k", "v")
+    old_pid = server.pid
+    server.restart()
+    assert server.pid != old_pid
+    with client(server) as conn:
+        assert conn.get("k") == b"v"
+
+
+@contextlib.contextmanager
+def squatter(kind: str, factory: ServerFactory) -> Iterator[int]:
+    """Occupy a port, either with a silent listener or with someone else's server."""
+    if kind == "server":
+        yield factory("valkey").port
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("occupant", ["socket", "server"])
+def test_start_retries_when_the_port_was_taken(
+    redis_server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch, occupant: str
+) -> None:
+    with squatter(occupant, redis_server_factory) as taken:
+        picks = iter([taken])
+        real_free_port = servers.free_port
+        monkeypatch.setattr(servers, "free_port", lambda **kw: next(picks, None) or real_free_port(**kw))
+        server = redis_server_factory("valkey", "password")
+        assert server.port != taken
+        with client(server) as conn:
+            assert conn.ping() is True
+
+
+@pytest.mark.parametrize("occupant", ["socket", "server"])
+def test_fixed_port_in_use_is_reported(
+    kivigo_server_pool: ServerPool, redis_server_factory: ServerFactory, occupant: str
+) -> None:
+    binary = require_server(kivigo_server_pool, "valkey").binary
+    with squatter(occupant, redis_server_factory) as taken:
+        server = RedisServer(binary, port=taken)
+        with pytest.raises(ServerStartError, match="port stayed in use"):
+            server.start()
+    assert server.pid is None
+
+
+def test_failed_start_shows_log_tail_without_secrets(kivigo_server_pool: ServerPool) -> None:
+    binary = require_server(kivigo_server_pool, "valkey").binary
+    server = RedisServer(binary, "password", extra_config={"maxmemory-policy": "no-such-policy"})
+    with pytest.raises(ServerStartError) as info:
+        server.start()
+    message = str(info.value)
+    assert "no-such-policy" in message
+    assert server.password is not None
+    assert server.password not in message
+    assert server.pid is None
+
+
+def test_reserved_config_keys_are_refused(kivigo_server_pool: ServerPool) -> None:
+    binary = require_server(kivigo_server_pool, "valkey").binary
+    with pytest.raises(ValueError, match="port"):
+        RedisServer(binary, extra_config={"port": "1234"})
+
+
+def test_free_port_leaves_room_for_cluster_bus() -> None:
+    for _ in range(20):
+        port = servers.free_port()
+        assert 20000 <= port <= 55535
+        assert servers._bindable(port + 10000)
+
+
+def test_missing_binary_skips_locally_and_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = ServerPool(binaries=[])
+    with pytest.raises(ServerUnavailable) as info:
+        pool.get("valkey")
+    assert not info.value.optional
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        require_server(pool, "valkey")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception):
+        require_server(pool, "redis")
+    monkeypatch.setenv("CI", "0")
+    with pytest.raises(pytest.skip.Exception):
+        require_server(pool, "redis", "password")
+
+
+def test_optional_kinds_skip_even_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(servers.EXTERNAL_URL_ENV, raising=False)
+    monkeypatch.setenv("CI", "true")
+    pool = ServerPool(binaries=[])
+    with pytest.raises(pytest.skip.Exception):
+        require_server(pool, "external")
+    if not servers.docker_available():
+        with pytest.raises(pytest.skip.Exception):
+            require_server(pool, "container")
+    no_tls = servers.ServerBinary(kind="valkey", path="/nonexistent", version="0", supports_tls=False)
+    with pytest.raises(pytest.skip.Exception):
+        require_server(ServerPool(binaries=[no_tls]), "valkey", "tls")
+
+
+def test_explicit_binary_env_var_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KIVIGO_VALKEY_SERVER", "/nonexistent/valkey-server")
+    assert all(b.kind != "valkey" for b in servers.find_binaries())
+    with pytest.raises(ServerUnavailable, match="KIVIGO_VALKEY_SERVER"):
+        ServerPool().get("valkey")
+
+
+def test_explicit_binary_path_is_used(
+    kivigo_server_pool: ServerPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis_binary = require_server(kivigo_server_pool, "redis").binary
+    # Pointing the valkey slot at Redis is odd but explicit, and explicit wins.
+    monkeypatch.setenv("KIVIGO_VALKEY_SERVER", redis_binary.path)
+    found = {b.kind: b for b in servers.find_binaries()}
+    assert found["valkey"].path == redis_binary.path
+
+
+def test_external_server_parses_url_without_leaking_password() -> None:
+    server = ExternalServer("rediss://alice:s%40cret@cache.example:6380/3")
+    assert (server.host, server.port, server.db, server.tls) == ("cache.example", 6380, 3, True)
+    assert (server.username, server.password) == ("alice", "s@cret")
+    assert server.url == "rediss://cache.example:6380/3"
+    assert "s@cret" not in repr(server)
+    assert server.start() is server
+    server.stop()
+    kwargs = server.redis_kwargs()
+    assert kwargs["ssl"] is True
+    assert kwargs["db"] == 3
+    assert ExternalServer("redis://127.0.0.1").port == 6379
+
+
+def test_external_kind_uses_env_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(servers.EXTERNAL_URL_ENV, "redis://127.0.0.1:6390")
+    pool = ServerPool(binaries=[])
+    server = pool.get("external")
+    assert isinstance(server, ExternalServer)
+    assert server.port == 6390
+    assert ("external", "plain") in pool.available_targets()
+    with pytest.raises(ServerUnavailable):
+        pool.get("external", "tls")
+    pool.close()
+
+
+def test_password_is_not_on_the_command_line(redis_server_factory: ServerFactory) -> None:
+    server = redis_server_factory(variant="acl")
+    with open(f"/proc/{server.pid}/cmdline", "rb") as fh:
+        argv = fh.read()
+    assert server.password is not None
+    assert server.password.encode() not in argv
+    # The server rewrites its process title, so check what it was started with too.
+    assert server._proc is not None
+    launched = str(server._proc.args)
+    assert "server.conf" in launched
+    assert server.password not in launched
+
+
+def test_forgotten_servers_are_stopped_at_exit(kivigo_server_pool: ServerPool) -> None:
+    binary = require_server(kivigo_server_pool, "valkey").binary
+    script = (
+        "import sys\n"
+        "from kivigo_async.testing.servers import RedisServer, ServerBinary\n"
+        "binary = ServerBinary(kind=sys.argv[1], path=sys.argv[2], version=sys.argv[3], supports_tls=False)\n"
+        "server = RedisServer(binary, 'password').start()\n"
+        "print(server.pid, server.dir)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, binary.kind, binary.path, binary.version],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    pid, directory = int(out[0]), Path(out[1])
+    assert pid_gone(pid)
+    assert not directory.exists()
