@@ -1,0 +1,648 @@
+"""Background health watching: :class:`HealthWatcher`.
+
+A :class:`HealthWatcher` runs ``client.health(*checks)`` at once when it is
+entered and then every ``interval`` seconds in a background task, and keeps
+the outcome as a :class:`HealthReport` with one of four
+:class:`HealthStatus` values:
+
+* ``UNKNOWN``: before the first check has completed.
+* ``HEALTHY``: the last check passed within ``degraded_latency``.
+* ``DEGRADED``: the backend answered, but the check took longer than
+  ``degraded_latency``, or some (not all) of the extra ``checks`` failed.
+* ``DOWN``: the backend probe failed, every extra check failed, or the whole
+  check took longer than ``timeout``.
+
+Listeners (``on_change`` and :meth:`HealthWatcher.add_listener`) and
+``async for`` loops over the watcher see status *transitions* only, not every
+check. While the backend is down, checks back off exponentially (with
+jitter) up to ``max_backoff`` seconds apart, so a dead server is not hammered
+but is still probed regularly.
+
+Failures are logged on the ``kivigo_async.health`` logger; error texts come
+from kivigo-async exceptions, which never carry passwords.
+
+Example:
+    ```python
+    from kivigo_async import Client, HealthStatus, HealthWatcher
+
+    async with Client(backend) as client, HealthWatcher(client, interval=5) as watcher:
+        print(watcher.status)               # already checked: HEALTHY, DEGRADED or DOWN
+        async for report in watcher:        # the current report, then each transition
+            if report.status is HealthStatus.DOWN:
+                print("backend down:", report.error)
+    ```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import math
+import random
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from types import TracebackType
+from typing import Any, Literal, TypeVar, Union
+
+from .client import Client, HealthCheck
+from .errors import (
+    ConfigurationError,
+    HealthCheckError,
+    InvalidArgumentError,
+    KivigoError,
+    OperationTimeoutError,
+)
+
+__all__ = ["HealthListener", "HealthReport", "HealthStatus", "HealthWatcher"]
+
+_logger = logging.getLogger("kivigo_async.health")
+
+T = TypeVar("T")
+
+#: A function told about status transitions; plain or async. Its return value is ignored.
+HealthListener = Callable[["HealthReport"], Union[Awaitable[None], None]]  # noqa: UP007
+
+# Jitter only spreads probes out; it needs no cryptographic quality, and a private
+# generator keeps tests that seed the global one from synchronising watchers.
+_rng = random.Random()
+
+
+class HealthStatus(str, Enum):
+    """The health of a backend as last seen by a :class:`HealthWatcher`.
+
+    Members compare equal to their string value: ``HealthStatus.DOWN == "down"``.
+    """
+
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    DOWN = "down"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    """The outcome of the latest health check.
+
+    Attributes:
+        status: the status this check led to.
+        latency: seconds the check took, or ``None`` when it failed outright
+            (``DOWN``) or before the first check.
+        error: ``"ExcType: message"`` of this check's failure (``DOWN``, or
+            ``DEGRADED`` because an extra check failed), else ``None``.
+        checked_at: ``time.time()`` when the check ended (``0.0`` before the first).
+        consecutive_failures: how many checks in a row ended ``DOWN``.
+
+    Example:
+        ```python
+        report = watcher.report
+        return JSONResponse(report.to_dict(), status_code=200 if report.healthy else 503)
+        ```
+    """
+
+    status: HealthStatus
+    latency: float | None
+    error: str | None
+    checked_at: float
+    consecutive_failures: int
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the backend is usable: ``HEALTHY`` or ``DEGRADED``."""
+        return self.status is HealthStatus.HEALTHY or self.status is HealthStatus.DEGRADED
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict (for ``/readyz`` bodies and logs).
+
+        Example:
+            >>> HealthReport(HealthStatus.HEALTHY, 0.002, None, 1700000000.0, 0).to_dict()["status"]
+            'healthy'
+        """
+        return {
+            "status": self.status.value,
+            "healthy": self.healthy,
+            "latency": self.latency,
+            "error": self.error,
+            "checked_at": self.checked_at,
+            "consecutive_failures": self.consecutive_failures,
+        }
+
+
+_INITIAL = HealthReport(HealthStatus.UNKNOWN, None, None, 0.0, 0)
+
+
+def _next_delay(interval: float, max_backoff: float, failures: int, rng: random.Random = _rng) -> float:
+    """Seconds to wait before the next check, after ``failures`` consecutive ``DOWN`` checks.
+
+    Not down: ``interval``. Down: ``min(interval * 2**(failures-1), max_backoff)``
+    scaled by a random factor in ``[0.5, 1.0]`` (so many clients that lost the
+    same server do not probe it in lockstep), and never below ``interval``.
+    Hence the delay stays within ``[interval, max(interval, max_backoff)]``.
+    """
+    if failures <= 0:
+        return interval
+    # The exponent is capped so the power stays a float, however long the outage.
+    ceiling = min(interval * 2.0 ** min(failures - 1, 60), max_backoff)
+    return max(interval, ceiling * rng.uniform(0.5, 1.0))
+
+
+def _positive(name: str, value: object, error: type[KivigoError] = ConfigurationError) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(f"{name} must be a number of seconds, not {type(value).__name__}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise error(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    return seconds
+
+
+class _TimedOut(Exception):
+    """Raised by :func:`_within` when the time is up."""
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # nobody else looks: keep the loop from reporting it as never retrieved
+
+
+async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    task.add_done_callback(_retrieve)
+    await asyncio.wait({task})
+
+
+async def _within(coro: Coroutine[Any, Any, T], timeout: float) -> T:
+    """Run ``coro`` for at most ``timeout`` seconds, else cancel it and raise :class:`_TimedOut`.
+
+    Unlike ``asyncio.wait_for`` before Python 3.12, a cancellation that arrives
+    just as ``coro`` finishes is never swallowed: a watcher being stopped must stop.
+    """
+    task = asyncio.create_task(coro)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except BaseException:
+        await _cancel_and_wait(task)
+        raise
+    if not done:
+        await _cancel_and_wait(task)
+        raise _TimedOut
+    return task.result()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _name(fn: object) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+class _Listener:
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: HealthListener) -> None:
+        self.fn = fn
+
+
+class _Subscription:
+    """One ``async for`` over a watcher: its own queue, so every loop sees every transition."""
+
+    def __init__(self, watcher: HealthWatcher) -> None:
+        self._queue: asyncio.Queue[HealthReport | None] = asyncio.Queue()
+        self._ended = False
+        self._queue.put_nowait(watcher.report)
+        if watcher._state == "stopped":
+            self._queue.put_nowait(None)
+        else:
+            # Weakly held: a loop that breaks out and drops its iterator unsubscribes itself.
+            watcher._subscriptions.add(self)
+
+    def _push(self, report: HealthReport | None) -> None:
+        self._queue.put_nowait(report)
+
+    def __aiter__(self) -> _Subscription:
+        return self
+
+    async def __anext__(self) -> HealthReport:
+        if self._ended:
+            raise StopAsyncIteration
+        report = await self._queue.get()
+        if report is None:
+            self._ended = True
+            raise StopAsyncIteration
+        return report
+
+
+class HealthWatcher:
+    """Watch a :class:`~kivigo_async.Client`'s health in a background task.
+
+    Entering the watcher (``async with`` or :meth:`start`) runs the first check
+    at once and waits for it, so :attr:`status` is meaningful straight away;
+    a background task then checks again ``interval`` seconds after each check
+    ends. Exiting (or :meth:`stop`) cancels and awaits that task; a watcher is
+    used once and cannot be restarted.
+
+    Status rules (one check = ``client.health(*checks)``, bounded by ``timeout``):
+
+    * ``DOWN`` when the whole check exceeds ``timeout`` (the error is an
+      :class:`~kivigo_async.errors.OperationTimeoutError`), when the backend
+      probe fails, or when every extra check fails.
+    * ``DEGRADED`` when the backend probe passes but only some of the extra
+      checks fail, or when the check passes in more than ``degraded_latency``
+      seconds.
+    * ``HEALTHY`` otherwise.
+
+    Backoff: after ``n`` consecutive ``DOWN`` checks the next one waits
+    ``min(interval * 2**(n-1), max_backoff) * uniform(0.5, 1.0)`` seconds, but
+    never less than ``interval``; so a down backend is probed at least every
+    ``max_backoff`` seconds (every ``interval`` when ``max_backoff <= interval``).
+    The first passing check returns to the normal ``interval``.
+
+    Listeners (``on_change`` first, then :meth:`add_listener` ones, in order)
+    are called with the new :class:`HealthReport` on every status change,
+    including the first result after ``UNKNOWN``. They may be plain or async
+    functions and run inside the check, one after another, so keep them short.
+    One that raises is logged on ``kivigo_async.health`` and the watcher goes on.
+
+    Args:
+        client: the client to check.
+        interval: seconds between the end of one check and the start of the next.
+        timeout: upper bound in seconds on one check (backend probe and extra checks).
+        degraded_latency: a passing check slower than this is ``DEGRADED``;
+            ``None`` turns the latency rule off.
+        max_backoff: the longest wait between checks while ``DOWN``.
+        checks: extra checks, each an async function of the client that raises
+            when unhealthy; they run concurrently with the backend probe.
+        on_change: a listener, as with :meth:`add_listener`.
+
+    Example:
+        ```python
+        async def search_index_ready(client: Client) -> None:
+            if not await client.has_key("index:ready"):
+                raise RuntimeError("search index not built")
+
+        async with HealthWatcher(
+            client, interval=5, timeout=2, checks=[search_index_ready],
+            on_change=lambda report: print("health:", report.status),
+        ) as watcher:
+            if not watcher.healthy:
+                ...
+        ```
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        interval: float = 5.0,
+        timeout: float = 2.0,
+        degraded_latency: float | None = 0.5,
+        max_backoff: float = 30.0,
+        checks: Sequence[HealthCheck] = (),
+        on_change: HealthListener | None = None,
+    ) -> None:
+        if not isinstance(client, Client):
+            raise ConfigurationError(
+                f"HealthWatcher needs a kivigo_async.Client, got {type(client).__name__}"
+            )
+        self._interval = _positive("interval", interval)
+        self._timeout = _positive("timeout", timeout)
+        self._degraded_latency = (
+            None if degraded_latency is None else _positive("degraded_latency", degraded_latency)
+        )
+        self._max_backoff = _positive("max_backoff", max_backoff)
+        if isinstance(checks, (str, bytes)) or not isinstance(checks, Sequence):
+            raise ConfigurationError(f"checks must be a sequence of callables, not {type(checks).__name__}")
+        for check in checks:
+            if not callable(check):
+                raise ConfigurationError(f"every health check must be callable, got {type(check).__name__}")
+        if on_change is not None and not callable(on_change):
+            raise ConfigurationError(f"on_change must be callable, got {type(on_change).__name__}")
+        self._client = client
+        self._checks: tuple[HealthCheck, ...] = tuple(checks)
+        self._listeners: list[_Listener] = [] if on_change is None else [_Listener(on_change)]
+        self._report = _INITIAL
+        self._last_error: BaseException | None = None
+        self._state: Literal["new", "running", "stopped"] = "new"
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._notifying: asyncio.Task[object] | None = None
+        self._subscriptions: weakref.WeakSet[_Subscription] = weakref.WeakSet()
+
+    def __repr__(self) -> str:
+        return (
+            f"HealthWatcher(client={self._client!r}, status={self._report.status.value!r}, "
+            f"interval={self._interval}, state={self._state!r})"
+        )
+
+    # -- state -----------------------------------------------------------
+
+    @property
+    def report(self) -> HealthReport:
+        """The latest :class:`HealthReport`."""
+        return self._report
+
+    @property
+    def status(self) -> HealthStatus:
+        """The latest :class:`HealthStatus` (``UNKNOWN`` before the first check)."""
+        return self._report.status
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the backend is usable: ``HEALTHY`` or ``DEGRADED``."""
+        return self._report.healthy
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds the latest check took; ``None`` if it failed or none ran yet."""
+        return self._report.latency
+
+    @property
+    def last_error(self) -> BaseException | None:
+        """The exception behind the latest check's failure; ``None`` when it passed."""
+        return self._last_error
+
+    @property
+    def running(self) -> bool:
+        """Whether the background task is running (entered and not yet stopped)."""
+        return self._state == "running"
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def __aenter__(self) -> HealthWatcher:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Run the first check now, then keep checking in a background task.
+
+        Raises :class:`~kivigo_async.errors.KivigoError` if the watcher was
+        already started (a watcher runs once; create a new one instead).
+
+        Example:
+            ```python
+            watcher = HealthWatcher(client, interval=10)
+            await watcher.start()
+            try:
+                ...
+            finally:
+                await watcher.stop()
+            ```
+        """
+        if self._state == "running":
+            raise KivigoError("this HealthWatcher is already running; it can be entered only once")
+        if self._state == "stopped":
+            raise KivigoError("this HealthWatcher was stopped and cannot be restarted; create a new one")
+        self._state = "running"
+        try:
+            await self.check_now()
+        except BaseException:
+            # Cancelled while entering: no task was started, and no 'async with' exit will come.
+            self._finish()
+            raise
+        if self._state == "running":  # stop() may have been called during the first check
+            self._task = asyncio.create_task(self._run(), name="kivigo-health-watcher")
+
+    async def stop(self) -> None:
+        """Cancel the background task and wait for it; end every ``async for``.
+
+        Safe to call more than once, and before :meth:`start` (the watcher then
+        never runs).
+
+        Example:
+            ```python
+            await watcher.stop()
+            ```
+        """
+        if self._state == "stopped":
+            return
+        task, self._task = self._task, None
+        self._stopping = True
+        try:
+            if task is not None:
+                task.cancel()
+                # A listener stopping its own watcher must not wait for itself.
+                if task is not asyncio.current_task():
+                    await asyncio.wait({task})
+                    if not task.cancelled() and task.exception() is not None:
+                        _logger.error("the health watcher task failed", exc_info=task.exception())
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._state = "stopped"
+        for subscription in list(self._subscriptions):
+            subscription._push(None)
+        self._subscriptions.clear()
+
+    async def _run(self) -> None:
+        # The flag backs up cancellation, which user code (a check or a listener)
+        # could swallow; either way the loop ends after stop().
+        while not self._stopping:
+            failures = self._report.consecutive_failures
+            await asyncio.sleep(_next_delay(self._interval, self._max_backoff, failures))
+            if self._stopping:
+                return
+            try:
+                await self.check_now()
+            except Exception:  # a bug here must not end the watching silently
+                _logger.exception("the health check loop failed; trying again")
+
+    # -- checking --------------------------------------------------------
+
+    async def check_now(self) -> HealthReport:
+        """Run one check now, update the state and notify listeners of a change.
+
+        Works whether or not the watcher is running; concurrent calls run one
+        after another.
+
+        Example:
+            ```python
+            report = await watcher.check_now()
+            print(report.status, report.latency)
+            ```
+        """
+        if self._notifying is not None and self._notifying is asyncio.current_task():
+            raise KivigoError(
+                "check_now() cannot be called from a health listener (it would wait for itself)"
+            )
+        async with self._lock:
+            report, error = await self._check()
+            previous = self._report
+            self._report = report
+            self._last_error = error
+            if report.status is not previous.status:
+                self._log_transition(previous, report)
+                for subscription in list(self._subscriptions):
+                    subscription._push(report)
+                # Still under the lock, so listeners see changes in order, one at a time.
+                self._notifying = asyncio.current_task()
+                try:
+                    await self._notify(report)
+                finally:
+                    self._notifying = None
+            return report
+
+    async def _check(self) -> tuple[HealthReport, BaseException | None]:
+        failed_extras = 0
+
+        def counting(check: HealthCheck) -> HealthCheck:
+            async def run(client: Client) -> object:
+                nonlocal failed_extras
+                try:
+                    return await check(client)
+                except Exception:
+                    failed_extras += 1
+                    raise
+
+            return run
+
+        started = time.perf_counter()
+        status = HealthStatus.HEALTHY
+        error: BaseException | None = None
+        latency: float | None = None
+        try:
+            await _within(self._client.health(*(counting(check) for check in self._checks)), self._timeout)
+        except HealthCheckError as exc:
+            error = exc
+            backend_passed = len(exc.errors) == failed_extras
+            if backend_passed and failed_extras < len(self._checks):
+                status = HealthStatus.DEGRADED
+                latency = time.perf_counter() - started
+            else:
+                status = HealthStatus.DOWN
+        except _TimedOut:
+            error = OperationTimeoutError(f"the health check took longer than {self._timeout:g} s")
+            status = HealthStatus.DOWN
+        except Exception as exc:  # a backend breaking its contract is still "down"
+            error = exc
+            status = HealthStatus.DOWN
+        else:
+            latency = time.perf_counter() - started
+            if self._degraded_latency is not None and latency > self._degraded_latency:
+                status = HealthStatus.DEGRADED
+        failures = self._report.consecutive_failures + 1 if status is HealthStatus.DOWN else 0
+        report = HealthReport(
+            status=status,
+            latency=latency,
+            error=None if error is None else _describe(error),
+            checked_at=time.time(),
+            consecutive_failures=failures,
+        )
+        return report, error
+
+    def _log_transition(self, previous: HealthReport, report: HealthReport) -> None:
+        if report.status is HealthStatus.DOWN:
+            _logger.warning("backend health: %s -> down (%s)", previous.status, report.error)
+        elif report.status is HealthStatus.DEGRADED:
+            _logger.warning(
+                "backend health: %s -> degraded (latency %.3f s%s)",
+                previous.status,
+                report.latency or 0.0,
+                f"; {report.error}" if report.error else "",
+            )
+        else:
+            _logger.info("backend health: %s -> %s", previous.status, report.status)
+
+    async def _notify(self, report: HealthReport) -> None:
+        for entry in list(self._listeners):
+            try:
+                result = entry.fn(report)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                _logger.exception(
+                    "health listener %s failed on the change to %s", _name(entry.fn), report.status
+                )
+
+    # -- listeners and iteration -----------------------------------------
+
+    def add_listener(self, fn: HealthListener) -> Callable[[], None]:
+        """Call ``fn(report)`` (plain or async) on every status change; return a remover.
+
+        Example:
+            ```python
+            async def page_oncall(report: HealthReport) -> None:
+                if report.status is HealthStatus.DOWN:
+                    await pager.send(f"cache down: {report.error}")
+
+            remove = watcher.add_listener(page_oncall)
+            ...
+            remove()  # safe to call twice
+            ```
+        """
+        if not callable(fn):
+            raise InvalidArgumentError(f"a health listener must be callable, got {type(fn).__name__}")
+        # One entry object per registration (compared by identity): each remover takes
+        # out exactly its own, even when the same function was added twice.
+        entry = _Listener(fn)
+        self._listeners.append(entry)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(entry)
+
+        return remove
+
+    def __aiter__(self) -> AsyncIterator[HealthReport]:
+        """Yield the current report, then one report per status change, until the watcher stops.
+
+        Every ``async for`` gets every change, however many run at once.
+
+        Example:
+            ```python
+            async for report in watcher:
+                metrics.gauge("cache_up", 1 if report.healthy else 0)
+            ```
+        """
+        return _Subscription(self)
+
+    async def wait_for(self, status: HealthStatus | str, timeout: float) -> HealthReport:
+        """Wait until the status is ``status`` and return that report.
+
+        Returns at once if it already is. Raises
+        :class:`~kivigo_async.errors.OperationTimeoutError` after ``timeout``
+        seconds, and :class:`~kivigo_async.errors.KivigoError` if the watcher
+        stops first.
+
+        Example:
+            ```python
+            await watcher.wait_for(HealthStatus.HEALTHY, timeout=30)   # a readiness gate
+            ```
+        """
+        try:
+            wanted = HealthStatus(status)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"unknown health status {status!r}; expected one of {[s.value for s in HealthStatus]}"
+            ) from None
+        seconds = _positive("timeout", timeout, InvalidArgumentError)
+        subscription = _Subscription(self)
+
+        async def first_match() -> HealthReport:
+            async for report in subscription:
+                if report.status is wanted:
+                    return report
+            raise KivigoError(f"the health watcher stopped before the status became {wanted}")
+
+        try:
+            return await _within(first_match(), seconds)
+        except _TimedOut:
+            raise OperationTimeoutError(
+                f"the health status did not become {wanted} within {seconds:g} s (it is {self.status})"
+            ) from None

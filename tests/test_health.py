@@ -1,0 +1,626 @@
+"""Tests of kivigo_async.health: HealthWatcher on real servers and on the memory backend."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from conftest import redis_options
+
+from kivigo_async import Client, HealthReport, HealthStatus, HealthWatcher
+from kivigo_async.backends.memory import MemoryBackend
+from kivigo_async.backends.redis import RedisBackend
+from kivigo_async.errors import (
+    ConfigurationError,
+    HealthCheckError,
+    InvalidArgumentError,
+    KivigoError,
+    OperationTimeoutError,
+)
+from kivigo_async.health import _next_delay
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from kivigo_async.testing.pytest_plugin import ServerFactory
+    from kivigo_async.testing.servers import RedisServer
+
+LOGGER = "kivigo_async.health"
+WAIT = 30.0  # generous bound on anything that should take well under a second
+
+HEALTHY, DEGRADED, DOWN = HealthStatus.HEALTHY, HealthStatus.DEGRADED, HealthStatus.DOWN
+
+
+def fast_failing_backend(server: RedisServer) -> RedisBackend:
+    """A backend that gives up quickly on a dead server."""
+    return RedisBackend(redis_options(server, max_retries=0, dial_timeout=0.5, read_timeout=0.5))
+
+
+class Switch:
+    """An extra health check that passes or fails on demand."""
+
+    def __init__(self) -> None:
+        self.ok = True
+        self.calls = 0
+
+    async def __call__(self, client: Client) -> None:
+        self.calls += 1
+        if not self.ok:
+            raise RuntimeError("switched off")
+
+
+async def passing(client: Client) -> None:
+    return None
+
+
+@pytest.fixture
+async def valkey_client(valkey_server: RedisServer) -> AsyncIterator[Client]:
+    async with Client(fast_failing_backend(valkey_server)) as client:
+        yield client
+
+
+@pytest.fixture
+async def memory_client() -> AsyncIterator[Client]:
+    async with Client(MemoryBackend()) as client:
+        yield client
+
+
+@pytest.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """Collect what the loop reports ("Task was destroyed but it is pending", ...)."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    yield errors
+    loop.set_exception_handler(previous)
+
+
+def watcher_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "kivigo-health-watcher"]
+
+
+# -- first check and reports -------------------------------------------------
+
+
+@pytest.mark.server
+async def test_healthy_right_after_enter(valkey_client: Client) -> None:
+    watcher = HealthWatcher(valkey_client, interval=60, degraded_latency=10)
+    assert watcher.status is HealthStatus.UNKNOWN
+    assert watcher.report.checked_at == 0.0
+    before = time.time()
+    async with watcher:
+        # interval=60: only the check made on entering can have set this.
+        assert watcher.status is HEALTHY
+        assert watcher.healthy
+        assert watcher.last_error is None
+        assert watcher.latency is not None
+        assert watcher.latency >= 0
+        report = watcher.report
+        assert report.error is None
+        assert report.consecutive_failures == 0
+        assert report.checked_at >= before
+        assert watcher.running
+    assert not watcher.running
+    assert watcher_tasks() == []
+
+
+def test_report_to_dict_is_json_ready() -> None:
+    report = HealthReport(DOWN, None, "BackendUnavailableError: refused", 1700000000.5, 3)
+    data = report.to_dict()
+    assert json.loads(json.dumps(data)) == {
+        "status": "down",
+        "healthy": False,
+        "latency": None,
+        "error": "BackendUnavailableError: refused",
+        "checked_at": 1700000000.5,
+        "consecutive_failures": 3,
+    }
+    assert HealthReport(DEGRADED, 0.7, None, 0.0, 0).healthy
+    assert str(HealthStatus.DEGRADED) == "degraded"
+    as_text: str = HealthStatus.DOWN
+    assert as_text == "down"
+
+
+# -- transitions on a real server that dies and comes back -------------------
+
+
+@pytest.mark.server
+async def test_kill_and_restart_is_seen_by_iterators_and_listeners(
+    redis_server_factory: ServerFactory,
+) -> None:
+    server = redis_server_factory("valkey", "password")
+    assert server.password
+    sync_seen: list[HealthStatus] = []
+    async_seen: list[HealthStatus] = []
+
+    async def async_listener(report: HealthReport) -> None:
+        await asyncio.sleep(0)
+        async_seen.append(report.status)
+
+    async with Client(fast_failing_backend(server)) as client:
+        watcher = HealthWatcher(
+            client,
+            interval=0.05,
+            timeout=5,
+            max_backoff=0.2,
+            degraded_latency=None,
+            on_change=lambda report: sync_seen.append(report.status),
+        )
+        watcher.add_listener(async_listener)
+        async with watcher:
+            # Subscribe now, while healthy, rather than whenever the task first runs.
+            iterator = watcher.__aiter__()
+
+            async def consume() -> list[HealthStatus]:
+                statuses: list[HealthStatus] = []
+                async for report in iterator:
+                    statuses.append(report.status)
+                    if len(statuses) == 3:
+                        break
+                return statuses
+
+            consumer = asyncio.create_task(consume())
+            assert watcher.status is HEALTHY
+
+            server.kill()
+            down = await watcher.wait_for(DOWN, WAIT)
+            assert down.latency is None
+            assert down.consecutive_failures >= 1
+            assert down.error is not None
+            assert down.error.startswith("HealthCheckError: ")
+            assert isinstance(watcher.last_error, HealthCheckError)
+            assert server.password not in json.dumps(down.to_dict())
+            assert not watcher.healthy
+
+            await asyncio.to_thread(server.restart)
+            up = await watcher.wait_for(HEALTHY, WAIT)
+            assert up.error is None
+            assert up.consecutive_failures == 0
+            assert watcher.last_error is None
+
+            assert await asyncio.wait_for(consumer, WAIT) == [HEALTHY, DOWN, HEALTHY]
+        assert sync_seen == [HEALTHY, DOWN, HEALTHY]
+        assert async_seen == [HEALTHY, DOWN, HEALTHY]
+
+
+# -- degraded and timeouts -----------------------------------------------------
+
+
+@pytest.mark.server
+async def test_slow_check_is_degraded(valkey_client: Client) -> None:
+    async def slow(client: Client) -> None:
+        await asyncio.sleep(0.3)
+
+    async with HealthWatcher(
+        valkey_client, interval=60, timeout=10, degraded_latency=0.1, checks=[slow]
+    ) as watcher:
+        assert watcher.status is DEGRADED
+        assert watcher.healthy
+        assert watcher.report.error is None
+        assert watcher.latency is not None
+        assert watcher.latency >= 0.25
+
+
+@pytest.mark.server
+async def test_check_slower_than_timeout_is_down(valkey_client: Client) -> None:
+    cancelled = asyncio.Event()
+
+    async def stuck(client: Client) -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async with HealthWatcher(valkey_client, interval=60, timeout=0.2, checks=[stuck]) as watcher:
+        assert watcher.status is DOWN
+        assert isinstance(watcher.last_error, OperationTimeoutError)
+        assert watcher.report.error is not None
+        assert watcher.report.error.startswith("OperationTimeoutError: ")
+        assert "0.2 s" in watcher.report.error
+        assert watcher.latency is None
+        assert cancelled.is_set()  # the abandoned check was cancelled, not left running
+
+
+@pytest.mark.server
+async def test_some_extra_checks_failing_is_degraded(valkey_client: Client) -> None:
+    broken = Switch()
+    broken.ok = False
+    async with HealthWatcher(valkey_client, interval=60, degraded_latency=10, checks=[passing, broken]) as w:
+        assert w.status is DEGRADED
+        assert w.report.error is not None
+        assert "RuntimeError: switched off" in w.report.error
+        assert w.latency is not None
+        assert w.report.consecutive_failures == 0
+
+
+@pytest.mark.server
+async def test_every_extra_check_failing_is_down(valkey_client: Client) -> None:
+    broken = Switch()
+    broken.ok = False
+    async with HealthWatcher(valkey_client, interval=60, checks=[broken]) as w:
+        assert w.status is DOWN
+        assert w.report.consecutive_failures == 1
+        assert isinstance(w.last_error, HealthCheckError)
+        assert [type(e) for e in w.last_error.errors] == [RuntimeError]
+
+
+@pytest.mark.server
+async def test_dead_backend_with_passing_extra_checks_is_down(redis_server_factory: ServerFactory) -> None:
+    server = redis_server_factory("valkey")
+    async with Client(fast_failing_backend(server)) as client:
+        server.kill()
+        async with HealthWatcher(client, interval=60, checks=[passing]) as w:
+            assert w.status is DOWN
+            assert w.report.error is not None
+            assert "BackendUnavailableError" in w.report.error
+
+
+async def test_memory_backend_closed_is_down(memory_client: Client) -> None:
+    async with HealthWatcher(memory_client, interval=60, degraded_latency=10) as w:
+        assert w.status is HEALTHY
+        await memory_client.backend.close()
+        report = await w.check_now()
+        assert report.status is DOWN
+        assert report.error is not None
+        assert "BackendUnavailableError: the memory backend is closed" in report.error
+        assert w.report is report
+
+
+# -- listeners -----------------------------------------------------------------
+
+
+async def test_listeners_run_on_transitions_only(memory_client: Client) -> None:
+    switch = Switch()
+    seen: list[HealthStatus] = []
+    async with HealthWatcher(
+        memory_client,
+        interval=60,
+        degraded_latency=10,
+        checks=[switch],
+        on_change=lambda r: seen.append(r.status),
+    ) as w:
+        for _ in range(3):
+            await w.check_now()
+        assert switch.calls == 4
+        assert seen == [HEALTHY]
+        switch.ok = False
+        await w.check_now()
+        await w.check_now()
+        assert seen == [HEALTHY, DOWN]
+        assert w.report.consecutive_failures == 2
+
+
+async def test_add_listener_returns_a_remover(memory_client: Client) -> None:
+    switch = Switch()
+    first: list[HealthStatus] = []
+    second: list[HealthStatus] = []
+
+    def record_first(report: HealthReport) -> None:
+        first.append(report.status)
+
+    async with HealthWatcher(memory_client, interval=60, degraded_latency=10, checks=[switch]) as w:
+        remove_a = w.add_listener(record_first)
+        w.add_listener(record_first)  # the same function twice: called twice
+        w.add_listener(lambda r: second.append(r.status))
+        switch.ok = False
+        await w.check_now()
+        assert first == [DOWN, DOWN]
+        remove_a()
+        remove_a()  # a second call removes nothing more
+        switch.ok = True
+        await w.check_now()
+        assert first == [DOWN, DOWN, HEALTHY]
+        assert second == [DOWN, HEALTHY]
+        with pytest.raises(InvalidArgumentError):
+            w.add_listener("not callable")  # type: ignore[arg-type]
+
+
+async def test_raising_listener_is_logged_and_the_watcher_keeps_going(
+    memory_client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    switch = Switch()
+    after: list[HealthStatus] = []
+
+    def explode(report: HealthReport) -> None:
+        raise RuntimeError(f"listener broke on {report.status}")
+
+    async def explode_async(report: HealthReport) -> None:
+        await asyncio.sleep(0)
+        raise ValueError("async listener broke")
+
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    watcher = HealthWatcher(
+        memory_client,
+        interval=0.05,
+        max_backoff=0.1,
+        degraded_latency=None,
+        checks=[switch],
+        on_change=explode,
+    )
+    watcher.add_listener(explode_async)
+    watcher.add_listener(lambda r: after.append(r.status))
+    async with watcher:
+        switch.ok = False
+        await watcher.wait_for(DOWN, WAIT)  # reached by the background task
+        switch.ok = True
+        await watcher.wait_for(HEALTHY, WAIT)
+        assert watcher.running
+    assert after == [HEALTHY, DOWN, HEALTHY]
+    failures = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.ERROR]
+    assert len(failures) == 6
+    assert all(r.exc_info is not None for r in failures)
+    raised = {type(r.exc_info[1]) for r in failures if r.exc_info is not None}
+    assert raised == {RuntimeError, ValueError}
+    assert any("explode" in r.getMessage() for r in failures)
+    transitions = [r.getMessage() for r in caplog.records if r.name == LOGGER and "->" in r.getMessage()]
+    assert any("-> down" in m and "switched off" in m for m in transitions)
+
+
+async def test_listener_cannot_reenter_check_now(
+    memory_client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    watcher = HealthWatcher(memory_client, interval=60, degraded_latency=None)
+
+    async def reenter(report: HealthReport) -> None:
+        await watcher.check_now()
+
+    watcher.add_listener(reenter)
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        await asyncio.wait_for(watcher.start(), WAIT)  # would hang if it waited for itself
+        await watcher.stop()
+    errors = [r for r in caplog.records if r.name == LOGGER and r.exc_info is not None]
+    assert len(errors) == 1
+    assert errors[0].exc_info is not None
+    assert isinstance(errors[0].exc_info[1], KivigoError)
+
+
+# -- iteration -------------------------------------------------------------------
+
+
+async def test_concurrent_iterators_each_get_every_transition(memory_client: Client) -> None:
+    switch = Switch()
+    watcher = HealthWatcher(memory_client, interval=60, degraded_latency=None, checks=[switch])
+
+    async def collect(iterator: AsyncIterator[HealthReport]) -> list[HealthStatus]:
+        return [report.status async for report in iterator]
+
+    async with watcher:
+        consumers = [asyncio.create_task(collect(watcher.__aiter__())) for _ in range(3)]
+        for ok in (False, False, True, True, False):
+            switch.ok = ok
+            await watcher.check_now()
+    results = await asyncio.wait_for(asyncio.gather(*consumers), WAIT)
+    assert results == [[HEALTHY, DOWN, HEALTHY, DOWN]] * 3
+
+
+async def test_iterating_a_stopped_watcher_yields_the_last_report_and_ends(memory_client: Client) -> None:
+    async with HealthWatcher(memory_client, interval=60, degraded_latency=None) as watcher:
+        pass
+    reports = [report async for report in watcher]
+    assert [r.status for r in reports] == [HEALTHY]
+
+
+async def test_wait_for(memory_client: Client) -> None:
+    switch = Switch()
+    async with HealthWatcher(memory_client, interval=60, degraded_latency=None, checks=[switch]) as w:
+        assert (await w.wait_for("healthy", WAIT)).status is HEALTHY
+        with pytest.raises(OperationTimeoutError, match="did not become down"):
+            await w.wait_for(DOWN, 0.1)
+        with pytest.raises(InvalidArgumentError, match="unknown health status"):
+            await w.wait_for("sideways", WAIT)
+        with pytest.raises(InvalidArgumentError):
+            await w.wait_for(DOWN, 0)
+        waiter = asyncio.create_task(w.wait_for(DOWN, WAIT))
+        await asyncio.sleep(0)
+        switch.ok = False
+        await w.check_now()
+        assert (await asyncio.wait_for(waiter, WAIT)).status is DOWN
+        ended = asyncio.create_task(w.wait_for(HEALTHY, WAIT))
+        await asyncio.sleep(0)
+    with pytest.raises(KivigoError, match="stopped before"):
+        await asyncio.wait_for(ended, WAIT)
+
+
+# -- backoff -------------------------------------------------------------------
+
+
+def test_next_delay_bounds() -> None:
+    rng = random.Random(7)
+    assert _next_delay(0.5, 30, 0, rng) == 0.5
+    for failures in range(1, 200):
+        for _ in range(50):
+            delay = _next_delay(0.5, 30, failures, rng)
+            assert 0.5 <= delay <= 30
+            assert delay <= max(0.5, 0.5 * 2 ** (failures - 1))
+    assert _next_delay(0.5, 30, 1, rng) == 0.5
+    # Far into an outage the delay sits in the jitter band just under the cap.
+    late = [_next_delay(0.5, 30, 100, rng) for _ in range(200)]
+    assert min(late) >= 15
+    # A cap below the interval means no backoff rather than probing faster.
+    assert {_next_delay(10, 3, n, rng) for n in range(1, 20)} == {10}
+
+
+async def test_backoff_grows_while_down_and_stays_capped(memory_client: Client) -> None:
+    stamps: list[float] = []
+    enough = asyncio.Event()
+
+    async def failing(client: Client) -> None:
+        stamps.append(time.monotonic())
+        if len(stamps) >= 10:
+            enough.set()
+        raise RuntimeError("still broken")
+
+    interval, max_backoff = 0.05, 0.4
+    async with HealthWatcher(
+        memory_client, interval=interval, max_backoff=max_backoff, checks=[failing]
+    ) as watcher:
+        await asyncio.wait_for(enough.wait(), WAIT)
+    assert watcher.status is DOWN
+    # Every completed check counted; the one running at exit may have been cut short.
+    assert watcher.report.consecutive_failures in (len(stamps) - 1, len(stamps))
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    margin = 2.0
+    assert all(gap >= interval * 0.9 for gap in gaps), gaps
+    # From the fourth failure on, the delay is at least min(interval * 8, max_backoff) / 2.
+    assert all(gap >= 0.2 * 0.9 for gap in gaps[3:]), gaps
+    assert all(gap <= max_backoff + margin for gap in gaps), gaps
+
+
+# -- lifecycle -------------------------------------------------------------------
+
+
+async def test_enter_twice_and_restart_raise(memory_client: Client) -> None:
+    watcher = HealthWatcher(memory_client, interval=60)
+    async with watcher:
+        with pytest.raises(KivigoError, match="already running"):
+            async with watcher:
+                pass
+        assert watcher.running
+    with pytest.raises(KivigoError, match="cannot be restarted"):
+        await watcher.start()
+    await watcher.stop()
+    await watcher.stop()  # idempotent
+
+
+async def test_stop_before_start(memory_client: Client) -> None:
+    watcher = HealthWatcher(memory_client, interval=60)
+    await watcher.stop()
+    await watcher.stop()
+    assert watcher.status is HealthStatus.UNKNOWN
+    with pytest.raises(KivigoError):
+        await watcher.start()
+
+
+@pytest.mark.server
+async def test_cancelling_the_owner_stops_the_background_task(
+    valkey_client: Client, loop_errors: list[dict[str, Any]]
+) -> None:
+    before = asyncio.all_tasks()
+    entered = asyncio.Event()
+    ended: list[HealthStatus] = []
+
+    async def owner() -> None:
+        async with HealthWatcher(valkey_client, interval=0.05) as watcher:
+            iterator = watcher.__aiter__()
+            entered.set()
+            async for report in iterator:
+                ended.append(report.status)
+
+    task = asyncio.create_task(owner())
+    await asyncio.wait_for(entered.wait(), WAIT)
+    assert len(watcher_tasks()) == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert watcher_tasks() == []
+    assert asyncio.all_tasks() == before
+    assert loop_errors == []
+
+
+async def test_cancelling_during_the_first_check_leaves_nothing_behind(
+    memory_client: Client, loop_errors: list[dict[str, Any]]
+) -> None:
+    started = asyncio.Event()
+
+    async def stuck(client: Client) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    before = asyncio.all_tasks()
+    watcher = HealthWatcher(memory_client, interval=0.05, timeout=60, checks=[stuck])
+
+    async def owner() -> None:
+        async with watcher:
+            pytest.fail("the first check cannot have completed")
+
+    task = asyncio.create_task(owner())
+    await asyncio.wait_for(started.wait(), WAIT)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert asyncio.all_tasks() == before
+    assert not watcher.running
+    assert [r async for r in watcher] == [watcher.report]
+    assert loop_errors == []
+
+
+async def test_stop_from_a_listener(memory_client: Client, loop_errors: list[dict[str, Any]]) -> None:
+    switch = Switch()
+    watcher = HealthWatcher(memory_client, interval=0.05, degraded_latency=None, checks=[switch])
+
+    stopped = asyncio.Event()
+
+    async def stop_when_down(report: HealthReport) -> None:
+        if report.status is DOWN:
+            await watcher.stop()
+            stopped.set()
+
+    watcher.add_listener(stop_when_down)
+    async with watcher:
+        [task] = watcher_tasks()
+        switch.ok = False
+        await asyncio.wait_for(stopped.wait(), WAIT)
+        assert not watcher.running
+        assert watcher.status is DOWN
+        await asyncio.wait({task}, timeout=WAIT)
+        assert task.cancelled()
+    assert watcher_tasks() == []
+    assert loop_errors == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"interval": 0}, "interval"),
+        ({"interval": float("nan")}, "interval"),
+        ({"timeout": -1}, "timeout"),
+        ({"degraded_latency": 0}, "degraded_latency"),
+        ({"max_backoff": float("inf")}, "max_backoff"),
+        ({"interval": "5"}, "interval"),
+        ({"interval": True}, "interval"),
+        ({"checks": [passing, 3]}, "callable"),
+        ({"checks": passing}, "sequence"),
+        ({"on_change": "print"}, "on_change"),
+    ],
+)
+async def test_bad_options_raise(memory_client: Client, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        HealthWatcher(memory_client, **kwargs)
+
+
+def test_needs_a_client() -> None:
+    with pytest.raises(ConfigurationError, match="Client"):
+        HealthWatcher(MemoryBackend())  # type: ignore[arg-type]
+
+
+async def test_stop_just_as_a_check_finishes(
+    memory_client: Client, loop_errors: list[dict[str, Any]]
+) -> None:
+    # The check ends in the same loop step that wakes us, so stop() cancels the
+    # background task while its check's result is ready but not yet read: a
+    # cancellation asyncio.wait_for (before 3.12) would swallow, looping forever.
+    finished = asyncio.Event()
+    calls = 0
+
+    async def signal(client: Client) -> None:
+        nonlocal calls
+        calls += 1
+        if calls >= 2:
+            finished.set()
+
+    watcher = HealthWatcher(memory_client, interval=0.01, degraded_latency=None, checks=[signal])
+    async with watcher:
+        [task] = watcher_tasks()
+        await finished.wait()
+        await asyncio.wait_for(watcher.stop(), WAIT)
+    assert task.done()
+    assert watcher_tasks() == []
+    assert loop_errors == []
