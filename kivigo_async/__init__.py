@@ -31,6 +31,7 @@ from .errors import (
     TransactionConflictError,
     UnsupportedOperationError,
 )
+from .health import HealthReport, HealthStatus, HealthWatcher
 from .hooks import EventType, HookEvent, HookHandle, HookRegistry
 
 __version__ = "0.1.0"
@@ -52,6 +53,9 @@ __all__ = [
     "HealthBackend",
     "HealthCheck",
     "HealthCheckError",
+    "HealthReport",
+    "HealthStatus",
+    "HealthWatcher",
     "HookEvent",
     "HookHandle",
     "HookRegistry",
