@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import inspect
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -130,6 +131,12 @@ class Client:
     """
 
     def __init__(self, backend: AsyncBackend, *, codec: Codec | None = None) -> None:
+        if isinstance(backend, type):
+            # A class has the protocol's methods too, so isinstance() alone accepts it.
+            raise ConfigurationError(
+                f"backend must be an instance, not the class {backend.__name__} "
+                f"(did you mean {backend.__name__}()?)"
+            )
         if not isinstance(backend, AsyncBackend):
             raise ConfigurationError(f"backend must implement AsyncBackend, got {type(backend).__name__}")
         codec = JsonCodec() if codec is None else codec
@@ -162,7 +169,13 @@ class Client:
 
     async def __aenter__(self) -> Client:
         if isinstance(self._backend, ConnectableBackend):
-            await self._backend.connect()
+            try:
+                await self._backend.connect()
+            except BaseException:
+                # __aexit__ will not run: release what connect() opened, keep its error.
+                with contextlib.suppress(Exception):
+                    await self._backend.close()
+                raise
         return self
 
     async def __aexit__(

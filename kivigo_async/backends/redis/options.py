@@ -164,8 +164,13 @@ class RedisOptions:
         try:
             parts = urlsplit(url)
             parsed_port = parts.port
-        except ValueError as exc:
-            raise ConfigurationError(f"invalid Redis URL: {exc}") from None
+        except ValueError:
+            # urllib's message echoes the bad port, which is part of the password
+            # when one holds an unescaped "/", "?" or "#".
+            raise ConfigurationError(
+                "invalid Redis URL: bad host or port "
+                "(percent-encode '/', '?', '#' and '@' in the username and password)"
+            ) from None
         scheme = parts.scheme.lower()
         if scheme not in ("redis", "rediss", "unix", "valkey", "valkeys"):
             raise ConfigurationError(
@@ -199,7 +204,10 @@ class RedisOptions:
         if (ca_file is not None or cert_reqs is not None) and not tls_required:
             raise ConfigurationError("ssl_ca_certs and ssl_cert_reqs need a rediss:// URL")
         if tls_required:
-            ctx = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+            try:
+                ctx = ssl.create_default_context(cafile=ca_file or None)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigurationError(f"cannot load ssl_ca_certs {ca_file!r}: {exc}") from None
             if cert_reqs is not None:
                 if cert_reqs.lower() in ("none", "cert_none"):
                     ctx.check_hostname = False

@@ -150,10 +150,16 @@ class RedisBackend:
             await self._exec("PING")
             wanted = self._options.min_idle_conns
             if wanted > 1:
+                # All held at once: the pool hands back the PING's connection
+                # first, so only holding `wanted` together opens `wanted`.
                 acquire: Callable[[], Awaitable[AbstractConnection]] = self._pool.get_connection
-                conns = await asyncio.gather(*(acquire() for _ in range(wanted - 1)))
-                for conn in conns:
-                    await self._pool.release(conn)
+                got = await asyncio.gather(*(acquire() for _ in range(wanted)), return_exceptions=True)
+                for conn in got:
+                    if not isinstance(conn, BaseException):
+                        await self._pool.release(conn)
+                for conn in got:
+                    if isinstance(conn, BaseException):
+                        raise conn
         except RedisError as exc:
             raise self._error(exc, "CONNECT") from exc
 

@@ -1,0 +1,417 @@
+"""Tests of the Client itself, without a server: capability fallbacks, lifecycle, hooks, health, typing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import msgspec
+import pytest
+
+from kivigo_async import Client
+from kivigo_async.backend import (
+    AsyncBackend,
+    BatchBackend,
+    ConnectableBackend,
+    HealthBackend,
+    TransactionBackend,
+    TTLBackend,
+)
+from kivigo_async.backends.memory import MemoryBackend
+from kivigo_async.errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    HealthCheckError,
+    KeyNotFoundError,
+    TransactionConflictError,
+    UnsupportedOperationError,
+)
+from kivigo_async.hooks import EventType, HookEvent
+
+
+class MinimalBackend:
+    """Only the required AsyncBackend methods, recording every call."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.ttls: dict[str, int | None] = {}
+        self.close_calls = 0
+        self.fail_reads: Exception | None = None
+
+    async def get(self, key: str) -> bytes | None:
+        self.calls.append(("get", key))
+        if self.fail_reads is not None:
+            raise self.fail_reads
+        return self.data.get(key)
+
+    async def set(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
+        self.calls.append(("set", key))
+        self.data[key] = value
+        self.ttls[key] = ttl_ms
+
+    async def delete(self, key: str) -> bool:
+        self.calls.append(("delete", key))
+        return self.data.pop(key, None) is not None
+
+    async def scan(self, prefix: str) -> AsyncIterator[str]:
+        for key in list(self.data):
+            if key.startswith(prefix):
+                yield key
+
+    async def close(self) -> None:
+        self.close_calls += 1
+
+
+class ConnectingBackend(MinimalBackend):
+    """A backend that connects eagerly, optionally failing to."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        super().__init__()
+        self.fail = fail
+        self.connect_calls = 0
+
+    async def connect(self) -> None:
+        self.connect_calls += 1
+        if self.fail is not None:
+            raise self.fail
+
+
+# --------------------------------------------------------------------------- capabilities
+
+
+def test_minimal_backend_has_only_the_required_capability() -> None:
+    backend = MinimalBackend()
+    assert isinstance(backend, AsyncBackend)
+    for protocol in (BatchBackend, TTLBackend, HealthBackend, TransactionBackend, ConnectableBackend):
+        assert not isinstance(backend, protocol), protocol
+
+
+async def test_batches_are_emulated() -> None:
+    backend = MinimalBackend()
+    client = Client(backend)
+    await client.batch_set({"a": 1, "b": [2], "c": {"x": 3}}, ttl=1.5)
+    assert backend.ttls == {"a": 1500, "b": 1500, "c": 1500}
+    assert sorted(k for op, k in backend.calls if op == "set") == ["a", "b", "c"]
+
+    assert await client.batch_get(["c", "missing", "a", "a"]) == {"c": {"x": 3}, "a": 1}
+    assert list(await client.batch_get(["c", "a"])) == ["c", "a"]  # input order
+    assert await client.batch_get([]) == {}
+
+    assert await client.has_keys(["a", "b"]) is True
+    assert await client.has_keys(["a", "missing"]) is False
+    assert await client.has_keys([]) is True
+    assert await client.has_key("a") is True
+    assert await client.has_key("missing") is False
+
+    assert await client.batch_delete(["a", "b", "missing", "a"]) == 2
+    assert list(backend.data) == ["c"]
+    assert await client.list() == ["c"]
+
+
+async def test_emulated_batches_run_concurrently() -> None:
+    """Without BatchBackend the client gathers single calls rather than awaiting them in turn."""
+    started: list[str] = []
+    all_started, release = asyncio.Event(), asyncio.Event()
+
+    class SlowBackend(MinimalBackend):
+        async def get(self, key: str) -> bytes | None:
+            started.append(key)
+            if len(started) == 3:
+                all_started.set()
+            await release.wait()
+            return await super().get(key)
+
+    client = Client(SlowBackend())
+    task = asyncio.create_task(client.batch_get(["a", "b", "c"]))
+    # All three in flight before any of them returns; one at a time would never get there.
+    await asyncio.wait_for(all_started.wait(), 10)
+    release.set()
+    assert await task == {}
+    assert sorted(started) == ["a", "b", "c"]
+
+
+async def test_missing_capabilities_raise_unsupported() -> None:
+    client = Client(MinimalBackend())
+    await client.set("k", 1)
+    with pytest.raises(UnsupportedOperationError, match="expire"):
+        await client.expire("k", 10)
+    with pytest.raises(UnsupportedOperationError, match="ttl"):
+        await client.ttl("k")
+    with pytest.raises(UnsupportedOperationError, match="persist"):
+        await client.persist("k")
+    with pytest.raises(UnsupportedOperationError, match="transaction"):
+        client.transaction()
+    with pytest.raises(NotImplementedError):  # UnsupportedOperationError is one
+        await client.ttl("k")
+
+
+async def test_health_falls_back_to_a_probe_read() -> None:
+    backend = MinimalBackend()
+    client = Client(backend)
+    await client.health()
+    assert [op for op, _ in backend.calls] == ["get"]
+
+    down = BackendUnavailableError("backend down")
+    backend.fail_reads = down
+    with pytest.raises(HealthCheckError) as info:
+        await client.health()
+    assert info.value.errors == [down]
+    assert info.value.__cause__ is down
+
+
+# --------------------------------------------------------------------------- construction
+
+
+class NoDecode:
+    def encode(self, value: object) -> bytes:
+        return b""
+
+
+class NotCallable:
+    encode = b"x"
+    decode = b"y"
+
+
+@pytest.mark.parametrize("backend", [object(), "redis://localhost", None, MemoryBackend])
+def test_backend_must_implement_async_backend(backend: object) -> None:
+    with pytest.raises(ConfigurationError, match="backend must"):
+        Client(backend)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("codec", [object(), NoDecode(), NotCallable()])
+def test_codec_must_encode_and_decode(codec: object) -> None:
+    with pytest.raises(ConfigurationError, match="codec"):
+        Client(MemoryBackend(), codec=codec)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+async def test_async_with_connects_and_closes() -> None:
+    backend = ConnectingBackend()
+    async with Client(backend) as client:
+        assert backend.connect_calls == 1
+        assert backend.close_calls == 0
+        await client.set("k", 1)
+    assert backend.close_calls == 1
+    await client.close()
+    await client.close()
+    assert backend.close_calls == 1
+
+
+async def test_async_with_closes_on_error() -> None:
+    backend = MinimalBackend()
+    with pytest.raises(KeyNotFoundError):
+        async with Client(backend) as client:
+            await client.get("missing")
+    assert backend.close_calls == 1
+
+
+async def test_failed_connect_closes_the_backend_and_raises() -> None:
+    down = BackendUnavailableError("refused")
+    backend = ConnectingBackend(fail=down)
+    client = Client(backend)
+    with pytest.raises(BackendUnavailableError) as info:
+        async with client:
+            pytest.fail("the body must not run")
+    assert info.value is down
+    assert backend.close_calls == 1
+
+
+async def test_memory_backend_is_closed_by_the_client() -> None:
+    backend = MemoryBackend()
+    async with Client(backend) as client:
+        await client.set("k", 1)
+    with pytest.raises(BackendUnavailableError):
+        await backend.get("k")
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+@pytest.fixture
+async def memory_client() -> AsyncIterator[Client]:
+    async with Client(MemoryBackend()) as client:
+        yield client
+
+
+async def test_hook_events_for_ttl_changes(memory_client: Client) -> None:
+    events: list[HookEvent] = []
+    memory_client.hooks.register(events.append, events=[EventType.EXPIRE, EventType.PERSIST])
+    await memory_client.set("k", 1)
+    assert await memory_client.expire("k", 30)
+    assert await memory_client.persist("k")
+    assert not await memory_client.persist("k")  # no TTL left: nothing changed, no event
+    assert not await memory_client.expire("missing", 30)
+    assert [(e.type, e.key, e.value) for e in events] == [
+        (EventType.EXPIRE, "k", None),
+        (EventType.PERSIST, "k", None),
+    ]
+
+
+async def test_hook_events_for_transaction_writes(memory_client: Client) -> None:
+    events: list[HookEvent] = []
+    memory_client.hooks.register(events.append)
+    await memory_client.set("old", 1)
+    events.clear()
+
+    async with memory_client.transaction() as tx:
+        tx.set("a", 1)
+        tx.delete("old")
+        assert events == []  # queued, not yet applied
+    assert [(e.type, e.key) for e in events] == [(EventType.SET, "a"), (EventType.DELETE, "old")]
+    assert events[0].value == b"1"
+
+    events.clear()
+    with pytest.raises(RuntimeError):
+        async with memory_client.transaction() as tx:
+            tx.set("b", 2)
+            raise RuntimeError("abandon")
+    assert events == []
+
+    await memory_client.set("w", 1)
+    events.clear()
+    with pytest.raises(TransactionConflictError):
+        async with memory_client.transaction(watch=["w"]) as tx:
+            await memory_client.set("w", 2)  # a concurrent writer
+            events.clear()
+            tx.set("c", 3)
+    assert events == []
+    assert not await memory_client.has_key("c")
+
+
+async def test_failing_hooks_never_fail_the_operation(
+    memory_client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    def sync_fails(event: HookEvent) -> None:
+        raise ValueError("sync hook broke")
+
+    async def async_fails(event: HookEvent) -> None:
+        raise RuntimeError("async hook broke")
+
+    seen: list[str] = []
+    memory_client.hooks.register(sync_fails)
+    memory_client.hooks.register(async_fails)
+    memory_client.hooks.register(async_fails, background=True)
+    memory_client.hooks.register(lambda e: seen.append(e.key))  # later hooks still run
+
+    with caplog.at_level(logging.ERROR, logger="kivigo_async.hooks"):
+        await memory_client.set("k", 1, ttl=60)
+        await memory_client.batch_set({"a": 1, "b": 2})
+        assert await memory_client.expire("k", 30)
+        assert await memory_client.persist("k")
+        async with memory_client.transaction() as tx:
+            tx.set("t", 1)
+        assert await memory_client.delete("k")
+        await memory_client.hooks.drain()
+
+    assert seen == ["k", "a", "b", "k", "k", "t", "k"]
+    assert await memory_client.batch_get(["a", "b", "t"]) == {"a": 1, "b": 2, "t": 1}
+    assert "sync hook broke" in caplog.text
+    assert "async hook broke" in caplog.text
+
+
+# --------------------------------------------------------------------------- health
+
+
+async def test_health_extra_checks(memory_client: Client) -> None:
+    seen: list[Client] = []
+
+    async def ok(client: Client) -> None:
+        seen.append(client)
+
+    async def broken(client: Client) -> None:
+        raise RuntimeError("queue unreachable")
+
+    await memory_client.health()
+    await memory_client.health(ok, ok)
+    assert seen == [memory_client, memory_client]
+
+    with pytest.raises(HealthCheckError, match="queue unreachable") as info:
+        await memory_client.health(ok, broken, broken)
+    assert len(info.value.errors) == 2
+    assert all(isinstance(e, RuntimeError) for e in info.value.errors)
+
+
+async def test_health_collects_backend_and_check_failures() -> None:
+    backend = MinimalBackend()
+    backend.fail_reads = BackendUnavailableError("down")
+
+    async def broken(client: Client) -> None:
+        raise RuntimeError("also down")
+
+    with pytest.raises(HealthCheckError) as info:
+        await Client(backend).health(broken)
+    assert [type(e) for e in info.value.errors] == [BackendUnavailableError, RuntimeError]
+
+
+async def test_health_checks_run_concurrently(memory_client: Client) -> None:
+    # Each check waits for the other to start: run one after the other, they would never finish.
+    first, second = asyncio.Event(), asyncio.Event()
+
+    async def check_a(client: Client) -> None:
+        first.set()
+        await second.wait()
+
+    async def check_b(client: Client) -> None:
+        second.set()
+        await first.wait()
+
+    await asyncio.wait_for(memory_client.health(check_a, check_b), 10)
+
+
+async def test_health_does_not_swallow_cancellation(memory_client: Client) -> None:
+    async def hangs(client: Client) -> None:
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(memory_client.health(hangs))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+# --------------------------------------------------------------------------- typing
+
+
+class User(msgspec.Struct):
+    name: str
+    age: int
+
+
+@dataclass
+class Point:
+    x: int
+    y: int
+
+
+async def test_typed_api(memory_client: Client) -> None:
+    """Checked by mypy --strict: each annotation must match the overload picked."""
+    await memory_client.batch_set({"n": 7, "u": {"name": "Ada", "age": 36}, "p": {"x": 1, "y": 2}})
+
+    n: int = await memory_client.get("n", int)
+    user: User = await memory_client.get("u", User)
+    point: Point = await memory_client.get("p", Point)
+    maybe: int | None = await memory_client.get("missing", int, default=None)
+    fallback: int = await memory_client.get("missing", int, default=0)
+    many: dict[str, int] = await memory_client.batch_get(["n", "missing"], int)
+    keys: list[str] = await memory_client.list()
+    existed: bool = await memory_client.delete("n")
+    removed: int = await memory_client.batch_delete(["u"])
+    remaining: float | None = await memory_client.ttl("p")
+    raw: bytes = await memory_client.get_raw("p")
+
+    assert n == 7
+    assert user == User("Ada", 36)
+    assert point == Point(1, 2)
+    assert maybe is None
+    assert fallback == 0
+    assert many == {"n": 7}
+    assert keys == ["n", "p", "u"]
+    assert existed is True
+    assert removed == 1
+    assert remaining is None
+    assert raw == b'{"x":1,"y":2}'
