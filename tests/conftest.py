@@ -12,19 +12,24 @@ from kivigo_async.backends.redis import RedisBackend, RedisOptions
 from kivigo_async.testing.pytest_plugin import require_server
 from kivigo_async.testing.servers import Server, ServerPool
 
-#: Every (kind, variant) the conformance suite runs on. Unavailable ones skip
-#: locally and fail in CI; "external" is there only when KIVIGO_REDIS_URL names a server.
+#: Every (kind, variant, transport) the conformance suite runs on: the default
+#: multiplexed connection everywhere, and the connection pool (auto_pipeline=False)
+#: on one server of each kind and on TLS. Unavailable ones skip locally and fail
+#: in CI; "external" is there only when KIVIGO_REDIS_URL names a server.
 REDIS_TARGETS = [
-    ("valkey", "plain"),
-    ("valkey", "password"),
-    ("valkey", "acl"),
-    ("redis", "plain"),
-    ("redis", "password"),
-    ("redis", "acl"),
-    ("redis", "tls"),
+    ("valkey", "plain", "mux"),
+    ("valkey", "password", "mux"),
+    ("valkey", "acl", "mux"),
+    ("redis", "plain", "mux"),
+    ("redis", "password", "mux"),
+    ("redis", "acl", "mux"),
+    ("redis", "tls", "mux"),
+    ("valkey", "plain", "pool"),
+    ("redis", "acl", "pool"),
+    ("redis", "tls", "pool"),
 ]
 if os.environ.get("KIVIGO_REDIS_URL"):
-    REDIS_TARGETS.append(("external", "plain"))
+    REDIS_TARGETS.append(("external", "plain", "mux"))
 
 
 def redis_options(server: Server, **overrides: Any) -> RedisOptions:
@@ -39,17 +44,19 @@ def redis_options(server: Server, **overrides: Any) -> RedisOptions:
     )
 
 
-@pytest.fixture(params=REDIS_TARGETS, ids=lambda t: f"{t[0]}-{t[1]}")
-def redis_target(request: pytest.FixtureRequest, kivigo_server_pool: ServerPool) -> Server:
-    kind, variant = request.param
+@pytest.fixture(params=REDIS_TARGETS, ids=lambda t: "-".join(t))
+def redis_target(request: pytest.FixtureRequest, kivigo_server_pool: ServerPool) -> tuple[Server, bool]:
+    """A target server, and whether to use the multiplexed connection on it."""
+    kind, variant, transport = request.param
     server: Server = require_server(kivigo_server_pool, kind, variant)
-    return server
+    return server, transport == "mux"
 
 
 @pytest.fixture
-async def redis_backend(redis_target: Server) -> AsyncIterator[RedisBackend]:
+async def redis_backend(redis_target: tuple[Server, bool]) -> AsyncIterator[RedisBackend]:
     """A RedisBackend on an empty database of each target server."""
-    backend = RedisBackend(redis_options(redis_target))
+    server, auto_pipeline = redis_target
+    backend = RedisBackend(redis_options(server, auto_pipeline=auto_pipeline))
     await backend.redis.flushdb()
     yield backend
     await backend.close()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+import hiredis
 import pytest
 import redis.asyncio as aioredis
 import trustme
@@ -169,7 +170,7 @@ async def raises_within(
 @pytest.mark.server
 @pytest.mark.parametrize("protocol", [2, 3])
 async def test_pooled_connections_use_the_hiredis_parser(server: RedisServer, protocol: int) -> None:
-    backend = RedisBackend(redis_options(server, protocol=protocol))
+    backend = RedisBackend(redis_options(server, protocol=protocol, auto_pipeline=False))
     try:
         await backend.set("parser:k", b"v")
         assert await backend.get("parser:k") == b"v"
@@ -177,6 +178,21 @@ async def test_pooled_connections_use_the_hiredis_parser(server: RedisServer, pr
         assert conns, "the connection went back to the pool"
         for conn in conns:
             assert type(conn._parser) is _AsyncHiredisParser
+        await backend.delete("parser:k")
+    finally:
+        await backend.close()
+
+
+@pytest.mark.server
+async def test_multiplexed_connection_uses_the_hiredis_parser(server: RedisServer) -> None:
+    backend = RedisBackend(redis_options(server))
+    try:
+        await backend.set("parser:k", b"v")
+        assert await backend.get("parser:k") == b"v"
+        assert backend._mux is not None
+        protocol = backend._mux._protocol
+        assert protocol is not None
+        assert type(protocol._reader) is hiredis.Reader
         await backend.delete("parser:k")
     finally:
         await backend.close()
@@ -645,12 +661,20 @@ async def test_paused_server_times_out_within_read_timeout(
 
 
 @pytest.mark.server
+@pytest.mark.parametrize("auto_pipeline", [False, True], ids=["pool", "multiplexed"])
 async def test_cancelled_calls_leak_neither_replies_nor_connections(
-    private_server: RedisServer, private_control: aioredis.Redis
+    private_server: RedisServer, private_control: aioredis.Redis, auto_pipeline: bool
 ) -> None:
     rng = random.Random()
     name = unique_name()
-    options = redis_options(private_server, pool_size=2, client_name=name, read_timeout=5.0, pool_timeout=5.0)
+    options = redis_options(
+        private_server,
+        pool_size=2,
+        client_name=name,
+        read_timeout=5.0,
+        pool_timeout=5.0,
+        auto_pipeline=auto_pipeline,
+    )
     values = {f"cancel:{i}": f"value-{i}" for i in range(500)}
     keys = list(values)
 
@@ -723,22 +747,28 @@ async def test_cancelled_calls_leak_neither_replies_nor_connections(
 
         # No connection leaked: both pooled connections can be held at once.
         await asyncio.wait_for(hold_both_connections(), 60)
-        assert await named_connections(private_control, name) <= 2
+        assert await named_connections(private_control, name) <= 2 + auto_pipeline
 
 
 # --------------------------------------------------------------------------- pool
 
 
 @pytest.mark.server
-async def test_min_idle_conns_are_opened_at_connect(server: RedisServer, control: aioredis.Redis) -> None:
+@pytest.mark.parametrize("auto_pipeline", [False, True], ids=["pool", "multiplexed"])
+async def test_min_idle_conns_are_opened_at_connect(
+    server: RedisServer, control: aioredis.Redis, auto_pipeline: bool
+) -> None:
     name = unique_name()
-    backend = RedisBackend(redis_options(server, client_name=name, min_idle_conns=3, pool_size=5))
-    client = Client(backend)
+    options = redis_options(
+        server, client_name=name, min_idle_conns=3, pool_size=5, auto_pipeline=auto_pipeline
+    )
+    client = Client(RedisBackend(options))
     assert await named_connections(control, name) == 0  # nothing opened before connecting
+    expected = 3 + auto_pipeline  # the multiplexed connection comes on top of the pool
     async with client:
-        assert await named_connections(control, name) == 3
+        assert await named_connections(control, name) == expected
         await client.set("idle:k", 1)
-        assert await named_connections(control, name) == 3
+        assert await named_connections(control, name) == expected
     assert await wait_for_connections(control, name, 0) == 0
 
 

@@ -35,7 +35,8 @@ class RedisOptions:
         db: the database number.
         pool_size: the most connections open at once; callers beyond it wait
             up to ``pool_timeout`` for a free one.
-        min_idle_conns: connections opened and checked when the client connects.
+        min_idle_conns: pooled connections opened and checked when the client
+            connects (with ``auto_pipeline``, the multiplexed connection comes on top).
         max_retries: how many times a command is retried after a *connection*
             error (never after a timeout, so ``read_timeout`` bounds every call),
             with jittered exponential backoff; ``0`` turns retries off.
@@ -53,7 +54,13 @@ class RedisOptions:
             (e.g. one trusting a private CA). Verification is only off when
             the context you pass turns it off.
         client_name: sent with ``CLIENT SETNAME`` (shown in ``CLIENT LIST``).
-        protocol: RESP version, 2 or 3; ``None`` for redis-py's default.
+        protocol: RESP version of the pooled connections, 2 or 3; ``None`` for
+            redis-py's default. The multiplexed connection speaks RESP2.
+        auto_pipeline: send single-key and batch commands of all tasks over one
+            multiplexed connection, coalescing the commands issued in the same
+            event-loop iteration into one write (see "Auto-pipelining" in the
+            docs). Transactions always use a dedicated pooled connection.
+            ``False`` sends every command over the pool instead.
 
     Example:
         >>> opts = RedisOptions(addr="cache:6379", password="s3cret", pool_size=20)
@@ -76,6 +83,7 @@ class RedisOptions:
     tls: bool | ssl.SSLContext = False
     client_name: str | None = None
     protocol: int | None = None
+    auto_pipeline: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.addr, str) or not self.addr:
@@ -107,6 +115,8 @@ class RedisOptions:
             raise ConfigurationError("tls must be True, False or an ssl.SSLContext")
         if self.tls and self.network == "unix":
             raise ConfigurationError("tls is not available over a unix socket")
+        if not isinstance(self.auto_pipeline, bool):
+            raise ConfigurationError("auto_pipeline must be True or False")
         if self.protocol not in (None, 2, 3):
             raise ConfigurationError(f"protocol must be 2, 3 or None, not {self.protocol!r}")
 
@@ -150,7 +160,7 @@ class RedisOptions:
         """Parse a ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL.
 
         ``redis://[[username]:password@]host[:port][/db][?option=value...]``.
-        Query options: ``db``, ``client_name``, ``pool_size``, ``min_idle_conns``,
+        Query options: ``db``, ``client_name``, ``auto_pipeline``, ``pool_size``, ``min_idle_conns``,
         ``max_retries``, ``dial_timeout``, ``read_timeout``, ``pool_timeout``,
         ``protocol``, and for ``rediss://`` ``ssl_ca_certs`` (a CA file) and
         ``ssl_cert_reqs=none`` (turns verification off, explicitly). An unknown
@@ -222,6 +232,10 @@ class RedisOptions:
                 kwargs[name] = _float_option(name, raw)
             elif name == "client_name":
                 kwargs[name] = raw
+            elif name == "auto_pipeline":
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ConfigurationError("auto_pipeline must be true or false")
+                kwargs[name] = raw.lower() in ("true", "1", "yes")
             else:
                 raise ConfigurationError(f"unknown option {name!r} in Redis URL")
         kwargs.update(overrides)

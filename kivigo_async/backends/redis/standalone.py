@@ -7,17 +7,19 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection, Connection, UnixDomainSocketConnection
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.retry import Retry
+from redis.exceptions import RedisError, ResponseError
 
 from ...backend import BackendTransaction, TxOp
 from ...errors import KeyNotFoundError
 from ._errors import translate
+from ._mux import Arg, MuxConnection, tcp_opener, unix_opener
 from ._scan import SCAN_COUNT, decode_key, match_pattern
 from .options import RedisOptions
 
@@ -82,6 +84,38 @@ def _pool_for(options: RedisOptions) -> BlockingConnectionPool:
     )
 
 
+def _mux_for(options: RedisOptions) -> MuxConnection:
+    handshake: list[tuple[Arg, ...]] = []
+    if options.password is not None:
+        if options.username:
+            handshake.append(("AUTH", options.username, options.password))
+        else:
+            handshake.append(("AUTH", options.password))
+    if options.db:
+        handshake.append(("SELECT", options.db))
+    if options.client_name:
+        handshake.append(("CLIENT", "SETNAME", options.client_name))
+    if options.network == "unix":
+        opener = unix_opener(options.addr)
+    else:
+        opener = tcp_opener(options.host, options.port, options.ssl_context())
+    return MuxConnection(
+        opener,
+        node=options.addr,
+        handshake=handshake,
+        dial_timeout=options.dial_timeout,
+        read_timeout=options.read_timeout,
+        max_retries=options.max_retries,
+    )
+
+
+def _first_error(replies: Sequence[Any]) -> hiredis.ReplyError | None:
+    for reply in replies:
+        if isinstance(reply, hiredis.ReplyError):
+            return reply
+    return None
+
+
 class RedisBackend:
     """A backend on one Redis or Valkey server (standalone, or a primary).
 
@@ -109,8 +143,12 @@ class RedisBackend:
         self._options = options if options is not None else RedisOptions.default()
         self._pool = _pool_for(self._options)
         self._redis: Redis = Redis.from_pool(self._pool)
-        # redis-py leaves execute_command untyped; one typed, pre-bound reference.
-        self._exec: Callable[..., Awaitable[Any]] = self._redis.execute_command
+        self._mux = _mux_for(self._options) if self._options.auto_pipeline else None
+        # One pre-bound entry point for single commands, so the hot path makes
+        # no per-call choice between the multiplexed connection and the pool.
+        self._exec: Callable[..., Awaitable[Any]] = (
+            self._mux.execute if self._mux is not None else self._redis.execute_command
+        )
         self._node = self._options.addr
 
     @classmethod
@@ -164,6 +202,8 @@ class RedisBackend:
             raise self._error(exc, "CONNECT") from exc
 
     async def close(self) -> None:
+        if self._mux is not None:
+            await self._mux.close()
         try:
             await self._redis.aclose()
         except RedisError as exc:  # closing never fails the caller's shutdown
@@ -198,9 +238,11 @@ class RedisBackend:
         cursor: int = 0
         while True:
             try:
-                cursor, keys = await self._redis.scan(cursor, match=pattern, count=SCAN_COUNT)
+                reply = await self._exec("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
             except RedisError as exc:
                 raise self._error(exc, "SCAN") from exc
+            # The pool parses the cursor to int, the multiplexed connection leaves bytes.
+            cursor, keys = int(reply[0]), reply[1]
             for raw in keys:
                 yield decode_key(raw)
             if cursor == 0:
@@ -222,6 +264,19 @@ class RedisBackend:
                 for key, value in items:
                     args += (key, value)
                 await self._exec("MSET", *args)
+                return
+            if self._mux is not None:
+                # MULTI..EXEC leaves in one write, so no other caller's command
+                # can land inside the block on the shared connection.
+                commands: list[tuple[Arg, ...]] = [("MULTI",)]
+                commands += [("SET", key, value, "PX", ttl_ms) for key, value in items]
+                commands.append(("EXEC",))
+                replies = await self._mux.execute_many(commands)
+                error = _first_error(replies[:-1]) or _first_error(replies[-1:])
+                if error is None and isinstance(replies[-1], list):
+                    error = _first_error(replies[-1])
+                if error is not None:
+                    raise ResponseError(str(error))
                 return
             pipe: Pipeline = self._redis.pipeline(transaction=True)
             for key, value in items:

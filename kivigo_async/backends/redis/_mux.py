@@ -1,0 +1,326 @@
+"""A multiplexed (auto-pipelining) Redis connection on the hiredis parser.
+
+Commands from any number of tasks share one connection. Each command's bytes
+are appended to an output buffer that is flushed once per event-loop
+iteration, so commands issued concurrently leave in one write; replies are
+matched to callers strictly in order (Redis answers in order on a
+connection).
+
+Why this is cancellation-safe by construction: a caller that is cancelled
+or times out leaves its slot in the reply queue; when its reply arrives it is
+read and dropped. No caller can ever receive another caller's reply, and the
+connection never has to be thrown away because someone gave up waiting.
+
+A reply that does not arrive within ``read_timeout`` means the server (or the
+network) stalled: the connection is aborted and every call waiting on it fails
+with a timeout; the next call reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Union
+
+import hiredis
+from redis import exceptions as rx
+
+__all__ = ["MuxConnection", "pack"]
+
+Arg = Union[str, bytes, int, float]  # noqa: UP007 (runtime alias)
+
+
+def pack(args: Sequence[Arg]) -> bytes:
+    """Serialize one command as RESP (hiredis does it in C)."""
+    try:
+        # hiredis' stub types the argument as a 1-tuple; any tuple is accepted.
+        return hiredis.pack_command(tuple(args))  # type: ignore[arg-type,no-any-return]
+    except UnicodeEncodeError:
+        # Keys that came back from SCAN with undecodable bytes use surrogateescape.
+        return hiredis.pack_command(  # type: ignore[no-any-return]
+            tuple(a.encode("utf-8", "surrogateescape") if isinstance(a, str) else a for a in args)  # type: ignore[arg-type]
+        )
+
+
+class _Stalled(rx.TimeoutError):
+    pass
+
+
+class _Protocol(asyncio.Protocol):
+    """Byte stream <-> reply queue for one socket."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float | None, node: str) -> None:
+        self._loop = loop
+        self._read_timeout = read_timeout
+        self._node = node
+        self._reader = hiredis.Reader()
+        # (future, deadline) per command written, oldest first.
+        self._waiters: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._transport: asyncio.Transport | None = None
+        self._lost: BaseException | None = None
+        self.closed = False
+
+    # -- asyncio.Protocol ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        waiters = self._waiters
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:
+                self._abort(rx.ConnectionError(f"protocol error from {self._node}: {exc}"))
+                return
+            if reply is False:
+                return
+            if not waiters:  # a reply nobody asked for: the stream is out of step
+                self._abort(rx.ConnectionError(f"unexpected reply from {self._node}"))
+                return
+            future = waiters.popleft()[0]
+            if not future.done():  # a cancelled caller's reply is read and dropped
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        error = self._lost or rx.ConnectionError(
+            f"connection to {self._node} lost" + (f": {exc}" if exc else "")
+        )
+        while self._waiters:
+            future = self._waiters.popleft()[0]
+            if not future.done():
+                future.set_exception(error)
+
+    # -- sending ---------------------------------------------------------------
+
+    def send(self, payload: bytes, count: int = 1) -> list[asyncio.Future[Any]]:
+        """Queue ``payload`` (``count`` commands) and return one future per reply."""
+        if self.closed:
+            raise self._lost or rx.ConnectionError(f"connection to {self._node} is closed")
+        loop = self._loop
+        deadline = loop.time() + self._read_timeout if self._read_timeout is not None else 0.0
+        futures = [loop.create_future() for _ in range(count)]
+        self._waiters.extend((f, deadline) for f in futures)
+        self._out.append(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        if self._read_timeout is not None and self._timer is None:
+            self._timer = loop.call_at(deadline, self._check_deadline)
+        return futures
+
+    def send_one(self, payload: bytes) -> asyncio.Future[Any]:
+        """:meth:`send` for a single command, without the list."""
+        if self.closed:
+            raise self._lost or rx.ConnectionError(f"connection to {self._node} is closed")
+        loop = self._loop
+        future = loop.create_future()
+        if self._read_timeout is None:
+            self._waiters.append((future, 0.0))
+        else:
+            deadline = loop.time() + self._read_timeout
+            self._waiters.append((future, deadline))
+            if self._timer is None:
+                self._timer = loop.call_at(deadline, self._check_deadline)
+        self._out.append(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._transport is None or self.closed or not self._out:
+            return
+        out = self._out
+        self._out = []
+        if len(out) == 1:
+            self._transport.write(out[0])
+        else:
+            self._transport.write(b"".join(out))
+
+    # -- deadlines ---------------------------------------------------------------
+
+    def _check_deadline(self) -> None:
+        # One timer per connection, re-armed lazily for the oldest waiter: a
+        # per-call timeout would cost more than the rest of the call.
+        self._timer = None
+        if not self._waiters or self.closed:
+            return
+        deadline = self._waiters[0][1]
+        if deadline <= self._loop.time():
+            self._abort(_Stalled(f"no reply from {self._node} within {self._read_timeout} s"))
+        else:
+            self._timer = self._loop.call_at(deadline, self._check_deadline)
+
+    def _abort(self, error: BaseException) -> None:
+        self._lost = error
+        if self._transport is not None:
+            self._transport.abort()  # connection_lost fails every waiter with ``error``
+        else:
+            self.connection_lost(None)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._abort(rx.ConnectionError(f"connection to {self._node} was closed by the client"))
+
+
+#: Opens a transport to the server with the given protocol factory.
+Opener = Callable[[Callable[[], _Protocol]], Awaitable[tuple[asyncio.BaseTransport, _Protocol]]]
+
+
+def tcp_opener(host: str, port: int, tls: ssl.SSLContext | None) -> Opener:
+    async def open_(factory: Callable[[], _Protocol]) -> tuple[asyncio.BaseTransport, _Protocol]:
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.create_connection(
+            factory, host, port, ssl=tls, server_hostname=host if tls is not None else None
+        )
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            import socket
+
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        return transport, protocol
+
+    return open_
+
+
+def unix_opener(path: str) -> Opener:
+    async def open_(factory: Callable[[], _Protocol]) -> tuple[asyncio.BaseTransport, _Protocol]:
+        loop = asyncio.get_running_loop()
+        return await loop.create_unix_connection(factory, path)
+
+    return open_
+
+
+class MuxConnection:
+    """A self-reconnecting multiplexed connection.
+
+    ``handshake`` commands (AUTH, SELECT, CLIENT SETNAME) run on every new
+    socket before any user command. Connecting is retried ``max_retries``
+    times with jittered backoff; a command whose bytes were sent is never
+    retried, since it may have been applied.
+    """
+
+    def __init__(
+        self,
+        opener: Opener,
+        *,
+        node: str,
+        handshake: Sequence[Sequence[Arg]] = (),
+        dial_timeout: float | None = 5.0,
+        read_timeout: float | None = 3.0,
+        max_retries: int = 3,
+    ) -> None:
+        self._opener = opener
+        self._node = node
+        self._handshake = [pack(cmd) for cmd in handshake]
+        self._dial_timeout = dial_timeout
+        self._read_timeout = read_timeout
+        self._max_retries = max_retries
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Task[_Protocol] | None = None
+        self._closed = False
+
+    @property
+    def connected(self) -> bool:
+        return self._protocol is not None and not self._protocol.closed
+
+    async def execute(self, *args: Arg) -> Any:
+        """Send one command and return its reply (raises redis-py exceptions)."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            protocol = await self._connect()
+        reply = await protocol.send_one(pack(args))
+        if reply.__class__ is hiredis.ReplyError:
+            raise rx.ResponseError(str(reply))
+        return reply
+
+    async def execute_many(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Send ``commands`` in one write and return their replies (errors as values)."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            protocol = await self._connect()
+        futures = protocol.send(b"".join(pack(cmd) for cmd in commands), len(commands))
+        return [await f for f in futures]
+
+    async def _connect(self) -> _Protocol:
+        if self._closed:
+            raise rx.ConnectionError(f"connection to {self._node} is closed")
+        if self._connecting is None:
+            self._connecting = asyncio.get_running_loop().create_task(self._open_with_retries())
+            self._connecting.add_done_callback(self._connected)
+        # Shielded: one caller giving up must not abort the connect the others wait for.
+        return await asyncio.shield(self._connecting)
+
+    def _connected(self, task: asyncio.Task[_Protocol]) -> None:
+        self._connecting = None
+        if not task.cancelled() and task.exception() is None:
+            self._protocol = task.result()
+            if self._closed:
+                self._protocol.close()
+
+    async def _open_with_retries(self) -> _Protocol:
+        attempt = 0
+        while True:
+            try:
+                return await self._open()
+            except (rx.AuthenticationError, rx.ResponseError):
+                raise
+            except rx.ConnectionError:
+                attempt += 1
+                if attempt > self._max_retries or self._closed:
+                    raise
+                # Full jitter, capped: many clients reconnecting at once spread out.
+                await asyncio.sleep(random.uniform(0, min(0.512, 0.008 * 2**attempt)))
+
+    async def _open(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        try:
+            _, protocol = await asyncio.wait_for(
+                self._opener(lambda: _Protocol(loop, self._read_timeout, self._node)),
+                self._dial_timeout,
+            )
+        except asyncio.TimeoutError:
+            raise rx.ConnectionError(f"timed out connecting to {self._node}") from None
+        except ssl.SSLError as exc:
+            raise rx.ConnectionError(f"TLS handshake with {self._node} failed: {exc}") from exc
+        except OSError as exc:
+            raise rx.ConnectionError(f"cannot connect to {self._node}: {exc.strerror or exc}") from exc
+        if self._handshake:
+            try:
+                futures = protocol.send(b"".join(self._handshake), len(self._handshake))
+                replies = [await f for f in futures]
+            except BaseException:
+                protocol.close()
+                raise
+            for reply in replies:
+                if reply.__class__ is hiredis.ReplyError:
+                    protocol.close()
+                    text = str(reply)
+                    if text.startswith(("WRONGPASS", "NOAUTH", "ERR invalid password", "ERR AUTH")):
+                        raise rx.AuthenticationError(text)
+                    raise rx.ResponseError(text)
+        return protocol
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._protocol is not None:
+            self._protocol.close()
+            self._protocol = None

@@ -1,0 +1,186 @@
+"""Auto-pipelining: concurrent single-key commands share one connection and one write."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from conftest import redis_options
+from redis.asyncio import Redis
+
+from kivigo_async import (
+    BackendError,
+    BackendUnavailableError,
+    Client,
+    OperationTimeoutError,
+    TransactionConflictError,
+)
+from kivigo_async.backends.redis import RedisBackend
+from kivigo_async.testing.pytest_plugin import ServerFactory
+from kivigo_async.testing.servers import RedisServer
+
+
+@pytest.fixture
+async def admin(valkey_server: RedisServer) -> AsyncIterator[Redis]:
+    """A plain redis-py connection for the test's own commands (pause, inspect)."""
+    redis = Redis(**valkey_server.redis_kwargs())  # type: ignore[arg-type]
+    await redis.flushdb()
+    yield redis
+    await redis.client_unpause()
+    await redis.aclose()
+
+
+@pytest.fixture
+async def client(valkey_server: RedisServer) -> AsyncIterator[Client]:
+    backend = RedisBackend(redis_options(valkey_server, client_name="kivigo-mux", read_timeout=5.0))
+    async with Client(backend) as client:
+        yield client
+
+
+async def _mux_connections(admin: Redis, name: str) -> int:
+    clients: list[dict[str, Any]] = await admin.client_list()
+    return sum(1 for c in clients if c.get("name") == name)
+
+
+def test_auto_pipeline_is_the_default() -> None:
+    assert RedisBackend().options.auto_pipeline is True
+
+
+async def test_replies_reach_their_own_callers(client: Client, admin: Redis) -> None:
+    async def one(i: int) -> None:
+        await client.set(f"k:{i}", {"i": i})
+        assert await client.get(f"k:{i}") == {"i": i}
+
+    await asyncio.gather(*(one(i) for i in range(1000)))
+    # 2,000 concurrent calls went over the one multiplexed connection.
+    assert await _mux_connections(admin, "kivigo-mux") == 1
+
+
+async def test_concurrent_commands_leave_in_few_writes(client: Client) -> None:
+    backend = client.backend
+    assert isinstance(backend, RedisBackend)
+    await client.set("warm", 1)  # connect first
+    protocol = backend._mux._protocol  # type: ignore[union-attr]
+    assert protocol is not None
+    transport = protocol._transport
+    assert transport is not None
+    writes = 0
+    real_write = transport.write
+
+    def counting_write(data: bytes | bytearray | memoryview) -> None:
+        nonlocal writes
+        writes += 1
+        real_write(data)
+
+    transport.write = counting_write  # type: ignore[method-assign]
+    try:
+        values = await asyncio.gather(*(client.get("warm") for _ in range(64)))
+    finally:
+        transport.write = real_write  # type: ignore[method-assign]
+    assert values == [1] * 64
+    assert writes == 1
+
+
+async def test_one_callers_error_does_not_touch_the_others(client: Client, admin: Redis) -> None:
+    await admin.rpush("a-list", "x")  # GET on a list is a WRONGTYPE error
+
+    async def good(i: int) -> int:
+        await client.set(f"g:{i}", i)
+        value: int = await client.get(f"g:{i}", int)
+        return value
+
+    async def bad() -> None:
+        with pytest.raises(BackendError, match="WRONGTYPE"):
+            await client.get_raw("a-list")
+
+    results = await asyncio.gather(*(good(i) if i % 3 else bad() for i in range(300)))
+    assert [r for r in results if r is not None] == [i for i in range(300) if i % 3]
+
+
+async def test_cancelled_callers_never_disturb_the_others(client: Client, admin: Redis) -> None:
+    await client.batch_set({f"c:{i}": i for i in range(200)})
+    await admin.client_pause(400)
+    tasks = [asyncio.ensure_future(client.get(f"c:{i}")) for i in range(200)]
+    await asyncio.sleep(0.1)
+    for task in tasks[::2]:
+        task.cancel()
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+    for i, result in enumerate(results):
+        if i % 2:
+            assert result == i  # its own key's value, never a cancelled neighbour's
+        else:
+            assert isinstance(result, asyncio.CancelledError)
+    # The connection stayed usable: no reconnect was needed.
+    assert await asyncio.gather(*(client.get(f"c:{i}") for i in range(200))) == list(range(200))
+    assert await _mux_connections(admin, "kivigo-mux") == 1
+
+
+async def test_stalled_server_times_out_then_recovers(valkey_server: RedisServer, admin: Redis) -> None:
+    backend = RedisBackend(redis_options(valkey_server, read_timeout=0.3))
+    async with Client(backend) as client:
+        await client.set("s", 1)
+        await admin.client_pause(1500)
+        start = time.monotonic()
+        results = await asyncio.gather(*(client.get("s") for _ in range(10)), return_exceptions=True)
+        elapsed = time.monotonic() - start
+        assert all(isinstance(r, OperationTimeoutError) for r in results), results
+        assert elapsed < 1.2  # read_timeout (0.3 s) plus a generous margin, not the 1.5 s pause
+        await admin.client_unpause()
+        assert await client.get("s") == 1
+
+
+async def test_dropped_connection_fails_exactly_the_calls_in_flight(
+    redis_server_factory: ServerFactory,
+) -> None:
+    server = redis_server_factory("valkey")
+    admin = Redis(**server.redis_kwargs())  # type: ignore[arg-type]
+    backend = RedisBackend(redis_options(server, read_timeout=10.0, max_retries=0))
+    async with Client(backend) as client:
+        await client.set("d", 1)
+        await admin.client_pause(5000)
+        in_flight = [asyncio.ensure_future(client.get("d")) for _ in range(20)]
+        await asyncio.sleep(0.1)
+        server.kill()
+        results = await asyncio.wait_for(asyncio.gather(*in_flight, return_exceptions=True), 10)
+        assert all(isinstance(r, BackendUnavailableError) for r in results), results
+        server.restart()
+        await client.set("d", 2)  # a new call reconnects by itself
+        assert await client.get("d") == 2
+    await admin.aclose()
+
+
+async def test_transactions_are_never_coalesced(client: Client) -> None:
+    await client.set("counter", 0)
+
+    async def noise() -> None:
+        for i in range(200):
+            await client.set(f"noise:{i % 10}", i)
+
+    async def increment() -> None:
+        while True:
+            try:
+                async with client.transaction(watch=["counter"]) as tx:
+                    tx.set("counter", await tx.get("counter", int) + 1)
+                return
+            except TransactionConflictError:  # anything else fails the test
+                await asyncio.sleep(0)
+
+    await asyncio.gather(noise(), noise(), *(increment() for _ in range(30)))
+    assert await client.get("counter") == 30
+
+
+async def test_batch_with_ttl_is_not_mixed_with_other_callers(client: Client) -> None:
+    async def reader(i: int) -> Any:
+        await client.set(f"r:{i}", i)
+        return await client.get(f"r:{i}")
+
+    async def writer(i: int) -> None:
+        await client.batch_set({f"w:{i}:{j}": j for j in range(20)}, ttl=60)
+
+    results = await asyncio.gather(*(reader(i) if i % 2 else writer(i) for i in range(100)))
+    # Commands of other tasks were never queued inside a batch's MULTI block.
+    assert [r for r in results if r is not None] == [i for i in range(100) if i % 2]
+    assert len(await client.list("w:")) == 50 * 20
