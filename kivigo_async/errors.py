@@ -18,6 +18,7 @@ __all__ = [
     "BackendUnavailableError",
     "CodecError",
     "ConfigurationError",
+    "CrossSlotError",
     "DecodeError",
     "EncodeError",
     "HealthCheckError",
@@ -101,3 +102,11 @@ class HealthCheckError(KivigoError):
 
 class ConfigurationError(KivigoError, ValueError):
     """Options or a URL are invalid; raised before any connection is made."""
+
+
+class CrossSlotError(InvalidArgumentError):
+    """A cluster transaction names keys in more than one hash slot; nothing was sent.
+
+    Keys sharing a hash tag (the part in braces: ``{user:1}:a``, ``{user:1}:b``)
+    share a slot.
+    """

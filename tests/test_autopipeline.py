@@ -184,3 +184,14 @@ async def test_batch_with_ttl_is_not_mixed_with_other_callers(client: Client) ->
     # Commands of other tasks were never queued inside a batch's MULTI block.
     assert [r for r in results if r is not None] == [i for i in range(100) if i % 2]
     assert len(await client.list("w:")) == 50 * 20
+
+
+def test_runs_on_uvloop(valkey_server: RedisServer) -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> list[Any]:
+        async with Client(RedisBackend(redis_options(valkey_server))) as client:
+            await client.set("uv", {"loop": "uvloop"})
+            return await asyncio.gather(*(client.get("uv") for _ in range(10)))
+
+    assert uvloop.run(main()) == [{"loop": "uvloop"}] * 10

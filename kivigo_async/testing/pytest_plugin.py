@@ -6,6 +6,10 @@ makes these fixtures available:
 * ``kivigo_server_pool`` (session): a :class:`~kivigo_async.testing.servers.ServerPool`.
 * ``valkey_server`` / ``redis_server`` (session): shared plain servers.
 * ``redis_server_factory`` (function): private servers a test may kill and restart.
+* ``redis_cluster`` / ``redis_sentinel`` (session): a shared 3+3 node Valkey cluster and
+  a shared primary + replica + 3 sentinels (see :mod:`kivigo_async.testing.topologies`).
+* ``redis_cluster_factory`` / ``redis_sentinel_factory`` (function): private ones to kill
+  nodes in or fail over.
 
 Example:
     ```python
@@ -38,19 +42,27 @@ from .servers import (
     BinaryKind,
     RedisServer,
     Server,
+    ServerBinary,
     ServerKind,
     ServerPool,
     ServerUnavailable,
     Variant,
 )
+from .topologies import RedisCluster, RedisSentinel, find_cli
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
 __all__ = [
+    "ClusterFactory",
+    "SentinelFactory",
     "ServerFactory",
     "in_ci",
     "kivigo_server_pool",
+    "redis_cluster",
+    "redis_cluster_factory",
+    "redis_sentinel",
+    "redis_sentinel_factory",
     "redis_server",
     "redis_server_factory",
     "require_server",
@@ -146,3 +158,86 @@ def redis_server_factory(kivigo_server_pool: ServerPool) -> Iterator[ServerFacto
     finally:
         for server in reversed(started):
             server.stop()
+
+
+# --------------------------------------------------------------------------- topologies
+# Cluster and sentinel fixtures. The shared ones run the embedded Valkey; tests
+# that kill, fail over or reshard nodes take private ones from the factories.
+
+#: ``cluster-node-timeout`` of the shared cluster: long enough that a node
+#: stalled by a busy machine is not failed over under other tests' feet.
+SHARED_CLUSTER_NODE_TIMEOUT_MS = 5000
+
+
+class ClusterFactory(Protocol):
+    """Signature of the ``redis_cluster_factory`` fixture."""
+
+    def __call__(self, kind: BinaryKind = "valkey", *, node_timeout_ms: int = 1000) -> RedisCluster: ...
+
+
+class SentinelFactory(Protocol):
+    """Signature of the ``redis_sentinel_factory`` fixture."""
+
+    def __call__(self, kind: BinaryKind = "valkey", *, down_after_ms: int = 1000) -> RedisSentinel: ...
+
+
+def _topology_binary(pool: ServerPool, kind: BinaryKind) -> ServerBinary:
+    try:
+        binary = pool.binary(kind, "plain")
+        find_cli(binary)
+    except ServerUnavailable as exc:
+        skip_or_fail(exc, kind)
+    return binary
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(kivigo_server_pool: ServerPool) -> Iterator[RedisCluster]:
+    """A shared Valkey cluster, 3 primaries + 3 replicas (tests must not kill its nodes)."""
+    binary = _topology_binary(kivigo_server_pool, "valkey")
+    with RedisCluster(binary, node_timeout_ms=SHARED_CLUSTER_NODE_TIMEOUT_MS) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(kivigo_server_pool: ServerPool) -> Iterator[RedisSentinel]:
+    """A shared Valkey primary + replica watched by 3 sentinels as ``mymaster``.
+
+    Tests may fail it over (``SENTINEL FAILOVER``) but must not kill its processes.
+    """
+    binary = _topology_binary(kivigo_server_pool, "valkey")
+    with RedisSentinel(binary) as topology:
+        yield topology
+
+
+@pytest.fixture
+def redis_cluster_factory(kivigo_server_pool: ServerPool) -> Iterator[ClusterFactory]:
+    """Start private clusters for this test; all are stopped at teardown."""
+    started: list[RedisCluster] = []
+
+    def factory(kind: BinaryKind = "valkey", *, node_timeout_ms: int = 1000) -> RedisCluster:
+        cluster = RedisCluster(_topology_binary(kivigo_server_pool, kind), node_timeout_ms=node_timeout_ms)
+        started.append(cluster)
+        return cluster.start()
+
+    try:
+        yield factory
+    finally:
+        for cluster in reversed(started):
+            cluster.stop()
+
+
+@pytest.fixture
+def redis_sentinel_factory(kivigo_server_pool: ServerPool) -> Iterator[SentinelFactory]:
+    """Start private sentinel topologies for this test; all are stopped at teardown."""
+    started: list[RedisSentinel] = []
+
+    def factory(kind: BinaryKind = "valkey", *, down_after_ms: int = 1000) -> RedisSentinel:
+        topology = RedisSentinel(_topology_binary(kivigo_server_pool, kind), down_after_ms=down_after_ms)
+        started.append(topology)
+        return topology.start()
+
+    try:
+        yield factory
+    finally:
+        for topology in reversed(started):
+            topology.stop()

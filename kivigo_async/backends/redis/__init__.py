@@ -10,7 +10,16 @@ Example:
     ```
 """
 
+from .cluster import RedisClusterBackend, RedisClusterOptions
 from .options import RedisOptions
+from .sentinel import RedisSentinelBackend, RedisSentinelOptions
 from .standalone import RedisBackend
 
-__all__ = ["RedisBackend", "RedisOptions"]
+__all__ = [
+    "RedisBackend",
+    "RedisClusterBackend",
+    "RedisClusterOptions",
+    "RedisOptions",
+    "RedisSentinelBackend",
+    "RedisSentinelOptions",
+]

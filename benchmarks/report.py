@@ -1,0 +1,423 @@
+"""Medians, ratios and the three outputs: JSON, a markdown report and a PNG chart."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from adapters import BASELINE
+from scenarios import BATCH_SIZES, SCENARIOS
+
+CEILING = "redis-benchmark (ceiling)"
+METRICS = ("rate", "p50_us", "p99_us", "cpu_us_per_op")
+#: Rep results: scenario -> (loop, library) -> one summary (or an error string) per repetition.
+Reps = dict[str, dict[tuple[str, str], list[dict[str, Any] | str]]]
+
+DOCS_BEGIN = "<!-- BEGIN GENERATED RESULTS: benchmarks/run.py rewrites everything down to the END marker -->"
+DOCS_END = "<!-- END GENERATED RESULTS -->"
+
+
+# -- environment ---------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def parser_info() -> dict[str, str]:
+    import redis
+    import redis.utils
+
+    info = {"redis-py": redis.__version__}
+    if redis.utils.HIREDIS_AVAILABLE:
+        import hiredis
+
+        info["parser"] = f"hiredis {hiredis.__version__}"
+    else:
+        info["parser"] = "pure-Python RESP parser (hiredis is not installed)"
+    return info
+
+
+# -- aggregation ---------------------------------------------------------------
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _paired_ratio(
+    runs: Sequence[dict[str, Any] | str], base: Sequence[dict[str, Any] | str], metric: str
+) -> float | None:
+    # A ratio per repetition against the baseline run next to it, then the median:
+    # drift in the machine's speed between repetitions cancels out.
+    ratios = []
+    for mine, theirs in zip(runs, base, strict=False):
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            a, b = mine.get(metric), theirs.get(metric)
+            if a is not None and b:
+                ratios.append(a / b)
+    return statistics.median(ratios) if ratios else None
+
+
+def aggregate(
+    reps: Reps,
+    libraries: Sequence[str],
+    loops: Sequence[str],
+    unavailable: Mapping[str, str],
+    ceiling: Mapping[str, list[dict[str, Any] | str]],
+    ceiling_skip: str | None,
+) -> dict[str, Any]:
+    """Rows per scenario: medians over repetitions and paired ratios to raw redis-py."""
+    out: dict[str, Any] = {}
+    for scenario, (title, unit) in SCENARIOS.items():
+        if scenario not in reps:
+            continue
+        rows = []
+        for loop in loops:
+            base = reps[scenario].get((loop, BASELINE), [])
+            names = [*libraries, CEILING]
+            for library in names:
+                if library == CEILING:
+                    runs = ceiling.get(scenario, [])
+                    if not runs and ceiling_skip:
+                        rows.append(_na(library, loop, ceiling_skip))
+                        continue
+                else:
+                    if library in unavailable:
+                        rows.append(_na(library, loop, unavailable[library]))
+                        continue
+                    runs = reps[scenario].get((loop, library), [])
+                if not runs:
+                    rows.append(_na(library, loop, "not measured"))
+                    continue
+                ok = [r for r in runs if isinstance(r, dict)]
+                errors = sorted({r for r in runs if isinstance(r, str)})
+                row: dict[str, Any] = {
+                    "library": library,
+                    "loop": loop,
+                    "status": "ok" if ok else "error",
+                    "reason": "; ".join(errors) or None,
+                    "repetitions": len(ok),
+                }
+                for metric in METRICS:
+                    row[metric] = _median(r.get(metric) for r in ok)
+                row["ratio"] = {metric: _paired_ratio(runs, base, metric) for metric in METRICS}
+                row["reps"] = runs
+                rows.append(row)
+        out[scenario] = {"title": title, "unit": unit, "rows": rows}
+    return out
+
+
+def _na(library: str, loop: str, reason: str) -> dict[str, Any]:
+    return {"library": library, "loop": loop, "status": "n/a", "reason": reason}
+
+
+def aggregate_codecs(reps: Mapping[str, list[dict[str, float]]], baseline: str) -> list[dict[str, Any]]:
+    rows = []
+    base = reps.get(baseline, [])
+    for name, runs in reps.items():
+        row: dict[str, Any] = {"codec": name}
+        for metric in ("size_bytes", "encode_us", "decode_us", "decode_typed_us"):
+            row[metric] = _median(r[metric] for r in runs)
+        ratios = [
+            (b["encode_us"] + b["decode_us"]) / (r["encode_us"] + r["decode_us"])
+            for r, b in zip(runs, base, strict=False)
+        ]
+        row["round_trip_speed_vs_stdlib_json"] = statistics.median(ratios) if ratios else None
+        rows.append(row)
+    return rows
+
+
+# -- markdown ------------------------------------------------------------------
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _us(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f" ({value:.2f}x)"
+
+
+def _cell(row: Mapping[str, Any], metric: str, fmt: Any) -> str:
+    if row.get("status") != "ok":
+        return "-"
+    ratio = row.get("ratio", {}).get(metric) if row.get("library") != BASELINE else None
+    return f"{fmt(row.get(metric))}{_ratio(ratio)}"
+
+
+def _status_note(row: Mapping[str, Any]) -> str:
+    if row["status"] == "ok":
+        return ""
+    return f"{row['status']}: {row.get('reason') or ''}".strip()
+
+
+def _bold(row: Mapping[str, Any]) -> str:
+    name = str(row["library"])
+    return f"**{name}**" if name in ("kivigo-async", BASELINE) else name
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+    meta = result["meta"]
+    lines = [
+        f"Run {meta['started_at']} ({meta['mode']}, {meta['repetitions']} interleaved repetitions, "
+        f"{meta['duration_s']:.0f} s): `{meta['command']}`",
+        "",
+        f"- Machine: {meta['machine']['cpu_model']}, {meta['machine']['cpu_count']} CPUs, "
+        f"{meta['machine']['platform']}; load average {meta['machine']['load_before']} before, "
+        f"{meta['machine']['load_after']} after",
+        f"- Python: {meta['python']}",
+        f"- Server: {meta['server']['name']} {meta['server']['version']} on {meta['server']['where']}",
+        f"- Client: redis-py {meta['parser']['redis-py']}, parser {meta['parser']['parser']}",
+        f"- Loops: {', '.join(f'{k} ({v})' for k, v in meta['loops'].items())}"
+        + (f"; skipped: {meta['loops_skipped']}" if meta.get("loops_skipped") else ""),
+        "",
+        "Figures are medians over the repetitions. `(1.23x)` is the figure divided by raw "
+        f"`{BASELINE}`'s (defaults) in the same repetition on the same loop, median over repetitions: "
+        "above 1 is better for rates, below 1 is better for latencies and CPU. CPU is the client "
+        "process's CPU time per operation (per key for batches); for redis-benchmark, the benchmark "
+        "process's.",
+        "",
+    ]
+    scenarios = result["scenarios"]
+    for sid in ("seq", "mix"):
+        if sid not in scenarios:
+            continue
+        block = scenarios[sid]
+        lines += [
+            f"### {block['title']}",
+            "",
+            "| library | loop | ops/s | p50 µs | p99 µs | CPU µs/op | note |",
+            "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for row in block["rows"]:
+            lines.append(
+                f"| {_bold(row)} | {row['loop']} | {_cell(row, 'rate', _num)} | {_cell(row, 'p50_us', _us)} "
+                f"| {_cell(row, 'p99_us', _us)} | {_cell(row, 'cpu_us_per_op', _us)} | {_status_note(row)} |"
+            )
+        lines.append("")
+    for kind in ("get", "set"):
+        ids = [f"batch_{kind}_{n}" for n in BATCH_SIZES if f"batch_{kind}_{n}" in scenarios]
+        if not ids:
+            continue
+        heads = " | ".join(f"{n:,} keys: keys/s" for n in BATCH_SIZES if f"batch_{kind}_{n}" in scenarios)
+        cpu_heads = "/".join(f"{n:,}" for n in BATCH_SIZES if f"batch_{kind}_{n}" in scenarios)
+        lines += [
+            f"### Batch {kind} (keys per second)",
+            "",
+            f"| library | loop | {heads} | CPU µs/key ({cpu_heads}) | note |",
+            "| --- | --- | " + "---: | " * len(ids) + "---: | --- |",
+        ]
+        first = scenarios[ids[0]]["rows"]
+        for i, head in enumerate(first):
+            cells, cpus, notes = [], [], set()
+            for sid in ids:
+                row = scenarios[sid]["rows"][i]
+                cells.append(_cell(row, "rate", _num))
+                cpus.append(_us(row.get("cpu_us_per_op")) if row.get("status") == "ok" else "-")
+                if row["status"] != "ok":
+                    notes.add(_status_note(row))
+            lines.append(
+                f"| {_bold(head)} | {head['loop']} | {' | '.join(cells)} | {' / '.join(cpus)} "
+                f"| {'; '.join(sorted(notes))} |"
+            )
+        lines.append("")
+    if result.get("ceiling_runs"):
+        lines += [
+            "### redis-benchmark runs (the ceiling rows above combine these)",
+            "",
+            "| scenario | run | requests | requests/s | p50 µs | p99 µs | CPU µs/request |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for sid, runs in result["ceiling_runs"].items():
+            for run in runs:
+                lines.append(
+                    f"| {sid} | {run['label']} | {run['requests']:,} | {_num(run['rps'])} | "
+                    f"{_us(run['p50_us'])} | {_us(run['p99_us'])} | {_us(run['cpu_us_per_request'])} |"
+                )
+        lines.append("")
+    if result.get("codecs"):
+        lines += [
+            "### Codec cost of the session value (CPU only, no I/O)",
+            "",
+            "| codec | bytes | encode µs | decode µs | typed decode µs | round trip x stdlib json |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in result["codecs"]:
+            speed = row["round_trip_speed_vs_stdlib_json"]
+            lines.append(
+                f"| {row['codec']} | {_num(row['size_bytes'])} | {row['encode_us']:.2f} | "
+                f"{row['decode_us']:.2f} | {row['decode_typed_us']:.2f} | "
+                f"{'-' if speed is None else f'{speed:.1f}x'} |"
+            )
+        lines.append("")
+    mem = result.get("memory")
+    if mem:
+        lines += ["### Memory (tracemalloc)", ""]
+        if "error" in mem:
+            lines.append(f"Failed: {mem['error']}")
+        else:
+            lines.append(
+                f"{mem['library']}: {mem['operations']:,} mixed operations on 64 tasks; traced Python memory "
+                f"{mem['traced_after_warmup_bytes'] / 1024:,.0f} KiB after {mem['warmup_operations']:,} "
+                f"warm-up operations, {mem['traced_at_end_bytes'] / 1024:,.0f} KiB at the end: growth "
+                f"{mem['growth_bytes'] / 1024:+,.1f} KiB ({mem['growth_bytes_per_op']:+.3f} bytes/op); "
+                f"verdict: **{mem['verdict']}** (threshold {mem['threshold_bytes'] // 1024} KiB)."
+            )
+        lines.append("")
+    lines += [
+        "### Configuration of each library",
+        "",
+        "| library | version | configuration |",
+        "| --- | --- | --- |",
+    ]
+    for name, lib in result["libraries"].items():
+        lines.append(f"| {name} | {lib['version']} | {lib['config']} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# -- chart ---------------------------------------------------------------------
+
+_CHART_SCENARIOS = ("seq", "mix", *(f"batch_{k}_{n}" for k in ("get", "set") for n in BATCH_SIZES))
+_CHART_LABELS = {
+    "seq": "sequential",
+    "mix": "64 tasks",
+    **{f"batch_{k}_{n}": f"{k} {n}" for k in ("get", "set") for n in BATCH_SIZES},
+}
+
+
+def chart(result: Mapping[str, Any], path: Path) -> str | None:
+    """Draw rate ratios to raw redis-py, one panel per loop; return why not, or None."""
+    try:
+        matplotlib: Any = importlib.import_module("matplotlib")
+        matplotlib.use("Agg")
+        plt: Any = importlib.import_module("matplotlib.pyplot")
+    except ImportError:
+        return "matplotlib is not installed (pip install 'kivigo-async[bench]')"
+    scenarios = result["scenarios"]
+    ids = [s for s in _CHART_SCENARIOS if s in scenarios]
+    loops = list(result["meta"]["loops"])
+    if not ids or not loops:
+        return "nothing to draw"
+    libraries = [name for name in result["libraries"] if name != BASELINE]
+    height = 0.8 + 3.6 * len(loops)
+    fig, axes = plt.subplots(len(loops), 1, figsize=(11, height), squeeze=False)
+    width = 0.8 / max(1, len(libraries))
+    for ax, loop in zip(axes[:, 0], loops, strict=True):
+        for j, library in enumerate(libraries):
+            xs, ys = [], []
+            for i, sid in enumerate(ids):
+                for row in scenarios[sid]["rows"]:
+                    if row["library"] == library and row["loop"] == loop and row["status"] == "ok":
+                        ratio = row["ratio"]["rate"]
+                        if ratio:
+                            xs.append(i - 0.4 + width * (j + 0.5))
+                            ys.append(ratio)
+            ax.bar(xs, ys, width, label=library)
+        cx, cy = [], []
+        for i, sid in enumerate(ids):
+            for row in scenarios[sid]["rows"]:
+                ok = row["library"] == CEILING and row["loop"] == loop and row["status"] == "ok"
+                if ok and row["ratio"]["rate"]:
+                    cx.append(i)
+                    cy.append(row["ratio"]["rate"])
+        if cx:
+            ax.scatter(cx, cy, marker="_", s=600, color="black", label=CEILING, zorder=3)
+        ax.axhline(1.0, color="grey", linewidth=1)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(ids)), [_CHART_LABELS[s] for s in ids])
+        ax.set_ylabel(f"rate ÷ {BASELINE}")
+        ax.set_title(f"{loop}: throughput relative to raw {BASELINE} (1.0), higher is better")
+    # One legend under the panels: inside, it would hide the bars it explains.
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncols=4, fontsize="small", frameon=False)
+    meta = result["meta"]
+    fig.suptitle(
+        f"{meta['server']['name']} {meta['server']['version']}, Python {platform.python_version()}, "
+        f"{meta['machine']['cpu_count']} CPUs, {meta['started_at']} ({meta['mode']})",
+        fontsize="small",
+    )
+    fig.tight_layout(rect=(0, 0.75 / height, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# -- files ---------------------------------------------------------------------
+
+
+def write_outputs(result: Mapping[str, Any], out: Path, stem: str, latest: str) -> list[Path]:
+    """Write ``<stem>.json/.md/.png`` and copies named ``<latest>.*``; return the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(result)
+    written = []
+    for name in (stem, latest):
+        json_path = out / f"{name}.json"
+        json_path.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+        md_path = out / f"{name}.md"
+        md_path.write_text(f"# kivigo-async benchmark results\n\n{text}", encoding="utf-8")
+        written += [json_path, md_path]
+    png = out / f"{stem}.png"
+    problem = chart(result, png)
+    if problem is None:
+        latest_png = out / f"{latest}.png"
+        latest_png.write_bytes(png.read_bytes())
+        written += [png, latest_png]
+    else:
+        print(f"no chart: {problem}")
+    return written
+
+
+def update_docs(docs: Path, result: Mapping[str, Any], chart_path: Path | None) -> list[Path]:
+    """Replace the generated part of ``docs`` (between the markers) with this run's report.
+
+    The chart is copied next to the page (a docs site only serves files inside its
+    folder). Returns the files written.
+    """
+    text = docs.read_text(encoding="utf-8") if docs.exists() else ""
+    body = markdown(result)
+    written = [docs]
+    if chart_path is not None and chart_path.exists():
+        image = docs.with_suffix(".png")
+        image.write_bytes(chart_path.read_bytes())
+        written.append(image)
+        body = f"![Throughput relative to raw redis-py]({image.name})\n\n{body}"
+    block = f"{DOCS_BEGIN}\n\n{body}\n{DOCS_END}"
+    if DOCS_BEGIN in text and DOCS_END in text:
+        head, rest = text.split(DOCS_BEGIN, 1)
+        tail = rest.split(DOCS_END, 1)[1]
+        text = f"{head}{block}{tail}"
+    else:
+        text = f"{text.rstrip()}\n\n## Latest results\n\n{block}\n"
+    docs.write_text(text, encoding="utf-8")
+    return written

@@ -1,0 +1,163 @@
+"""The client workloads: one measurement of one library on one event loop.
+
+Each function returns a :class:`Measure`; wall time comes from ``perf_counter``,
+client CPU from ``process_time`` (the whole process: the event loop, the client
+library, the parser), per-operation latencies from ``perf_counter_ns`` around
+each awaited call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from adapters import Adapter
+from workload import KEYSPACE, Plan, keys_for, mix_plan
+
+
+@dataclass
+class Measure:
+    """One measurement: ``ops`` operations (or keys, for batches) in ``wall`` seconds."""
+
+    ops: int
+    wall: float
+    cpu: float
+    latencies_ns: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def rate(self) -> float:
+        return self.ops / self.wall if self.wall > 0 else 0.0
+
+    @property
+    def cpu_us_per_op(self) -> float:
+        return self.cpu / self.ops * 1e6 if self.ops else 0.0
+
+    def percentile_us(self, q: float) -> float | None:
+        if not self.latencies_ns:
+            return None
+        ordered = sorted(self.latencies_ns)
+        # Nearest rank: p99 of 1,000 samples is the 990th smallest.
+        rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
+        return ordered[rank - 1] / 1000
+
+    def summary(self) -> dict[str, float | None]:
+        return {
+            "rate": self.rate,
+            "p50_us": self.percentile_us(50),
+            "p99_us": self.percentile_us(99),
+            "cpu_us_per_op": self.cpu_us_per_op,
+        }
+
+
+#: Scenario ids in report order, with their titles and units.
+BATCH_SIZES = (10, 100, 1000)
+SCENARIOS: dict[str, tuple[str, str]] = {
+    "seq": ("Sequential set then get, one task", "ops/s"),
+    "mix": ("64 concurrent tasks, 80% get / 20% set", "ops/s"),
+    **{f"batch_get_{n}": (f"batch get of {n:,} keys", "keys/s") for n in BATCH_SIZES},
+    **{f"batch_set_{n}": (f"batch set of {n:,} keys", "keys/s") for n in BATCH_SIZES},
+}
+
+
+def supports(adapter: type[Adapter], scenario: str) -> bool:
+    if scenario.startswith("batch_get"):
+        return adapter.has_batch_get
+    if scenario.startswith("batch_set"):
+        return adapter.has_batch_set
+    return True
+
+
+async def prepare(adapter: Adapter) -> None:
+    """Fill the adapter's keyspace, check it reads back what it wrote, and warm its pool."""
+    keys = keys_for(adapter.slug)
+    if adapter.has_batch_set:
+        await adapter.batch_set(keys)
+    else:
+        for key in keys:
+            await adapter.set(key)
+    got = await adapter.get(keys[0])
+    if got != adapter.expected():
+        raise RuntimeError(f"{adapter.name}: read back {got!r:.80}, not the value it stored")
+    if adapter.has_batch_get:
+        values = await adapter.batch_get(keys[:10])
+        found = list(values.values()) if isinstance(values, dict) else list(values)
+        if found != [adapter.expected()] * 10:
+            raise RuntimeError(f"{adapter.name}: batch read did not return the 10 stored values")
+    # Open the pool's connections now, not during the first measurement.
+    await run_mix(adapter, mix_plan(64, 4, seed=1))
+
+
+async def run_seq(adapter: Adapter, pairs: int) -> Measure:
+    keys = keys_for(adapter.slug)
+    clock = time.perf_counter_ns
+    set_, get = adapter.set, adapter.get
+    lat: list[int] = []
+    gc.collect()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for i in range(pairs):
+        key = keys[i % KEYSPACE]
+        a = clock()
+        await set_(key)
+        b = clock()
+        await get(key)
+        lat.append(b - a)
+        lat.append(clock() - b)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return Measure(2 * pairs, wall, cpu, lat)
+
+
+async def run_mix(adapter: Adapter, plan: Sequence[Sequence[tuple[bool, int]]]) -> Measure:
+    keys = keys_for(adapter.slug)
+    clock = time.perf_counter_ns
+    set_, get = adapter.set, adapter.get
+    lat: list[int] = []
+
+    async def worker(ops: Sequence[tuple[bool, int]]) -> None:
+        for is_get, index in ops:
+            key = keys[index]
+            a = clock()
+            if is_get:
+                await get(key)
+            else:
+                await set_(key)
+            lat.append(clock() - a)
+
+    gc.collect()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker(ops) for ops in plan))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return Measure(sum(len(ops) for ops in plan), wall, cpu, lat)
+
+
+async def run_batch(adapter: Adapter, kind: str, size: int, calls: int) -> Measure:
+    """``calls`` batch calls of ``size`` keys; ops are keys, latencies are per call."""
+    keys = keys_for(adapter.slug)
+    chunks = [keys[(i * size) % KEYSPACE :][:size] for i in range(calls)]
+    chunks = [c if len(c) == size else keys[:size] for c in chunks]
+    call = adapter.batch_get if kind == "get" else adapter.batch_set
+    clock = time.perf_counter_ns
+    lat: list[int] = []
+    gc.collect()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for chunk in chunks:
+        a = clock()
+        await call(chunk)
+        lat.append(clock() - a)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return Measure(size * calls, wall, cpu, lat)
+
+
+async def measure(adapter: Adapter, scenario: str, plan: Plan) -> Measure:
+    """Run ``scenario`` once on ``adapter`` (bounded by ``plan.timeout``)."""
+    if scenario == "seq":
+        work = run_seq(adapter, plan.seq_pairs)
+    elif scenario == "mix":
+        work = run_mix(adapter, mix_plan(plan.mix_tasks, plan.mix_ops_per_task))
+    else:
+        _, kind, size = scenario.split("_")
+        work = run_batch(adapter, kind, int(size), plan.batch_calls[int(size)])
+    return await asyncio.wait_for(work, plan.timeout)

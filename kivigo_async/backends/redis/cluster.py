@@ -1,0 +1,705 @@
+"""The Redis Cluster / Valkey Cluster backend, on ``redis.asyncio.cluster.RedisCluster``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
+from redis.asyncio.connection import Connection
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.cluster import LoadBalancingStrategy
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    MovedError,
+    RedisClusterException,
+    RedisError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.retry import Retry
+
+from ...backend import BackendTransaction, TxOp
+from ...errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    CrossSlotError,
+    InvalidKeyError,
+    KeyNotFoundError,
+    KivigoError,
+    OperationTimeoutError,
+    TransactionConflictError,
+)
+from ._errors import translate
+from ._scan import SCAN_COUNT, decode_key, match_pattern
+from .options import RedisOptions, _default_pool_size
+from .standalone import RedisBackend
+
+__all__ = ["RedisClusterBackend", "RedisClusterOptions"]
+
+# Errors of redis-py's cluster layer: RedisClusterException is not a RedisError.
+_DRIVER_ERRORS = (RedisError, RedisClusterException)
+
+
+@dataclass(frozen=True)
+class RedisClusterOptions:
+    """How :class:`RedisClusterBackend` connects.
+
+    Durations are seconds. Fields shared with :class:`RedisOptions` mean the
+    same and are validated the same way.
+
+    Attributes:
+        addrs: seed nodes, ``"host:port"`` each; one reachable seed is enough,
+            the rest of the cluster is discovered from it.
+        username: the ACL user; ``None`` for the default user.
+        password: never shown in ``repr``, logs or error messages.
+        pool_size: connections per node, and the most calls in flight at once;
+            callers beyond it wait up to ``pool_timeout``.
+        max_retries: how many times a command is retried after a connection
+            error or a timeout, re-reading the cluster's layout first (that is
+            how a promoted replica is found after a failover). A retried write
+            may have been applied once already.
+        max_redirects: how many ``MOVED`` / ``ASK`` redirections one command
+            may follow.
+        read_from_replicas: send reads (``GET``, ``MGET``, ``EXISTS``, ``PTTL``)
+            round-robin to primaries and replicas (``SCAN`` always walks the
+            primaries). Replicas lag: a read may miss a write made just before it.
+        dial_timeout: bound on opening a connection.
+        read_timeout: bound on waiting for a reply; ``None`` waits forever.
+        write_timeout: ``None`` or equal to ``read_timeout`` (one socket timeout).
+        pool_timeout: how long a call waits for a free slot; ``None`` means
+            ``read_timeout + 1``.
+        tls: ``True`` (verified against the system trust store) or an
+            :class:`ssl.SSLContext`, used for every node.
+        client_name: sent with ``CLIENT SETNAME`` on every connection.
+        protocol: RESP version, 2 or 3; ``None`` for redis-py's default.
+
+    Example:
+        >>> opts = RedisClusterOptions(addrs=["10.0.0.1:7000", "10.0.0.2:7000"], password="s3cret")
+        >>> "s3cret" in repr(opts), opts.addrs
+        (False, ('10.0.0.1:7000', '10.0.0.2:7000'))
+    """
+
+    addrs: Sequence[str] = ("localhost:6379",)
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    pool_size: int = field(default_factory=_default_pool_size)
+    max_retries: int = 3
+    max_redirects: int = 16
+    read_from_replicas: bool = False
+    dial_timeout: float | None = 5.0
+    read_timeout: float | None = 3.0
+    write_timeout: float | None = None
+    pool_timeout: float | None = None
+    tls: bool | ssl.SSLContext = False
+    client_name: str | None = None
+    protocol: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.addrs, str) or not isinstance(self.addrs, Sequence):
+            raise ConfigurationError("addrs must be a list of 'host:port' strings")
+        object.__setattr__(self, "addrs", tuple(self.addrs))
+        if not self.addrs:
+            raise ConfigurationError("addrs needs at least one seed node")
+        for addr in self.addrs:
+            self.node_options(addr)  # validates addr and every shared field
+        if not isinstance(self.max_redirects, int) or isinstance(self.max_redirects, bool):
+            raise ConfigurationError(f"max_redirects must be an int, not {self.max_redirects!r}")
+        if self.max_redirects < 1:
+            raise ConfigurationError("max_redirects must be at least 1")
+        if not isinstance(self.read_from_replicas, bool):
+            raise ConfigurationError("read_from_replicas must be True or False")
+
+    def node_options(self, addr: str) -> RedisOptions:
+        """:class:`RedisOptions` for one node of the cluster (same credentials and limits)."""
+        return RedisOptions(
+            addr=addr,
+            username=self.username,
+            password=self.password,
+            pool_size=self.pool_size,
+            max_retries=self.max_retries,
+            dial_timeout=self.dial_timeout,
+            read_timeout=self.read_timeout,
+            write_timeout=self.write_timeout,
+            pool_timeout=self.pool_timeout,
+            tls=self.tls,
+            client_name=self.client_name,
+            protocol=self.protocol,
+            # One multiplexed connection is bound to one address; these
+            # connections must follow the primary (or serve WATCH), so use the pool.
+            auto_pipeline=False,
+        )
+
+    def replace(self, **changes: object) -> RedisClusterOptions:
+        """Return a copy with ``changes`` applied (and validated).
+
+        Example:
+            >>> RedisClusterOptions(addrs=["a:7000"]).replace(read_from_replicas=True).read_from_replicas
+            True
+        """
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: object) -> RedisClusterOptions:
+        """Parse a seed URL: ``redis[s]://[[user]:password@]host:port[?option=value...]``.
+
+        Takes the query options of :meth:`RedisOptions.from_url` (except ``db``:
+        a cluster has only database 0), plus ``max_redirects``,
+        ``read_from_replicas`` (``true``/``false``) and ``addr=host:port``
+        (repeatable) for more seed nodes. ``overrides`` win over the URL.
+
+        Example:
+            >>> o = RedisClusterOptions.from_url("redis://:pw@node1:7000?addr=node2:7000&read_from_replicas=true")
+            >>> (o.addrs, o.read_from_replicas)
+            (('node1:7000', 'node2:7000'), True)
+        """
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid Redis URL: {exc}") from None
+        if parts.scheme.lower() not in ("redis", "rediss", "valkey", "valkeys"):
+            raise ConfigurationError(f"unsupported URL scheme {parts.scheme!r}: use redis:// or rediss://")
+        query = parse_qs(parts.query, keep_blank_values=True)
+        extra_addrs = query.pop("addr", [])
+        kwargs: dict[str, object] = {}
+        if "max_redirects" in query:
+            raw = query.pop("max_redirects")[-1]
+            try:
+                kwargs["max_redirects"] = int(raw)
+            except ValueError:
+                raise ConfigurationError(f"max_redirects must be an integer, not {raw!r}") from None
+        if "read_from_replicas" in query:
+            raw = query.pop("read_from_replicas")[-1].lower()
+            if raw not in ("true", "false", "1", "0", "yes", "no"):
+                raise ConfigurationError(f"read_from_replicas must be true or false, not {raw!r}")
+            kwargs["read_from_replicas"] = raw in ("true", "1", "yes")
+        seed = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
+        base = RedisOptions.from_url(seed)
+        if base.db != 0:
+            raise ConfigurationError("a cluster has only database 0; remove the /db part of the URL")
+        kwargs.update(
+            addrs=(base.addr, *extra_addrs),
+            username=base.username,
+            password=base.password,
+            pool_size=base.pool_size,
+            max_retries=base.max_retries,
+            dial_timeout=base.dial_timeout,
+            read_timeout=base.read_timeout,
+            write_timeout=base.write_timeout,
+            pool_timeout=base.pool_timeout,
+            tls=base.tls,
+            client_name=base.client_name,
+            protocol=base.protocol,
+        )
+        kwargs.update(overrides)
+        try:
+            return cls(**kwargs)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise ConfigurationError(str(exc)) from None
+
+
+class _TLSConnection(Connection):
+    """A cluster node connection wrapped in the caller's :class:`ssl.SSLContext`."""
+
+    def __init__(self, *, tls_context: ssl.SSLContext, **kwargs: Any) -> None:
+        self._tls_context = tls_context
+        super().__init__(**kwargs)
+
+    def _connection_arguments(self) -> Mapping[str, Any]:
+        return {"host": self.host, "port": self.port, "ssl": self._tls_context}
+
+
+def _cluster_for(options: RedisClusterOptions) -> RedisCluster:
+    seeds = [RedisOptions(addr=addr) for addr in options.addrs]
+    kwargs: dict[str, Any] = {
+        "startup_nodes": [ClusterNode(seed.host, seed.port) for seed in seeds],
+        "username": options.username,
+        "password": options.password,
+        "client_name": options.client_name,
+        "max_connections": options.pool_size,
+        "socket_connect_timeout": options.dial_timeout,
+        "socket_timeout": options.read_timeout,
+        "encoding_errors": "surrogateescape",
+        "retry": Retry(ExponentialWithJitterBackoff(cap=0.512, base=0.008), options.max_retries),
+        # By default every 5th MOVED reply makes redis-py close *all* connections,
+        # breaking calls in flight on them; a MOVED reply updates that slot instead.
+        "reinitialize_steps": 0,
+    }
+    if options.protocol is not None:
+        kwargs["protocol"] = options.protocol
+    if options.read_from_replicas:
+        kwargs["load_balancing_strategy"] = LoadBalancingStrategy.ROUND_ROBIN
+    cluster = RedisCluster(**kwargs)
+    cluster.RedisClusterRequestTTL = options.max_redirects
+    tls_context = options.node_options(options.addrs[0]).ssl_context()
+    if tls_context is not None:
+        # redis-py builds TLS connections from loose arguments only; node connections
+        # are made from these kwargs (startup nodes got a copy already), so a ready
+        # context is swapped in before any connection exists.
+        cluster.connection_kwargs["connection_class"] = _TLSConnection
+        cluster.connection_kwargs["tls_context"] = tls_context
+        for node in cluster.startup_nodes:
+            node.connection_class = _TLSConnection
+            node.connection_kwargs["tls_context"] = tls_context
+    return cluster
+
+
+def _slot(key: str) -> int:
+    return key_slot(key.encode("utf-8", "surrogateescape"))
+
+
+class RedisClusterBackend:
+    """A backend on a Redis Cluster or Valkey Cluster.
+
+    Batches are split by hash slot: one command per slot (``MGET``, ``MSET``,
+    ``UNLINK``, ``EXISTS``; ``SET ... PX`` per key with a TTL), sent as one
+    pipeline per node, nodes in parallel, results in input order. A batch is
+    atomic per slot at most, never across slots. ``MOVED``/``ASK`` redirections
+    are followed; a multi-key command refused during a slot migration
+    (``TRYAGAIN``) is re-sent key by key, so callers see no error.
+
+    ``scan`` walks every primary. Transactions (``MULTI``/``EXEC`` with
+    ``WATCH``) run on the one node owning their keys, so every watched and
+    written key must hash to the same slot (use hash tags:
+    ``{user:1}:profile``, ``{user:1}:cart``); otherwise
+    :class:`~kivigo_async.errors.CrossSlotError` is raised before anything is
+    sent.
+
+    Example:
+        ```python
+        from kivigo_async import Client
+        from kivigo_async.backends.redis import RedisClusterBackend, RedisClusterOptions
+
+        backend = RedisClusterBackend(RedisClusterOptions(addrs=["10.0.0.1:7000", "10.0.0.2:7000"]))
+        async with Client(backend) as client:
+            await client.batch_set({"a": 1, "b": 2})            # one pipeline per node
+            async with client.transaction(watch=["{cart:7}:items"]) as tx:
+                tx.set("{cart:7}:total", 42)                    # same slot as the watched key
+        ```
+    """
+
+    def __init__(self, options: RedisClusterOptions | None = None) -> None:
+        self._options = options if options is not None else RedisClusterOptions()
+        self._cluster = _cluster_for(self._options)
+        self._seeds = ",".join(self._options.addrs)
+        # redis-py's cluster nodes fail (rather than wait) when their pool is
+        # exhausted; at most pool_size calls in flight keeps each node within it.
+        self._in_flight = asyncio.Semaphore(self._options.pool_size)
+        pool_timeout = self._options.pool_timeout
+        if pool_timeout is None and self._options.read_timeout is not None:
+            pool_timeout = self._options.read_timeout + 1
+        self._pool_timeout = pool_timeout
+        self._node_backends: dict[str, RedisBackend] = {}
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: object) -> RedisClusterBackend:
+        """Build a backend from a seed node URL; see :meth:`RedisClusterOptions.from_url`.
+
+        Example:
+            ```python
+            backend = RedisClusterBackend.from_url("redis://:secret@10.0.0.1:7000?addr=10.0.0.2:7000")
+            ```
+        """
+        return cls(RedisClusterOptions.from_url(url, **overrides))
+
+    def __repr__(self) -> str:
+        return f"RedisClusterBackend(addrs={list(self._options.addrs)!r})"
+
+    @property
+    def options(self) -> RedisClusterOptions:
+        """The options this backend was built with."""
+        return self._options
+
+    @property
+    def cluster(self) -> RedisCluster:
+        """The underlying ``redis.asyncio.cluster.RedisCluster``, for commands kivigo does not wrap."""
+        return self._cluster
+
+    # -- plumbing --------------------------------------------------------
+
+    def _node_of(self, key: str | None) -> str:
+        """The node serving ``key`` as far as we know, for error messages."""
+        if key is not None:
+            try:
+                node = self._cluster.nodes_manager.get_node_from_slot(_slot(key))
+                return str(node.name)
+            except Exception:  # unknown layout or unencodable key: name the seeds instead
+                pass
+        return f"cluster {self._seeds}"
+
+    def _error(self, exc: Exception, command: str, key: str | None = None) -> KivigoError:
+        node = self._node_of(key)
+        if isinstance(exc, SlotNotCoveredError) or (
+            isinstance(exc, RedisClusterException) and "cannot be connected" in str(exc)
+        ):
+            where = f"{command} on {node}" if key is None else f"{command} for key {key!r} on {node}"
+            return BackendUnavailableError(f"{where}: {exc}")
+        return translate(exc, command, key, node)
+
+    async def _run(self, command: str, key: str | None, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``call`` within the in-flight limit, translating driver errors."""
+        try:
+            await asyncio.wait_for(self._in_flight.acquire(), self._pool_timeout)
+        except asyncio.TimeoutError:
+            raise OperationTimeoutError(
+                f"{command} on cluster {self._seeds}: no free connection in the pool in time"
+            ) from None
+        try:
+            return await call()
+        except _DRIVER_ERRORS as exc:
+            raise self._error(exc, command, key) from exc
+        except UnicodeEncodeError as exc:
+            raise self._error(exc, command, key) from exc
+        finally:
+            self._in_flight.release()
+
+    def _exec(self, command: str, key: str, *args: Any) -> Awaitable[Any]:
+        execute: Callable[..., Awaitable[Any]] = self._cluster.execute_command
+
+        async def call() -> Any:
+            await self._ready()
+            try:
+                return await execute(command, key, *args)
+            except ClusterError as exc:
+                if "TTL exhausted" not in str(exc):
+                    raise
+                # redis-py gave up following redirections (see _redirected): do it ourselves.
+                return await self._redirected((command, key, *args))
+
+        return self._run(command, key, call)
+
+    async def _redirected(self, args: tuple[Any, ...]) -> Any:
+        """Run a single-key command, following ``MOVED`` / ``ASK`` / ``TRYAGAIN`` ourselves.
+
+        redis-py sends ``ASKING`` and the redirected command on two connections
+        taken from the node's pool; under concurrency they differ, the target
+        node answers ``MOVED`` back to the source, and the command bounces until
+        it gives up. Here both go in one pipeline, on one connection.
+        """
+        nodes = self._cluster.nodes_manager
+        slot = _slot(args[1])
+        ask_node: ClusterNode | None = None
+        for attempt in range(self._options.max_redirects):
+            node = ask_node if ask_node is not None else nodes.get_node_from_slot(slot)
+            commands = [PipelineCommand(0, *args)]
+            if ask_node is not None:
+                commands.insert(0, PipelineCommand(0, "ASKING"))
+            await node.execute_pipeline(commands)
+            result = commands[-1].result
+            ask_node = None
+            if isinstance(result, MovedError):
+                await nodes.move_slot(result)
+            elif isinstance(result, AskError):
+                ask_node = nodes.get_node(result.host, result.port)
+                if ask_node is None:  # a node we don't know yet: learn the layout
+                    await nodes.initialize()
+            elif isinstance(result, TryAgainError):
+                await asyncio.sleep(0.05 * (attempt + 1))
+            elif isinstance(result, Exception):
+                raise result
+            else:
+                return result
+        raise ClusterError(f"gave up after {self._options.max_redirects} redirections")
+
+    async def _ready(self) -> None:
+        # Commands issued before the layout is known are routed to a random node
+        # by redis-py (then redirected): learn the layout first, once.
+        initialize: Callable[[], Awaitable[Any]] = self._cluster.initialize
+        await initialize()
+
+    async def _primaries(self) -> list[ClusterNode]:
+        await self._run("CLUSTER SLOTS", None, self._ready)
+        primaries: list[ClusterNode] = self._cluster.get_primaries()
+        return primaries
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Discover the cluster's layout and check that every primary answers."""
+        await self.health()
+
+    async def close(self) -> None:
+        backends = list(self._node_backends.values())
+        self._node_backends.clear()
+        try:
+            for backend in backends:
+                await backend.close()
+            await self._cluster.aclose()
+        except _DRIVER_ERRORS as exc:
+            raise self._error(exc, "CLOSE") from exc
+
+    # -- AsyncBackend ----------------------------------------------------
+
+    async def get(self, key: str) -> bytes | None:
+        value: bytes | None = await self._exec("GET", key)
+        return value
+
+    async def set(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
+        if ttl_ms is None:
+            await self._exec("SET", key, value)
+        else:
+            await self._exec("SET", key, value, "PX", ttl_ms)
+
+    async def delete(self, key: str) -> bool:
+        return bool(await self._exec("UNLINK", key))
+
+    async def scan(self, prefix: str) -> AsyncIterator[str]:
+        pattern = match_pattern(prefix)
+        execute: Callable[..., Awaitable[Any]] = self._cluster.execute_command
+        # Each key lives on exactly one primary: walking every primary once covers
+        # the keyspace, and replicas (copies) are never asked.
+        for node in await self._primaries():
+            cursor: int = 0
+            while True:
+                reply = await self._run(
+                    "SCAN",
+                    None,
+                    lambda n=node, c=cursor: execute(  # type: ignore[misc]
+                        "SCAN", c, "MATCH", pattern, "COUNT", SCAN_COUNT, target_nodes=n
+                    ),
+                )
+                cursors, keys = reply
+                cursor = int(next(iter(cursors.values())))
+                for raw in keys:
+                    yield decode_key(raw)
+                if cursor == 0:
+                    break
+
+    # -- BatchBackend ----------------------------------------------------
+
+    @staticmethod
+    def _by_slot(keys: Sequence[str]) -> dict[int, list[int]]:
+        """Input positions grouped by hash slot, in first-seen order."""
+        groups: dict[int, list[int]] = {}
+        for index, key in enumerate(keys):
+            try:
+                slot = _slot(key)
+            except UnicodeEncodeError as exc:
+                raise InvalidKeyError(f"key {key!r} cannot be encoded as UTF-8 (a lone surrogate?)") from exc
+            groups.setdefault(slot, []).append(index)
+        return groups
+
+    async def _pipeline(self, name: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` as one pipeline per node, nodes in parallel; results in order.
+
+        A command redirected by ``MOVED`` / ``ASK`` (its slot moved, or is
+        moving), or refused with ``TRYAGAIN`` (a multi-key command whose keys
+        are split between two nodes mid-migration) is re-sent one key at a
+        time: redis-py follows the redirections of single-key commands.
+        """
+
+        async def send() -> list[Any]:
+            await self._ready()
+            pipe = self._cluster.pipeline()
+            for args in commands:
+                pipe.execute_command(*args)
+            # Redirections are ours to handle: redis-py would re-send a refused
+            # multi-key command as it is, and give up while the migration lasts.
+            results: list[Any] = await pipe.execute(raise_on_error=False, allow_redirections=False)
+            return results
+
+        results: list[Any] = await self._run(name, None, send)
+        redo: dict[int, list[tuple[Any, ...]]] = {}
+        for index, (args, result) in enumerate(zip(commands, results, strict=True)):
+            if isinstance(result, (AskError, TryAgainError)):  # MovedError is an AskError
+                redo[index] = _split(args)
+            elif isinstance(result, Exception):
+                raise self._error(result, name, args[1] if len(args) == 2 else None) from result
+        if redo:
+            singles = [single for parts in redo.values() for single in parts]
+            replies = iter(
+                await asyncio.gather(
+                    *(self._run(name, s[1], lambda s=s: self._redirected(s)) for s in singles)  # type: ignore[misc]
+                )
+            )
+            for index, parts in redo.items():
+                results[index] = _join(commands[index][0], [next(replies) for _ in parts])
+        return results
+
+    async def batch_get(self, keys: Sequence[str]) -> list[bytes | None]:
+        groups = self._by_slot(keys)
+        commands: list[tuple[Any, ...]] = [
+            ("GET", keys[idx[0]]) if len(idx) == 1 else ("MGET", *(keys[i] for i in idx))
+            for idx in groups.values()
+        ]
+        out: list[bytes | None] = [None] * len(keys)
+        for idx, result in zip(groups.values(), await self._pipeline("MGET", commands), strict=True):
+            values = [result] if len(idx) == 1 else result
+            for i, value in zip(idx, values, strict=True):
+                out[i] = value
+        return out
+
+    async def batch_set(self, items: Sequence[tuple[str, bytes]], ttl_ms: int | None = None) -> None:
+        groups = self._by_slot([key for key, _ in items])
+        commands: list[tuple[Any, ...]] = []
+        for idx in groups.values():
+            if ttl_ms is None:
+                args: list[Any] = ["MSET"]
+                for i in idx:
+                    args += items[i]
+                commands.append(tuple(args))
+            else:
+                commands += [("SET", items[i][0], items[i][1], "PX", ttl_ms) for i in idx]
+        await self._pipeline("MSET" if ttl_ms is None else "SET PX", commands)
+
+    async def batch_delete(self, keys: Sequence[str]) -> int:
+        groups = self._by_slot(keys)
+        commands = [("UNLINK", *(keys[i] for i in idx)) for idx in groups.values()]
+        return sum(int(n) for n in await self._pipeline("UNLINK", commands))
+
+    async def exists(self, keys: Sequence[str]) -> int:
+        groups = self._by_slot(keys)
+        commands = [("EXISTS", *(keys[i] for i in idx)) for idx in groups.values()]
+        return sum(int(n) for n in await self._pipeline("EXISTS", commands))
+
+    # -- TTLBackend ------------------------------------------------------
+
+    async def expire(self, key: str, ttl_ms: int) -> bool:
+        return bool(await self._exec("PEXPIRE", key, ttl_ms))
+
+    async def ttl(self, key: str) -> int | None:
+        ms = int(await self._exec("PTTL", key))
+        if ms == -2:
+            raise KeyNotFoundError(key)
+        return None if ms == -1 else ms
+
+    async def persist(self, key: str) -> bool:
+        return bool(await self._exec("PERSIST", key))
+
+    # -- HealthBackend ---------------------------------------------------
+
+    async def health(self) -> None:
+        """``PING`` every primary; the error names each node that failed."""
+        primaries = await self._primaries()
+        execute: Callable[..., Awaitable[Any]] = self._cluster.execute_command
+
+        async def ping(node: ClusterNode) -> None:
+            try:
+                await execute("PING", target_nodes=node)
+            except _DRIVER_ERRORS as exc:
+                raise translate(exc, "PING", None, str(node.name)) from exc
+
+        results = await asyncio.gather(*(ping(n) for n in primaries), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        for failure in failures:
+            if not isinstance(failure, Exception):
+                raise failure
+        if len(failures) == 1:
+            raise failures[0]
+        if failures:
+            summary = "; ".join(str(f) for f in failures)
+            raise type(failures[0])(f"{len(failures)} of {len(primaries)} primaries failed: {summary}")
+
+    # -- TransactionBackend ----------------------------------------------
+
+    def _one_slot(self, keys: Sequence[str], what: str) -> int:
+        slots = self._by_slot(keys)
+        if len(slots) > 1:
+            shown = ", ".join(f"{keys[idx[0]]!r} -> slot {slot}" for slot, idx in list(slots.items())[:4])
+            raise CrossSlotError(
+                f"{what}: every key of a cluster transaction must hash to one slot ({shown}); "
+                "give them a common hash tag, e.g. '{user:1}:a' and '{user:1}:b'"
+            )
+        return next(iter(slots))
+
+    async def _node_backend(self, slot: int) -> RedisBackend:
+        """A standalone backend on the primary owning ``slot`` (redis-py's cluster has no WATCH)."""
+        await self._run("CLUSTER SLOTS", None, self._ready)
+        node = self._cluster.nodes_manager.get_node_from_slot(slot)
+        name = str(node.name)
+        backend = self._node_backends.get(name)
+        if backend is None:
+            backend = RedisBackend(self._options.node_options(name))
+            self._node_backends[name] = backend
+        return backend
+
+    async def _moved(self, exc: KivigoError) -> KivigoError:
+        """A redirection inside a transaction means its slot moved: a conflict, worth a retry."""
+        cause = exc.__cause__
+        if isinstance(cause, AskError) or "MOVED" in str(exc) or "ASK " in str(exc):
+            # Re-read the layout so that the caller's retry goes to the new owner.
+            refresh: Callable[[], Awaitable[Any]] = self._cluster.nodes_manager.initialize
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await refresh()
+            conflict = TransactionConflictError(f"{exc}; the slot moved to another node, retry")
+            conflict.__cause__ = exc
+            return conflict
+        return exc
+
+    async def begin(self, watch: Sequence[str]) -> BackendTransaction:
+        if not watch:
+            return _ClusterTransaction(self, None, None)
+        slot = self._one_slot(watch, "WATCH")
+        backend = await self._node_backend(slot)
+        try:
+            inner = await backend.begin(watch)
+        except KivigoError as exc:
+            raise await self._moved(exc) from exc.__cause__
+        return _ClusterTransaction(self, slot, inner)
+
+
+def _split(args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """One single-key command per key of ``args``."""
+    command, rest = args[0], args[1:]
+    if command in ("GET", "SET"):
+        return [args]
+    if command == "MSET":
+        return [("SET", rest[i], rest[i + 1]) for i in range(0, len(rest), 2)]
+    single = "GET" if command == "MGET" else command
+    return [(single, key) for key in rest]
+
+
+def _join(command: str, results: list[Any]) -> Any:
+    """The reply ``command`` would have given, from the replies of its :func:`_split` parts."""
+    if command in ("GET", "SET"):
+        return results[0]
+    if command == "MGET":
+        return results
+    if command == "MSET":
+        return True
+    return sum(int(r) for r in results)
+
+
+class _ClusterTransaction:
+    def __init__(self, backend: RedisClusterBackend, slot: int | None, inner: BackendTransaction | None):
+        self._backend = backend
+        self._slot = slot
+        self._inner = inner
+
+    async def get(self, key: str) -> bytes | None:
+        if self._inner is not None and _slot(key) == self._slot:
+            # On the watching connection, like the standalone backend.
+            return await self._inner.get(key)
+        return await self._backend.get(key)
+
+    async def commit(self, ops: Sequence[TxOp]) -> None:
+        keys = [op[1] for op in ops]
+        if self._slot is None:
+            slot = self._backend._one_slot(keys, "EXEC")
+        else:
+            slot = self._slot
+            for key in keys:
+                if _slot(key) != slot:
+                    raise CrossSlotError(
+                        f"EXEC: key {key!r} is in slot {_slot(key)}, the watched keys in slot {slot}; "
+                        "give them a common hash tag, e.g. '{user:1}:a' and '{user:1}:b'"
+                    )
+        if self._inner is None:
+            self._slot = slot
+            self._inner = await (await self._backend._node_backend(slot)).begin(())
+        try:
+            await self._inner.commit(ops)
+        except KivigoError as exc:
+            raise await self._backend._moved(exc) from exc.__cause__
+
+    async def discard(self) -> None:
+        if self._inner is not None:
+            await self._inner.discard()

@@ -1,0 +1,320 @@
+"""The Redis Sentinel backend: a :class:`RedisBackend` whose pool follows the current primary."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
+from redis.exceptions import RedisError
+
+from ...errors import ConfigurationError
+from .options import RedisOptions, _default_pool_size
+from .standalone import RedisBackend, _pool_for
+
+__all__ = ["RedisSentinelBackend", "RedisSentinelOptions"]
+
+_log = logging.getLogger(__name__)
+
+# Pause before re-subscribing to a sentinel after losing it, so that a sentinel
+# outage never turns into a busy loop.
+_WATCH_RETRY_DELAY = 0.5
+
+
+@dataclass(frozen=True)
+class RedisSentinelOptions:
+    """How :class:`RedisSentinelBackend` finds and connects to the primary.
+
+    The data-connection fields (``username`` ... ``protocol``) mean what they
+    mean in :class:`RedisOptions` and are validated the same way.
+
+    Attributes:
+        sentinels: sentinel addresses, ``"host:port"`` each.
+        service_name: the name the sentinels monitor the primary under.
+        sentinel_username: the ACL user for the sentinels, if they need one.
+        sentinel_password: the sentinels' password (never shown), if any.
+        sentinel_tls: TLS for the sentinels; ``None`` means the same as ``tls``.
+
+    Example:
+        >>> opts = RedisSentinelOptions(sentinels=["s1:26379", "s2:26379"], service_name="cache",
+        ...                             password="s3cret", sentinel_password="t0ken")
+        >>> "s3cret" in repr(opts) or "t0ken" in repr(opts)
+        False
+    """
+
+    sentinels: Sequence[str] = ("localhost:26379",)
+    service_name: str = "mymaster"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    db: int = 0
+    pool_size: int = field(default_factory=_default_pool_size)
+    min_idle_conns: int = 0
+    max_retries: int = 3
+    dial_timeout: float | None = 5.0
+    read_timeout: float | None = 3.0
+    write_timeout: float | None = None
+    pool_timeout: float | None = None
+    tls: bool | ssl.SSLContext = False
+    client_name: str | None = None
+    protocol: int | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    sentinel_tls: bool | ssl.SSLContext | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sentinels, str) or not isinstance(self.sentinels, Sequence):
+            raise ConfigurationError("sentinels must be a list of 'host:port' strings")
+        object.__setattr__(self, "sentinels", tuple(self.sentinels))
+        if not self.sentinels:
+            raise ConfigurationError("sentinels needs at least one address")
+        if not isinstance(self.service_name, str) or not self.service_name:
+            raise ConfigurationError("service_name must be a non-empty string")
+        self.data_options()
+        for addr in self.sentinels:
+            self.sentinel_options(addr)
+
+    def data_options(self) -> RedisOptions:
+        """:class:`RedisOptions` for connections to the primary (its address comes from the sentinels)."""
+        return RedisOptions(
+            addr=self.sentinels[0],
+            username=self.username,
+            password=self.password,
+            db=self.db,
+            pool_size=self.pool_size,
+            min_idle_conns=self.min_idle_conns,
+            max_retries=self.max_retries,
+            dial_timeout=self.dial_timeout,
+            read_timeout=self.read_timeout,
+            write_timeout=self.write_timeout,
+            pool_timeout=self.pool_timeout,
+            tls=self.tls,
+            client_name=self.client_name,
+            protocol=self.protocol,
+            # One multiplexed connection is bound to one address; these
+            # connections must follow the primary (or serve WATCH), so use the pool.
+            auto_pipeline=False,
+        )
+
+    def sentinel_options(self, addr: str) -> RedisOptions:
+        """:class:`RedisOptions` for one sentinel."""
+        return RedisOptions(
+            addr=addr,
+            username=self.sentinel_username,
+            password=self.sentinel_password,
+            pool_size=2,
+            max_retries=self.max_retries,
+            dial_timeout=self.dial_timeout,
+            read_timeout=self.read_timeout,
+            tls=self.tls if self.sentinel_tls is None else self.sentinel_tls,
+        )
+
+    def replace(self, **changes: object) -> RedisSentinelOptions:
+        """Return a copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: object) -> RedisSentinelOptions:
+        """Parse ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db][?...]``.
+
+        ``rediss+sentinel://`` turns TLS on. The credentials are the primary's;
+        query options are those of :meth:`RedisOptions.from_url` plus
+        ``sentinel_username`` and ``sentinel_password``. ``overrides`` win.
+
+        Example:
+            >>> o = RedisSentinelOptions.from_url("redis+sentinel://:pw@s1:26379,s2:26379/cache/2")
+            >>> (o.sentinels, o.service_name, o.db)
+            (('s1:26379', 's2:26379'), 'cache', 2)
+        """
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid sentinel URL: {exc}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("redis+sentinel", "rediss+sentinel", "valkey+sentinel", "valkeys+sentinel"):
+            raise ConfigurationError(
+                f"unsupported URL scheme {scheme!r}: use redis+sentinel:// or rediss+sentinel://"
+            )
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        sentinels = [h.strip() for h in hosts.split(",") if h.strip()]
+        if not sentinels:
+            raise ConfigurationError("a sentinel URL needs at least one host:port")
+        sentinels = [h if h.rpartition(":")[2].isdigit() else f"{h}:26379" for h in sentinels]
+        path = [p for p in parts.path.split("/") if p]
+        if not path or len(path) > 2:
+            raise ConfigurationError("a sentinel URL needs a path /service_name[/db]")
+        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        kwargs: dict[str, object] = {"sentinels": sentinels, "service_name": unquote(path[0])}
+        for name in ("sentinel_username", "sentinel_password"):
+            if name in query:
+                kwargs[name] = query.pop(name)
+        # The data-connection part reads like a plain URL: let RedisOptions parse it.
+        plain = f"{scheme.partition('+')[0]}://{userinfo + '@' if userinfo else ''}{sentinels[0]}"
+        if len(path) == 2:
+            plain += f"/{path[1]}"
+        if query:
+            plain += "?" + urlencode(query)
+        base = RedisOptions.from_url(plain)
+        ours = {f.name for f in dataclasses.fields(cls)}
+        for f in dataclasses.fields(RedisOptions):
+            if f.name in ours:
+                kwargs.setdefault(f.name, getattr(base, f.name))
+        kwargs.update(overrides)
+        try:
+            return cls(**kwargs)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise ConfigurationError(str(exc)) from None
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel-managed connections in a pool that waits for a free one, like the standalone pool."""
+
+
+class _SentinelTLSConnection(SentinelManagedConnection):
+    """A sentinel-managed connection wrapped in the caller's :class:`ssl.SSLContext`."""
+
+    def __init__(self, *, tls_context: ssl.SSLContext, **kwargs: Any) -> None:
+        self._tls_context = tls_context
+        init: Callable[..., None] = super().__init__
+        init(**kwargs)
+
+    def _connection_arguments(self) -> Mapping[str, Any]:
+        return {"host": self.host, "port": self.port, "ssl": self._tls_context}
+
+
+# redis-py leaves these untyped; typed references keep the rest checked.
+_make_sentinel: Callable[..., Sentinel] = Sentinel
+_make_pool: Callable[..., _BlockingSentinelPool] = _BlockingSentinelPool
+
+
+class RedisSentinelBackend(RedisBackend):
+    """A backend on the primary of a Sentinel-monitored Redis / Valkey deployment.
+
+    Every command is :class:`RedisBackend`'s; only the connection pool
+    differs: each new connection asks the sentinels for the primary's address.
+    After :meth:`connect` the backend also listens for the sentinels'
+    ``+switch-master`` announcements and drops its connections to a demoted
+    primary at once, so writes go to the new primary right after a failover
+    (without it, they follow once the old primary refuses writes or goes away).
+
+    Example:
+        ```python
+        from kivigo_async import Client
+        from kivigo_async.backends.redis import RedisSentinelBackend, RedisSentinelOptions
+
+        options = RedisSentinelOptions(sentinels=["s1:26379", "s2:26379", "s3:26379"], service_name="cache")
+        async with Client(RedisSentinelBackend(options)) as client:
+            await client.set("k", "v")
+        ```
+    """
+
+    def __init__(self, options: RedisSentinelOptions | None = None) -> None:
+        sentinel_options = options if options is not None else RedisSentinelOptions()
+        super().__init__(sentinel_options.data_options())
+        self._sentinel_options = sentinel_options
+        # The standalone pool built above carries our timeouts, credentials, retry
+        # policy and TLS context; the sentinel pool reuses its settings, minus the
+        # fixed address (never connected, so nothing to close).
+        kwargs = dict(self._pool.connection_kwargs)
+        kwargs.pop("host", None)
+        kwargs.pop("port", None)
+        tls_context = kwargs.pop("tls_context", None)
+        kwargs["connection_class"] = SentinelManagedConnection
+        if tls_context is not None:
+            kwargs["connection_class"] = _SentinelTLSConnection
+            kwargs["tls_context"] = tls_context
+        self._sentinel = _make_sentinel([])
+        self._sentinel.sentinels = [
+            Redis.from_pool(_pool_for(sentinel_options.sentinel_options(addr)))
+            for addr in sentinel_options.sentinels
+        ]
+        self._pool = _make_pool(
+            sentinel_options.service_name,
+            self._sentinel,
+            max_connections=self._pool.max_connections,
+            timeout=self._pool.timeout,
+            **kwargs,
+        )
+        self._redis = Redis.from_pool(self._pool)
+        self._exec = self._redis.execute_command
+        self._node = f"{sentinel_options.service_name} (via sentinels {','.join(sentinel_options.sentinels)})"
+        self._watcher: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: object) -> RedisSentinelBackend:
+        """Build a backend from a ``redis+sentinel://`` URL; see :meth:`RedisSentinelOptions.from_url`.
+
+        Example:
+            ```python
+            backend = RedisSentinelBackend.from_url("redis+sentinel://:secret@s1:26379,s2:26379/cache")
+            ```
+        """
+        return cls(RedisSentinelOptions.from_url(url, **overrides))
+
+    def __repr__(self) -> str:
+        opts = self._sentinel_options
+        return (
+            f"RedisSentinelBackend(service_name={opts.service_name!r}, "
+            f"sentinels={list(opts.sentinels)!r}, db={opts.db})"
+        )
+
+    @property
+    def sentinel_options(self) -> RedisSentinelOptions:
+        """The options this backend was built with."""
+        return self._sentinel_options
+
+    @property
+    def sentinel(self) -> Sentinel:
+        """The underlying ``redis.asyncio.sentinel.Sentinel``."""
+        return self._sentinel
+
+    async def connect(self) -> None:
+        """Find the primary, check it answers, and start following failovers."""
+        await super().connect()
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._follow_failovers(), name=f"kivigo {self._node}")
+
+    async def close(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        try:
+            await super().close()
+        finally:
+            close_sentinels: Callable[[], Awaitable[None]] = self._sentinel.aclose
+            with contextlib.suppress(RedisError):
+                await close_sentinels()
+
+    async def _follow_failovers(self) -> None:
+        service = self._sentinel_options.service_name.encode()
+        index = 0
+        while True:
+            sentinel = self._sentinel.sentinels[index % len(self._sentinel.sentinels)]
+            index += 1
+            pubsub = sentinel.pubsub()
+            try:
+                await pubsub.subscribe("+switch-master")
+                async for message in pubsub.listen():
+                    data = message.get("data")
+                    if message.get("type") != "message" or not isinstance(data, bytes):
+                        continue
+                    # "<service> <old-ip> <old-port> <new-ip> <new-port>"
+                    if data.split(b" ", 1)[0] == service:
+                        _log.info("%s: primary switched, reconnecting (%s)", self._node, data.decode())
+                        await self._pool.disconnect(inuse_connections=True)
+            except (RedisError, OSError) as exc:
+                _log.debug("%s: lost a sentinel subscription: %s", self._node, exc)
+            finally:
+                close_pubsub: Callable[[], Awaitable[None]] = pubsub.aclose
+                with contextlib.suppress(RedisError, OSError):
+                    await close_pubsub()
+            await asyncio.sleep(_WATCH_RETRY_DELAY)

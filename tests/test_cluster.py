@@ -1,0 +1,335 @@
+"""Cluster-specific behaviour of RedisClusterBackend, on real Valkey / Redis clusters.
+
+Batches split by slot and node (one pipeline per node), scans over primaries
+only, transactions confined to one slot, health naming the failed node,
+recovery after a failover, and options / URL parsing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis
+from redis.asyncio.cluster import ClusterNode
+from redis.crc import key_slot
+
+from kivigo_async import Client
+from kivigo_async.backends.redis import RedisClusterBackend, RedisClusterOptions
+from kivigo_async.errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    CrossSlotError,
+    HealthCheckError,
+    InvalidArgumentError,
+)
+from kivigo_async.testing.pytest_plugin import ClusterFactory
+from kivigo_async.testing.servers import RedisServer, free_port
+from kivigo_async.testing.topologies import RedisCluster
+
+
+def sync_client(node: RedisServer) -> redis.Redis:
+    return redis.Redis(host=node.host, port=node.port, socket_timeout=5)
+
+
+def command_calls(node: RedisServer) -> Counter[str]:
+    """Calls per command on ``node`` since its last CONFIG RESETSTAT."""
+    with sync_client(node) as client:
+        stats: dict[str, Any] = client.info("commandstats")
+    return Counter({name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()})
+
+
+def reset_stats(cluster: RedisCluster) -> None:
+    """Zero the command counters, once replicas have applied earlier writes (which they count)."""
+    for node in cluster.primaries():
+        with sync_client(node) as client:
+            client.execute_command("WAIT", 1, 10_000)
+    for node in cluster.running_nodes():
+        with sync_client(node) as client:
+            client.config_resetstat()
+
+
+@pytest.fixture
+async def backend(redis_cluster: RedisCluster) -> AsyncIterator[RedisClusterBackend]:
+    redis_cluster.flushall()
+    backend = RedisClusterBackend(RedisClusterOptions(addrs=redis_cluster.addrs[:1]))
+    yield backend
+    await backend.close()
+
+
+async def test_batch_get_is_one_pipeline_per_node(
+    backend: RedisClusterBackend, redis_cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = Client(backend)
+    data = {f"user:{i}": i for i in range(1000)}
+    await client.batch_set(data)
+    keys = list(data)
+    random.Random(7).shuffle(keys)
+    keys.insert(500, "missing")
+
+    pipelines: Counter[str] = Counter()
+    singles: Counter[str] = Counter()
+    real_pipeline = ClusterNode.execute_pipeline
+    real_command = ClusterNode.execute_command
+
+    async def count_pipeline(node: ClusterNode, commands: list[Any]) -> bool:
+        pipelines[node.name] += 1
+        return await real_pipeline(node, commands)
+
+    async def count_command(node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
+        singles[node.name] += 1
+        return await real_command(node, *args, **kwargs)
+
+    monkeypatch.setattr(ClusterNode, "execute_pipeline", count_pipeline)
+    monkeypatch.setattr(ClusterNode, "execute_command", count_command)
+    reset_stats(redis_cluster)
+    values = await backend.batch_get(keys)
+    monkeypatch.undo()
+
+    primaries = redis_cluster.primaries()
+    assert len(primaries) == 3
+    # One round trip per primary, nothing sent key by key.
+    assert pipelines == Counter({f"{p.host}:{p.port}": 1 for p in primaries})
+    assert not singles
+    # Results come back in input order, missing keys as None.
+    assert values == [None if k == "missing" else str(data[k]).encode() for k in keys]
+    # The server side agrees: one GET or MGET per slot, spread over all three primaries.
+    slots = {key_slot(k.encode()) for k in keys}
+    per_node = [command_calls(p)["get"] + command_calls(p)["mget"] for p in primaries]
+    assert all(calls > 0 for calls in per_node)
+    assert sum(per_node) == len(slots)
+    assert all(command_calls(r)["get"] + command_calls(r)["mget"] == 0 for r in redis_cluster.replicas())
+
+
+async def test_batches_across_slots(backend: RedisClusterBackend) -> None:
+    client = Client(backend)
+    data = {f"{{tag}}:{i}": i for i in range(20)} | {f"free:{i}": i for i in range(200)}
+    await client.batch_set(data, ttl=60)
+    assert await client.batch_get(list(data), int) == data
+    keys = [*data, "free:0", "nope"]
+    assert await backend.exists(keys) == len(data) + 1  # duplicates count twice
+    assert await client.batch_delete(["free:0", "free:0", "{tag}:1", "nope"]) == 2
+    assert await client.list("{tag}:") == sorted(k for k in data if k.startswith("{tag}") and k != "{tag}:1")
+    remaining = await client.ttl("free:5")
+    assert remaining is not None
+    assert 0 < remaining <= 60
+
+
+async def test_scan_covers_every_primary_without_replica_duplicates(
+    backend: RedisClusterBackend, redis_cluster: RedisCluster
+) -> None:
+    client = Client(backend)
+    keys = [f"scan:{i}" for i in range(3000)]
+    await client.batch_set(dict.fromkeys(keys, 1))
+    for primary in redis_cluster.primaries():
+        with sync_client(primary) as direct:
+            assert direct.dbsize() > 0
+            # Replicas hold copies too: scanning them would yield each key twice.
+            assert direct.execute_command("WAIT", 1, 10_000) == 1
+    for replica in redis_cluster.replicas():
+        with sync_client(replica) as direct:
+            assert direct.dbsize() > 0
+    streamed = [key async for key in client.iter_keys("scan:")]
+    assert len(streamed) == len(keys)
+    assert sorted(streamed) == sorted(keys)
+
+    replica_reads = RedisClusterBackend(
+        RedisClusterOptions(addrs=redis_cluster.addrs, read_from_replicas=True)
+    )
+    try:
+        assert await Client(replica_reads).list("scan:") == sorted(keys)
+        assert await replica_reads.batch_get(keys[:50]) == [b"1"] * 50
+    finally:
+        await replica_reads.close()
+
+
+async def test_cross_slot_transaction_sends_nothing(
+    backend: RedisClusterBackend, redis_cluster: RedisCluster
+) -> None:
+    client = Client(backend)
+    await client.set("{o}:stock", 5)
+    reset_stats(redis_cluster)
+    with pytest.raises(CrossSlotError, match="hash tag") as info:
+        async with client.transaction() as tx:
+            tx.set("a", 1)
+            tx.set("b", 2)
+    assert isinstance(info.value, InvalidArgumentError)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(CrossSlotError):
+        async with client.transaction(watch=["a", "b"]):
+            pass
+    with pytest.raises(CrossSlotError, match="'other'"):
+        async with client.transaction(watch=["{o}:stock"]) as tx:
+            tx.set("{o}:stock", 4)
+            tx.set("other", 1)
+    sent: Counter[str] = Counter()
+    for node in redis_cluster.primaries():
+        sent += command_calls(node)
+    # The WATCH of the last transaction went out (it was valid); nothing else did.
+    assert sent["watch"] == 1
+    for command in ("multi", "exec", "set", "unlink"):
+        assert sent[command] == 0, command
+    assert await client.batch_get(["a", "b", "other", "{o}:stock"]) == {"{o}:stock": 5}
+
+
+async def test_transaction_on_the_slot_owner(
+    backend: RedisClusterBackend, redis_cluster: RedisCluster
+) -> None:
+    client = Client(backend)
+    await client.set("{cart:7}:total", 10)
+    async with client.transaction(watch=["{cart:7}:total"]) as tx:
+        total = await tx.get("{cart:7}:total", int)
+        assert await tx.get("elsewhere", default=None) is None  # other slots read normally
+        tx.set("{cart:7}:total", total + 5)
+        tx.set("{cart:7}:items", ["apple"])
+        tx.delete("{cart:7}:old")
+    assert await client.batch_get(["{cart:7}:total", "{cart:7}:items"]) == {
+        "{cart:7}:total": 15,
+        "{cart:7}:items": ["apple"],
+    }
+    owner = redis_cluster.node_for_slot(key_slot(b"cart:7"))
+    with sync_client(owner) as direct:
+        assert direct.get("{cart:7}:total") == b"15"
+
+
+async def test_health_names_the_failed_primary(redis_cluster_factory: ClusterFactory) -> None:
+    cluster = redis_cluster_factory(node_timeout_ms=1000)
+    backend = RedisClusterBackend(RedisClusterOptions(addrs=cluster.addrs, max_retries=0, dial_timeout=2))
+    async with Client(backend) as client:
+        await client.health()
+        await client.batch_set({f"k{i}": i for i in range(100)})
+        victim = cluster.primaries()[1]
+        victim.kill()
+        with pytest.raises(HealthCheckError) as info:
+            await client.health()
+        assert f":{victim.port}" in str(info.value)
+        assert isinstance(info.value.errors[0], BackendUnavailableError)
+        others = [node for node in cluster.nodes if node is not victim]
+        assert all(f":{p.port}" not in str(info.value) for p in others)
+
+        # A replica takes over; the backend re-reads the layout and recovers.
+        await asyncio.to_thread(cluster.wait_ready, 60.0, expected_nodes=5)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await client.health()
+                break
+            except HealthCheckError:
+                assert time.monotonic() < deadline, "health never recovered after the failover"
+                await asyncio.sleep(0.5)
+        assert await client.batch_get([f"k{i}" for i in range(100)]) == {f"k{i}": i for i in range(100)}
+
+
+async def test_redis_server_cluster(redis_cluster_factory: ClusterFactory) -> None:
+    cluster = redis_cluster_factory("redis")
+    backend = RedisClusterBackend.from_url(f"redis://{cluster.addrs[0]}?addr={cluster.addrs[1]}")
+    async with Client(backend) as client:
+        data = {f"r:{i}": i for i in range(300)}
+        await client.batch_set(data)
+        assert await client.batch_get(list(data)) == data
+        assert await client.list("r:") == sorted(data)
+        async with client.transaction(watch=["{r}n"]) as tx:
+            tx.set("{r}n", 1)
+        assert await client.get("{r}n") == 1
+
+
+async def test_unreachable_seeds() -> None:
+    port = free_port()
+    backend = RedisClusterBackend(
+        RedisClusterOptions(addrs=[f"127.0.0.1:{port}"], max_retries=0, dial_timeout=1)
+    )
+    try:
+        with pytest.raises(BackendUnavailableError, match=f"127.0.0.1:{port}"):
+            await backend.get("k")
+        with pytest.raises(BackendUnavailableError, match=f"127.0.0.1:{port}"):
+            await backend.health()
+    finally:
+        await backend.close()
+
+
+def test_options_validation_and_url() -> None:
+    opts = RedisClusterOptions.from_url(
+        "rediss://app:p%40ss@n1:7000?addr=n2:7001&addr=n3:7002&max_redirects=5&read_from_replicas=yes"
+        "&pool_size=4&read_timeout=1.5"
+    )
+    assert opts.addrs == ("n1:7000", "n2:7001", "n3:7002")
+    assert (opts.username, opts.password, opts.max_redirects) == ("app", "p@ss", 5)
+    assert (opts.read_from_replicas, opts.pool_size, opts.read_timeout) == (True, 4, 1.5)
+    assert bool(opts.tls)
+    assert "p@ss" not in repr(opts)
+    assert "p@ss" not in repr(RedisClusterBackend(opts))
+    assert opts.node_options("n9:7000").password == "p@ss"
+    for bad_url in (
+        "redis://n1:7000/2",
+        "unix:///tmp/s",
+        "redis://n1:7000?bogus=1",
+        "redis://n1?max_redirects=x",
+    ):
+        with pytest.raises(ConfigurationError):
+            RedisClusterOptions.from_url(bad_url)
+    bad_options: list[dict[str, Any]] = [
+        {"addrs": "n1:7000"},
+        {"addrs": []},
+        {"addrs": ["n1"]},
+        {"max_redirects": 0},
+        {"pool_size": 0},
+        {"read_timeout": -1},
+        {"read_from_replicas": "yes"},
+    ]
+    for bad in bad_options:
+        with pytest.raises(ConfigurationError):
+            RedisClusterOptions(**bad)
+    assert RedisClusterOptions(addrs=["n1:7000"]).replace(pool_size=3).pool_size == 3
+
+
+def migrate_slot(cluster: RedisCluster, slot: int, target: RedisServer, pause: float) -> int:
+    """Move ``slot`` to ``target`` the way ``--cluster reshard`` does, a few keys at a time."""
+    source = cluster.node_for_slot(slot)
+    with sync_client(source) as src, sync_client(target) as dst:
+        source_id, target_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
+        dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+        moved = 0
+        while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 5):
+            src.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+            time.sleep(pause)
+        for node in cluster.primaries():
+            with sync_client(node) as each:
+                each.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+    return moved
+
+
+async def test_batches_during_slot_migration(redis_cluster_factory: ClusterFactory) -> None:
+    cluster = redis_cluster_factory(node_timeout_ms=5000)
+    backend = RedisClusterBackend(RedisClusterOptions(addrs=cluster.addrs))
+    async with Client(backend) as client:
+        tagged = {f"{{mig}}:{i}": i for i in range(200)}  # one slot, moved mid-test
+        others = {f"other:{i}": i for i in range(100)}
+        await client.batch_set(tagged | others)
+        slot = key_slot(b"mig")
+        source = cluster.node_for_slot(slot)
+        target = next(p for p in cluster.primaries() if p is not source)
+
+        migration = asyncio.create_task(asyncio.to_thread(migrate_slot, cluster, slot, target, 0.02))
+        rounds = 0
+        try:
+            while not migration.done() or rounds < 3:
+                rounds += 1
+                assert await client.batch_get(list(tagged | others), int) == tagged | others
+                assert await client.has_keys(list(tagged))
+                await client.batch_set({"{mig}:new": rounds, "{mig}:0": 0, "other:0": 0})
+                assert await client.get("{mig}:new") == rounds
+        finally:
+            moved = await asyncio.wait_for(migration, 120)
+        assert moved == len(tagged) + 1
+        assert cluster.node_for_slot(slot) is target
+        assert await client.batch_get(list(tagged), int) == tagged
+        assert await client.batch_delete(list(tagged)) == len(tagged)
+        with sync_client(target) as direct:
+            assert direct.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 1  # only {mig}:new left

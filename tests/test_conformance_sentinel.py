@@ -1,0 +1,146 @@
+"""The conformance suite through Redis Sentinel, and the backend following a failover."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from kivigo_async import Client
+from kivigo_async.backends.redis import RedisSentinelBackend, RedisSentinelOptions
+from kivigo_async.errors import BackendUnavailableError, ConfigurationError
+from kivigo_async.testing.conformance import BackendConformance
+from kivigo_async.testing.pytest_plugin import SentinelFactory
+from kivigo_async.testing.topologies import RedisSentinel
+
+
+def sentinel_options(topology: RedisSentinel, **overrides: object) -> RedisSentinelOptions:
+    return RedisSentinelOptions(
+        sentinels=topology.sentinel_addrs,
+        service_name=topology.service_name,
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+class TestSentinelConformance(BackendConformance):
+    @pytest.fixture
+    async def kv_backend(self, redis_sentinel: RedisSentinel) -> AsyncIterator[RedisSentinelBackend]:
+        redis_sentinel.flushall()
+        backend = RedisSentinelBackend(sentinel_options(redis_sentinel))
+        yield backend
+        await backend.close()
+
+
+async def read_from(addr: str, key: str) -> bytes | None:
+    host, _, port = addr.rpartition(":")
+    async with aioredis.Redis(host=host, port=int(port)) as direct:
+        value = await direct.get(key)
+        assert value is None or isinstance(value, bytes)
+        return value
+
+
+async def write_until(client: Client, key: str, deadline: float) -> int:
+    """Write increasing numbers to ``key`` until ``deadline``; return the last one written."""
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+        await client.set(key, n)
+        await asyncio.sleep(0.02)
+    return n
+
+
+async def test_follows_sentinel_failover(redis_sentinel_factory: SentinelFactory) -> None:
+    topology = redis_sentinel_factory()
+    old = topology.master_addr()
+    async with Client(RedisSentinelBackend(sentinel_options(topology))) as client:  # connect(): watches
+        await client.set("before", 1)
+        new = await asyncio.to_thread(topology.failover, 60.0)
+        assert new != old
+        # Right after the switch, writes land on the new primary, not the demoted one.
+        for i in range(20):
+            await client.set("after", i)
+        assert await client.get("after") == 19
+        assert await read_from(new, "after") == b"19"
+        assert await client.get("before") == 1  # replicated before the failover
+
+
+async def test_follows_failover_without_connect(redis_sentinel_factory: SentinelFactory) -> None:
+    # Without connect() there is no +switch-master listener: the pooled connections
+    # follow when the sentinels demote the old primary (which drops its clients).
+    topology = redis_sentinel_factory()
+    backend = RedisSentinelBackend(sentinel_options(topology))
+    client = Client(backend)
+    try:
+        await client.set("k", 0)
+        new = await asyncio.to_thread(topology.failover, 60.0, replication=True)
+        deadline = time.monotonic() + 60
+        while True:
+            await client.set("k", "after")
+            if await read_from(new, "k") == b'"after"':
+                break
+            assert time.monotonic() < deadline, "writes never reached the new primary"
+            await asyncio.sleep(0.2)
+        assert await client.get("k") == "after"
+    finally:
+        await backend.close()
+
+
+async def test_writes_continue_through_failover(redis_sentinel_factory: SentinelFactory) -> None:
+    topology = redis_sentinel_factory()
+    backend = RedisSentinelBackend(sentinel_options(topology, max_retries=10))
+    async with Client(backend) as client:
+        writer = asyncio.create_task(write_until(client, "loop", time.monotonic() + 4))
+        try:
+            new = await asyncio.to_thread(topology.failover, 60.0)
+            last = await asyncio.wait_for(writer, 60)
+        finally:
+            writer.cancel()
+        assert last > 0
+        # Once the writer is done, the final value is on the new primary.
+        assert await read_from(new, "loop") == str(last).encode()
+
+
+async def test_unknown_service_is_unavailable(redis_sentinel: RedisSentinel) -> None:
+    backend = RedisSentinelBackend(
+        RedisSentinelOptions(sentinels=redis_sentinel.sentinel_addrs, service_name="nope", max_retries=0)
+    )
+    try:
+        with pytest.raises(BackendUnavailableError, match="nope"):
+            await backend.set("k", b"v")
+    finally:
+        await backend.close()
+
+
+def test_options_validation_and_url() -> None:
+    opts = RedisSentinelOptions.from_url(
+        "redis+sentinel://app:p%40ss@s1:26379,s2/cache/3?sentinel_password=tok&read_timeout=2"
+    )
+    assert opts.sentinels == ("s1:26379", "s2:26379")
+    assert (opts.service_name, opts.db, opts.username, opts.password) == ("cache", 3, "app", "p@ss")
+    assert (opts.sentinel_password, opts.read_timeout) == ("tok", 2.0)
+    assert "p@ss" not in repr(opts)
+    assert "tok" not in repr(opts)
+    assert bool(RedisSentinelOptions.from_url("rediss+sentinel://s1:26379/cache").tls)
+    for bad in ("redis://s1:26379/cache", "redis+sentinel://s1:26379", "redis+sentinel://s1/c?bogus=1"):
+        with pytest.raises(ConfigurationError):
+            RedisSentinelOptions.from_url(bad)
+    with pytest.raises(ConfigurationError):
+        RedisSentinelOptions(sentinels="s1:26379")
+    with pytest.raises(ConfigurationError):
+        RedisSentinelOptions(sentinels=[])
+    with pytest.raises(ConfigurationError):
+        RedisSentinelOptions(sentinels=["s1:26379"], service_name="")
+    with pytest.raises(ConfigurationError):
+        RedisSentinelOptions(sentinels=["nocolon"])
+
+
+def test_repr_hides_passwords() -> None:
+    backend = RedisSentinelBackend(
+        RedisSentinelOptions(sentinels=["127.0.0.1:1"], password="hunter2", sentinel_password="tok3n")
+    )
+    assert "hunter2" not in repr(backend)
+    assert "tok3n" not in repr(backend)
+    assert "mymaster" in repr(backend)
