@@ -354,7 +354,9 @@ class JsonCodec:
     def _resolve(self, tp: Any) -> _Decoder:
         decoder: _Decoder
         if tp is object or tp is Any:
-            decoder = orjson.loads
+            # msgspec's untyped decoder is faster than orjson.loads here and keeps
+            # integers wider than 64 bits exact instead of turning them into floats.
+            decoder = msgspec.json.Decoder().decode
         elif _is_pydantic_model(tp) and callable(getattr(tp, "model_validate_json", None)):
             decoder = tp.model_validate_json
         else:
