@@ -11,7 +11,14 @@ Example:
     ```
 """
 
-from .backend import AsyncBackend, BatchBackend, HealthBackend, TransactionBackend, TTLBackend
+from .backend import (
+    AsyncBackend,
+    BatchBackend,
+    HealthBackend,
+    LeaseBackend,
+    TransactionBackend,
+    TTLBackend,
+)
 from .client import Client, HealthCheck, Transaction
 from .codecs import Codec, CompressedCodec, EncryptedCodec, JsonCodec, MsgspecCodec
 from .errors import (
@@ -33,6 +40,7 @@ from .errors import (
 )
 from .health import HealthReport, HealthStatus, HealthWatcher
 from .hooks import EventType, HookEvent, HookHandle, HookRegistry
+from .keys import KeyRegistry, KeyTemplate, KeyVars, default_registry
 
 __version__ = "0.1.0"
 
@@ -63,7 +71,11 @@ __all__ = [
     "InvalidKeyError",
     "JsonCodec",
     "KeyNotFoundError",
+    "KeyRegistry",
+    "KeyTemplate",
+    "KeyVars",
     "KivigoError",
+    "LeaseBackend",
     "MsgspecCodec",
     "OperationTimeoutError",
     "PermissionDeniedError",
@@ -73,4 +85,5 @@ __all__ = [
     "TransactionConflictError",
     "UnsupportedOperationError",
     "__version__",
+    "default_registry",
 ]

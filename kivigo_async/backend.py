@@ -34,6 +34,7 @@ __all__ = [
     "BatchBackend",
     "ConnectableBackend",
     "HealthBackend",
+    "LeaseBackend",
     "TTLBackend",
     "TransactionBackend",
     "TxDelete",
@@ -167,4 +168,32 @@ class ConnectableBackend(Protocol):
 
     async def connect(self) -> None:
         """Open connections now and check that the backend answers."""
+        ...
+
+
+@runtime_checkable
+class LeaseBackend(Protocol):
+    """Short-lived exclusive leases, the distributed half of ``Client.get_or_set``.
+
+    A lease is a key holding a random token with an expiry: taking it is
+    "set if absent" (Redis ``SET NX PX``), giving it back is "delete if it
+    still holds my token" (a compare-and-delete), so a holder whose lease
+    expired and was taken over can never remove the new holder's lease.
+
+    Example:
+        ```python
+        if await backend.acquire_lease("kivigo:lease:{report}", token, 10_000):
+            try:
+                ...  # only one holder at a time, across processes
+            finally:
+                await backend.release_lease("kivigo:lease:{report}", token)
+        ```
+    """
+
+    async def acquire_lease(self, key: str, token: bytes, ttl_ms: int) -> bool:
+        """Store ``token`` under ``key`` for ``ttl_ms`` unless ``key`` exists; return whether it did."""
+        ...
+
+    async def release_lease(self, key: str, token: bytes) -> bool:
+        """Delete ``key`` if it still holds ``token``; return whether it was deleted."""
         ...

@@ -18,6 +18,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, TypeVar, Union, overload
 
+from ._singleflight import CacheFiller, result_type
 from .backend import (
     AsyncBackend,
     BackendTransaction,
@@ -344,6 +345,100 @@ class Client:
             return await self._batch.exists(unique) == len(unique)
         values = await asyncio.gather(*(self._backend.get(k) for k in unique))
         return all(v is not None for v in values)
+
+    # -- cache fill ------------------------------------------------------
+
+    # Created on the first get_or_set: most clients never call it.
+    _filler: CacheFiller | None = None
+
+    @overload
+    async def get_or_set(
+        self,
+        key: str,
+        factory: Callable[[], Awaitable[T]],
+        *,
+        type: builtins.type[T] | None = None,
+        ttl: TTLLike | None = None,
+        lock_ttl: TTLLike = 10,
+        wait_timeout: TTLLike | None = None,
+    ) -> T: ...
+    @overload
+    async def get_or_set(
+        self,
+        key: str,
+        factory: Callable[[], T],
+        *,
+        type: builtins.type[T] | None = None,
+        ttl: TTLLike | None = None,
+        lock_ttl: TTLLike = 10,
+        wait_timeout: TTLLike | None = None,
+    ) -> T: ...
+
+    async def get_or_set(
+        self,
+        key: str,
+        factory: Callable[[], Any],
+        *,
+        type: Any = None,
+        ttl: TTLLike | None = None,
+        lock_ttl: TTLLike = 10,
+        wait_timeout: TTLLike | None = None,
+    ) -> Any:
+        """Return the value of ``key``; when it is missing, compute it once with ``factory`` and store it.
+
+        ``factory`` is a plain or async function of no arguments. Concurrent
+        callers for one key share one run of it: in this process through a
+        shared task, and across processes through a lease (a key named
+        ``kivigo:lease:{<key>}`` holding a random token, taken with
+        ``SET NX PX`` and given back by a compare-and-delete) when the backend
+        supports leases (Redis, Valkey, memory). The lease holder runs the
+        factory and stores the result with ``ttl``; other processes poll for
+        the value with a jittered backoff and take over if the lease expires
+        (``lock_ttl``) before a value appears, as when its holder crashed.
+
+        If the factory raises, the lease is given back and every caller
+        waiting in this process gets the exception; nothing is stored.
+
+        Cached values are decoded as ``type``; without it, as the factory's
+        return annotation (``async def load() -> User``), else untyped.
+
+        Args:
+            key: the cache key.
+            factory: computes the value when the key is missing.
+            type: decode a cached value as this type.
+            ttl: expiry of the stored value (``None``: none).
+            lock_ttl: how long the lease lasts; longer than the factory's
+                worst-case run time, or another process may run it too.
+            wait_timeout: how long to wait for another process's run before
+                raising :class:`~kivigo_async.errors.OperationTimeoutError`
+                (``None``: as long as it takes; an abandoned lease still
+                expires after ``lock_ttl``).
+
+        Example:
+            ```python
+            async def load_report() -> Report:
+                return await build_report()         # slow: runs once fleet-wide
+
+            report = await client.get_or_set("report:daily", load_report, ttl=300)
+            ```
+        """
+        _check_key(key)
+        if not callable(factory):
+            raise InvalidArgumentError(
+                f"get_or_set needs a callable factory, not {builtins.type(factory).__name__}"
+            )
+        ttl_ms = _ttl_ms(ttl)
+        lock_ms = _ttl_ms(lock_ttl)
+        if lock_ms is None:
+            raise InvalidArgumentError("get_or_set needs a lock_ttl (a positive duration), not None")
+        wait_ms = _ttl_ms(wait_timeout)
+        rtype = result_type(factory) if type is None else type
+        data = await self._backend.get(key)
+        if data is not None:
+            return self._decode(key, data, rtype)
+        if self._filler is None:
+            self._filler = CacheFiller(self._backend)
+        return await self._filler.fill(self, key, factory, rtype, ttl_ms, lock_ms, wait_ms)
 
     # -- TTL -------------------------------------------------------------
 

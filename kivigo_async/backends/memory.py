@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from ..backend import BackendTransaction, TxOp
-from ..errors import BackendUnavailableError, KeyNotFoundError, TransactionConflictError
+from ..errors import BackendUnavailableError, InvalidKeyError, KeyNotFoundError, TransactionConflictError
 
 __all__ = ["MemoryBackend"]
 
@@ -33,6 +33,19 @@ _Entry = tuple[bytes, "float | None"]
 # How many keys a scan yields between two trips through the event loop, so that
 # listing a huge keyspace does not starve other tasks.
 _SCAN_CHUNK = 1000
+
+
+def _check_key(key: str) -> None:
+    """Refuse a key Redis could not store either: one that is not UTF-8 (a lone surrogate).
+
+    The surrogates U+DC80..U+DCFF are accepted: they stand for the bytes of a
+    non-UTF-8 key, which is how the Redis backends list such keys.
+    """
+    if not key.isascii():
+        try:
+            key.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise InvalidKeyError(f"key {key!r} cannot be encoded as UTF-8 (a lone surrogate?)") from None
 
 
 class MemoryBackend:
@@ -65,6 +78,7 @@ class MemoryBackend:
             raise BackendUnavailableError("the memory backend is closed")
 
     def _live(self, key: str) -> _Entry | None:
+        _check_key(key)
         entry = self._data.get(key)
         if entry is not None and entry[1] is not None and entry[1] <= time.monotonic():
             del self._data[key]
@@ -78,6 +92,7 @@ class MemoryBackend:
                 tx.dirty = True
 
     def _write(self, key: str, value: bytes, ttl_ms: int | None) -> None:
+        _check_key(key)
         deadline = None if ttl_ms is None else time.monotonic() + ttl_ms / 1000
         self._data[key] = (value, deadline)
         self._touch(key)
@@ -116,6 +131,7 @@ class MemoryBackend:
 
     async def scan(self, prefix: str) -> AsyncIterator[str]:
         self._check_open()
+        _check_key(prefix)
         # A snapshot, because the dict may change while the caller awaits between keys.
         keys = [k for k in self._data if k.startswith(prefix)]
         for i, key in enumerate(keys, 1):
@@ -143,6 +159,8 @@ class MemoryBackend:
 
     async def batch_set(self, items: Sequence[tuple[str, bytes]], ttl_ms: int | None = None) -> None:
         self._check_open()
+        for key, _ in items:
+            _check_key(key)  # all keys first: a batch is written whole or not at all
         for key, value in items:
             self._write(key, value, ttl_ms)
 
@@ -187,10 +205,29 @@ class MemoryBackend:
     async def health(self) -> None:
         self._check_open()
 
+    # -- LeaseBackend ----------------------------------------------------
+
+    async def acquire_lease(self, key: str, token: bytes, ttl_ms: int) -> bool:
+        # No await between the check and the write: atomic within the event loop.
+        self._check_open()
+        if self._live(key) is not None:
+            return False
+        self._write(key, token, ttl_ms)
+        return True
+
+    async def release_lease(self, key: str, token: bytes) -> bool:
+        self._check_open()
+        entry = self._live(key)
+        if entry is None or entry[0] != token:
+            return False
+        return self._remove(key)
+
     # -- TransactionBackend ----------------------------------------------
 
     async def begin(self, watch: Sequence[str]) -> BackendTransaction:
         self._check_open()
+        for key in watch:
+            _check_key(key)
         return _MemoryTransaction(self, watch)
 
 
@@ -223,6 +260,8 @@ class _MemoryTransaction:
                     f"a watched key changed before commit: {', '.join(map(repr, self._watch))}"
                 )
             self._unwatch()
+            for op in ops:
+                _check_key(op[1])  # all keys first: a commit applies whole or not at all
             for op in ops:
                 if op[0] == "set":
                     backend._write(op[1], op[2], op[3])

@@ -1,0 +1,271 @@
+"""The machinery behind :meth:`kivigo_async.Client.get_or_set`.
+
+Two layers keep a cold key from being computed many times over:
+
+* in-process single-flight: concurrent callers for one key in one client
+  share one task that runs the factory;
+* a distributed lease (:class:`~kivigo_async.backend.LeaseBackend`) taken by
+  that task, so that one process in the fleet runs the factory while the
+  others poll for the value it stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc
+import functools
+import inspect
+import logging
+import random
+import secrets
+import sys
+import typing
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .backend import AsyncBackend, LeaseBackend
+from .errors import OperationTimeoutError
+from .hooks import EventType
+
+if TYPE_CHECKING:
+    from .client import Client
+
+__all__ = ["LEASE_PREFIX", "CacheFiller", "SingleFlight", "find_lease", "lease_key", "result_type"]
+
+_log = logging.getLogger("kivigo_async")
+
+R = TypeVar("R")
+
+#: Prefix of lease keys. It has no braces, so the key's own hash tag (if any) stays in effect.
+LEASE_PREFIX = "kivigo:lease:"
+
+# Polling for a value another process is computing: exponential, jittered, capped
+# so a waiter notices the value (or an expired lease) within a fraction of a second.
+_FIRST_POLL = 0.01
+_MAX_POLL = 0.2
+
+
+def _hash_tag(key: str) -> str | None:
+    """The part of ``key`` Redis Cluster hashes when it is not the whole key."""
+    start = key.find("{")
+    if start == -1:
+        return None
+    end = key.find("}", start + 1)
+    if end == -1 or end == start + 1:
+        return None
+    return key[start + 1 : end]
+
+
+def lease_key(key: str) -> str:
+    """The key of the lease that guards filling ``key``.
+
+    It lands in the same cluster hash slot as ``key``: a key with a hash tag
+    keeps it (``kivigo:lease:{user:1}:profile``); a key without braces is
+    wrapped in one (``kivigo:lease:{report:daily}``). Only a key containing
+    ``}`` but no valid hash tag (``a{}b``) may land elsewhere, which costs
+    locality, not correctness.
+
+    Example:
+        >>> lease_key("report:daily"), lease_key("{user:1}:profile")
+        ('kivigo:lease:{report:daily}', 'kivigo:lease:{user:1}:profile')
+    """
+    if _hash_tag(key) is not None or "}" in key:
+        return LEASE_PREFIX + key
+    return LEASE_PREFIX + "{" + key + "}"
+
+
+def find_lease(backend: AsyncBackend) -> LeaseBackend | None:
+    """The lease capability of ``backend``: its own, a Redis adapter, or ``None``."""
+    if isinstance(backend, LeaseBackend):
+        return backend
+    # Only look for the Redis backends when they are loaded: a backend of those
+    # classes cannot exist otherwise, and importing redis-py here would be wasted.
+    standalone = sys.modules.get("kivigo_async.backends.redis.standalone")
+    cluster = sys.modules.get("kivigo_async.backends.redis.cluster")
+    if (standalone is not None and isinstance(backend, standalone.RedisBackend)) or (
+        cluster is not None and isinstance(backend, cluster.RedisClusterBackend)
+    ):
+        from .backends.redis._lease import RedisLease
+
+        return RedisLease(backend)
+    return None
+
+
+def result_type(factory: Callable[[], object]) -> Any:
+    """The type a factory's return annotation names, for decoding cached values.
+
+    ``async def load() -> User`` gives ``User``; a class gives itself; no or an
+    unresolvable annotation gives ``object`` (decode untyped).
+    """
+    target: Any = factory
+    while isinstance(target, functools.partial):
+        target = target.func
+    if inspect.isclass(target):
+        return target
+    if not (inspect.isfunction(target) or inspect.ismethod(target)):
+        return object
+    try:
+        hint = typing.get_type_hints(target).get("return", object)
+    except Exception:  # forward references that do not resolve at runtime
+        return object
+    if typing.get_origin(hint) in (collections.abc.Awaitable, collections.abc.Coroutine):
+        args = typing.get_args(hint)
+        hint = args[-1] if args else object
+    if isinstance(hint, TypeVar):
+        return object
+    return hint
+
+
+class _Call(Generic[R]):
+    __slots__ = ("abandoned", "task", "waiters")
+
+    def __init__(self, task: asyncio.Task[R]) -> None:
+        self.task = task
+        self.waiters = 0
+        self.abandoned = False
+
+
+class SingleFlight(Generic[R]):
+    """Run one task per key at a time; concurrent callers share its outcome.
+
+    The work runs in its own task, so one caller being cancelled does not
+    cancel the others' result; when every caller has been cancelled the
+    task is cancelled too.
+
+    Example:
+        ```python
+        flights: SingleFlight[bytes] = SingleFlight()
+        body = await flights.do("https://example.org/", lambda: fetch("https://example.org/"))
+        ```
+    """
+
+    def __init__(self) -> None:
+        self._calls: dict[str, _Call[R]] = {}
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    async def do(self, key: str, fn: Callable[[], Coroutine[Any, Any, R]]) -> R:
+        """Return the result of ``fn()``, shared with every concurrent call for ``key``."""
+        call = self._calls.get(key)
+        if call is None or call.abandoned:
+            call = _Call(asyncio.get_running_loop().create_task(fn()))
+            self._calls[key] = call
+            call.task.add_done_callback(functools.partial(self._finished, key, call))
+        call.waiters += 1
+        try:
+            return await asyncio.shield(call.task)
+        finally:
+            call.waiters -= 1
+            if call.waiters == 0 and not call.task.done():
+                # Every caller was cancelled: nobody wants the result any more.
+                call.abandoned = True
+                call.task.cancel()
+
+    def _finished(self, key: str, call: _Call[R], task: asyncio.Task[R]) -> None:
+        if self._calls.get(key) is call:
+            del self._calls[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: the callers got it, or there were none left
+
+
+# What a fill produced: the value, its encoded form, and the type it was decoded as.
+_Filled = tuple[Any, bytes, Any]
+
+
+class CacheFiller:
+    """One client's single-flight table and lease capability for ``get_or_set``."""
+
+    def __init__(self, backend: AsyncBackend) -> None:
+        self.lease = find_lease(backend)
+        self._flights: SingleFlight[_Filled] = SingleFlight()
+
+    async def fill(
+        self,
+        client: Client,
+        key: str,
+        factory: Callable[[], object],
+        rtype: Any,
+        ttl_ms: int | None,
+        lock_ms: int,
+        wait_ms: int | None,
+    ) -> Any:
+        """Return the value of ``key`` after at most one factory run per key in this process."""
+        value, data, produced_as = await self._flights.do(
+            key, lambda: self._fill(client, key, factory, rtype, ttl_ms, lock_ms, wait_ms)
+        )
+        if produced_as == rtype:
+            return value
+        # A concurrent caller asked for another type: decode the shared bytes for this one.
+        return client._decode(key, data, rtype)
+
+    async def _fill(
+        self,
+        client: Client,
+        key: str,
+        factory: Callable[[], object],
+        rtype: Any,
+        ttl_ms: int | None,
+        lock_ms: int,
+        wait_ms: int | None,
+    ) -> _Filled:
+        lease = self.lease
+        if lease is None:
+            return await _produce(client, key, factory, rtype, ttl_ms)
+        backend = client.backend
+        lkey = lease_key(key)
+        token = secrets.token_bytes(16)
+        loop = asyncio.get_running_loop()
+        wait_s = None if wait_ms is None else wait_ms / 1000
+        deadline = None if wait_s is None else loop.time() + wait_s
+        delay = _FIRST_POLL
+        while True:
+            if await lease.acquire_lease(lkey, token, lock_ms):
+                try:
+                    # The previous holder may have stored the value and left
+                    # between our last read and our acquire.
+                    data = await backend.get(key)
+                    if data is not None:
+                        return client._decode(key, data, rtype), data, rtype
+                    return await _produce(client, key, factory, rtype, ttl_ms)
+                finally:
+                    await _release(lease, lkey, token, key)
+            data = await backend.get(key)
+            if data is not None:
+                return client._decode(key, data, rtype), data, rtype
+            now = loop.time()
+            if deadline is not None and now >= deadline:
+                raise OperationTimeoutError(
+                    f"get_or_set for key {key!r}: another caller has been filling it "
+                    f"for longer than wait_timeout ({wait_s:g} s)"
+                )
+            pause = delay * random.uniform(0.5, 1.0)  # jitter: spread the pollers out
+            if deadline is not None:
+                pause = min(pause, deadline - now)
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, _MAX_POLL)
+
+
+async def _produce(
+    client: Client, key: str, factory: Callable[[], object], rtype: Any, ttl_ms: int | None
+) -> _Filled:
+    result = factory()
+    if inspect.isawaitable(result):
+        awaitable: Awaitable[object] = result
+        result = await awaitable
+    data = client._encode(key, result)
+    await client.backend.set(key, data, ttl_ms)
+    if client.hooks:
+        await client.hooks.emit(EventType.SET, key, data)
+    return result, data, rtype
+
+
+async def _release(lease: LeaseBackend, lkey: str, token: bytes, key: str) -> None:
+    try:
+        # Shielded: a cancelled holder still gives its lease back.
+        await asyncio.shield(lease.release_lease(lkey, token))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        # The lease expires on its own; failing the caller would hide its value or its error.
+        _log.warning("get_or_set: could not release the lease for key %r (it will expire): %s", key, exc)

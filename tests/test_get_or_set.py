@@ -1,0 +1,622 @@
+"""Client.get_or_set: in-process single-flight and the distributed lease, on memory and real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import pytest
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+from kivigo_async import Client, LeaseBackend
+from kivigo_async._singleflight import SingleFlight, find_lease, lease_key, result_type
+from kivigo_async.backends.memory import MemoryBackend
+from kivigo_async.backends.redis import RedisBackend, RedisClusterBackend, RedisClusterOptions, RedisOptions
+from kivigo_async.backends.redis._lease import RedisLease
+from kivigo_async.errors import (
+    BackendUnavailableError,
+    DecodeError,
+    EncodeError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    OperationTimeoutError,
+)
+from kivigo_async.hooks import EventType, HookEvent
+from kivigo_async.testing.servers import RedisServer, free_port
+from kivigo_async.testing.topologies import RedisCluster
+
+
+@dataclass
+class User:
+    id: int
+    name: str
+
+
+class Point(msgspec.Struct):
+    x: int
+    y: int
+
+
+class Counter:
+    """Counts factory runs in this process."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+
+class MinimalBackend:
+    """Only AsyncBackend: no lease capability."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    async def get(self, key: str) -> bytes | None:
+        await asyncio.sleep(0)
+        return self.data.get(key)
+
+    async def set(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
+        await asyncio.sleep(0)
+        self.data[key] = value
+
+    async def delete(self, key: str) -> bool:
+        return self.data.pop(key, None) is not None
+
+    async def scan(self, prefix: str) -> AsyncIterator[str]:
+        for key in list(self.data):
+            if key.startswith(prefix):
+                yield key
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def admin(valkey_server: RedisServer) -> AsyncIterator[Redis]:
+    """A plain redis-py connection for the test's own commands."""
+    redis = Redis(**valkey_server.redis_kwargs())  # type: ignore[arg-type]
+    yield redis
+    await redis.aclose()
+
+
+@pytest.fixture(params=["memory", "valkey"])
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[Client]:
+    """A client on MemoryBackend and on a real Valkey server."""
+    if request.param == "memory":
+        backend: Any = MemoryBackend()
+    else:
+        server: RedisServer = request.getfixturevalue("valkey_server")
+        backend = RedisBackend.from_url(server.url)
+    async with Client(backend) as c:
+        yield c
+
+
+def fresh_key() -> str:
+    return f"gos:{uuid.uuid4().hex}"
+
+
+async def exists(client: Client, key: str) -> bool:
+    return await client.backend.get(key) is not None
+
+
+# -- across processes --------------------------------------------------------------
+
+WORKER = r"""
+import asyncio, json, sys
+from redis.asyncio import Redis
+from kivigo_async import Client
+from kivigo_async.backends.redis import RedisBackend
+
+async def main(url, key, tasks):
+    admin = Redis.from_url(url)
+    async with Client(RedisBackend.from_url(url)) as client:
+        async def factory():
+            await admin.incr(key + ":runs")
+            await asyncio.sleep(0.5)  # long enough for the other process to arrive
+            return {"answer": 42}
+
+        await admin.incr(key + ":ready")
+        while not await admin.exists(key + ":go"):
+            await asyncio.sleep(0.01)
+        results = await asyncio.gather(
+            *(client.get_or_set(key, factory, lock_ttl=60, wait_timeout=120) for _ in range(tasks))
+        )
+    await admin.aclose()
+    print(json.dumps(results))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def test_two_processes_run_the_factory_once(valkey_server: RedisServer, admin: Redis) -> None:
+    key = fresh_key()
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            WORKER,
+            valkey_server.url,
+            key,
+            "50",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+
+    async def start_then_collect() -> list[tuple[bytes, bytes]]:
+        while int(await admin.get(key + ":ready") or 0) < 2:
+            await asyncio.sleep(0.02)
+            for proc in procs:
+                assert proc.returncode is None, "a worker died before it was ready"
+        await admin.set(key + ":go", 1)
+        return await asyncio.gather(*(p.communicate() for p in procs))
+
+    try:
+        outputs = await asyncio.wait_for(start_then_collect(), 120)
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err.decode()
+        assert json.loads(out) == [{"answer": 42}] * 50
+    assert await admin.get(key + ":runs") == b"1"
+    assert await admin.exists(lease_key(key)) == 0
+    await admin.delete(key, key + ":runs", key + ":ready", key + ":go")
+
+
+# -- the lease -------------------------------------------------------------------
+
+
+async def test_crashed_holder_lease_expires_and_a_waiter_takes_over(client: Client) -> None:
+    key = fresh_key()
+    lkey = lease_key(key)
+    lease = find_lease(client.backend)
+    assert lease is not None
+    # A "crashed" holder: it took the lease and will never give it back.
+    assert await lease.acquire_lease(lkey, b"crashed", 1500)
+    seen: list[bytes | None] = []
+
+    async def factory() -> dict[str, int]:
+        seen.append(await client.backend.get(lkey))
+        return {"v": 1}
+
+    results = await asyncio.wait_for(
+        asyncio.gather(*(client.get_or_set(key, factory, lock_ttl=30) for _ in range(20))), 60
+    )
+    assert results == [{"v": 1}] * 20
+    # Ran once, and only after the crashed holder's lease was gone.
+    assert len(seen) == 1
+    assert seen[0] not in (None, b"crashed")
+    assert not await exists(client, lkey)
+    await client.delete(key)
+
+
+async def test_factory_error_reaches_every_waiter_and_releases_the_lease(client: Client) -> None:
+    key = fresh_key()
+    calls = Counter()
+    started = asyncio.Event()
+
+    async def factory() -> int:
+        calls.runs += 1
+        started.set()
+        await asyncio.sleep(0.2)
+        raise ValueError("backend of record is down")
+
+    tasks = [asyncio.create_task(client.get_or_set(key, factory)) for _ in range(20)]
+    await started.wait()
+    assert await exists(client, lease_key(key))  # held while the factory runs
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert calls.runs == 1
+    assert all(isinstance(r, ValueError) and str(r) == "backend of record is down" for r in results)
+    assert not await exists(client, lease_key(key))
+    assert not await exists(client, key)
+
+    # Nothing sticky: the next call runs the factory again.
+    async def good() -> int:
+        return 7
+
+    assert await client.get_or_set(key, good) == 7
+    await client.delete(key)
+
+
+async def test_unencodable_result_raises_encode_error_and_stores_nothing(client: Client) -> None:
+    key = fresh_key()
+
+    async def factory() -> object:
+        return object()
+
+    with pytest.raises(EncodeError, match=key):
+        await client.get_or_set(key, factory)
+    assert not await exists(client, key)
+    assert not await exists(client, lease_key(key))
+
+
+async def test_wait_timeout_bounds_waiting_for_another_holder(client: Client) -> None:
+    key = fresh_key()
+    lkey = lease_key(key)
+    lease = find_lease(client.backend)
+    assert lease is not None
+    assert await lease.acquire_lease(lkey, b"busy-elsewhere", 60_000)
+    calls = Counter()
+
+    def factory() -> int:
+        calls.runs += 1
+        return 1
+
+    with pytest.raises(OperationTimeoutError, match="wait_timeout") as info:
+        await asyncio.wait_for(client.get_or_set(key, factory, wait_timeout=0.3), 30)
+    assert isinstance(info.value, TimeoutError)
+    assert calls.runs == 0
+    assert await client.backend.get(lkey) == b"busy-elsewhere"  # someone else's lease is untouched
+    assert await lease.release_lease(lkey, b"busy-elsewhere")
+
+
+async def test_value_stored_by_another_holder_is_read_not_recomputed(client: Client) -> None:
+    key = fresh_key()
+    lkey = lease_key(key)
+    lease = find_lease(client.backend)
+    assert lease is not None
+    assert await lease.acquire_lease(lkey, b"other", 60_000)
+
+    async def other_process() -> None:
+        await asyncio.sleep(0.3)
+        await client.set(key, {"from": "other"})
+        await lease.release_lease(lkey, b"other")
+
+    def factory() -> dict[str, str]:
+        raise AssertionError("the factory must not run while another holder fills the key")
+
+    other = asyncio.create_task(other_process())
+    value = await asyncio.wait_for(client.get_or_set(key, factory), 30)
+    await other
+    assert value == {"from": "other"}
+    await client.delete(key)
+
+
+async def test_release_is_compare_and_delete(client: Client) -> None:
+    lease = find_lease(client.backend)
+    assert lease is not None
+    lkey = lease_key(fresh_key())
+    assert await lease.acquire_lease(lkey, b"mine", 60_000)
+    assert not await lease.acquire_lease(lkey, b"yours", 60_000)
+    # My lease expired and someone else took it: releasing mine must leave theirs.
+    await client.backend.set(lkey, b"theirs", 60_000)
+    assert not await lease.release_lease(lkey, b"mine")
+    assert await client.backend.get(lkey) == b"theirs"
+    assert await lease.release_lease(lkey, b"theirs")
+    assert not await exists(client, lkey)
+    assert not await lease.release_lease(lkey, b"theirs")
+
+
+async def test_redis_lease_errors_are_translated_without_the_password() -> None:
+    port = free_port(cluster_bus=False)  # nothing listens there
+    backend = RedisBackend(RedisOptions(addr=f"127.0.0.1:{port}", password="s3cret-pw", max_retries=0))
+    lease = RedisLease(backend)
+    try:
+        with pytest.raises(BackendUnavailableError) as info:
+            await asyncio.wait_for(lease.acquire_lease("kivigo:lease:{k}", b"t", 1000), 30)
+        assert "kivigo:lease:{k}" in str(info.value)
+        with pytest.raises(BackendUnavailableError) as release_info:
+            await asyncio.wait_for(lease.release_lease("kivigo:lease:{k}", b"t"), 30)
+        for exc in (info.value, release_info.value):
+            assert "s3cret-pw" not in str(exc)
+            assert "s3cret-pw" not in repr(exc)
+    finally:
+        await backend.close()
+
+
+def test_lease_capability_detection() -> None:
+    assert isinstance(MemoryBackend(), LeaseBackend)
+    assert find_lease(MinimalBackend()) is None
+    assert isinstance(find_lease(RedisBackend()), RedisLease)
+    assert isinstance(find_lease(RedisClusterBackend(RedisClusterOptions(addrs=["127.0.0.1:1"]))), RedisLease)
+
+
+@pytest.mark.parametrize("key", ["plain", "user:1:profile", "{user:1}:profile", "a{b", "x}y{z}", "é:ü", "{"])
+def test_lease_key_shares_the_hash_slot(key: str) -> None:
+    lkey = lease_key(key)
+    assert lkey.startswith("kivigo:lease:")
+    assert key in lkey
+    assert key_slot(lkey.encode()) == key_slot(key.encode())
+
+
+@pytest.mark.parametrize("key", ["a}b", "{}", "a{}b{c}"])
+def test_lease_key_with_a_brace_but_no_hash_tag(key: str) -> None:
+    # No hash tag can reproduce a hash of a whole key containing "}": the lease
+    # lands elsewhere in a cluster (locality only), and is still its own key.
+    assert lease_key(key) == "kivigo:lease:" + key
+
+
+# -- in-process single-flight -------------------------------------------------------
+
+
+async def test_memory_single_flight_runs_the_factory_once_for_100_callers() -> None:
+    async with Client(MemoryBackend()) as client:
+        calls = Counter()
+
+        async def factory() -> list[int]:
+            calls.runs += 1
+            await asyncio.sleep(0.05)
+            return [1, 2, 3]
+
+        results = await asyncio.gather(*(client.get_or_set("k", factory, ttl=60) for _ in range(100)))
+        assert calls.runs == 1
+        assert all(r == [1, 2, 3] for r in results)
+        assert await client.get("k") == [1, 2, 3]
+        ttl = await client.ttl("k")
+        assert ttl is not None
+        assert 0 < ttl <= 60
+        assert not await client.has_key(lease_key("k"))
+
+
+async def test_single_flight_without_a_lease_backend() -> None:
+    async with Client(MinimalBackend()) as client:
+        calls = Counter()
+
+        async def factory() -> str:
+            calls.runs += 1
+            await asyncio.sleep(0.05)
+            return "v"
+
+        results = await asyncio.gather(*(client.get_or_set("k", factory) for _ in range(50)))
+        assert results == ["v"] * 50
+        assert calls.runs == 1
+        assert list(client.backend.data) == ["k"]  # type: ignore[attr-defined]  # no lease key
+
+
+async def test_two_clients_on_one_backend_share_the_lease() -> None:
+    backend = MemoryBackend()
+    first, second = Client(backend), Client(backend)
+    calls = Counter()
+
+    async def factory() -> int:
+        calls.runs += 1
+        await asyncio.sleep(0.1)
+        return 5
+
+    results = await asyncio.gather(*(c.get_or_set("k", factory) for c in (first, second) for _ in range(10)))
+    assert results == [5] * 20
+    assert calls.runs == 1
+    await first.close()
+
+
+async def test_sync_factory_and_hooks() -> None:
+    async with Client(MemoryBackend()) as client:
+        events: list[HookEvent] = []
+        client.hooks.register(events.append)
+        assert await client.get_or_set("k", lambda: {"a": 1}) == {"a": 1}
+        assert await client.get_or_set("k", lambda: {"a": 2}) == {"a": 1}  # cached
+        assert [(e.type, e.key) for e in events] == [(EventType.SET, "k")]
+
+
+async def test_value_already_present_never_calls_the_factory(client: Client) -> None:
+    key = fresh_key()
+    await client.set(key, {"cached": True})
+
+    def factory() -> dict[str, bool]:
+        raise AssertionError("must not be called")
+
+    assert await client.get_or_set(key, factory) == {"cached": True}
+    await client.delete(key)
+
+
+async def test_typed_decode_of_the_cached_value(client: Client) -> None:
+    key = fresh_key()
+    await client.set(key, User(1, "ada"))
+
+    def untyped() -> Any:
+        raise AssertionError("must not be called")
+
+    user: User = await client.get_or_set(key, untyped, type=User)
+    assert user == User(1, "ada")
+
+    # Without type=, the factory's return annotation decides.
+    async def load_user() -> User:
+        raise AssertionError("must not be called")
+
+    assert await client.get_or_set(key, load_user) == User(1, "ada")
+    assert await client.get_or_set(key, untyped) == {"id": 1, "name": "ada"}
+    with pytest.raises(DecodeError, match=key):
+        await client.get_or_set(key, untyped, type=Point)
+    await client.delete(key)
+
+
+async def test_concurrent_callers_asking_different_types() -> None:
+    async with Client(MemoryBackend()) as client:
+
+        async def factory() -> Point:
+            await asyncio.sleep(0.05)
+            return Point(1, 2)
+
+        async def as_dict() -> dict[str, int]:
+            raise AssertionError("joins the running flight instead")
+
+        typed = asyncio.create_task(client.get_or_set("p", factory))
+        await asyncio.sleep(0.01)
+        raw = asyncio.create_task(client.get_or_set("p", as_dict))
+        assert await typed == Point(1, 2)
+        assert await raw == {"x": 1, "y": 2}
+
+
+def test_result_type_inference() -> None:
+    async def a() -> User:
+        raise NotImplementedError
+
+    def b() -> list[int]:
+        raise NotImplementedError
+
+    def c():  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def d() -> Awaitable[Point]:
+        raise NotImplementedError
+
+    def e() -> Unresolvable:  # type: ignore[name-defined]  # noqa: F821
+        raise NotImplementedError
+
+    assert result_type(a) is User
+    assert result_type(b) == list[int]
+    assert result_type(c) is object
+    assert result_type(d) is Point
+    assert result_type(e) is object
+    assert result_type(functools.partial(a)) is User
+    assert result_type(dict) is dict
+    assert result_type(lambda: 1) is object
+
+
+# -- cancellation ------------------------------------------------------------------
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_others() -> None:
+    async with Client(MemoryBackend()) as client:
+        started = asyncio.Event()
+
+        async def factory() -> int:
+            started.set()
+            await asyncio.sleep(0.2)
+            return 3
+
+        first = asyncio.create_task(client.get_or_set("k", factory))
+        second = asyncio.create_task(client.get_or_set("k", factory))
+        await started.wait()
+        first.cancel()
+        assert await second == 3
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+
+async def test_cancelling_every_caller_cancels_the_factory_and_releases_the_lease() -> None:
+    async with Client(MemoryBackend()) as client:
+        started = asyncio.Event()
+        cancelled = asyncio.Event()
+
+        async def factory() -> int:
+            started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return 1
+
+        tasks = [asyncio.create_task(client.get_or_set("k", factory)) for _ in range(3)]
+        await started.wait()
+        assert await client.has_key(lease_key("k"))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait_for(cancelled.wait(), 5)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not await client.has_key(lease_key("k"))
+        assert client._filler is not None
+        assert len(client._filler._flights) == 0
+
+        # A new caller starts afresh.
+        async def quick() -> int:
+            return 2
+
+        assert await client.get_or_set("k", quick) == 2
+
+
+async def test_single_flight_joins_only_while_running() -> None:
+    flights: SingleFlight[int] = SingleFlight()
+    runs = Counter()
+
+    async def work() -> int:
+        runs.runs += 1
+        await asyncio.sleep(0.01)
+        return runs.runs
+
+    assert list(await asyncio.gather(flights.do("a", work), flights.do("a", work))) == [1, 1]
+    assert await flights.do("a", work) == 2
+    assert len(flights) == 0
+
+
+# -- bad input ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragment"),
+    [
+        ({"key": ""}, InvalidKeyError, "empty"),
+        ({"key": 3}, InvalidKeyError, "str"),
+        ({"factory": 42}, InvalidArgumentError, "callable"),
+        ({"ttl": 0}, InvalidArgumentError, "ttl"),
+        ({"ttl": "10"}, InvalidArgumentError, "ttl"),
+        ({"lock_ttl": None}, InvalidArgumentError, "lock_ttl"),
+        ({"lock_ttl": -1}, InvalidArgumentError, "ttl"),
+        ({"wait_timeout": float("nan")}, InvalidArgumentError, "ttl"),
+    ],
+)
+async def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], fragment: str) -> None:
+    async with Client(MemoryBackend()) as client:
+        args: dict[str, Any] = {"key": "k", "factory": lambda: 1, **kwargs}
+        key, factory = args.pop("key"), args.pop("factory")
+        with pytest.raises(error, match=fragment):
+            await client.get_or_set(key, factory, **args)
+        assert not await client.has_key("k")
+
+
+async def test_release_failure_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    class FlakyRelease(MemoryBackend):
+        async def release_lease(self, key: str, token: bytes) -> bool:
+            raise OSError("network blip")
+
+    async with Client(FlakyRelease()) as client:
+        with caplog.at_level(logging.WARNING, logger="kivigo_async"):
+            assert await client.get_or_set("k", lambda: 1) == 1
+        assert "could not release the lease for key 'k'" in caplog.text
+
+
+# -- typing ----------------------------------------------------------------------------
+
+
+async def test_result_type_follows_the_factory() -> None:
+    async with Client(MemoryBackend()) as client:
+
+        async def load() -> Point:
+            return Point(0, 0)
+
+        point: Point = await client.get_or_set("pt", load)
+        count: int = await client.get_or_set("n", lambda: 3)
+        factory: Callable[[], Awaitable[User]] = _user_factory
+        user: User = await client.get_or_set("u", factory, type=User)
+        assert (point, count, user) == (Point(0, 0), 3, User(9, "z"))
+
+
+async def _user_factory() -> User:
+    return User(9, "z")
+
+
+# -- cluster -------------------------------------------------------------------------
+
+
+async def test_cluster_runs_the_factory_once(redis_cluster: RedisCluster) -> None:
+    backend = RedisClusterBackend(RedisClusterOptions(addrs=redis_cluster.addrs[:1]))
+    async with Client(backend) as client:
+        calls = Counter()
+        keys = [f"{{gos}}:{uuid.uuid4().hex}", f"gos:{uuid.uuid4().hex}"]
+
+        async def factory() -> str:
+            calls.runs += 1
+            await asyncio.sleep(0.05)
+            return "v"
+
+        for key in keys:
+            results = await asyncio.gather(*(client.get_or_set(key, factory, ttl=60) for _ in range(20)))
+            assert results == ["v"] * 20
+            assert not await client.has_key(lease_key(key))
+            await client.delete(key)
+        assert calls.runs == 2

@@ -1,0 +1,348 @@
+"""Key templates (kivigo_async.keys): parsing, building, functions, registries, bad input."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import msgspec
+import pytest
+
+from kivigo_async import InvalidArgumentError, InvalidKeyError, KeyRegistry, KeyTemplate, KeyVars
+from kivigo_async.keys import default_registry
+
+
+@dataclass
+class User:
+    id: int
+    name: str
+
+
+class Profile(msgspec.Struct):
+    id: int
+    name: str
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+class Order:
+    """Supplies its fields through key_vars(), which wins over its attributes."""
+
+    id = "attribute"
+
+    def key_vars(self) -> Mapping[str, object]:
+        return {"id": "from-key-vars", "region": "eu"}
+
+
+# -- parsing ----------------------------------------------------------------
+
+
+def test_fields_and_template_text() -> None:
+    tpl = KeyTemplate("user:{id}:{name|lower}:{id|intadd(1)}")
+    assert tpl.fields == ("id", "name")
+    assert tpl.template == "user:{id}:{name|lower}:{id|intadd(1)}"
+    assert repr(tpl) == "KeyTemplate('user:{id}:{name|lower}:{id|intadd(1)}')"
+
+
+def test_template_without_fields_builds_itself() -> None:
+    tpl = KeyTemplate("config:global")
+    assert tpl.fields == ()
+    assert tpl.build() == "config:global"
+
+
+def test_spaces_inside_tokens_are_ignored() -> None:
+    tpl = KeyTemplate("k:{ name | trim | default( 'x' ) }")
+    assert tpl.build(name="  a ") == "k:a"
+    assert tpl.build(name="   ") == "k:x"
+
+
+def test_escaped_braces_make_hash_tags() -> None:
+    tpl = KeyTemplate("{{{user_id}}}:cart")
+    assert tpl.fields == ("user_id",)
+    assert tpl.build(user_id=42) == "{42}:cart"
+    assert KeyTemplate("{{literal}}").build() == "{literal}"
+
+
+@pytest.mark.parametrize(
+    ("template", "position", "fragment"),
+    [
+        ("user.{id}", 4, "invalid character '.'"),
+        ("user:{id}@x", 9, "invalid character '@'"),
+        ("user:{ïd}", 6, "invalid character 'ï'"),
+        ("user:{id", 5, "unclosed '{'"),
+        ("user:{id|lower", 5, "unclosed '{'"),
+        ("user:{", 5, "unclosed '{'"),
+        ("user:}", 5, "unmatched '}'"),
+        ("user:{}", 6, "expected a field name"),
+        ("user:{1id}", 6, "expected a field name"),
+        ("user:{id:x}", 8, "expected '|' or '}'"),
+        ("user:{id|}", 9, "expected a function name"),
+        ("user:{id|nope}", 9, "unknown function 'nope'"),
+        ("user:{id|lower('x')}", 9, "wrong arguments for function 'lower'"),
+        ("user:{id|default}", 9, "wrong arguments for function 'default'"),
+        ("user:{id|intadd('a')}", 16, "needs an integer argument"),
+        ("user:{id|intadd(x)}", 16, "expected a quoted string or an integer"),
+        ("user:{id|default('x}", 17, "unclosed quote"),
+        ("user:{id|default('x' 'y')}", 21, "expected ',' or ')'"),
+        ("user:{{id}", 9, "unmatched '}'"),
+    ],
+)
+def test_invalid_templates_name_the_position(template: str, position: int, fragment: str) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        KeyTemplate(template)
+    message = str(info.value)
+    assert fragment in message
+    assert f"at position {position} " in message
+    assert repr(template) in message
+
+
+@pytest.mark.parametrize("template", ["", None, 42, b"user:{id}"])
+def test_template_must_be_a_non_empty_str(template: object) -> None:
+    with pytest.raises(InvalidArgumentError):
+        KeyTemplate(template)  # type: ignore[arg-type]
+
+
+def test_registry_argument_is_checked() -> None:
+    with pytest.raises(InvalidArgumentError, match="KeyRegistry"):
+        KeyTemplate("a", registry={})  # type: ignore[arg-type]
+
+
+# -- data sources ---------------------------------------------------------------
+
+
+def test_build_from_mapping_dataclass_struct_and_keywords() -> None:
+    tpl = KeyTemplate("user:{id}:{name|lower}")
+    assert tpl.build({"id": 1, "name": "Ada"}) == "user:1:ada"
+    assert tpl.build(User(2, "Bob")) == "user:2:bob"
+    assert tpl.build(Profile(id=3, name="Cy")) == "user:3:cy"
+    assert tpl.build(id=4, name="Di") == "user:4:di"
+    # Keywords take precedence over the data.
+    assert tpl.build(User(5, "Eve"), name="Override") == "user:5:override"
+
+
+def test_key_vars_win_over_attributes() -> None:
+    order = Order()
+    assert isinstance(order, KeyVars)
+    assert KeyTemplate("order:{region}:{id}").build(order) == "order:eu:from-key-vars"
+
+
+def test_key_vars_must_return_a_mapping() -> None:
+    class Bad:
+        def key_vars(self) -> Mapping[str, object]:
+            return [("id", 1)]  # type: ignore[return-value]
+
+    with pytest.raises(InvalidArgumentError, match="must return a mapping"):
+        KeyTemplate("{id}").build(Bad())
+
+
+@pytest.mark.parametrize("data", [42, "id", b"id", 1.5])
+def test_scalar_data_is_rejected(data: object) -> None:
+    with pytest.raises(InvalidArgumentError, match="needs a mapping"):
+        KeyTemplate("{id}").build(data)
+
+
+def test_value_conversion() -> None:
+    tpl = KeyTemplate("{v}")
+    assert tpl.build(v=True) == "true"
+    assert tpl.build(v=False) == "false"
+    assert tpl.build(v=Color.RED) == "red"
+    assert tpl.build(v=-3) == "-3"
+    assert tpl.build(v=1.5) == "1.5"
+    with pytest.raises(InvalidKeyError, match="bytes"):
+        tpl.build(v=b"raw")
+
+
+def test_missing_fields_are_all_named() -> None:
+    tpl = KeyTemplate("user:{id}:{name}:{id}")
+    with pytest.raises(InvalidKeyError) as info:
+        tpl.build({})
+    assert "missing field(s) 'id', 'name'" in str(info.value)
+    with pytest.raises(InvalidKeyError, match="'name'"):
+        tpl.build(id=1, name=None)  # None counts as missing
+    with pytest.raises(InvalidKeyError, match="'name'"):
+        tpl.build(User(1, "x"), name=None)
+    with pytest.raises(InvalidKeyError, match="'email'"):
+        KeyTemplate("{email}").build(User(1, "x"))
+
+
+def test_missing_field_skips_other_functions_until_default() -> None:
+    tpl = KeyTemplate("{name|lower|default('Anon')|upper}")
+    assert tpl.build() == "ANON"
+    assert tpl.build(name="Ada") == "ADA"
+
+
+def test_method_attribute_is_rejected() -> None:
+    class WithMethod:
+        def name(self) -> str:
+            return "x"
+
+    with pytest.raises(InvalidKeyError, match="callable"):
+        KeyTemplate("{name}").build(WithMethod())
+
+
+def test_empty_key_is_rejected() -> None:
+    with pytest.raises(InvalidKeyError, match="empty key"):
+        KeyTemplate("{name}").build(name="")
+    assert KeyTemplate("u:{name}").build(name="") == "u:"
+
+
+# -- built-in functions -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("template", "value", "expected"),
+    [
+        ("{v|upper}", "Ada", "ADA"),
+        ("{v|lower}", "ADA", "ada"),
+        ("{v|trim}", "  a b  ", "a b"),
+        ("{v|trim('-')}", "--a-b--", "a-b"),
+        ("{v|default('x')}", "", "x"),
+        ("{v|default('x')}", "y", "y"),
+        ('{v|default("x y")}', None, "x y"),
+        ("{v|slugify}", "  Héllo, Wörld!  ", "hello-world"),
+        ("{v|slugify('_')}", "Crème Brûlée 2", "creme_brulee_2"),
+        ("{v|slugify('')}", "A b", "ab"),
+        ("{v|if('vip')}", "true", "vip"),
+        ("{v|if('vip', 'std')}", "false", "std"),
+        ("{v|if('vip', 'std')}", "0", "std"),
+        ("{v|if('vip', 'std')}", "", "std"),
+        ("{v|if('vip', 'std')}", None, "std"),
+        ("{v|if('vip', 'std')}", "yes", "vip"),
+        ("{v|intadd(1)}", "41", "42"),
+        ("{v|intadd(-2)}", "5", "3"),
+        ("{v|intadd('+10')}", " 5 ", "15"),
+    ],
+)
+def test_builtin_functions(template: str, value: object, expected: str) -> None:
+    assert KeyTemplate("k:" + template).build(v=value) == "k:" + expected
+
+
+def test_if_on_a_bool_field() -> None:
+    tpl = KeyTemplate("plan:{premium|if('vip','std')}")
+    assert tpl.build(premium=True) == "plan:vip"
+    assert tpl.build(premium=False) == "plan:std"
+
+
+def test_intadd_on_non_integer_raises_at_build() -> None:
+    with pytest.raises(InvalidKeyError, match=r"intadd\(\) failed on field 'page'"):
+        KeyTemplate("p:{page|intadd(1)}").build(page="two")
+
+
+# -- custom functions and registries ------------------------------------------------
+
+
+def test_custom_functions_with_arguments() -> None:
+    keys = KeyRegistry()
+    keys.register_func("initial", lambda value: value[:1])
+    keys.register_func("wrap", lambda value, left, right: f"{left}{value}{right}")
+    tpl = KeyTemplate("u:{name|initial|upper}:{name|wrap('(', ')')}", registry=keys)
+    assert tpl.build(name="ada") == "u:A:(ada)"
+    # Arity is checked at construction.
+    with pytest.raises(InvalidArgumentError, match="wrong arguments for function 'wrap'"):
+        KeyTemplate("{name|wrap('(')}", registry=keys)
+    # A registry's functions are not visible elsewhere.
+    with pytest.raises(InvalidArgumentError, match="unknown function 'initial'"):
+        KeyTemplate("{name|initial}", registry=KeyRegistry())
+
+
+def test_custom_function_returning_none_means_missing() -> None:
+    keys = KeyRegistry()
+    keys.register_func("blank_to_none", lambda value: value or None)
+    tpl = KeyTemplate("{name|blank_to_none|default('anon')}", registry=keys)
+    assert tpl.build(name="") == "anon"
+    with pytest.raises(InvalidKeyError, match="missing"):
+        KeyTemplate("{name|blank_to_none}", registry=keys).build(name="")
+
+
+def test_custom_function_errors_become_invalid_key_errors() -> None:
+    keys = KeyRegistry()
+
+    def boom(value: str) -> str:
+        raise RuntimeError("nope")
+
+    keys.register_func("boom", boom)
+    with pytest.raises(InvalidKeyError, match=r"boom\(\) failed on field 'v': nope") as info:
+        KeyTemplate("{v|boom}", registry=keys).build(v="x")
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_register_func_validation() -> None:
+    keys = KeyRegistry()
+    with pytest.raises(InvalidArgumentError, match="built-in"):
+        keys.register_func("upper", str.lower)
+    with pytest.raises(InvalidArgumentError, match="identifier"):
+        keys.register_func("not-valid", str.lower)
+    with pytest.raises(InvalidArgumentError, match="callable"):
+        keys.register_func("x", "lower")  # type: ignore[arg-type]
+    keys.register_func("x", str.lower)
+    with pytest.raises(InvalidArgumentError, match="already registered"):
+        keys.register_func("x", str.upper)
+    keys.register_func("x", str.upper, replace=True)
+    assert KeyTemplate("{v|x}", registry=keys).build(v="a") == "A"
+
+
+def test_templates_bind_functions_at_construction() -> None:
+    keys = KeyRegistry()
+    keys.register_func("tag", lambda value: value + "-1")
+    tpl = KeyTemplate("{v|tag}", registry=keys)
+    keys.register_func("tag", lambda value: value + "-2", replace=True)
+    assert tpl.build(v="a") == "a-1"
+    assert KeyTemplate("{v|tag}", registry=keys).build(v="a") == "a-2"
+
+
+def test_registry_register_get_delete_build() -> None:
+    keys = KeyRegistry()
+    tpl = keys.register("user", "user:{id}")
+    assert isinstance(tpl, KeyTemplate)
+    assert keys.get("user") is tpl
+    assert keys.must_get("user") is tpl
+    assert "user" in keys
+    assert list(keys) == ["user"]
+    assert keys.build("user", {"id": 1}) == "user:1"
+    assert keys.build("user", id=2) == "user:2"
+    prebuilt = KeyTemplate("acct:{id}")
+    assert keys.register("acct", prebuilt) is prebuilt
+    with pytest.raises(InvalidArgumentError, match="already registered"):
+        keys.register("user", "other:{id}")
+    keys.register("user", "other:{id}", replace=True)
+    assert keys.build("user", id=3) == "other:3"
+    assert keys.delete("user") is True
+    assert keys.delete("user") is False
+    assert keys.get("user") is None
+    with pytest.raises(InvalidArgumentError, match="no key template named 'user'"):
+        keys.must_get("user")
+    with pytest.raises(InvalidArgumentError, match="no key template named 'user'"):
+        keys.build("user", id=1)
+    assert "acct" in repr(keys)
+
+
+@pytest.mark.parametrize("name", ["", None, 3])
+def test_registry_names_are_checked(name: object) -> None:
+    with pytest.raises(InvalidArgumentError, match="name"):
+        KeyRegistry().register(name, "a")  # type: ignore[arg-type]
+
+
+def test_registry_rejects_invalid_templates() -> None:
+    keys = KeyRegistry()
+    with pytest.raises(InvalidArgumentError, match="position 1"):
+        keys.register("bad", "a.b")
+    with pytest.raises(InvalidArgumentError, match="str or KeyTemplate"):
+        keys.register("bad", 42)  # type: ignore[arg-type]
+    assert "bad" not in keys
+
+
+def test_default_registry_is_shared_and_used_by_default() -> None:
+    registry = default_registry()
+    assert registry is default_registry()
+    name = "kivigo_test_initial"
+    registry.register_func(name, lambda value: value[:1])
+    try:
+        assert KeyTemplate("{v|" + name + "}").build(v="abc") == "a"
+    finally:
+        assert registry.delete_func(name) is True
+    assert registry.delete_func(name) is False
+    with pytest.raises(InvalidArgumentError, match="unknown function"):
+        KeyTemplate("{v|" + name + "}")
