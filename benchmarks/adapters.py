@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import orjson
 from workload import KEY_PREFIX, SESSION, SESSION_JSON
 
 POOL = 64
@@ -203,6 +204,30 @@ class RedisPyNoTimeoutAdapter(RedisPyAdapter):
     extra: ClassVar[dict[str, Any]] = {"socket_timeout": None}
 
 
+class RedisPyJsonAdapter(RedisPyAdapter):
+    """The same job as kivigo-async's: values go through JSON both ways."""
+
+    name = "redis-py + orjson"
+    slug = "redispy-json"
+    config = "as redis-py, encoding with orjson.dumps and decoding each value with orjson.loads"
+
+    def expected(self) -> object:
+        return SESSION
+
+    async def set(self, key: str) -> None:
+        await self.redis.set(key, orjson.dumps(SESSION))
+
+    async def get(self, key: str) -> object:
+        data = await self.redis.get(key)
+        return None if data is None else orjson.loads(data)
+
+    async def batch_set(self, keys: Sequence[str]) -> None:
+        await self.redis.mset({key: orjson.dumps(SESSION) for key in keys})
+
+    async def batch_get(self, keys: Sequence[str]) -> Sequence[object]:
+        return [None if v is None else orjson.loads(v) for v in await self.redis.mget(keys)]
+
+
 class AiocacheAdapter(Adapter):
     name = "aiocache"
     slug = "aiocache"
@@ -327,6 +352,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     KivigoAdapter,
     RedisPyAdapter,
     RedisPyNoTimeoutAdapter,
+    RedisPyJsonAdapter,
     AiocacheAdapter,
     CashewsAdapter,
     KeyValueAdapter,

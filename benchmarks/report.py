@@ -251,6 +251,7 @@ def markdown(result: Mapping[str, Any]) -> str:
                 f"| {'; '.join(sorted(notes))} |"
             )
         lines.append("")
+    lines += _cluster_lines(result.get("cluster"))
     if result.get("ceiling_runs"):
         lines += [
             "### redis-benchmark runs (the ceiling rows above combine these)",
@@ -304,6 +305,39 @@ def markdown(result: Mapping[str, Any]) -> str:
         lines.append(f"| {name} | {lib['version']} | {lib['config']} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _cluster_lines(block: Mapping[str, Any] | None) -> list[str]:
+    """The cluster scenario's table: ratios divide by its own baseline, not by raw redis-py."""
+    if not block:
+        return []
+    lines = [f"### {block['title']}", ""]
+    if "skipped" in block or "error" in block:
+        what = "Skipped" if "skipped" in block else "Failed"
+        return [*lines, f"{what}: {block.get('skipped') or block.get('error')}", ""]
+    baseline = block["baseline"]
+    lines += [
+        f"{block['topology']}. One call reads {block['keys']:,} keys spread over the hash slots; "
+        f"{block['calls']} calls per repetition. `(1.23x)` divides by `{baseline}` in the same repetition "
+        "on the same loop.",
+        "",
+        "| approach | loop | keys/s | p50 µs/call | p99 µs/call | CPU µs/key | note |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in block["rows"]:
+        cells = []
+        for metric, fmt in (("rate", _num), ("p50_us", _us), ("p99_us", _us), ("cpu_us_per_op", _us)):
+            if row["status"] != "ok":
+                cells.append("-")
+                continue
+            ratio = None if row["library"] == baseline else row["ratio"].get(metric)
+            cells.append(f"{fmt(row.get(metric))}{_ratio(ratio)}")
+        name = f"**{row['library']}**" if row["library"] in ("kivigo-async", baseline) else row["library"]
+        lines.append(f"| {name} | {row['loop']} | {' | '.join(cells)} | {_status_note(row)} |")
+    lines += ["", "| approach | configuration |", "| --- | --- |"]
+    lines += [f"| {name} | {config} |" for name, config in block["approaches"].items()]
+    lines.append("")
+    return lines
 
 
 # -- chart ---------------------------------------------------------------------

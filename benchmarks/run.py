@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import ceiling
+import cluster
 import codec_cost
 import memory
 import report
@@ -55,7 +56,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
 DOCS = HERE.parent / "docs" / "benchmarks.md"
 LOOPS = ("asyncio", "uvloop")
-GROUPS = ("seq", "mix", "batch", "codec", "ceiling", "memory")
+GROUPS = ("seq", "mix", "batch", "codec", "ceiling", "memory", "cluster")
 
 T = TypeVar("T")
 
@@ -281,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ceiling_reps: dict[str, list[dict[str, Any] | str]] = {}
     codec_reps: dict[str, list[dict[str, float]]] = {}
     memory_result: dict[str, Any] | None = None
+    cluster_result: dict[str, Any] | None = None
     reached = False
     ceiling_skip = ceiling.unavailable(target) if "ceiling" in args.only else "not selected (--only)"
     try:
@@ -293,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"server: {info['name']} {info['version']} on {where}")
         for loop in loops:
             runners[loop] = LoopRunner(loop)
-        for loop in loops:
+        for loop in loops if sids else ():  # no client is needed without a scenario to run
             for cls in runnable:
                 adapter = cls(target)
                 try:
@@ -347,6 +349,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as exc:
                 log(f"closing {adapter.name} on {loop}: {type(exc).__name__}: {exc}")
         adapters.clear()
+
+        if "cluster" in args.only:
+            try:
+                cluster_result = cluster.run(
+                    loops, LoopRunner, quick=args.quick, repeat=args.repeat, timeout=plan.timeout, log=log
+                )
+            except Exception as exc:
+                cluster_result = {"title": cluster.TITLE, "error": f"{type(exc).__name__}: {exc}"[:300]}
 
         if "memory" in args.only:
             log(f"memory check: {plan.memory_ops:,} operations under tracemalloc ...")
@@ -402,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "batch_calls": {str(k): v for k, v in plan.batch_calls.items()},
                 "codec_loops": plan.codec_loops,
                 "ceiling_requests": plan.ceiling_requests,
+                "cluster_calls": cluster.CALLS_QUICK if args.quick else cluster.CALLS_FULL,
             },
         },
         "libraries": libraries,
@@ -411,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ceiling_runs": _ceiling_runs(ceiling_reps),
         "codecs": report.aggregate_codecs(codec_reps, codec_cost.BASELINE) if codec_reps else [],
         "memory": memory_result,
+        "cluster": cluster_result,
     }
 
     stamp = started_at.strftime("%Y%m%dT%H%M%SZ")
@@ -465,6 +477,15 @@ def _exit_status(result: dict[str, Any]) -> int:
         for row in block["rows"]:
             if row["library"] in (KivigoAdapter.name, BASELINE) and row["status"] != "ok":
                 log(f"FAILED: {row['library']} on {row['loop']}, {sid}: {row.get('reason')}")
+                status = 1
+    cluster_block = result.get("cluster")
+    if cluster_block is not None:
+        if "error" in cluster_block:
+            log(f"FAILED: the cluster scenario: {cluster_block['error']}")
+            status = 1
+        for row in cluster_block.get("rows", []):
+            if row["library"] in (KivigoAdapter.name, cluster.BASELINE) and row["status"] != "ok":
+                log(f"FAILED: {row['library']} on {row['loop']}, cluster: {row.get('reason')}")
                 status = 1
     mem = result.get("memory")
     if mem is not None:

@@ -27,7 +27,15 @@ BENCH_DB = 12
 # A quick run takes well under a minute; this only bounds a hang on a loaded machine.
 SUBPROCESS_TIMEOUT = 280
 PEERS = ("aiocache", "cashews", "key_value.aio.stores.redis")
-LIBRARIES = ("kivigo-async", "redis-py", "redis-py (no timeout)", "aiocache", "cashews", "py-key-value-aio")
+LIBRARIES = (
+    "kivigo-async",
+    "redis-py",
+    "redis-py (no timeout)",
+    "redis-py + orjson",
+    "aiocache",
+    "cashews",
+    "py-key-value-aio",
+)
 SCENARIOS = (
     "seq",
     "mix",

@@ -15,9 +15,11 @@ from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.connection import Connection
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import LoadBalancingStrategy
+from redis.commands import READ_COMMANDS
 from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
+    ClusterDownError,
     ClusterError,
     MovedError,
     RedisClusterException,
@@ -38,6 +40,7 @@ from ...errors import (
     OperationTimeoutError,
     TransactionConflictError,
 )
+from ...watch import DEFAULT_MAX_PENDING, ChangeStream
 from ._errors import translate
 from ._scan import SCAN_COUNT, decode_key, match_pattern
 from .options import RedisOptions, _default_pool_size
@@ -252,6 +255,25 @@ def _cluster_for(options: RedisClusterOptions) -> RedisCluster:
     return cluster
 
 
+def _torn_down(exc: BaseException) -> bool:
+    """Whether ``exc`` is redis-py finding a connection's reader or writer gone mid-call.
+
+    After a connection error, a pipeline retry or a ``CLUSTERDOWN`` reply, redis-py's
+    cluster client closes *every* connection, including those other calls are using
+    at that moment; they then fail with an ``AttributeError`` on ``None`` raised
+    inside redis-py. For the caller that is a lost connection, nothing else.
+    """
+    if not isinstance(exc, AttributeError) or exc.obj is not None:
+        return False
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__")
+    return isinstance(module, str) and module.startswith("redis.")
+
+
 def _slot(key: str) -> int:
     return key_slot(key.encode("utf-8", "surrogateescape"))
 
@@ -337,11 +359,23 @@ class RedisClusterBackend:
 
     def _error(self, exc: Exception, command: str, key: str | None = None) -> KivigoError:
         node = self._node_of(key)
+        where = f"{command} on {node}" if key is None else f"{command} for key {key!r} on {node}"
+        # No reachable node, or no node serving some slots (while a failover runs):
+        # an outage that passes, not a server error.
         if isinstance(exc, SlotNotCoveredError) or (
-            isinstance(exc, RedisClusterException) and "cannot be connected" in str(exc)
+            isinstance(exc, RedisClusterException)
+            and ("cannot be connected" in str(exc) or "slots are not covered" in str(exc))
         ):
-            where = f"{command} on {node}" if key is None else f"{command} for key {key!r} on {node}"
             return BackendUnavailableError(f"{where}: {exc}")
+        if isinstance(exc, ClusterDownError):
+            # CLUSTERDOWN / MASTERDOWN: a primary failed and no replica serves its
+            # slots yet. Like a refused connection, it passes once the failover is done.
+            return BackendUnavailableError(f"{where}: the cluster is down (failover in progress?): {exc}")
+        if _torn_down(exc):
+            return BackendUnavailableError(
+                f"{where}: the connection was closed while in use, by a reset of the "
+                f"cluster client after a node failure ({type(exc).__name__}: {exc})"
+            )
         return translate(exc, command, key, node)
 
     async def _run(self, command: str, key: str | None, call: Callable[[], Awaitable[Any]]) -> Any:
@@ -357,6 +391,10 @@ class RedisClusterBackend:
         except _DRIVER_ERRORS as exc:
             raise self._error(exc, command, key) from exc
         except UnicodeEncodeError as exc:
+            raise self._error(exc, command, key) from exc
+        except AttributeError as exc:
+            if not _torn_down(exc):
+                raise
             raise self._error(exc, command, key) from exc
         finally:
             self._in_flight.release()
@@ -496,11 +534,22 @@ class RedisClusterBackend:
         time: redis-py follows the redirections of single-key commands.
         """
 
+        cluster = self._cluster
+
         async def send() -> list[Any]:
             await self._ready()
-            pipe = self._cluster.pipeline()
+            pipe = cluster.pipeline()
             for args in commands:
-                pipe.execute_command(*args)
+                # Each command's slot is known: naming its node spares redis-py
+                # parsing the command's keys (twice) to find it, a third of the CPU
+                # of a large batch. (A retry after a connection error routes by key.)
+                read = args[0] in READ_COMMANDS
+                node = cluster.nodes_manager.get_node_from_slot(
+                    _slot(args[1]),
+                    read and cluster.read_from_replicas,
+                    cluster.load_balancing_strategy if read else None,
+                )
+                pipe.execute_command(*args, target_nodes=[node])
             # Redirections are ours to handle: redis-py would re-send a refused
             # multi-key command as it is, and give up while the migration lasts.
             results: list[Any] = await pipe.execute(raise_on_error=False, allow_redirections=False)
@@ -586,6 +635,12 @@ class RedisClusterBackend:
                 await execute("PING", target_nodes=node)
             except _DRIVER_ERRORS as exc:
                 raise translate(exc, "PING", None, str(node.name)) from exc
+            except AttributeError as exc:
+                if not _torn_down(exc):
+                    raise
+                raise BackendUnavailableError(
+                    f"PING on {node.name}: the connection was closed while in use"
+                ) from exc
 
         results = await asyncio.gather(*(ping(n) for n in primaries), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
@@ -644,6 +699,28 @@ class RedisClusterBackend:
         except KivigoError as exc:
             raise await self._moved(exc) from exc.__cause__
         return _ClusterTransaction(self, slot, inner)
+
+    # -- WatchBackend ----------------------------------------------------
+
+    async def watch(
+        self, prefix: str, *, max_pending: int = DEFAULT_MAX_PENDING, configure_server: bool = True
+    ) -> ChangeStream:
+        """Stream changes to keys under ``prefix`` from every primary; see :mod:`kivigo_async.watch`.
+
+        Each primary publishes the changes to its own keys, so the watch
+        subscribes on each primary known when it starts; changes to one key
+        arrive in order. A failover or a lost node ends the watch with
+        :class:`~kivigo_async.errors.BackendUnavailableError`; watch again to
+        follow the new layout.
+
+        Example:
+            ```python
+            stream = await backend.watch("user:")
+            ```
+        """
+        from ._watch import watch_cluster  # imports this module
+
+        return await watch_cluster(self, prefix, max_pending, configure_server)
 
 
 def _split(args: tuple[Any, ...]) -> list[tuple[Any, ...]]:

@@ -1,0 +1,75 @@
+"""benchmarks/run.py --quick --only cluster starts its own cluster and reports every approach.
+
+Only that the harness works is checked (quick numbers on a shared machine mean
+nothing): the run exits 0 and its JSON and markdown hold the cluster rows.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kivigo_async.testing.pytest_plugin import skip_or_fail
+from kivigo_async.testing.servers import ServerPool, ServerUnavailable
+from kivigo_async.testing.topologies import find_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / "benchmarks" / "run.py"
+DOCS = ROOT / "docs" / "benchmarks.md"
+# Starting a cluster and a quick run take well under a minute; this only bounds a hang.
+SUBPROCESS_TIMEOUT = 280
+APPROACHES = ("kivigo-async", "redis-py mget_nonatomic", "serial MGET per slot (cashews' approach)")
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(SUBPROCESS_TIMEOUT + 20)]
+
+
+def test_quick_cluster_run(kivigo_server_pool: ServerPool, tmp_path: Path) -> None:
+    try:
+        find_cli(kivigo_server_pool.binary("valkey", "plain"))
+    except ServerUnavailable as exc:
+        skip_or_fail(exc, "valkey")
+    docs_before = DOCS.read_bytes() if DOCS.exists() else None
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(RUN),
+            "--quick",
+            "--loops",
+            "asyncio",
+            "--only",
+            "cluster",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+
+    result = json.loads((tmp_path / "latest-quick.json").read_text(encoding="utf-8"))
+    assert result["scenarios"] == {}  # --only cluster: nothing else was measured
+    block = result["cluster"]
+    assert "skipped" not in block, block
+    assert block["keys"] == 1000
+    assert block["baseline"] == APPROACHES[2]
+    assert set(block["approaches"]) == set(APPROACHES)
+    rows = {row["library"]: row for row in block["rows"]}
+    assert set(rows) == set(APPROACHES)
+    for name, row in rows.items():
+        assert row["loop"] == "asyncio"
+        assert row["status"] == "ok", (name, row.get("reason"))
+        assert row["repetitions"] == 2
+        assert row["rate"] > 0
+        assert row["ratio"]["rate"] is not None
+    assert rows[APPROACHES[2]]["ratio"]["rate"] == pytest.approx(1.0)
+
+    markdown = (tmp_path / "latest-quick.md").read_text(encoding="utf-8")
+    assert block["title"] in markdown
+    assert all(name in markdown for name in APPROACHES)
+    assert (DOCS.read_bytes() if DOCS.exists() else None) == docs_before
