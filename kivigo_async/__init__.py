@@ -18,6 +18,7 @@ from .backend import (
     LeaseBackend,
     TransactionBackend,
     TTLBackend,
+    WatchBackend,
 )
 from .client import Client, HealthCheck, Transaction
 from .codecs import Codec, CompressedCodec, EncryptedCodec, JsonCodec, MsgspecCodec
@@ -41,6 +42,7 @@ from .errors import (
 from .health import HealthReport, HealthStatus, HealthWatcher
 from .hooks import EventType, HookEvent, HookHandle, HookRegistry
 from .keys import KeyRegistry, KeyTemplate, KeyVars, default_registry
+from .watch import ChangeEvent, ChangeType, NotificationsDisabledError, Watch, WatchOverflowError
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,8 @@ __all__ = [
     "BackendError",
     "BackendUnavailableError",
     "BatchBackend",
+    "ChangeEvent",
+    "ChangeType",
     "Client",
     "Codec",
     "CodecError",
@@ -77,6 +81,7 @@ __all__ = [
     "KivigoError",
     "LeaseBackend",
     "MsgspecCodec",
+    "NotificationsDisabledError",
     "OperationTimeoutError",
     "PermissionDeniedError",
     "TTLBackend",
@@ -84,6 +89,9 @@ __all__ = [
     "TransactionBackend",
     "TransactionConflictError",
     "UnsupportedOperationError",
+    "Watch",
+    "WatchBackend",
+    "WatchOverflowError",
     "__version__",
     "default_registry",
 ]

@@ -10,6 +10,7 @@ required. The other protocols are capabilities the client detects with
 * :class:`TTLBackend`: ``expire`` / ``ttl`` / ``persist``.
 * :class:`HealthBackend`: a liveness probe.
 * :class:`TransactionBackend`: atomic, optionally optimistic transactions.
+* :class:`WatchBackend`: a stream of changes to keys under a prefix.
 
 A missing capability (other than batch) makes the client raise
 :class:`~kivigo_async.errors.UnsupportedOperationError`.
@@ -26,7 +27,10 @@ Example:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Literal, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, Union, runtime_checkable
+
+if TYPE_CHECKING:
+    from .watch import ChangeStream
 
 __all__ = [
     "AsyncBackend",
@@ -40,6 +44,7 @@ __all__ = [
     "TxDelete",
     "TxOp",
     "TxSet",
+    "WatchBackend",
 ]
 
 #: A queued transaction write: ``("set", key, value, ttl_ms)``.
@@ -196,4 +201,41 @@ class LeaseBackend(Protocol):
 
     async def release_lease(self, key: str, token: bytes) -> bool:
         """Delete ``key`` if it still holds ``token``; return whether it was deleted."""
+        ...
+
+
+@runtime_checkable
+class WatchBackend(Protocol):
+    """A stream of changes (set, delete, expire) to keys under a prefix, made by any client.
+
+    ``watch`` subscribes before it returns: every change made after that is
+    delivered, in the order the server made it (per node, on a cluster). The
+    returned :class:`~kivigo_async.watch.ChangeStream` is the caller's to
+    close; :class:`~kivigo_async.watch.ChangeFeed` implements the buffering,
+    overflow and error rules for a backend. See :mod:`kivigo_async.watch`.
+
+    Example:
+        ```python
+        stream = await backend.watch("user:")
+        try:
+            async for change in stream:
+                print(change.type, change.key)
+        finally:
+            await stream.aclose()
+        ```
+    """
+
+    async def watch(
+        self, prefix: str, *, max_pending: int = 10_000, configure_server: bool = True
+    ) -> ChangeStream:
+        """Subscribe to changes to keys starting with the literal ``prefix`` (``""``: every key).
+
+        Args:
+            prefix: the literal key prefix (glob characters match themselves).
+            max_pending: undelivered events held before the stream fails with
+                :class:`~kivigo_async.watch.WatchOverflowError`.
+            configure_server: whether the backend may check and turn on what
+                the server needs to publish changes (Redis: ``notify-keyspace-events``
+                through ``CONFIG``); backends with nothing to configure ignore it.
+        """
         ...

@@ -13,6 +13,7 @@ import builtins
 import contextlib
 import inspect
 import math
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
@@ -28,9 +29,11 @@ from .backend import (
     TransactionBackend,
     TTLBackend,
     TxOp,
+    WatchBackend,
 )
 from .codecs import Codec, JsonCodec
 from .errors import (
+    BackendUnavailableError,
     CodecError,
     ConfigurationError,
     DecodeError,
@@ -43,6 +46,7 @@ from .errors import (
     UnsupportedOperationError,
 )
 from .hooks import EventType, HookRegistry
+from .watch import DEFAULT_MAX_PENDING, ChangeStream, Watch, _check_watch_args
 
 __all__ = ["Client", "HealthCheck", "Transaction", "TTLLike"]
 
@@ -150,6 +154,8 @@ class Client:
         self._ttl: TTLBackend | None = backend if isinstance(backend, TTLBackend) else None
         self._tx: TransactionBackend | None = backend if isinstance(backend, TransactionBackend) else None
         self._health: HealthBackend | None = backend if isinstance(backend, HealthBackend) else None
+        self._watcher: WatchBackend | None = backend if isinstance(backend, WatchBackend) else None
+        self._watches: weakref.WeakSet[Watch] = weakref.WeakSet()
         self.hooks = HookRegistry()
         self._closed = False
 
@@ -192,6 +198,10 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        for watch in list(self._watches):
+            # Their loops end (StopAsyncIteration); a failing close must not stop ours.
+            with contextlib.suppress(Exception):
+                await watch.aclose()
         try:
             await self.hooks.aclose()
         finally:
@@ -621,6 +631,56 @@ class Client:
         if self.hooks:
             await self.hooks.emit_many(EventType.BATCH_DELETE, [(k, None) for k in unique])
         return count
+
+    # -- watching ----------------------------------------------------------
+
+    def watch(
+        self, prefix: str = "", *, max_pending: int = DEFAULT_MAX_PENDING, configure_server: bool = True
+    ) -> Watch:
+        """Watch keys under the literal ``prefix`` being set, deleted or expired, by any client.
+
+        Returns a :class:`~kivigo_async.watch.Watch`: enter it with
+        ``async with`` (the subscription is in place once entered) and iterate
+        :class:`~kivigo_async.watch.ChangeEvent` values. Leaving the block, by
+        ``break``, an exception or cancellation, releases the subscription;
+        closing the client ends every watch it opened.
+
+        On Redis and Valkey this uses keyspace notifications, on a connection
+        of its own (one per primary on a cluster). Unless ``configure_server``
+        is false, the server's ``notify-keyspace-events`` is checked and the
+        flags a watch needs are added to those already on (none is ever turned
+        off); a server that refuses ``CONFIG`` raises
+        :class:`~kivigo_async.watch.NotificationsDisabledError`.
+
+        Delivery is best effort but never silently lossy: a lost connection
+        raises :class:`~kivigo_async.errors.BackendUnavailableError`, and
+        falling more than ``max_pending`` events behind raises
+        :class:`~kivigo_async.watch.WatchOverflowError`, after the events
+        received before. See the "Watching changes" guide.
+
+        Raises:
+            UnsupportedOperationError: the backend cannot watch.
+
+        Example:
+            ```python
+            async with client.watch("session:") as changes:
+                async for change in changes:
+                    print(change.type, change.key)   # e.g. "delete session:abc123"
+            ```
+        """
+        _check_watch_args(prefix, max_pending)
+        backend = self._watcher
+        if backend is None:
+            raise UnsupportedOperationError(f"watch: {type(self._backend).__name__} cannot watch changes")
+
+        async def subscribe() -> ChangeStream:
+            if self._closed:
+                raise BackendUnavailableError("watch: the client is closed")
+            return await backend.watch(prefix, max_pending=max_pending, configure_server=configure_server)
+
+        watch = Watch(prefix, subscribe)
+        self._watches.add(watch)
+        return watch
 
     # -- health and transactions -------------------------------------------
 

@@ -28,8 +28,10 @@ __all__ = [
     "KivigoError",
     "OperationTimeoutError",
     "PermissionDeniedError",
+    "NotificationsDisabledError",
     "TransactionConflictError",
     "UnsupportedOperationError",
+    "WatchOverflowError",
 ]
 
 
@@ -109,4 +111,23 @@ class CrossSlotError(InvalidArgumentError):
 
     Keys sharing a hash tag (the part in braces: ``{user:1}:a``, ``{user:1}:b``)
     share a slot.
+    """
+
+
+class WatchOverflowError(KivigoError):
+    """The consumer fell more than ``max_pending`` events behind; later events were dropped.
+
+    The events buffered before the overflow are delivered first; then the
+    watch ends with this error, its subscription already released.
+    """
+
+
+class NotificationsDisabledError(UnsupportedOperationError):
+    """The server does not publish the keyspace notifications a watch needs, and may not be told to.
+
+    Raised when ``CONFIG GET`` / ``CONFIG SET notify-keyspace-events`` is refused
+    (an ACL rule, or ``CONFIG`` renamed or disabled, as on many managed
+    services). The fix is on the server: set ``notify-keyspace-events`` to
+    include ``K``, ``g``, ``$``, ``x`` and ``e`` (``Kg$xe``, or ``KEA``), then
+    watch with ``configure_server=False``, which skips the check.
     """

@@ -19,11 +19,13 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections.abc import AsyncIterator, Sequence
 
 from ..backend import BackendTransaction, TxOp
 from ..errors import BackendUnavailableError, InvalidKeyError, KeyNotFoundError, TransactionConflictError
+from ..watch import DEFAULT_MAX_PENDING, ChangeEvent, ChangeFeed, ChangeStream, ChangeType, _check_watch_args
 
 __all__ = ["MemoryBackend"]
 
@@ -67,6 +69,11 @@ class MemoryBackend:
         self._writes = 0
         self._sweep_every = sweep_every
         self._closed = False
+        # Watches (feed -> prefix). While there is one, a timer removes each key
+        # when its TTL runs out, so that watchers see the expiry on time.
+        self._feeds: dict[ChangeFeed, str] = {}
+        self._deadlines: list[tuple[float, str]] = []  # a heap; stale entries are skipped
+        self._expiry_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"MemoryBackend(keys={len(self._data)})"
@@ -82,6 +89,8 @@ class MemoryBackend:
         entry = self._data.get(key)
         if entry is not None and entry[1] is not None and entry[1] <= time.monotonic():
             del self._data[key]
+            if self._feeds:
+                self._emit(ChangeType.EXPIRE, key)
             return None
         return entry
 
@@ -91,11 +100,17 @@ class MemoryBackend:
             for tx in self._watchers.get(key, ()):
                 tx.dirty = True
 
-    def _write(self, key: str, value: bytes, ttl_ms: int | None) -> None:
+    def _write(self, key: str, value: bytes, ttl_ms: int | None, *, changed: bool = True) -> None:
+        # changed=False: only the TTL changed, which watchers are not told (as on Redis).
         _check_key(key)
         deadline = None if ttl_ms is None else time.monotonic() + ttl_ms / 1000
         self._data[key] = (value, deadline)
         self._touch(key)
+        if self._feeds:
+            if deadline is not None:
+                self._track_deadline(deadline, key)
+            if changed:
+                self._emit(ChangeType.SET, key)
         self._writes += 1
         if self._writes >= self._sweep_every:
             self._sweep()
@@ -105,6 +120,8 @@ class MemoryBackend:
             return False
         del self._data[key]
         self._touch(key)
+        if self._feeds:
+            self._emit(ChangeType.DELETE, key)
         return True
 
     def _sweep(self) -> None:
@@ -113,6 +130,52 @@ class MemoryBackend:
         expired = [k for k, (_, d) in self._data.items() if d is not None and d <= now]
         for k in expired:
             del self._data[k]
+            if self._feeds:
+                self._emit(ChangeType.EXPIRE, k)
+
+    # -- watches -----------------------------------------------------------
+
+    def _emit(self, change: ChangeType, key: str) -> None:
+        event = ChangeEvent(change, key)
+        # A copy: an overflowing feed unregisters itself from inside put().
+        for feed, prefix in tuple(self._feeds.items()):
+            if key.startswith(prefix):
+                feed.put(event)
+
+    def _track_deadline(self, deadline: float, key: str) -> None:
+        heap = self._deadlines
+        if len(heap) > 2 * len(self._data) + 1000:
+            # Mostly stale entries (keys rewritten or deleted): start again from the data.
+            heap[:] = [(d, k) for k, (_, d) in self._data.items() if d is not None]
+            heapq.heapify(heap)
+        else:
+            heapq.heappush(heap, (deadline, key))
+        if heap[0][0] == deadline:
+            self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if self._deadlines and self._feeds:
+            delay = max(0.0, self._deadlines[0][0] - time.monotonic())
+            self._expiry_timer = asyncio.get_running_loop().call_later(delay, self._expire_due)
+
+    def _expire_due(self) -> None:
+        self._expiry_timer = None
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, key = heapq.heappop(self._deadlines)
+            self._live(key)  # removes it (and tells watchers) if its TTL is still up
+        self._arm_expiry()
+
+    def _unwatch(self, feed: ChangeFeed) -> None:
+        self._feeds.pop(feed, None)
+        if not self._feeds:
+            if self._expiry_timer is not None:
+                self._expiry_timer.cancel()
+                self._expiry_timer = None
+            self._deadlines = []
 
     # -- AsyncBackend ----------------------------------------------------
 
@@ -142,6 +205,8 @@ class MemoryBackend:
 
     async def close(self) -> None:
         self._closed = True
+        for feed in list(self._feeds):
+            feed.end()
         for txs in self._watchers.values():
             for tx in txs:
                 tx.dirty = True
@@ -179,7 +244,7 @@ class MemoryBackend:
         entry = self._live(key)
         if entry is None:
             return False
-        self._write(key, entry[0], ttl_ms)
+        self._write(key, entry[0], ttl_ms, changed=False)
         return True
 
     async def ttl(self, key: str) -> int | None:
@@ -221,6 +286,35 @@ class MemoryBackend:
         if entry is None or entry[0] != token:
             return False
         return self._remove(key)
+
+    # -- WatchBackend ----------------------------------------------------
+
+    async def watch(
+        self, prefix: str, *, max_pending: int = DEFAULT_MAX_PENDING, configure_server: bool = True
+    ) -> ChangeStream:
+        """Stream changes to keys under ``prefix``; see :mod:`kivigo_async.watch`.
+
+        Events are emitted by this backend's own writes, deletes and expiries,
+        as Redis would publish them: a write reports ``SET``, removing an
+        existing key ``DELETE``, and a key whose TTL runs out ``EXPIRE``, on
+        time while anyone watches. ``configure_server`` is ignored.
+
+        Example:
+            ```python
+            stream = await backend.watch("user:")
+            ```
+        """
+        self._check_open()
+        _check_watch_args(prefix, max_pending)
+        _check_key(prefix)
+        feed = ChangeFeed(max_pending=max_pending, halt=lambda: self._unwatch(feed))
+        first = not self._feeds
+        self._feeds[feed] = prefix
+        if first:
+            self._deadlines = [(d, k) for k, (_, d) in self._data.items() if d is not None]
+            heapq.heapify(self._deadlines)
+            self._arm_expiry()
+        return feed
 
     # -- TransactionBackend ----------------------------------------------
 

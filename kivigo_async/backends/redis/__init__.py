@@ -10,12 +10,16 @@ Example:
     ```
 """
 
+from ._cache import CacheStats, ClientCache, LocalCache
 from .cluster import RedisClusterBackend, RedisClusterOptions
 from .options import RedisOptions
 from .sentinel import RedisSentinelBackend, RedisSentinelOptions
 from .standalone import RedisBackend
 
 __all__ = [
+    "CacheStats",
+    "ClientCache",
+    "LocalCache",
     "RedisBackend",
     "RedisClusterBackend",
     "RedisClusterOptions",

@@ -52,10 +52,19 @@ class _Stalled(rx.TimeoutError):
 class _Protocol(asyncio.Protocol):
     """Byte stream <-> reply queue for one socket."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float | None, node: str) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        read_timeout: float | None,
+        node: str,
+        on_push: Callable[[list[Any]], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
         self._loop = loop
         self._read_timeout = read_timeout
         self._node = node
+        self._on_push = on_push
+        self._on_lost = on_lost
         self._reader = hiredis.Reader()
         # (future, deadline) per command written, oldest first.
         self._waiters: deque[tuple[asyncio.Future[Any], float]] = deque()
@@ -84,6 +93,15 @@ class _Protocol(asyncio.Protocol):
                 return
             if reply is False:
                 return
+            if (
+                self._on_push is not None
+                and reply.__class__ is list
+                and len(reply) >= 3
+                and reply[0] in (b"message", b"pmessage")
+            ):
+                # A pub/sub message: nobody's reply, so it must not take a waiter's place.
+                self._on_push(reply)
+                continue
             if not waiters:  # a reply nobody asked for: the stream is out of step
                 self._abort(rx.ConnectionError(f"unexpected reply from {self._node}"))
                 return
@@ -103,6 +121,8 @@ class _Protocol(asyncio.Protocol):
             future = self._waiters.popleft()[0]
             if not future.done():
                 future.set_exception(error)
+        if self._on_lost is not None:
+            self._on_lost()
 
     # -- sending ---------------------------------------------------------------
 
@@ -225,8 +245,14 @@ class MuxConnection:
         dial_timeout: float | None = 5.0,
         read_timeout: float | None = 3.0,
         max_retries: int = 3,
+        prepare: Callable[[], Awaitable[Sequence[Sequence[Arg]]]] | None = None,
+        on_push: Callable[[list[Any]], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
         self._opener = opener
+        self._prepare = prepare
+        self._on_push = on_push
+        self._on_lost = on_lost
         self._node = node
         self._handshake = [pack(cmd) for cmd in handshake]
         self._dial_timeout = dial_timeout
@@ -292,7 +318,9 @@ class MuxConnection:
         loop = asyncio.get_running_loop()
         try:
             _, protocol = await asyncio.wait_for(
-                self._opener(lambda: _Protocol(loop, self._read_timeout, self._node)),
+                self._opener(
+                    lambda: _Protocol(loop, self._read_timeout, self._node, self._on_push, self._on_lost)
+                ),
                 self._dial_timeout,
             )
         except asyncio.TimeoutError:
@@ -301,9 +329,16 @@ class MuxConnection:
             raise rx.ConnectionError(f"TLS handshake with {self._node} failed: {exc}") from exc
         except OSError as exc:
             raise rx.ConnectionError(f"cannot connect to {self._node}: {exc.strerror or exc}") from exc
-        if self._handshake:
+        handshake = self._handshake
+        if self._prepare is not None:
             try:
-                futures = protocol.send(b"".join(self._handshake), len(self._handshake))
+                handshake = handshake + [pack(cmd) for cmd in await self._prepare()]
+            except BaseException:
+                protocol.close()
+                raise
+        if handshake:
+            try:
+                futures = protocol.send(b"".join(handshake), len(handshake))
                 replies = [await f for f in futures]
             except BaseException:
                 protocol.close()
@@ -316,6 +351,11 @@ class MuxConnection:
                         raise rx.AuthenticationError(text)
                     raise rx.ResponseError(text)
         return protocol
+
+    def drop(self) -> None:
+        """Close the current socket; the next call opens a new one."""
+        if self._protocol is not None:
+            self._protocol.close()
 
     async def close(self) -> None:
         self._closed = True

@@ -11,6 +11,7 @@ from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ...errors import ConfigurationError
+from ._cache import ClientCache
 
 __all__ = ["RedisOptions"]
 
@@ -61,6 +62,9 @@ class RedisOptions:
             event-loop iteration into one write (see "Auto-pipelining" in the
             docs). Transactions always use a dedicated pooled connection.
             ``False`` sends every command over the pool instead.
+        client_cache: a :class:`ClientCache` turns on client-side caching of
+            ``get``: values stay in a local LRU until Redis reports a change
+            (``CLIENT TRACKING`` invalidation messages). Needs ``auto_pipeline``.
 
     Example:
         >>> opts = RedisOptions(addr="cache:6379", password="s3cret", pool_size=20)
@@ -84,6 +88,7 @@ class RedisOptions:
     client_name: str | None = None
     protocol: int | None = None
     auto_pipeline: bool = True
+    client_cache: ClientCache | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.addr, str) or not self.addr:
@@ -117,6 +122,13 @@ class RedisOptions:
             raise ConfigurationError("tls is not available over a unix socket")
         if not isinstance(self.auto_pipeline, bool):
             raise ConfigurationError("auto_pipeline must be True or False")
+        if self.client_cache is not None:
+            if not isinstance(self.client_cache, ClientCache):
+                raise ConfigurationError("client_cache must be a ClientCache or None")
+            if not self.auto_pipeline:
+                raise ConfigurationError(
+                    "client_cache needs auto_pipeline=True (tracking follows that connection)"
+                )
         if self.protocol not in (None, 2, 3):
             raise ConfigurationError(f"protocol must be 2, 3 or None, not {self.protocol!r}")
 
@@ -138,6 +150,14 @@ class RedisOptions:
             2
         """
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def _auth_command(self) -> tuple[str, ...] | None:
+        """The AUTH command a new connection sends first, or ``None``."""
+        if self.password is None:
+            return None
+        if self.username:
+            return ("AUTH", self.username, self.password)
+        return ("AUTH", self.password)
 
     @property
     def host(self) -> str:

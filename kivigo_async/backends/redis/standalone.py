@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -18,12 +18,18 @@ from redis.exceptions import RedisError, ResponseError
 
 from ...backend import BackendTransaction, TxOp
 from ...errors import KeyNotFoundError
+from ...watch import DEFAULT_MAX_PENDING, ChangeStream
+from ._cache import LocalCache, Tracking
 from ._errors import translate
-from ._mux import Arg, MuxConnection, tcp_opener, unix_opener
+from ._mux import Arg, MuxConnection, Opener, tcp_opener, unix_opener
 from ._scan import SCAN_COUNT, decode_key, match_pattern
 from .options import RedisOptions
 
 __all__ = ["RedisBackend"]
+
+# What a command can raise before it is translated: redis-py's errors, and the
+# UTF-8 encoder's for a key holding a lone surrogate (translated to InvalidKeyError).
+_FAILURES = (RedisError, UnicodeEncodeError)
 
 
 class _TLSConnection(Connection):
@@ -40,6 +46,47 @@ class _TLSConnection(Connection):
 
     def _connection_arguments(self) -> Mapping[str, Any]:
         return {"host": self.host, "port": self.port, "ssl": self._tls_context}
+
+
+class _ClosablePool(BlockingConnectionPool):
+    """A blocking pool that stays closed once the backend is closed.
+
+    redis-py's pool reconnects whenever it is used again, so a call still in
+    flight when the client closes (or one made after) would open a connection
+    nobody ever closes. Once :attr:`closed`, the pool hands out no connection
+    and disconnects each one given back.
+    """
+
+    closed = False
+    _wakers: ClassVar[set[asyncio.Task[None]]] = set()
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
+        if self.closed:
+            raise RedisConnectionError("the client is closed")
+        acquire: Callable[..., Awaitable[AbstractConnection]] = super().get_connection
+        try:
+            connection = await acquire(*args, **kwargs)
+        except BaseException:
+            # Before Python 3.13, a waiter cancelled (or timed out) just as release()
+            # notified it swallows that notify(): a free connection then sits idle
+            # while the other callers wait out pool_timeout. Pass the wake-up on.
+            waker = asyncio.get_running_loop().create_task(self._wake_one())
+            self._wakers.add(waker)
+            waker.add_done_callback(self._wakers.discard)
+            raise
+        if self.closed:  # closed while this call waited for a free connection
+            await self.release(connection)
+            raise RedisConnectionError("the client is closed")
+        return connection
+
+    async def release(self, connection: AbstractConnection) -> None:
+        await super().release(connection)
+        if self.closed:
+            await connection.disconnect()
+
+    async def _wake_one(self) -> None:
+        async with self._condition:
+            self._condition.notify()
 
 
 def _pool_for(options: RedisOptions) -> BlockingConnectionPool:
@@ -76,7 +123,7 @@ def _pool_for(options: RedisOptions) -> BlockingConnectionPool:
     pool_timeout = options.pool_timeout
     if pool_timeout is None and options.read_timeout is not None:
         pool_timeout = options.read_timeout + 1
-    return BlockingConnectionPool(
+    return _ClosablePool(
         max_connections=options.pool_size,
         timeout=pool_timeout,
         connection_class=connection_class,
@@ -84,28 +131,28 @@ def _pool_for(options: RedisOptions) -> BlockingConnectionPool:
     )
 
 
-def _mux_for(options: RedisOptions) -> MuxConnection:
-    handshake: list[tuple[Arg, ...]] = []
-    if options.password is not None:
-        if options.username:
-            handshake.append(("AUTH", options.username, options.password))
-        else:
-            handshake.append(("AUTH", options.password))
+def _opener_for(options: RedisOptions) -> Opener:
+    if options.network == "unix":
+        return unix_opener(options.addr)
+    return tcp_opener(options.host, options.port, options.ssl_context())
+
+
+def _mux_for(options: RedisOptions, tracking: Tracking | None = None) -> MuxConnection:
+    auth = options._auth_command()
+    handshake: list[tuple[Arg, ...]] = [auth] if auth else []
     if options.db:
         handshake.append(("SELECT", options.db))
     if options.client_name:
         handshake.append(("CLIENT", "SETNAME", options.client_name))
-    if options.network == "unix":
-        opener = unix_opener(options.addr)
-    else:
-        opener = tcp_opener(options.host, options.port, options.ssl_context())
     return MuxConnection(
-        opener,
+        _opener_for(options),
         node=options.addr,
         handshake=handshake,
         dial_timeout=options.dial_timeout,
         read_timeout=options.read_timeout,
         max_retries=options.max_retries,
+        prepare=tracking.data_handshake if tracking is not None else None,
+        on_lost=tracking.data_lost if tracking is not None else None,
     )
 
 
@@ -143,7 +190,15 @@ class RedisBackend:
         self._options = options if options is not None else RedisOptions.default()
         self._pool = _pool_for(self._options)
         self._redis: Redis = Redis.from_pool(self._pool)
-        self._mux = _mux_for(self._options) if self._options.auto_pipeline else None
+        self._cache: LocalCache | None = None
+        self._tracking: Tracking | None = None
+        if self._options.client_cache is not None:
+            self._cache = LocalCache(self._options.client_cache)
+            self._tracking = Tracking(self._options, _opener_for(self._options), self._cache)
+            self._mux: MuxConnection | None = _mux_for(self._options, self._tracking)
+            self._tracking.attach(self._mux)
+        else:
+            self._mux = _mux_for(self._options) if self._options.auto_pipeline else None
         # One pre-bound entry point for single commands, so the hot path makes
         # no per-call choice between the multiplexed connection and the pool.
         self._exec: Callable[..., Awaitable[Any]] = (
@@ -173,6 +228,11 @@ class RedisBackend:
         return self._options
 
     @property
+    def client_cache(self) -> LocalCache | None:
+        """The client-side cache (``RedisOptions(client_cache=...)``), for stats and listeners."""
+        return self._cache
+
+    @property
     def redis(self) -> Redis:
         """The underlying ``redis.asyncio.Redis`` client, for commands kivigo does not wrap."""
         return self._redis
@@ -198,25 +258,52 @@ class RedisBackend:
                 for conn in got:
                     if isinstance(conn, BaseException):
                         raise conn
-        except RedisError as exc:
+        except _FAILURES as exc:
             raise self._error(exc, "CONNECT") from exc
 
     async def close(self) -> None:
+        if isinstance(self._pool, _ClosablePool):
+            self._pool.closed = True
+        if self._tracking is not None:
+            await self._tracking.close()
         if self._mux is not None:
             await self._mux.close()
         try:
             await self._redis.aclose()
-        except RedisError as exc:  # closing never fails the caller's shutdown
+        except _FAILURES as exc:  # closing never fails the caller's shutdown
             raise self._error(exc, "CLOSE") from exc
 
     # -- AsyncBackend ----------------------------------------------------
 
     async def get(self, key: str) -> bytes | None:
+        cache = self._cache
+        if cache is not None and cache.enabled:
+            return await self._cached_get(cache, key)
         try:
             value: bytes | None = await self._exec("GET", key)
             return value
-        except RedisError as exc:
+        except _FAILURES as exc:
             raise self._error(exc, "GET", key) from exc
+
+    async def _cached_get(self, cache: LocalCache, key: str) -> bytes | None:
+        hit = cache.lookup(key)
+        if hit is not None:
+            return hit
+        epoch = cache.begin(key)
+        value: bytes | None = None
+        try:
+            value = await self._exec("GET", key)
+            return value
+        except _FAILURES as exc:
+            raise self._error(exc, "GET", key) from exc
+        finally:
+            cache.complete(key, epoch, value)
+
+    def _written(self, keys: Sequence[str]) -> None:
+        # Our own writes drop local copies at once (read-your-writes), without
+        # waiting for the server's invalidation message on the other connection.
+        if self._cache is not None:
+            self._cache.invalidate_many(keys)
 
     async def set(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
         try:
@@ -224,14 +311,20 @@ class RedisBackend:
                 await self._exec("SET", key, value)
             else:
                 await self._exec("SET", key, value, "PX", ttl_ms)
-        except RedisError as exc:
+        except _FAILURES as exc:
             raise self._error(exc, "SET", key) from exc
+        finally:
+            if self._cache is not None:
+                self._cache.invalidate(key)
 
     async def delete(self, key: str) -> bool:
         try:
             return bool(await self._exec("UNLINK", key))
-        except RedisError as exc:
+        except _FAILURES as exc:
             raise self._error(exc, "UNLINK", key) from exc
+        finally:
+            if self._cache is not None:
+                self._cache.invalidate(key)
 
     async def scan(self, prefix: str) -> AsyncIterator[str]:
         pattern = match_pattern(prefix)
@@ -239,7 +332,7 @@ class RedisBackend:
         while True:
             try:
                 reply = await self._exec("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
-            except RedisError as exc:
+            except _FAILURES as exc:
                 raise self._error(exc, "SCAN") from exc
             # The pool parses the cursor to int, the multiplexed connection leaves bytes.
             cursor, keys = int(reply[0]), reply[1]
@@ -254,7 +347,7 @@ class RedisBackend:
         try:
             values: list[bytes | None] = await self._exec("MGET", *keys)
             return values
-        except RedisError as exc:
+        except _FAILURES as exc:
             raise self._error(exc, "MGET", keys[0] if len(keys) == 1 else None) from exc
 
     async def batch_set(self, items: Sequence[tuple[str, bytes]], ttl_ms: int | None = None) -> None:
@@ -282,19 +375,23 @@ class RedisBackend:
             for key, value in items:
                 pipe.execute_command("SET", key, value, "PX", ttl_ms)
             await pipe.execute()
-        except RedisError as exc:
+        except _FAILURES as exc:
             raise self._error(exc, "MSET" if ttl_ms is None else "MULTI/SET PX") from exc
+        finally:
+            self._written([key for key, _ in items])
 
     async def batch_delete(self, keys: Sequence[str]) -> int:
         try:
             return int(await self._exec("UNLINK", *keys))
-        except RedisError as exc:
+        except _FAILURES as exc:
             raise self._error(exc, "UNLINK") from exc
+        finally:
+            self._written(keys)
 
     async def exists(self, keys: Sequence[str]) -> int:
         try:
             return int(await self._exec("EXISTS", *keys))
-        except RedisError as exc:
+        except _FAILURES as exc:
             raise self._error(exc, "EXISTS", keys[0] if len(keys) == 1 else None) from exc
 
     # -- TTLBackend ------------------------------------------------------
@@ -302,13 +399,13 @@ class RedisBackend:
     async def expire(self, key: str, ttl_ms: int) -> bool:
         try:
             return bool(await self._exec("PEXPIRE", key, ttl_ms))
-        except RedisError as exc:
+        except _FAILURES as exc:
             raise self._error(exc, "PEXPIRE", key) from exc
 
     async def ttl(self, key: str) -> int | None:
         try:
             ms = int(await self._exec("PTTL", key))
-        except RedisError as exc:
+        except _FAILURES as exc:
             raise self._error(exc, "PTTL", key) from exc
         if ms == -2:
             raise KeyNotFoundError(key)
@@ -317,7 +414,7 @@ class RedisBackend:
     async def persist(self, key: str) -> bool:
         try:
             return bool(await self._exec("PERSIST", key))
-        except RedisError as exc:
+        except _FAILURES as exc:
             raise self._error(exc, "PERSIST", key) from exc
 
     # -- HealthBackend ---------------------------------------------------
@@ -325,7 +422,7 @@ class RedisBackend:
     async def health(self) -> None:
         try:
             await self._exec("PING")
-        except RedisError as exc:
+        except _FAILURES as exc:
             raise self._error(exc, "PING") from exc
 
     # -- TransactionBackend ----------------------------------------------
@@ -335,10 +432,30 @@ class RedisBackend:
         if watch:
             try:
                 await pipe.watch(*watch)
-            except RedisError as exc:
+            except BaseException as exc:
+                # Cancellation too: the pipeline may already hold a pooled
+                # connection, and only reset() gives it back.
                 await _reset(pipe)
-                raise self._error(exc, "WATCH") from exc
+                if isinstance(exc, _FAILURES):
+                    raise self._error(exc, "WATCH") from exc
+                raise
         return _RedisTransaction(self, pipe, bool(watch))
+
+    # -- WatchBackend ----------------------------------------------------
+
+    async def watch(
+        self, prefix: str, *, max_pending: int = DEFAULT_MAX_PENDING, configure_server: bool = True
+    ) -> ChangeStream:
+        """Stream changes to keys under ``prefix`` (keyspace notifications); see :mod:`kivigo_async.watch`.
+
+        Example:
+            ```python
+            stream = await backend.watch("user:")
+            ```
+        """
+        from ._watch import watch_standalone  # imports this module
+
+        return await watch_standalone(self, prefix, max_pending, configure_server)
 
 
 async def _reset(pipe: Pipeline) -> None:
@@ -361,7 +478,7 @@ class _RedisTransaction:
             # While watching, the pipeline runs commands at once on its own connection.
             execute: Callable[..., Awaitable[Any]] = self._pipe.execute_command
             return await execute("GET", key)  # type: ignore[no-any-return]
-        except RedisError as exc:
+        except _FAILURES as exc:
             raise self._backend._error(exc, "GET", key) from exc
 
     async def commit(self, ops: Sequence[TxOp]) -> None:
@@ -378,8 +495,10 @@ class _RedisTransaction:
                 pipe.execute_command("UNLINK", op[1])
         try:
             await pipe.execute()
-        except RedisError as exc:
+        except _FAILURES as exc:
             raise self._backend._error(exc, "EXEC") from exc
+        finally:
+            self._backend._written([op[1] for op in ops])
 
     async def discard(self) -> None:
         await _reset(self._pipe)

@@ -1,0 +1,291 @@
+"""Client-side caching: a local LRU kept coherent by Redis' invalidation messages.
+
+The server tracks the keys our multiplexed connection reads (``CLIENT TRACKING
+ON REDIRECT <id>``) and publishes on ``__redis__:invalidate`` to a second
+connection whenever one of them changes. Entries are dropped on each message;
+the whole cache is dropped whenever either connection is lost or replaced,
+because invalidations may have been missed in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from redis import exceptions as rx
+
+from ...errors import ConfigurationError
+from ._mux import Arg, MuxConnection, Opener
+
+if TYPE_CHECKING:
+    from .options import RedisOptions
+
+__all__ = ["CacheStats", "ClientCache", "LocalCache"]
+
+_log = logging.getLogger("kivigo_async.cache")
+_CHANNEL = b"__redis__:invalidate"
+
+
+@dataclass(frozen=True)
+class ClientCache:
+    """Client-side caching settings for :class:`~kivigo_async.backends.redis.RedisOptions`.
+
+    Attributes:
+        max_entries: the most values kept; the least recently used go first.
+        ttl: the longest a value is served from memory without asking the
+            server again (seconds; ``None`` for no limit). Invalidation
+            messages normally drop an entry much sooner; this bounds the damage
+            if one is ever lost.
+        max_value_size: values larger than this (bytes) are never cached.
+
+    Example:
+        ```python
+        from kivigo_async.backends.redis import ClientCache, RedisBackend, RedisOptions
+
+        backend = RedisBackend(RedisOptions(addr="localhost:6379",
+                                            client_cache=ClientCache(max_entries=10_000, ttl=60)))
+        ```
+    """
+
+    max_entries: int = 10_000
+    ttl: float | None = 60.0
+    max_value_size: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        entries = self.max_entries
+        if not isinstance(entries, int) or isinstance(entries, bool) or entries < 1:
+            raise ConfigurationError("client_cache max_entries must be a positive int")
+        if self.ttl is not None and (
+            not isinstance(self.ttl, (int, float)) or not math.isfinite(self.ttl) or self.ttl <= 0
+        ):
+            raise ConfigurationError("client_cache ttl must be a positive number of seconds or None")
+        if (
+            not isinstance(self.max_value_size, int)
+            or isinstance(self.max_value_size, bool)
+            or self.max_value_size < 0
+        ):
+            raise ConfigurationError("client_cache max_value_size must be a non-negative int")
+
+
+@dataclass
+class CacheStats:
+    """Counters of a :class:`LocalCache` since it was created."""
+
+    hits: int = 0
+    misses: int = 0
+    invalidations: int = 0
+    flushes: int = 0
+
+
+#: Called with the invalidated key, or ``None`` when everything was dropped.
+InvalidationListener = Callable[["str | None"], None]
+
+
+class LocalCache:
+    """The in-process side of client-side caching (one per backend).
+
+    Reads that are in flight when their key is invalidated (or the cache is
+    flushed) are not stored when they complete: their value may predate the
+    change.
+    """
+
+    def __init__(self, settings: ClientCache) -> None:
+        self._settings = settings
+        self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._inflight: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        self._epoch = 0
+        self._listeners: list[InvalidationListener] = []
+        self.enabled = False
+        self.stats = CacheStats()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"LocalCache(entries={len(self._data)}, enabled={self.enabled}, stats={self.stats})"
+
+    def add_listener(self, listener: InvalidationListener) -> Callable[[], None]:
+        """Call ``listener`` on each invalidation; return a function that removes it."""
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return remove
+
+    # -- reads -----------------------------------------------------------------
+
+    def lookup(self, key: str) -> bytes | None:
+        entry = self._data.get(key)
+        if entry is None:
+            self.stats.misses += 1
+            return None
+        if entry[1] <= time.monotonic():
+            del self._data[key]
+            self.stats.misses += 1
+            return None
+        self._data.move_to_end(key)
+        self.stats.hits += 1
+        return entry[0]
+
+    def begin(self, key: str) -> int:
+        self._inflight[key] = self._inflight.get(key, 0) + 1
+        return self._epoch
+
+    def complete(self, key: str, epoch: int, value: bytes | None) -> None:
+        left = self._inflight[key] - 1
+        clean = key not in self._dirty
+        if left:
+            self._inflight[key] = left
+        else:
+            del self._inflight[key]
+            self._dirty.discard(key)
+        if (
+            clean
+            and self.enabled
+            and epoch == self._epoch
+            and value is not None
+            and len(value) <= self._settings.max_value_size
+        ):
+            ttl = self._settings.ttl
+            self._data[key] = (value, math.inf if ttl is None else time.monotonic() + ttl)
+            self._data.move_to_end(key)
+            if len(self._data) > self._settings.max_entries:
+                self._data.popitem(last=False)
+
+    # -- invalidation ------------------------------------------------------------
+
+    def invalidate(self, key: str) -> None:
+        self._data.pop(key, None)
+        if key in self._inflight:
+            self._dirty.add(key)
+        self.stats.invalidations += 1
+        self._notify(key)
+
+    def invalidate_many(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self.invalidate(key)
+
+    def flush(self) -> None:
+        self._data.clear()
+        self._epoch += 1
+        self.stats.flushes += 1
+        self._notify(None)
+
+    def _notify(self, key: str | None) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(key)
+            except Exception:
+                _log.exception("a client cache listener failed")
+
+
+class Tracking:
+    """Keeps the invalidation connection up and the data connection tracking into it."""
+
+    def __init__(self, options: RedisOptions, opener: Opener, cache: LocalCache) -> None:
+        self._cache = cache
+        self._options = options
+        auth = options._auth_command()
+        self._conn = MuxConnection(
+            opener,
+            node=options.addr,
+            handshake=[auth] if auth else [],
+            dial_timeout=options.dial_timeout,
+            read_timeout=options.read_timeout,
+            max_retries=options.max_retries,
+            on_push=self._on_message,
+            on_lost=self._on_lost,
+        )
+        self._client_id: int | None = None
+        self._data: MuxConnection | None = None
+        self._repair: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    def attach(self, data: MuxConnection) -> None:
+        self._data = data
+
+    def data_lost(self) -> None:
+        """The data socket is gone and the server stopped tracking for it: drop everything."""
+        self._cache.enabled = False
+        self._cache.flush()
+
+    async def data_handshake(self) -> Sequence[Sequence[Arg]]:
+        """Extra handshake for every new data socket: point its tracking at our listener."""
+        # A new data socket starts with no tracked keys: what we hold may miss invalidations.
+        self._cache.flush()
+        client_id = await self._listen()
+        self._cache.enabled = True
+        return [("CLIENT", "TRACKING", "ON", "REDIRECT", client_id)]
+
+    async def _listen(self) -> int:
+        async with self._lock:
+            if self._client_id is not None and self._conn.connected:
+                return self._client_id
+            client_id = int(await self._conn.execute("CLIENT", "ID"))
+            reply = await self._conn.execute("SUBSCRIBE", _CHANNEL)
+            if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
+                raise rx.ResponseError(f"unexpected reply to SUBSCRIBE: {reply!r}")
+            self._client_id = client_id
+            return client_id
+
+    def _on_message(self, message: list[Any]) -> None:
+        if message[1] != _CHANNEL:
+            return
+        keys = message[2]
+        if keys is None:  # FLUSHDB / FLUSHALL, or the server's tracking table overflowed
+            self._cache.flush()
+            return
+        for raw in keys:
+            self._cache.invalidate(raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw)
+
+    def _on_lost(self) -> None:
+        self._client_id = None
+        self._cache.enabled = False
+        self._cache.flush()
+        if self._closed or self._repair is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # the loop is gone: nothing left to repair
+            return
+        self._repair = loop.create_task(self._repair_loop())
+
+    async def _repair_loop(self) -> None:
+        # The data socket still tracks into the dead listener's id: re-point it,
+        # with backoff while the server is away.
+        attempt = 0
+        try:
+            while not self._closed:
+                try:
+                    client_id = await self._listen()
+                    if self._data is not None and self._data.connected:
+                        await self._data.execute("CLIENT", "TRACKING", "ON", "REDIRECT", client_id)
+                    self._cache.flush()
+                    self._cache.enabled = True
+                    return
+                except rx.RedisError as exc:
+                    attempt += 1
+                    _log.debug("client cache: invalidation connection not restored yet: %s", exc)
+                    await asyncio.sleep(min(5.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0))
+        finally:
+            self._repair = None
+
+    async def close(self) -> None:
+        self._closed = True
+        self._cache.enabled = False
+        repair = self._repair
+        if repair is not None:
+            repair.cancel()
+            await asyncio.gather(repair, return_exceptions=True)
+        await self._conn.close()

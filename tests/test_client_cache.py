@@ -1,0 +1,197 @@
+"""Client-side caching: served from memory, invalidated by the server, flushed on reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from conftest import redis_options
+from redis.asyncio import Redis
+
+from kivigo_async import Client, ConfigurationError
+from kivigo_async.backends.redis import ClientCache, LocalCache, RedisBackend, RedisOptions
+from kivigo_async.testing.servers import RedisServer
+
+
+@pytest.fixture
+async def admin(valkey_server: RedisServer) -> AsyncIterator[Redis]:
+    redis = Redis(**valkey_server.redis_kwargs())  # type: ignore[arg-type]
+    await redis.flushdb()
+    yield redis
+    await redis.aclose()
+
+
+@pytest.fixture
+async def client(valkey_server: RedisServer) -> AsyncIterator[Client]:
+    options = redis_options(valkey_server, client_cache=ClientCache(max_entries=100, ttl=30))
+    async with Client(RedisBackend(options)) as client:
+        yield client
+
+
+def cache_of(client: Client) -> LocalCache:
+    backend = client.backend
+    assert isinstance(backend, RedisBackend)
+    assert backend.client_cache is not None
+    return backend.client_cache
+
+
+class Invalidations:
+    """Waits for the invalidation of one key (or a flush), never by sleeping."""
+
+    def __init__(self, cache: LocalCache) -> None:
+        self.seen: list[str | None] = []
+        self._event = asyncio.Event()
+        self.remove = cache.add_listener(self._on)
+
+    def _on(self, key: str | None) -> None:
+        self.seen.append(key)
+        self._event.set()
+
+    async def wait_for(self, key: str | None, timeout: float = 10.0) -> None:
+        async def until() -> None:
+            while key not in self.seen:
+                self._event.clear()
+                await self._event.wait()
+
+        await asyncio.wait_for(until(), timeout)
+
+
+async def get_calls(admin: Redis) -> int:
+    stats: dict[str, Any] = await admin.info("commandstats")
+    return int(stats.get("cmdstat_get", {}).get("calls", 0))
+
+
+async def test_repeated_reads_are_served_from_memory(client: Client, admin: Redis) -> None:
+    await client.set("hot", {"v": 1})
+    await admin.config_resetstat()
+    for _ in range(50):
+        assert await client.get("hot") == {"v": 1}
+    assert await get_calls(admin) == 1
+    assert cache_of(client).stats.hits == 49
+
+
+async def test_write_from_another_connection_invalidates(client: Client, admin: Redis) -> None:
+    await client.set("k", "old")
+    assert await client.get("k") == "old"
+    assert await client.get("k") == "old"  # cached now
+    watcher = Invalidations(cache_of(client))
+    await admin.set("k", b'"new"')
+    await watcher.wait_for("k")
+    assert await client.get("k") == "new"
+    await admin.delete("k")
+    await watcher.wait_for("k")
+    assert await client.get("k", default=None) is None
+
+
+async def test_own_writes_are_read_back_at_once(client: Client) -> None:
+    await client.set("mine", 1)
+    assert await client.get("mine") == 1
+    await client.set("mine", 2)
+    assert await client.get("mine") == 2
+    await client.batch_set({"mine": 3})
+    assert await client.get("mine") == 3
+    await client.batch_set({"mine": 4}, ttl=60)
+    assert await client.get("mine") == 4
+    async with client.transaction() as tx:
+        tx.set("mine", 5)
+    assert await client.get("mine") == 5
+    await client.delete("mine")
+    assert await client.get("mine", default=None) is None
+    await client.set("mine", 6)
+    await client.batch_delete(["mine"])
+    assert await client.get("mine", default=None) is None
+
+
+async def test_memory_stays_bounded(client: Client) -> None:
+    await client.batch_set({f"b:{i}": i for i in range(500)})
+    for i in range(500):
+        assert await client.get(f"b:{i}") == i
+    assert len(cache_of(client)) == 100
+    # The most recently read entries are the ones kept.
+    for i in range(400, 500):
+        assert await client.get(f"b:{i}") == i
+    assert cache_of(client).stats.hits >= 100
+
+
+async def test_flushdb_elsewhere_drops_everything(client: Client, admin: Redis) -> None:
+    await client.batch_set({"f1": 1, "f2": 2})
+    assert await client.get("f1") == 1
+    assert await client.get("f2") == 2
+    watcher = Invalidations(cache_of(client))
+    await admin.flushdb()
+    await watcher.wait_for(None)
+    assert len(cache_of(client)) == 0
+    assert await client.get("f1", default=None) is None
+
+
+async def test_lost_invalidation_connection_flushes_and_recovers(client: Client, admin: Redis) -> None:
+    cache = cache_of(client)
+    await client.set("r", "v1")
+    assert await client.get("r") == "v1"
+    assert len(cache) == 1
+    watcher = Invalidations(cache)
+    clients: list[dict[str, Any]] = await admin.client_list()
+    subscribers = [c for c in clients if "SUBSCRIBE" in str(c.get("cmd", "")).upper() or c.get("sub") == "1"]
+    assert len(subscribers) == 1
+    await admin.client_kill_filter(_id=subscribers[0]["id"])
+    await watcher.wait_for(None)  # the flush on loss
+    assert len(cache) == 0
+
+    async def restored() -> None:
+        # The repair task flips a flag and announces nothing else: poll it, bounded below.
+        while not cache.enabled:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(restored(), 10)
+    # Tracking points at the new listener: caching and invalidation work again.
+    assert await client.get("r") == "v1"
+    assert await client.get("r") == "v1"
+    assert len(cache) == 1
+    await admin.set("r", b'"v2"')
+    await watcher.wait_for("r")
+    assert await client.get("r") == "v2"
+
+
+async def test_lost_data_connection_flushes(client: Client, admin: Redis) -> None:
+    cache = cache_of(client)
+    await client.set("d", 1)
+    assert await client.get("d") == 1
+    assert len(cache) == 1
+    clients: list[dict[str, Any]] = await admin.client_list()
+    trackers = [c for c in clients if "t" in str(c.get("flags", ""))]
+    assert len(trackers) == 1
+    watcher = Invalidations(cache)
+    await admin.client_kill_filter(_id=trackers[0]["id"])
+    await watcher.wait_for(None)  # dropped as soon as the loss is seen, not at the next call
+    assert len(cache) == 0
+    flushes = cache.stats.flushes
+    await admin.set("d", b"2")  # changed while we had no tracking connection
+    assert await client.get("d") == 2  # reconnects, flushes, reads the new value
+    assert cache.stats.flushes > flushes
+
+
+async def test_cache_ttl_bounds_staleness(valkey_server: RedisServer) -> None:
+    options = redis_options(valkey_server, client_cache=ClientCache(ttl=0.05))
+    async with Client(RedisBackend(options)) as client:
+        await client.set("t", 1)
+        assert await client.get("t") == 1
+        assert await client.get("t") == 1
+        hits = cache_of(client).stats.hits
+        await asyncio.sleep(0.1)
+        assert await client.get("t") == 1
+        assert cache_of(client).stats.hits == hits  # expired locally: read from the server
+
+
+def test_client_cache_options_are_checked() -> None:
+    with pytest.raises(ConfigurationError):
+        ClientCache(max_entries=0)
+    with pytest.raises(ConfigurationError):
+        ClientCache(ttl=-1)
+    with pytest.raises(ConfigurationError):
+        ClientCache(max_value_size=-5)
+    with pytest.raises(ConfigurationError):
+        RedisOptions(client_cache=ClientCache(), auto_pipeline=False)
+    with pytest.raises(ConfigurationError):
+        RedisOptions(client_cache={"max_entries": 10})  # type: ignore[arg-type]
