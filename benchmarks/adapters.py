@@ -158,6 +158,31 @@ class KivigoAdapter(Adapter):
         return await self.client.batch_get(keys)
 
 
+class KivigoCachedAdapter(KivigoAdapter):
+    name = "kivigo-async + client cache"
+    slug = "kivigo-cache"
+    config = (
+        "as kivigo-async, with RedisOptions(client_cache=ClientCache()): gets served from a local "
+        "LRU kept coherent by CLIENT TRACKING invalidations; every set invalidates its key"
+    )
+
+    async def setup(self) -> None:
+        from kivigo_async import Client
+        from kivigo_async.backends.redis import ClientCache, RedisBackend, RedisOptions
+
+        t = self.target
+        options = RedisOptions(
+            addr=f"{t.host}:{t.port}",
+            db=t.db,
+            username=t.username,
+            password=t.password,
+            pool_size=POOL,
+            client_cache=ClientCache(),
+        )
+        self.client = Client(RedisBackend(options))
+        await self.client.__aenter__()
+
+
 class RedisPyAdapter(Adapter):
     name = "redis-py"
     slug = "redispy"
@@ -350,6 +375,7 @@ class KeyValueAdapter(Adapter):
 #: In report order; the first raw redis-py is the baseline every ratio divides by.
 ADAPTERS: tuple[type[Adapter], ...] = (
     KivigoAdapter,
+    KivigoCachedAdapter,
     RedisPyAdapter,
     RedisPyNoTimeoutAdapter,
     RedisPyJsonAdapter,
