@@ -1,4 +1,4 @@
-"""Development sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s demo``, ``nox -s docs``.
+"""Development sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s demo``, ``nox -s docs``, ``nox -s soak``.
 
 Each session builds its own virtual environment from the package registry, so
 a fresh machine needs only Python and ``pip install nox``.
@@ -17,7 +17,8 @@ def tests(session: nox.Session) -> None:
     """Run the whole test suite against real servers the suite starts itself."""
     session.install("-e", ".[test]")
     # pytest exits 5 when it collects nothing; nox fails on every non-zero code.
-    session.run("pytest", *session.posargs)
+    # The soak test has a session of its own.
+    session.run("pytest", "-m", "not soak", *session.posargs)
 
 
 @nox.session
@@ -57,3 +58,13 @@ def bench(session: nox.Session) -> None:
     """
     session.install("-e", ".[bench]")
     session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """About a minute of mixed load on both Redis transports; fails if connections, tasks or memory grow.
+
+    ``KIVIGO_SOAK_SECONDS`` and ``KIVIGO_SOAK_OPS`` change its bounds.
+    """
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/test_soak.py", "-m", "soak", *session.posargs)

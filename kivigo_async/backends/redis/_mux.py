@@ -45,6 +45,29 @@ def pack(args: Sequence[Arg]) -> bytes:
         )
 
 
+def _seen(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def _replies(futures: Sequence[asyncio.Future[Any]]) -> list[Any]:
+    """Await every reply of a multi-command write, in order.
+
+    When one fails (the connection was lost) or the caller gives up, nobody
+    awaits the others: their errors are marked as seen, or asyncio would log
+    "Future exception was never retrieved" for each.
+    """
+    try:
+        return [await f for f in futures]
+    except BaseException:
+        for future in futures:
+            if future.done():
+                _seen(future)
+            else:
+                future.add_done_callback(_seen)
+        raise
+
+
 class _Stalled(rx.TimeoutError):
     pass
 
@@ -282,7 +305,7 @@ class MuxConnection:
         if protocol is None or protocol.closed:
             protocol = await self._connect()
         futures = protocol.send(b"".join(pack(cmd) for cmd in commands), len(commands))
-        return [await f for f in futures]
+        return await _replies(futures)
 
     async def _connect(self) -> _Protocol:
         if self._closed:
@@ -338,8 +361,7 @@ class MuxConnection:
                 raise
         if handshake:
             try:
-                futures = protocol.send(b"".join(handshake), len(handshake))
-                replies = [await f for f in futures]
+                replies = await _replies(protocol.send(b"".join(handshake), len(handshake)))
             except BaseException:
                 protocol.close()
                 raise

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.exceptions import RedisError
 
 from ...errors import ConfigurationError
 from .options import RedisOptions, _default_pool_size
-from .standalone import RedisBackend, _pool_for
+from .standalone import RedisBackend, _ClosablePool, _pool_for
 
 __all__ = ["RedisSentinelBackend", "RedisSentinelOptions"]
 
@@ -173,8 +173,8 @@ class RedisSentinelOptions:
             raise ConfigurationError(str(exc)) from None
 
 
-class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
-    """Sentinel-managed connections in a pool that waits for a free one, like the standalone pool."""
+class _BlockingSentinelPool(SentinelConnectionPool, _ClosablePool):
+    """Sentinel-managed connections in the standalone pool: waits for a free one, stays closed once closed."""
 
 
 class _SentinelTLSConnection(SentinelManagedConnection):

@@ -49,7 +49,7 @@ class _TLSConnection(Connection):
 
 
 class _ClosablePool(BlockingConnectionPool):
-    """A blocking pool that stays closed once the backend is closed.
+    """A blocking pool that stays closed once the backend is closed, and never loses a wake-up.
 
     redis-py's pool reconnects whenever it is used again, so a call still in
     flight when the client closes (or one made after) would open a connection

@@ -1,0 +1,334 @@
+"""Security: credentials and keys never leak, TLS is verified, ACL denials are clear.
+
+Complements tests/test_redis_backend.py (wrong password on the default
+transport, ``rediss://`` without the CA, ACL denial of single calls) with both
+transports, every kind of call, log records at DEBUG and host name checks.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import ssl
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from conftest import redis_options
+
+from kivigo_async import Client, EncryptedCodec, JsonCodec
+from kivigo_async.backends.redis import RedisBackend, RedisClusterOptions, RedisOptions, RedisSentinelOptions
+from kivigo_async.errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    DecodeError,
+    HealthCheckError,
+    KivigoError,
+    PermissionDeniedError,
+)
+from kivigo_async.testing.proxy import FaultProxy
+from kivigo_async.testing.pytest_plugin import require_server
+from kivigo_async.testing.servers import BinaryKind, RedisServer, ServerPool
+
+TRANSPORTS = pytest.mark.parametrize("auto_pipeline", [True, False], ids=["multiplexed", "pool"])
+
+
+def chain_text(exc: BaseException) -> str:
+    """Everything a log line could show about ``exc``: messages, reprs, causes, traceback."""
+    parts = ["".join(traceback.format_exception(exc))]
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        parts += [str(current), repr(current)]
+        if isinstance(current, HealthCheckError):
+            parts += [chain_text(e) for e in current.errors]
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return "\n".join(parts)
+
+
+def log_text(caplog: pytest.LogCaptureFixture) -> str:
+    """Every captured record as a handler would write it, traceback included."""
+    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    return "\n".join(formatter.format(record) for record in caplog.records)
+
+
+def secret_forms(secret: str | bytes) -> list[str]:
+    """The ways a secret could show up in text."""
+    raw = secret.encode() if isinstance(secret, str) else secret
+    forms = [repr(raw), raw.hex(), base64.b64encode(raw).decode()]
+    if isinstance(secret, str):
+        forms.append(secret)
+    return forms
+
+
+def assert_absent(text: str, *secrets: str | bytes) -> None:
+    for secret in secrets:
+        for form in secret_forms(secret):
+            assert form not in text, f"a secret ({form[:4]}...) leaked"
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+@pytest.mark.server
+@TRANSPORTS
+@pytest.mark.parametrize(
+    ("variant", "wrong_user"),
+    [("password", False), ("acl", False), ("acl", True)],
+    ids=["password", "acl", "acl-user"],
+)
+async def test_failed_auth_leaks_no_credentials(
+    kivigo_server_pool: ServerPool,
+    caplog: pytest.LogCaptureFixture,
+    auto_pipeline: bool,
+    variant: Any,
+    wrong_user: bool,
+) -> None:
+    server = require_server(kivigo_server_pool, "valkey", variant)
+    assert server.password is not None
+    wrong_password = "pw-" + uuid.uuid4().hex
+    username = "user-" + uuid.uuid4().hex if wrong_user else server.username
+    options = redis_options(server, auto_pipeline=auto_pipeline, max_retries=1).replace(
+        username=username, password=wrong_password
+    )
+    caplog.set_level(logging.DEBUG)  # the root logger: ours, redis-py's and asyncio's records
+    backend = RedisBackend(options)
+    client = Client(backend)
+
+    async def in_transaction() -> None:
+        async with client.transaction(watch=["k"]) as tx:
+            tx.set("k", 1)
+
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: client.get("k"),
+        lambda: client.set("k", "v"),
+        lambda: client.batch_set({"a": 1, "b": 2}, ttl=60),
+        in_transaction,
+    ]
+    texts = [repr(backend), repr(client), repr(backend.redis), repr(backend.redis.connection_pool)]
+    try:
+        with pytest.raises(BackendUnavailableError) as connect_error:
+            async with Client(RedisBackend(options)):
+                pass
+        texts.append(chain_text(connect_error.value))
+        for call in calls:
+            with pytest.raises(BackendUnavailableError) as info:
+                await call()
+            assert "auth" in str(info.value).lower()
+            texts.append(chain_text(info.value))
+        with pytest.raises(HealthCheckError) as health_error:
+            await client.health()
+        texts.append(chain_text(health_error.value))
+    finally:
+        await client.close()
+    texts.append(log_text(caplog))
+    everything = "\n".join(texts)
+    assert_absent(everything + repr(options), wrong_password, server.password)
+    if wrong_user:
+        # Neither errors nor logs name the user; RedisOptions' repr does, on purpose.
+        assert username is not None
+        assert_absent(everything, username)
+
+
+def test_reprs_hide_credentials_and_keys() -> None:
+    password, sentinel_password = "pw-" + uuid.uuid4().hex, "spw-" + uuid.uuid4().hex
+    key = EncryptedCodec.generate_key()
+    options = RedisOptions(addr="cache:6379", username="app", password=password)
+    backend = RedisBackend(options)
+    codec = EncryptedCodec(JsonCodec(), [key, EncryptedCodec.generate_key()])
+    texts = [
+        repr(options),
+        str(options),
+        repr(RedisOptions.from_url(f"rediss://app:{quote(password)}@cache:6380/1")),
+        repr(backend),
+        repr(backend.redis),
+        repr(backend.redis.connection_pool),
+        repr(Client(backend, codec=codec)),
+        repr(codec),
+        repr(RedisClusterOptions(addrs=["c1:7000"], username="app", password=password)),
+        repr(
+            RedisSentinelOptions(
+                sentinels=["s1:26379"],
+                service_name="cache",
+                password=password,
+                sentinel_password=sentinel_password,
+            )
+        ),
+    ]
+    assert_absent("\n".join(texts), password, sentinel_password, key)
+    # The username is no secret in the options (it helps debugging), but the backend does not repeat it.
+    assert "app" not in repr(backend) + repr(Client(backend))
+
+
+async def test_encryption_keys_never_in_errors(caplog: pytest.LogCaptureFixture) -> None:
+    from kivigo_async.backends.memory import MemoryBackend
+
+    caplog.set_level(logging.DEBUG)
+    key, other = EncryptedCodec.generate_key(), EncryptedCodec.generate_key()
+    errors: list[BaseException] = []
+    with pytest.raises(ConfigurationError) as bad_size:
+        EncryptedCodec(JsonCodec(), [key[:31]])
+    errors.append(bad_size.value)
+    with pytest.raises(ConfigurationError) as duplicate:
+        EncryptedCodec(JsonCodec(), [key, key])
+    errors.append(duplicate.value)
+    async with Client(MemoryBackend(), codec=EncryptedCodec(JsonCodec(), [key])) as client:
+        await client.set("card", {"pan": "4111"})
+        stored = bytearray(await client.get_raw("card"))
+        stored[-1] ^= 0x01
+        await client.set_raw("tampered", bytes(stored))
+        with pytest.raises(DecodeError) as tampered:
+            await client.get("tampered")
+        assert "'tampered'" in str(tampered.value)
+        errors.append(tampered.value)
+        async with Client(client.backend, codec=EncryptedCodec(JsonCodec(), [other])) as stranger:
+            with pytest.raises(DecodeError) as unknown_key:
+                await stranger.get("card")
+            errors.append(unknown_key.value)
+    assert_absent("\n".join(chain_text(e) for e in errors) + log_text(caplog), key, other)
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture
+def tls_server(kivigo_server_pool: ServerPool) -> RedisServer:
+    return require_server(kivigo_server_pool, "redis", "tls")
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("how", ["url", "tls=True"])
+async def test_untrusted_certificate_refused_on_the_pool(tls_server: RedisServer, how: str) -> None:
+    # The multiplexed transport's refusal is in tests/test_redis_backend.py.
+    addr = f"{tls_server.host}:{tls_server.port}"
+    if how == "url":
+        backend = RedisBackend.from_url(f"{tls_server.url}?auto_pipeline=false&max_retries=0")
+    else:
+        backend = RedisBackend(RedisOptions(addr=addr, tls=True, auto_pipeline=False, max_retries=0))
+    try:
+        with pytest.raises(BackendUnavailableError) as info:
+            await backend.get("tls:k")
+        assert "certificate" in str(info.value).lower()
+    finally:
+        await backend.close()
+
+
+@pytest.mark.server
+@TRANSPORTS
+async def test_trusted_certificate_works(tls_server: RedisServer, auto_pipeline: bool) -> None:
+    assert tls_server.ca_path is not None
+    query = f"ssl_ca_certs={quote(tls_server.ca_path)}&auto_pipeline={str(auto_pipeline).lower()}"
+    url = f"{tls_server.url}?{query}"
+    async with Client(RedisBackend.from_url(url)) as client:
+        await client.set("tls:trusted", 1)
+        assert await client.batch_get(["tls:trusted"]) == {"tls:trusted": 1}
+        assert await client.delete("tls:trusted")
+
+
+@pytest.mark.server
+@TRANSPORTS
+async def test_certificate_for_another_host_is_refused(tls_server: RedisServer, auto_pipeline: bool) -> None:
+    # The server's certificate names 127.0.0.1 and localhost; a proxy on 127.0.0.2 makes
+    # the same trusted server answer under a name the certificate does not hold.
+    trusted = tls_server.ssl_context()
+    assert trusted.check_hostname
+    async with (
+        FaultProxy(tls_server.host, tls_server.port, host="127.0.0.2") as elsewhere,
+        FaultProxy(tls_server.host, tls_server.port) as same_name,
+    ):
+        wrong = RedisBackend(
+            RedisOptions(addr=elsewhere.addr, tls=trusted, auto_pipeline=auto_pipeline, max_retries=0)
+        )
+        try:
+            with pytest.raises(BackendUnavailableError) as info:
+                await wrong.set("tls:k", b"v")
+            text = str(info.value).lower()
+            assert "certificate" in text or "hostname" in text or "ip address mismatch" in text, text
+        finally:
+            await wrong.close()
+        right = RedisBackend(RedisOptions(addr=same_name.addr, tls=trusted, auto_pipeline=auto_pipeline))
+        try:
+            await right.set("tls:k", b"v")  # the proxy is not what failed: the name was
+            assert await right.get("tls:k") == b"v"
+            await right.delete("tls:k")
+        finally:
+            await right.close()
+
+
+def test_tls_contexts_verify_by_default() -> None:
+    for ctx in (
+        RedisOptions(tls=True).ssl_context(),
+        RedisOptions.from_url("rediss://cache:6380").ssl_context(),
+        RedisOptions.from_url("valkeys://cache:6380").ssl_context(),
+    ):
+        assert isinstance(ctx, ssl.SSLContext)
+        assert ctx.verify_mode == ssl.CERT_REQUIRED
+        assert ctx.check_hostname
+
+
+# --------------------------------------------------------------------------- ACL
+
+
+@pytest.fixture(params=["valkey", "redis"])
+def acl_server(request: pytest.FixtureRequest, kivigo_server_pool: ServerPool) -> RedisServer:
+    kind: BinaryKind = request.param
+    return require_server(kivigo_server_pool, kind, "acl")
+
+
+@pytest.mark.server
+@TRANSPORTS
+async def test_acl_user_outside_its_keys_gets_permission_denied(
+    acl_server: RedisServer, auto_pipeline: bool
+) -> None:
+    secret_value = "value-" + uuid.uuid4().hex
+    options = redis_options(acl_server, auto_pipeline=auto_pipeline).replace(
+        username=acl_server.limited_username, password=acl_server.limited_password
+    )
+
+    async with Client(RedisBackend(options)) as client:
+        await client.batch_delete(["allowed:a", "allowed:b", "allowed:c"])
+
+        async def transaction_writing_outside() -> None:
+            async with client.transaction() as tx:
+                tx.set("allowed:c", secret_value)
+                tx.set("secret:c", secret_value)
+
+        async def transaction_watching_outside() -> None:
+            async with client.transaction(watch=["secret:w"]) as tx:
+                tx.set("allowed:c", secret_value)
+
+        denied: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("get", lambda: client.get("secret:k")),
+            ("set", lambda: client.set("secret:k", secret_value)),
+            ("delete", lambda: client.delete("secret:k")),
+            ("has_keys", lambda: client.has_keys(["allowed:a", "secret:k"])),
+            ("expire", lambda: client.expire("secret:k", 10)),
+            ("ttl", lambda: client.ttl("secret:k")),
+            ("persist", lambda: client.persist("secret:k")),
+            ("batch_get", lambda: client.batch_get(["allowed:a", "secret:k"])),
+            ("batch_delete", lambda: client.batch_delete(["allowed:a", "secret:k"])),
+            ("batch_set", lambda: client.batch_set({"allowed:a": secret_value, "secret:a": secret_value})),
+            (
+                "batch_set ttl",
+                lambda: client.batch_set({"allowed:b": secret_value, "secret:b": secret_value}, ttl=60),
+            ),
+            ("transaction", transaction_writing_outside),
+            ("watch", transaction_watching_outside),
+        ]
+        for name, call in denied:
+            with pytest.raises(PermissionDeniedError) as info:
+                await call()
+            error = info.value
+            assert type(error).__module__.startswith("kivigo_async"), (name, error)
+            assert isinstance(error, (PermissionError, KivigoError))
+            assert "permission denied" in str(error), (name, str(error))
+            assert secret_value not in str(error), name  # redis-py's pipeline errors echo the command
+        # The mixed batches and the transaction wrote nothing, not even their allowed keys.
+        assert await client.batch_get(["allowed:a", "allowed:b", "allowed:c"]) == {}
+        await client.set("allowed:k", 1)
+        assert await client.get("allowed:k") == 1
+        assert await client.delete("allowed:k")
