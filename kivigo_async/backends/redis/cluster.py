@@ -92,7 +92,7 @@ class RedisClusterOptions:
     """
 
     addrs: Sequence[str] = ("localhost:6379",)
-    username: str | None = None
+    username: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
     pool_size: int = field(default_factory=_default_pool_size)
     max_retries: int = 3

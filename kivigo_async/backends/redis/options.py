@@ -31,7 +31,7 @@ class RedisOptions:
         addr: ``"host:port"`` (``"[::1]:6379"`` for IPv6), or a socket path when
             ``network="unix"``.
         network: ``"tcp"`` or ``"unix"``.
-        username: the ACL user; ``None`` for the default user.
+        username: the ACL user; ``None`` for the default user. Not shown in ``repr`` either.
         password: never shown in ``repr``, logs or error messages.
         db: the database number.
         pool_size: the most connections open at once; callers beyond it wait
@@ -74,7 +74,7 @@ class RedisOptions:
 
     addr: str = "localhost:6379"
     network: Literal["tcp", "unix"] = "tcp"
-    username: str | None = None
+    username: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
     db: int = 0
     pool_size: int = field(default_factory=_default_pool_size)

@@ -52,7 +52,7 @@ class RedisSentinelOptions:
 
     sentinels: Sequence[str] = ("localhost:26379",)
     service_name: str = "mymaster"
-    username: str | None = None
+    username: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
     db: int = 0
     pool_size: int = field(default_factory=_default_pool_size)
@@ -65,7 +65,7 @@ class RedisSentinelOptions:
     tls: bool | ssl.SSLContext = False
     client_name: str | None = None
     protocol: int | None = None
-    sentinel_username: str | None = None
+    sentinel_username: str | None = field(default=None, repr=False)
     sentinel_password: str | None = field(default=None, repr=False)
     sentinel_tls: bool | ssl.SSLContext | None = None
 
