@@ -129,10 +129,13 @@ async def test_scan_covers_every_primary_without_replica_duplicates(
     for primary in redis_cluster.primaries():
         with sync_client(primary) as direct:
             assert direct.dbsize() > 0
-            # Replicas hold copies too: scanning them would yield each key twice.
-            assert direct.execute_command("WAIT", 1, 10_000) == 1
+    # Replicas hold copies too (scanning them would yield each key twice). Replication
+    # is asynchronous, so wait, bounded, until every replica has received its share.
     for replica in redis_cluster.replicas():
         with sync_client(replica) as direct:
+            deadline = asyncio.get_running_loop().time() + 30
+            while direct.dbsize() == 0 and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
             assert direct.dbsize() > 0
     streamed = [key async for key in client.iter_keys("scan:")]
     assert len(streamed) == len(keys)
