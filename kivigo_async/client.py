@@ -221,6 +221,14 @@ class Client:
         except Exception as exc:
             raise _decode_error(key, exc) from exc
 
+    def _result(self, key: str, data: bytes | None, type: Any, default: Any) -> Any:
+        """What a read returns: the decoded value, ``default``, or KeyNotFoundError."""
+        if data is None:
+            if default is _MISSING:
+                raise KeyNotFoundError(key)
+            return default
+        return self._decode(key, data, type)
+
     def _require_ttl(self, operation: str) -> TTLBackend:
         if self._ttl is None:
             raise UnsupportedOperationError(f"{operation}: {type(self._backend).__name__} has no TTL support")
@@ -250,15 +258,7 @@ class Client:
             ```
         """
         _check_key(key)
-        data = await self._backend.get(key)
-        if data is None:
-            if default is _MISSING:
-                raise KeyNotFoundError(key)
-            return default
-        try:
-            return self._codec.decode(data, type)
-        except Exception as exc:
-            raise _decode_error(key, exc) from exc
+        return self._result(key, await self._backend.get(key), type, default)
 
     async def set(self, key: str, value: object, *, ttl: TTLLike | None = None) -> None:
         """Store ``value`` under ``key``, replacing any value and TTL.
@@ -273,10 +273,7 @@ class Client:
         """
         _check_key(key)
         ttl_ms = None if ttl is None else _ttl_ms(ttl)
-        try:
-            data = self._codec.encode(value)
-        except Exception as exc:
-            raise _encode_error(key, exc) from exc
+        data = self._encode(key, value)
         await self._backend.set(key, data, ttl_ms)
         if self.hooks:
             await self.hooks.emit(EventType.SET, key, data)
@@ -565,13 +562,9 @@ class Client:
             raise InvalidArgumentError(f"batch_set needs a mapping, not {type(mapping).__name__}")
         ttl_ms = _ttl_ms(ttl)
         items: builtins.list[tuple[str, bytes]] = []
-        encode = self._codec.encode
         for key, value in mapping.items():
             _check_key(key)
-            try:
-                items.append((key, encode(value)))
-            except Exception as exc:
-                raise _encode_error(key, exc) from exc
+            items.append((key, self._encode(key, value)))
         if not items:
             return
         if self._batch is not None:
@@ -603,15 +596,10 @@ class Client:
             values = await self._batch.batch_get(unique)
         else:
             values = list(await asyncio.gather(*(self._backend.get(k) for k in unique)))
-        decode = self._codec.decode
-        out: dict[str, Any] = {}
-        for key, data in zip(unique, values, strict=True):
-            if data is not None:
-                try:
-                    out[key] = decode(data, type)
-                except Exception as exc:
-                    raise _decode_error(key, exc) from exc
-        return out
+        decode = self._decode
+        return {
+            key: decode(key, data, type) for key, data in zip(unique, values, strict=True) if data is not None
+        }
 
     async def batch_delete(self, keys: Iterable[str]) -> int:
         """Delete ``keys``; return how many existed.
@@ -796,12 +784,7 @@ class Transaction:
     async def get(self, key: str, type: Any = object, *, default: Any = _MISSING) -> Any:
         """Read ``key`` now (not queued); like :meth:`Client.get`."""
         _check_key(key)
-        data = await self._open().get(key)
-        if data is None:
-            if default is _MISSING:
-                raise KeyNotFoundError(key)
-            return default
-        return self._client._decode(key, data, type)
+        return self._client._result(key, await self._open().get(key), type, default)
 
     def set(self, key: str, value: object, *, ttl: TTLLike | None = None) -> None:
         """Queue a write; the value is encoded now, so a bad value raises here."""
