@@ -17,7 +17,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, TypeVar, Union, overload
+from typing import Any, TypeVar, Union, cast, overload
 
 from ._singleflight import CacheFiller, result_type
 from .backend import (
@@ -78,9 +78,18 @@ def _check_keys(keys: Iterable[str]) -> list[str]:
     if isinstance(keys, (str, bytes)):
         raise InvalidKeyError("expected a collection of keys, not a single string")
     out = list(keys)
-    for key in out:
-        _check_key(key)
+    # Batches run this on every key: map/set keep the common all-valid case in C.
+    if set(map(type, out)) - {str} or "" in out:
+        for key in out:
+            _check_key(key)
     return out
+
+
+def _unique_keys(keys: Iterable[str]) -> list[str]:
+    """The checked keys, first occurrence of each kept, in input order."""
+    out = _check_keys(keys)
+    # A set is cheaper to build than an ordered dict; most batches have no repeats.
+    return out if len(set(out)) == len(out) else list(dict.fromkeys(out))
 
 
 def _ttl_ms(ttl: TTLLike | None) -> int | None:
@@ -149,6 +158,11 @@ class Client:
             raise ConfigurationError(f"codec must have encode() and decode(), got {type(codec).__name__}")
         self._backend = backend
         self._codec = codec
+        # Optional batch decode (see kivigo_async.codecs): one call per batch, not per value.
+        decode_many = getattr(codec, "decode_many", None)
+        self._decode_many: Callable[[Sequence[bytes], Any], list[Any]] | None = (
+            decode_many if callable(decode_many) else None
+        )
         # Capabilities are detected once: isinstance on a runtime protocol is slow.
         self._batch: BatchBackend | None = backend if isinstance(backend, BatchBackend) else None
         self._ttl: TTLBackend | None = backend if isinstance(backend, TTLBackend) else None
@@ -220,6 +234,17 @@ class Client:
             return self._codec.decode(data, type)
         except Exception as exc:
             raise _decode_error(key, exc) from exc
+
+    def _decode_values(self, keys: Sequence[str], data: Sequence[bytes], type: Any) -> list[Any]:
+        """Decode ``data`` (the values of ``keys``) in one codec call when the codec can."""
+        many = self._decode_many
+        if many is not None:
+            try:
+                return many(data, type)
+            except Exception:
+                pass  # decoded again below, one by one, so that the error names the key
+        decode = self._decode
+        return [decode(key, value, type) for key, value in zip(keys, data, strict=True)]
 
     def _result(self, key: str, data: bytes | None, type: Any, default: Any) -> Any:
         """What a read returns: the decoded value, ``default``, or KeyNotFoundError."""
@@ -345,7 +370,7 @@ class Client:
             ready = await client.has_keys(["config:db", "config:api"])
             ```
         """
-        unique = list(dict.fromkeys(_check_keys(keys)))
+        unique = _unique_keys(keys)
         if not unique:
             return True
         if self._batch is not None:
@@ -589,17 +614,20 @@ class Client:
             found = await client.batch_get(["cache:user:1", "cache:user:9"], User)
             ```
         """
-        unique = list(dict.fromkeys(_check_keys(keys)))
+        unique = _unique_keys(keys)
         if not unique:
             return {}
         if self._batch is not None:
             values = await self._batch.batch_get(unique)
         else:
             values = list(await asyncio.gather(*(self._backend.get(k) for k in unique)))
-        decode = self._decode
-        return {
-            key: decode(key, data, type) for key, data in zip(unique, values, strict=True) if data is not None
-        }
+        present: list[bytes]
+        if None in values:
+            unique = [key for key, data in zip(unique, values, strict=True) if data is not None]
+            present = [data for data in values if data is not None]
+        else:
+            present = cast("list[bytes]", values)
+        return dict(zip(unique, self._decode_values(unique, present, type), strict=True))
 
     async def batch_delete(self, keys: Iterable[str]) -> int:
         """Delete ``keys``; return how many existed.
@@ -609,7 +637,7 @@ class Client:
             removed = await client.batch_delete(["cache:user:1", "cache:user:2"])
             ```
         """
-        unique = list(dict.fromkeys(_check_keys(keys)))
+        unique = _unique_keys(keys)
         if not unique:
             return 0
         if self._batch is not None:

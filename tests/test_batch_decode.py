@@ -1,0 +1,129 @@
+"""batch_get's batch decode path (``Codec.decode_many``) and its key checks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from enum import Enum
+from typing import Any, TypeVar
+
+import msgspec
+import pytest
+
+from kivigo_async import Client
+from kivigo_async.backends.memory import MemoryBackend
+from kivigo_async.codecs import CompressedCodec, JsonCodec, MsgspecCodec
+from kivigo_async.errors import DecodeError, InvalidKeyError
+
+T = TypeVar("T")
+
+
+class Point(msgspec.Struct):
+    x: int
+    y: int
+
+
+@pytest.mark.parametrize("codec", [JsonCodec(), MsgspecCodec("json"), MsgspecCodec("msgpack")], ids=repr)
+def test_decode_many_matches_decode(codec: JsonCodec | MsgspecCodec) -> None:
+    values: list[Any] = [{"a": 1}, [1, "two"], "s", 3, None, True, 2**60]
+    data = [codec.encode(v) for v in values]
+    assert codec.decode_many(data, object) == [codec.decode(d, object) for d in data] == values
+    points = [codec.encode(Point(i, -i)) for i in range(3)]
+    assert codec.decode_many(points, Point) == [Point(0, 0), Point(1, -1), Point(2, -2)]
+    assert codec.decode_many([], Point) == []
+
+
+@pytest.mark.parametrize("codec", [JsonCodec(), MsgspecCodec("json")], ids=repr)
+def test_decode_many_raises_decode_error_without_the_bytes(codec: JsonCodec | MsgspecCodec) -> None:
+    data = [codec.encode({"x": 1, "y": 2}), b'{"x": "secret-value", "y": 2}']
+    with pytest.raises(DecodeError, match="Point") as info:
+        codec.decode_many(data, Point)
+    assert "secret-value" not in str(info.value)
+    with pytest.raises(DecodeError):
+        codec.decode_many([b"{not json"], object)
+
+
+class CountingCodec(JsonCodec):
+    """JsonCodec that counts how it is called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.single = 0
+        self.batches = 0
+
+    def decode(self, data: bytes, type: type[T]) -> T:
+        self.single += 1
+        return super().decode(data, type)
+
+    def decode_many(self, data: Sequence[bytes], type: type[T]) -> list[T]:
+        self.batches += 1
+        return super().decode_many(data, type)
+
+
+@pytest.fixture
+async def counted() -> AsyncIterator[tuple[Client, CountingCodec]]:
+    codec = CountingCodec()
+    async with Client(MemoryBackend(), codec=codec) as client:
+        yield client, codec
+
+
+async def test_batch_get_decodes_the_batch_in_one_call(counted: tuple[Client, CountingCodec]) -> None:
+    client, codec = counted
+    await client.batch_set({f"k{i}": {"i": i} for i in range(50)})
+    found = await client.batch_get([*(f"k{i}" for i in range(50)), "missing", "k0"])
+    assert found == {f"k{i}": {"i": i} for i in range(50)}
+    assert list(found) == [f"k{i}" for i in range(50)]  # input order, repeats once
+    assert (codec.batches, codec.single) == (1, 0)
+
+
+async def test_a_corrupt_value_is_named_by_its_key(counted: tuple[Client, CountingCodec]) -> None:
+    client, codec = counted
+    await client.batch_set({"a": 1, "c": 3})
+    await client.set_raw("b", b"{corrupt")
+    with pytest.raises(DecodeError, match="'b'"):
+        await client.batch_get(["a", "b", "c"])
+    # The batch call failed, so the client decoded one by one to find the key.
+    assert codec.batches == 1
+    assert codec.single >= 2
+
+
+async def test_a_failing_decode_many_falls_back_to_decode() -> None:
+    class Broken(JsonCodec):
+        def decode_many(self, data: Sequence[bytes], type: type[T]) -> list[T]:
+            raise RuntimeError("bug in a custom codec")
+
+    async with Client(MemoryBackend(), codec=Broken()) as client:
+        await client.batch_set({"a": [1], "b": [2]})
+        assert await client.batch_get(["b", "a"], list[int]) == {"b": [2], "a": [1]}
+
+
+async def test_codecs_without_decode_many_still_batch() -> None:
+    codec = CompressedCodec(JsonCodec(), min_size=1)
+    assert not hasattr(codec, "decode_many")
+    async with Client(MemoryBackend(), codec=codec) as client:
+        await client.batch_set({"a": "x" * 100, "b": "y"})
+        assert await client.batch_get(["a", "b", "nope"]) == {"a": "x" * 100, "b": "y"}
+
+
+class Color(str, Enum):
+    RED = "red"
+
+
+@pytest.mark.parametrize(
+    ("keys", "match"),
+    [
+        (["a", 1, "b"], "str, not int"),
+        (["a", b"b"], "str, not bytes"),
+        (["a", ""], "empty"),
+        (["a", Color.RED], "str, not Color"),  # subclasses are refused, as for single keys
+        (["a", None], "str, not NoneType"),
+        ("ab", "single string"),
+    ],
+)
+async def test_batch_key_checks(keys: Any, match: str) -> None:
+    backend = MemoryBackend()
+    async with Client(backend) as client:
+        await client.set("a", 1)
+        for call in (client.batch_get, client.batch_delete, client.has_keys):
+            with pytest.raises(InvalidKeyError, match=match):
+                await call(keys)
+        assert await client.get("a") == 1  # nothing was deleted by the refused batch
