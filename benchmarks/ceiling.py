@@ -67,6 +67,8 @@ def runs_for(scenario: str, requests: dict[str, int]) -> list[Run]:
             Run("SET, 1 client", 1, n, ("SET", CEILING_KEY, VALUE), 0.5, 1),
             Run("GET, 1 client", 1, n, ("GET", CEILING_KEY), 0.5, 1),
         ]
+    if scenario == "hot":
+        return [Run("GET, 1 client", 1, requests["seq"], ("GET", CEILING_KEY), 1.0, 1)]
     if scenario == "mix":
         n = requests["mix"]
         return [

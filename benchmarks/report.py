@@ -209,7 +209,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         "",
     ]
     scenarios = result["scenarios"]
-    for sid in ("seq", "mix"):
+    for sid in ("seq", "mix", "hot"):
         if sid not in scenarios:
             continue
         block = scenarios[sid]
@@ -342,10 +342,11 @@ def _cluster_lines(block: Mapping[str, Any] | None) -> list[str]:
 
 # -- chart ---------------------------------------------------------------------
 
-_CHART_SCENARIOS = ("seq", "mix", *(f"batch_{k}_{n}" for k in ("get", "set") for n in BATCH_SIZES))
+_CHART_SCENARIOS = ("seq", "mix", "hot", *(f"batch_{k}_{n}" for k in ("get", "set") for n in BATCH_SIZES))
 _CHART_LABELS = {
     "seq": "sequential",
     "mix": "64 tasks",
+    "hot": "hot key",
     **{f"batch_{k}_{n}": f"{k} {n}" for k in ("get", "set") for n in BATCH_SIZES},
 }
 

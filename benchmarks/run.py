@@ -56,7 +56,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
 DOCS = HERE.parent / "docs" / "benchmarks.md"
 LOOPS = ("asyncio", "uvloop")
-GROUPS = ("seq", "mix", "batch", "codec", "ceiling", "memory", "cluster")
+GROUPS = ("seq", "mix", "hot", "batch", "codec", "ceiling", "memory", "cluster")
 
 T = TypeVar("T")
 

@@ -58,6 +58,7 @@ BATCH_SIZES = (10, 100, 1000)
 SCENARIOS: dict[str, tuple[str, str]] = {
     "seq": ("Sequential set then get, one task", "ops/s"),
     "mix": ("64 concurrent tasks, 80% get / 20% set", "ops/s"),
+    "hot": ("Hot key: one task gets the same key over and over", "ops/s"),
     **{f"batch_get_{n}": (f"batch get of {n:,} keys", "keys/s") for n in BATCH_SIZES},
     **{f"batch_set_{n}": (f"batch set of {n:,} keys", "keys/s") for n in BATCH_SIZES},
 }
@@ -133,6 +134,22 @@ async def run_mix(adapter: Adapter, plan: Sequence[Sequence[tuple[bool, int]]]) 
     return Measure(sum(len(ops) for ops in plan), wall, cpu, lat)
 
 
+async def run_hot(adapter: Adapter, ops: int) -> Measure:
+    """``ops`` reads of one key that nobody writes meanwhile: what a client-side cache is for."""
+    key = keys_for(adapter.slug)[0]
+    clock = time.perf_counter_ns
+    get = adapter.get
+    lat: list[int] = []
+    gc.collect()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(ops):
+        a = clock()
+        await get(key)
+        lat.append(clock() - a)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return Measure(ops, wall, cpu, lat)
+
+
 async def run_batch(adapter: Adapter, kind: str, size: int, calls: int) -> Measure:
     """``calls`` batch calls of ``size`` keys; ops are keys, latencies are per call."""
     keys = keys_for(adapter.slug)
@@ -157,6 +174,8 @@ async def measure(adapter: Adapter, scenario: str, plan: Plan) -> Measure:
         work = run_seq(adapter, plan.seq_pairs)
     elif scenario == "mix":
         work = run_mix(adapter, mix_plan(plan.mix_tasks, plan.mix_ops_per_task))
+    elif scenario == "hot":
+        work = run_hot(adapter, plan.hot_ops)
     else:
         _, kind, size = scenario.split("_")
         work = run_batch(adapter, kind, int(size), plan.batch_calls[int(size)])

@@ -57,6 +57,7 @@ class Plan:
     seq_pairs: int
     mix_tasks: int
     mix_ops_per_task: int
+    hot_ops: int
     batch_calls: dict[int, int]
     codec_loops: int
     memory_ops: int
@@ -70,6 +71,7 @@ class Plan:
             seq_pairs=1500,
             mix_tasks=64,
             mix_ops_per_task=150,
+            hot_ops=5000,
             batch_calls={10: 200, 100: 60, 1000: 15},
             codec_loops=20000,
             memory_ops=200_000,
@@ -84,6 +86,7 @@ class Plan:
             seq_pairs=100,
             mix_tasks=64,
             mix_ops_per_task=10,
+            hot_ops=200,
             batch_calls={10: 10, 100: 4, 1000: 2},
             codec_loops=1000,
             memory_ops=4000,

@@ -40,6 +40,7 @@ LIBRARIES = (
 SCENARIOS = (
     "seq",
     "mix",
+    "hot",
     *(f"batch_{kind}_{n}" for kind in ("get", "set") for n in (10, 100, 1000)),
 )
 CODECS = (
