@@ -131,13 +131,22 @@ class KivigoAdapter(Adapter):
         settings = ", ".join(f"{n}={getattr(defaults, n)!r}" for n in shown if hasattr(defaults, n))
         return f"{cls.config}; option defaults: {settings}"
 
+    def extra_options(self) -> dict[str, Any]:
+        """RedisOptions on top of the defaults: subclasses measure other settings."""
+        return {}
+
     async def setup(self) -> None:
         from kivigo_async import Client
         from kivigo_async.backends.redis import RedisBackend, RedisOptions
 
         t = self.target
         options = RedisOptions(
-            addr=f"{t.host}:{t.port}", db=t.db, username=t.username, password=t.password, pool_size=POOL
+            addr=f"{t.host}:{t.port}",
+            db=t.db,
+            username=t.username,
+            password=t.password,
+            pool_size=POOL,
+            **self.extra_options(),
         )
         self.client = Client(RedisBackend(options))
         await self.client.__aenter__()
@@ -158,6 +167,17 @@ class KivigoAdapter(Adapter):
         return await self.client.batch_get(keys)
 
 
+class KivigoPoolAdapter(KivigoAdapter):
+    name = "kivigo-async (pool)"
+    slug = "kivigo-pool"
+    config = (
+        "as kivigo-async, with RedisOptions(auto_pipeline=False): every call takes a connection "
+        "from the pool instead of sharing the multiplexed one (the non-pipelined path)"
+    )
+    def extra_options(self) -> dict[str, Any]:
+        return {"auto_pipeline": False}
+
+
 class KivigoCachedAdapter(KivigoAdapter):
     name = "kivigo-async + client cache"
     slug = "kivigo-cache"
@@ -166,21 +186,10 @@ class KivigoCachedAdapter(KivigoAdapter):
         "LRU kept coherent by CLIENT TRACKING invalidations; every set invalidates its key"
     )
 
-    async def setup(self) -> None:
-        from kivigo_async import Client
-        from kivigo_async.backends.redis import ClientCache, RedisBackend, RedisOptions
+    def extra_options(self) -> dict[str, Any]:
+        from kivigo_async.backends.redis import ClientCache
 
-        t = self.target
-        options = RedisOptions(
-            addr=f"{t.host}:{t.port}",
-            db=t.db,
-            username=t.username,
-            password=t.password,
-            pool_size=POOL,
-            client_cache=ClientCache(),
-        )
-        self.client = Client(RedisBackend(options))
-        await self.client.__aenter__()
+        return {"client_cache": ClientCache()}
 
 
 class RedisPyAdapter(Adapter):
@@ -375,6 +384,7 @@ class KeyValueAdapter(Adapter):
 #: In report order; the first raw redis-py is the baseline every ratio divides by.
 ADAPTERS: tuple[type[Adapter], ...] = (
     KivigoAdapter,
+    KivigoPoolAdapter,
     KivigoCachedAdapter,
     RedisPyAdapter,
     RedisPyNoTimeoutAdapter,

@@ -29,6 +29,7 @@ SUBPROCESS_TIMEOUT = 280
 PEERS = ("aiocache", "cashews", "key_value.aio.stores.redis")
 LIBRARIES = (
     "kivigo-async",
+    "kivigo-async (pool)",
     "kivigo-async + client cache",
     "redis-py",
     "redis-py (no timeout)",
