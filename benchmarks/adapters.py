@@ -174,6 +174,7 @@ class KivigoPoolAdapter(KivigoAdapter):
         "as kivigo-async, with RedisOptions(auto_pipeline=False): every call takes a connection "
         "from the pool instead of sharing the multiplexed one (the non-pipelined path)"
     )
+
     def extra_options(self) -> dict[str, Any]:
         return {"auto_pipeline": False}
 
