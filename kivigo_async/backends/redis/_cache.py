@@ -5,6 +5,9 @@ ON REDIRECT <id>``) and publishes on ``__redis__:invalidate`` to a second
 connection whenever one of them changes. Entries are dropped on each message;
 the whole cache is dropped whenever either connection is lost or replaced,
 because invalidations may have been missed in between.
+
+The cluster backend shares :class:`ClientCache` and :class:`LocalCache` and
+keeps them coherent its own way (see ``_cluster_cache``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ _CHANNEL = b"__redis__:invalidate"
 
 @dataclass(frozen=True)
 class ClientCache:
-    """Client-side caching settings for :class:`~kivigo_async.backends.redis.RedisOptions`.
+    """Client-side caching settings for :class:`~kivigo_async.backends.redis.RedisOptions`
+    and :class:`~kivigo_async.backends.redis.RedisClusterOptions`.
 
     Attributes:
         max_entries: the most values kept; the least recently used go first.
@@ -44,6 +48,11 @@ class ClientCache:
             messages normally drop an entry much sooner; this bounds the damage
             if one is ever lost.
         max_value_size: values larger than this (bytes) are never cached.
+        prefixes: when not empty, only keys starting with one of these
+            (literal) prefixes are cached. On a cluster the server then also
+            sends invalidations for those keys only (``BCAST PREFIX``), which
+            matters when other keys change often. Prefixes must not overlap
+            (``"user:"`` and ``"user:1"`` cannot both be given).
 
     Example:
         ```python
@@ -57,6 +66,7 @@ class ClientCache:
     max_entries: int = 10_000
     ttl: float | None = 60.0
     max_value_size: int = 64 * 1024
+    prefixes: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         entries = self.max_entries
@@ -72,6 +82,27 @@ class ClientCache:
             or self.max_value_size < 0
         ):
             raise ConfigurationError("client_cache max_value_size must be a non-negative int")
+        prefixes = self.prefixes
+        if isinstance(prefixes, (str, bytes)) or not isinstance(prefixes, Sequence):
+            raise ConfigurationError("client_cache prefixes must be a list of strings, e.g. ['user:']")
+        for prefix in prefixes:
+            if not isinstance(prefix, str) or not prefix:
+                raise ConfigurationError(f"client_cache prefixes must be non-empty strings, not {prefix!r}")
+            try:
+                prefix.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                raise ConfigurationError(f"client_cache prefix {prefix!r} is not valid UTF-8") from None
+        for i, a in enumerate(prefixes):
+            for j, b in enumerate(prefixes):
+                if i != j and b.startswith(a):
+                    # The server refuses overlapping broadcast prefixes on one connection.
+                    raise ConfigurationError(f"client_cache prefixes {a!r} and {b!r} overlap")
+        object.__setattr__(self, "prefixes", tuple(prefixes))
+
+    def caches(self, key: str) -> bool:
+        """Whether ``key`` may be cached under these settings (its prefix is listed, if any are)."""
+        prefixes = self.prefixes
+        return not prefixes or key.startswith(tuple(prefixes))
 
 
 @dataclass
@@ -141,7 +172,12 @@ class LocalCache:
         self._inflight[key] = self._inflight.get(key, 0) + 1
         return self._epoch
 
-    def complete(self, key: str, epoch: int, value: bytes | None) -> None:
+    def complete(self, key: str, epoch: int, value: bytes | None, ttl_ms: int | None = None) -> None:
+        """End the read :meth:`begin` started; keep ``value`` if nothing invalidated it since.
+
+        ``ttl_ms`` is the key's remaining time to live on the server, when the
+        read asked for it: the entry then never outlives the key.
+        """
         left = self._inflight[key] - 1
         clean = key not in self._dirty
         if left:
@@ -155,8 +191,11 @@ class LocalCache:
             and epoch == self._epoch
             and value is not None
             and len(value) <= self._settings.max_value_size
+            and self._settings.caches(key)
         ):
             ttl = self._settings.ttl
+            if ttl_ms is not None:
+                ttl = ttl_ms / 1000 if ttl is None else min(ttl, ttl_ms / 1000)
             self._data[key] = (value, math.inf if ttl is None else time.monotonic() + ttl)
             self._data.move_to_end(key)
             if len(self._data) > self._settings.max_entries:

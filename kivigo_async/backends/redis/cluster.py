@@ -41,6 +41,8 @@ from ...errors import (
     TransactionConflictError,
 )
 from ...watch import DEFAULT_MAX_PENDING, ChangeStream
+from ._cache import ClientCache, LocalCache
+from ._cluster_cache import ClusterTracking
 from ._errors import translate
 from ._scan import SCAN_COUNT, decode_key, match_pattern
 from .options import RedisOptions, _default_pool_size
@@ -84,6 +86,10 @@ class RedisClusterOptions:
             :class:`ssl.SSLContext`, used for every node.
         client_name: sent with ``CLIENT SETNAME`` on every connection.
         protocol: RESP version, 2 or 3; ``None`` for redis-py's default.
+        client_cache: a :class:`ClientCache` turns on client-side caching of
+            ``get`` and ``batch_get``, kept coherent by one broadcast-tracking
+            connection per primary (see "Client-side caching" in the docs).
+            Not available with ``read_from_replicas``.
 
     Example:
         >>> opts = RedisClusterOptions(addrs=["10.0.0.1:7000", "10.0.0.2:7000"], password="s3cret")
@@ -105,6 +111,7 @@ class RedisClusterOptions:
     tls: bool | ssl.SSLContext = False
     client_name: str | None = None
     protocol: int | None = None
+    client_cache: ClientCache | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.addrs, str) or not isinstance(self.addrs, Sequence):
@@ -120,6 +127,16 @@ class RedisClusterOptions:
             raise ConfigurationError("max_redirects must be at least 1")
         if not isinstance(self.read_from_replicas, bool):
             raise ConfigurationError("read_from_replicas must be True or False")
+        if self.client_cache is not None:
+            if not isinstance(self.client_cache, ClientCache):
+                raise ConfigurationError("client_cache must be a ClientCache or None")
+            if self.read_from_replicas:
+                # A replica may answer with a value older than an invalidation already
+                # processed, and nothing would ever drop that cached value.
+                raise ConfigurationError(
+                    "client_cache cannot be combined with read_from_replicas: a lagging replica "
+                    "could put a value in the cache after its invalidation was handled"
+                )
 
     def node_options(self, addr: str) -> RedisOptions:
         """:class:`RedisOptions` for one node of the cluster (same credentials and limits)."""
@@ -320,6 +337,9 @@ class RedisClusterBackend:
             pool_timeout = self._options.read_timeout + 1
         self._pool_timeout = pool_timeout
         self._node_backends: dict[str, RedisBackend] = {}
+        self._tracking: ClusterTracking | None = None
+        if self._options.client_cache is not None:
+            self._tracking = ClusterTracking(self, self._options.client_cache)
 
     @classmethod
     def from_url(cls, url: str, **overrides: object) -> RedisClusterBackend:
@@ -344,6 +364,11 @@ class RedisClusterBackend:
     def cluster(self) -> RedisCluster:
         """The underlying ``redis.asyncio.cluster.RedisCluster``, for commands kivigo does not wrap."""
         return self._cluster
+
+    @property
+    def client_cache(self) -> LocalCache | None:
+        """The client-side cache (``RedisClusterOptions(client_cache=...)``), for stats and listeners."""
+        return self._tracking.cache if self._tracking is not None else None
 
     # -- plumbing --------------------------------------------------------
 
@@ -461,10 +486,17 @@ class RedisClusterBackend:
     # -- lifecycle -------------------------------------------------------
 
     async def connect(self) -> None:
-        """Discover the cluster's layout and check that every primary answers."""
+        """Discover the cluster's layout and check that every primary answers.
+
+        With ``client_cache``, also start listening for invalidations on every primary.
+        """
         await self.health()
+        if self._tracking is not None:
+            await self._tracking.start()
 
     async def close(self) -> None:
+        if self._tracking is not None:
+            await self._tracking.close()
         backends = list(self._node_backends.values())
         self._node_backends.clear()
         try:
@@ -477,17 +509,30 @@ class RedisClusterBackend:
     # -- AsyncBackend ----------------------------------------------------
 
     async def get(self, key: str) -> bytes | None:
+        if self._tracking is not None:
+            return await self._tracking.get(key)
         value: bytes | None = await self._exec("GET", key)
         return value
 
+    def _written(self, keys: Sequence[str]) -> None:
+        # Called once a write is acknowledged (or failed: it may have been applied).
+        if self._tracking is not None:
+            self._tracking.written(keys)
+
     async def set(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
-        if ttl_ms is None:
-            await self._exec("SET", key, value)
-        else:
-            await self._exec("SET", key, value, "PX", ttl_ms)
+        try:
+            if ttl_ms is None:
+                await self._exec("SET", key, value)
+            else:
+                await self._exec("SET", key, value, "PX", ttl_ms)
+        finally:
+            self._written((key,))
 
     async def delete(self, key: str) -> bool:
-        return bool(await self._exec("UNLINK", key))
+        try:
+            return bool(await self._exec("UNLINK", key))
+        finally:
+            self._written((key,))
 
     async def scan(self, prefix: str) -> AsyncIterator[str]:
         pattern = match_pattern(prefix)
@@ -525,13 +570,19 @@ class RedisClusterBackend:
             groups.setdefault(slot, []).append(index)
         return groups
 
-    async def _pipeline(self, name: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def _pipeline(
+        self, name: str, commands: list[tuple[Any, ...]], served_by: list[str | None] | None = None
+    ) -> list[Any]:
         """Send ``commands`` as one pipeline per node, nodes in parallel; results in order.
 
         A command redirected by ``MOVED`` / ``ASK`` (its slot moved, or is
         moving), or refused with ``TRYAGAIN`` (a multi-key command whose keys
         are split between two nodes mid-migration) is re-sent one key at a
         time: redis-py follows the redirections of single-key commands.
+
+        ``served_by``, when given, receives per command the name of the node it
+        was sent to, or ``None`` when it had to be re-sent (the client cache
+        keeps only values from the node whose invalidations it listens to).
         """
 
         cluster = self._cluster
@@ -550,16 +601,22 @@ class RedisClusterBackend:
                     cluster.load_balancing_strategy if read else None,
                 )
                 pipe.execute_command(*args, target_nodes=[node])
+                if served_by is not None:
+                    targets.append(str(node.name))
             # Redirections are ours to handle: redis-py would re-send a refused
             # multi-key command as it is, and give up while the migration lasts.
             results: list[Any] = await pipe.execute(raise_on_error=False, allow_redirections=False)
             return results
+
+        targets: list[str | None] = []
 
         results: list[Any] = await self._run(name, None, send)
         redo: dict[int, list[tuple[Any, ...]]] = {}
         for index, (args, result) in enumerate(zip(commands, results, strict=True)):
             if isinstance(result, (AskError, TryAgainError)):  # MovedError is an AskError
                 redo[index] = _split(args)
+                if served_by is not None:
+                    targets[index] = None
             elif isinstance(result, Exception):
                 raise self._error(result, name, args[1] if len(args) == 2 else None) from result
         if redo:
@@ -571,9 +628,13 @@ class RedisClusterBackend:
             )
             for index, parts in redo.items():
                 results[index] = _join(commands[index][0], [next(replies) for _ in parts])
+        if served_by is not None:
+            served_by[:] = targets
         return results
 
     async def batch_get(self, keys: Sequence[str]) -> list[bytes | None]:
+        if self._tracking is not None:
+            return await self._tracking.batch_get(keys)
         groups = self._by_slot(keys)
         commands: list[tuple[Any, ...]] = [
             ("GET", keys[idx[0]]) if len(idx) == 1 else ("MGET", *(keys[i] for i in idx))
@@ -597,12 +658,19 @@ class RedisClusterBackend:
                 commands.append(tuple(args))
             else:
                 commands += [("SET", items[i][0], items[i][1], "PX", ttl_ms) for i in idx]
-        await self._pipeline("MSET" if ttl_ms is None else "SET PX", commands)
+        try:
+            await self._pipeline("MSET" if ttl_ms is None else "SET PX", commands)
+        finally:
+            if self._tracking is not None:
+                self._tracking.written([key for key, _ in items])
 
     async def batch_delete(self, keys: Sequence[str]) -> int:
         groups = self._by_slot(keys)
         commands = [("UNLINK", *(keys[i] for i in idx)) for idx in groups.values()]
-        return sum(int(n) for n in await self._pipeline("UNLINK", commands))
+        try:
+            return sum(int(n) for n in await self._pipeline("UNLINK", commands))
+        finally:
+            self._written(keys)
 
     async def exists(self, keys: Sequence[str]) -> int:
         groups = self._by_slot(keys)
@@ -612,7 +680,10 @@ class RedisClusterBackend:
     # -- TTLBackend ------------------------------------------------------
 
     async def expire(self, key: str, ttl_ms: int) -> bool:
-        return bool(await self._exec("PEXPIRE", key, ttl_ms))
+        try:
+            return bool(await self._exec("PEXPIRE", key, ttl_ms))
+        finally:
+            self._written((key,))  # a cached copy carries the key's old TTL
 
     async def ttl(self, key: str) -> int | None:
         ms = int(await self._exec("PTTL", key))
@@ -621,7 +692,10 @@ class RedisClusterBackend:
         return None if ms == -1 else ms
 
     async def persist(self, key: str) -> bool:
-        return bool(await self._exec("PERSIST", key))
+        try:
+            return bool(await self._exec("PERSIST", key))
+        finally:
+            self._written((key,))
 
     # -- HealthBackend ---------------------------------------------------
 
@@ -776,6 +850,8 @@ class _ClusterTransaction:
             await self._inner.commit(ops)
         except KivigoError as exc:
             raise await self._backend._moved(exc) from exc.__cause__
+        finally:
+            self._backend._written(keys)
 
     async def discard(self) -> None:
         if self._inner is not None:

@@ -1,0 +1,608 @@
+"""Client-side caching on a cluster: broadcast tracking, one listener per primary.
+
+Hits are served from memory; writes from another client, on any primary, drop
+the entry before a later read (we wait for the invalidation message, never
+sleep); memory stays bounded; a lost listener or a failover flushes the cache,
+and caching resumes once the listener is back; close() leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis
+from conftest import redis_options
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.crc import key_slot
+from test_conformance_cluster import TestClusterConformance as _ClusterConformance
+
+from kivigo_async import Client
+from kivigo_async.backends.redis import (
+    ClientCache,
+    LocalCache,
+    RedisBackend,
+    RedisClusterBackend,
+    RedisClusterOptions,
+)
+from kivigo_async.errors import BackendUnavailableError, ConfigurationError, OperationTimeoutError
+from kivigo_async.testing.pytest_plugin import ClusterFactory
+from kivigo_async.testing.servers import RedisServer
+from kivigo_async.testing.topologies import RedisCluster
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]
+
+
+def sync_client(node: RedisServer) -> redis.Redis:
+    return redis.Redis(host=node.host, port=node.port, socket_timeout=5)
+
+
+def addr(node: RedisServer) -> str:
+    return f"{node.host}:{node.port}"
+
+
+def one_key_per_primary(cluster: RedisCluster, prefix: str) -> dict[str, str]:
+    """Primary address -> a key (``prefix`` + n) that lives on it."""
+    found: dict[str, str] = {}
+    wanted = {addr(p) for p in cluster.primaries()}
+    n = 0
+    while found.keys() != wanted:
+        key = f"{prefix}{n}"
+        found.setdefault(addr(cluster.node_for_slot(key_slot(key.encode()))), key)
+        n += 1
+    return found
+
+
+def server_reads(cluster: RedisCluster) -> dict[str, int]:
+    """Per primary: key lookups (keyspace hits + misses) since the last CONFIG RESETSTAT."""
+    reads = {}
+    for node in cluster.primaries():
+        with sync_client(node) as client:
+            stats: dict[str, Any] = client.info("stats")
+        reads[addr(node)] = int(stats["keyspace_hits"]) + int(stats["keyspace_misses"])
+    return reads
+
+
+def reset_stats(cluster: RedisCluster) -> None:
+    for node in cluster.primaries():
+        with sync_client(node) as client:
+            client.config_resetstat()
+
+
+def tracking_clients(node: RedisServer, name: str) -> list[dict[str, Any]]:
+    """Connections named ``name`` with tracking on (our listener on that node, if up)."""
+    with sync_client(node) as client:
+        clients: list[dict[str, Any]] = client.client_list()
+    return [c for c in clients if c.get("name") == name and "t" in str(c.get("flags", ""))]
+
+
+def cache_of(backend: RedisClusterBackend) -> LocalCache:
+    assert backend.client_cache is not None
+    return backend.client_cache
+
+
+class Invalidations:
+    """Waits for the invalidation of one key (or a flush), never by sleeping."""
+
+    def __init__(self, cache: LocalCache) -> None:
+        self.seen: list[str | None] = []
+        self._event = asyncio.Event()
+        self.remove = cache.add_listener(self._on)
+
+    def _on(self, key: str | None) -> None:
+        self.seen.append(key)
+        self._event.set()
+
+    async def wait_for(self, key: str | None, timeout: float = 10.0, *, count: int = 1) -> None:
+        async def until() -> None:
+            while self.seen.count(key) < count:
+                self._event.clear()
+                await self._event.wait()
+
+        await asyncio.wait_for(until(), timeout)
+
+
+async def cached_again(client: Client, key: str, timeout: float = 15.0) -> None:
+    """Read ``key`` until a repeated read is a hit: its node's listener is back.
+
+    Nothing announces "listening again" besides the flush that comes with it,
+    so this polls the behaviour itself, bounded.
+    """
+    cache = cache_of(client.backend)  # type: ignore[arg-type]
+    deadline = time.monotonic() + timeout
+    while True:
+        await client.get(key)
+        hits = cache.stats.hits
+        await client.get(key)
+        if cache.stats.hits > hits:
+            return
+        assert time.monotonic() < deadline, f"{key!r} was never cached again"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def name() -> str:
+    return f"kivigo-cc-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def client(redis_cluster: RedisCluster, name: str) -> AsyncIterator[Client]:
+    redis_cluster.flushall()
+    options = RedisClusterOptions(
+        addrs=redis_cluster.addrs[:1], client_name=name, client_cache=ClientCache(max_entries=100, ttl=30)
+    )
+    async with Client(RedisClusterBackend(options)) as client:  # connect() starts the listeners
+        yield client
+
+
+@pytest.fixture
+async def other(redis_cluster: RedisCluster) -> AsyncIterator[AsyncRedisCluster]:
+    """Another, plain redis-py cluster client: its writes reach us only as invalidations."""
+    seed = redis_cluster.primaries()[0]
+    other = AsyncRedisCluster(host=seed.host, port=seed.port)
+    yield other
+    await other.aclose()
+
+
+@pytest.fixture
+def keys(redis_cluster: RedisCluster) -> dict[str, str]:
+    return one_key_per_primary(redis_cluster, "cc:")
+
+
+def backend_of(client: Client) -> RedisClusterBackend:
+    backend = client.backend
+    assert isinstance(backend, RedisClusterBackend)
+    return backend
+
+
+async def test_hits_are_served_without_a_round_trip(
+    client: Client, redis_cluster: RedisCluster, keys: dict[str, str]
+) -> None:
+    cache = cache_of(backend_of(client))
+    for key in keys.values():
+        await client.set(key, {"v": key})
+        assert await client.get(key) == {"v": key}
+    reset_stats(redis_cluster)
+    hits = cache.stats.hits
+    for _ in range(20):
+        for key in keys.values():
+            assert await client.get(key) == {"v": key}
+    assert cache.stats.hits == hits + 20 * len(keys)
+    assert server_reads(redis_cluster) == dict.fromkeys(keys, 0)  # no primary was asked
+
+
+async def test_writes_elsewhere_invalidate_on_every_primary(
+    client: Client, other: AsyncRedisCluster, keys: dict[str, str]
+) -> None:
+    assert len(keys) == 3
+    cache = cache_of(backend_of(client))
+    for key in keys.values():
+        await client.set(key, "old")
+        assert await client.get(key) == "old"
+        assert await client.get(key) == "old"  # cached now
+    watcher = Invalidations(cache)
+    for key in keys.values():
+        await other.set(key, b'"new"')
+        await watcher.wait_for(key)
+        assert await client.get(key) == "new"
+        assert await client.get(key) == "new"  # and cached again
+        await other.delete(key)
+        await watcher.wait_for(key, count=2)
+        assert await client.get(key, default=None) is None
+
+
+@contextlib.contextmanager
+def invalidations_held(backend: RedisClusterBackend) -> Iterator[None]:
+    """Stop reading the listeners' sockets: only our own bookkeeping can drop entries meanwhile.
+
+    The server reports our own writes too, usually before we read again: holding
+    those messages back shows that read-your-writes does not depend on them.
+    """
+    assert backend._tracking is not None
+    transports: list[asyncio.Transport] = []
+    for listener in backend._tracking._listeners.values():
+        protocol = listener.conn._protocol
+        assert protocol is not None
+        assert protocol._transport is not None
+        transports.append(protocol._transport)
+    assert len(transports) == 3
+    for transport in transports:
+        transport.pause_reading()
+    try:
+        yield
+    finally:
+        for transport in transports:
+            transport.resume_reading()
+
+
+async def test_own_writes_are_read_back_at_once(client: Client) -> None:
+    k = "{mine}:k"
+    cache = cache_of(backend_of(client))
+    with invalidations_held(backend_of(client)):
+        await client.set(k, 1)
+        assert await client.get(k) == 1
+        hits = cache.stats.hits
+        assert await client.get(k) == 1
+        assert cache.stats.hits == hits + 1  # served from memory from here on
+        await client.set(k, 2)
+        assert await client.get(k) == 2
+        await client.batch_set({k: 3, "elsewhere": 0})
+        assert await client.get(k) == 3
+        await client.batch_set({k: 4}, ttl=60)
+        assert await client.get(k) == 4
+        async with client.transaction() as tx:
+            tx.set(k, 5)
+        assert await client.get(k) == 5
+        async with client.transaction(watch=[k]) as tx:
+            tx.set(k, await tx.get(k, int) + 1)
+        assert await client.get(k) == 6
+        assert await client.batch_get([k, "elsewhere"]) == {k: 6, "elsewhere": 0}
+        await client.delete(k)
+        assert await client.get(k, default=None) is None
+        await client.set(k, 7)
+        assert await client.get(k) == 7
+        await client.batch_delete([k])
+        assert await client.get(k, default=None) is None
+        assert await client.batch_get([k]) == {}
+
+
+async def test_expire_and_persist_drop_the_cached_copy(client: Client) -> None:
+    await client.set("e", 1)
+    assert await client.get("e") == 1
+    assert await client.get("e") == 1
+    cache = cache_of(backend_of(client))
+    assert cache.lookup("e") == b"1"
+    with invalidations_held(backend_of(client)):
+        assert await client.expire("e", 60)
+        assert cache.lookup("e") is None  # re-read with its new TTL
+        assert await client.get("e") == 1
+        assert cache.lookup("e") == b"1"
+        assert await client.persist("e")
+        assert cache.lookup("e") is None
+
+
+async def test_cached_value_never_outlives_its_ttl(client: Client) -> None:
+    await client.set("short", "v", ttl=0.3)
+    assert await client.get("short") == "v"
+    assert await client.get("short") == "v"
+    assert len(cache_of(backend_of(client))) == 1
+    await asyncio.sleep(0.5)  # waiting out a TTL, not an invalidation
+    assert await client.get("short", default=None) is None
+
+
+def test_entry_lifetime_is_capped_by_the_server_ttl() -> None:
+    cache = LocalCache(ClientCache(ttl=60))
+    cache.enabled = True
+    cache.complete("k", cache.begin("k"), b"v", ttl_ms=1)
+    cache.complete("forever", cache.begin("forever"), b"v", ttl_ms=None)
+    time.sleep(0.01)
+    assert cache.lookup("k") is None
+    assert cache.lookup("forever") == b"v"
+
+
+async def test_batch_get_uses_hits_and_fetches_only_misses(
+    client: Client, redis_cluster: RedisCluster
+) -> None:
+    data = {f"bg:{i}": i for i in range(30)}
+    await client.batch_set(data)
+    warm = list(data)[:10]
+    for key in warm:
+        assert await client.get(key) == data[key]
+    cache = cache_of(backend_of(client))
+    hits = cache.stats.hits
+    reset_stats(redis_cluster)
+    assert await client.batch_get([*data, "bg:missing"], int) == data
+    assert cache.stats.hits == hits + len(warm)
+    # Each fetched key is read twice on its node (its value and its TTL); cached keys never.
+    assert sum(server_reads(redis_cluster).values()) == 2 * (len(data) - len(warm) + 1)
+    # Now every existing key is cached: nothing is asked of the server.
+    reset_stats(redis_cluster)
+    assert await client.batch_get(list(data), int) == data
+    assert sum(server_reads(redis_cluster).values()) == 0
+    assert cache.stats.hits == hits + len(warm) + len(data)
+
+
+async def test_batch_get_values_are_invalidated_too(
+    client: Client, other: AsyncRedisCluster, keys: dict[str, str]
+) -> None:
+    await client.batch_set(dict.fromkeys(keys.values(), 1))
+    assert await client.batch_get(list(keys.values()), int) == dict.fromkeys(keys.values(), 1)
+    cache = cache_of(backend_of(client))
+    assert len(cache) == len(keys)
+    watcher = Invalidations(cache)
+    for key in keys.values():
+        await other.set(key, b"2")
+        await watcher.wait_for(key)
+    assert await client.batch_get(list(keys.values()), int) == dict.fromkeys(keys.values(), 2)
+
+
+async def test_memory_stays_bounded(redis_cluster: RedisCluster) -> None:
+    redis_cluster.flushall()
+    options = RedisClusterOptions(addrs=redis_cluster.addrs[:1], client_cache=ClientCache(max_entries=50))
+    async with Client(RedisClusterBackend(options)) as client:
+        cache = cache_of(backend_of(client))
+        data = {f"b:{i}": i for i in range(300)}
+        await client.batch_set(data)
+        for key, value in data.items():
+            assert await client.get(key) == value
+        assert len(cache) == 50
+        # The most recently read entries are the ones kept.
+        hits = cache.stats.hits
+        for key in list(data)[-50:]:
+            assert await client.get(key) == data[key]
+        assert cache.stats.hits == hits + 50
+        assert await client.batch_get(list(data), int) == data
+        assert len(cache) == 50
+
+
+async def test_flushall_elsewhere_drops_everything(
+    client: Client, redis_cluster: RedisCluster, keys: dict[str, str]
+) -> None:
+    await client.batch_set(dict.fromkeys(keys.values(), 1))
+    for key in keys.values():
+        assert await client.get(key) == 1
+    cache = cache_of(backend_of(client))
+    watcher = Invalidations(cache)
+    primary = redis_cluster.primaries()[0]
+    with sync_client(primary) as direct:
+        direct.flushall()
+    await watcher.wait_for(None)
+    assert len(cache) == 0
+
+
+async def test_killed_listener_flushes_and_recovers(
+    client: Client, redis_cluster: RedisCluster, other: AsyncRedisCluster, keys: dict[str, str], name: str
+) -> None:
+    cache = cache_of(backend_of(client))
+    for key in keys.values():
+        await client.set(key, "v1")
+        assert await client.get(key) == "v1"
+    assert len(cache) == len(keys)
+    node = redis_cluster.primaries()[1]
+    key = keys[addr(node)]
+    [listener] = tracking_clients(node, name)  # data connections never turn tracking on
+    watcher = Invalidations(cache)
+    with sync_client(node) as direct:
+        assert direct.client_kill_filter(_id=listener["id"]) == 1
+    await watcher.wait_for(None)  # dropped as soon as the loss is seen
+    assert len(cache) == 0
+
+    # A change made while nobody listened on that node is read, never the old copy.
+    await other.set(key, b'"v2"')
+    assert await client.get(key) == "v2"
+    await cached_again(client, key)
+    [again] = tracking_clients(node, name)
+    assert again["id"] != listener["id"]  # a new connection, tracking again
+    await other.set(key, b'"v3"')
+    await watcher.wait_for(key)
+    assert await client.get(key) == "v3"
+
+
+async def test_no_caching_while_a_listener_is_down(
+    client: Client, redis_cluster: RedisCluster, other: AsyncRedisCluster, keys: dict[str, str], name: str
+) -> None:
+    cache = cache_of(backend_of(client))
+    node = redis_cluster.primaries()[2]
+    key = keys[addr(node)]
+    await client.set(key, "v1")
+    assert await client.get(key) == "v1"
+    assert await other.get(key) == b'"v1"'  # other's connection to the node is open now
+    [listener] = tracking_clients(node, name)
+    watcher = Invalidations(cache)
+    with sync_client(node) as admin:
+        maxclients = admin.config_get("maxclients")["maxclients"]
+        # The node takes no new connection: the listener cannot come back, while the
+        # connections already open (ours, other's, this one) keep working.
+        admin.config_set("maxclients", 1)
+        try:
+            assert admin.client_kill_filter(_id=listener["id"]) == 1
+            await watcher.wait_for(None)
+            await other.set(key, b'"v2"')
+            hits = cache.stats.hits
+            assert await client.get(key) == "v2"
+            assert await client.get(key) == "v2"
+            assert cache.stats.hits == hits  # not cached: nobody would tell us of a change
+            await other.set(key, b'"v3"')
+            assert await client.get(key) == "v3"
+        finally:
+            admin.config_set("maxclients", maxclients)
+    await cached_again(client, key)
+    await other.set(key, b'"v4"')
+    await watcher.wait_for(key)
+    assert await client.get(key) == "v4"
+
+
+async def test_silent_listener_is_found_by_its_heartbeat(
+    redis_cluster: RedisCluster, keys: dict[str, str], name: str
+) -> None:
+    redis_cluster.flushall()
+    options = RedisClusterOptions(
+        addrs=redis_cluster.addrs[:1], client_name=name, read_timeout=0.5, client_cache=ClientCache()
+    )
+    node = redis_cluster.primaries()[0]
+    key = keys[addr(node)]
+    async with Client(RedisClusterBackend(options)) as client:
+        cache = cache_of(backend_of(client))
+        await client.set(key, 1)
+        assert await client.get(key) == 1
+        watcher = Invalidations(cache)
+        with redis.Redis(host=node.host, port=node.port, socket_timeout=15) as admin:
+            # For 5 s the connection stays open but nothing is answered, as in a
+            # partition: only the heartbeat can tell. Without it there is no flush at all.
+            admin.execute_command("CLIENT", "PAUSE", 5000, "ALL")
+            try:
+                await watcher.wait_for(None, timeout=15)
+                assert len(cache) == 0
+            finally:
+                # The server runs it once the pause is over: the next test finds it ended.
+                await asyncio.to_thread(admin.execute_command, "CLIENT", "UNPAUSE")
+        await cached_again(client, key)
+
+
+async def test_prefixes_limit_caching_and_invalidations(
+    redis_cluster: RedisCluster, other: AsyncRedisCluster
+) -> None:
+    redis_cluster.flushall()
+    settings = ClientCache(prefixes=["hot:", "warm:"])
+    options = RedisClusterOptions(addrs=redis_cluster.addrs[:1], client_cache=settings)
+    async with Client(RedisClusterBackend(options)) as client:
+        cache = cache_of(backend_of(client))
+        hot, cold = "hot:{p}", "cold:{p}"  # one slot, so one node and one ordered stream
+        await client.batch_set({hot: 1, cold: 1})
+        for _ in range(2):
+            assert await client.get(hot) == 1
+            assert await client.get(cold) == 1
+        assert cache.lookup(hot) == b"1"
+        assert cache.lookup(cold) is None  # outside the prefixes: never cached
+        watcher = Invalidations(cache)
+        await other.set(cold, b"2")
+        await other.set(hot, b"2")
+        await watcher.wait_for(hot)
+        # Both changes went out in this order on the same node: had the server
+        # reported the cold key, it would be here already.
+        assert cold not in watcher.seen
+        assert await client.batch_get([hot, cold], int) == {hot: 2, cold: 2}
+
+
+async def test_prefixes_filter_a_single_server_cache_too(valkey_server: RedisServer) -> None:
+    options = redis_options(valkey_server, client_cache=ClientCache(prefixes=["hot:"]))
+    async with Client(RedisBackend(options)) as client:
+        backend = client.backend
+        assert isinstance(backend, RedisBackend)
+        assert backend.client_cache is not None
+        cache = backend.client_cache
+        await client.batch_set({"hot:1": 1, "cold:1": 1})
+        for _ in range(2):
+            assert await client.get("hot:1") == 1
+            assert await client.get("cold:1") == 1
+        assert cache.stats.hits == 1
+        assert len(cache) == 1
+
+
+async def test_close_leaves_no_tasks_or_connections(redis_cluster: RedisCluster, name: str) -> None:
+    before = asyncio.all_tasks()
+    options = RedisClusterOptions(addrs=redis_cluster.addrs[:1], client_name=name, client_cache=ClientCache())
+    backend = RedisClusterBackend(options)
+    async with Client(backend) as client:
+        await client.set("c", 1)
+        assert await client.get("c") == 1
+        assert await client.get("c") == 1
+        assert all(len(tracking_clients(p, name)) == 1 for p in redis_cluster.primaries())
+    assert asyncio.all_tasks() - before == set()
+    cache = cache_of(backend)
+    assert len(cache) == 0
+    assert not cache.enabled
+
+    async def gone() -> None:
+        # The server drops a closed connection when it reads the FIN: bounded poll.
+        while any(tracking_clients(p, name) for p in redis_cluster.primaries()):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(gone(), 10)
+
+
+async def test_failover_never_serves_a_stale_value(redis_cluster_factory: ClusterFactory, name: str) -> None:
+    cluster = redis_cluster_factory(node_timeout_ms=1000)
+    keys = one_key_per_primary(cluster, "fo:")
+    options = RedisClusterOptions(
+        addrs=cluster.addrs,
+        client_cache=ClientCache(ttl=None),  # only invalidations may drop an entry
+        client_name=name,
+        dial_timeout=1,
+        read_timeout=1,
+        max_retries=2,
+    )
+    survivor = cluster.primaries()[0]
+    victim = cluster.primaries()[1]
+    victim_key = keys[addr(victim)]
+    async with Client(RedisClusterBackend(options)) as client:
+        cache = cache_of(backend_of(client))
+        await client.batch_set(dict.fromkeys(keys.values(), "v1"))
+        for key in keys.values():
+            assert await client.get(key) == "v1"
+            assert await client.get(key) == "v1"
+        assert len(cache) == len(keys)
+        with sync_client(victim) as direct:
+            direct.execute_command("WAIT", 1, 10_000)  # the replica has v1 too
+
+        watcher = Invalidations(cache)
+        victim.kill()
+        await watcher.wait_for(None)  # its listener is gone: everything is dropped
+        assert len(cache) == 0
+        await asyncio.to_thread(cluster.wait_ready, 60.0, expected_nodes=5)
+        promoted = cluster.node_for_slot(key_slot(victim_key.encode()))
+        assert promoted is not victim
+
+        other = AsyncRedisCluster(host=survivor.host, port=survivor.port)
+        try:
+            for key in keys.values():
+                await other.set(key, b'"v2"')
+            # Reads may fail while the backend learns the new layout; none may return v1.
+            deadline = time.monotonic() + 60
+            for key in keys.values():
+                while True:
+                    try:
+                        assert await client.get(key) == "v2"
+                        break
+                    except (BackendUnavailableError, OperationTimeoutError):
+                        assert time.monotonic() < deadline, "the backend never recovered"
+                        await asyncio.sleep(0.2)
+
+            # The promoted primary gets a listener: its keys are cached, and invalidated, again.
+            await cached_again(client, victim_key, timeout=30)
+            await other.set(victim_key, b'"v3"')
+            await watcher.wait_for(victim_key)
+            assert await client.get(victim_key) == "v3"
+            assert tracking_clients(promoted, name)
+        finally:
+            await other.aclose()
+
+        # The dead primary's listener is retired (it stopped retrying), one per primary remains.
+        tracking = backend_of(client)._tracking
+        assert tracking is not None
+        primaries = {addr(p) for p in cluster.primaries()}
+
+        async def retired() -> None:
+            while tracking._listeners.keys() != primaries:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(retired(), 15)
+
+
+def test_options_are_checked() -> None:
+    assert ClientCache(prefixes=["a:", "b:"]).prefixes == ("a:", "b:")
+    bad_caches: list[dict[str, Any]] = [
+        {"prefixes": "user:"},
+        {"prefixes": [""]},
+        {"prefixes": ["user:", "user:1"]},
+        {"prefixes": ["x", "x"]},
+        {"prefixes": [1]},
+    ]
+    for bad in bad_caches:
+        with pytest.raises(ConfigurationError):
+            ClientCache(**bad)
+    with pytest.raises(ConfigurationError, match="read_from_replicas"):
+        RedisClusterOptions(addrs=["n1:7000"], client_cache=ClientCache(), read_from_replicas=True)
+    with pytest.raises(ConfigurationError):
+        RedisClusterOptions(addrs=["n1:7000"], client_cache={"max_entries": 10})  # type: ignore[arg-type]
+    opts = RedisClusterOptions.from_url("redis://n1:7000", client_cache=ClientCache(max_entries=5))
+    assert opts.client_cache == ClientCache(max_entries=5)
+    assert RedisClusterBackend(RedisClusterOptions(addrs=["n1:7000"])).client_cache is None
+
+
+class TestCachedClusterConformance(_ClusterConformance):
+    """The whole conformance suite, with every read going through the cache."""
+
+    @pytest.fixture
+    async def kv_backend(self, redis_cluster: RedisCluster) -> AsyncIterator[RedisClusterBackend]:
+        redis_cluster.flushall()
+        options = RedisClusterOptions(addrs=redis_cluster.addrs[:1], client_cache=ClientCache())
+        backend = RedisClusterBackend(options)
+        await backend.connect()  # listening before the first read, so reads are cached
+        yield backend
+        await backend.close()
