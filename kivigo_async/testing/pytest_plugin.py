@@ -9,7 +9,11 @@ makes these fixtures available:
 * ``redis_cluster`` / ``redis_sentinel`` (session): a shared 3+3 node Valkey cluster and
   a shared primary + replica + 3 sentinels (see :mod:`kivigo_async.testing.topologies`).
 * ``redis_cluster_factory`` / ``redis_sentinel_factory`` (function): private ones to kill
-  nodes in or fail over.
+  nodes in or fail over, in any variant (``variant="password" | "acl" | "tls"``: nodes
+  and sentinels log in to each other or talk TLS; the topology object gives the
+  ``username``, ``password``, ``sentinel_password`` and ``ssl_context()`` clients need).
+* :func:`require_topology_binary`: the binary for a topology you start yourself (e.g. a
+  module-scoped one), with the same skip / fail rules.
 
 Example:
     ```python
@@ -23,12 +27,18 @@ Example:
         server = redis_server_factory("valkey", extra_config={"appendonly": "yes"})
         server.kill()
         server.restart()
+
+    def test_acl_cluster(redis_cluster_factory):
+        cluster = redis_cluster_factory("valkey", variant="acl")
+        options = RedisClusterOptions(
+            addrs=cluster.addrs, username=cluster.username, password=cluster.password
+        )
     ```
 
 A server this machine can't provide skips the test, except under CI (``CI`` set
 to anything but ``0``/``false``), where a server-backed test must not silently
 skip: it fails instead, unless what is missing is optional by nature (no
-``KIVIGO_REDIS_URL``, no Docker engine, a binary built without TLS).
+``KIVIGO_REDIS_URL``, no Docker engine, a server or cli binary built without TLS).
 """
 
 from __future__ import annotations
@@ -66,6 +76,7 @@ __all__ = [
     "redis_server",
     "redis_server_factory",
     "require_server",
+    "require_topology_binary",
     "skip_or_fail",
     "valkey_server",
 ]
@@ -172,19 +183,45 @@ SHARED_CLUSTER_NODE_TIMEOUT_MS = 5000
 class ClusterFactory(Protocol):
     """Signature of the ``redis_cluster_factory`` fixture."""
 
-    def __call__(self, kind: BinaryKind = "valkey", *, node_timeout_ms: int = 1000) -> RedisCluster: ...
+    def __call__(
+        self, kind: BinaryKind = "valkey", *, node_timeout_ms: int = 1000, variant: Variant = "plain"
+    ) -> RedisCluster: ...
 
 
 class SentinelFactory(Protocol):
     """Signature of the ``redis_sentinel_factory`` fixture."""
 
-    def __call__(self, kind: BinaryKind = "valkey", *, down_after_ms: int = 1000) -> RedisSentinel: ...
+    def __call__(
+        self,
+        kind: BinaryKind = "valkey",
+        *,
+        down_after_ms: int = 1000,
+        variant: Variant = "plain",
+        sentinel_auth: bool = True,
+    ) -> RedisSentinel: ...
 
 
-def _topology_binary(pool: ServerPool, kind: BinaryKind) -> ServerBinary:
+def require_topology_binary(
+    pool: ServerPool, kind: BinaryKind, variant: Variant = "plain", *, cluster: bool = True
+) -> ServerBinary:
+    """The binary to start a ``variant`` topology of ``kind`` with; skips (or, under CI, fails) without one.
+
+    ``cluster`` also asks for the cli that joins a cluster (built with TLS for
+    the ``tls`` variant). A server or cli built without TLS skips even under CI.
+
+    Example:
+        ```python
+        @pytest.fixture(scope="module")
+        def acl_cluster(kivigo_server_pool):
+            binary = require_topology_binary(kivigo_server_pool, "valkey", "acl")
+            with RedisCluster(binary, variant="acl") as cluster:
+                yield cluster
+        ```
+    """
     try:
-        binary = pool.binary(kind, "plain")
-        find_cli(binary)
+        binary = pool.binary(kind, variant)
+        if cluster:
+            find_cli(binary, tls=variant == "tls")
     except ServerUnavailable as exc:
         skip_or_fail(exc, kind)
     return binary
@@ -193,7 +230,7 @@ def _topology_binary(pool: ServerPool, kind: BinaryKind) -> ServerBinary:
 @pytest.fixture(scope="session")
 def redis_cluster(kivigo_server_pool: ServerPool) -> Iterator[RedisCluster]:
     """A shared Valkey cluster, 3 primaries + 3 replicas (tests must not kill its nodes)."""
-    binary = _topology_binary(kivigo_server_pool, "valkey")
+    binary = require_topology_binary(kivigo_server_pool, "valkey")
     with RedisCluster(binary, node_timeout_ms=SHARED_CLUSTER_NODE_TIMEOUT_MS) as cluster:
         yield cluster
 
@@ -204,18 +241,21 @@ def redis_sentinel(kivigo_server_pool: ServerPool) -> Iterator[RedisSentinel]:
 
     Tests may fail it over (``SENTINEL FAILOVER``) but must not kill its processes.
     """
-    binary = _topology_binary(kivigo_server_pool, "valkey")
+    binary = require_topology_binary(kivigo_server_pool, "valkey", cluster=False)
     with RedisSentinel(binary) as topology:
         yield topology
 
 
 @pytest.fixture
 def redis_cluster_factory(kivigo_server_pool: ServerPool) -> Iterator[ClusterFactory]:
-    """Start private clusters for this test; all are stopped at teardown."""
+    """Start private clusters for this test, in any variant; all are stopped at teardown."""
     started: list[RedisCluster] = []
 
-    def factory(kind: BinaryKind = "valkey", *, node_timeout_ms: int = 1000) -> RedisCluster:
-        cluster = RedisCluster(_topology_binary(kivigo_server_pool, kind), node_timeout_ms=node_timeout_ms)
+    def factory(
+        kind: BinaryKind = "valkey", *, node_timeout_ms: int = 1000, variant: Variant = "plain"
+    ) -> RedisCluster:
+        binary = require_topology_binary(kivigo_server_pool, kind, variant)
+        cluster = RedisCluster(binary, variant=variant, node_timeout_ms=node_timeout_ms)
         started.append(cluster)
         return cluster.start()
 
@@ -228,11 +268,20 @@ def redis_cluster_factory(kivigo_server_pool: ServerPool) -> Iterator[ClusterFac
 
 @pytest.fixture
 def redis_sentinel_factory(kivigo_server_pool: ServerPool) -> Iterator[SentinelFactory]:
-    """Start private sentinel topologies for this test; all are stopped at teardown."""
+    """Start private sentinel topologies for this test, in any variant; all are stopped at teardown."""
     started: list[RedisSentinel] = []
 
-    def factory(kind: BinaryKind = "valkey", *, down_after_ms: int = 1000) -> RedisSentinel:
-        topology = RedisSentinel(_topology_binary(kivigo_server_pool, kind), down_after_ms=down_after_ms)
+    def factory(
+        kind: BinaryKind = "valkey",
+        *,
+        down_after_ms: int = 1000,
+        variant: Variant = "plain",
+        sentinel_auth: bool = True,
+    ) -> RedisSentinel:
+        binary = require_topology_binary(kivigo_server_pool, kind, variant, cluster=False)
+        topology = RedisSentinel(
+            binary, variant=variant, sentinel_auth=sentinel_auth, down_after_ms=down_after_ms
+        )
         started.append(topology)
         return topology.start()
 

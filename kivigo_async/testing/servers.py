@@ -6,7 +6,9 @@ wheel's ``valkey-server``, ``redis-server`` on ``PATH``, or the paths named by
 directory with its own config file, on a free loopback port. Every server comes
 in one of four variants: ``plain``, ``password`` (``requirepass``), ``acl``
 (default user off, users ``kivigo`` and ``limited``) and ``tls`` (TLS only,
-certificates made on the spot with ``trustme``).
+certificates made on the spot with ``trustme``). Servers that must trust each
+other (a cluster, a sentinel setup) can share one password and one set of
+:class:`TLSFiles`.
 
 Example:
     ```python
@@ -74,6 +76,7 @@ __all__ = [
     "ServerPool",
     "ServerStartError",
     "ServerUnavailable",
+    "TLSFiles",
     "Variant",
     "docker_available",
     "find_binaries",
@@ -269,6 +272,50 @@ def _tls_problem(binary: ServerBinary) -> ServerUnavailable | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class TLSFiles:
+    """A test CA and one certificate it issued for ``127.0.0.1`` and ``localhost``, as PEM files.
+
+    Servers started with the same files trust each other (a TLS cluster's nodes,
+    sentinels and the servers they watch), and a client trusting ``ca_path``
+    trusts all of them.
+
+    Example:
+        ```python
+        files = TLSFiles.create(tempfile.mkdtemp())
+        a = RedisServer(binary, "tls", tls_files=files)
+        b = RedisServer(binary, "tls", tls_files=files)   # a and b share one CA
+        ```
+    """
+
+    ca_path: str
+    cert_path: str
+    key_path: str
+
+    @classmethod
+    def create(cls, directory: str | os.PathLike[str]) -> TLSFiles:
+        """Make a fresh CA and server certificate in ``directory`` (needs ``trustme``)."""
+        trustme: Any = importlib.import_module("trustme")
+        folder = Path(directory)
+        files = cls(
+            ca_path=str(folder / "ca.pem"),
+            cert_path=str(folder / "server.crt"),
+            key_path=str(folder / "server.key"),
+        )
+        ca = trustme.CA()
+        leaf = ca.issue_cert(HOST, "localhost")
+        ca.cert_pem.write_to_path(files.ca_path)
+        leaf.private_key_pem.write_to_path(files.key_path)
+        with open(files.cert_path, "wb") as fh:
+            for blob in leaf.cert_chain_pems:
+                fh.write(blob.bytes())
+        return files
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A verifying client context that trusts only this CA."""
+        return ssl.create_default_context(cafile=self.ca_path)
+
+
 # --------------------------------------------------------------------------- ports
 
 
@@ -448,6 +495,10 @@ class RedisServer(Server):
     ``extra_config`` lines are written to the config file verbatim (values are
     not quoted) after the defaults, replacing defaults of the same name, e.g.
     ``{"appendonly": "yes", "appendfsync": "always"}``.
+
+    ``password`` (``password`` and ``acl`` variants) replaces the random
+    password, and ``tls_files`` (``tls`` variant) the certificates made for
+    this server alone: servers that must trust each other share them.
     """
 
     def __init__(
@@ -458,11 +509,20 @@ class RedisServer(Server):
         extra_config: Mapping[str, str] | None = None,
         port: int | None = None,
         start_timeout: float = _START_TIMEOUT,
+        password: str | None = None,
+        tls_files: TLSFiles | None = None,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
         if variant == "tls" and (problem := _tls_problem(binary)) is not None:
             raise problem
+        if password is not None and (variant not in ("password", "acl") or not password):
+            raise ValueError("password needs the password or acl variant and must not be empty")
+        if password is not None and any(c.isspace() or c in "\"'\\" for c in password):
+            # It goes into the config file unquoted.
+            raise ValueError("password may not contain whitespace or quotes")
+        if tls_files is not None and variant != "tls":
+            raise ValueError("tls_files needs the tls variant")
         extra = dict(extra_config or {})
         reserved = sorted(_RESERVED_CONFIG.intersection(k.lower() for k in extra))
         if reserved:
@@ -477,7 +537,11 @@ class RedisServer(Server):
         self._proc: subprocess.Popen[bytes] | None = None
         self._ssl_context: ssl.SSLContext | None = None
         self._lock = threading.RLock()
-        self._password = secrets.token_hex(16) if variant in ("password", "acl") else None
+        self._tls_files = tls_files
+        self._own_tls_files = False
+        if password is None and variant in ("password", "acl"):
+            password = secrets.token_hex(16)
+        self._password = password
         self._limited_password = secrets.token_hex(16) if variant == "acl" else None
 
     # ----------------------------------------------------------------- properties
@@ -552,7 +616,13 @@ class RedisServer(Server):
 
     @property
     def ca_path(self) -> str | None:
-        return str(self.dir / "ca.pem") if self.tls and self._dir is not None else None
+        files = self._tls_files
+        return files.ca_path if files is not None else None
+
+    @property
+    def tls_files(self) -> TLSFiles | None:
+        """The CA and certificate this server uses (``None`` until a tls server starts)."""
+        return self._tls_files
 
     def ssl_context(self) -> ssl.SSLContext:
         if self._ssl_context is None:
@@ -575,8 +645,9 @@ class RedisServer(Server):
             if fresh:
                 self._dir = Path(tempfile.mkdtemp(prefix="kivigo-"))
                 self._port = self._fixed_port
-                if self.tls:
-                    self._make_certificates()
+                if self.tls and self._tls_files is None:
+                    self._own_tls_files = True
+                    self._tls_files = TLSFiles.create(self._dir)
             _register(self)
             try:
                 # After kill() the directory survives: come back where clients expect us.
@@ -596,6 +667,10 @@ class RedisServer(Server):
                 self._dir = None
             self._port = self._fixed_port
             self._ssl_context = None
+            if self._own_tls_files:
+                # They lived in the directory just removed; the next start makes new ones.
+                self._tls_files = None
+                self._own_tls_files = False
             _unregister(self)
 
     def kill(self) -> None:
@@ -616,16 +691,6 @@ class RedisServer(Server):
         return self.start()
 
     # ----------------------------------------------------------------- internals
-
-    def _make_certificates(self) -> None:
-        trustme: Any = importlib.import_module("trustme")
-        ca = trustme.CA()
-        leaf = ca.issue_cert(HOST, "localhost")
-        ca.cert_pem.write_to_path(str(self.dir / "ca.pem"))
-        leaf.private_key_pem.write_to_path(str(self.dir / "server.key"))
-        with open(self.dir / "server.crt", "wb") as fh:
-            for blob in leaf.cert_chain_pems:
-                fh.write(blob.bytes())
 
     def _config_lines(self) -> list[tuple[str, str]]:
         directory = self.dir
@@ -651,11 +716,13 @@ class RedisServer(Server):
                 ("user", f"{LIMITED_USER} on >{self._limited_password} ~{LIMITED_KEY_PATTERN} +@all"),
             ]
         elif self._variant == "tls":
+            files = self._tls_files
+            assert files is not None
             lines += [
                 ("tls-port", str(self.port)),
-                ("tls-cert-file", _quote(str(directory / "server.crt"))),
-                ("tls-key-file", _quote(str(directory / "server.key"))),
-                ("tls-ca-cert-file", _quote(str(directory / "ca.pem"))),
+                ("tls-cert-file", _quote(files.cert_path)),
+                ("tls-key-file", _quote(files.key_path)),
+                ("tls-ca-cert-file", _quote(files.ca_path)),
                 ("tls-auth-clients", "no"),
             ]
         overridden = {key.lower() for key in self._extra}

@@ -11,8 +11,19 @@
 Every process is a :class:`RedisServer`, so it is stopped by PID like any other
 test server, and a node can be ``kill()``-ed and ``restart()``-ed on its port.
 
+Both come in the variants of single servers (``plain``, ``password``, ``acl``,
+``tls``). The data nodes of one topology share one password (replicas log in to
+their primary with ``masterauth`` / ``masteruser``) or one test CA and
+certificate (``tls-replication``, and ``tls-cluster`` for the cluster bus);
+sentinels log in to what they watch with ``sentinel auth-pass`` /
+``auth-user``, and in the ``password`` and ``acl`` variants require a password
+of their own (``sentinel_password``). The topology objects expose what a client
+needs: ``username``, ``password``, ``ca_path`` / ``ssl_context()``, and for
+sentinels ``sentinel_username`` / ``sentinel_password``.
+
 Example:
     ```python
+    from kivigo_async.backends.redis import RedisClusterOptions
     from kivigo_async.testing.servers import find_binaries
     from kivigo_async.testing.topologies import RedisCluster, RedisSentinel
 
@@ -25,14 +36,22 @@ Example:
     with RedisSentinel(binary) as topology:
         print(topology.sentinel_addrs, topology.master_addr())
         topology.failover()                     # SENTINEL FAILOVER, waits for the switch
+    with RedisCluster(binary, variant="acl") as cluster:
+        options = RedisClusterOptions(
+            addrs=cluster.addrs, username=cluster.username, password=cluster.password
+        )
     ```
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import os
+import secrets
 import shutil
+import ssl
 import subprocess
 import tempfile
 import time
@@ -41,10 +60,21 @@ from typing import TYPE_CHECKING, Any, Final
 
 import redis
 
-from .servers import HOST, RedisServer, ServerBinary, ServerStartError, ServerUnavailable
+from .servers import (
+    ACL_USER,
+    HOST,
+    VARIANTS,
+    RedisServer,
+    ServerBinary,
+    ServerStartError,
+    ServerUnavailable,
+    TLSFiles,
+    Variant,
+    _tls_problem,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from types import TracebackType
 
 __all__ = [
@@ -63,25 +93,51 @@ _UNSETTLED_FLAGS: Final = frozenset({"fail", "fail?", "handshake", "noaddr"})
 _FAST_SYNC: Final[dict[str, str]] = {"repl-diskless-sync-delay": "0"}
 
 
-def find_cli(binary: ServerBinary) -> str:
-    """The ``valkey-cli`` / ``redis-cli`` for ``binary``: next to it first, then on ``PATH``."""
+@functools.cache
+def _cli_has_tls(path: str) -> bool:
+    # A build without TLS refuses the option ("Unrecognized option ... '--tls'").
+    try:
+        done = subprocess.run(
+            [path, "--tls", "--version"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+def find_cli(binary: ServerBinary, *, tls: bool = False) -> str:
+    """The ``valkey-cli`` / ``redis-cli`` for ``binary``: next to it first, then on ``PATH``.
+
+    With ``tls``, only a cli built with TLS will do; when every one found lacks
+    it, the :class:`ServerUnavailable` raised is ``optional`` (like a server
+    built without TLS).
+    """
     names = ("valkey-cli", "redis-cli") if binary.kind == "valkey" else ("redis-cli", "valkey-cli")
     folder = os.path.dirname(binary.path)
-    for name in names:
-        candidate = os.path.join(folder, name)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+    candidates = [os.path.join(folder, name) for name in names]
+    candidates += [found for name in names if (found := shutil.which(name))]
+    usable = [c for c in candidates if os.path.isfile(c) and os.access(c, os.X_OK)]
+    if not usable:
+        raise ServerUnavailable(f"no {names[0]} next to {binary.path} or on PATH (needed to build a cluster)")
+    if not tls:
+        return usable[0]
+    for candidate in usable:
+        if _cli_has_tls(candidate):
             return candidate
-    for name in names:
-        found = shutil.which(name)
-        if found:
-            return found
-    raise ServerUnavailable(f"no {names[0]} next to {binary.path} or on PATH (needed to build a cluster)")
+    raise ServerUnavailable(
+        f"no {' or '.join(names)} built with TLS next to {binary.path} or on PATH (needed for a TLS cluster)",
+        optional=True,
+    )
 
 
 def _client(server: RedisServer, timeout: float = 2.0) -> redis.Redis:
-    return redis.Redis(
-        host=server.host, port=server.port, socket_timeout=timeout, socket_connect_timeout=timeout
-    )
+    # The server's own credentials and CA: a sentinel's differ from its primary's.
+    kwargs: dict[str, Any] = server.redis_kwargs()
+    return redis.Redis(**kwargs, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 def _query(server: RedisServer, *args: str) -> object:
@@ -91,6 +147,68 @@ def _query(server: RedisServer, *args: str) -> object:
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _Security:
+    """The password or TLS files shared by every data node of one topology."""
+
+    def __init__(self, binary: ServerBinary, variant: Variant) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        if variant == "tls" and (problem := _tls_problem(binary)) is not None:
+            raise problem
+        self.variant: Variant = variant
+        self.password = secrets.token_hex(16) if variant in ("password", "acl") else None
+        self.tls_files: TLSFiles | None = None
+        self._dir: Path | None = None
+
+    @property
+    def username(self) -> str | None:
+        return ACL_USER if self.variant == "acl" else None
+
+    def start(self) -> None:
+        if self.variant == "tls" and self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="kivigo-topology-tls-"))
+            self.tls_files = TLSFiles.create(self._dir)
+
+    def stop(self) -> None:
+        directory, self._dir = self._dir, None
+        self.tls_files = None
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def server(self, binary: ServerBinary, config: Mapping[str, str]) -> RedisServer:
+        """A data node: logs in to its primary (after a failover, any node may be a replica)."""
+        extra = dict(config)
+        if self.password is not None:
+            extra["masterauth"] = self.password
+            if self.variant == "acl":
+                extra["masteruser"] = ACL_USER
+        if self.variant == "tls":
+            extra["tls-replication"] = "yes"
+        return RedisServer(
+            binary, self.variant, extra_config=extra, password=self.password, tls_files=self.tls_files
+        )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        if self.tls_files is None:
+            raise ValueError(f"the {self.variant} variant does not use TLS (or is not started)")
+        return self.tls_files.ssl_context()
+
+    def cli_options(self) -> tuple[list[str], dict[str, str]]:
+        """Arguments and environment that let ``*-cli`` reach the nodes."""
+        args: list[str] = []
+        env = dict(os.environ)
+        env.pop("REDISCLI_AUTH", None)
+        if self.password is not None:
+            # Through the environment: argv is visible to every user in `ps`.
+            env["REDISCLI_AUTH"] = self.password
+            if self.variant == "acl":
+                args += ["--user", ACL_USER]
+        if self.tls_files is not None:
+            files = self.tls_files
+            args += ["--tls", "--cacert", files.ca_path, "--cert", files.cert_path, "--key", files.key_path]
+        return args, env
 
 
 class ClusterNodeInfo:
@@ -124,12 +242,19 @@ class RedisCluster:
     unreachable before it is considered failed (and a replica promoted).
     Keep it small for failover tests and larger for a cluster shared by many
     tests on a busy machine, where a node stalled by load must not be failed over.
+
+    ``variant`` is that of every node (see :class:`RedisServer`): ``password``
+    and ``acl`` nodes share one password (replicas log in with ``masterauth``,
+    and ``masteruser`` for ``acl``); ``tls`` nodes share one test CA and
+    certificate and talk TLS on the cluster bus and for replication too.
+    ``username``, ``password`` and ``ssl_context()`` give what a client needs.
     """
 
     def __init__(
         self,
         binary: ServerBinary,
         *,
+        variant: Variant = "plain",
         primaries: int = 3,
         replicas: int = 1,
         node_timeout_ms: int = 1000,
@@ -140,6 +265,7 @@ class RedisCluster:
             raise ValueError("a Redis cluster needs at least 3 primaries")
         if replicas < 0:
             raise ValueError("replicas must be >= 0")
+        self._security = _Security(binary, variant)
         self._binary = binary
         self._primaries = primaries
         self._replicas = replicas
@@ -150,11 +276,44 @@ class RedisCluster:
 
     def __repr__(self) -> str:
         state = ",".join(self.addrs) if self._nodes else "not started"
-        return f"<RedisCluster {self._binary.kind} {self._binary.version} {state}>"
+        variant = self._security.variant
+        return f"<RedisCluster {self._binary.kind} {self._binary.version} {variant} {state}>"
 
     @property
     def binary(self) -> ServerBinary:
         return self._binary
+
+    @property
+    def variant(self) -> Variant:
+        return self._security.variant
+
+    @property
+    def tls(self) -> bool:
+        return self._security.variant == "tls"
+
+    @property
+    def username(self) -> str | None:
+        """The ACL user clients log in as (``acl`` variant), else ``None``."""
+        return self._security.username
+
+    @property
+    def password(self) -> str | None:
+        """The nodes' password (``password`` / ``acl`` variants), else ``None``. Never in ``repr``."""
+        return self._security.password
+
+    @property
+    def tls_files(self) -> TLSFiles | None:
+        """The CA and certificate every node uses (``tls`` variant, once started)."""
+        return self._security.tls_files
+
+    @property
+    def ca_path(self) -> str | None:
+        files = self._security.tls_files
+        return files.ca_path if files is not None else None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A verifying client context that trusts the nodes' CA (``tls`` variant)."""
+        return self._security.ssl_context()
 
     @property
     def nodes(self) -> list[RedisServer]:
@@ -174,17 +333,20 @@ class RedisCluster:
         """Start the nodes, join them into a cluster and wait until it serves every slot."""
         if self._nodes:
             return self
-        cli = find_cli(self._binary)
-        config = {
+        cli = find_cli(self._binary, tls=self.tls)
+        config: dict[str, str] = {
             "cluster-enabled": "yes",
             "cluster-config-file": "nodes.conf",
             "cluster-node-timeout": str(self._node_timeout_ms),
             **_FAST_SYNC,
             **self._extra,
         }
+        if self.tls:
+            config["tls-cluster"] = "yes"
         try:
+            self._security.start()
             for _ in range(self._primaries * (1 + self._replicas)):
-                node = RedisServer(self._binary, "plain", extra_config=config)
+                node = self._security.server(self._binary, config)
                 self._nodes.append(node)
                 node.start()
             self._create(cli)
@@ -195,11 +357,13 @@ class RedisCluster:
         return self
 
     def _create(self, cli: str) -> None:
-        args = [cli, "--cluster", "create", *self.addrs, "--cluster-replicas", str(self._replicas)]
+        options, env = self._security.cli_options()
+        args = [cli, *options, "--cluster", "create", *self.addrs, "--cluster-replicas", str(self._replicas)]
         args.append("--cluster-yes")
         try:
             done = subprocess.run(
                 args,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 text=True,
@@ -212,6 +376,8 @@ class RedisCluster:
             ) from exc
         if done.returncode != 0 or "[OK] All 16384 slots covered" not in done.stdout:
             tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
+            if self.password:
+                tail = tail.replace(self.password, "***")
             raise ServerStartError(f"{self!r}: '--cluster create' failed ({done.returncode}):\n{tail}")
 
     def stop(self) -> None:
@@ -220,6 +386,7 @@ class RedisCluster:
         for node in reversed(nodes):
             with contextlib.suppress(Exception):
                 node.stop()
+        self._security.stop()
 
     def __enter__(self) -> RedisCluster:
         return self.start()
@@ -283,12 +450,27 @@ class RedisCluster:
                     return info.server
         raise LookupError(f"no primary serves slot {slot}")
 
-    def _node_problem(self, node: RedisServer, expected_nodes: int) -> str | None:
+    def _node_problem(
+        self, node: RedisServer, expected_nodes: int, views: list[frozenset[tuple[str, bool]]]
+    ) -> str | None:
+        """What keeps ``node`` from being ready, if anything; appends its view of the roles to ``views``."""
+        # One connection for every question: a TLS handshake per query slows the polling down.
         try:
-            info = _text(_query(node, "CLUSTER", "INFO"))
-            nodes_text = _text(_query(node, "CLUSTER", "NODES"))
+            with _client(node) as client:
+                return self._node_problem_via(client, node, expected_nodes, views)
         except (redis.RedisError, OSError) as exc:
             return f"{node.port}: {type(exc).__name__}: {exc}"
+
+    def _node_problem_via(
+        self,
+        client: redis.Redis,
+        node: RedisServer,
+        expected_nodes: int,
+        views: list[frozenset[tuple[str, bool]]],
+    ) -> str | None:
+        execute: Callable[..., object] = client.execute_command  # untyped in redis-py
+        info = _text(execute("CLUSTER", "INFO"))
+        nodes_text = _text(execute("CLUSTER", "NODES"))
         fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
         if fields.get("cluster_state") != "ok":
             return f"{node.port}: cluster_state:{fields.get('cluster_state')}"
@@ -298,14 +480,11 @@ class RedisCluster:
         healthy = [i for i in infos if not (i.flags & _UNSETTLED_FLAGS)]
         if len(healthy) != expected_nodes:
             return f"{node.port}: knows {len(healthy)} healthy nodes of {expected_nodes}"
+        views.append(frozenset((i.node_id, i.is_primary) for i in healthy))
         me = next((i for i in infos if "myself" in i.flags), None)
         if me is not None and not me.is_primary:
             # A replica still loading its first copy would make replica reads miss data.
-            try:
-                with _client(node) as client:
-                    replication = client.info("replication")
-            except (redis.RedisError, OSError) as exc:
-                return f"{node.port}: {type(exc).__name__}: {exc}"
+            replication = client.info("replication")
             if replication.get("master_link_status") != "up" or replication.get("master_sync_in_progress"):
                 return f"{node.port}: replica not in sync with its primary yet"
         return None
@@ -319,7 +498,12 @@ class RedisCluster:
         while True:
             running = self.running_nodes()
             expected = expected_nodes if expected_nodes is not None else len(running)
-            problems = [p for node in running if (p := self._node_problem(node, expected)) is not None]
+            views: list[frozenset[tuple[str, bool]]] = []
+            problems = [p for node in running if (p := self._node_problem(node, expected, views)) is not None]
+            if not problems and len(set(views)) > 1:
+                # Roles spread by gossip: a node may still take a new replica for a
+                # primary (without slots), and send it writes that fail as READONLY.
+                problems.append("the nodes do not agree yet on which are primaries")
             if not problems:
                 return
             if time.monotonic() >= deadline:
@@ -337,12 +521,22 @@ class RedisSentinel:
 
     Sentinels run the same binary in sentinel mode (started through a
     ``*-sentinel`` link to it, as distributions install ``redis-sentinel``).
+
+    ``variant`` is that of the primary and replicas (see :class:`RedisCluster`);
+    the sentinels log in to them with ``sentinel auth-pass`` (and ``auth-user``
+    for ``acl``). With ``sentinel_auth`` (the default), the ``password`` and
+    ``acl`` variants also protect the sentinels, with a password of their own
+    (``sentinel_password``; ``acl``: user ``sentinel_username``, default user
+    off), which they also use with each other. In the ``tls`` variant the
+    sentinels serve, and connect over, TLS only, with the data nodes' CA.
     """
 
     def __init__(
         self,
         binary: ServerBinary,
         *,
+        variant: Variant = "plain",
+        sentinel_auth: bool = True,
         service_name: str = "mymaster",
         replicas: int = 1,
         sentinels: int = 3,
@@ -353,6 +547,9 @@ class RedisSentinel:
     ) -> None:
         if sentinels < quorum:
             raise ValueError("quorum cannot exceed the number of sentinels")
+        self._security = _Security(binary, variant)
+        protected = sentinel_auth and variant in ("password", "acl")
+        self._sentinel_password = secrets.token_hex(16) if protected else None
         self._binary = binary
         self._service = service_name
         self._replica_count = replicas
@@ -367,11 +564,56 @@ class RedisSentinel:
 
     def __repr__(self) -> str:
         state = ",".join(self.sentinel_addrs) if self._sentinels else "not started"
-        return f"<RedisSentinel {self._service} {self._binary.kind} {self._binary.version} {state}>"
+        binary, variant = self._binary, self._security.variant
+        return f"<RedisSentinel {self._service} {binary.kind} {binary.version} {variant} {state}>"
 
     @property
     def service_name(self) -> str:
         return self._service
+
+    @property
+    def variant(self) -> Variant:
+        return self._security.variant
+
+    @property
+    def tls(self) -> bool:
+        """Whether data nodes and sentinels speak TLS only."""
+        return self._security.variant == "tls"
+
+    @property
+    def username(self) -> str | None:
+        """The ACL user of the primary and replicas (``acl`` variant), else ``None``."""
+        return self._security.username
+
+    @property
+    def password(self) -> str | None:
+        """The primary's and replicas' password (``password`` / ``acl``), else ``None``."""
+        return self._security.password
+
+    @property
+    def sentinel_username(self) -> str | None:
+        """The ACL user of the sentinels (``acl`` variant with ``sentinel_auth``), else ``None``."""
+        protected = self._sentinel_password is not None
+        return ACL_USER if protected and self._security.variant == "acl" else None
+
+    @property
+    def sentinel_password(self) -> str | None:
+        """The sentinels' own password, or ``None`` when they need none. Never in ``repr``."""
+        return self._sentinel_password
+
+    @property
+    def tls_files(self) -> TLSFiles | None:
+        """The CA and certificate every process uses (``tls`` variant, once started)."""
+        return self._security.tls_files
+
+    @property
+    def ca_path(self) -> str | None:
+        files = self._security.tls_files
+        return files.ca_path if files is not None else None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A verifying client context that trusts the CA of data nodes and sentinels (``tls``)."""
+        return self._security.ssl_context()
 
     @property
     def data_nodes(self) -> list[RedisServer]:
@@ -390,25 +632,19 @@ class RedisSentinel:
         """Start primary, replicas and sentinels; wait until the sentinels agree on all of them."""
         if self._data:
             return self
+        security = self._security
         try:
-            primary = RedisServer(self._binary, "plain", extra_config=_FAST_SYNC)
+            security.start()
+            primary = security.server(self._binary, _FAST_SYNC)
             self._data.append(primary)
             primary.start()
             for _ in range(self._replica_count):
-                replica = RedisServer(
-                    self._binary, "plain", extra_config={**_FAST_SYNC, "replicaof": f"{HOST} {primary.port}"}
-                )
+                replica = security.server(self._binary, {**_FAST_SYNC, "replicaof": f"{HOST} {primary.port}"})
                 self._data.append(replica)
                 replica.start()
             sentinel_binary = self._sentinel_binary()
-            config = {
-                "sentinel monitor": f"{self._service} {HOST} {primary.port} {self._quorum}",
-                "sentinel down-after-milliseconds": f"{self._service} {self._down_after_ms}",
-                "sentinel failover-timeout": f"{self._service} {self._failover_timeout_ms}",
-                "sentinel parallel-syncs": f"{self._service} 1",
-            }
             for _ in range(self._sentinel_count):
-                sentinel = RedisServer(sentinel_binary, "plain", extra_config=config)
+                sentinel = self._new_sentinel(sentinel_binary, primary.port)
                 self._sentinels.append(sentinel)
                 sentinel.start()
             self.wait_ready(self._start_timeout)
@@ -417,15 +653,40 @@ class RedisSentinel:
             raise
         return self
 
+    def _new_sentinel(self, binary: ServerBinary, primary_port: int) -> RedisServer:
+        service, security = self._service, self._security
+        config = {
+            "sentinel monitor": f"{service} {HOST} {primary_port} {self._quorum}",
+            "sentinel down-after-milliseconds": f"{service} {self._down_after_ms}",
+            "sentinel failover-timeout": f"{service} {self._failover_timeout_ms}",
+            "sentinel parallel-syncs": f"{service} 1",
+        }
+        if security.password is not None:
+            config["sentinel auth-pass"] = f"{service} {security.password}"
+            if security.variant == "acl":
+                config["sentinel auth-user"] = f"{service} {ACL_USER}"
+        if self._sentinel_password is not None:
+            # What a sentinel sends to the others (requirepass would do for the
+            # default user, but the acl variant turns that user off).
+            config["sentinel sentinel-pass"] = self._sentinel_password
+            if security.variant == "acl":
+                config["sentinel sentinel-user"] = ACL_USER
+            return RedisServer(
+                binary, security.variant, extra_config=config, password=self._sentinel_password
+            )
+        if security.variant == "tls":
+            # Outgoing links to the data nodes and other sentinels, and the port announced to them.
+            config["tls-replication"] = "yes"
+            return RedisServer(binary, "tls", extra_config=config, tls_files=security.tls_files)
+        return RedisServer(binary, "plain", extra_config=config)
+
     def _sentinel_binary(self) -> ServerBinary:
         # Sentinel mode needs `--sentinel` or an executable named *-sentinel; RedisServer
         # passes only the config file, so a link with the right name does it.
         self._link_dir = Path(tempfile.mkdtemp(prefix="kivigo-sentinel-bin-"))
         link = self._link_dir / f"{self._binary.kind}-sentinel"
         os.symlink(self._binary.path, link)
-        return ServerBinary(
-            kind=self._binary.kind, path=str(link), version=self._binary.version, supports_tls=False
-        )
+        return dataclasses.replace(self._binary, path=str(link))
 
     def stop(self) -> None:
         """Stop sentinels and data nodes (by PID) and delete their directories."""
@@ -437,6 +698,7 @@ class RedisSentinel:
         if self._link_dir is not None:
             shutil.rmtree(self._link_dir, ignore_errors=True)
             self._link_dir = None
+        self._security.stop()
 
     def __enter__(self) -> RedisSentinel:
         return self.start()

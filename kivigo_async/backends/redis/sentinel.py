@@ -13,8 +13,15 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from redis.asyncio import Redis
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
-from redis.exceptions import RedisError
+from redis.asyncio.sentinel import (
+    MasterNotFoundError,
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+)
+from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import ConfigurationError
 from .options import RedisOptions, _default_pool_size
@@ -189,8 +196,44 @@ class _SentinelTLSConnection(SentinelManagedConnection):
         return {"host": self.host, "port": self.port, "ssl": self._tls_context}
 
 
+class _Sentinel(Sentinel):
+    """redis-py's sentinel client, with errors that say what each sentinel answered.
+
+    redis-py lists the sentinels' failures as the reprs of its clients and
+    errors, which in redis-py 8 leave out the error's text ("auth:AuthenticationError"),
+    so a wrong sentinel password or an untrusted certificate could not be told
+    apart. Here each sentinel is named by its address, with its error's message
+    (redis-py's messages hold no credentials); when every sentinel refused the
+    credentials, the error is an authentication error, reported as such.
+    """
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        problems: list[str] = []
+        refused = 0
+        sentinels: list[Redis] = self.sentinels
+        for index, sentinel in enumerate(sentinels):
+            kwargs = sentinel.connection_pool.connection_kwargs
+            name = f"sentinel {kwargs.get('host')}:{kwargs.get('port')}"
+            try:
+                masters = await sentinel.sentinel_masters()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                refused += isinstance(exc, AuthenticationError)
+                problems.append(f"{name}: {exc}")
+                continue
+            state = masters.get(service_name) if isinstance(masters, dict) else None
+            if state and self.check_master_state(state, service_name):
+                # The sentinel that answered is asked first next time, as redis-py does.
+                sentinels[0], sentinels[index] = sentinel, sentinels[0]
+                return state["ip"], int(state["port"])
+            problems.append(f"{name}: no healthy primary known under that name")
+        detail = "; ".join(problems)
+        if refused and refused == len(sentinels):
+            raise AuthenticationError(f"every sentinel refused the credentials ({detail})")
+        raise MasterNotFoundError(f"no primary found for {service_name!r} ({detail})")
+
+
 # redis-py leaves these untyped; typed references keep the rest checked.
-_make_sentinel: Callable[..., Sentinel] = Sentinel
+_make_sentinel: Callable[..., Sentinel] = _Sentinel
 _make_pool: Callable[..., _BlockingSentinelPool] = _BlockingSentinelPool
 
 
