@@ -19,6 +19,7 @@ from redis.commands import READ_COMMANDS
 from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
+    AuthenticationError,
     ClusterDownError,
     ClusterError,
     MovedError,
@@ -385,6 +386,9 @@ class RedisClusterBackend:
     def _error(self, exc: Exception, command: str, key: str | None = None) -> KivigoError:
         node = self._node_of(key)
         where = f"{command} on {node}" if key is None else f"{command} for key {key!r} on {node}"
+        if isinstance(exc, RedisClusterException) and isinstance(exc.__cause__, AuthenticationError):
+            # redis-py reports a login refused by every seed as "cannot be connected".
+            return translate(exc.__cause__, command, key, node)
         # No reachable node, or no node serving some slots (while a failover runs):
         # an outage that passes, not a server error.
         if isinstance(exc, SlotNotCoveredError) or (
