@@ -235,7 +235,46 @@ class ClusterNodeInfo:
         return f"<ClusterNodeInfo {self.addr} {role} {','.join(sorted(self.flags))}>"
 
 
-class RedisCluster:
+class _SecuredTopology:
+    """The credentials and CA a test needs to reach a topology, from its ``_Security``."""
+
+    _security: _Security
+
+    @property
+    def variant(self) -> Variant:
+        return self._security.variant
+
+    @property
+    def tls(self) -> bool:
+        """Whether every process (data nodes, and sentinels if any) speaks TLS only."""
+        return self._security.variant == "tls"
+
+    @property
+    def username(self) -> str | None:
+        """The ACL user clients log in to the data nodes as (``acl`` variant), else ``None``."""
+        return self._security.username
+
+    @property
+    def password(self) -> str | None:
+        """The data nodes' password (``password`` / ``acl`` variants), else ``None``. Never in ``repr``."""
+        return self._security.password
+
+    @property
+    def tls_files(self) -> TLSFiles | None:
+        """The CA and certificate every process uses (``tls`` variant, once started)."""
+        return self._security.tls_files
+
+    @property
+    def ca_path(self) -> str | None:
+        files = self._security.tls_files
+        return files.ca_path if files is not None else None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A verifying client context that trusts the topology's CA (``tls`` variant)."""
+        return self._security.ssl_context()
+
+
+class RedisCluster(_SecuredTopology):
     """A Redis / Valkey cluster of ``primaries`` shards with ``replicas`` replicas each.
 
     ``node_timeout_ms`` is ``cluster-node-timeout``: how long a node may be
@@ -282,38 +321,6 @@ class RedisCluster:
     @property
     def binary(self) -> ServerBinary:
         return self._binary
-
-    @property
-    def variant(self) -> Variant:
-        return self._security.variant
-
-    @property
-    def tls(self) -> bool:
-        return self._security.variant == "tls"
-
-    @property
-    def username(self) -> str | None:
-        """The ACL user clients log in as (``acl`` variant), else ``None``."""
-        return self._security.username
-
-    @property
-    def password(self) -> str | None:
-        """The nodes' password (``password`` / ``acl`` variants), else ``None``. Never in ``repr``."""
-        return self._security.password
-
-    @property
-    def tls_files(self) -> TLSFiles | None:
-        """The CA and certificate every node uses (``tls`` variant, once started)."""
-        return self._security.tls_files
-
-    @property
-    def ca_path(self) -> str | None:
-        files = self._security.tls_files
-        return files.ca_path if files is not None else None
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """A verifying client context that trusts the nodes' CA (``tls`` variant)."""
-        return self._security.ssl_context()
 
     @property
     def nodes(self) -> list[RedisServer]:
@@ -516,7 +523,7 @@ class RedisCluster:
             _query(node, "FLUSHALL")
 
 
-class RedisSentinel:
+class RedisSentinel(_SecuredTopology):
     """One primary, ``replicas`` replicas and ``sentinels`` sentinels for ``service_name``.
 
     Sentinels run the same binary in sentinel mode (started through a
@@ -572,25 +579,6 @@ class RedisSentinel:
         return self._service
 
     @property
-    def variant(self) -> Variant:
-        return self._security.variant
-
-    @property
-    def tls(self) -> bool:
-        """Whether data nodes and sentinels speak TLS only."""
-        return self._security.variant == "tls"
-
-    @property
-    def username(self) -> str | None:
-        """The ACL user of the primary and replicas (``acl`` variant), else ``None``."""
-        return self._security.username
-
-    @property
-    def password(self) -> str | None:
-        """The primary's and replicas' password (``password`` / ``acl``), else ``None``."""
-        return self._security.password
-
-    @property
     def sentinel_username(self) -> str | None:
         """The ACL user of the sentinels (``acl`` variant with ``sentinel_auth``), else ``None``."""
         protected = self._sentinel_password is not None
@@ -600,20 +588,6 @@ class RedisSentinel:
     def sentinel_password(self) -> str | None:
         """The sentinels' own password, or ``None`` when they need none. Never in ``repr``."""
         return self._sentinel_password
-
-    @property
-    def tls_files(self) -> TLSFiles | None:
-        """The CA and certificate every process uses (``tls`` variant, once started)."""
-        return self._security.tls_files
-
-    @property
-    def ca_path(self) -> str | None:
-        files = self._security.tls_files
-        return files.ca_path if files is not None else None
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """A verifying client context that trusts the CA of data nodes and sentinels (``tls``)."""
-        return self._security.ssl_context()
 
     @property
     def data_nodes(self) -> list[RedisServer]:
