@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 from conftest import redis_options
 from redis.asyncio import Redis
 
-from kivigo_async import Client, ConfigurationError
+from kivigo_async import Client, ConfigurationError, KeyNotFoundError
 from kivigo_async.backends.redis import ClientCache, LocalCache, RedisBackend, RedisOptions
 from kivigo_async.testing.servers import RedisServer
 
@@ -56,6 +58,45 @@ class Invalidations:
                 await self._event.wait()
 
         await asyncio.wait_for(until(), timeout)
+
+
+def backend_of(client: Client) -> RedisBackend:
+    backend = client.backend
+    assert isinstance(backend, RedisBackend)
+    return backend
+
+
+def transport_of(conn: Any) -> asyncio.Transport:
+    """The socket under a multiplexed connection (it must be open)."""
+    protocol = conn._protocol
+    assert protocol is not None
+    assert protocol._transport is not None
+    transport: asyncio.Transport = protocol._transport
+    return transport
+
+
+@contextlib.contextmanager
+def invalidations_held(backend: RedisBackend) -> Iterator[None]:
+    """Stop reading the invalidation connection: the server's messages wait in the socket meanwhile.
+
+    Whatever drops an entry then is our own bookkeeping, not the server's
+    invalidation (which for an expired key comes only once the server gets to it).
+    """
+    assert backend._tracking is not None
+    transport = transport_of(backend._tracking._conn)
+    transport.pause_reading()
+    try:
+        yield
+    finally:
+        transport.resume_reading()
+
+
+async def until_expired(admin: Redis, key: str, timeout: float = 10.0) -> None:
+    """Poll the server (bounded) until ``key`` is gone: nothing announces an expiry to us."""
+    deadline = time.monotonic() + timeout
+    while await admin.exists(key):
+        assert time.monotonic() < deadline, f"{key!r} never expired on the server"
+        await asyncio.sleep(0.02)
 
 
 async def get_calls(admin: Redis) -> int:
@@ -182,6 +223,72 @@ async def test_cache_ttl_bounds_staleness(valkey_server: RedisServer) -> None:
         await asyncio.sleep(0.1)
         assert await client.get("t") == 1
         assert cache_of(client).stats.hits == hits  # expired locally: read from the server
+
+
+async def test_cached_value_never_outlives_its_ttl(client: Client, admin: Redis) -> None:
+    cache = cache_of(client)
+    with invalidations_held(backend_of(client)):
+        await client.set("short", "v", ttl=0.3)
+        assert await client.get("short") == "v"
+        hits = cache.stats.hits
+        assert await client.get("short") == "v"
+        assert cache.stats.hits == hits + 1  # served from memory
+        watcher = Invalidations(cache)
+        await until_expired(admin, "short")
+        # The cache's own ttl (30 s) is far away and the server's message is held:
+        # only the key's TTL, read with the value, can have dropped the entry.
+        assert cache.lookup("short") is None
+        with pytest.raises(KeyNotFoundError):
+            await client.get("short")
+        assert await client.get("short", default=None) is None
+        assert "short" not in watcher.seen
+
+
+async def test_ttl_counts_from_when_the_read_was_sent(valkey_server: RedisServer, admin: Redis) -> None:
+    # A reply that waits in the socket (a busy event loop, a slow network) must
+    # not stretch the entry's life past the key's: the server measured the TTL
+    # before the wait.
+    options = redis_options(valkey_server, read_timeout=30, client_cache=ClientCache(ttl=30))
+    async with Client(RedisBackend(options)) as client:
+        backend = backend_of(client)
+        assert backend._mux is not None
+        await admin.set("slow", b'"v"', px=1000)
+        await admin.config_resetstat()
+        with invalidations_held(backend):
+            data = transport_of(backend._mux)
+            data.pause_reading()
+            try:
+                read = asyncio.create_task(client.get("slow"))
+
+                async def answered() -> None:
+                    # The server has run GET and PTTL; their replies wait in our socket.
+                    stats: dict[str, Any] = {}
+                    while not stats.get("cmdstat_pttl"):
+                        await asyncio.sleep(0.01)
+                        stats = await admin.info("commandstats")
+
+                await asyncio.wait_for(answered(), 10)
+                await until_expired(admin, "slow")
+            finally:
+                data.resume_reading()
+            assert await asyncio.wait_for(read, 10) == "v"  # current when the server read it
+            assert cache_of(client).lookup("slow") is None
+            assert await client.get("slow", default=None) is None
+
+
+async def test_batch_get_is_not_cached(client: Client, admin: Redis) -> None:
+    await client.batch_set({"g1": 1, "g2": 2})
+    assert await client.get("g1") == 1
+    assert await client.get("g1") == 1
+    cache = cache_of(client)
+    hits = cache.stats.hits
+    await admin.config_resetstat()
+    assert await client.batch_get(["g1", "g2"], int) == {"g1": 1, "g2": 2}
+    # MGET always reads the server: it neither uses nor fills the cache.
+    stats: dict[str, Any] = await admin.info("commandstats")
+    assert int(stats["cmdstat_mget"]["calls"]) == 1
+    assert cache.stats.hits == hits
+    assert cache.lookup("g2") is None
 
 
 def test_client_cache_options_are_checked() -> None:

@@ -3,7 +3,9 @@
 Hits are served from memory; writes from another client, on any primary, drop
 the entry before a later read (we wait for the invalidation message, never
 sleep); memory stays bounded; a lost listener or a failover flushes the cache,
-and caching resumes once the listener is back; close() leaves nothing running.
+and so does a listener coming back, after which caching resumes; a slot
+migrating to another primary never leaves a stale entry, and reads redirected
+during it are not cached; close() leaves nothing running.
 """
 
 from __future__ import annotations
@@ -81,6 +83,40 @@ def tracking_clients(node: RedisServer, name: str) -> list[dict[str, Any]]:
     return [c for c in clients if c.get("name") == name and "t" in str(c.get("flags", ""))]
 
 
+def node_id(node: RedisServer) -> str:
+    with sync_client(node) as client:
+        raw: bytes = client.execute_command("CLUSTER", "MYID")
+    return raw.decode()
+
+
+def begin_migration(slot: int, source: RedisServer, target: RedisServer) -> None:
+    """Mark ``slot`` IMPORTING on ``target`` and MIGRATING on ``source``: moved keys are answered with ASK."""
+    with sync_client(source) as src, sync_client(target) as dst:
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", node_id(source))
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", node_id(target))
+
+
+def move_keys(source: RedisServer, target: RedisServer, keys: list[str]) -> None:
+    with sync_client(source) as src:
+        src.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
+
+
+def finish_migration(cluster: RedisCluster, slot: int, target: RedisServer) -> None:
+    """``SETSLOT NODE`` on the new owner first, then on the other primaries: the old one answers MOVED."""
+    target_id = node_id(target)
+    for node in [target, *(p for p in cluster.primaries() if p is not target)]:
+        with sync_client(node) as client:
+            client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
+def migration_plan(cluster: RedisCluster, tag: str) -> tuple[int, RedisServer, RedisServer]:
+    """The slot of hash tag ``tag``, its primary, and another primary to move it to."""
+    slot = key_slot(tag.encode())
+    source = cluster.node_for_slot(slot)
+    target = next(p for p in cluster.primaries() if p is not source)
+    return slot, source, target
+
+
 def cache_of(backend: RedisClusterBackend) -> LocalCache:
     assert backend.client_cache is not None
     return backend.client_cache
@@ -105,6 +141,14 @@ class Invalidations:
                 await self._event.wait()
 
         await asyncio.wait_for(until(), timeout)
+
+    async def wait_for_more(self, before: dict[str, int], more: int = 1) -> None:
+        """Wait until each key of ``before`` (key -> count seen then) is seen ``more`` times again."""
+        for key, count in before.items():
+            await self.wait_for(key, count=count + more)
+
+    def counts(self, keys: list[str]) -> dict[str, int]:
+        return {key: self.seen.count(key) for key in keys}
 
 
 async def cached_again(client: Client, key: str, timeout: float = 15.0) -> None:
@@ -275,6 +319,18 @@ async def test_cached_value_never_outlives_its_ttl(client: Client) -> None:
     assert await client.get("short", default=None) is None
 
 
+def test_server_ttl_counts_from_when_the_read_was_sent() -> None:
+    cache = LocalCache(ClientCache(ttl=60))
+    cache.enabled = True
+    epoch = cache.begin("slow")
+    sent_at = time.monotonic()
+    time.sleep(0.05)  # the reply took longer than the key had left
+    cache.complete("slow", epoch, b"v", ttl_ms=40, sent_at=sent_at)
+    assert cache.lookup("slow") is None
+    cache.complete("fast", cache.begin("fast"), b"v", ttl_ms=60_000, sent_at=time.monotonic())
+    assert cache.lookup("fast") == b"v"
+
+
 def test_entry_lifetime_is_capped_by_the_server_ttl() -> None:
     cache = LocalCache(ClientCache(ttl=60))
     cache.enabled = True
@@ -415,6 +471,57 @@ async def test_no_caching_while_a_listener_is_down(
     await other.set(key, b'"v4"')
     await watcher.wait_for(key)
     assert await client.get(key) == "v4"
+
+
+async def test_listener_coming_back_flushes_then_caching_resumes(
+    client: Client, redis_cluster: RedisCluster, other: AsyncRedisCluster, keys: dict[str, str], name: str
+) -> None:
+    cache = cache_of(backend_of(client))
+    tracking = backend_of(client)._tracking
+    assert tracking is not None
+    node = redis_cluster.primaries()[0]
+    node_key = keys[addr(node)]
+    elsewhere = [key for at, key in keys.items() if at != addr(node)]
+    watcher = Invalidations(cache)
+    before = watcher.counts(list(keys.values()))
+    for key in keys.values():
+        await other.set(key, b"1")
+    await watcher.wait_for_more(before)  # no message of these writes can come later
+    assert await client.get(node_key) == 1
+    [listener] = tracking_clients(node, name)
+    with sync_client(node) as admin:
+        maxclients = admin.config_get("maxclients")["maxclients"]
+        # Connections already open keep working; the listener cannot come back
+        # until the limit is lifted, so what we cache meanwhile is known.
+        admin.config_set("maxclients", 1)
+        try:
+            assert admin.client_kill_filter(_id=listener["id"]) == 1
+            await watcher.wait_for(None)  # the flush on loss
+            assert len(cache) == 0
+            for key in elsewhere:  # their nodes' listeners are up: cached as usual
+                assert await client.get(key) == 1
+                assert cache.lookup(key) == b"1"
+            assert await client.get(node_key) == 1
+            assert cache.lookup(node_key) is None  # nobody listens on its node
+            assert not tracking._listeners[addr(node)].live
+            flushes = watcher.seen.count(None)
+        finally:
+            admin.config_set("maxclients", maxclients)
+    # The listener comes back by itself: that flush drops everything cached before it.
+    await watcher.wait_for(None, timeout=15, count=flushes + 1)
+    assert tracking._listeners[addr(node)].live
+    assert len(cache) == 0
+    for key in elsewhere:
+        assert cache.lookup(key) is None
+    [again] = tracking_clients(node, name)
+    assert again["id"] != listener["id"]
+    # Caching resumes on every node, the restarted one included, and its invalidations arrive.
+    for key in keys.values():
+        assert await client.get(key) == 1
+        assert cache.lookup(key) == b"1"
+    await other.set(node_key, b"2")
+    await watcher.wait_for(node_key, count=before[node_key] + 2)
+    assert await client.get(node_key) == 2
 
 
 async def test_silent_listener_is_found_by_its_heartbeat(
@@ -572,6 +679,145 @@ async def test_failover_never_serves_a_stale_value(redis_cluster_factory: Cluste
                 await asyncio.sleep(0.05)
 
         await asyncio.wait_for(retired(), 15)
+
+
+async def test_slot_migration_never_serves_a_stale_value(
+    redis_cluster_factory: ClusterFactory, name: str
+) -> None:
+    cluster = redis_cluster_factory(node_timeout_ms=5000)
+    slot, source, target = migration_plan(cluster, "mig")
+    keys = [f"{{mig}}:{i}" for i in range(6)]
+    options = RedisClusterOptions(
+        addrs=cluster.addrs,
+        client_name=name,
+        client_cache=ClientCache(ttl=None),  # only invalidations may drop an entry
+    )
+    seed = cluster.primaries()[0]
+    other = AsyncRedisCluster(host=seed.host, port=seed.port)
+    async with Client(RedisClusterBackend(options)) as client:
+        cache = cache_of(backend_of(client))
+        watcher = Invalidations(cache)
+        # floor[key]: a version whose invalidation has been handled; a read begun
+        # after that must return it or a later one, never an older one.
+        floor = dict.fromkeys(keys, 0)
+
+        async def write(version: int) -> None:
+            """Write ``version`` everywhere from the other client; return once we were told."""
+            before = watcher.counts(keys)
+            for key in keys:
+                await other.set(key, str(version).encode())
+            await watcher.wait_for_more(before)
+            floor.update(dict.fromkeys(keys, version))
+
+        try:
+            await write(1)
+            for key in keys:
+                assert await client.get(key) == 1
+                assert cache.lookup(key) == b"1"  # cached from the old owner
+
+            before = watcher.counts(keys)
+            await asyncio.to_thread(begin_migration, slot, source, target)
+            await asyncio.to_thread(move_keys, source, target, keys)
+            await asyncio.to_thread(finish_migration, cluster, slot, target)
+            # Each key is announced twice: deleted on the old owner, created on the new one.
+            await watcher.wait_for_more(before, 2)
+            assert all(cache.lookup(key) is None for key in keys)
+            with sync_client(target) as direct:
+                assert direct.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == len(keys)
+
+            stop = asyncio.Event()
+            reads = [0]
+
+            async def reader() -> None:
+                # Reads all along, from memory or not: none may go back in time.
+                while not stop.is_set():
+                    for key in keys:
+                        least = floor[key]
+                        value = await client.get(key, int)
+                        assert value >= least, f"{key}: read {value} after {least} was announced"
+                        reads[0] += 1
+                    await asyncio.sleep(0.001)  # hits never yield: let the rest of the test run
+
+            reading = asyncio.create_task(reader())
+            try:
+                # The first read meets MOVED (not cached); after it, the new owner answers.
+                for key in keys:
+                    assert await client.get(key) == 1
+                    assert await client.get(key) == 1
+                    assert cache.lookup(key) == b"1"  # cached from the new owner
+                for version in range(2, 6):
+                    hits = cache.stats.hits
+                    await write(version)
+                    for key in keys:
+                        assert await client.get(key) == version
+                        assert await client.get(key) == version
+                    assert cache.stats.hits > hits  # still served from memory in between
+            finally:
+                stop.set()
+                await asyncio.wait_for(reading, 30)
+            assert reads[0] > 0
+        finally:
+            await other.aclose()
+
+
+async def test_redirected_reads_are_not_cached(redis_cluster_factory: ClusterFactory, name: str) -> None:
+    cluster = redis_cluster_factory(node_timeout_ms=5000)
+    # One slot for single reads, one for batches: the first redirection of each
+    # teaches the client the slot's new owner.
+    plans = {tag: migration_plan(cluster, tag) for tag in ("one", "many")}
+    gone = {tag: f"{{{tag}}}:gone" for tag in plans}  # moved first: answered with ASK
+    here = {tag: f"{{{tag}}}:here" for tag in plans}  # moved last: answered with MOVED
+    every = [*gone.values(), *here.values()]
+    options = RedisClusterOptions(addrs=cluster.addrs, client_name=name, client_cache=ClientCache(ttl=None))
+    seed = cluster.primaries()[0]
+    other = AsyncRedisCluster(host=seed.host, port=seed.port)
+    async with Client(RedisClusterBackend(options)) as client:
+        cache = cache_of(backend_of(client))
+        watcher = Invalidations(cache)
+        try:
+            before = watcher.counts(every)
+            for key in every:
+                await other.set(key, b"1")
+            await watcher.wait_for_more(before)
+
+            before = watcher.counts(list(gone.values()))
+            for tag, (slot, source, target) in plans.items():
+                await asyncio.to_thread(begin_migration, slot, source, target)
+                await asyncio.to_thread(move_keys, source, target, [gone[tag]])
+            await watcher.wait_for_more(before, 2)
+
+            # ASK: the old owner still owns the slot but no longer has the key.
+            for _ in range(2):
+                assert await client.get(gone["one"]) == 1
+            assert cache.lookup(gone["one"]) is None
+            for _ in range(2):
+                assert await client.batch_get([gone["many"]], int) == {gone["many"]: 1}
+            assert cache.lookup(gone["many"]) is None
+            # The keys it still has are answered directly, and cached.
+            assert await client.get(here["one"]) == 1
+            assert cache.lookup(here["one"]) == b"1"
+            assert await client.batch_get([here["many"]], int) == {here["many"]: 1}
+            assert cache.lookup(here["many"]) == b"1"
+
+            before = watcher.counts(list(here.values()))
+            for tag, (slot, source, target) in plans.items():
+                await asyncio.to_thread(move_keys, source, target, [here[tag]])
+                await asyncio.to_thread(finish_migration, cluster, slot, target)
+            await watcher.wait_for_more(before, 2)
+            assert all(cache.lookup(key) is None for key in every)
+
+            # MOVED: the client still takes the old owner for the slot's owner.
+            assert await client.get(here["one"]) == 1
+            assert cache.lookup(here["one"]) is None
+            assert await client.batch_get([here["many"]], int) == {here["many"]: 1}
+            assert cache.lookup(here["many"]) is None
+            # Both taught the client the new owner: from there on, reads are cached again.
+            assert await client.get(here["one"]) == 1
+            assert cache.lookup(here["one"]) == b"1"
+            assert await client.batch_get([here["many"]], int) == {here["many"]: 1}
+            assert cache.lookup(here["many"]) == b"1"
+        finally:
+            await other.aclose()
 
 
 def test_options_are_checked() -> None:

@@ -115,6 +115,13 @@ class CacheStats:
     flushes: int = 0
 
 
+def ttl_reply(reply: Any) -> tuple[bool, int | None]:
+    """(may be cached, remaining TTL in ms or ``None`` for none) from a ``PTTL`` reply read with a value."""
+    if isinstance(reply, bool) or not isinstance(reply, int) or reply == -2:
+        return False, None  # an error, or the key vanished between GET and PTTL
+    return True, None if reply < 0 else reply
+
+
 #: Called with the invalidated key, or ``None`` when everything was dropped.
 InvalidationListener = Callable[["str | None"], None]
 
@@ -172,11 +179,23 @@ class LocalCache:
         self._inflight[key] = self._inflight.get(key, 0) + 1
         return self._epoch
 
-    def complete(self, key: str, epoch: int, value: bytes | None, ttl_ms: int | None = None) -> None:
+    def complete(
+        self,
+        key: str,
+        epoch: int,
+        value: bytes | None,
+        ttl_ms: int | None = None,
+        *,
+        sent_at: float | None = None,
+    ) -> None:
         """End the read :meth:`begin` started; keep ``value`` if nothing invalidated it since.
 
         ``ttl_ms`` is the key's remaining time to live on the server, when the
-        read asked for it: the entry then never outlives the key.
+        read asked for it, and ``sent_at`` the :func:`time.monotonic` time the
+        read was sent: the entry then never outlives the key. The TTL counts
+        from ``sent_at``, not from now, because the server measured it at some
+        point after that; counted from now, a reply that sat in a socket or
+        behind a busy event loop would keep the value past the key's expiry.
         """
         left = self._inflight[key] - 1
         clean = key not in self._dirty
@@ -193,10 +212,14 @@ class LocalCache:
             and len(value) <= self._settings.max_value_size
             and self._settings.caches(key)
         ):
+            now = time.monotonic()
             ttl = self._settings.ttl
+            deadline = math.inf if ttl is None else now + ttl
             if ttl_ms is not None:
-                ttl = ttl_ms / 1000 if ttl is None else min(ttl, ttl_ms / 1000)
-            self._data[key] = (value, math.inf if ttl is None else time.monotonic() + ttl)
+                deadline = min(deadline, (now if sent_at is None else sent_at) + ttl_ms / 1000)
+                if deadline <= now:  # the key expired on the server already
+                    return
+            self._data[key] = (value, deadline)
             self._data.move_to_end(key)
             if len(self._data) > self._settings.max_entries:
                 self._data.popitem(last=False)

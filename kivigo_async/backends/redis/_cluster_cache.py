@@ -48,7 +48,7 @@ was read.
 Reads redirected elsewhere (``MOVED``, ``ASK``) are answered but not cached:
 the node that answered is not the one whose listener was checked. A cached
 value also never outlives the key's TTL on the server (``PTTL`` is read with
-the value, in the same round trip).
+the value, in the same round trip, and counted from when the read was sent).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -63,7 +64,7 @@ from redis import exceptions as rx
 from redis.asyncio.cluster import ClusterNode, PipelineCommand
 from redis.crc import key_slot
 
-from ._cache import ClientCache, LocalCache
+from ._cache import ClientCache, LocalCache, ttl_reply
 from ._mux import Arg, MuxConnection
 from ._scan import decode_key
 from .options import RedisOptions
@@ -103,13 +104,6 @@ class _Read(NamedTuple):
 
 
 _NOT_SERVED = _Read(False, None, None, False)
-
-
-def _pttl(reply: Any) -> tuple[bool, int | None]:
-    """(may be cached, TTL in ms) from a ``PTTL`` reply."""
-    if isinstance(reply, bool) or not isinstance(reply, int) or reply == -2:
-        return False, None  # an error, or the key vanished between GET and PTTL
-    return True, None if reply < 0 else reply
 
 
 class _Listener:
@@ -360,6 +354,7 @@ class ClusterTracking:
             value: bytes | None = await backend._exec("GET", key)
             return value
         epoch = cache.begin(key)
+        sent_at = time.monotonic()
         read: _Read = _NOT_SERVED
         try:
             read = await backend._run("GET", key, lambda: self._read_from(node, key))
@@ -370,7 +365,7 @@ class ClusterTracking:
             value = await backend._exec("GET", key)
             return value
         finally:
-            cache.complete(key, epoch, read.value if read.keep else None, read.ttl_ms)
+            cache.complete(key, epoch, read.value if read.keep else None, read.ttl_ms, sent_at=sent_at)
 
     @staticmethod
     async def _read_from(node: ClusterNode, key: str) -> _Read:
@@ -383,7 +378,7 @@ class ClusterTracking:
         value, pttl = commands[0].result, commands[1].result
         if isinstance(value, Exception):
             return _NOT_SERVED
-        keep, ttl_ms = _pttl(pttl)
+        keep, ttl_ms = ttl_reply(pttl)
         return _Read(True, value, ttl_ms, keep)
 
     async def batch_get(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -413,6 +408,7 @@ class ClusterTracking:
         served_by: list[str | None] = []
         results: list[Any] | None = None
         out: list[bytes | None] = [None] * len(keys)
+        sent_at = time.monotonic()
         try:
             for idx in groups.values():
                 reads.append((idx, len(commands)))
@@ -434,7 +430,7 @@ class ClusterTracking:
                     out[i] = value
             return out
         finally:
-            self._complete(keys, reads, tracked, served_by, results, out)
+            self._complete(keys, reads, tracked, served_by, results, out, sent_at)
 
     def _complete(
         self,
@@ -444,11 +440,12 @@ class ClusterTracking:
         served_by: list[str | None],
         results: list[Any] | None,
         out: list[bytes | None],
+        sent_at: float,
     ) -> None:
         read_of = {i: at for idx, at in reads for i in idx}
         for i, pttl_at, node, epoch in tracked:
             key = keys[i]
-            keep, ttl_ms = (False, None) if results is None else _pttl(results[pttl_at])
+            keep, ttl_ms = (False, None) if results is None else ttl_reply(results[pttl_at])
             keep = (
                 keep
                 and served_by[read_of[i]] == node
@@ -456,7 +453,7 @@ class ClusterTracking:
                 # A retry after a connection error re-routes by the (maybe new) layout.
                 and self._owner_name(key) == node
             )
-            self.cache.complete(key, epoch, out[i] if keep else None, ttl_ms)
+            self.cache.complete(key, epoch, out[i] if keep else None, ttl_ms, sent_at=sent_at)
 
     # -- writes --------------------------------------------------------------------
 

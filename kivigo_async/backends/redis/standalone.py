@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -19,7 +20,7 @@ from redis.exceptions import RedisError, ResponseError
 from ...backend import BackendTransaction, TxOp
 from ...errors import KeyNotFoundError
 from ...watch import DEFAULT_MAX_PENDING, ChangeStream
-from ._cache import LocalCache, Tracking
+from ._cache import LocalCache, Tracking, ttl_reply
 from ._errors import translate
 from ._mux import Arg, MuxConnection, Opener, tcp_opener, unix_opener
 from ._scan import SCAN_COUNT, decode_key, match_pattern
@@ -276,28 +277,39 @@ class RedisBackend:
     # -- AsyncBackend ----------------------------------------------------
 
     async def get(self, key: str) -> bytes | None:
-        cache = self._cache
-        if cache is not None and cache.enabled:
-            return await self._cached_get(cache, key)
+        cache, mux = self._cache, self._mux
+        # The options allow a cache only with the multiplexed connection: tracking
+        # follows the one connection that reads.
+        if cache is not None and cache.enabled and mux is not None:
+            return await self._cached_get(cache, mux, key)
         try:
             value: bytes | None = await self._exec("GET", key)
             return value
         except _FAILURES as exc:
             raise self._error(exc, "GET", key) from exc
 
-    async def _cached_get(self, cache: LocalCache, key: str) -> bytes | None:
+    async def _cached_get(self, cache: LocalCache, mux: MuxConnection, key: str) -> bytes | None:
         hit = cache.lookup(key)
         if hit is not None:
             return hit
         epoch = cache.begin(key)
+        sent_at = time.monotonic()
+        keep: bool = False
+        ttl_ms: int | None = None
         value: bytes | None = None
         try:
-            value = await self._exec("GET", key)
+            # PTTL rides in the same write: the entry must not outlive the key, and
+            # the server's invalidation for an expiry comes only when it gets to it.
+            reply, pttl = await mux.execute_many((("GET", key), ("PTTL", key)))
+            if reply.__class__ is hiredis.ReplyError:
+                raise ResponseError(str(reply))
+            value = reply
+            keep, ttl_ms = ttl_reply(pttl)
             return value
         except _FAILURES as exc:
             raise self._error(exc, "GET", key) from exc
         finally:
-            cache.complete(key, epoch, value)
+            cache.complete(key, epoch, value if keep else None, ttl_ms, sent_at=sent_at)
 
     def _written(self, keys: Sequence[str]) -> None:
         # Our own writes drop local copies at once (read-your-writes), without
