@@ -78,7 +78,8 @@ class AsyncBackend(Protocol):
 
         Order is unspecified. A key present for the whole scan is yielded at
         least once; when the keyspace is resized during the scan it may be
-        yielded twice.
+        yielded twice (a single Redis server's ``SCAN`` does that; the cluster
+        backend yields each key once, even while slots migrate).
         """
         ...
 

@@ -527,8 +527,10 @@ class Client:
         Works on keyspaces of any size (Redis ``SCAN``, never ``KEYS``).
         Characters that are special in glob patterns are matched literally and
         no separator is added: ``iter_keys("user")`` also yields ``user1``.
-        A key may be yielded twice if the server resizes its table during the
-        scan; :meth:`list` removes such duplicates.
+        On a single Redis server a key may be yielded twice if the server resizes
+        its table during the scan; :meth:`list` removes such duplicates. On a
+        cluster each key comes once, and a key that exists for the whole scan is
+        never missed, even while slots migrate.
 
         Example:
             ```python

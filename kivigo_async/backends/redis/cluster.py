@@ -44,8 +44,9 @@ from ...errors import (
 from ...watch import DEFAULT_MAX_PENDING, ChangeStream
 from ._cache import ClientCache, LocalCache
 from ._cluster_cache import ClusterTracking
+from ._cluster_scan import scan_cluster
 from ._errors import translate
-from ._scan import SCAN_COUNT, decode_key, match_pattern
+from ._scan import decode_key
 from .options import RedisOptions, _default_pool_size
 from .standalone import RedisBackend
 
@@ -539,26 +540,9 @@ class RedisClusterBackend:
             self._written((key,))
 
     async def scan(self, prefix: str) -> AsyncIterator[str]:
-        pattern = match_pattern(prefix)
-        execute: Callable[..., Awaitable[Any]] = self._cluster.execute_command
-        # Each key lives on exactly one primary: walking every primary once covers
-        # the keyspace, and replicas (copies) are never asked.
-        for node in await self._primaries():
-            cursor: int = 0
-            while True:
-                reply = await self._run(
-                    "SCAN",
-                    None,
-                    lambda n=node, c=cursor: execute(  # type: ignore[misc]
-                        "SCAN", c, "MATCH", pattern, "COUNT", SCAN_COUNT, target_nodes=n
-                    ),
-                )
-                cursors, keys = reply
-                cursor = int(next(iter(cursors.values())))
-                for raw in keys:
-                    yield decode_key(raw)
-                if cursor == 0:
-                    break
+        # Migration-aware: see _cluster_scan for the guarantee and what it costs.
+        async for raw in scan_cluster(self._cluster, prefix, run=self._run):
+            yield decode_key(raw)
 
     # -- BatchBackend ----------------------------------------------------
 
