@@ -681,6 +681,48 @@ async def test_failover_never_serves_a_stale_value(redis_cluster_factory: Cluste
         await asyncio.wait_for(retired(), 15)
 
 
+async def test_manual_failover_is_noticed_without_any_read(
+    redis_cluster_factory: ClusterFactory, name: str
+) -> None:
+    # Every read after the failover could be a cache hit, so the data path would never
+    # learn the new layout; the listeners' role check must, and listen to the new primary.
+    cluster = redis_cluster_factory(node_timeout_ms=1000)
+    keys = one_key_per_primary(cluster, "mfo:")
+    options = RedisClusterOptions(addrs=cluster.addrs, client_cache=ClientCache(ttl=None), client_name=name)
+    old = cluster.primaries()[0]
+    key = keys[addr(old)]
+    replica = next(
+        info.server
+        for info in cluster.topology()
+        if info.server is not None and info.master_id == node_id(old)
+    )
+    async with Client(RedisClusterBackend(options)) as client:
+        backend = backend_of(client)
+        cache = cache_of(backend)
+        tracking = backend._tracking
+        assert tracking is not None
+        await client.set(key, "v1")
+        await cached_again(client, key)
+        with sync_client(old) as direct:
+            direct.execute_command("WAIT", 1, 10_000)
+        watcher = Invalidations(cache)
+        with sync_client(replica) as promote:
+            promote.execute_command("CLUSTER", "FAILOVER")  # coordinated: no write is lost
+
+        async def listening_to_the_new_primary() -> None:
+            while addr(replica) not in tracking._listeners or addr(old) in tracking._listeners:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(listening_to_the_new_primary(), 30)
+        await watcher.wait_for(None)  # retiring the old primary's listener dropped everything
+        assert cache.lookup(key) is None
+        await cached_again(client, key)  # cached again, now under the new primary's listener
+        with sync_client(replica) as direct:
+            direct.set(key, b'"v2"')
+        await watcher.wait_for(key)
+        assert await client.get(key) == "v2"
+
+
 async def test_slot_migration_never_serves_a_stale_value(
     redis_cluster_factory: ClusterFactory, name: str
 ) -> None:

@@ -224,11 +224,15 @@ class _Listener:
     async def close(self) -> None:
         self._closed = True
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        self._down()
-        await self.conn.close()
+        try:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        finally:
+            # Even when this close is itself cancelled: a listener nobody holds any
+            # more must not keep a tracking socket open.
+            self._down()
+            await self.conn.close()
 
 
 class ClusterTracking:
@@ -297,9 +301,40 @@ class ClusterTracking:
                         # No longer a primary (failed over, or gone): its keys are now
                         # changed elsewhere. close() flushes if it was up.
                         await self._listeners.pop(name).close()
+                await self._retire_demoted()
             except Exception:  # never let a surprise end the supervision
                 _log.exception("client cache: checking the listeners failed")
             await asyncio.sleep(_TICK)
+
+    async def _retire_demoted(self) -> None:
+        """Retire the listeners of nodes that became replicas, and relearn the layout.
+
+        After a failover that the data path has not noticed (every read a cache
+        hit, say), redis-py still calls the demoted node a primary, so nothing
+        else would ever listen to the promoted one. Writes there reach us only
+        through replication to the old node, late or, if that link breaks,
+        never. Asking each listened node its role once a tick closes that gap.
+        """
+        cluster = self._backend.cluster
+        demoted: list[str] = []
+        for name, listener in list(self._listeners.items()):
+            node = cluster.get_node(node_name=name) if listener.live else None
+            if node is None:
+                continue
+            try:
+                role = await node.execute_command("ROLE")
+            except Exception:
+                continue  # an outage: the listener's own loss handles it
+            if role and role[0] not in (b"master", "master"):
+                demoted.append(name)
+        if not demoted:
+            return
+        for name in demoted:
+            if name in self._listeners:
+                listener = self._listeners.pop(name)
+                _log.info("client cache: %s is no longer a primary; dropping every entry", name)
+                await listener.close()
+        await cluster.nodes_manager.initialize()
 
     async def close(self) -> None:
         self._closed = True
