@@ -77,7 +77,10 @@ def _check_key(key: object) -> None:
 def _check_keys(keys: Iterable[str]) -> list[str]:
     if isinstance(keys, (str, bytes)):
         raise InvalidKeyError("expected a collection of keys, not a single string")
-    out = list(keys)
+    try:
+        out = list(keys)
+    except TypeError as exc:
+        raise InvalidKeyError(f"expected a collection of keys, not {type(keys).__name__}") from exc
     # Batches run this on every key: map/set keep the common all-valid case in C.
     if set(map(type, out)) - {str} or "" in out:
         for key in out:
@@ -159,7 +162,9 @@ class Client:
         self._backend = backend
         self._codec = codec
         # Optional batch decode (see kivigo_async.codecs): one call per batch, not per value.
-        decode_many = getattr(codec, "decode_many", None)
+        # Looked up on the class: a wrapper forwarding attributes to an inner codec
+        # with __getattr__ would otherwise hand us the inner one, skipping its own decode.
+        decode_many = getattr(codec, "decode_many", None) if hasattr(type(codec), "decode_many") else None
         self._decode_many: Callable[[Sequence[bytes], Any], list[Any]] | None = (
             decode_many if callable(decode_many) else None
         )

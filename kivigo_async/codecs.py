@@ -60,6 +60,7 @@ decodes the values one by one, so the error names the key that failed.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import os
@@ -306,6 +307,9 @@ class _DecoderCache:
             DecodeError: an item is malformed or does not match ``type`` (the message
                 does not say which: the client decodes one by one to name the key).
         """
+        if builtins.type(self).decode is not _DecoderCache.decode:
+            # A subclass changed decode (to upgrade old data, say): batches must go through it.
+            return [self.decode(item, type) for item in data]
         decoder = self._decoder(type)
         try:
             # map() keeps the per-item loop in C; that is the point of this method.
