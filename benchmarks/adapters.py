@@ -125,13 +125,14 @@ class KivigoAdapter(Adapter):
     def describe(cls) -> str:
         from kivigo_async.backends.redis import RedisOptions
 
-        # The options evolve: report the defaults this run actually used.
-        defaults = RedisOptions(pool_size=POOL)
+        # The options evolve: report the settings this run actually used.
+        used = RedisOptions(pool_size=POOL, **cls.extra_options())
         shown = ("read_timeout", "max_retries", "protocol", "auto_pipeline")
-        settings = ", ".join(f"{n}={getattr(defaults, n)!r}" for n in shown if hasattr(defaults, n))
-        return f"{cls.config}; option defaults: {settings}"
+        settings = ", ".join(f"{n}={getattr(used, n)!r}" for n in shown if hasattr(used, n))
+        return f"{cls.config}; options in effect: {settings}"
 
-    def extra_options(self) -> dict[str, Any]:
+    @classmethod
+    def extra_options(cls) -> dict[str, Any]:
         """RedisOptions on top of the defaults: subclasses measure other settings."""
         return {}
 
@@ -175,7 +176,8 @@ class KivigoPoolAdapter(KivigoAdapter):
         "from the pool instead of sharing the multiplexed one (the non-pipelined path)"
     )
 
-    def extra_options(self) -> dict[str, Any]:
+    @classmethod
+    def extra_options(cls) -> dict[str, Any]:
         return {"auto_pipeline": False}
 
 
@@ -187,7 +189,8 @@ class KivigoCachedAdapter(KivigoAdapter):
         "LRU kept coherent by CLIENT TRACKING invalidations; every set invalidates its key"
     )
 
-    def extra_options(self) -> dict[str, Any]:
+    @classmethod
+    def extra_options(cls) -> dict[str, Any]:
         from kivigo_async.backends.redis import ClientCache
 
         return {"client_cache": ClientCache()}
