@@ -22,7 +22,7 @@ from ...errors import KeyNotFoundError
 from ...watch import DEFAULT_MAX_PENDING, ChangeStream
 from ._cache import LocalCache, Tracking, ttl_reply
 from ._errors import translate
-from ._mux import Arg, MuxConnection, Opener, tcp_opener, unix_opener
+from ._mux import Arg, MuxConnection, Opener, pack, tcp_opener, unix_opener
 from ._scan import SCAN_COUNT, decode_key, match_pattern
 from .options import RedisOptions
 
@@ -203,7 +203,7 @@ class RedisBackend:
         # One pre-bound entry point for single commands, so the hot path makes
         # no per-call choice between the multiplexed connection and the pool.
         self._exec: Callable[..., Awaitable[Any]] = (
-            self._mux.execute if self._mux is not None else self._redis.execute_command
+            self._mux.execute if self._mux is not None else self._pool_execute
         )
         self._node = self._options.addr
 
@@ -237,6 +237,33 @@ class RedisBackend:
     def redis(self) -> Redis:
         """The underlying ``redis.asyncio.Redis`` client, for commands kivigo does not wrap."""
         return self._redis
+
+    async def _pool_execute(self, *args: Arg) -> Any:
+        """One command on a pooled connection, with redis-py's retry of connection errors.
+
+        Not ``Redis.execute_command``: redis-py's asyncio connection packs every
+        argument in Python (a 1,000-key MGET spends more time there than on the
+        wire) and records metrics on each call. Replies are left unparsed, as on
+        the multiplexed connection. A read cancelled or failed half-way closes
+        the connection (redis-py's ``read_response`` does), so no later call can
+        receive its reply.
+        """
+        pool = self._pool
+        acquire: Callable[[], Awaitable[AbstractConnection]] = pool.get_connection
+        conn = await acquire()
+        payload = pack(args)
+
+        async def attempt() -> Any:
+            await conn.send_packed_command(payload)
+            return await conn.read_response()
+
+        async def drop(error: Exception) -> None:
+            await conn.disconnect()
+
+        try:
+            return await conn.retry.call_with_retry(attempt, drop)
+        finally:
+            await pool.release(conn)
 
     def _error(self, exc: Exception, command: str, key: str | None = None) -> Exception:
         return translate(exc, command, key, self._node)
