@@ -34,6 +34,7 @@ from kivigo_async.errors import (
     BackendUnavailableError,
     ConfigurationError,
     HealthCheckError,
+    InvalidKeyError,
     KivigoError,
     OperationTimeoutError,
     PermissionDeniedError,
@@ -833,3 +834,17 @@ async def test_failed_connect_closes_what_it_opened(
             await backend.close()
     finally:
         await control.aclose()
+
+
+async def test_unencodable_keys_never_hold_a_pooled_connection(valkey_server: RedisServer) -> None:
+    # The pool path packs a command before taking a connection: with one connection,
+    # a leak would make the last call wait for a connection that never comes back.
+    options = redis_options(valkey_server, auto_pipeline=False, pool_size=1, pool_timeout=2)
+    async with Client(RedisBackend(options)) as client:
+        for _ in range(3):
+            with pytest.raises(InvalidKeyError):
+                await client.get("bad\ud800key")
+            with pytest.raises(InvalidKeyError):
+                await client.batch_get(["ok", "bad\ud800key"])
+        await client.set("fine", 1)
+        assert await client.get("fine") == 1

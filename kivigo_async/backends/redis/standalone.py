@@ -248,10 +248,10 @@ class RedisBackend:
         the connection (redis-py's ``read_response`` does), so no later call can
         receive its reply.
         """
+        payload = pack(args)  # first: a key that cannot be encoded must not hold a connection
         pool = self._pool
         acquire: Callable[[], Awaitable[AbstractConnection]] = pool.get_connection
         conn = await acquire()
-        payload = pack(args)
 
         async def attempt() -> Any:
             await conn.send_packed_command(payload)
