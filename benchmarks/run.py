@@ -322,16 +322,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             order = rotate(runnable, rep)
             for sid in sids:
                 for loop in loops:
-                    for cls in order:
-                        adapter_or_none = adapters.get((loop, cls.name))
-                        if adapter_or_none is None or not scenarios.supports(cls, sid):
-                            continue
-                        slot = reps[sid].setdefault((loop, cls.name), [])
-                        try:
-                            m = runners[loop].run(scenarios.measure(adapter_or_none, sid, plan))
-                            slot.append(m.summary())
-                        except Exception as exc:
-                            slot.append(_describe_error(exc))
+                    # A batch measurement runs in slices, the libraries taking turns slice by
+                    # slice: the machine's speed drifts over seconds, and a ratio between two
+                    # libraries measured seconds apart would carry that drift.
+                    parts = scenarios.slices(sid)
+                    done: dict[str, list[scenarios.Measure]] = {}
+                    failed: dict[str, str] = {}
+                    for _ in range(parts):
+                        for cls in order:
+                            adapter_or_none = adapters.get((loop, cls.name))
+                            if adapter_or_none is None or not scenarios.supports(cls, sid):
+                                continue
+                            if cls.name in failed:
+                                continue
+                            try:
+                                work = scenarios.measure(adapter_or_none, sid, plan, parts=parts)
+                                done.setdefault(cls.name, []).append(runners[loop].run(work))
+                            except Exception as exc:
+                                failed[cls.name] = _describe_error(exc)
+                    for name, error in failed.items():
+                        reps[sid].setdefault((loop, name), []).append(error)
+                    for name, measures in done.items():
+                        if name not in failed:
+                            summary = scenarios.Measure.merge(measures).summary()
+                            reps[sid].setdefault((loop, name), []).append(summary)
                 if ceiling_skip is None:
                     slot_c = ceiling_reps.setdefault(sid, [])
                     try:

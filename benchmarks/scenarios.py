@@ -44,6 +44,16 @@ class Measure:
         rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
         return ordered[rank - 1] / 1000
 
+    @classmethod
+    def merge(cls, parts: Sequence[Measure]) -> Measure:
+        """One measurement from the slices of one (their operations, times and latencies summed)."""
+        return cls(
+            sum(m.ops for m in parts),
+            sum(m.wall for m in parts),
+            sum(m.cpu for m in parts),
+            [ns for m in parts for ns in m.latencies_ns],
+        )
+
     def summary(self) -> dict[str, float | None]:
         return {
             "rate": self.rate,
@@ -62,6 +72,15 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     **{f"batch_get_{n}": (f"batch get of {n:,} keys", "keys/s") for n in BATCH_SIZES},
     **{f"batch_set_{n}": (f"batch set of {n:,} keys", "keys/s") for n in BATCH_SIZES},
 }
+
+
+#: Batch scenarios run in this many slices per repetition, the libraries taking turns.
+BATCH_SLICES = 4
+
+
+def slices(scenario: str) -> int:
+    """How many slices one repetition of ``scenario`` is measured in."""
+    return BATCH_SLICES if scenario.startswith("batch") else 1
 
 
 def supports(adapter: type[Adapter], scenario: str) -> bool:
@@ -168,8 +187,11 @@ async def run_batch(adapter: Adapter, kind: str, size: int, calls: int) -> Measu
     return Measure(size * calls, wall, cpu, lat)
 
 
-async def measure(adapter: Adapter, scenario: str, plan: Plan) -> Measure:
-    """Run ``scenario`` once on ``adapter`` (bounded by ``plan.timeout``)."""
+async def measure(adapter: Adapter, scenario: str, plan: Plan, parts: int = 1) -> Measure:
+    """Run ``scenario`` on ``adapter`` (bounded by ``plan.timeout``).
+
+    ``parts`` > 1 runs one slice of a batch scenario: that share of its calls.
+    """
     if scenario == "seq":
         work = run_seq(adapter, plan.seq_pairs)
     elif scenario == "mix":
@@ -178,5 +200,5 @@ async def measure(adapter: Adapter, scenario: str, plan: Plan) -> Measure:
         work = run_hot(adapter, plan.hot_ops)
     else:
         _, kind, size = scenario.split("_")
-        work = run_batch(adapter, kind, int(size), plan.batch_calls[int(size)])
+        work = run_batch(adapter, kind, int(size), max(1, plan.batch_calls[int(size)] // parts))
     return await asyncio.wait_for(work, plan.timeout)

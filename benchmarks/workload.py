@@ -72,7 +72,7 @@ class Plan:
             mix_tasks=64,
             mix_ops_per_task=150,
             hot_ops=5000,
-            batch_calls={10: 300, 100: 100, 1000: 40},
+            batch_calls={10: 300, 100: 100, 1000: 60},
             codec_loops=20000,
             memory_ops=200_000,
             memory_warmup=20_000,
