@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import gc
 import hashlib
 import os
 import re
@@ -268,10 +267,6 @@ def _json_default(obj: Any) -> Any:
 _JSON_OPTIONS: Final = orjson.OPT_NON_STR_KEYS
 
 
-#: Batches at least this long are decoded with the cyclic GC paused (see decode_many).
-_GC_PAUSE_MIN: Final = 64
-
-
 class _DecoderCache:
     """``decode`` and ``decode_many`` over one decoder per requested type, built once.
 
@@ -316,21 +311,11 @@ class _DecoderCache:
             # A subclass changed decode (to upgrade old data, say): batches must go through it.
             return [self.decode(item, type) for item in data]
         decoder = self._decoder(type)
-        # An untyped decode runs msgspec's C decoder and no Python code, and what it
-        # builds is acyclic: the cyclic collector cannot free any of it, yet a batch of
-        # thousands of fresh containers would trigger it several times (a quarter of
-        # the decode time, more on a large heap). Pause it for that C loop only.
-        pause = (type is object or type is Any) and len(data) >= _GC_PAUSE_MIN and gc.isenabled()
-        if pause:
-            gc.disable()
         try:
             # map() keeps the per-item loop in C; that is the point of this method.
             return list(map(decoder, data))
         except Exception as exc:
             raise _decode_error(exc, type, self._label) from exc
-        finally:
-            if pause:
-                gc.enable()
 
 
 class JsonCodec(_DecoderCache):

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import gc
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from enum import Enum
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
-import pydantic
 import pytest
 
-from kivigo_async import Client, codecs
+from kivigo_async import Client
 from kivigo_async.backends.memory import MemoryBackend
 from kivigo_async.codecs import CompressedCodec, JsonCodec, MsgspecCodec
 from kivigo_async.errors import DecodeError, InvalidKeyError
@@ -42,76 +40,6 @@ def test_decode_many_raises_decode_error_without_the_bytes(codec: JsonCodec | Ms
     assert "secret-value" not in str(info.value)
     with pytest.raises(DecodeError):
         codec.decode_many([b"{not json"], object)
-
-
-@pytest.fixture
-def collections() -> Iterator[list[int]]:
-    """The generations the cyclic GC collects while the test runs, with a threshold of 1."""
-    started: list[int] = []
-
-    def record(phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            started.append(info["generation"])
-
-    thresholds = gc.get_threshold()
-    gc.set_threshold(1)
-    gc.callbacks.append(record)
-    try:
-        yield started
-    finally:
-        gc.callbacks.remove(record)
-        gc.set_threshold(*thresholds)
-
-
-class Checked(pydantic.BaseModel):
-    """A model whose validator notes whether the cyclic GC is on while it runs."""
-
-    n: int
-    seen: ClassVar[list[bool]] = []
-
-    @pydantic.field_validator("n")
-    @classmethod
-    def note(cls, value: int) -> int:
-        cls.seen.append(gc.isenabled())
-        return value
-
-
-@pytest.mark.parametrize("codec", [JsonCodec(), MsgspecCodec("json"), MsgspecCodec("msgpack")], ids=repr)
-def test_untyped_batch_decode_pauses_the_cyclic_gc(
-    codec: JsonCodec | MsgspecCodec, collections: list[int], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    data = [codec.encode({"n": i, "tags": ["a", "b"]}) for i in range(200)]
-    collections.clear()
-    assert codec.decode_many(data, object)[199] == {"n": 199, "tags": ["a", "b"]}
-    paused = len(collections)
-    # The same batch below the size that pauses it: the collector runs all along.
-    monkeypatch.setattr(codecs, "_GC_PAUSE_MIN", len(data) + 1)
-    collections.clear()
-    assert codec.decode_many(data, object)[0] == {"n": 0, "tags": ["a", "b"]}
-    # A few collections come from the test's own allocations around the call; the
-    # decode of 200 values with 400 containers would start well over a hundred.
-    assert paused <= 10
-    assert len(collections) >= 50
-    assert gc.isenabled()
-
-
-@pytest.mark.parametrize("codec", [JsonCodec(), MsgspecCodec("json"), MsgspecCodec("msgpack")], ids=repr)
-def test_the_gc_pause_leaves_the_collector_as_it_found_it(codec: JsonCodec | MsgspecCodec) -> None:
-    data = [codec.encode({"n": i}) for i in range(100)]
-    # Typed decoders may run Python code (pydantic validators, dec_hook): the GC stays on.
-    Checked.seen.clear()
-    assert codec.decode_many(data, Checked)[7].n == 7
-    assert Checked.seen == [True] * 100
-    # A failed batch turns it back on, and a GC the application turned off stays off.
-    with pytest.raises(DecodeError):
-        codec.decode_many([*data, b"\xc1{"], object)
-    assert gc.isenabled()
-    gc.disable()
-    try:
-        assert len(codec.decode_many(data, object)) == 100
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
 
 
 class CountingCodec(JsonCodec):
