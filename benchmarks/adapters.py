@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import orjson
-from workload import KEY_PREFIX, SESSION, SESSION_JSON
+from workload import KEY_PREFIX, SESSION, SESSION_JSON, Session
+
+#: The session as the typed adapter reads it back.
+SESSION_STRUCT = Session(**SESSION)
 
 POOL = 64
 
@@ -179,6 +182,24 @@ class KivigoPoolAdapter(KivigoAdapter):
     @classmethod
     def extra_options(cls) -> dict[str, Any]:
         return {"auto_pipeline": False}
+
+
+class KivigoTypedAdapter(KivigoAdapter):
+    name = "kivigo-async (typed)"
+    slug = "kivigo-typed"
+    config = (
+        "as kivigo-async, reading into a msgspec Struct (get(key, Session), "
+        "batch_get(keys, Session)) instead of plain dicts; writes are the same JSON"
+    )
+
+    def expected(self) -> object:
+        return SESSION_STRUCT
+
+    async def get(self, key: str) -> object:
+        return await self.client.get(key, Session)
+
+    async def batch_get(self, keys: Sequence[str]) -> Mapping[str, object]:
+        return await self.client.batch_get(keys, Session)
 
 
 class KivigoCachedAdapter(KivigoAdapter):
@@ -389,6 +410,7 @@ class KeyValueAdapter(Adapter):
 ADAPTERS: tuple[type[Adapter], ...] = (
     KivigoAdapter,
     KivigoPoolAdapter,
+    KivigoTypedAdapter,
     KivigoCachedAdapter,
     RedisPyAdapter,
     RedisPyNoTimeoutAdapter,

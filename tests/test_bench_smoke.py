@@ -30,6 +30,7 @@ PEERS = ("aiocache", "cashews", "key_value.aio.stores.redis")
 LIBRARIES = (
     "kivigo-async",
     "kivigo-async (pool)",
+    "kivigo-async (typed)",
     "kivigo-async + client cache",
     "redis-py",
     "redis-py (no timeout)",
