@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from kivigo_async import Client
 from kivigo_async.backends.redis import RedisSentinelBackend, RedisSentinelOptions
+from kivigo_async.backends.redis import sentinel as sentinel_module
 from kivigo_async.errors import BackendUnavailableError, ConfigurationError
 from kivigo_async.testing.conformance import BackendConformance
 from kivigo_async.testing.pytest_plugin import SentinelFactory
+from kivigo_async.testing.servers import free_port
 from kivigo_async.testing.topologies import RedisSentinel
 
 
@@ -101,6 +105,77 @@ async def test_writes_continue_through_failover(redis_sentinel_factory: Sentinel
         assert last > 0
         # Once the writer is done, the final value is on the new primary.
         assert await read_from(new, "loop") == str(last).encode()
+
+
+def switch_master_subscribers(topology: RedisSentinel) -> list[int]:
+    """Per running sentinel, how many clients are subscribed to ``+switch-master``.
+
+    A blocking client on purpose: while it asks, no task of the event loop runs, so
+    what it sees is the state connect() returned with.
+    """
+    counts = []
+    for sentinel in topology.sentinels:
+        if not sentinel.running:
+            continue
+        with redis.Redis(host=sentinel.host, port=sentinel.port) as direct:
+            clients = direct.client_list()
+        counts.append(sum(1 for c in clients if c.get("sub") == "1"))
+    return counts
+
+
+async def test_connect_returns_once_a_sentinel_confirms_the_subscription(
+    redis_sentinel_factory: SentinelFactory,
+) -> None:
+    # A failover right after connect() must be announced to the backend: before the
+    # fix, the subscription was still on its way and such a failover went unseen.
+    topology = redis_sentinel_factory()  # its own: no other test's subscriber to count
+    backend = RedisSentinelBackend(sentinel_options(topology))
+    try:
+        assert sum(switch_master_subscribers(topology)) == 0
+        await backend.connect()
+        assert sum(switch_master_subscribers(topology)) == 1
+    finally:
+        await backend.close()
+    deadline = time.monotonic() + 10
+    while sum(switch_master_subscribers(topology)) != 0:
+        assert time.monotonic() < deadline, "close() left the subscription open"
+        await asyncio.sleep(0.05)
+
+
+async def test_connect_with_no_sentinel_answering_fails_promptly() -> None:
+    nobody = f"127.0.0.1:{free_port()}"
+    backend = RedisSentinelBackend(RedisSentinelOptions(sentinels=[nobody], max_retries=0))
+    started = time.monotonic()
+    try:
+        with pytest.raises(BackendUnavailableError):
+            await backend.connect()
+    finally:
+        await backend.close()
+    # Every sentinel refused at once: connect() does not sit out dial_timeout (5 s).
+    assert time.monotonic() - started < 4
+
+
+async def test_a_switch_missed_between_subscriptions_is_caught_up(
+    redis_sentinel_factory: SentinelFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The sentinel the backend listens to dies; the failover completes before the
+    # backend subscribes to another one, so no +switch-master reaches it. Once
+    # re-subscribed, it must see that the primary moved and reconnect.
+    monkeypatch.setattr(sentinel_module, "_WATCH_RETRY_DELAY", 10.0)
+    caplog.set_level(logging.INFO, logger=sentinel_module.__name__)
+    topology = redis_sentinel_factory()
+    async with Client(RedisSentinelBackend(sentinel_options(topology))) as client:
+        await client.set("k", "before")
+        counts = switch_master_subscribers(topology)
+        listened = next(s for s, n in zip(topology.sentinels, counts, strict=True) if n)
+        listened.kill()
+        new = await asyncio.to_thread(topology.failover, 60.0)
+        deadline = time.monotonic() + 30
+        while "re-subscribed to the sentinels, reconnecting" not in caplog.text:
+            assert time.monotonic() < deadline, "the backend never re-subscribed"
+            await asyncio.sleep(0.1)
+        await client.set("k", "after")
+        assert await read_from(new, "k") == b'"after"'
 
 
 async def test_unknown_service_is_unavailable(redis_sentinel: RedisSentinel) -> None:

@@ -34,6 +34,8 @@ _log = logging.getLogger(__name__)
 # Pause before re-subscribing to a sentinel after losing it, so that a sentinel
 # outage never turns into a busy loop.
 _WATCH_RETRY_DELAY = 0.5
+#: How long connect() waits for the failover subscription when dial_timeout is None.
+_SUBSCRIBE_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -278,7 +280,7 @@ class RedisSentinelBackend(RedisBackend):
             Redis.from_pool(_pool_for(sentinel_options.sentinel_options(addr)))
             for addr in sentinel_options.sentinels
         ]
-        self._pool = _make_pool(
+        self._sentinel_pool = self._pool = _make_pool(
             sentinel_options.service_name,
             self._sentinel,
             max_connections=self._pool.max_connections,
@@ -289,6 +291,9 @@ class RedisSentinelBackend(RedisBackend):
         self._exec = self._redis.execute_command
         self._node = f"{sentinel_options.service_name} (via sentinels {','.join(sentinel_options.sentinels)})"
         self._watcher: asyncio.Task[None] | None = None
+        # Set once a sentinel confirms the subscription, or every sentinel failed once.
+        self._watch_ready = asyncio.Event()
+        self._subscribed_once = False
 
     @classmethod
     def from_url(cls, url: str, **overrides: object) -> RedisSentinelBackend:
@@ -319,10 +324,26 @@ class RedisSentinelBackend(RedisBackend):
         return self._sentinel
 
     async def connect(self) -> None:
-        """Find the primary, check it answers, and start following failovers."""
-        await super().connect()
+        """Start following failovers, then find the primary and check it answers.
+
+        The subscription to ``+switch-master`` comes first, and is confirmed by a
+        sentinel before the primary is looked up: a failover that completes after
+        this returns is always announced to the backend, and one that completed
+        before is found by the look-up.
+        """
         if self._watcher is None or self._watcher.done():
+            self._watch_ready = asyncio.Event()
+            self._subscribed_once = False
             self._watcher = asyncio.create_task(self._follow_failovers(), name=f"kivigo {self._node}")
+        wait = self._sentinel_options.dial_timeout or _SUBSCRIBE_WAIT
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._watch_ready.wait(), wait)
+        if not self._subscribed_once:
+            # Degraded, not broken: the watcher keeps trying, and without it writes
+            # still follow a failover once the old primary refuses them or goes away.
+            # (No sentinel answering at all fails the look-up below.)
+            _log.warning("%s: no sentinel confirmed the failover subscription", self._node)
+        await super().connect()
 
     async def close(self) -> None:
         watcher, self._watcher = self._watcher, None
@@ -337,6 +358,24 @@ class RedisSentinelBackend(RedisBackend):
             with contextlib.suppress(RedisError):
                 await close_sentinels()
 
+    async def _confirm_subscription(self, service: bytes) -> None:
+        """A sentinel confirmed the subscription: release connect(), and after a gap, catch up."""
+        if not self._subscribed_once:
+            self._subscribed_once = True
+            self._watch_ready.set()  # connect() looks the primary up next
+            return
+        # Re-subscribed after losing a sentinel: a switch announced in the gap was
+        # missed, so reconnect unless the primary is still the one the pool found.
+        known = self._sentinel_pool.master_address
+        try:
+            primary = await self._sentinel.discover_master(service.decode())
+        except (RedisError, OSError) as exc:
+            _log.debug("%s: cannot ask the sentinels for the primary: %s", self._node, exc)
+            primary = None
+        if primary is None or primary != known:
+            _log.info("%s: re-subscribed to the sentinels, reconnecting to the primary", self._node)
+            await self._pool.disconnect(inuse_connections=True)
+
     async def _follow_failovers(self) -> None:
         service = self._sentinel_options.service_name.encode()
         index = 0
@@ -348,6 +387,9 @@ class RedisSentinelBackend(RedisBackend):
                 await pubsub.subscribe("+switch-master")
                 async for message in pubsub.listen():
                     data = message.get("data")
+                    if message.get("type") == "subscribe":
+                        await self._confirm_subscription(service)
+                        continue
                     if message.get("type") != "message" or not isinstance(data, bytes):
                         continue
                     # "<service> <old-ip> <old-port> <new-ip> <new-port>"
@@ -356,6 +398,8 @@ class RedisSentinelBackend(RedisBackend):
                         await self._pool.disconnect(inuse_connections=True)
             except (RedisError, OSError) as exc:
                 _log.debug("%s: lost a sentinel subscription: %s", self._node, exc)
+                if index >= len(self._sentinel.sentinels):
+                    self._watch_ready.set()  # every sentinel tried: connect() waits no longer
             finally:
                 close_pubsub: Callable[[], Awaitable[None]] = pubsub.aclose
                 with contextlib.suppress(RedisError, OSError):
