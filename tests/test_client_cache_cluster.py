@@ -835,6 +835,17 @@ async def test_redirected_reads_are_not_cached(redis_cluster_factory: ClusterFac
             for _ in range(2):
                 assert await client.batch_get([gone["many"]], int) == {gone["many"]: 1}
             assert cache.lookup(gone["many"]) is None
+            # TRYAGAIN: the old owner refuses an MGET over a slot whose keys are split
+            # between the two nodes; it is re-sent key by key, and nothing it read is
+            # cached, not even the key the old owner still has.
+            _, source, _ = plans["many"]
+            with sync_client(source) as direct, pytest.raises(redis.exceptions.TryAgainError):
+                direct.mget([gone["many"], here["many"]])
+            pair = [gone["many"], here["many"]]
+            for _ in range(2):
+                assert await client.batch_get(pair, int) == dict.fromkeys(pair, 1)
+            assert cache.lookup(gone["many"]) is None
+            assert cache.lookup(here["many"]) is None
             # The keys it still has are answered directly, and cached.
             assert await client.get(here["one"]) == 1
             assert cache.lookup(here["one"]) == b"1"
