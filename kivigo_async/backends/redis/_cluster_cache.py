@@ -65,10 +65,10 @@ from redis.asyncio.cluster import ClusterNode, PipelineCommand
 from redis.crc import key_slot
 
 from ._cache import ClientCache, LocalCache, ttl_reply
-from ._mux import Arg, MuxConnection
+from ._mux import Arg
 from ._scan import decode_key
 from .options import RedisOptions
-from .standalone import _opener_for
+from .standalone import _mux_for
 
 if TYPE_CHECKING:
     from .cluster import RedisClusterBackend
@@ -118,19 +118,8 @@ class _Listener:
         self._prefixes: tuple[Arg, ...] = tuple(
             arg for prefix in owner.settings.prefixes for arg in ("PREFIX", prefix)
         )
-        auth = options._auth_command()
-        handshake: list[tuple[Arg, ...]] = [auth] if auth else []
-        if options.client_name:
-            handshake.append(("CLIENT", "SETNAME", options.client_name))
-        self.conn = MuxConnection(
-            _opener_for(options),
-            node=name,
-            handshake=handshake,
-            dial_timeout=options.dial_timeout,
-            read_timeout=options.read_timeout,
-            max_retries=options.max_retries,
-            on_push=self._on_message,
-            on_lost=self._on_lost,
+        self.conn = _mux_for(
+            options, node=name, select_db=False, on_push=self._on_message, on_lost=self._on_lost
         )
         # Bumped on every lost socket: a subscription that straddles a loss is void.
         self._generation = 0

@@ -36,12 +36,11 @@ from ...watch import (
     _check_watch_args,
 )
 from ._errors import translate
-from ._mux import Arg, MuxConnection
 from ._scan import decode_key, match_pattern
 from .cluster import RedisClusterBackend
 from .options import RedisOptions
 from .sentinel import RedisSentinelBackend
-from .standalone import RedisBackend, _opener_for
+from .standalone import RedisBackend, _mux_for
 
 __all__ = ["EVENT_TYPES", "NEEDED_FLAGS", "missing_flags", "watch_cluster", "watch_standalone"]
 
@@ -107,20 +106,7 @@ class _Subscriber:
         self._head = f"__keyspace@{db}__:".encode()
         self.pattern = self._head + match_pattern(prefix).encode("utf-8", "surrogateescape")
         self.subscribed = False
-        auth = options._auth_command()
-        handshake: list[tuple[Arg, ...]] = [auth] if auth else []
-        if options.client_name:
-            handshake.append(("CLIENT", "SETNAME", options.client_name))
-        self.conn = MuxConnection(
-            _opener_for(options),
-            node=options.addr,
-            handshake=handshake,
-            dial_timeout=options.dial_timeout,
-            read_timeout=options.read_timeout,
-            max_retries=options.max_retries,
-            on_push=self._on_message,
-            on_lost=self._on_lost,
-        )
+        self.conn = _mux_for(options, select_db=False, on_push=self._on_message, on_lost=self._on_lost)
 
     async def subscribe(self, configure_server: bool) -> None:
         conn, node = self.conn, self.node

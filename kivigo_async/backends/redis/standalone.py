@@ -138,22 +138,35 @@ def _opener_for(options: RedisOptions) -> Opener:
     return tcp_opener(options.host, options.port, options.ssl_context())
 
 
-def _mux_for(options: RedisOptions, tracking: Tracking | None = None) -> MuxConnection:
+def _mux_for(
+    options: RedisOptions,
+    *,
+    node: str | None = None,
+    select_db: bool = True,
+    prepare: Callable[[], Awaitable[Sequence[Sequence[Arg]]]] | None = None,
+    on_push: Callable[[list[Any]], None] | None = None,
+    on_lost: Callable[[], None] | None = None,
+) -> MuxConnection:
+    """A multiplexed connection that logs in and names itself as ``options`` say.
+
+    ``select_db=False`` for pub/sub connections, whose channels span databases.
+    """
     auth = options._auth_command()
     handshake: list[tuple[Arg, ...]] = [auth] if auth else []
-    if options.db:
+    if select_db and options.db:
         handshake.append(("SELECT", options.db))
     if options.client_name:
         handshake.append(("CLIENT", "SETNAME", options.client_name))
     return MuxConnection(
         _opener_for(options),
-        node=options.addr,
+        node=node or options.addr,
         handshake=handshake,
         dial_timeout=options.dial_timeout,
         read_timeout=options.read_timeout,
         max_retries=options.max_retries,
-        prepare=tracking.data_handshake if tracking is not None else None,
-        on_lost=tracking.data_lost if tracking is not None else None,
+        prepare=prepare,
+        on_push=on_push,
+        on_lost=on_lost,
     )
 
 
@@ -196,7 +209,9 @@ class RedisBackend:
         if self._options.client_cache is not None:
             self._cache = LocalCache(self._options.client_cache)
             self._tracking = Tracking(self._options, _opener_for(self._options), self._cache)
-            self._mux: MuxConnection | None = _mux_for(self._options, self._tracking)
+            self._mux: MuxConnection | None = _mux_for(
+                self._options, prepare=self._tracking.data_handshake, on_lost=self._tracking.data_lost
+            )
             self._tracking.attach(self._mux)
         else:
             self._mux = _mux_for(self._options) if self._options.auto_pipeline else None
