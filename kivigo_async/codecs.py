@@ -293,7 +293,11 @@ class _DecoderCache:
         Raises:
             DecodeError: ``data`` is malformed, or does not match ``type``.
         """
-        decoder = self._decoder(type)
+        # Inlined _decoder(): this runs on every get, where a call more is measurable.
+        try:
+            decoder = self._decoders[type]
+        except (KeyError, TypeError):  # TypeError: an unhashable annotation, decoded uncached
+            decoder = self._resolve(type)
         try:
             result: T = decoder(data)
         except Exception as exc:
