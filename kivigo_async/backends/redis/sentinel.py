@@ -358,7 +358,7 @@ class RedisSentinelBackend(RedisBackend):
             with contextlib.suppress(RedisError):
                 await close_sentinels()
 
-    async def _confirm_subscription(self, service: bytes) -> None:
+    async def _confirm_subscription(self) -> None:
         """A sentinel confirmed the subscription: release connect(), and after a gap, catch up."""
         if not self._subscribed_once:
             self._subscribed_once = True
@@ -368,7 +368,7 @@ class RedisSentinelBackend(RedisBackend):
         # missed, so reconnect unless the primary is still the one the pool found.
         known = self._sentinel_pool.master_address
         try:
-            primary = await self._sentinel.discover_master(service.decode())
+            primary = await self._sentinel.discover_master(self._sentinel_options.service_name)
         except (RedisError, OSError) as exc:
             _log.debug("%s: cannot ask the sentinels for the primary: %s", self._node, exc)
             primary = None
@@ -388,7 +388,7 @@ class RedisSentinelBackend(RedisBackend):
                 async for message in pubsub.listen():
                     data = message.get("data")
                     if message.get("type") == "subscribe":
-                        await self._confirm_subscription(service)
+                        await self._confirm_subscription()
                         continue
                     if message.get("type") != "message" or not isinstance(data, bytes):
                         continue
