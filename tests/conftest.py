@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from kivigo_async.backends.redis import RedisBackend, RedisOptions
+from kivigo_async.backends.redis import LocalCache, RedisBackend, RedisOptions
 from kivigo_async.testing.pytest_plugin import require_server
 from kivigo_async.testing.servers import Server, ServerPool
 
@@ -60,3 +61,32 @@ async def redis_backend(redis_target: tuple[Server, bool]) -> AsyncIterator[Redi
     await backend.redis.flushdb()
     yield backend
     await backend.close()
+
+
+class Invalidations:
+    """Waits for client-cache invalidations of given keys (``None``: a flush), never by sleeping."""
+
+    def __init__(self, cache: LocalCache) -> None:
+        self.seen: list[str | None] = []
+        self._event = asyncio.Event()
+        self.remove = cache.add_listener(self._on)
+
+    def _on(self, key: str | None) -> None:
+        self.seen.append(key)
+        self._event.set()
+
+    async def wait_for(self, key: str | None, timeout: float = 10.0, *, count: int = 1) -> None:
+        async def until() -> None:
+            while self.seen.count(key) < count:
+                self._event.clear()
+                await self._event.wait()
+
+        await asyncio.wait_for(until(), timeout)
+
+    async def wait_for_more(self, before: dict[str, int], more: int = 1) -> None:
+        """Wait until each key of ``before`` (key -> count seen then) is seen ``more`` times again."""
+        for key, count in before.items():
+            await self.wait_for(key, count=count + more)
+
+    def counts(self, keys: list[str]) -> dict[str, int]:
+        return {key: self.seen.count(key) for key in keys}

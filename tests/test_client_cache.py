@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from conftest import redis_options
+from conftest import Invalidations, redis_options
 from redis.asyncio import Redis
 
 from kivigo_async import Client, ConfigurationError, KeyNotFoundError
@@ -37,27 +37,6 @@ def cache_of(client: Client) -> LocalCache:
     assert isinstance(backend, RedisBackend)
     assert backend.client_cache is not None
     return backend.client_cache
-
-
-class Invalidations:
-    """Waits for the invalidation of one key (or a flush), never by sleeping."""
-
-    def __init__(self, cache: LocalCache) -> None:
-        self.seen: list[str | None] = []
-        self._event = asyncio.Event()
-        self.remove = cache.add_listener(self._on)
-
-    def _on(self, key: str | None) -> None:
-        self.seen.append(key)
-        self._event.set()
-
-    async def wait_for(self, key: str | None, timeout: float = 10.0) -> None:
-        async def until() -> None:
-            while key not in self.seen:
-                self._event.clear()
-                await self._event.wait()
-
-        await asyncio.wait_for(until(), timeout)
 
 
 def backend_of(client: Client) -> RedisBackend:

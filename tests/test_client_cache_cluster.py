@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import redis_options
+from conftest import Invalidations, redis_options
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.crc import key_slot
 from test_conformance_cluster import TestClusterConformance as _ClusterConformance
@@ -109,6 +109,21 @@ def finish_migration(cluster: RedisCluster, slot: int, target: RedisServer) -> N
             client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
 
 
+@contextlib.contextmanager
+def new_connections_refused(node: RedisServer) -> Iterator[redis.Redis]:
+    """``node`` refuses new connections (those already open keep working) until the block ends.
+
+    Yields an admin connection to it, opened before the limit.
+    """
+    with sync_client(node) as admin:
+        maxclients = admin.config_get("maxclients")["maxclients"]
+        admin.config_set("maxclients", 1)
+        try:
+            yield admin
+        finally:
+            admin.config_set("maxclients", maxclients)
+
+
 def migration_plan(cluster: RedisCluster, tag: str) -> tuple[int, RedisServer, RedisServer]:
     """The slot of hash tag ``tag``, its primary, and another primary to move it to."""
     slot = key_slot(tag.encode())
@@ -120,35 +135,6 @@ def migration_plan(cluster: RedisCluster, tag: str) -> tuple[int, RedisServer, R
 def cache_of(backend: RedisClusterBackend) -> LocalCache:
     assert backend.client_cache is not None
     return backend.client_cache
-
-
-class Invalidations:
-    """Waits for the invalidation of one key (or a flush), never by sleeping."""
-
-    def __init__(self, cache: LocalCache) -> None:
-        self.seen: list[str | None] = []
-        self._event = asyncio.Event()
-        self.remove = cache.add_listener(self._on)
-
-    def _on(self, key: str | None) -> None:
-        self.seen.append(key)
-        self._event.set()
-
-    async def wait_for(self, key: str | None, timeout: float = 10.0, *, count: int = 1) -> None:
-        async def until() -> None:
-            while self.seen.count(key) < count:
-                self._event.clear()
-                await self._event.wait()
-
-        await asyncio.wait_for(until(), timeout)
-
-    async def wait_for_more(self, before: dict[str, int], more: int = 1) -> None:
-        """Wait until each key of ``before`` (key -> count seen then) is seen ``more`` times again."""
-        for key, count in before.items():
-            await self.wait_for(key, count=count + more)
-
-    def counts(self, keys: list[str]) -> dict[str, int]:
-        return {key: self.seen.count(key) for key in keys}
 
 
 async def cached_again(client: Client, key: str, timeout: float = 15.0) -> None:
@@ -450,23 +436,18 @@ async def test_no_caching_while_a_listener_is_down(
     assert await other.get(key) == b'"v1"'  # other's connection to the node is open now
     [listener] = tracking_clients(node, name)
     watcher = Invalidations(cache)
-    with sync_client(node) as admin:
-        maxclients = admin.config_get("maxclients")["maxclients"]
-        # The node takes no new connection: the listener cannot come back, while the
-        # connections already open (ours, other's, this one) keep working.
-        admin.config_set("maxclients", 1)
-        try:
-            assert admin.client_kill_filter(_id=listener["id"]) == 1
-            await watcher.wait_for(None)
-            await other.set(key, b'"v2"')
-            hits = cache.stats.hits
-            assert await client.get(key) == "v2"
-            assert await client.get(key) == "v2"
-            assert cache.stats.hits == hits  # not cached: nobody would tell us of a change
-            await other.set(key, b'"v3"')
-            assert await client.get(key) == "v3"
-        finally:
-            admin.config_set("maxclients", maxclients)
+    # The listener cannot come back, while the connections already open (ours,
+    # other's, the admin one) keep working.
+    with new_connections_refused(node) as admin:
+        assert admin.client_kill_filter(_id=listener["id"]) == 1
+        await watcher.wait_for(None)
+        await other.set(key, b'"v2"')
+        hits = cache.stats.hits
+        assert await client.get(key) == "v2"
+        assert await client.get(key) == "v2"
+        assert cache.stats.hits == hits  # not cached: nobody would tell us of a change
+        await other.set(key, b'"v3"')
+        assert await client.get(key) == "v3"
     await cached_again(client, key)
     await other.set(key, b'"v4"')
     await watcher.wait_for(key)
@@ -489,24 +470,18 @@ async def test_listener_coming_back_flushes_then_caching_resumes(
     await watcher.wait_for_more(before)  # no message of these writes can come later
     assert await client.get(node_key) == 1
     [listener] = tracking_clients(node, name)
-    with sync_client(node) as admin:
-        maxclients = admin.config_get("maxclients")["maxclients"]
-        # Connections already open keep working; the listener cannot come back
-        # until the limit is lifted, so what we cache meanwhile is known.
-        admin.config_set("maxclients", 1)
-        try:
-            assert admin.client_kill_filter(_id=listener["id"]) == 1
-            await watcher.wait_for(None)  # the flush on loss
-            assert len(cache) == 0
-            for key in elsewhere:  # their nodes' listeners are up: cached as usual
-                assert await client.get(key) == 1
-                assert cache.lookup(key) == b"1"
-            assert await client.get(node_key) == 1
-            assert cache.lookup(node_key) is None  # nobody listens on its node
-            assert not tracking._listeners[addr(node)].live
-            flushes = watcher.seen.count(None)
-        finally:
-            admin.config_set("maxclients", maxclients)
+    # The listener cannot come back until the block ends, so what we cache meanwhile is known.
+    with new_connections_refused(node) as admin:
+        assert admin.client_kill_filter(_id=listener["id"]) == 1
+        await watcher.wait_for(None)  # the flush on loss
+        assert len(cache) == 0
+        for key in elsewhere:  # their nodes' listeners are up: cached as usual
+            assert await client.get(key) == 1
+            assert cache.lookup(key) == b"1"
+        assert await client.get(node_key) == 1
+        assert cache.lookup(node_key) is None  # nobody listens on its node
+        assert not tracking._listeners[addr(node)].live
+        flushes = watcher.seen.count(None)
     # The listener comes back by itself: that flush drops everything cached before it.
     await watcher.wait_for(None, timeout=15, count=flushes + 1)
     assert tracking._listeners[addr(node)].live

@@ -17,7 +17,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from kivigo_async.testing import servers
-from kivigo_async.testing.pytest_plugin import ServerFactory, require_server
+from kivigo_async.testing.pytest_plugin import ServerFactory, in_ci, require_server
 from kivigo_async.testing.servers import (
     BINARY_KINDS,
     VARIANTS,
@@ -146,7 +146,7 @@ def test_some_binary_serves_tls(kivigo_server_pool: ServerPool) -> None:
     targets = kivigo_server_pool.available_targets()
     if not any(kind in BINARY_KINDS and variant == "tls" for kind, variant in targets):
         reason = f"no server binary here serves TLS: {kivigo_server_pool.binaries}"
-        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off"):
+        if in_ci():
             pytest.fail(reason, pytrace=False)
         pytest.skip(reason)
 

@@ -24,6 +24,7 @@ import trustme
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.retry import Retry
+from test_conformance_cluster import TestClusterConformance as _ClusterConformance
 
 from kivigo_async import Client
 from kivigo_async.backends.redis import (
@@ -34,9 +35,7 @@ from kivigo_async.backends.redis import (
 )
 from kivigo_async.errors import (
     BackendUnavailableError,
-    CrossSlotError,
     HealthCheckError,
-    TransactionConflictError,
 )
 from kivigo_async.testing.conformance import BackendConformance
 from kivigo_async.testing.pytest_plugin import (
@@ -390,8 +389,8 @@ async def test_secure_cluster_failover(
         assert await client.batch_get(list(data), int) == data
 
 
-class TestAclClusterConformance(BackendConformance):
-    """The conformance suite on the acl cluster; its two cross-slot transactions use hash tags here."""
+class TestAclClusterConformance(_ClusterConformance):
+    """The cluster conformance suite (hash-tagged transactions included) on the acl cluster."""
 
     @pytest.fixture
     async def kv_backend(self, topologies: Topologies) -> AsyncIterator[RedisClusterBackend]:
@@ -400,32 +399,6 @@ class TestAclClusterConformance(BackendConformance):
         backend = RedisClusterBackend(cluster_options(cluster))
         yield backend
         await backend.close()
-
-    async def test_transaction_applies_all_writes(self, client: Client) -> None:
-        await client.set("{t}gone", 1)
-        async with client.transaction() as tx:
-            tx.set("{t}a", 1)
-            tx.set("{t}b", {"x": 2}, ttl=60)
-            tx.delete("{t}gone")
-            assert await tx.get("{t}a", default=None) is None  # queued, not applied yet
-        assert await client.batch_get(["{t}a", "{t}b", "{t}gone"]) == {"{t}a": 1, "{t}b": {"x": 2}}
-        assert (await client.ttl("{t}b") or 0) > 59
-        with pytest.raises(CrossSlotError, match="hash tag"):
-            async with client.transaction() as tx:
-                tx.set("a", 1)
-                tx.delete("{t}a")
-        assert await client.get("{t}a") == 1
-
-    async def test_transaction_conflict_detected(self, client: Client) -> None:
-        await client.set("{s}stock", 10)
-        with pytest.raises(TransactionConflictError):
-            async with client.transaction(watch=["{s}stock"]) as tx:
-                stock = await tx.get("{s}stock", int)
-                await client.set("{s}stock", 3)  # a concurrent writer
-                tx.set("{s}stock", stock - 1)
-                tx.set("{s}order", 1)
-        assert await client.get("{s}stock") == 3
-        assert not await client.has_key("{s}order")
 
 
 # --------------------------------------------------------------------------- sentinel
