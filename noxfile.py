@@ -61,6 +61,13 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session
+def instructions(session: nox.Session) -> None:
+    """Client CPU per call in counted instructions (needs valgrind); see benchmarks/README.md."""
+    session.install("-e", ".[bench]")
+    session.run("python", "benchmarks/instructions.py", *session.posargs)
+
+
+@nox.session
 def soak(session: nox.Session) -> None:
     """About a minute of mixed load on both Redis transports; fails if connections, tasks or memory grow.
 

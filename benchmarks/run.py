@@ -130,6 +130,16 @@ def start_server() -> tuple[Server, str]:
     return server, f"{server.host}:{server.port} (started by the benchmark, no persistence)"
 
 
+def open_server() -> tuple[Server, str, Target] | None:
+    """:func:`start_server`, and the target to reach it; None (the reason logged) without one."""
+    try:
+        server, where = start_server()
+    except ServerStartError as exc:
+        log(f"could not get a server: {exc}")
+        return None
+    return server, where, Target(server.host, server.port, server.db, server.username, server.password)
+
+
 def server_info(target: Target) -> dict[str, str]:
     import redis
 
@@ -269,13 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     runnable = [cls for cls in classes if cls.name not in unavailable]
     sids = selected_scenarios(args.only)
 
-    try:
-        server, where = start_server()
-    except ServerStartError as exc:
-        log(f"could not get a server: {exc}")
+    opened = open_server()
+    if opened is None:
         return 2
-
-    target = Target(server.host, server.port, server.db, server.username, server.password)
+    server, where, target = opened
     runners: dict[str, LoopRunner] = {}
     adapters: dict[tuple[str, str], Adapter] = {}
     reps: report.Reps = {sid: {} for sid in sids}
