@@ -35,7 +35,7 @@ from kivigo_async.backends.redis import (
 from kivigo_async.errors import BackendUnavailableError, ConfigurationError, OperationTimeoutError
 from kivigo_async.testing.pytest_plugin import ClusterFactory
 from kivigo_async.testing.servers import RedisServer
-from kivigo_async.testing.topologies import RedisCluster
+from kivigo_async.testing.topologies import RedisCluster, wait_replicated
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]
 
@@ -609,8 +609,7 @@ async def test_failover_never_serves_a_stale_value(redis_cluster_factory: Cluste
             assert await client.get(key) == "v1"
             assert await client.get(key) == "v1"
         assert len(cache) == len(keys)
-        with sync_client(victim) as direct:
-            direct.execute_command("WAIT", 1, 10_000)  # the replica has v1 too
+        assert wait_replicated(victim) == 1  # the replica has v1 too
 
         watcher = Invalidations(cache)
         victim.kill()
@@ -678,8 +677,7 @@ async def test_manual_failover_is_noticed_without_any_read(
         assert tracking is not None
         await client.set(key, "v1")
         await cached_again(client, key)
-        with sync_client(old) as direct:
-            direct.execute_command("WAIT", 1, 10_000)
+        assert wait_replicated(old) == 1
         watcher = Invalidations(cache)
         with sync_client(replica) as promote:
             promote.execute_command("CLUSTER", "FAILOVER")  # coordinated: no write is lost

@@ -30,7 +30,7 @@ from kivigo_async.errors import (
 )
 from kivigo_async.testing.pytest_plugin import ClusterFactory
 from kivigo_async.testing.servers import RedisServer, free_port
-from kivigo_async.testing.topologies import RedisCluster
+from kivigo_async.testing.topologies import RedisCluster, wait_replicated
 
 
 def sync_client(node: RedisServer) -> redis.Redis:
@@ -47,8 +47,7 @@ def command_calls(node: RedisServer) -> Counter[str]:
 def reset_stats(cluster: RedisCluster) -> None:
     """Zero the command counters, once replicas have applied earlier writes (which they count)."""
     for node in cluster.primaries():
-        with sync_client(node) as client:
-            client.execute_command("WAIT", 1, 10_000)
+        wait_replicated(node)
     for node in cluster.running_nodes():
         with sync_client(node) as client:
             client.config_resetstat()

@@ -35,7 +35,7 @@ from kivigo_async.errors import (
 )
 from kivigo_async.testing.pytest_plugin import ClusterFactory
 from kivigo_async.testing.servers import BinaryKind, RedisServer
-from kivigo_async.testing.topologies import RedisCluster
+from kivigo_async.testing.topologies import RedisCluster, wait_replicated
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(240)]
 
@@ -429,8 +429,7 @@ async def test_replicas_never_add_duplicates(redis_cluster_factory: ClusterFacto
         begin_migration(source, target, slot)  # a migrating slot is read on two primaries
         move_keys(source, target, slot, limit=GROUP_SIZE // 2)
         for primary in cluster.primaries():
-            with sync_client(primary) as direct:
-                assert direct.execute_command("WAIT", 1, 10_000) == 1
+            assert wait_replicated(primary) == 1
         replicas = cluster.replicas()
         assert len(replicas) == 3
         for replica in replicas:

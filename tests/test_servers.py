@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +32,7 @@ from kivigo_async.testing.servers import (
     ServerUnavailable,
     Variant,
 )
+from kivigo_async.testing.topologies import wait_replicated
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -385,3 +389,33 @@ def test_forgotten_servers_are_stopped_at_exit(kivigo_server_pool: ServerPool) -
     pid, directory = int(out[0]), Path(out[1])
     assert pid_gone(pid)
     assert not directory.exists()
+
+
+def test_wait_replicated_waits_for_a_lagging_replica(redis_server_factory: ServerFactory) -> None:
+    primary = redis_server_factory(extra_config={"repl-diskless-sync-delay": "0"})
+    replica = redis_server_factory(extra_config={"replicaof": f"{primary.host} {primary.port}"})
+    pid = replica.pid
+    assert pid is not None
+    assert wait_replicated(primary, timeout=30) in (0, 1)  # 0: not connected yet
+    deadline = time.monotonic() + 30
+    while wait_replicated(primary, timeout=30) != 1:
+        assert time.monotonic() < deadline, "the replica never connected"
+        time.sleep(0.05)
+
+    os.kill(pid, signal.SIGSTOP)  # the replica stops applying what it is sent
+    resume = threading.Timer(0.5, os.kill, (pid, signal.SIGCONT))
+    try:
+        with client(primary) as conn:
+            conn.mset({f"k{i}": i for i in range(1000)})
+        lagging = rf"^replica .+:{replica.port} of .+:{primary.port} did not answer within 0.2 s$"
+        with pytest.raises(TimeoutError, match=lagging):
+            wait_replicated(primary, timeout=0.2)
+        resume.start()
+        assert wait_replicated(primary, timeout=30) == 1
+    finally:
+        resume.cancel()
+        if resume.ident is not None:
+            resume.join()
+        os.kill(pid, signal.SIGCONT)
+    with client(replica) as conn:
+        assert conn.dbsize() == 1000

@@ -52,7 +52,7 @@ from kivigo_async.testing.servers import (
     ServerUnavailable,
     Variant,
 )
-from kivigo_async.testing.topologies import RedisCluster, RedisSentinel, find_cli
+from kivigo_async.testing.topologies import RedisCluster, RedisSentinel, find_cli, wait_replicated
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(240)]
 
@@ -290,8 +290,9 @@ async def test_cluster_serves_clients_with_credentials(cluster: RedisCluster) ->
         with direct(primary) as conn:
             # The batches reached every primary, each of which checked our login ...
             assert conn.dbsize() > 0
-            # ... and the replicas logged in to their primary (masterauth / masteruser, or TLS).
-            assert conn.execute_command("WAIT", 1, 10_000) == 1
+        # ... and the replicas logged in to their primary (masterauth / masteruser, or TLS)
+        # and copied every write.
+        assert wait_replicated(primary) == 1
 
 
 def test_cluster_launcher_reports_its_secure_layout(cluster: RedisCluster) -> None:
@@ -372,8 +373,7 @@ async def test_secure_cluster_failover(
         data = {f"k{i}": i for i in range(100)}
         await client.batch_set(data)
         for primary in cluster.primaries():
-            with direct(primary) as conn:
-                assert conn.execute_command("WAIT", 1, 10_000) == 1
+            assert wait_replicated(primary) == 1
         victim = cluster.node_for_slot(key_slot(b"k0"))
         victim.kill()
         await asyncio.to_thread(cluster.wait_ready, 60.0, expected_nodes=5)
@@ -407,9 +407,8 @@ class TestAclClusterConformance(_ClusterConformance):
 async def test_sentinel_serves_clients_with_credentials(sentinel: RedisSentinel) -> None:
     async with Client(RedisSentinelBackend(sentinel_options(sentinel))) as client:
         await exercise(client)
-    with direct(sentinel.primary()) as conn:
-        # The replica logged in to the primary and copies its writes.
-        assert conn.execute_command("WAIT", 1, 10_000) == 1
+    # The replica logged in to the primary and copied its writes.
+    assert wait_replicated(sentinel.primary()) == 1
 
 
 def test_sentinel_launcher_reports_its_secure_layout(sentinel: RedisSentinel) -> None:
@@ -488,8 +487,7 @@ async def test_secure_sentinel_failover_command(
     topology = redis_sentinel_factory(kind, variant=variant)
     async with Client(RedisSentinelBackend(sentinel_options(topology, max_retries=5))) as client:
         await client.set("before", 1)
-        with direct(topology.primary()) as conn:
-            assert conn.execute_command("WAIT", 1, 10_000) == 1
+        assert wait_replicated(topology.primary()) == 1
         old = topology.master_addr()
         new = await asyncio.to_thread(topology.failover, 60.0)  # asks the sentinels, with their password
         assert new != old
@@ -505,8 +503,7 @@ async def test_acl_sentinels_agree_on_a_crashed_primary(redis_sentinel_factory: 
     topology = redis_sentinel_factory(variant="acl")
     async with Client(RedisSentinelBackend(sentinel_options(topology, max_retries=5))) as client:
         await client.set("before", 1)
-        with direct(topology.primary()) as conn:
-            assert conn.execute_command("WAIT", 1, 10_000) == 1
+        assert wait_replicated(topology.primary()) == 1
         old = topology.primary()
         old.kill()
         deadline = time.monotonic() + 60

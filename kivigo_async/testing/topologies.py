@@ -82,6 +82,7 @@ __all__ = [
     "RedisCluster",
     "RedisSentinel",
     "find_cli",
+    "wait_replicated",
 ]
 
 _POLL: Final = 0.1
@@ -147,6 +148,52 @@ def _query(server: RedisServer, *args: str) -> object:
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def wait_replicated(primary: RedisServer, timeout: float = 10.0) -> int:
+    """Wait until every replica of ``primary`` has applied all it has written; return how many.
+
+    ``WAIT`` on a new connection is no substitute: it waits only for that
+    connection's own writes, so with none it returns at once, replicated or not.
+    Here the primary's replication offset is read first, then each replica it
+    lists is polled until it has applied that much. Raises ``TimeoutError``
+    (naming the replica, never a credential) if one does not catch up in time.
+
+    Example:
+        ```python
+        await client.set("k", 1)
+        assert wait_replicated(cluster.node_for_slot(key_slot(b"k"))) == 1
+        ```
+    """
+    deadline = time.monotonic() + timeout
+    with _client(primary) as conn:
+        info: dict[str, Any] = conn.info("replication")
+    written = int(info["master_repl_offset"])
+    # redis-py parses each "slaveN:ip=...,port=...,state=..." line into a dict.
+    replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+    for replica in replicas:
+        host, port = str(replica["ip"]), int(replica["port"])
+        where = f"{host}:{port}"
+        # The data nodes of one topology share their credentials and CA.
+        kwargs: dict[str, Any] = {**primary.redis_kwargs(), "host": host, "port": port}
+        applied = -1
+        with redis.Redis(**kwargs, socket_timeout=0.5, socket_connect_timeout=0.5) as conn:
+            while True:
+                try:
+                    state: dict[str, Any] = conn.info("replication")
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass  # busy (loading, stopped): asked again until the deadline
+                else:
+                    applied = int(state.get("master_repl_offset", -1))
+                    if state.get("master_link_status") == "up" and applied >= written:
+                        break
+                if time.monotonic() > deadline:
+                    progress = "did not answer" if applied < 0 else f"applied {applied} of {written} bytes"
+                    raise TimeoutError(
+                        f"replica {where} of {primary.host}:{primary.port} {progress} within {timeout} s"
+                    )
+                time.sleep(0.01)
+    return len(replicas)
 
 
 class _Security:
