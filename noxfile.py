@@ -1,4 +1,4 @@
-"""Development sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s demo``, ``nox -s docs``, ``nox -s soak``.
+"""Development sessions: ``tests``, ``lint``, ``demo``, ``docs``, ``soak``, ``bench``, ``instructions``.
 
 Each session builds its own virtual environment from the package registry, so
 a fresh machine needs only Python and ``pip install nox``.
