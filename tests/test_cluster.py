@@ -128,14 +128,10 @@ async def test_scan_covers_every_primary_without_replica_duplicates(
     for primary in redis_cluster.primaries():
         with sync_client(primary) as direct:
             assert direct.dbsize() > 0
-    # Replicas hold copies too (scanning them would yield each key twice). Replication
-    # is asynchronous, so wait, bounded, until every replica has received its share.
-    for replica in redis_cluster.replicas():
-        with sync_client(replica) as direct:
-            deadline = asyncio.get_running_loop().time() + 30
-            while direct.dbsize() == 0 and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-            assert direct.dbsize() > 0
+    # Replicas hold copies too (scanning them would yield each key twice), all of them
+    # before the replica reads below.
+    for primary in redis_cluster.primaries():
+        assert wait_replicated(primary) == 1
     streamed = [key async for key in client.iter_keys("scan:")]
     assert len(streamed) == len(keys)
     assert sorted(streamed) == sorted(keys)
@@ -206,6 +202,7 @@ async def test_health_names_the_failed_primary(redis_cluster_factory: ClusterFac
         await client.health()
         await client.batch_set({f"k{i}": i for i in range(100)})
         victim = cluster.primaries()[1]
+        assert wait_replicated(victim) == 1  # its replica, promoted below, has its keys
         victim.kill()
         with pytest.raises(HealthCheckError) as info:
             await client.health()

@@ -39,7 +39,8 @@ HEALTHY, DEGRADED, DOWN = HealthStatus.HEALTHY, HealthStatus.DEGRADED, HealthSta
 
 def fast_failing_backend(server: RedisServer) -> RedisBackend:
     """A backend that gives up quickly on a dead server."""
-    return RedisBackend(redis_options(server, max_retries=0, dial_timeout=0.5, read_timeout=0.5))
+    # Quick, yet slack enough that a healthy server on a loaded machine is not taken for down.
+    return RedisBackend(redis_options(server, max_retries=0, dial_timeout=2.0, read_timeout=2.0))
 
 
 class Switch:

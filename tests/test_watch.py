@@ -157,7 +157,7 @@ def admin_of(server: RedisServer, **kwargs: Any) -> Redis:
 async def test_set_delete_expire_from_another_connection(client: Client, admin: Redis) -> None:
     async with client.watch("user:") as changes:
         await admin.set("user:1", b"a")
-        await admin.set("user:2", b"b", px=200)  # SET + its TTL: one SET event
+        await admin.set("user:2", b"b", px=1000)  # SET + its TTL: one SET event
         await admin.unlink("user:1")
         events = await take(changes, 4)  # the fourth: user:2 expiring, found by the server
     assert pairs(events) == [("set", "user:1"), ("set", "user:2"), ("delete", "user:1"), ("expire", "user:2")]
@@ -556,7 +556,7 @@ async def memory() -> AsyncIterator[Client]:
 async def test_memory_set_delete_expire(memory: Client) -> None:
     async with memory.watch("user:") as changes:
         await memory.set("user:1", "a")
-        await memory.set("user:2", "b", ttl=0.2)
+        await memory.set("user:2", "b", ttl=1.0)
         await memory.set("other", "c")
         await memory.delete("user:1")
         await memory.delete("user:missing")
