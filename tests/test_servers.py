@@ -91,7 +91,8 @@ def test_variant_answers_ping_with_its_credentials(
     server = require_server(kivigo_server_pool, kind, variant)
     assert server.kind == kind
     assert server.variant == variant
-    assert 20000 <= server.port <= 55535
+    first, last = servers.port_range()
+    assert first <= server.port <= last
     assert server.url == f"{'rediss' if variant == 'tls' else 'redis'}://127.0.0.1:{server.port}"
     with client(server) as conn:
         assert conn.ping() is True
@@ -278,10 +279,28 @@ def test_reserved_config_keys_are_refused(kivigo_server_pool: ServerPool) -> Non
 
 
 def test_free_port_leaves_room_for_cluster_bus() -> None:
+    first, last = servers.port_range()
     for _ in range(20):
         port = servers.free_port()
-        assert 20000 <= port <= 55535
+        assert first <= port <= last
+        assert port + 10000 <= 65535
         assert servers._bindable(port + 10000)
+
+
+def test_ports_stay_out_of_the_ephemeral_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Outgoing connections take their local ports from that range: a server there
+    # could find its port taken on restart by a client still dialling it.
+    low, high = servers._ephemeral_ports()
+    first, last = servers.port_range()
+    assert last + 10000 < low or first > high or (first, last) == (20000, 55535)
+    for ephemeral, expected in [
+        ((32768, 60999), (10000, 22767)),  # Linux's default
+        ((49152, 65535), (10000, 39151)),  # the IANA range (macOS, Windows)
+        ((15000, 40000), (40001, 55535)),  # no room below: above it
+        ((1024, 65535), (20000, 55535)),  # no room anywhere: the old range
+    ]:
+        monkeypatch.setattr(servers, "_ephemeral_ports", lambda e=ephemeral: e)
+        assert servers.port_range() == expected, ephemeral
 
 
 def test_missing_binary_skips_locally_and_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -109,9 +109,11 @@ _START_TIMEOUT: Final = 10.0
 _STOP_TIMEOUT: Final = 5.0
 _START_ATTEMPTS: Final = 5
 _PING_TIMEOUT: Final = 0.5
-# Cluster nodes listen on port + 10000 for their bus, so both must stay below 65536.
-_PORT_RANGE: Final = (20000, 55535)
 _CLUSTER_BUS_OFFSET: Final = 10000
+# Servers take ports from here up; below, well-known services (6379 among them) live.
+_LOWEST_PORT: Final = 10000
+# Where the kernel picks the local ports of outgoing connections, when it cannot say.
+_EPHEMERAL_DEFAULT: Final = (32768, 60999)
 _LOG_TAIL_LINES: Final = 20
 _PORT_IN_USE: Final = "Address already in use"
 # Replies meaning "up, but not serving yet": keep polling rather than fail.
@@ -329,14 +331,42 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2]
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return _EPHEMERAL_DEFAULT
+
+
+def port_range() -> tuple[int, int]:
+    """The ports :func:`free_port` picks from: below the kernel's ephemeral range, with the cluster bus.
+
+    The local port of every outgoing connection comes from the ephemeral range.
+    A server whose port lies there can find it taken when it restarts (by a
+    client's connection), and a client that keeps dialling a stopped server's
+    port there can even connect to itself. Where the ephemeral range leaves too
+    little room below it, ports above the cluster bus offset are used instead.
+    """
+    low, high = _ephemeral_ports()
+    top = low - 1 - _CLUSTER_BUS_OFFSET  # the bus port (+10000) must stay below it too
+    if top - _LOWEST_PORT >= 1000:
+        return _LOWEST_PORT, top
+    if 65535 - _CLUSTER_BUS_OFFSET - (high + 1) >= 1000:
+        return high + 1, 65535 - _CLUSTER_BUS_OFFSET
+    return 20000, 65535 - _CLUSTER_BUS_OFFSET  # nowhere outside it: take the chance
+
+
 def free_port(*, cluster_bus: bool = True) -> int:
     """A loopback port that is free now (and, with ``cluster_bus``, so is ``port + 10000``).
 
-    Another process can still take it before the server binds it; starting a
-    server retries with a fresh port when that happens.
+    It lies outside the kernel's ephemeral port range when that leaves room
+    (see :func:`port_range`). Another process can still take it before the
+    server binds it; starting a server retries with a fresh port when that happens.
     """
+    first, last = port_range()
     for _ in range(500):
-        port = _rng.randint(*_PORT_RANGE)
+        port = _rng.randint(first, last)
         if _bindable(port) and (not cluster_bus or _bindable(port + _CLUSTER_BUS_OFFSET)):
             return port
     raise ServerStartError("found no free loopback port")
