@@ -176,24 +176,27 @@ def wait_replicated(primary: RedisServer, timeout: float = 10.0) -> int:
         where = f"{host}:{port}"
         # The data nodes of one topology share their credentials and CA.
         kwargs: dict[str, Any] = {**primary.redis_kwargs(), "host": host, "port": port}
-        applied = -1
         with redis.Redis(**kwargs, socket_timeout=0.5, socket_connect_timeout=0.5) as conn:
             while True:
-                try:
-                    state: dict[str, Any] = conn.info("replication")
-                except (redis.ConnectionError, redis.TimeoutError):
-                    pass  # busy (loading, stopped): asked again until the deadline
-                else:
-                    applied = int(state.get("master_repl_offset", -1))
-                    if state.get("master_link_status") == "up" and applied >= written:
-                        break
+                applied, linked = _replica_progress(conn)
+                if linked and applied >= written:
+                    break
                 if time.monotonic() > deadline:
-                    progress = "did not answer" if applied < 0 else f"applied {applied} of {written} bytes"
+                    said = "did not answer" if applied < 0 else f"applied {applied} of {written} bytes"
                     raise TimeoutError(
-                        f"replica {where} of {primary.host}:{primary.port} {progress} within {timeout} s"
+                        f"replica {where} of {primary.host}:{primary.port} {said} within {timeout} s"
                     )
                 time.sleep(0.01)
     return len(replicas)
+
+
+def _replica_progress(conn: redis.Redis) -> tuple[int, bool]:
+    """The replication offset a replica has applied (-1: no answer) and whether its link is up."""
+    try:
+        state: dict[str, Any] = conn.info("replication")
+    except (redis.ConnectionError, redis.TimeoutError):
+        return -1, False  # busy (loading, stopped): asked again until the deadline
+    return int(state.get("master_repl_offset", -1)), state.get("master_link_status") == "up"
 
 
 class _Security:
