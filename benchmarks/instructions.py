@@ -46,6 +46,7 @@ from adapters import (
     RedisPyJsonAdapter,
     Target,
 )
+from run import delete_bench_keys, log, open_server, server_info
 
 HERE = Path(__file__).resolve().parent
 LIBS: dict[str, type[Adapter]] = {
@@ -68,10 +69,6 @@ VERSIONS_OF = ("redis", "hiredis", "msgspec", "orjson")
 _COLLECTED = re.compile(rb"Collected\s*:\s*(\d+)")
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 # -- the measured process ----------------------------------------------------------
 
 
@@ -82,21 +79,14 @@ async def _child(lib: str, case: str, calls: int, target: Target) -> None:
         await scenarios.prepare(adapter)
         op, size = CASES[case]
         keys = scenarios.keys_for(adapter.slug)[:size]
-        if op == "seq":
-            key = keys[0]
 
-            async def once() -> None:
-                await adapter.set(key)
-                await adapter.get(key)
-
-        elif op == "get":
-
-            async def once() -> None:
+        async def once() -> None:
+            if op == "seq":
+                await adapter.set(keys[0])
+                await adapter.get(keys[0])
+            elif op == "get":
                 await adapter.batch_get(keys)
-
-        else:
-
-            async def once() -> None:
+            else:
                 await adapter.batch_set(keys)
 
         for _ in range(5):  # warm-up: decoders built, buffers grown, connections open
@@ -219,8 +209,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("valgrind") is None:
         log("valgrind is not on PATH: it counts the instructions (apt-get install valgrind)")
         return 2
-    from run import delete_bench_keys, open_server, server_info
-
     opened = open_server()
     if opened is None:
         return 2
