@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .backend import AsyncBackend, LeaseBackend
-from .errors import OperationTimeoutError
+from .errors import BackendUnavailableError, EncodeError, OperationTimeoutError
 from .hooks import EventType
 
 if TYPE_CHECKING:
@@ -162,6 +162,14 @@ class SingleFlight(Generic[R]):
                 call.abandoned = True
                 call.task.cancel()
 
+    async def cancel_all(self) -> None:
+        """Cancel every running task and wait until each has finished its cleanup."""
+        tasks = [call.task for call in self._calls.values()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     def _finished(self, key: str, call: _Call[R], task: asyncio.Task[R]) -> None:
         if self._calls.get(key) is call:
             del self._calls[key]
@@ -179,6 +187,12 @@ class CacheFiller:
     def __init__(self, backend: AsyncBackend) -> None:
         self.lease = find_lease(backend)
         self._flights: SingleFlight[_Filled] = SingleFlight()
+        self._closed = False
+
+    async def aclose(self) -> None:
+        """Stop every fill in progress (their leases are released) before the backend closes."""
+        self._closed = True
+        await self._flights.cancel_all()
 
     async def fill(
         self,
@@ -191,9 +205,19 @@ class CacheFiller:
         wait_ms: int | None,
     ) -> Any:
         """Return the value of ``key`` after at most one factory run per key in this process."""
-        value, data, produced_as = await self._flights.do(
-            key, lambda: self._fill(client, key, factory, rtype, ttl_ms, lock_ms, wait_ms)
-        )
+        if self._closed:
+            raise BackendUnavailableError(f"get_or_set for key {key!r}: the client is closed")
+        try:
+            value, data, produced_as = await self._flights.do(
+                key, lambda: self._fill(client, key, factory, rtype, ttl_ms, lock_ms, wait_ms)
+            )
+        except asyncio.CancelledError:
+            if self._closed and not _cancelling():
+                # The fill was stopped by Client.close(), not this caller's cancellation.
+                raise BackendUnavailableError(
+                    f"get_or_set for key {key!r}: the client was closed while the value was computed"
+                ) from None
+            raise
         if produced_as == rtype:
             return value
         # A concurrent caller asked for another type: decode the shared bytes for this one.
@@ -246,6 +270,17 @@ class CacheFiller:
             delay = min(delay * 2, _MAX_POLL)
 
 
+def _type_name(tp: Any) -> str:
+    return tp.__qualname__ if isinstance(tp, type) else repr(tp)
+
+
+def _cancelling() -> bool:
+    """Whether the current task has been asked to cancel (always False before 3.11)."""
+    task = asyncio.current_task()
+    cancelling: Callable[[], int] | None = getattr(task, "cancelling", None)
+    return cancelling is not None and cancelling() > 0
+
+
 async def _produce(
     client: Client, key: str, factory: Callable[[], object], rtype: Any, ttl_ms: int | None
 ) -> _Filled:
@@ -254,6 +289,17 @@ async def _produce(
         awaitable: Awaitable[object] = result
         result = await awaitable
     data = client._encode(key, result)
+    if rtype is not object:
+        # Read back as every later hit will be: a result that does not match the
+        # type is refused before it is stored (it would fail every read until its
+        # TTL ran out), and the miss returns the same type as the hits.
+        try:
+            result = client._codec.decode(data, rtype)
+        except Exception as exc:
+            raise EncodeError(
+                f"get_or_set for key {key!r}: the factory's result does not read back as "
+                f"{_type_name(rtype)}: {exc}"
+            ) from exc
     await client.backend.set(key, data, ttl_ms)
     if client.hooks:
         await client.hooks.emit(EventType.SET, key, data)

@@ -48,15 +48,20 @@ from .errors import (
 from .hooks import EventType, HookRegistry
 from .watch import DEFAULT_MAX_PENDING, ChangeStream, Watch, _check_watch_args
 
-__all__ = ["Client", "HealthCheck", "Transaction", "TTLLike"]
+__all__ = ["MAX_TTL_MS", "Client", "HealthCheck", "Transaction", "TTLLike"]
 
 T = TypeVar("T")
 D = TypeVar("D")
 
 #: A TTL: seconds as a number (fractions keep millisecond precision) or a timedelta.
 TTLLike = Union[float, int, timedelta]  # noqa: UP007 (a runtime alias must work on 3.9 syntax)
-#: An extra health check: receives the client, raises on failure.
-HealthCheck = Callable[["Client"], Awaitable[object]]
+#: An extra health check: receives the client, raises on failure. Usually async;
+#: a plain function is called as it is.
+HealthCheck = Callable[["Client"], Union[Awaitable[object], object]]  # noqa: UP007
+
+#: The longest TTL accepted, in milliseconds (about 146 million years). Redis refuses
+#: an expiry time past 2**63 - 1 ms once its clock is added; this leaves room for it.
+MAX_TTL_MS = 2**62
 
 
 class _Missing:
@@ -102,7 +107,10 @@ def _ttl_ms(ttl: TTLLike | None) -> int | None:
     if isinstance(ttl, timedelta):
         seconds = ttl.total_seconds()
     elif isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
-        seconds = float(ttl)
+        try:
+            seconds = float(ttl)
+        except OverflowError:
+            seconds = math.inf
     else:
         raise InvalidArgumentError(
             f"ttl must be seconds (int or float) or a timedelta, not {type(ttl).__name__}"
@@ -112,7 +120,28 @@ def _ttl_ms(ttl: TTLLike | None) -> int | None:
     ms = round(seconds * 1000)
     if ms < 1:
         raise InvalidArgumentError(f"ttl must be at least 1 millisecond, got {seconds!r} seconds")
+    if ms > MAX_TTL_MS:
+        raise InvalidArgumentError(
+            f"ttl must be at most {MAX_TTL_MS // 1000} seconds, got {seconds!r} seconds "
+            "(leave ttl=None for no expiry)"
+        )
     return ms
+
+
+async def run_health_check(check: HealthCheck, client: Client) -> object:
+    """Run one extra health check, awaiting its result only when it is awaitable."""
+    result = check(client)
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+def _none_type_error() -> InvalidArgumentError:
+    # get(key, None) reads like dict.get(key, None), but would decode as NoneType
+    # and still raise KeyNotFoundError for a missing key.
+    return InvalidArgumentError(
+        "type=None is not a type: did you mean default=None? (to read a JSON null, pass type(None))"
+    )
 
 
 def _encode_error(key: str, exc: Exception) -> EncodeError:
@@ -157,6 +186,11 @@ class Client:
         if not isinstance(backend, AsyncBackend):
             raise ConfigurationError(f"backend must implement AsyncBackend, got {type(backend).__name__}")
         codec = JsonCodec() if codec is None else codec
+        if isinstance(codec, type):
+            raise ConfigurationError(
+                f"codec must be an instance, not the class {codec.__name__} "
+                f"(did you mean {codec.__name__}()?)"
+            )
         if not (callable(getattr(codec, "encode", None)) and callable(getattr(codec, "decode", None))):
             raise ConfigurationError(f"codec must have encode() and decode(), got {type(codec).__name__}")
         self._backend = backend
@@ -213,17 +247,25 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
-        """Stop background hooks and close the backend. Safe to call twice."""
+        """Stop watches, running ``get_or_set`` fills and background hooks, then close the backend.
+
+        Safe to call twice. A ``get_or_set`` caller whose fill is stopped gets
+        :class:`~kivigo_async.errors.BackendUnavailableError`.
+        """
         if self._closed:
             return
         self._closed = True
-        for watch in list(self._watches):
-            # Their loops end (StopAsyncIteration); a failing close must not stop ours.
-            with contextlib.suppress(Exception):
-                await watch.aclose()
         try:
+            for watch in list(self._watches):
+                # Their loops end (StopAsyncIteration); a failing close must not stop ours.
+                with contextlib.suppress(Exception):
+                    await watch.aclose()
+            if self._filler is not None:
+                await self._filler.aclose()
             await self.hooks.aclose()
         finally:
+            # Even when cancelled above: a second close() returns at once, so this
+            # is the only chance to release the backend's connections.
             await self._backend.close()
 
     # -- encoding helpers ------------------------------------------------
@@ -288,6 +330,8 @@ class Client:
             ```
         """
         _check_key(key)
+        if type is None:
+            raise _none_type_error()
         return self._result(key, await self._backend.get(key), type, default)
 
     async def set(self, key: str, value: object, *, ttl: TTLLike | None = None) -> None:
@@ -710,22 +754,28 @@ class Client:
     async def health(self, *extra_checks: HealthCheck) -> None:
         """Check the backend (and ``extra_checks``, run concurrently); raise on failure.
 
-        Each extra check is an async callable that receives the client and
-        raises when unhealthy. A backend without a health probe is checked
+        Each extra check is a callable (usually async) that receives the client
+        and raises when unhealthy. A backend without a health probe is checked
         with a read of a key that does not need to exist.
 
         Raises:
             HealthCheckError: with every failure in ``.errors``.
+            InvalidArgumentError: an extra check is not callable.
 
         Example:
             ```python
             await client.health()
             ```
         """
+        for check in extra_checks:
+            if not callable(check):
+                raise InvalidArgumentError(f"a health check must be callable, got {type(check).__name__}")
         probes: builtins.list[Awaitable[object]] = [
             self._health.health() if self._health is not None else self._backend.get("kivigo:health")
         ]
-        probes.extend(check(self) for check in extra_checks)
+        # Each check runs inside its own coroutine, so one that raises at once
+        # (a plain function) is a health result like any other.
+        probes.extend(run_health_check(check, self) for check in extra_checks)
         results = await asyncio.gather(*probes, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         for err in errors:
@@ -776,14 +826,18 @@ class Transaction:
         self._watch = watch
         self._tx: BackendTransaction | None = None
         self._ops: list[TxOp] = []
+        self._ended = False
 
     def _open(self) -> BackendTransaction:
+        if self._ended:
+            # A write queued now would never be committed: refuse it, never drop it.
+            raise KivigoError("the transaction has ended: use it only inside its 'async with' block")
         if self._tx is None:
             raise KivigoError("use the transaction inside 'async with'")
         return self._tx
 
     async def __aenter__(self) -> Transaction:
-        if self._tx is not None:
+        if self._tx is not None or self._ended:
             raise KivigoError("a transaction can be entered only once")
         self._tx = await self._backend.begin(self._watch)
         return self
@@ -795,6 +849,7 @@ class Transaction:
         tb: TracebackType | None,
     ) -> None:
         tx = self._open()
+        self._ended = True
         try:
             if exc_type is None and self._ops:
                 await tx.commit(self._ops)
@@ -819,6 +874,8 @@ class Transaction:
     async def get(self, key: str, type: Any = object, *, default: Any = _MISSING) -> Any:
         """Read ``key`` now (not queued); like :meth:`Client.get`."""
         _check_key(key)
+        if type is None:
+            raise _none_type_error()
         return self._client._result(key, await self._open().get(key), type, default)
 
     def set(self, key: str, value: object, *, ttl: TTLLike | None = None) -> None:

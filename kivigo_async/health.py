@@ -49,7 +49,7 @@ from enum import Enum
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Union
 
-from .client import Client, HealthCheck
+from .client import Client, HealthCheck, run_health_check
 from .errors import (
     ConfigurationError,
     HealthCheckError,
@@ -505,7 +505,7 @@ class HealthWatcher:
             async def run(client: Client) -> object:
                 nonlocal failed_extras
                 try:
-                    return await check(client)
+                    return await run_health_check(check, client)
                 except Exception:
                     failed_extras += 1
                     raise

@@ -20,15 +20,18 @@ from kivigo_async.backend import (
     TTLBackend,
 )
 from kivigo_async.backends.memory import MemoryBackend
+from kivigo_async.codecs import JsonCodec
 from kivigo_async.errors import (
     BackendUnavailableError,
     ConfigurationError,
     HealthCheckError,
+    InvalidArgumentError,
     KeyNotFoundError,
     TransactionConflictError,
     UnsupportedOperationError,
 )
 from kivigo_async.hooks import EventType, HookEvent
+from kivigo_async.watch import DEFAULT_MAX_PENDING, ChangeFeed, ChangeStream
 
 
 class MinimalBackend:
@@ -181,7 +184,7 @@ def test_backend_must_implement_async_backend(backend: object) -> None:
         Client(backend)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("codec", [object(), NoDecode(), NotCallable()])
+@pytest.mark.parametrize("codec", [object(), NoDecode(), NotCallable(), JsonCodec])
 def test_codec_must_encode_and_decode(codec: object) -> None:
     with pytest.raises(ConfigurationError, match="codec"):
         Client(MemoryBackend(), codec=codec)  # type: ignore[arg-type]
@@ -225,6 +228,33 @@ async def test_memory_backend_is_closed_by_the_client() -> None:
     backend = MemoryBackend()
     async with Client(backend) as client:
         await client.set("k", 1)
+    with pytest.raises(BackendUnavailableError):
+        await backend.get("k")
+
+
+async def test_close_releases_the_backend_even_when_cancelled() -> None:
+    class SlowWatchBackend(MemoryBackend):
+        """A memory backend whose subscriptions take a while to release (like an UNSUBSCRIBE)."""
+
+        async def watch(
+            self, prefix: str, *, max_pending: int = DEFAULT_MAX_PENDING, configure_server: bool = True
+        ) -> ChangeStream:
+            async def release() -> None:
+                await asyncio.sleep(0.5)
+
+            return ChangeFeed(max_pending=max_pending, release=release)
+
+    backend = SlowWatchBackend()
+    client = Client(backend)
+    watch = client.watch("k")
+    await watch.__aenter__()
+    closing = asyncio.create_task(client.close())
+    await asyncio.sleep(0.05)  # inside the watch's slow close
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    # The cancelled close() was the only one that could release the backend (a second
+    # call returns at once), so it must have closed it on the way out.
     with pytest.raises(BackendUnavailableError):
         await backend.get("k")
 
@@ -348,6 +378,28 @@ async def test_health_collects_backend_and_check_failures() -> None:
     assert [type(e) for e in info.value.errors] == [BackendUnavailableError, RuntimeError]
 
 
+async def test_health_accepts_plain_function_checks(memory_client: Client) -> None:
+    calls: list[str] = []
+
+    def ok(client: Client) -> None:
+        calls.append("ok")
+
+    def broken(client: Client) -> None:
+        raise RuntimeError("flag store unreachable")
+
+    await memory_client.health(ok)
+    with pytest.raises(HealthCheckError, match="flag store unreachable") as info:
+        await memory_client.health(ok, broken)
+    assert calls == ["ok", "ok"]
+    assert [type(e) for e in info.value.errors] == [RuntimeError]
+
+
+@pytest.mark.parametrize("check", [None, "ping", 42])
+async def test_health_rejects_a_check_that_is_not_callable(memory_client: Client, check: object) -> None:
+    with pytest.raises(InvalidArgumentError, match="health check must be callable"):
+        await memory_client.health(check)  # type: ignore[arg-type]
+
+
 async def test_health_checks_run_concurrently(memory_client: Client) -> None:
     # Each check waits for the other to start: run one after the other, they would never finish.
     first, second = asyncio.Event(), asyncio.Event()
@@ -372,6 +424,18 @@ async def test_health_does_not_swallow_cancellation(memory_client: Client) -> No
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_get_with_none_as_the_type_points_to_default(memory_client: Client) -> None:
+    await memory_client.set("k", {"a": 1})
+    async with memory_client.transaction() as tx:
+        with pytest.raises(InvalidArgumentError, match="did you mean default=None"):
+            await tx.get("k", None)  # type: ignore[call-overload]
+    for key in ("k", "missing"):
+        with pytest.raises(InvalidArgumentError, match="did you mean default=None"):
+            await memory_client.get(key, None)  # type: ignore[call-overload]
+    await memory_client.set("null", None)
+    assert await memory_client.get("null", type(None)) is None  # type: ignore[func-returns-value]
 
 
 # --------------------------------------------------------------------------- typing

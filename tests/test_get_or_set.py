@@ -432,6 +432,58 @@ async def test_typed_decode_of_the_cached_value(client: Client) -> None:
     await client.delete(key)
 
 
+async def test_typed_miss_returns_what_hits_will_return(client: Client) -> None:
+    key = fresh_key()
+
+    def as_dict() -> dict[str, Any]:
+        return {"id": 1, "name": "ada"}
+
+    first = await client.get_or_set(key, as_dict, type=User)  # type: ignore[arg-type]
+    assert first == User(1, "ada")  # the same type as every later hit, not the dict
+    assert await client.get_or_set(key, as_dict, type=User) == User(1, "ada")  # type: ignore[arg-type]
+    await client.delete(key)
+
+
+async def test_result_that_does_not_match_the_type_is_not_stored(client: Client) -> None:
+    key = fresh_key()
+
+    async def wrong() -> int:
+        return "not-an-int"  # type: ignore[return-value]
+
+    with pytest.raises(EncodeError, match=rf"{key}.*does not read back as int"):
+        await client.get_or_set(key, wrong)  # the annotation gives the type
+    with pytest.raises(EncodeError, match="does not read back as"):
+        await client.get_or_set(key, lambda: {"x": 1}, type=User)  # type: ignore[arg-type,return-value]
+    assert not await client.has_key(key)
+    assert not await client.has_key(lease_key(key))  # released, so the next caller can fill
+
+
+async def test_close_stops_a_running_fill() -> None:
+    backend = MemoryBackend()
+    client = Client(backend)
+    started = asyncio.Event()
+    finished: list[str] = []
+
+    async def slow() -> int:
+        started.set()
+        await asyncio.sleep(30)
+        finished.append("factory")
+        return 1
+
+    caller = asyncio.create_task(client.get_or_set("report", slow))
+    await asyncio.wait_for(started.wait(), 10)
+    await asyncio.wait_for(client.close(), 10)
+    with pytest.raises(BackendUnavailableError, match="closed"):
+        await asyncio.wait_for(caller, 10)
+    assert finished == []
+    fills = [t for t in asyncio.all_tasks() if "CacheFiller._fill" in repr(t.get_coro())]
+    assert fills == []
+    # The lease was given back before the backend closed.
+    assert lease_key("report") not in backend._data
+    with pytest.raises(BackendUnavailableError):
+        await client.get_or_set("report", slow)
+
+
 async def test_concurrent_callers_asking_different_types() -> None:
     async with Client(MemoryBackend()) as client:
 

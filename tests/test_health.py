@@ -264,6 +264,22 @@ async def test_dead_backend_with_passing_extra_checks_is_down(redis_server_facto
             assert "BackendUnavailableError" in w.report.error
 
 
+async def test_plain_function_checks(memory_client: Client) -> None:
+    state = {"ok": True}
+
+    def flag_store(client: Client) -> None:
+        if not state["ok"]:
+            raise RuntimeError("flag store unreachable")
+
+    async with HealthWatcher(memory_client, interval=60, degraded_latency=10, checks=[flag_store]) as w:
+        assert w.status is HEALTHY
+        state["ok"] = False
+        report = await w.check_now()
+        assert report.status is DOWN
+        assert report.error is not None
+        assert "RuntimeError: flag store unreachable" in report.error
+
+
 async def test_memory_backend_closed_is_down(memory_client: Client) -> None:
     async with HealthWatcher(memory_client, interval=60, degraded_latency=10) as w:
         assert w.status is HEALTHY

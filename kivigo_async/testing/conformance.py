@@ -39,7 +39,7 @@ import msgspec
 import pytest
 
 from ..backend import AsyncBackend
-from ..client import Client
+from ..client import MAX_TTL_MS, Client
 from ..codecs import Codec, CompressedCodec, EncryptedCodec, JsonCodec, MsgspecCodec
 from ..errors import (
     DecodeError,
@@ -47,6 +47,7 @@ from ..errors import (
     InvalidArgumentError,
     InvalidKeyError,
     KeyNotFoundError,
+    KivigoError,
     TransactionConflictError,
 )
 
@@ -232,13 +233,28 @@ class BackendConformance:
             await client.batch_delete(["ok", bad])
         assert await client.list() == []
 
-    @pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("inf"), 0.0001, "10", True])
+    @pytest.mark.parametrize(
+        "ttl", [0, -1, float("nan"), float("inf"), 0.0001, "10", True, 1e300, 10**400, 2**62]
+    )
     async def test_invalid_ttl_rejected(self, client: Client, ttl: Any) -> None:
         with pytest.raises(InvalidArgumentError):
             await client.set("t", 1, ttl=ttl)
         with pytest.raises(InvalidArgumentError):
             await client.batch_set({"t": 1}, ttl=ttl)
         assert not await client.has_key("t")
+        await client.set("t", 1)
+        with pytest.raises(InvalidArgumentError):
+            await client.expire("t", ttl)
+        assert await client.ttl("t") is None
+
+    async def test_longest_ttl_accepted(self, client: Client) -> None:
+        longest = MAX_TTL_MS / 1000
+        await client.set("t", 1, ttl=longest)
+        await client.batch_set({"u": 2}, ttl=dt.timedelta.max)
+        assert await client.batch_get(["t", "u"]) == {"t": 1, "u": 2}
+        remaining = await client.ttl("t")
+        assert remaining is not None
+        assert remaining > longest - 60
 
     async def test_unencodable_value_writes_nothing(self, client: Client) -> None:
         with pytest.raises(EncodeError, match="bad"):
@@ -448,6 +464,21 @@ class BackendConformance:
                 await client.delete("w")
                 tx.set("w", 2)
         assert not await client.has_key("w")
+
+    async def test_transaction_refuses_use_after_its_block(self, client: Client) -> None:
+        await client.set("k", 1)
+        async with client.transaction(watch=["k"]) as tx:
+            tx.set("a", 1)
+        with pytest.raises(KivigoError, match="ended"):
+            tx.set("b", 2)
+        with pytest.raises(KivigoError, match="ended"):
+            tx.delete("a")
+        with pytest.raises(KivigoError, match="ended"):
+            await tx.get("k")
+        with pytest.raises(KivigoError):
+            async with tx:
+                pass
+        assert await client.batch_get(["a", "b"]) == {"a": 1}
 
     async def test_transaction_without_conflict_commits(self, client: Client) -> None:
         await client.set("stock", 10)
