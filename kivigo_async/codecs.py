@@ -189,14 +189,72 @@ def _decode_error(exc: BaseException, tp: Any, fmt: str) -> DecodeError:
     return DecodeError(f"expected {_type_name(tp)} ({fmt}): {_validation_summary(exc)}")
 
 
+def _is_pydantic_secret(tp: Any) -> bool:
+    return isinstance(tp, type) and any(
+        c.__module__ == "pydantic.types" and c.__name__ in ("_SecretBase", "SecretStr", "SecretBytes")
+        for c in tp.__mro__
+    )
+
+
+def _has_serializer(metadata: Sequence[object]) -> bool:
+    return any(type(m).__name__ in ("PlainSerializer", "WrapSerializer") for m in metadata)
+
+
+def _masked_field(cls: Any, seen: set[type]) -> str | None:
+    """The first field of pydantic model ``cls`` that its JSON dump would mask, or ``None``."""
+    decorators = getattr(cls, "__pydantic_decorators__", None)
+    if decorators is not None and decorators.model_serializers:
+        return None  # the model serialises itself: its author decides
+    serialized: set[str] = set()
+    if decorators is not None:
+        for decorator in decorators.field_serializers.values():
+            serialized.update(decorator.info.fields)
+    for name, info in getattr(cls, "model_fields", {}).items():
+        if name in serialized or "*" in serialized or _has_serializer(info.metadata):
+            continue
+        if _masks(info.annotation, seen):
+            return str(name)
+    return None
+
+
+def _masks(tp: Any, seen: set[type]) -> bool:
+    if _is_pydantic_secret(tp):
+        return True
+    if get_origin(tp) is Annotated and _has_serializer(tp.__metadata__):
+        return False
+    if _is_pydantic_model(tp):
+        if tp in seen:
+            return False
+        seen.add(tp)
+        return _masked_field(tp, seen) is not None
+    return any(_masks(arg, seen) for arg in get_args(tp))
+
+
+# pydantic model class -> the field whose secret its JSON dump would replace by
+# "**********" (None: no such field). Checked once per class.
+_MASKED_FIELDS: dict[type, str | None] = {}
+
+
 def _pydantic_dump(obj: Any) -> Any:
+    cls = type(obj)
+    try:
+        masked = _MASKED_FIELDS[cls]
+    except KeyError:
+        masked = _MASKED_FIELDS[cls] = _masked_field(cls, {cls})
+    if masked is not None:
+        # Stored as pydantic's mask, the secret would be lost without an error.
+        raise TypeError(
+            f"`{_type_name(cls)}.{masked}` holds a pydantic secret, which model_dump(mode='json') "
+            "writes as '**********': give the field a field_serializer that returns the secret "
+            "value (and consider EncryptedCodec)"
+        )
     return obj.model_dump(mode="json")
 
 
 def _msgspec_enc_hook(obj: Any) -> Any:
     """msgspec ``enc_hook``: pydantic models (duck-typed); everything else is unsupported."""
     if callable(getattr(obj, "model_dump", None)):
-        return obj.model_dump(mode="json")
+        return _pydantic_dump(obj)
     raise TypeError(f"unsupported type `{_type_name(type(obj))}`")
 
 
@@ -410,6 +468,8 @@ class JsonCodec(_DecoderCache):
                 decoder = msgspec.json.Decoder(tp, dec_hook=_msgspec_dec_hook).decode
             except (TypeError, ValueError) as exc:
                 raise DecodeError(f"cannot decode into {_type_name(tp)}: not a supported type") from exc
+            except NameError as exc:  # a forward reference in the type that does not resolve
+                raise DecodeError(f"cannot decode into {_type_name(tp)}: {exc}") from exc
         with contextlib.suppress(TypeError):  # unhashable annotation: not cached
             self._decoders[tp] = decoder
         return decoder
@@ -502,6 +562,8 @@ class MsgspecCodec(_DecoderCache):
                 decoder = self._new_decoder(tp, dec_hook=_msgspec_dec_hook).decode
             except (TypeError, ValueError) as exc:
                 raise DecodeError(f"cannot decode into {_type_name(tp)}: not a supported type") from exc
+            except NameError as exc:  # a forward reference in the type that does not resolve
+                raise DecodeError(f"cannot decode into {_type_name(tp)}: {exc}") from exc
         with contextlib.suppress(TypeError):  # unhashable annotation: not cached
             self._decoders[tp] = decoder
         return decoder

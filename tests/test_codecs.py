@@ -12,7 +12,7 @@ import uuid
 import zlib
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict, cast
 
 import msgspec
 import orjson
@@ -339,6 +339,69 @@ def test_real_pydantic_model(codec: Codec) -> None:
         roundtrip(codec, {"name": "x", "age": SECRET}, Person)
     assert SECRET not in str(info.value)
     assert isinstance(info.value.__cause__, pydantic.ValidationError)
+
+
+def test_pydantic_secret_is_refused_not_masked(codec: Codec) -> None:
+    pydantic = pytest.importorskip("pydantic")
+
+    class Inner(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        password: pydantic.SecretStr  # type: ignore[name-defined]
+
+    class Outer(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        name: str
+        logins: list[Inner] | None = None
+
+    for value, field in (
+        (Inner(password=SECRET), "Inner.password"),
+        (Outer(name="svc", logins=[Inner(password=SECRET)]), "Outer.logins"),
+        ({"nested": [Inner(password=SECRET)]}, "Inner.password"),
+    ):
+        with pytest.raises(EncodeError, match=rf"{field}` holds a pydantic secret") as info:
+            codec.encode(value)
+        assert SECRET not in str(info.value)
+    # Decided per model class, not per value: the same model must not store fine
+    # today and fail the day its list is filled.
+    with pytest.raises(EncodeError, match=r"Outer\.logins"):
+        codec.encode(Outer(name="svc"))
+
+
+def test_pydantic_secret_with_its_own_serializer_round_trips(codec: Codec) -> None:
+    pydantic = pytest.importorskip("pydantic")
+    from typing import Annotated
+
+    reveal = pydantic.PlainSerializer(lambda v: v.get_secret_value(), when_used="json")
+
+    class ByDecorator(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        token: pydantic.SecretStr  # type: ignore[name-defined]
+
+        @pydantic.field_serializer("token", when_used="json")  # type: ignore[untyped-decorator]
+        def _reveal(self, token: Any) -> str:
+            return str(token.get_secret_value())
+
+    class ByAnnotation(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        tokens: list[Annotated[pydantic.SecretStr, reveal]]  # type: ignore[name-defined]
+
+    assert roundtrip(codec, ByDecorator(token=SECRET), ByDecorator).token.get_secret_value() == SECRET
+    out = roundtrip(codec, ByAnnotation(tokens=[SECRET]), ByAnnotation)
+    assert [t.get_secret_value() for t in out.tokens] == [SECRET]
+
+
+@dataclasses.dataclass
+class _Order:
+    item: Item  # type: ignore[name-defined]  # noqa: F821 (never defined: cannot resolve)
+
+
+@pytest.mark.parametrize(
+    "factory", [JsonCodec, lambda: MsgspecCodec("json"), lambda: MsgspecCodec("msgpack")]
+)
+def test_unresolvable_annotation_is_a_decode_error(factory: Callable[[], Codec]) -> None:
+    codec = factory()
+    data = codec.encode({"item": 1})
+    with pytest.raises(DecodeError, match=r"_Order.*'Item' is not defined"):
+        codec.decode(data, _Order)
+    decode_many = cast("Any", codec).decode_many
+    with pytest.raises(DecodeError, match="'Item' is not defined"):
+        decode_many([data], _Order)
 
 
 # -- decode errors ---------------------------------------------------------------------------
