@@ -24,7 +24,13 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from ..backend import BackendTransaction, TxOp
-from ..errors import BackendUnavailableError, InvalidKeyError, KeyNotFoundError, TransactionConflictError
+from ..errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    InvalidKeyError,
+    KeyNotFoundError,
+    TransactionConflictError,
+)
 from ..watch import DEFAULT_MAX_PENDING, ChangeEvent, ChangeFeed, ChangeStream, ChangeType, _check_watch_args
 
 __all__ = ["MemoryBackend"]
@@ -64,6 +70,8 @@ class MemoryBackend:
     """
 
     def __init__(self, *, sweep_every: int = 10_000) -> None:
+        if not isinstance(sweep_every, int) or isinstance(sweep_every, bool) or sweep_every < 1:
+            raise ConfigurationError(f"sweep_every must be a positive int, not {sweep_every!r}")
         self._data: dict[str, _Entry] = {}
         self._watchers: dict[str, set[_MemoryTransaction]] = {}
         self._writes = 0
