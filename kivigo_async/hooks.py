@@ -92,10 +92,8 @@ class HookEvent:
             ``None`` for deletes, ``EXPIRE`` and ``PERSIST``.
 
     Example:
-        ```python
         >>> HookEvent(EventType.SET, "user:42", b'{"name":"Ada"}')
         HookEvent(type='set', key='user:42', value=<14 bytes>)
-        ```
     """
 
     type: EventType
@@ -123,10 +121,8 @@ def prefix_filter(prefix: str) -> KeyFilter:
     """Match keys that start with ``prefix``.
 
     Example:
-        ```python
         >>> prefix_filter("user:")("user:42")
         True
-        ```
     """
     if not isinstance(prefix, str):
         raise InvalidArgumentError(f"prefix must be str, not {type(prefix).__name__}")
@@ -141,10 +137,8 @@ def suffix_filter(suffix: str) -> KeyFilter:
     """Match keys that end with ``suffix``.
 
     Example:
-        ```python
         >>> suffix_filter(":lock")("job:7:lock")
         True
-        ```
     """
     if not isinstance(suffix, str):
         raise InvalidArgumentError(f"suffix must be str, not {type(suffix).__name__}")
@@ -161,10 +155,8 @@ def regex_filter(pattern: str | re.Pattern[str]) -> KeyFilter:
     Anchor the pattern (``^...$``) to match whole keys. The pattern is compiled once.
 
     Example:
-        ```python
         >>> regex_filter(r"^session:[0-9a-f]+$")("session:abc123")
         True
-        ```
     """
     if isinstance(pattern, re.Pattern):
         if not isinstance(pattern.pattern, str):
@@ -189,10 +181,8 @@ def key_list_filter(keys: Iterable[str]) -> KeyFilter:
     """Match exactly the given keys.
 
     Example:
-        ```python
         >>> key_list_filter(["config", "feature-flags"])("config")
         True
-        ```
     """
     if isinstance(keys, (str, bytes)):
         # A lone string would silently become a set of its characters.
