@@ -554,6 +554,64 @@ async def test_refused_connections_fail_fast_and_recover(server: RedisServer, au
             assert await client.get("refused:k") == 1
 
 
+# --------------------------------------------------------------------------- lost transaction replies
+
+
+@pytest.mark.parametrize("cut", ["timeout", "drop"])
+async def test_exec_whose_reply_is_lost_is_not_reported_as_a_conflict(server: RedisServer, cut: str) -> None:
+    """The server applied EXEC but the reply never came: the outcome is unknown, not a conflict.
+
+    A conflict means "nothing was written, run it again"; said here, a retry loop
+    would apply the transaction twice.
+    """
+    async with FaultProxy(server.host, server.port) as proxy:
+        options = redis_options(server, read_timeout=1.0, max_retries=0).replace(addr=proxy.addr)
+        async with Client(RedisBackend(options)) as client:
+            await client.set("stock", 5)
+
+
+            async def drop_soon() -> None:
+                if cut == "drop":  # else the reply is waited for until read_timeout
+                    await asyncio.sleep(0.3)
+                    await proxy.drop_connections()
+
+            with pytest.raises((BackendUnavailableError, OperationTimeoutError)) as info:
+                async with client.transaction(watch=["stock"]) as tx:
+                    stock = await tx.get("stock", int)
+                    tx.set("stock", stock - 1)
+                    proxy.mute()  # EXEC still reaches the server; its reply does not come back
+                    dropper = asyncio.ensure_future(drop_soon())
+            await dropper
+            assert_ours(info.value, BackendUnavailableError, OperationTimeoutError)
+            assert not isinstance(info.value, TransactionConflictError)
+            assert "may or may not have been applied" in str(info.value)
+            proxy.heal()
+            assert await client.get("stock") == 4  # it was applied: a retry would have made it 3
+
+
+async def test_connection_lost_while_watching_says_nothing_was_written(server: RedisServer) -> None:
+    async with FaultProxy(server.host, server.port) as proxy:
+        options = redis_options(server, read_timeout=1.0, max_retries=0).replace(addr=proxy.addr)
+        async with Client(RedisBackend(options)) as client:
+            await client.set("stock", 5)
+            with pytest.raises(BackendUnavailableError, match="nothing was written") as info:
+                async with client.transaction(watch=["stock"]) as tx:
+                    await proxy.drop_connections()
+                    await tx.get("stock", int)
+            assert not isinstance(info.value, TransactionConflictError)
+            proxy.heal()
+            assert await client.get("stock") == 5
+
+
+def test_a_real_conflict_is_still_a_conflict() -> None:
+    from redis.exceptions import WatchError
+
+    from kivigo_async.backends.redis._errors import translate
+
+    error = translate(WatchError("Watched variable changed."), "EXEC", None, "node:1")
+    assert isinstance(error, TransactionConflictError)
+
+
 # --------------------------------------------------------------------------- pool exhaustion
 
 

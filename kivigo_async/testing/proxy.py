@@ -37,8 +37,9 @@ from typing import Literal
 
 __all__ = ["FaultProxy", "Mode"]
 
-#: What the proxy does with traffic: forward it, hold it until healed, or drop it.
-Mode = Literal["forward", "stall", "blackhole"]
+#: What the proxy does with traffic: forward it, hold it until healed, drop it,
+#: or drop only the server's replies.
+Mode = Literal["forward", "stall", "blackhole", "mute"]
 
 _CHUNK = 65536
 
@@ -82,8 +83,8 @@ class _Link:
             return
         (client_in, client_out), (server_in, server_out) = self._client, self._server
         pumps = [
-            asyncio.ensure_future(self._pump(client_in, server_out)),
-            asyncio.ensure_future(self._pump(server_in, client_out)),
+            asyncio.ensure_future(self._pump(client_in, server_out, replies=False)),
+            asyncio.ensure_future(self._pump(server_in, client_out, replies=True)),
         ]
         try:
             # Either side closing ends the link: Redis connections are never half-open.
@@ -94,7 +95,7 @@ class _Link:
                 pump.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
 
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, replies: bool) -> None:
         """Move bytes one way, honouring latency, stalls and black holes; ``b""`` marks the end."""
         proxy = self._proxy
         loop = asyncio.get_running_loop()
@@ -105,7 +106,7 @@ class _Link:
             try:
                 while True:
                     data = await source.read(_CHUNK)
-                    if data and proxy.mode == "blackhole":
+                    if data and (proxy.mode == "blackhole" or (replies and proxy.mode == "mute")):
                         continue
                     pending.append((loop.time() + proxy.latency, data))
                     ready.set()
@@ -167,6 +168,7 @@ class FaultProxy:
     * :attr:`latency` -- seconds added to every chunk, each way (order is kept).
     * :meth:`stall` -- hold all traffic back (nothing is lost) until :meth:`heal`.
     * :meth:`blackhole` -- silently discard all traffic, connections stay open.
+    * :meth:`mute` -- discard only the server's replies (commands still run).
     * :meth:`refuse` -- reset new connections at once, as a server that is down.
     * :meth:`drop_connections` / :meth:`reset_connections` -- close every open
       connection with a FIN or an RST.
@@ -267,6 +269,15 @@ class FaultProxy:
     def blackhole(self) -> None:
         """Discard all traffic, both ways; connections stay open and new ones are accepted."""
         self._mode = "blackhole"
+        self._flowing.set()
+
+    def mute(self) -> None:
+        """Discard the server's replies only: commands still reach the server and run.
+
+        What a client sees when a reply is lost after the server acted on the
+        command, e.g. an ``EXEC`` that was applied.
+        """
+        self._mode = "mute"
         self._flowing.set()
 
     def refuse(self) -> None:

@@ -19,6 +19,12 @@ from ...errors import (
 
 __all__ = ["translate"]
 
+# redis-py reports a watching connection that failed as a WatchError with this
+# message; a real conflict (EXEC answered nil) says "Watched variable changed.".
+_WATCH_CONNECTION_LOST = re.compile(r"A (\w+) occurred while watching")
+
+_UNKNOWN_OUTCOME = ": the transaction may or may not have been applied"
+
 # redis-py rewrites a failed pipeline command's message as
 # "Command # 2 (SET key value PX 60000) of pipeline caused error: ('OOM ...',)":
 # the echoed command holds the value, which must not reach our messages.
@@ -50,7 +56,16 @@ def translate(exc: Exception, command: str, key: str | None, node: str) -> Kivig
     """
     where = f"{command} on {node}" if key is None else f"{command} for key {key!r} on {node}"
     if isinstance(exc, rx.WatchError):
-        return TransactionConflictError(f"{where}: a watched key changed before commit")
+        lost = _WATCH_CONNECTION_LOST.match(str(exc))
+        if lost is None:
+            return TransactionConflictError(f"{where}: a watched key changed before commit")
+        # Not a conflict: the connection failed. After EXEC was sent its outcome is
+        # unknown, and reporting a conflict would invite a retry that applies it twice.
+        cause = lost.group(1)
+        failure = OperationTimeoutError if cause == "TimeoutError" else BackendUnavailableError
+        if command == "EXEC":
+            return failure(f"{where}: the connection failed before the reply ({cause}){_UNKNOWN_OUTCOME}")
+        return failure(f"{where}: the connection failed while watching keys ({cause}); nothing was written")
     if isinstance(exc, UnicodeEncodeError):
         return InvalidKeyError(f"{where}: the key cannot be encoded as UTF-8 (a lone surrogate?)")
     text = _server_text(exc)
@@ -58,14 +73,17 @@ def translate(exc: Exception, command: str, key: str | None, node: str) -> Kivig
         return BackendUnavailableError(f"{where}: authentication failed ({text})")
     if isinstance(exc, rx.NoPermissionError):
         return PermissionDeniedError(f"{where}: permission denied ({text})")
+    # A transaction whose EXEC got no reply may have been applied; say so, since the
+    # caller decides from this whether running it again is safe.
+    outcome = _UNKNOWN_OUTCOME if command == "EXEC" else ""
     if isinstance(exc, rx.TimeoutError):
-        return OperationTimeoutError(f"{where}: timed out ({text})")
+        return OperationTimeoutError(f"{where}: timed out ({text}){outcome}")
     if isinstance(exc, rx.ConnectionError):
         if "No connection available" in text:
             return OperationTimeoutError(f"{where}: no free connection in the pool in time")
         if "NOAUTH" in text:
             return BackendUnavailableError(f"{where}: authentication failed ({text})")
-        return BackendUnavailableError(f"{where}: {text}")
+        return BackendUnavailableError(f"{where}: {text}{outcome}")
     if isinstance(exc, rx.OutOfMemoryError) or text.startswith("OOM"):
         # redis-py's parser strips the "OOM" prefix when it raises OutOfMemoryError.
         return BackendError(f"{where}: the server is out of memory (maxmemory reached): {text}")
