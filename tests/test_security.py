@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+import redis.asyncio as aioredis
 from conftest import redis_options
 
 from kivigo_async import Client, EncryptedCodec, JsonCodec
@@ -30,7 +31,7 @@ from kivigo_async.errors import (
     PermissionDeniedError,
 )
 from kivigo_async.testing.proxy import FaultProxy
-from kivigo_async.testing.pytest_plugin import require_server
+from kivigo_async.testing.pytest_plugin import ServerFactory, require_server
 from kivigo_async.testing.servers import BinaryKind, RedisServer, ServerPool
 
 TRANSPORTS = pytest.mark.parametrize("auto_pipeline", [True, False], ids=["multiplexed", "pool"])
@@ -271,6 +272,45 @@ def test_tls_contexts_verify_by_default() -> None:
 
 
 # --------------------------------------------------------------------------- ACL
+
+
+@pytest.mark.server
+@TRANSPORTS
+async def test_username_without_password_logs_in_as_that_user(
+    redis_server_factory: ServerFactory, auto_pipeline: bool
+) -> None:
+    """Every connection (multiplexed, pool, transaction) runs as the named ``nopass`` user."""
+    server: RedisServer = redis_server_factory("valkey")
+    control = aioredis.Redis(**server.redis_kwargs())  # type: ignore[arg-type]
+    try:
+        await control.execute_command("ACL", "SETUSER", "app", "on", "nopass", "~app:*", "+@all")
+        # The default user may only touch its own keys: a write as "default" fails.
+        await control.execute_command("ACL", "SETUSER", "default", "resetkeys", "~default:*")
+        options = redis_options(server, auto_pipeline=auto_pipeline).replace(username="app", password=None)
+        async with Client(RedisBackend(options)) as client:
+            await client.set("app:k", 1)
+            assert await client.batch_get(["app:k"]) == {"app:k": 1}
+            async with client.transaction(watch=["app:k"]) as tx:
+                tx.set("app:k", await tx.get("app:k", int) + 1)
+            assert await client.get("app:k") == 2
+            with pytest.raises(PermissionDeniedError):
+                await client.set("default:k", 1)
+    finally:
+        await control.aclose()
+
+
+@pytest.mark.parametrize(
+    ("username", "password", "expected"),
+    [
+        (None, None, None),
+        (None, "", None),
+        (None, "pw", ("AUTH", "pw")),
+        ("app", None, ("AUTH", "app", "")),
+        ("app", "pw", ("AUTH", "app", "pw")),
+    ],
+)
+def test_auth_command_matches_the_pool(username: str | None, password: str | None, expected: object) -> None:
+    assert RedisOptions(username=username, password=password)._auth_command() == expected
 
 
 @pytest.fixture(params=["valkey", "redis"])

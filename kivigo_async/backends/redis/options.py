@@ -152,12 +152,18 @@ class RedisOptions:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     def _auth_command(self) -> tuple[str, ...] | None:
-        """The AUTH command a new connection sends first, or ``None``."""
-        if self.password is None:
-            return None
+        """The AUTH command a new connection sends first, or ``None``.
+
+        The same rule as the redis-py pool, so that every connection of a backend
+        runs as the same user: a username alone logs in with an empty password
+        (an ACL user with ``nopass``), and neither (or only an empty password)
+        sends no AUTH at all.
+        """
         if self.username:
-            return ("AUTH", self.username, self.password)
-        return ("AUTH", self.password)
+            return ("AUTH", self.username, self.password or "")
+        if self.password:
+            return ("AUTH", self.password)
+        return None
 
     @property
     def host(self) -> str:
