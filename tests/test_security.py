@@ -283,9 +283,10 @@ async def test_username_without_password_logs_in_as_that_user(
     server: RedisServer = redis_server_factory("valkey")
     control = aioredis.Redis(**server.redis_kwargs())  # type: ignore[arg-type]
     try:
-        await control.execute_command("ACL", "SETUSER", "app", "on", "nopass", "~app:*", "+@all")
+        execute: Callable[..., Awaitable[Any]] = control.execute_command
+        await execute("ACL", "SETUSER", "app", "on", "nopass", "~app:*", "+@all")
         # The default user may only touch its own keys: a write as "default" fails.
-        await control.execute_command("ACL", "SETUSER", "default", "resetkeys", "~default:*")
+        await execute("ACL", "SETUSER", "default", "resetkeys", "~default:*")
         options = redis_options(server, auto_pipeline=auto_pipeline).replace(username="app", password=None)
         async with Client(RedisBackend(options)) as client:
             await client.set("app:k", 1)
