@@ -506,12 +506,30 @@ def test_unknown_override_raises_configuration_error() -> None:
         "redis://user:topsecret/x@host:6379",
         "redis://:topsecret?x@host",
         "redis://user:topsecret@host:badport",
+        # A password of digits reads as a valid port: what follows must not be echoed
+        # as a database number or an option name, nor be dropped without an error.
+        "redis://app:1234/5678topsecret@cache:6379/0",
+        "redis://:1234?5678topsecret@cache:6379/0",
+        "redis://:1234#5678topsecret@cache:6379/0",
+        "redis://:1234/topsecret",
     ],
 )
 def test_url_errors_never_show_the_password(url: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         RedisOptions.from_url(url)
     assert "topsecret" not in chain_text(info.value)
+
+
+@pytest.mark.parametrize("url", ["redis://cache:0/1", "redis://cache#fragment", "redis://cache/\u0663"])
+def test_urls_that_used_to_be_misread_are_refused(url: str) -> None:
+    # Port 0 became 6379, a fragment was ignored, and a non-ASCII digit was a db number.
+    with pytest.raises(ConfigurationError):
+        RedisOptions.from_url(url)
+
+
+def test_unix_url_keeps_at_signs_in_its_path_and_query() -> None:
+    opts = RedisOptions.from_url("unix:///run/app@1/redis.sock?password=p@ss")
+    assert (opts.addr, opts.password) == ("/run/app@1/redis.sock", "p@ss")
 
 
 @pytest.mark.server

@@ -197,21 +197,28 @@ class RedisOptions:
             >>> (o.addr, o.username, o.db, bool(o.tls))
             ('cache.internal:6380', 'app', 2, True)
         """
+        unescaped = (
+            "invalid Redis URL: bad host or port "
+            "(percent-encode '/', '?', '#' and '@' in the username and password)"
+        )
         try:
             parts = urlsplit(url)
             parsed_port = parts.port
         except ValueError:
             # urllib's message echoes the bad port, which is part of the password
             # when one holds an unescaped "/", "?" or "#".
-            raise ConfigurationError(
-                "invalid Redis URL: bad host or port "
-                "(percent-encode '/', '?', '#' and '@' in the username and password)"
-            ) from None
+            raise ConfigurationError(unescaped) from None
         scheme = parts.scheme.lower()
         if scheme not in ("redis", "rediss", "unix", "valkey", "valkeys"):
             raise ConfigurationError(
                 f"unsupported URL scheme {scheme!r}: use redis://, rediss:// or unix://"
             )
+        if "@" in parts.fragment or (scheme != "unix" and ("@" in parts.path or "@" in parts.query)):
+            # A password holding an unescaped "/", "?" or "#" ends the host part early,
+            # and the rest (with the real host after its "@") lands here. Never echo it.
+            raise ConfigurationError(unescaped)
+        if parts.fragment:
+            raise ConfigurationError("invalid Redis URL: a '#fragment' has no meaning in it")
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         kwargs: dict[str, object] = {}
         if parts.username:
@@ -230,10 +237,12 @@ class RedisOptions:
         else:
             host = parts.hostname or "localhost"
             host = f"[{host}]" if ":" in host else host
-            kwargs["addr"] = f"{host}:{parsed_port or 6379}"
+            kwargs["addr"] = f"{host}:{6379 if parsed_port is None else parsed_port}"
             path = parts.path.strip("/")
             if path:
-                kwargs["db"] = _int_option("db", path)
+                if not (path.isascii() and path.isdigit()):
+                    raise ConfigurationError("invalid Redis URL: the path must be a database number")
+                kwargs["db"] = int(path)
         tls_required = scheme in ("rediss", "valkeys")
         ca_file = query.pop("ssl_ca_certs", None)
         cert_reqs = query.pop("ssl_cert_reqs", None)
