@@ -23,6 +23,7 @@ import typing
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from ._tasks import cancel_requested
 from .backend import AsyncBackend, LeaseBackend
 from .errors import BackendUnavailableError, EncodeError, OperationTimeoutError
 from .hooks import EventType
@@ -212,7 +213,7 @@ class CacheFiller:
                 key, lambda: self._fill(client, key, factory, rtype, ttl_ms, lock_ms, wait_ms)
             )
         except asyncio.CancelledError:
-            if self._closed and not _cancelling():
+            if self._closed and cancel_requested() is not True:
                 # The fill was stopped by Client.close(), not this caller's cancellation.
                 raise BackendUnavailableError(
                     f"get_or_set for key {key!r}: the client was closed while the value was computed"
@@ -272,13 +273,6 @@ class CacheFiller:
 
 def _type_name(tp: Any) -> str:
     return tp.__qualname__ if isinstance(tp, type) else repr(tp)
-
-
-def _cancelling() -> bool:
-    """Whether the current task has been asked to cancel (always False before 3.11)."""
-    task = asyncio.current_task()
-    cancelling: Callable[[], int] | None = getattr(task, "cancelling", None)
-    return cancelling is not None and cancelling() > 0
 
 
 async def _produce(

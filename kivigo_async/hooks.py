@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from ._tasks import cancel_requested
 from .errors import InvalidArgumentError
 
 __all__ = [
@@ -265,11 +266,8 @@ else:
 
 def _cancelled_by_hook() -> bool:
     """True when a CancelledError came from inside the hook rather than from cancelling our task."""
-    if sys.version_info >= (3, 11):
-        task = asyncio.current_task()
-        return task is not None and task.cancelling() == 0
-    # Without Task.cancelling() the two cannot be told apart; propagating is the safe choice.
-    return False
+    # When the two cannot be told apart (None), propagating is the safe choice.
+    return cancel_requested() is False
 
 
 def _log_failure(hook: _Hook, event: HookEvent, what: str) -> None:

@@ -10,6 +10,7 @@ cancellation and connection pool accounting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
 import ssl
@@ -828,6 +829,44 @@ async def test_close_closes_connections(server: RedisServer, control: aioredis.R
     await client.close()
     assert await wait_for_connections(control, name, 0) == 0
     await client.close()  # twice is fine
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("auto_pipeline", [True, False], ids=["multiplexed", "pool"])
+async def test_close_fails_calls_waiting_for_the_connection_cleanly(
+    server: RedisServer, auto_pipeline: bool
+) -> None:
+    backend = RedisBackend(redis_options(server, auto_pipeline=auto_pipeline))
+    calls = [asyncio.ensure_future(backend.get("k")) for _ in range(5)]
+    await asyncio.sleep(0)  # the calls now wait for the connection to open
+    await backend.close()
+    results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+    # Nobody cancelled these callers: they get our error, never a bare CancelledError.
+    assert [type(r) for r in results] == [BackendUnavailableError] * 5
+    assert not any(call.cancelled() for call in calls)
+
+
+@pytest.mark.server
+async def test_cancelled_connect_gives_back_its_pooled_connections(server: RedisServer) -> None:
+    leaks: list[tuple[int, int]] = []
+    for turns in range(0, 60, 3):
+        backend = RedisBackend(
+            redis_options(server, auto_pipeline=False, pool_size=4, min_idle_conns=4, pool_timeout=2)
+        )
+        try:
+            connecting = asyncio.ensure_future(backend.connect())
+            for _ in range(turns):  # cancel at a different point of the connect each time
+                await asyncio.sleep(0)
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+            in_use = len(backend.redis.connection_pool._in_use_connections)
+            if in_use:
+                leaks.append((turns, in_use))
+            await asyncio.wait_for(asyncio.gather(*(backend.get("k") for _ in range(4))), 10)
+        finally:
+            await backend.close()
+    assert leaks == []
 
 
 @pytest.mark.server

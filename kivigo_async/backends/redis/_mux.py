@@ -28,6 +28,8 @@ from typing import Any, Union, cast
 import hiredis
 from redis import exceptions as rx
 
+from ..._tasks import cancel_requested
+
 __all__ = ["MuxConnection", "pack"]
 
 Arg = Union[str, bytes, int, float]  # noqa: UP007 (runtime alias)
@@ -313,8 +315,15 @@ class MuxConnection:
         if self._connecting is None:
             self._connecting = asyncio.get_running_loop().create_task(self._open_with_retries())
             self._connecting.add_done_callback(self._connected)
-        # Shielded: one caller giving up must not abort the connect the others wait for.
-        return await asyncio.shield(self._connecting)
+        connecting = self._connecting
+        try:
+            # Shielded: one caller giving up must not abort the connect the others wait for.
+            return await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            if self._closed and connecting.cancelled() and cancel_requested() is not True:
+                # close() stopped the connect; the caller was not cancelled itself.
+                raise rx.ConnectionError(f"connection to {self._node} is closed") from None
+            raise
 
     def _connected(self, task: asyncio.Task[_Protocol]) -> None:
         self._connecting = None

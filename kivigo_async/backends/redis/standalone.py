@@ -291,18 +291,40 @@ class RedisBackend:
             await self._exec("PING")
             wanted = self._options.min_idle_conns
             if wanted > 1:
-                # All held at once: the pool hands back the PING's connection
-                # first, so only holding `wanted` together opens `wanted`.
-                acquire: Callable[[], Awaitable[AbstractConnection]] = self._pool.get_connection
-                got = await asyncio.gather(*(acquire() for _ in range(wanted)), return_exceptions=True)
-                for conn in got:
-                    if not isinstance(conn, BaseException):
-                        await self._pool.release(conn)
-                for conn in got:
-                    if isinstance(conn, BaseException):
-                        raise conn
+                await self._open_idle(wanted)
         except _FAILURES as exc:
             raise self._error(exc, "CONNECT") from exc
+
+    async def _open_idle(self, wanted: int) -> None:
+        # All held at once: the pool hands back the PING's connection first, so
+        # only holding `wanted` together opens `wanted`.
+        acquire: Callable[[], Awaitable[AbstractConnection]] = self._pool.get_connection
+        acquisitions = [asyncio.ensure_future(acquire()) for _ in range(wanted)]
+
+        async def give_back() -> None:
+            for task in acquisitions:
+                task.cancel()
+            await asyncio.gather(*acquisitions, return_exceptions=True)
+            for task in acquisitions:
+                if not task.cancelled() and task.exception() is None:
+                    await self._pool.release(task.result())
+
+        try:
+            await asyncio.wait(acquisitions)
+        finally:
+            # Shielded, and finished before a cancellation goes on: a connect()
+            # cancelled (a startup timeout, say) must still return what it holds,
+            # or those connections stay "in use" for good.
+            cleanup = asyncio.ensure_future(give_back())
+            try:
+                await asyncio.shield(cleanup)
+            except asyncio.CancelledError:
+                await asyncio.wait([cleanup])
+                raise
+        for task in acquisitions:
+            error = task.exception()
+            if error is not None:
+                raise error
 
     async def close(self) -> None:
         if isinstance(self._pool, _ClosablePool):
