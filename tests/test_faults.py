@@ -481,6 +481,28 @@ async def test_black_hole_before_connecting_is_bounded(server: RedisServer, auto
 
 
 @TRANSPORTS
+async def test_dial_timeout_bounds_the_login_even_without_a_read_timeout(
+    redis_server_factory: ServerFactory, auto_pipeline: bool
+) -> None:
+    server = redis_server_factory("valkey", "password")
+    async with FaultProxy(server.host, server.port) as proxy:
+        proxy.blackhole()  # TCP connects; AUTH never gets an answer
+        options = redis_options(
+            server, auto_pipeline=auto_pipeline, read_timeout=None, dial_timeout=0.5, max_retries=0
+        ).replace(addr=proxy.addr)
+        client = Client(RedisBackend(options))
+        try:
+            error, took = await timed(client.get("login:k"), 3)
+            assert_ours(error, OperationTimeoutError, BackendUnavailableError)
+            assert "connecting" in str(error)
+            assert took < 3, f"took {took:.2f} s"  # not forever, as read_timeout=None would allow
+            proxy.heal()
+            assert await asyncio.wait_for(client.get("login:k", default=0), 10) == 0
+        finally:
+            await client.close()
+
+
+@TRANSPORTS
 @pytest.mark.parametrize("cut", ["reset", "drop"])
 async def test_cut_connections_fail_fast_and_recover(
     server: RedisServer, auto_pipeline: bool, cut: str

@@ -348,6 +348,7 @@ class MuxConnection:
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             _, protocol = await asyncio.wait_for(
                 self._opener(
@@ -369,8 +370,19 @@ class MuxConnection:
                 protocol.close()
                 raise
         if handshake:
+            # dial_timeout bounds the whole open, the login included: a server that
+            # accepts connections but never answers must not hold callers for read_timeout.
+            bound = self._dial_timeout
+            left = None if bound is None else max(0.0, bound - (loop.time() - started))
             try:
-                replies = await _replies(protocol.send(b"".join(handshake), len(handshake)))
+                replies = await asyncio.wait_for(
+                    _replies(protocol.send(b"".join(handshake), len(handshake))), left
+                )
+            except asyncio.TimeoutError:
+                protocol.close()
+                raise rx.ConnectionError(
+                    f"timed out connecting to {self._node} (no reply to the login)"
+                ) from None
             except BaseException:
                 protocol.close()
                 raise

@@ -16,6 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...backend import BackendTransaction, TxOp
 from ...errors import KeyNotFoundError
@@ -33,7 +34,34 @@ __all__ = ["RedisBackend"]
 _FAILURES = (RedisError, UnicodeEncodeError)
 
 
-class _TLSConnection(Connection):
+class _DialBounded(AbstractConnection):
+    """Bounds the whole open (socket, TLS and the login: AUTH, SELECT...) by the dial timeout.
+
+    redis-py bounds only the socket's connect by ``socket_connect_timeout``; the
+    login then waits on ``socket_timeout``, or forever when that is ``None``.
+    """
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        connect: Callable[..., Awaitable[None]] = super().connect_check_health
+        bound: float | None = self.socket_connect_timeout
+        try:
+            await asyncio.wait_for(connect(check_health, retry_socket_connect), bound)
+        except asyncio.TimeoutError:
+            await self.disconnect()
+            raise RedisTimeoutError("Timeout connecting to server") from None
+
+
+class _TCPConnection(_DialBounded, Connection):
+    pass
+
+
+class _UnixConnection(_DialBounded, UnixDomainSocketConnection):
+    pass
+
+
+class _TLSConnection(_DialBounded, Connection):
     """A TCP connection wrapped in the caller's :class:`ssl.SSLContext`.
 
     redis-py's own SSL connection builds its context from loose arguments; a
@@ -111,13 +139,13 @@ def _pool_for(options: RedisOptions) -> BlockingConnectionPool:
         kwargs["protocol"] = options.protocol
     connection_class: type[AbstractConnection]
     if options.network == "unix":
-        connection_class = UnixDomainSocketConnection
+        connection_class = _UnixConnection
         kwargs["path"] = options.addr
     else:
         kwargs["host"], kwargs["port"] = options.host, options.port
         tls_context = options.ssl_context()
         if tls_context is None:
-            connection_class = Connection
+            connection_class = _TCPConnection
         else:
             connection_class = _TLSConnection
             kwargs["tls_context"] = tls_context
