@@ -233,6 +233,8 @@ class Client:
                 await self._backend.connect()
             except BaseException:
                 # __aexit__ will not run: release what connect() opened, keep its error.
+                # Marked closed, so that a later close() does not close the backend twice.
+                self._closed = True
                 with contextlib.suppress(Exception):
                     await self._backend.close()
                 raise

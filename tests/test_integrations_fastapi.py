@@ -7,6 +7,7 @@ import importlib.util
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from kivigo_async.backends.memory import MemoryBackend
 from kivigo_async.backends.redis import RedisBackend
 from kivigo_async.errors import BackendUnavailableError, ConfigurationError
 from kivigo_async.health import HealthStatus, HealthWatcher
+from kivigo_async.integrations import DEFAULT_READY_TIMEOUT
 from kivigo_async.integrations.fastapi import (
     STATE_CLIENT,
     STATE_WATCHER,
@@ -35,6 +37,7 @@ from kivigo_async.integrations.fastapi import (
     health_router,
     kivigo_lifespan,
 )
+from kivigo_async.testing.proxy import FaultProxy
 from kivigo_async.testing.pytest_plugin import ServerFactory
 from kivigo_async.testing.servers import HOST, RedisServer, free_port
 
@@ -252,12 +255,26 @@ class UnreachableBackend(MemoryBackend):
         raise BackendUnavailableError("cannot connect")
 
 
+class CountingUnreachableBackend(UnreachableBackend):
+    """Counts close() calls, and refuses a second one as a strict backend might."""
+
+    closes = 0
+
+    async def close(self) -> None:
+        self.closes += 1
+        if self.closes > 1:
+            raise RuntimeError("closed twice")
+        await super().close()
+
+
 async def test_a_failed_startup_still_closes_the_backend() -> None:
-    backend = UnreachableBackend()
+    backend = CountingUnreachableBackend()
     app = visits_app(kivigo_lifespan(lambda: Client(backend)))
+    # The connection error is what startup reports, not an error of a second close.
     with pytest.raises(BackendUnavailableError, match="cannot connect"):
         async with Lifespan(app):
             pass
+    assert backend.closes == 1
     with pytest.raises(BackendUnavailableError, match="closed"):
         await backend.get("k")
 
@@ -277,6 +294,9 @@ async def test_a_factory_that_returns_no_client_fails_startup() -> None:
         ({"watcher_options": {"client": None}}, "must not contain 'client'"),
         ({"watcher_options": {"interval": 1}, "watch": False}, "watch=False"),
         ({"watcher_options": [("interval", 1)]}, "mapping"),
+        ({"watcher_options": {"interval": -1}}, "interval"),
+        ({"watcher_options": {"timeout": 0}}, "timeout"),
+        ({"watcher_options": {"checks": "db"}}, "checks"),
     ],
 )
 def test_bad_options_fail_when_the_lifespan_is_built(kwargs: dict[str, Any], match: str) -> None:
@@ -383,6 +403,25 @@ async def test_readyz_without_a_watcher_checks_on_each_request(redis_server_fact
         assert down.json()["consecutive_failures"] == 1
         again = await http.get("/readyz")
         assert again.json()["consecutive_failures"] == 2
+
+
+async def test_concurrent_probes_share_one_check(redis_server_factory: ServerFactory) -> None:
+    """Without a watcher, probes arriving together answer within one check's timeout, not one each."""
+    server = redis_server_factory("valkey")
+    async with FaultProxy(server.host, server.port) as proxy:
+        backend = RedisBackend(
+            redis_options(server, max_retries=0, read_timeout=30, dial_timeout=30).replace(addr=proxy.addr)
+        )
+        app = visits_app(kivigo_lifespan(lambda: Client(backend), watch=False))
+        async with serving(app) as http:
+            assert (await http.get("/readyz")).status_code == 200
+            proxy.blackhole()  # every check now runs into the 2 s readiness timeout
+            started = time.monotonic()
+            answers = await asyncio.gather(*(http.get("/readyz") for _ in range(5)))
+            took = time.monotonic() - started
+            assert [a.status_code for a in answers] == [503] * 5
+            assert took < 2 * DEFAULT_READY_TIMEOUT, f"5 probes took {took:.1f} s"
+            proxy.heal()
 
 
 async def test_health_router_prefix_and_schema() -> None:
