@@ -42,6 +42,7 @@ from ..backend import AsyncBackend
 from ..client import MAX_TTL_MS, Client
 from ..codecs import Codec, CompressedCodec, EncryptedCodec, JsonCodec, MsgspecCodec
 from ..errors import (
+    BackendUnavailableError,
     DecodeError,
     EncodeError,
     InvalidArgumentError,
@@ -395,11 +396,30 @@ class BackendConformance:
         assert await client.list("short") == []
         assert await client.get("long") == "v"
 
+    async def test_expired_keys_are_gone_from_every_read(self, client: Client) -> None:
+        # Each read path meets a key nothing has read since it expired: a backend that
+        # drops expired keys only on a plain get must still hide them everywhere.
+        expiring = {f"gone:{path}": path for path in ("list", "iter", "batch", "has_keys", "ttl")}
+        await client.batch_set(expiring, ttl=0.2)
+        await client.set("gone:kept", 1)
+        await asyncio.sleep(0.5)
+        assert await client.list("gone:list") == []
+        assert [k async for k in client.iter_keys("gone:iter")] == []
+        assert await client.batch_get(["gone:batch", "gone:kept"]) == {"gone:kept": 1}
+        assert not await client.has_keys(["gone:has_keys", "gone:kept"])
+        with pytest.raises(KeyNotFoundError):
+            await client.ttl("gone:ttl")
+        assert await client.list("gone:") == ["gone:kept"]
+
     async def test_ttl_reads_remaining_time(self, client: Client) -> None:
         await client.set("t", 1, ttl=1.5)
         remaining = await client.ttl("t")
         assert remaining is not None
         assert 1.0 < remaining <= 1.5
+        await asyncio.sleep(0.3)
+        later = await client.ttl("t")
+        assert later is not None
+        assert later <= remaining - 0.25  # the time left, not the TTL it was set with
         await client.set("forever", 1)
         assert await client.ttl("forever") is None
         with pytest.raises(KeyNotFoundError):
@@ -422,6 +442,21 @@ class BackendConformance:
         assert not await client.has_key("e")
         with pytest.raises(InvalidArgumentError):
             await client.expire("e", 0)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def test_close_is_idempotent_and_final(self, kv_backend: AsyncBackend) -> None:
+        client = Client(kv_backend)
+        await client.set("before-close", 1)
+        await kv_backend.close()
+        await kv_backend.close()  # safe to call twice
+        for call in (
+            lambda: kv_backend.get("before-close"),
+            lambda: kv_backend.set("after-close", b"1"),
+            lambda: kv_backend.delete("before-close"),
+        ):
+            with pytest.raises(BackendUnavailableError):
+                await call()
 
     # -- transactions ------------------------------------------------------
 
@@ -466,19 +501,20 @@ class BackendConformance:
         assert not await client.has_key("w")
 
     async def test_transaction_refuses_use_after_its_block(self, client: Client) -> None:
-        await client.set("k", 1)
-        async with client.transaction(watch=["k"]) as tx:
-            tx.set("a", 1)
+        # One hash tag: a cluster transaction stays in one slot.
+        await client.set("{tx}k", 1)
+        async with client.transaction(watch=["{tx}k"]) as tx:
+            tx.set("{tx}a", 1)
         with pytest.raises(KivigoError, match="ended"):
-            tx.set("b", 2)
+            tx.set("{tx}b", 2)
         with pytest.raises(KivigoError, match="ended"):
-            tx.delete("a")
+            tx.delete("{tx}a")
         with pytest.raises(KivigoError, match="ended"):
-            await tx.get("k")
+            await tx.get("{tx}k")
         with pytest.raises(KivigoError):
             async with tx:
                 pass
-        assert await client.batch_get(["a", "b"]) == {"a": 1}
+        assert await client.batch_get(["{tx}a", "{tx}b"]) == {"{tx}a": 1}
 
     async def test_transaction_without_conflict_commits(self, client: Client) -> None:
         await client.set("stock", 10)

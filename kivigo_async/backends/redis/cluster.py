@@ -339,6 +339,7 @@ class RedisClusterBackend:
             pool_timeout = self._options.read_timeout + 1
         self._pool_timeout = pool_timeout
         self._node_backends: dict[str, RedisBackend] = {}
+        self._closed = False
         self._tracking: ClusterTracking | None = None
         if self._options.client_cache is not None:
             self._tracking = ClusterTracking(self, self._options.client_cache)
@@ -410,6 +411,9 @@ class RedisClusterBackend:
 
     async def _run(self, command: str, key: str | None, call: Callable[[], Awaitable[Any]]) -> Any:
         """Run ``call`` within the in-flight limit, translating driver errors."""
+        if self._closed:
+            # redis-py's cluster client would open new connections nobody closes.
+            raise BackendUnavailableError(f"{command} on cluster {self._seeds}: the backend is closed")
         try:
             await asyncio.wait_for(self._in_flight.acquire(), self._pool_timeout)
         except asyncio.TimeoutError:
@@ -500,6 +504,7 @@ class RedisClusterBackend:
             await self._tracking.start()
 
     async def close(self) -> None:
+        self._closed = True
         if self._tracking is not None:
             await self._tracking.close()
         backends = list(self._node_backends.values())
