@@ -39,6 +39,7 @@ import math
 import re
 import secrets
 import sys
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -202,7 +203,19 @@ def key_list_filter(keys: Iterable[str]) -> KeyFilter:
 
 
 class _Hook:
-    __slots__ = ("active", "background", "events", "fn", "id", "is_coro", "key_filter", "name", "timeout")
+    __slots__ = (
+        "active",
+        "background",
+        "events",
+        "fn",
+        "id",
+        "is_coro",
+        "key_filter",
+        "name",
+        "pending",
+        "timeout",
+        "worker",
+    )
 
     def __init__(
         self,
@@ -224,6 +237,10 @@ class _Hook:
         self.background = background
         self.timeout = timeout
         self.active = True
+        # Background hooks: events not handled yet, in write order, and the task
+        # handling them (one at a time, so that a hook sees a key's writes in order).
+        self.pending: deque[HookEvent] = deque()
+        self.worker: asyncio.Task[None] | None = None
 
 
 class _HookTimeoutError(Exception):
@@ -310,11 +327,16 @@ async def _invoke(hook: _Hook, event: HookEvent) -> None:
         _log_failure(hook, event, "hook")
 
 
-async def _invoke_each(hook: _Hook, events: list[HookEvent]) -> None:
-    for event in events:
+async def _drain_pending(hook: _Hook) -> None:
+    """The background worker of ``hook``: handle its queued events in order, then end."""
+    pending = hook.pending
+    try:
+        while pending and hook.active:
+            await _invoke(hook, pending.popleft())
+    finally:
+        hook.worker = None
         if not hook.active:
-            return
-        await _invoke(hook, event)
+            pending.clear()
 
 
 def _accepts(hook: _Hook, event: HookEvent) -> bool:
@@ -424,6 +446,7 @@ class HookRegistry:
                 true. See :func:`prefix_filter`, :func:`suffix_filter`,
                 :func:`regex_filter` and :func:`key_list_filter`.
             background: run the hook in a task instead of inside the write call.
+                Its calls run one at a time, in write order.
             timeout: seconds after which an awaiting hook is cancelled and the
                 timeout logged. It cannot interrupt code that never awaits.
 
@@ -477,11 +500,14 @@ class HookRegistry:
                 )
         self._index = index
 
-    def _spawn(self, hook: _Hook, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=f"kivigo-hook-{hook.id}")
-        # The loop keeps only weak references to tasks; the set keeps them alive until done.
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _queue(self, hook: _Hook, events: Iterable[HookEvent]) -> None:
+        hook.pending.extend(events)
+        if hook.worker is None:
+            task = asyncio.get_running_loop().create_task(_drain_pending(hook), name=f"kivigo-hook-{hook.id}")
+            hook.worker = task
+            # The loop keeps only weak references to tasks; the set keeps them alive until done.
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def emit(self, type: EventType, key: str, value: bytes | None) -> None:
         """Deliver one event to the matching hooks.
@@ -503,7 +529,7 @@ class HookRegistry:
         if background_hooks and not self._closed:
             for hook in background_hooks:
                 if hook.active and (hook.key_filter is None or _accepts(hook, event)):
-                    self._spawn(hook, _invoke(hook, event))
+                    self._queue(hook, (event,))
         for hook in sync_hooks:
             # A hook earlier in this emit may have removed this one.
             if hook.active and (hook.key_filter is None or _accepts(hook, event)):
@@ -512,8 +538,8 @@ class HookRegistry:
     async def emit_many(self, type: EventType, items: Sequence[tuple[str, bytes | None]]) -> None:
         """Deliver one event per ``(key, value)`` pair, in order (batch writes).
 
-        A background hook gets one task per batch that handles its events in
-        order, each call with its own timeout and error isolation.
+        A background hook handles them in order, after the events queued before,
+        each call with its own timeout and error isolation.
 
         Example:
             ```python
@@ -532,7 +558,7 @@ class HookRegistry:
                     continue
                 selected = events if hook.key_filter is None else [e for e in events if _accepts(hook, e)]
                 if selected:
-                    self._spawn(hook, _invoke_each(hook, selected))
+                    self._queue(hook, selected)
         if sync_hooks:
             for event in events:
                 for hook in sync_hooks:

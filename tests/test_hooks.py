@@ -279,6 +279,24 @@ async def test_background_batch_keeps_key_order(registry: HookRegistry) -> None:
     assert seen == ["k1", "k2", "k3"]
 
 
+async def test_background_hook_sees_separate_writes_in_write_order(registry: HookRegistry) -> None:
+    seen: list[tuple[str, bytes | None]] = []
+    delays = iter([0.05, 0.0, 0.0, 0.0])  # the first call is the slowest
+
+    async def publish(event: HookEvent) -> None:
+        await asyncio.sleep(next(delays))
+        seen.append((str(event.type), event.value))
+
+    registry.register(publish, background=True)
+    await registry.emit(EventType.SET, "cfg", b"1")
+    await registry.emit(EventType.SET, "cfg", b"2")
+    await registry.emit_many(EventType.BATCH_SET, [("cfg", b"3")])
+    await registry.emit(EventType.DELETE, "cfg", None)
+    await asyncio.wait_for(registry.drain(), 5)
+    # A publisher forwarding values must end on the last write, not on a slow first one.
+    assert seen == [("set", b"1"), ("set", b"2"), ("batch_set", b"3"), ("delete", None)]
+
+
 async def test_emit_many_sends_one_event_per_key(registry: HookRegistry) -> None:
     rec = Recorder()
     registry.register(rec)
