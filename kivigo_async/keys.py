@@ -109,11 +109,10 @@ def _if(value: str | None, then: str, otherwise: str = "") -> str:
 
 
 def _intadd(value: str, amount: str) -> str:
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise ValueError(f"intadd needs an integer, got {value!r}") from None
-    return str(number + int(amount))
+    # The template's own integer rule (as Go's strconv.Atoi): no "1_000", no non-ASCII digits.
+    if _INT.fullmatch(value.strip()) is None:
+        raise ValueError(f"intadd needs an integer, got {value!r}")
+    return str(int(value.strip()) + int(amount))
 
 
 @dataclass(frozen=True)
@@ -307,6 +306,10 @@ class _Lookup:
         self.obj: object = None
         if data is None:
             self.mapping = {}
+        elif isinstance(data, type):
+            raise InvalidArgumentError(
+                f"build() needs data, not the class {data.__name__} (pass an instance)"
+            )
         elif isinstance(data, KeyVars):
             got = data.key_vars()
             if not isinstance(got, Mapping):
@@ -346,6 +349,14 @@ class KeyTemplate:
         registry: where custom functions are looked up (default:
             :func:`default_registry`). They are bound now: registering a
             function later does not change this template.
+        strict: refuse field values that would make keys ambiguous (the
+            default): an empty value (unless a function turned it into one), a
+            control character, a brace (it would move a Redis Cluster hash
+            tag), or a non-alphanumeric character of the literal text between
+            two fields (with ``session:{user}:{sid}``, ``user="a:1", sid="x"``
+            and ``user="a", sid="1:x"`` would build the same key). The check
+            applies to the text a field ends up as, after its functions.
+            ``strict=False`` builds keys from values as they are, as KiviGo does.
 
     Raises:
         InvalidArgumentError: the template is empty, has a character outside
@@ -358,9 +369,9 @@ class KeyTemplate:
         'order:EU:7'
     """
 
-    __slots__ = ("_fields", "_parts", "_template")
+    __slots__ = ("_fields", "_forbidden", "_parts", "_template")
 
-    def __init__(self, template: str, *, registry: KeyRegistry | None = None) -> None:
+    def __init__(self, template: str, *, registry: KeyRegistry | None = None, strict: bool = True) -> None:
         if not isinstance(template, str):
             raise InvalidArgumentError(f"a key template must be str, not {type(template).__name__}")
         if not template:
@@ -373,6 +384,9 @@ class KeyTemplate:
         self._fields: tuple[str, ...] = tuple(
             dict.fromkeys(p.name for p in self._parts if isinstance(p, _Field))
         )
+        if not isinstance(strict, bool):
+            raise InvalidArgumentError(f"strict must be True or False, not {strict!r}")
+        self._forbidden: re.Pattern[str] | None = _forbidden_in_values(self._parts) if strict else None
 
     def __repr__(self) -> str:
         return f"KeyTemplate({self._template!r})"
@@ -415,8 +429,10 @@ class KeyTemplate:
             if text is None:
                 if part.name not in missing:
                     missing.append(part.name)
-            else:
-                out.append(text)
+                continue
+            if self._forbidden is not None:
+                self._check_value(part, text)
+            out.append(text)
         if missing:
             names = ", ".join(map(repr, missing))
             raise InvalidKeyError(f"key template {self._template!r}: missing field(s) {names}")
@@ -424,6 +440,19 @@ class KeyTemplate:
         if not key:
             raise InvalidKeyError(f"key template {self._template!r} built an empty key")
         return key
+
+    def _check_value(self, part: _Field, text: str) -> None:
+        assert self._forbidden is not None
+        # An empty value is refused as given; functions may rightly turn a value into
+        # "" (``if('x')`` on a false field), and ``default()`` replaces an empty one.
+        if not text and not part.steps:
+            raise InvalidKeyError(f"key template {self._template!r}: field {part.name!r} is empty")
+        bad = self._forbidden.search(text)
+        if bad is not None:
+            raise InvalidKeyError(
+                f"key template {self._template!r}: field {part.name!r} holds {bad.group()!r}, which "
+                "would make keys ambiguous (pass strict=False to build keys from such values anyway)"
+            )
 
     def _apply(self, part: _Field, value: object) -> str | None:
         try:
@@ -440,6 +469,15 @@ class KeyTemplate:
                     f"key template {self._template!r}: {step.name}() failed on field {part.name!r}: {exc}"
                 ) from exc
         return text
+
+
+def _forbidden_in_values(parts: tuple[_Part, ...]) -> re.Pattern[str]:
+    """What a strict template refuses in a field's text (see ``strict``)."""
+    separators: set[str] = set("{}")
+    for before, between, after in zip(parts, parts[1:], parts[2:], strict=False):
+        if isinstance(before, _Field) and isinstance(between, str) and isinstance(after, _Field):
+            separators.update(c for c in between if not c.isalnum())
+    return re.compile("[" + re.escape("".join(sorted(separators))) + "\\x00-\\x1f\\x7f]")
 
 
 class KeyRegistry:
@@ -492,6 +530,7 @@ class KeyRegistry:
 
     def get(self, name: str) -> KeyTemplate | None:
         """Return the template registered as ``name``, or ``None``."""
+        _check_name(name, "template")
         return self._templates.get(name)
 
     def must_get(self, name: str) -> KeyTemplate:
@@ -500,6 +539,7 @@ class KeyRegistry:
         Raises:
             InvalidArgumentError: no template has that name.
         """
+        _check_name(name, "template")
         template = self._templates.get(name)
         if template is None:
             raise InvalidArgumentError(f"no key template named {name!r} is registered")
@@ -507,6 +547,7 @@ class KeyRegistry:
 
     def delete(self, name: str) -> bool:
         """Forget the template ``name``; return whether it was registered."""
+        _check_name(name, "template")
         return self._templates.pop(name, None) is not None
 
     def build(self, name: str, data: Mapping[str, object] | object = None, /, **fields: object) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -184,9 +185,50 @@ def test_method_attribute_is_rejected() -> None:
 
 
 def test_empty_key_is_rejected() -> None:
+    with pytest.raises(InvalidKeyError, match="field 'name' is empty"):
+        KeyTemplate("u:{name}").build(name="")
+    lax = KeyTemplate("u:{name}", strict=False)
+    assert lax.build(name="") == "u:"
     with pytest.raises(InvalidKeyError, match="empty key"):
-        KeyTemplate("{name}").build(name="")
-    assert KeyTemplate("u:{name}").build(name="") == "u:"
+        KeyTemplate("{name}", strict=False).build(name="")
+
+
+def test_values_that_would_make_keys_collide_are_refused() -> None:
+    tpl = KeyTemplate("session:{user}:{sid}")
+    assert tpl.build(user="alice", sid="x") == "session:alice:x"
+    for user, sid in (("alice:1", "x"), ("alice", "1:x")):
+        with pytest.raises(InvalidKeyError, match=r"':'.*ambiguous"):
+            tpl.build(user=user, sid=sid)
+    lax = KeyTemplate("session:{user}:{sid}", strict=False)
+    assert lax.build(user="alice:1", sid="x") == lax.build(user="alice", sid="1:x")  # what strict prevents
+
+
+@pytest.mark.parametrize(
+    ("template", "value", "bad"),
+    [
+        ("{{{uid}}}:cart", "a}b", "}"),  # would move the hash tag to "a"
+        ("user:{id}", "a{b", "{"),
+        ("user:{id}", "line\nbreak", "\n"),
+        ("user:{id}", "nul\x00", "\x00"),
+    ],
+)
+def test_braces_and_control_characters_are_refused(template: str, value: str, bad: str) -> None:
+    with pytest.raises(InvalidKeyError, match=re.escape(repr(bad))):
+        KeyTemplate(template).build(id=value, uid=value)
+    assert bad in KeyTemplate(template, strict=False).build(id=value, uid=value)
+
+
+def test_separators_outside_two_fields_are_allowed() -> None:
+    # Only text between two fields can be confused with a value's own characters.
+    assert KeyTemplate("order-{id}").build(id="1b2c-3d4e") == "order-1b2c-3d4e"
+    assert KeyTemplate("user:{id}:profile").build(id="a:b") == "user:a:b:profile"
+    # A function may rightly produce "" (an optional suffix).
+    assert KeyTemplate("user:{id}{admin|if(':admin')}").build(id=7, admin=False) == "user:7"
+
+
+def test_strict_must_be_a_bool() -> None:
+    with pytest.raises(InvalidArgumentError, match="strict"):
+        KeyTemplate("user:{id}", strict="yes")  # type: ignore[arg-type]
 
 
 # -- built-in functions -----------------------------------------------------------
@@ -346,3 +388,26 @@ def test_default_registry_is_shared_and_used_by_default() -> None:
     assert registry.delete_func(name) is False
     with pytest.raises(InvalidArgumentError, match="unknown function"):
         KeyTemplate("{v|" + name + "}")
+
+
+@pytest.mark.parametrize("name", [["x"], None, 3, ""])
+def test_registry_lookups_refuse_names_that_are_not_str(name: object) -> None:
+    registry = KeyRegistry()
+    for call in (registry.get, registry.must_get, registry.build, registry.delete):
+        with pytest.raises(InvalidArgumentError, match="name"):
+            call(name)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["1_000", "\u0663", "1.5", ""])
+def test_intadd_takes_only_plain_integers(value: str) -> None:
+    with pytest.raises(InvalidKeyError, match="intadd"):
+        KeyTemplate("page:{n|intadd(1)}").build(n=value)
+
+
+def test_a_class_instead_of_an_instance_is_refused() -> None:
+    class WithVars:
+        def key_vars(self) -> dict[str, object]:
+            return {"id": 1}
+
+    with pytest.raises(InvalidArgumentError, match="pass an instance"):
+        KeyTemplate("user:{id}").build(WithVars)
