@@ -208,7 +208,10 @@ class Client:
         self._tx: TransactionBackend | None = backend if isinstance(backend, TransactionBackend) else None
         self._health: HealthBackend | None = backend if isinstance(backend, HealthBackend) else None
         self._watcher: WatchBackend | None = backend if isinstance(backend, WatchBackend) else None
+        # Every watch made (weakly: one never used may just be dropped), and the
+        # subscribed ones (strongly: each holds a connection until it is closed).
         self._watches: weakref.WeakSet[Watch] = weakref.WeakSet()
+        self._subscribed_watches: set[Watch] = set()
         self.hooks = HookRegistry()
         self._closed = False
 
@@ -258,7 +261,7 @@ class Client:
             return
         self._closed = True
         try:
-            for watch in list(self._watches):
+            for watch in {*self._watches, *self._subscribed_watches}:
                 # Their loops end (StopAsyncIteration); a failing close must not stop ours.
                 with contextlib.suppress(Exception):
                     await watch.aclose()
@@ -747,7 +750,7 @@ class Client:
                 raise BackendUnavailableError("watch: the client is closed")
             return await backend.watch(prefix, max_pending=max_pending, configure_server=configure_server)
 
-        watch = Watch(prefix, subscribe)
+        watch = Watch(prefix, subscribe, subscribed=self._subscribed_watches)
         self._watches.add(watch)
         return watch
 

@@ -278,9 +278,18 @@ class Watch:
         ```
     """
 
-    def __init__(self, prefix: str, open_: Callable[[], Awaitable[ChangeStream]]) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        open_: Callable[[], Awaitable[ChangeStream]],
+        *,
+        subscribed: set[Watch] | None = None,
+    ) -> None:
         self._prefix = prefix
         self._open = open_
+        # Holds this watch while it is subscribed (the client's set): a watch entered
+        # and then dropped without exiting must still be closed with its client.
+        self._subscribed = subscribed
         self._stream: ChangeStream | None = None
         self._entered = False
         self._closed = False
@@ -299,7 +308,8 @@ class Watch:
         """Whether the watch has ended (closed, or its stream ended or failed)."""
         return self._closed
 
-    async def _start(self) -> ChangeStream:
+    async def _start(self) -> ChangeStream | None:
+        """The subscribed stream; ``None`` when the watch was closed while subscribing."""
         if self._stream is not None:
             return self._stream
         if self._closed:
@@ -307,15 +317,18 @@ class Watch:
         stream = await self._open()
         if self._closed:  # closed (with its client) while subscribing
             await stream.aclose()
-            raise KivigoError("this watch was closed while it subscribed")
+            return None
         self._stream = stream
+        if self._subscribed is not None:
+            self._subscribed.add(self)
         return stream
 
     async def __aenter__(self) -> Watch:
         if self._entered:
             raise KivigoError("a watch can be entered only once")
         self._entered = True
-        await self._start()
+        if await self._start() is None:
+            raise KivigoError("this watch was closed while it subscribed")
         return self
 
     async def __aexit__(
@@ -347,6 +360,8 @@ class Watch:
         if self._closed:
             raise StopAsyncIteration
         stream = self._stream if self._stream is not None else await self._start()
+        if stream is None:  # its client closed while it subscribed: the loop just ends
+            raise StopAsyncIteration
         try:
             return await stream.__anext__()
         except StopAsyncIteration:
@@ -359,6 +374,8 @@ class Watch:
     async def aclose(self) -> None:
         """Release the subscription; iteration ends. Safe to call twice."""
         self._closed = True
+        if self._subscribed is not None:
+            self._subscribed.discard(self)
         stream, self._stream = self._stream, None
         if stream is not None:
             await stream.aclose()

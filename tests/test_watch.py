@@ -428,6 +428,35 @@ async def test_closing_the_client_ends_its_watches(server: RedisServer, admin: R
             pass
 
 
+async def test_closing_the_client_ends_a_watch_entered_and_dropped(server: RedisServer, admin: Redis) -> None:
+    client = Client(RedisBackend(redis_options(server)))
+    before = other_tasks()
+    watch = client.watch("dropped:")
+    await watch.__aenter__()  # entered, never exited: the code holding it went away
+    del watch
+    gc.collect()
+    assert await _has_subscriber(admin)
+    await client.close()
+    await no_subscribers(admin)
+    await eventually(lambda: not (other_tasks() - before))  # the heartbeat ended too
+
+
+async def test_client_closed_while_a_bare_loop_subscribes_ends_the_loop(server: RedisServer) -> None:
+    client = Client(RedisBackend(redis_options(server)))
+    outcome: list[str] = []
+
+    async def loop() -> None:
+        async for _ in client.watch("closing:"):
+            outcome.append("event")
+        outcome.append("ended")
+
+    task = asyncio.create_task(loop())
+    await asyncio.sleep(0)  # the loop is now subscribing
+    await client.close()
+    await asyncio.wait_for(task, TIMEOUT)  # no error: the documented end of a watch
+    assert outcome == ["ended"]
+
+
 # --------------------------------------------------------------------------- failures
 
 
