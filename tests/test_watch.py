@@ -593,6 +593,16 @@ async def test_memory_set_delete_expire(memory: Client) -> None:
     assert pairs(events) == [("set", "user:1"), ("set", "user:2"), ("delete", "user:1"), ("expire", "user:2")]
 
 
+async def test_memory_reports_the_expiry_of_a_key_written_over(memory: Client) -> None:
+    async with memory.watch("x:") as changes:
+        await memory.set("x:k", 1, ttl=0.05)
+        time.sleep(0.1)  # noqa: ASYNC251 (the loop is busy past the deadline: its timer cannot run)
+        await memory.set("x:k", 2)
+        events = await take(changes, 3)
+    # What Redis reports for the same calls: the expiry, then the new value.
+    assert pairs(events) == [("set", "x:k"), ("expire", "x:k"), ("set", "x:k")]
+
+
 async def test_memory_matches_redis_for_ttl_changes_and_batches(memory: Client) -> None:
     async with memory.watch("k:") as changes:
         await memory.batch_set({"k:a": 1, "k:b": 2})

@@ -111,6 +111,10 @@ class MemoryBackend:
     def _write(self, key: str, value: bytes, ttl_ms: int | None, *, changed: bool = True) -> None:
         # changed=False: only the TTL changed, which watchers are not told (as on Redis).
         _check_key(key)
+        if self._feeds:
+            # As on Redis, writing over a key whose TTL ran out reports its expiry
+            # first, even when the expiry timer has not run yet.
+            self._live(key)
         deadline = None if ttl_ms is None else time.monotonic() + ttl_ms / 1000
         self._data[key] = (value, deadline)
         self._touch(key)
