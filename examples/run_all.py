@@ -27,6 +27,7 @@ from kivigo_async.testing.servers import (
     RedisServer,
     ServerStartError,
     find_binaries,
+    stop_servers_on_sigterm,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -66,6 +67,7 @@ def start_embedded() -> RedisServer | None:
         return None
     binary = binaries[0]
     print(f"starting {binary.kind}-server {binary.version} from {binary.path}")
+    stop_servers_on_sigterm()
     return RedisServer(binary).start()
 
 

@@ -44,9 +44,6 @@ skip: it fails instead, unless what is missing is optional by nature (no
 from __future__ import annotations
 
 import os
-import signal
-import threading
-from types import FrameType
 from typing import TYPE_CHECKING, NoReturn, Protocol, overload
 
 import pytest
@@ -60,6 +57,7 @@ from .servers import (
     ServerPool,
     ServerUnavailable,
     Variant,
+    stop_servers_on_sigterm,
 )
 from .topologies import RedisCluster, RedisSentinel, find_cli
 
@@ -125,30 +123,10 @@ class ServerFactory(Protocol):
     ) -> RedisServer: ...
 
 
-def _stop_servers_on_sigterm() -> None:
-    """Make SIGTERM end the session like Ctrl-C does: with teardown, so servers stop.
-
-    By default SIGTERM (a cancelled CI job, ``timeout``) kills pytest at once: no
-    fixture teardown, no ``atexit``, and the servers, which run in a session of
-    their own, would outlive it with their folders. Only installed when no other
-    handler is, and only once servers are used.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
-        raise KeyboardInterrupt("SIGTERM")
-
-    signal.signal(signal.SIGTERM, interrupt)
-
-
 @pytest.fixture(scope="session")
 def kivigo_server_pool() -> Iterator[ServerPool]:
     """Shared servers for the whole session, stopped at its end (also on SIGTERM)."""
-    _stop_servers_on_sigterm()
+    stop_servers_on_sigterm()
     pool = ServerPool()
     try:
         yield pool

@@ -44,6 +44,7 @@ import random
 import re
 import secrets
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -52,6 +53,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal, overload
 
 if TYPE_CHECKING:
@@ -82,6 +84,7 @@ __all__ = [
     "find_binaries",
     "free_port",
     "inspect_binary",
+    "stop_servers_on_sigterm",
 ]
 
 BinaryKind = Literal["valkey", "redis"]
@@ -392,6 +395,34 @@ def _register(server: Server) -> None:
 def _unregister(server: Server) -> None:
     with _registry_lock:
         _registry.pop(id(server), None)
+
+
+def stop_servers_on_sigterm() -> None:
+    """Make SIGTERM end the program like Ctrl-C does, so that its servers are stopped.
+
+    By default SIGTERM (a cancelled CI job, ``timeout``, a process manager) ends
+    Python at once: no ``finally``, no ``atexit``, and the servers, which run in a
+    session of their own, outlive it with their folders. This turns it into a
+    ``KeyboardInterrupt`` (a second SIGTERM ends the program at once). It does
+    nothing outside the main thread or when another handler is installed. The
+    pytest plugin calls it once a test uses servers.
+
+    Example:
+        ```python
+        stop_servers_on_sigterm()
+        server = RedisServer(find_binaries()[0]).start()
+        ```
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @atexit.register

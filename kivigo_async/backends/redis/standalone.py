@@ -44,6 +44,8 @@ class _DialBounded(AbstractConnection):
     async def connect_check_health(
         self, check_health: bool = True, retry_socket_connect: bool = True
     ) -> None:
+        if self.is_connected:
+            return  # the pool asks on every checkout: no task, no timer then
         connect: Callable[..., Awaitable[None]] = super().connect_check_health
         bound: float | None = self.socket_connect_timeout
         try:
