@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ import redis.asyncio as aioredis
 from kivigo_async import Client
 from kivigo_async.backends.redis import RedisSentinelBackend, RedisSentinelOptions
 from kivigo_async.backends.redis import sentinel as sentinel_module
-from kivigo_async.errors import BackendUnavailableError, ConfigurationError
+from kivigo_async.errors import BackendUnavailableError, ConfigurationError, KivigoError
 from kivigo_async.testing.conformance import BackendConformance
 from kivigo_async.testing.pytest_plugin import SentinelFactory
 from kivigo_async.testing.servers import free_port
@@ -112,6 +113,50 @@ async def test_writes_continue_through_failover(redis_sentinel_factory: Sentinel
         assert last > 0
         # Once the writer is done, the final value is on the new primary.
         assert await read_from(new, "loop") == str(last).encode()
+
+
+async def test_no_write_acknowledged_after_the_switch_is_lost(
+    redis_sentinel_factory: SentinelFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Busy connections dropped on +switch-master must reconnect to the new primary.
+
+    redis-py retries a dropped command on the same connection object, which used to
+    reconnect to its old address: the demoted primary acknowledged writes for about
+    10 s, until the sentinels made it a replica and they were all lost.
+    """
+    caplog.set_level(logging.INFO, logger="kivigo_async")
+    topology = redis_sentinel_factory()
+    backend = RedisSentinelBackend(sentinel_options(topology, read_timeout=1, dial_timeout=1))
+    async with Client(backend) as client:
+        acked: list[tuple[str, float]] = []
+        stop = asyncio.Event()
+
+        async def writer(n: int) -> None:
+            i = 0
+            while not stop.is_set():
+                key = f"busy:{n}:{i}"
+                i += 1
+                with contextlib.suppress(KivigoError):  # failures around the switch are fine
+                    await client.set(key, 1)
+                    acked.append((key, time.time()))
+                await asyncio.sleep(0)
+
+        writers = [asyncio.create_task(writer(n)) for n in range(8)]  # several connections in use
+        try:
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(topology.failover, 60.0)
+            await asyncio.sleep(1.5)
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*writers), 30)
+        switches = [r.created for r in caplog.records if "primary switched" in r.getMessage()]
+        assert switches, "the backend never heard +switch-master"
+        # Writes acknowledged up to the switch may be on the old primary (Sentinel's own
+        # window); half a second after it, every acknowledged write must be kept.
+        late = [key for key, at in acked if at > switches[0] + 0.5]
+        assert late
+        kept = await client.batch_get(late)
+        assert len(kept) == len(late), f"{len(late) - len(kept)} of {len(late)} acknowledged writes lost"
 
 
 def switch_master_subscribers(topology: RedisSentinel) -> list[int]:

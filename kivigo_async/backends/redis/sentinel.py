@@ -25,7 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import ConfigurationError
 from .options import RedisOptions, _default_pool_size
-from .standalone import RedisBackend, _ClosablePool, _pool_for
+from .standalone import RedisBackend, _ClosablePool, _DialBounded, _pool_for
 
 __all__ = ["RedisSentinelBackend", "RedisSentinelOptions"]
 
@@ -186,7 +186,37 @@ class _BlockingSentinelPool(SentinelConnectionPool, _ClosablePool):
     """Sentinel-managed connections in the standalone pool: waits for a free one, stays closed once closed."""
 
 
-class _SentinelTLSConnection(SentinelManagedConnection):
+class _SentinelConnection(_DialBounded, SentinelManagedConnection):
+    """A sentinel-managed connection that asks the sentinels before every (re)connect.
+
+    redis-py asks them only in ``connect()``; a command retried after its connection
+    was dropped (as on ``+switch-master``) reconnects through ``connect_check_health``
+    to the address it had, the demoted primary, which goes on acknowledging writes
+    that are lost when the sentinels turn it into a replica seconds later.
+    """
+
+    _address_fresh = False
+
+    async def connect_to(self, address: tuple[str, int]) -> None:
+        self._address_fresh = True  # connect() just asked the sentinels
+        try:
+            connect_to: Callable[[tuple[str, int]], Awaitable[None]] = super().connect_to
+            await connect_to(address)
+        finally:
+            self._address_fresh = False
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if self.is_connected:
+            return
+        pool: Any = self.connection_pool
+        if not self._address_fresh and pool.is_master:
+            self.host, self.port = await pool.get_master_address()
+        await super().connect_check_health(check_health, retry_socket_connect)
+
+
+class _SentinelTLSConnection(_SentinelConnection):
     """A sentinel-managed connection wrapped in the caller's :class:`ssl.SSLContext`."""
 
     def __init__(self, *, tls_context: ssl.SSLContext, **kwargs: Any) -> None:
@@ -271,7 +301,7 @@ class RedisSentinelBackend(RedisBackend):
         kwargs.pop("host", None)
         kwargs.pop("port", None)
         tls_context = kwargs.pop("tls_context", None)
-        kwargs["connection_class"] = SentinelManagedConnection
+        kwargs["connection_class"] = _SentinelConnection
         if tls_context is not None:
             kwargs["connection_class"] = _SentinelTLSConnection
             kwargs["tls_context"] = tls_context
