@@ -27,6 +27,7 @@ from kivigo_async.errors import (
     CrossSlotError,
     HealthCheckError,
     InvalidArgumentError,
+    KivigoError,
 )
 from kivigo_async.testing.pytest_plugin import ClusterFactory
 from kivigo_async.testing.servers import RedisServer, free_port
@@ -332,3 +333,45 @@ async def test_batches_during_slot_migration(redis_cluster_factory: ClusterFacto
         assert await client.batch_delete(list(tagged)) == len(tagged)
         with sync_client(target) as direct:
             assert direct.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 1  # only {mig}:new left
+
+
+# --------------------------------------------------------------------------- the in-flight bound
+
+
+async def test_health_and_leases_stay_within_the_pool_bound(redis_cluster: RedisCluster) -> None:
+    """Calls that bypassed the in-flight bound overflowed redis-py's node pools, which fail at once."""
+    options = RedisClusterOptions(addrs=redis_cluster.addrs, pool_size=4)
+    async with Client(RedisClusterBackend(options)) as client:
+        errors: Counter[str] = Counter()
+        stop = time.monotonic() + 2
+
+        async def writer(i: int) -> None:  # pool_size calls in flight on one node, all the time
+            while time.monotonic() < stop:
+                try:
+                    await client.set(f"{{bound}}:k{i}", i)
+                except KivigoError as exc:
+                    errors[f"set: {type(exc).__name__}"] += 1
+
+        async def prober() -> None:
+            while time.monotonic() < stop:
+                try:
+                    await client.health()
+                    await client.get_or_set(f"{{bound}}:fill:{random.random()}", lambda: 1, ttl=5)
+                except KivigoError as exc:
+                    errors[f"probe: {type(exc).__name__}: {exc}"] += 1
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(asyncio.gather(prober(), *(writer(i) for i in range(4))), 60)
+        assert not errors
+
+
+async def test_cluster_lease_after_close_is_refused(redis_cluster: RedisCluster) -> None:
+    from kivigo_async.backends.redis._lease import RedisLease
+
+    backend = RedisClusterBackend(RedisClusterOptions(addrs=redis_cluster.addrs))
+    await backend.connect()
+    await backend.close()
+    with pytest.raises(BackendUnavailableError, match="closed"):
+        await RedisLease(backend).acquire_lease("kivigo:lease:{x}", b"token", 10_000)
+    # Nothing was opened again (closed connection objects may stay listed).
+    assert not [c for node in backend.cluster.get_nodes() for c in node._connections if c.is_connected]

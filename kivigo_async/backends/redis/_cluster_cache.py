@@ -311,7 +311,8 @@ class ClusterTracking:
             if node is None:
                 continue
             try:
-                role = await node.execute_command("ROLE")
+                async with self._backend._slot("ROLE"):
+                    role = await node.execute_command("ROLE")
             except Exception:
                 continue  # an outage: the listener's own loss handles it
             if role and role[0] not in (b"master", "master"):

@@ -78,6 +78,8 @@ def translate(exc: Exception, command: str, key: str | None, node: str) -> Kivig
     outcome = _UNKNOWN_OUTCOME if command == "EXEC" else ""
     if isinstance(exc, rx.TimeoutError):
         return OperationTimeoutError(f"{where}: timed out ({text}){outcome}")
+    if isinstance(exc, rx.MaxConnectionsError):
+        return OperationTimeoutError(f"{where}: every connection of the pool is in use (pool_size)")
     if isinstance(exc, rx.ConnectionError):
         if "No connection available" in text:
             return OperationTimeoutError(f"{where}: no free connection in the pool in time")

@@ -8,6 +8,7 @@ connection: a lease is taken once per cache fill, so it is not a hot path.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Union
 
 from redis.exceptions import RedisError
@@ -31,29 +32,41 @@ return 0
 """
 
 
-def _client(backend: _Backend) -> Any:
-    # Typed Any: redis-py's Redis and RedisCluster share these commands but no base class.
+async def _run(backend: _Backend, command: str, key: str, call: Callable[[Any], Awaitable[Any]]) -> Any:
     from .cluster import RedisClusterBackend
 
     if isinstance(backend, RedisClusterBackend):
-        return backend.cluster
-    return backend.redis
+        cluster = backend
+
+        async def routed() -> Any:
+            await cluster._ready()
+            return await call(cluster.cluster)
+
+        # The cluster's own path: its in-flight bound (its node pools fail when full),
+        # its closed check and its translation of every driver error.
+        return await cluster._run(command, key, routed)
+    try:
+        return await call(backend.redis)
+    except RedisError as exc:
+        raise backend._error(exc, command, key) from exc
 
 
 async def acquire_lease(backend: _Backend, key: str, token: bytes, ttl_ms: int) -> bool:
     """``SET key token NX PX ttl_ms``; return whether the lease was taken."""
-    try:
-        return bool(await _client(backend).set(key, token, nx=True, px=ttl_ms))
-    except RedisError as exc:
-        raise backend._error(exc, "SET NX PX", key) from exc
+
+    async def call(client: Any) -> Any:
+        return await client.set(key, token, nx=True, px=ttl_ms)
+
+    return bool(await _run(backend, "SET NX PX", key, call))
 
 
 async def release_lease(backend: _Backend, key: str, token: bytes) -> bool:
     """Delete ``key`` if it still holds ``token``; return whether it was deleted."""
-    try:
-        return bool(await _client(backend).execute_command("EVAL", _RELEASE, 1, key, token))
-    except RedisError as exc:
-        raise backend._error(exc, "EVAL (lease release)", key) from exc
+
+    async def call(client: Any) -> Any:
+        return await client.execute_command("EVAL", _RELEASE, 1, key, token)
+
+    return bool(await _run(backend, "EVAL (lease release)", key, call))
 
 
 class RedisLease:

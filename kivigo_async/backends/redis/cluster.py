@@ -409,8 +409,10 @@ class RedisClusterBackend:
             )
         return translate(exc, command, key, node)
 
-    async def _run(self, command: str, key: str | None, call: Callable[[], Awaitable[Any]]) -> Any:
-        """Run ``call`` within the in-flight limit, translating driver errors."""
+    @contextlib.asynccontextmanager
+    async def _slot(self, command: str) -> AsyncIterator[None]:
+        """Hold one of ``pool_size`` in-flight places; every call that takes a node
+        connection must: redis-py's node pools fail at once, rather than wait, when full."""
         if self._closed:
             # redis-py's cluster client would open new connections nobody closes.
             raise BackendUnavailableError(f"{command} on cluster {self._seeds}: the backend is closed")
@@ -421,17 +423,23 @@ class RedisClusterBackend:
                 f"{command} on cluster {self._seeds}: no free connection in the pool in time"
             ) from None
         try:
-            return await call()
-        except _DRIVER_ERRORS as exc:
-            raise self._error(exc, command, key) from exc
-        except UnicodeEncodeError as exc:
-            raise self._error(exc, command, key) from exc
-        except AttributeError as exc:
-            if not _torn_down(exc):
-                raise
-            raise self._error(exc, command, key) from exc
+            yield
         finally:
             self._in_flight.release()
+
+    async def _run(self, command: str, key: str | None, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``call`` within the in-flight limit, translating driver errors."""
+        async with self._slot(command):
+            try:
+                return await call()
+            except _DRIVER_ERRORS as exc:
+                raise self._error(exc, command, key) from exc
+            except UnicodeEncodeError as exc:
+                raise self._error(exc, command, key) from exc
+            except AttributeError as exc:
+                if not _torn_down(exc):
+                    raise
+                raise self._error(exc, command, key) from exc
 
     def _exec(self, command: str, key: str, *args: Any) -> Awaitable[Any]:
         execute: Callable[..., Awaitable[Any]] = self._cluster.execute_command
@@ -699,7 +707,8 @@ class RedisClusterBackend:
 
         async def ping(node: ClusterNode) -> None:
             try:
-                await execute("PING", target_nodes=node)
+                async with self._slot("PING"):
+                    await execute("PING", target_nodes=node)
             except _DRIVER_ERRORS as exc:
                 raise translate(exc, "PING", None, str(node.name)) from exc
             except AttributeError as exc:
