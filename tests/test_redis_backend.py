@@ -30,7 +30,7 @@ from conftest import redis_options
 from redis._parsers import _AsyncHiredisParser
 
 from kivigo_async import Client
-from kivigo_async.backends.redis import RedisBackend, RedisOptions
+from kivigo_async.backends.redis import RedisBackend, RedisClusterOptions, RedisOptions, RedisSentinelOptions
 from kivigo_async.errors import (
     BackendUnavailableError,
     ConfigurationError,
@@ -519,6 +519,23 @@ def test_url_errors_never_show_the_password(url: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         RedisOptions.from_url(url)
     assert "topsecret" not in chain_text(info.value)
+
+
+@pytest.mark.parametrize(
+    ("parse", "url"),
+    [
+        (RedisSentinelOptions.from_url, "redis+sentinel://app:2024/Tigersecret@s1:26379/cache"),
+        (RedisSentinelOptions.from_url, "redis+sentinel://:2024?Tigersecret@s1:26379/cache"),
+        (RedisClusterOptions.from_url, "redis://app:1234?Tigersecret@node1:7000"),
+        (RedisClusterOptions.from_url, "redis://:1234#Tigersecret@node1:7000"),
+    ],
+)
+def test_sentinel_and_cluster_urls_never_show_a_cut_password(parse: Any, url: str) -> None:
+    # Both wrappers split or re-encode the URL before RedisOptions sees it: the
+    # same guard runs on the URL as given.
+    with pytest.raises(ConfigurationError, match="percent-encode") as info:
+        parse(url)
+    assert "Tiger" not in chain_text(info.value)
 
 
 @pytest.mark.parametrize("url", ["redis://cache:0/1", "redis://cache#fragment", "redis://cache/\u0663"])

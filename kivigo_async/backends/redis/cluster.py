@@ -47,7 +47,7 @@ from ._cluster_cache import ClusterTracking
 from ._cluster_scan import scan_cluster
 from ._errors import translate
 from ._scan import decode_key
-from .options import RedisOptions, _default_pool_size
+from .options import RedisOptions, _default_pool_size, refuse_unescaped_credentials
 from .standalone import RedisBackend
 
 __all__ = ["RedisClusterBackend", "RedisClusterOptions"]
@@ -187,6 +187,7 @@ class RedisClusterOptions:
             parts = urlsplit(url)
         except ValueError as exc:
             raise ConfigurationError(f"invalid Redis URL: {exc}") from None
+        refuse_unescaped_credentials(parts)
         if parts.scheme.lower() not in ("redis", "rediss", "valkey", "valkeys"):
             raise ConfigurationError(f"unsupported URL scheme {parts.scheme!r}: use redis:// or rediss://")
         query = parse_qs(parts.query, keep_blank_values=True)

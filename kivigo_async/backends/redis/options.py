@@ -8,7 +8,7 @@ import os
 import ssl
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 from ...errors import ConfigurationError
 from ._cache import ClientCache
@@ -197,28 +197,19 @@ class RedisOptions:
             >>> (o.addr, o.username, o.db, bool(o.tls))
             ('cache.internal:6380', 'app', 2, True)
         """
-        unescaped = (
-            "invalid Redis URL: bad host or port "
-            "(percent-encode '/', '?', '#' and '@' in the username and password)"
-        )
         try:
             parts = urlsplit(url)
             parsed_port = parts.port
         except ValueError:
             # urllib's message echoes the bad port, which is part of the password
             # when one holds an unescaped "/", "?" or "#".
-            raise ConfigurationError(unescaped) from None
+            raise ConfigurationError(_UNESCAPED) from None
         scheme = parts.scheme.lower()
         if scheme not in ("redis", "rediss", "unix", "valkey", "valkeys"):
             raise ConfigurationError(
                 f"unsupported URL scheme {scheme!r}: use redis://, rediss:// or unix://"
             )
-        if "@" in parts.fragment or (scheme != "unix" and ("@" in parts.path or "@" in parts.query)):
-            # A password holding an unescaped "/", "?" or "#" ends the host part early,
-            # and the rest (with the real host after its "@") lands here. Never echo it.
-            raise ConfigurationError(unescaped)
-        if parts.fragment:
-            raise ConfigurationError("invalid Redis URL: a '#fragment' has no meaning in it")
+        refuse_unescaped_credentials(parts, unix=scheme == "unix")
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         kwargs: dict[str, object] = {}
         if parts.username:
@@ -278,6 +269,25 @@ class RedisOptions:
             return cls(**kwargs)  # type: ignore[arg-type]
         except TypeError as exc:
             raise ConfigurationError(str(exc)) from None
+
+
+_UNESCAPED = (
+    "invalid Redis URL: bad host or port (percent-encode '/', '?', '#' and '@' in the username and password)"
+)
+
+
+def refuse_unescaped_credentials(parts: SplitResult, *, unix: bool = False) -> None:
+    """Refuse a URL whose host part a password cut short, without echoing any of it.
+
+    A password holding an unescaped ``/``, ``?`` or ``#`` ends the host part early,
+    and the rest (with the real host after its ``@``) lands in the path, query or
+    fragment, where it would be read as a database, an option or a service name.
+    A ``unix://`` URL's path (a socket file) and query (``password=``) may hold one.
+    """
+    if "@" in parts.fragment or (not unix and ("@" in parts.path or "@" in parts.query)):
+        raise ConfigurationError(_UNESCAPED)
+    if parts.fragment:
+        raise ConfigurationError("invalid Redis URL: a '#fragment' has no meaning in it")
 
 
 def _int_option(name: str, raw: str) -> int:

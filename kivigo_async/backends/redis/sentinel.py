@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import ConfigurationError
-from .options import RedisOptions, _default_pool_size
+from .options import RedisOptions, _default_pool_size, refuse_unescaped_credentials
 from .standalone import RedisBackend, _ClosablePool, _DialBounded, _pool_for
 
 __all__ = ["RedisSentinelBackend", "RedisSentinelOptions"]
@@ -146,6 +146,7 @@ class RedisSentinelOptions:
             parts = urlsplit(url)
         except ValueError as exc:
             raise ConfigurationError(f"invalid sentinel URL: {exc}") from None
+        refuse_unescaped_credentials(parts)
         scheme = parts.scheme.lower()
         if scheme not in ("redis+sentinel", "rediss+sentinel", "valkey+sentinel", "valkeys+sentinel"):
             raise ConfigurationError(
