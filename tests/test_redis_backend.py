@@ -758,7 +758,11 @@ async def test_cancelled_calls_leak_neither_replies_nor_connections(
                 if result is None:
                     completed += 1
                 # wait_for's own TimeoutError, exactly: OperationTimeoutError is one too.
-                elif not isinstance(result, asyncio.CancelledError) and type(result) is not TimeoutError:
+                # (Before Python 3.11, wait_for raises asyncio.TimeoutError, another class.)
+                elif not isinstance(result, asyncio.CancelledError) and type(result) not in (
+                    TimeoutError,
+                    asyncio.TimeoutError,
+                ):
                     raise result
             return completed
 
