@@ -164,8 +164,13 @@ class SingleFlight(Generic[R]):
                 call.task.cancel()
 
     async def cancel_all(self) -> None:
-        """Cancel every running task and wait until each has finished its cleanup."""
-        tasks = [call.task for call in self._calls.values()]
+        """Cancel every running task and wait until each has finished its cleanup.
+
+        Called from inside one of them (a factory closing its client), that one is
+        left to finish by itself: it cannot wait for its own end.
+        """
+        current = asyncio.current_task()
+        tasks = [call.task for call in self._calls.values() if call.task is not current]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -213,8 +218,9 @@ class CacheFiller:
                 key, lambda: self._fill(client, key, factory, rtype, ttl_ms, lock_ms, wait_ms)
             )
         except asyncio.CancelledError:
-            if self._closed and cancel_requested() is not True:
+            if self._closed and cancel_requested() is False:
                 # The fill was stopped by Client.close(), not this caller's cancellation.
+                # (Before Python 3.11 the two cannot be told apart: the cancellation stays.)
                 raise BackendUnavailableError(
                     f"get_or_set for key {key!r}: the client was closed while the value was computed"
                 ) from None

@@ -334,7 +334,8 @@ async def _drain_pending(hook: _Hook) -> None:
         while pending and hook.active:
             await _invoke(hook, pending.popleft())
     finally:
-        hook.worker = None
+        if hook.worker is asyncio.current_task():
+            hook.worker = None
         if not hook.active:
             pending.clear()
 
@@ -502,7 +503,8 @@ class HookRegistry:
 
     def _queue(self, hook: _Hook, events: Iterable[HookEvent]) -> None:
         hook.pending.extend(events)
-        if hook.worker is None:
+        # done(): a worker cancelled before it started never ran its cleanup.
+        if hook.worker is None or hook.worker.done():
             task = asyncio.get_running_loop().create_task(_drain_pending(hook), name=f"kivigo-hook-{hook.id}")
             hook.worker = task
             # The loop keeps only weak references to tasks; the set keeps them alive until done.

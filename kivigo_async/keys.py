@@ -355,7 +355,10 @@ class KeyTemplate:
             tag), or a non-alphanumeric character of the literal text between
             two fields (with ``session:{user}:{sid}``, ``user="a:1", sid="x"``
             and ``user="a", sid="1:x"`` would build the same key). The check
-            applies to the text a field ends up as, after its functions.
+            applies to the text a field ends up as, after its functions. Two
+            fields with no text between them (``{a}{b}``) cannot be checked:
+            ``ab`` + ``c`` and ``a`` + ``bc`` give the same key, so put a
+            separator between fields that hold user data.
             ``strict=False`` builds keys from values as they are, as KiviGo does.
 
     Raises:

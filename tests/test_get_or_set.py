@@ -484,6 +484,20 @@ async def test_close_stops_a_running_fill() -> None:
         await client.get_or_set("report", slow)
 
 
+async def test_a_factory_that_closes_its_client() -> None:
+    backend = MemoryBackend()
+    client = Client(backend)
+
+    async def closes() -> int:
+        await client.close()  # must not wait for its own fill to end
+        return 1
+
+    with pytest.raises(BackendUnavailableError):
+        await asyncio.wait_for(client.get_or_set("k", closes), 10)
+    with pytest.raises(BackendUnavailableError):
+        await backend.get("k")  # close() finished: the backend is closed
+
+
 async def test_concurrent_callers_asking_different_types() -> None:
     async with Client(MemoryBackend()) as client:
 

@@ -297,6 +297,19 @@ async def test_background_hook_sees_separate_writes_in_write_order(registry: Hoo
     assert seen == [("set", b"1"), ("set", b"2"), ("batch_set", b"3"), ("delete", None)]
 
 
+async def test_a_worker_cancelled_before_it_started_does_not_stall_the_hook(registry: HookRegistry) -> None:
+    seen: list[str] = []
+    registry.register(lambda event: seen.append(event.key), background=True)
+    await registry.emit(EventType.SET, "x", b"1")
+    for task in asyncio.all_tasks():
+        if task.get_name().startswith("kivigo-hook-"):
+            task.cancel()  # before its first step: its cleanup never runs
+    await asyncio.sleep(0)
+    await registry.emit(EventType.SET, "y", b"2")
+    await asyncio.wait_for(registry.drain(), 5)
+    assert seen == ["x", "y"]  # a new worker took over the queue
+
+
 async def test_emit_many_sends_one_event_per_key(registry: HookRegistry) -> None:
     rec = Recorder()
     registry.register(rec)

@@ -320,8 +320,9 @@ class MuxConnection:
             # Shielded: one caller giving up must not abort the connect the others wait for.
             return await asyncio.shield(connecting)
         except asyncio.CancelledError:
-            if self._closed and connecting.cancelled() and cancel_requested() is not True:
+            if self._closed and connecting.cancelled() and cancel_requested() is False:
                 # close() stopped the connect; the caller was not cancelled itself.
+                # (Before Python 3.11 the two cannot be told apart: the cancellation stays.)
                 raise rx.ConnectionError(f"connection to {self._node} is closed") from None
             raise
 
