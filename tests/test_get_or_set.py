@@ -473,7 +473,10 @@ async def test_close_stops_a_running_fill() -> None:
     caller = asyncio.create_task(client.get_or_set("report", slow))
     await asyncio.wait_for(started.wait(), 10)
     await asyncio.wait_for(client.close(), 10)
-    with pytest.raises(BackendUnavailableError, match="closed"):
+    # Before Python 3.11 a caller's own cancellation cannot be told from close()'s,
+    # so the library lets the CancelledError through rather than risk eating one.
+    stopped = BackendUnavailableError if sys.version_info >= (3, 11) else asyncio.CancelledError
+    with pytest.raises(stopped):
         await asyncio.wait_for(caller, 10)
     assert finished == []
     fills = [t for t in asyncio.all_tasks() if "CacheFiller._fill" in repr(t.get_coro())]
