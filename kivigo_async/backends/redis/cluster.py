@@ -6,13 +6,12 @@ import asyncio
 import contextlib
 import dataclasses
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
-from redis.asyncio.connection import Connection
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import LoadBalancingStrategy
 from redis.commands import READ_COMMANDS
@@ -48,7 +47,7 @@ from ._cluster_scan import scan_cluster
 from ._errors import translate
 from ._scan import decode_key
 from .options import RedisOptions, _default_pool_size, refuse_unescaped_credentials
-from .standalone import RedisBackend
+from .standalone import RedisBackend, _TLSContextConnection
 
 __all__ = ["RedisClusterBackend", "RedisClusterOptions"]
 
@@ -229,17 +228,6 @@ class RedisClusterOptions:
             raise ConfigurationError(str(exc)) from None
 
 
-class _TLSConnection(Connection):
-    """A cluster node connection wrapped in the caller's :class:`ssl.SSLContext`."""
-
-    def __init__(self, *, tls_context: ssl.SSLContext, **kwargs: Any) -> None:
-        self._tls_context = tls_context
-        super().__init__(**kwargs)
-
-    def _connection_arguments(self) -> Mapping[str, Any]:
-        return {"host": self.host, "port": self.port, "ssl": self._tls_context}
-
-
 def _cluster_for(options: RedisClusterOptions) -> RedisCluster:
     seeds = [RedisOptions(addr=addr) for addr in options.addrs]
     kwargs: dict[str, Any] = {
@@ -267,10 +255,10 @@ def _cluster_for(options: RedisClusterOptions) -> RedisCluster:
         # redis-py builds TLS connections from loose arguments only; node connections
         # are made from these kwargs (startup nodes got a copy already), so a ready
         # context is swapped in before any connection exists.
-        cluster.connection_kwargs["connection_class"] = _TLSConnection
+        cluster.connection_kwargs["connection_class"] = _TLSContextConnection
         cluster.connection_kwargs["tls_context"] = tls_context
         for node in cluster.startup_nodes:
-            node.connection_class = _TLSConnection
+            node.connection_class = _TLSContextConnection
             node.connection_kwargs["tls_context"] = tls_context
     return cluster
 

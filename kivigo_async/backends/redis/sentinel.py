@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
@@ -25,7 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import ConfigurationError
 from .options import RedisOptions, _default_pool_size, refuse_unescaped_credentials
-from .standalone import RedisBackend, _ClosablePool, _DialBounded, _pool_for
+from .standalone import RedisBackend, _ClosablePool, _DialBounded, _pool_for, _TLSContextConnection
 
 __all__ = ["RedisSentinelBackend", "RedisSentinelOptions"]
 
@@ -217,16 +217,8 @@ class _SentinelConnection(_DialBounded, SentinelManagedConnection):
         await super().connect_check_health(check_health, retry_socket_connect)
 
 
-class _SentinelTLSConnection(_SentinelConnection):
+class _SentinelTLSConnection(_TLSContextConnection, _SentinelConnection):
     """A sentinel-managed connection wrapped in the caller's :class:`ssl.SSLContext`."""
-
-    def __init__(self, *, tls_context: ssl.SSLContext, **kwargs: Any) -> None:
-        self._tls_context = tls_context
-        init: Callable[..., None] = super().__init__
-        init(**kwargs)
-
-    def _connection_arguments(self) -> Mapping[str, Any]:
-        return {"host": self.host, "port": self.port, "ssl": self._tls_context}
 
 
 class _Sentinel(Sentinel):

@@ -63,20 +63,26 @@ class _UnixConnection(_DialBounded, UnixDomainSocketConnection):
     pass
 
 
-class _TLSConnection(_DialBounded, Connection):
+class _TLSContextConnection(Connection):
     """A TCP connection wrapped in the caller's :class:`ssl.SSLContext`.
 
     redis-py's own SSL connection builds its context from loose arguments; a
     ready context lets users bring private CAs, client certificates and
-    pinning without us re-implementing each knob.
+    pinning without us re-implementing each knob. The cluster and Sentinel
+    backends use it too.
     """
 
     def __init__(self, *, tls_context: ssl.SSLContext, **kwargs: Any) -> None:
         self._tls_context = tls_context
-        super().__init__(**kwargs)
+        init: Callable[..., None] = super().__init__
+        init(**kwargs)
 
     def _connection_arguments(self) -> Mapping[str, Any]:
         return {"host": self.host, "port": self.port, "ssl": self._tls_context}
+
+
+class _TLSConnection(_DialBounded, _TLSContextConnection):
+    pass
 
 
 class _ClosablePool(BlockingConnectionPool):
