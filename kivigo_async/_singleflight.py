@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._tasks import cancel_requested
 from .backend import AsyncBackend, LeaseBackend
+from .codecs import _type_name
 from .errors import BackendUnavailableError, EncodeError, OperationTimeoutError
 from .hooks import EventType
 
@@ -275,10 +276,6 @@ class CacheFiller:
                 pause = min(pause, deadline - now)
             await asyncio.sleep(pause)
             delay = min(delay * 2, _MAX_POLL)
-
-
-def _type_name(tp: Any) -> str:
-    return tp.__qualname__ if isinstance(tp, type) else repr(tp)
 
 
 async def _produce(

@@ -136,6 +136,14 @@ async def run_health_check(check: HealthCheck, client: Client) -> object:
     return result
 
 
+def _refuse_class(what: str, value: object) -> None:
+    # A class has the protocol's methods too, so a duck-typed check alone accepts it.
+    if isinstance(value, type):
+        raise ConfigurationError(
+            f"{what} must be an instance, not the class {value.__name__} (did you mean {value.__name__}()?)"
+        )
+
+
 def _none_type_error() -> InvalidArgumentError:
     # get(key, None) reads like dict.get(key, None), but would decode as NoneType
     # and still raise KeyNotFoundError for a missing key.
@@ -177,20 +185,11 @@ class Client:
     """
 
     def __init__(self, backend: AsyncBackend, *, codec: Codec | None = None) -> None:
-        if isinstance(backend, type):
-            # A class has the protocol's methods too, so isinstance() alone accepts it.
-            raise ConfigurationError(
-                f"backend must be an instance, not the class {backend.__name__} "
-                f"(did you mean {backend.__name__}()?)"
-            )
+        _refuse_class("backend", backend)
         if not isinstance(backend, AsyncBackend):
             raise ConfigurationError(f"backend must implement AsyncBackend, got {type(backend).__name__}")
         codec = JsonCodec() if codec is None else codec
-        if isinstance(codec, type):
-            raise ConfigurationError(
-                f"codec must be an instance, not the class {codec.__name__} "
-                f"(did you mean {codec.__name__}()?)"
-            )
+        _refuse_class("codec", codec)
         if not (callable(getattr(codec, "encode", None)) and callable(getattr(codec, "decode", None))):
             raise ConfigurationError(f"codec must have encode() and decode(), got {type(codec).__name__}")
         self._backend = backend

@@ -268,6 +268,17 @@ def _msgspec_dec_hook(tp: Any, obj: Any) -> Any:
         raise ValueError(_validation_summary(exc)) from exc
 
 
+def _typed_decoder(new_decoder: Callable[..., Any], tp: Any) -> _Decoder:
+    """A msgspec decoder for ``tp``; a type msgspec cannot build one for is a DecodeError."""
+    try:
+        decode: _Decoder = new_decoder(tp, dec_hook=_msgspec_dec_hook).decode
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"cannot decode into {_type_name(tp)}: not a supported type") from exc
+    except NameError as exc:  # a forward reference in the type that does not resolve
+        raise DecodeError(f"cannot decode into {_type_name(tp)}: {exc}") from exc
+    return decode
+
+
 # -- JsonCodec ---------------------------------------------------------------
 
 
@@ -464,12 +475,7 @@ class JsonCodec(_DecoderCache):
         elif _is_pydantic_model(tp) and callable(getattr(tp, "model_validate_json", None)):
             decoder = tp.model_validate_json
         else:
-            try:
-                decoder = msgspec.json.Decoder(tp, dec_hook=_msgspec_dec_hook).decode
-            except (TypeError, ValueError) as exc:
-                raise DecodeError(f"cannot decode into {_type_name(tp)}: not a supported type") from exc
-            except NameError as exc:  # a forward reference in the type that does not resolve
-                raise DecodeError(f"cannot decode into {_type_name(tp)}: {exc}") from exc
+            decoder = _typed_decoder(msgspec.json.Decoder, tp)
         with contextlib.suppress(TypeError):  # unhashable annotation: not cached
             self._decoders[tp] = decoder
         return decoder
@@ -558,12 +564,7 @@ class MsgspecCodec(_DecoderCache):
                 def decoder(data: bytes) -> Any:
                     return validate(untyped(data))
         else:
-            try:
-                decoder = self._new_decoder(tp, dec_hook=_msgspec_dec_hook).decode
-            except (TypeError, ValueError) as exc:
-                raise DecodeError(f"cannot decode into {_type_name(tp)}: not a supported type") from exc
-            except NameError as exc:  # a forward reference in the type that does not resolve
-                raise DecodeError(f"cannot decode into {_type_name(tp)}: {exc}") from exc
+            decoder = _typed_decoder(self._new_decoder, tp)
         with contextlib.suppress(TypeError):  # unhashable annotation: not cached
             self._decoders[tp] = decoder
         return decoder
