@@ -110,9 +110,10 @@ def _if(value: str | None, then: str, otherwise: str = "") -> str:
 
 def _intadd(value: str, amount: str) -> str:
     # The template's own integer rule (as Go's strconv.Atoi): no "1_000", no non-ASCII digits.
-    if _INT.fullmatch(value.strip()) is None:
+    text = value.strip()
+    if _INT.fullmatch(text) is None:
         raise ValueError(f"intadd needs an integer, got {value!r}")
-    return str(int(value.strip()) + int(amount))
+    return str(int(text) + int(amount))
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import inspect
 import weakref
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
@@ -121,12 +120,11 @@ def _check_options(
     if "client" in options:
         raise ConfigurationError("watcher_options must not contain 'client': the integration passes it")
     try:
-        # Checked now, not when the app starts: a typo should fail where it is written.
-        inspect.signature(HealthWatcher).bind(None, **options)
+        # Checked now, not when the app starts: a typo or a bad value should fail where
+        # it is written. A watcher of a throwaway client runs every check, with no I/O.
+        HealthWatcher(Client(MemoryBackend()), **options)
     except TypeError as exc:
         raise ConfigurationError(f"invalid watcher_options: {exc}") from None
-    # The values too: a watcher of a throwaway client runs the same checks, with no I/O.
-    HealthWatcher(Client(MemoryBackend()), **options)
     return options
 
 
