@@ -35,8 +35,52 @@ __all__ = ["MuxConnection", "pack"]
 Arg = Union[str, bytes, int, float]  # noqa: UP007 (runtime alias)
 
 
+#: Below this many arguments hiredis packs faster; above it, _pack_text does (it
+#: costs about 30% fewer instructions per argument: hiredis formats every length
+#: header with sprintf and copies every argument twice).
+_TEXT_PACK_FROM = 24
+#: RESP length headers of arguments up to 511 characters, ready to join. A list, not
+#: a tuple: list.__getitem__ is a fast method call, tuple.__getitem__ a slot wrapper.
+_HEADS = [f"${n}" for n in range(512)]
+
+
+def _pack_text(args: Sequence[Arg]) -> bytes | None:
+    """RESP for a long command of ASCII str arguments (MGET and DEL of many keys), or None.
+
+    The whole command is joined as one str and encoded once, instead of one bytes
+    object per argument. None (the caller falls back to hiredis) for any other
+    argument: bytes, numbers, non-ASCII text, or a string of 512 characters or more.
+    """
+    # Exact str only: a str subclass could override __len__ and announce a length
+    # its data does not have, which would desynchronise the connection.
+    # (Counting in a list of types is cheaper than building a set of them.)
+    if list(map(type, args)).count(str) != len(args):
+        return None
+    words = cast("Sequence[str]", args)
+    try:
+        heads = list(map(_HEADS.__getitem__, map(len, words)))
+    except IndexError:
+        return None
+    count = len(heads)
+    # "*N", then header and argument alternately, then "" so that the join ends in CRLF.
+    pieces = [""] * (2 * count + 2)
+    pieces[0] = f"*{count}"
+    pieces[1:-1:2] = heads
+    pieces[2:-1:2] = words
+    try:
+        text = "\r\n".join(pieces)
+    except TypeError:  # a type that compares equal to str without being it
+        return None
+    # isascii() is a flag lookup: character counts are byte counts only for ASCII.
+    return text.encode() if text.isascii() else None
+
+
 def pack(args: Sequence[Arg]) -> bytes:
-    """Serialize one command as RESP (hiredis does it in C)."""
+    """Serialize one command as RESP (hiredis does it in C; long key lists are joined as text)."""
+    if len(args) >= _TEXT_PACK_FROM:
+        packed = _pack_text(args)
+        if packed is not None:
+            return packed
     try:
         # hiredis' stub types the argument as a 1-tuple; any tuple is accepted.
         return hiredis.pack_command(tuple(args))  # type: ignore[arg-type,no-any-return]
