@@ -79,25 +79,42 @@ def _check_key(key: object) -> None:
         raise InvalidKeyError("keys must not be empty")
 
 
-def _check_keys(keys: Iterable[str]) -> list[str]:
+def _key_list(keys: Iterable[str]) -> list[str]:
     if isinstance(keys, (str, bytes)):
         raise InvalidKeyError("expected a collection of keys, not a single string")
     try:
-        out = list(keys)
+        return list(keys)
     except TypeError as exc:
         raise InvalidKeyError(f"expected a collection of keys, not {type(keys).__name__}") from exc
-    # Batches run this on every key: map/set keep the common all-valid case in C.
-    if set(map(type, out)) - {str} or "" in out:
-        for key in out:
+
+
+def _check_types(keys: list[str]) -> None:
+    # Batches run this on every key: map and count keep the all-str case in C, and
+    # counting in a list of types is cheaper than building a set of them.
+    if list(map(type, keys)).count(str) != len(keys):
+        for key in keys:
             _check_key(key)
+
+
+def _check_keys(keys: Iterable[str]) -> list[str]:
+    out = _key_list(keys)
+    _check_types(out)
+    if "" in out:
+        _check_key("")
     return out
 
 
 def _unique_keys(keys: Iterable[str]) -> list[str]:
     """The checked keys, first occurrence of each kept, in input order."""
-    out = _check_keys(keys)
-    # A set is cheaper to build than an ordered dict; most batches have no repeats.
-    return out if len(set(out)) == len(out) else list(dict.fromkeys(out))
+    out = _key_list(keys)
+    _check_types(out)
+    # All str from here, so hashing them is safe. The set answers both questions,
+    # an empty key and repeats, without a second pass over the list; and it is
+    # cheaper to build than an ordered dict, while most batches have no repeats.
+    seen = set(out)
+    if "" in seen:
+        _check_key("")
+    return out if len(seen) == len(out) else list(dict.fromkeys(out))
 
 
 def _ttl_ms(ttl: TTLLike | None) -> int | None:
@@ -677,7 +694,9 @@ class Client:
         else:
             values = list(await asyncio.gather(*(self._backend.get(k) for k in unique)))
         present: list[bytes]
-        if None in values:
+        # all() tests each value's length, far cheaper than comparing it with None;
+        # only a batch with a miss (or an empty value) pays for the exact scan.
+        if not all(values) and None in values:
             unique = [key for key, data in zip(unique, values, strict=True) if data is not None]
             present = [data for data in values if data is not None]
         else:
