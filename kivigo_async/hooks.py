@@ -49,6 +49,7 @@ from ._tasks import cancel_requested
 from .errors import InvalidArgumentError
 
 __all__ = [
+    "DEFAULT_HOOK_MAX_PENDING",
     "EventType",
     "HookEvent",
     "HookFn",
@@ -62,6 +63,9 @@ __all__ = [
 ]
 
 _logger = logging.getLogger("kivigo_async.hooks")
+
+#: How many events a background hook may have queued before the oldest are dropped.
+DEFAULT_HOOK_MAX_PENDING = 10_000
 
 
 class EventType(str, Enum):
@@ -206,6 +210,8 @@ class _Hook:
     __slots__ = (
         "active",
         "background",
+        "behind",
+        "dropped",
         "events",
         "fn",
         "id",
@@ -224,6 +230,7 @@ class _Hook:
         key_filter: KeyFilter | None,
         background: bool,
         timeout: float | None,
+        max_pending: int | None = DEFAULT_HOOK_MAX_PENDING,
     ) -> None:
         self.id = secrets.token_hex(8)
         self.fn = fn
@@ -239,8 +246,13 @@ class _Hook:
         self.active = True
         # Background hooks: events not handled yet, in write order, and the task
         # handling them (one at a time, so that a hook sees a key's writes in order).
-        self.pending: deque[HookEvent] = deque()
+        # Bounded: a hook slower than the writes loses its oldest events, not memory.
+        self.pending: deque[HookEvent] = deque(maxlen=max_pending)
         self.worker: asyncio.Task[None] | None = None
+        self.dropped = 0
+        # Whether the hook has dropped events since its queue was last empty: one
+        # warning per episode of falling behind, not one per dropped event.
+        self.behind = False
 
 
 class _HookTimeoutError(Exception):
@@ -333,11 +345,26 @@ async def _drain_pending(hook: _Hook) -> None:
     try:
         while pending and hook.active:
             await _invoke(hook, pending.popleft())
+        hook.behind = False  # caught up
     finally:
         if hook.worker is asyncio.current_task():
             hook.worker = None
         if not hook.active:
             pending.clear()
+
+
+def _dropping(hook: _Hook, count: int) -> None:
+    hook.dropped += count
+    if not hook.behind:
+        hook.behind = True
+        _logger.warning(
+            "background hook %s (id %s) fell more than %d events behind: dropping the oldest "
+            "until it catches up (%d dropped so far; see max_pending)",
+            hook.name,
+            hook.id,
+            hook.pending.maxlen,
+            hook.dropped,
+        )
 
 
 def _accepts(hook: _Hook, event: HookEvent) -> bool:
@@ -378,6 +405,14 @@ class HookHandle:
     def active(self) -> bool:
         """Whether the hook is still registered."""
         return self._hook.active
+
+    @property
+    def dropped(self) -> int:
+        """How many events this background hook lost because its queue was full.
+
+        See ``max_pending`` in :meth:`HookRegistry.register`; always 0 for an inline hook.
+        """
+        return self._hook.dropped
 
     def remove(self) -> None:
         """Unregister the hook. Calling it again does nothing.
@@ -435,6 +470,7 @@ class HookRegistry:
         key_filter: KeyFilter | None = None,
         background: bool = False,
         timeout: float | None = None,
+        max_pending: int | None = DEFAULT_HOOK_MAX_PENDING,
     ) -> HookHandle:
         """Call ``fn`` after each successful write that matches.
 
@@ -450,10 +486,16 @@ class HookRegistry:
                 Its calls run one at a time, in write order.
             timeout: seconds after which an awaiting hook is cancelled and the
                 timeout logged. It cannot interrupt code that never awaits.
+            max_pending: background hooks only: how many events may wait for
+                the hook. When a write would queue more, the oldest are dropped,
+                counted in :attr:`HookHandle.dropped` and logged (one warning
+                each time the hook falls behind). ``None`` lets the queue grow
+                without bound.
 
         Raises:
             InvalidArgumentError: ``fn`` or ``key_filter`` is not callable, an
-                event type is unknown, or ``timeout`` is not a positive number.
+                event type is unknown, or ``timeout`` or ``max_pending`` is not
+                a positive number.
 
         Example:
             ```python
@@ -478,7 +520,11 @@ class HookRegistry:
             ):
                 raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
             timeout = float(timeout)
-        hook = _Hook(fn, _parse_events(events), key_filter, bool(background), timeout)
+        if max_pending is not None and (
+            isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1
+        ):
+            raise InvalidArgumentError(f"max_pending must be a positive int or None, got {max_pending!r}")
+        hook = _Hook(fn, _parse_events(events), key_filter, bool(background), timeout, max_pending)
         self._hooks.append(hook)
         self._reindex()
         return HookHandle(self, hook)
@@ -501,8 +547,11 @@ class HookRegistry:
                 )
         self._index = index
 
-    def _queue(self, hook: _Hook, events: Iterable[HookEvent]) -> None:
-        hook.pending.extend(events)
+    def _queue(self, hook: _Hook, events: Sequence[HookEvent]) -> None:
+        pending = hook.pending
+        if pending.maxlen is not None and len(pending) + len(events) > pending.maxlen:
+            _dropping(hook, len(pending) + len(events) - pending.maxlen)
+        pending.extend(events)  # a deque with maxlen drops from the left: the oldest
         # done(): a worker cancelled before it started never ran its cleanup.
         if hook.worker is None or hook.worker.done():
             task = asyncio.get_running_loop().create_task(_drain_pending(hook), name=f"kivigo-hook-{hook.id}")

@@ -110,6 +110,11 @@ def test_handle_id_and_repr(registry: HookRegistry) -> None:
         ({"timeout": float("inf")}, "timeout"),
         ({"timeout": "1"}, "timeout"),
         ({"timeout": True}, "timeout"),
+        ({"max_pending": 0}, "max_pending"),
+        ({"max_pending": -3}, "max_pending"),
+        ({"max_pending": 2.5}, "max_pending"),
+        ({"max_pending": True}, "max_pending"),
+        ({"max_pending": "10"}, "max_pending"),
     ],
 )
 def test_invalid_registration_raises(registry: HookRegistry, kwargs: dict[str, Any], message: str) -> None:
@@ -295,6 +300,67 @@ async def test_background_hook_sees_separate_writes_in_write_order(registry: Hoo
     await asyncio.wait_for(registry.drain(), 5)
     # A publisher forwarding values must end on the last write, not on a slow first one.
     assert seen == [("set", b"1"), ("set", b"2"), ("batch_set", b"3"), ("delete", None)]
+
+
+async def test_a_slow_background_hook_drops_its_oldest_events_and_says_so(
+    registry: HookRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[str] = []
+    release = asyncio.Event()
+
+    async def slow(event: HookEvent) -> None:
+        await release.wait()
+        seen.append(event.key)
+
+    handle = registry.register(slow, background=True, max_pending=3)
+    with caplog.at_level(logging.WARNING, LOGGER):
+        await registry.emit(EventType.SET, "k0", SECRET)
+        await asyncio.sleep(0)  # the worker takes k0 and waits in the hook
+        for i in range(1, 6):
+            await registry.emit(EventType.SET, f"k{i}", SECRET)
+        await registry.emit_many(EventType.BATCH_SET, [("k6", SECRET), ("k7", SECRET)])
+        # Queued: k1..k7 (7 events) for 3 places: k1..k4 were dropped, oldest first.
+        assert handle.dropped == 4
+        release.set()
+        await asyncio.wait_for(registry.drain(), 5)
+    assert seen == ["k0", "k5", "k6", "k7"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # one per episode of falling behind, not one per event
+    message = warnings[0].getMessage()
+    assert "fell more than 3 events behind" in message
+    assert handle.id in message
+    assert "s3cr3t" not in message
+
+    # Caught up: the next episode warns again, and the count keeps growing.
+    release.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, LOGGER):
+        await registry.emit_many(EventType.BATCH_SET, [(f"b{i}", SECRET) for i in range(10)])
+        assert handle.dropped == 4 + 7
+        release.set()
+        await asyncio.wait_for(registry.drain(), 5)
+    assert seen[-3:] == ["b7", "b8", "b9"]
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+async def test_background_queue_bounds(registry: HookRegistry) -> None:
+    release = asyncio.Event()
+
+    async def slow(event: HookEvent) -> None:
+        await release.wait()
+
+    default = registry.register(slow, background=True)
+    unbounded = registry.register(slow, background=True, max_pending=None)
+    inline = registry.register(Recorder(), max_pending=1)  # only background hooks queue
+    await registry.emit_many(
+        EventType.BATCH_SET, [(f"k{i}", b"v") for i in range(hooks_module.DEFAULT_HOOK_MAX_PENDING + 5)]
+    )
+    # The first event is taken by each worker only once it runs: all of them were queued.
+    assert default.dropped == 5
+    assert unbounded.dropped == 0
+    assert inline.dropped == 0
+    release.set()
+    await asyncio.wait_for(registry.drain(), 30)
 
 
 async def test_a_worker_cancelled_before_it_started_does_not_stall_the_hook(registry: HookRegistry) -> None:
