@@ -255,19 +255,134 @@ async def test_ttl_counts_from_when_the_read_was_sent(valkey_server: RedisServer
             assert await client.get("slow", default=None) is None
 
 
-async def test_batch_get_is_not_cached(client: Client, admin: Redis) -> None:
-    await client.batch_set({"g1": 1, "g2": 2})
-    assert await client.get("g1") == 1
-    assert await client.get("g1") == 1
+async def commandstats(admin: Redis) -> dict[str, int]:
+    stats: dict[str, Any] = await admin.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}
+
+
+async def test_batch_get_serves_hits_from_memory_and_fetches_misses(client: Client, admin: Redis) -> None:
+    await client.batch_set({"g1": 1, "g2": 2, "g3": 3})
+    assert await client.get("g1") == 1  # cached by a single get
     cache = cache_of(client)
     hits = cache.stats.hits
     await admin.config_resetstat()
-    assert await client.batch_get(["g1", "g2"], int) == {"g1": 1, "g2": 2}
-    # MGET always reads the server: it neither uses nor fills the cache.
-    stats: dict[str, Any] = await admin.info("commandstats")
-    assert int(stats["cmdstat_mget"]["calls"]) == 1
-    assert cache.stats.hits == hits
-    assert cache.lookup("g2") is None
+    assert await client.batch_get(["g1", "g2", "g3", "nope"], int) == {"g1": 1, "g2": 2, "g3": 3}
+    calls = await commandstats(admin)
+    # One MGET for the three misses, a PTTL for each (the missing key's too: it
+    # may be cached once it exists, and -2 tells it is gone).
+    assert calls.get("mget") == 1
+    assert calls.get("pttl") == 3
+    assert cache.stats.hits == hits + 1
+    await admin.config_resetstat()
+    # Every key that exists is cached now: the next batch reads no value from the server.
+    assert await client.batch_get(["g3", "g1", "g2"], int) == {"g3": 3, "g1": 1, "g2": 2}
+    assert await client.get("g2") == 2
+    assert "mget" not in await commandstats(admin)
+    assert "get" not in await commandstats(admin)
+    assert cache.lookup("nope") is None
+
+
+async def test_batch_get_sees_writes_from_elsewhere(client: Client, admin: Redis) -> None:
+    await client.batch_set({"w1": "a", "w2": "b"})
+    assert await client.batch_get(["w1", "w2"]) == {"w1": "a", "w2": "b"}
+    assert await client.batch_get(["w1", "w2"]) == {"w1": "a", "w2": "b"}  # from memory
+    watcher = Invalidations(cache_of(client))
+    await admin.set("w2", b'"B"')
+    await admin.delete("w1")
+    await watcher.wait_for("w2")
+    await watcher.wait_for("w1")
+    assert await client.batch_get(["w1", "w2"]) == {"w2": "B"}
+    await client.batch_set({"w1": "own"})
+    assert await client.batch_get(["w1", "w2"]) == {"w1": "own", "w2": "B"}
+
+
+async def test_batch_get_entries_never_outlive_their_keys(client: Client, admin: Redis) -> None:
+    cache = cache_of(client)
+    with invalidations_held(backend_of(client)):
+        await client.batch_set({"short": "s", "long": "l"})
+        await admin.pexpire("short", 500)
+        assert await client.batch_get(["short", "long"]) == {"short": "s", "long": "l"}
+        assert cache.lookup("short") == b'"s"'
+        await until_expired(admin, "short")
+        # The server's message is held and the cache's own ttl is 30 s away: only
+        # the PTTL read with the value can have dropped the entry.
+        assert cache.lookup("short") is None
+        assert cache.lookup("long") == b'"l"'
+        assert await client.batch_get(["short", "long"]) == {"long": "l"}
+
+
+async def test_batch_get_does_not_keep_a_value_changed_while_it_was_read(
+    valkey_server: RedisServer, admin: Redis
+) -> None:
+    options = redis_options(valkey_server, read_timeout=30, client_cache=ClientCache(ttl=30))
+    async with Client(RedisBackend(options)) as client:
+        backend = backend_of(client)
+        assert backend._mux is not None
+        await client.batch_set({"r1": "old", "r2": "old"})
+        await admin.config_resetstat()
+        watcher = Invalidations(cache_of(client))
+        data = transport_of(backend._mux)
+        data.pause_reading()
+        try:
+            read = asyncio.create_task(client.batch_get(["r1", "r2"]))
+
+            async def answered() -> None:
+                # The server has run the MGET; its reply waits in our socket.
+                calls: dict[str, int] = {}
+                while "mget" not in calls:
+                    await asyncio.sleep(0.01)
+                    calls = await commandstats(admin)
+
+            await asyncio.wait_for(answered(), 10)
+            await admin.set("r2", b'"new"')
+            await watcher.wait_for("r2")  # delivered on the other connection, while the read is in flight
+        finally:
+            data.resume_reading()
+        assert await asyncio.wait_for(read, 10) == {"r1": "old", "r2": "old"}  # current when read
+        cache = cache_of(client)
+        assert cache.lookup("r1") == b'"old"'
+        assert cache.lookup("r2") is None  # changed after the server read it: not kept
+        assert await client.batch_get(["r1", "r2"]) == {"r1": "old", "r2": "new"}
+
+
+async def test_a_cancelled_batch_get_leaves_the_cache_working(client: Client, admin: Redis) -> None:
+    backend = backend_of(client)
+    assert backend._mux is not None
+    await client.batch_set({"c1": 1, "c2": 2})
+    data = transport_of(backend._mux)
+    data.pause_reading()
+    try:
+        read = asyncio.create_task(client.batch_get(["c1", "c2"]))
+        await asyncio.sleep(0.05)
+        read.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await read
+    finally:
+        data.resume_reading()
+    cache = cache_of(client)
+    assert cache.lookup("c1") is None
+    watcher = Invalidations(cache)
+    await admin.set("c1", b"10")
+    # The server ran the cancelled MGET, so it tracks c1 and reports the change.
+    # A read still counted as in flight would mark c1 changed-while-read for good,
+    # and it would never be cached again.
+    await watcher.wait_for("c1")
+    assert await client.batch_get(["c1", "c2"], int) == {"c1": 10, "c2": 2}
+    hits = cache.stats.hits
+    assert await client.batch_get(["c1", "c2"], int) == {"c1": 10, "c2": 2}
+    assert cache.stats.hits == hits + 2
+
+
+async def test_batch_get_caches_only_under_the_prefixes(valkey_server: RedisServer, admin: Redis) -> None:
+    options = redis_options(valkey_server, client_cache=ClientCache(prefixes=["user:"]))
+    async with Client(RedisBackend(options)) as client:
+        await client.batch_set({"user:1": 1, "other:1": 2})
+        await admin.config_resetstat()
+        assert await client.batch_get(["user:1", "other:1"], int) == {"user:1": 1, "other:1": 2}
+        assert (await commandstats(admin)).get("pttl") == 1  # none for a key that is never kept
+        cache = cache_of(client)
+        assert cache.lookup("user:1") == b"1"
+        assert cache.lookup("other:1") is None
 
 
 def test_client_cache_options_are_checked() -> None:

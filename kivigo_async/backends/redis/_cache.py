@@ -147,6 +147,11 @@ class LocalCache:
     def __len__(self) -> int:
         return len(self._data)
 
+    @property
+    def settings(self) -> ClientCache:
+        """The :class:`ClientCache` options this cache was built with."""
+        return self._settings
+
     def __repr__(self) -> str:
         return f"LocalCache(entries={len(self._data)}, enabled={self.enabled}, stats={self.stats})"
 

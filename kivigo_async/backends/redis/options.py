@@ -63,7 +63,7 @@ class RedisOptions:
             docs). Transactions always use a dedicated pooled connection.
             ``False`` sends every command over the pool instead.
         client_cache: a :class:`ClientCache` turns on client-side caching of
-            ``get``: values stay in a local LRU until Redis reports a change
+            ``get`` and ``batch_get``: values stay in a local LRU until Redis reports a change
             (``CLIENT TRACKING`` invalidation messages). Needs ``auto_pipeline``.
 
     Example:

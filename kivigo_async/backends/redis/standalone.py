@@ -456,11 +456,56 @@ class RedisBackend:
     # -- BatchBackend ----------------------------------------------------
 
     async def batch_get(self, keys: Sequence[str]) -> list[bytes | None]:
+        cache, mux = self._cache, self._mux
+        if cache is not None and cache.enabled and mux is not None:
+            return await self._cached_batch_get(cache, mux, keys)
         try:
             values: list[bytes | None] = await self._exec("MGET", *keys)
             return values
         except _FAILURES as exc:
             raise self._error(exc, "MGET", keys[0] if len(keys) == 1 else None) from exc
+
+    async def _cached_batch_get(
+        self, cache: LocalCache, mux: MuxConnection, keys: Sequence[str]
+    ) -> list[bytes | None]:
+        """Hits from memory; the misses in one ``MGET``, cached as :meth:`_cached_get` caches."""
+        out: list[bytes | None] = [None] * len(keys)
+        misses: list[int] = []
+        for index, key in enumerate(keys):
+            hit = cache.lookup(key)
+            if hit is None:
+                misses.append(index)
+            else:
+                out[index] = hit
+        if not misses:
+            return out
+        wanted = [keys[i] for i in misses]
+        caches = cache.settings.caches
+        # Keys that may be kept, each with the cache epoch of this read and the
+        # position of its PTTL among the replies (the MGET is reply 0).
+        kept = [(i, cache.begin(key)) for i, key in enumerate(wanted) if caches(key)]
+        sent_at = time.monotonic()
+        values: list[bytes | None] | None = None
+        replies: list[Any] | None = None
+        try:
+            # One write: the MGET and a PTTL per key that may be kept, as a single
+            # get sends GET and PTTL, so that no entry outlives its key.
+            commands: list[tuple[Arg, ...]] = [("MGET", *wanted)]
+            commands += [("PTTL", wanted[i]) for i, _ in kept]
+            replies = await mux.execute_many(commands)
+            if replies[0].__class__ is hiredis.ReplyError:
+                raise ResponseError(str(replies[0]))
+            values = replies[0]
+            for index, value in zip(misses, values, strict=True):
+                out[index] = value
+            return out
+        except _FAILURES as exc:
+            raise self._error(exc, "MGET", wanted[0] if len(wanted) == 1 else None) from exc
+        finally:
+            for n, (i, epoch) in enumerate(kept, 1):
+                keep, ttl_ms = (False, None) if values is None or replies is None else ttl_reply(replies[n])
+                value = values[i] if keep and values is not None else None
+                cache.complete(wanted[i], epoch, value, ttl_ms, sent_at=sent_at)
 
     async def batch_set(self, items: Sequence[tuple[str, bytes]], ttl_ms: int | None = None) -> None:
         try:
