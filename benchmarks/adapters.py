@@ -206,8 +206,8 @@ class KivigoCachedAdapter(KivigoAdapter):
     name = "kivigo-async + client cache"
     slug = "kivigo-cache"
     config = (
-        "as kivigo-async, with RedisOptions(client_cache=ClientCache()): gets served from a local "
-        "LRU kept coherent by CLIENT TRACKING invalidations; every set invalidates its key"
+        "as kivigo-async, with RedisOptions(client_cache=ClientCache()): get and batch_get served from "
+        "a local LRU kept coherent by CLIENT TRACKING invalidations; every set invalidates its key"
     )
 
     @classmethod
