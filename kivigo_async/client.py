@@ -13,9 +13,11 @@ import builtins
 import contextlib
 import inspect
 import math
+import operator
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
+from itertools import repeat
 from types import TracebackType
 from typing import Any, TypeVar, Union, cast, overload
 
@@ -89,9 +91,9 @@ def _key_list(keys: Iterable[str]) -> list[str]:
 
 
 def _check_types(keys: list[str]) -> None:
-    # Batches run this on every key: map and count keep the all-str case in C, and
-    # counting in a list of types is cheaper than building a set of them.
-    if list(map(type, keys)).count(str) != len(keys):
+    # Batches run this on every key: the maps keep the all-str case in C. Identity,
+    # not equality (a set or list.count would use ==, which a metaclass can fake).
+    if not all(map(operator.is_, map(type, keys), repeat(str))):
         for key in keys:
             _check_key(key)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import hiredis
 import pytest
@@ -10,7 +11,7 @@ from conftest import redis_options
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kivigo_async import Client
+from kivigo_async import Client, InvalidKeyError
 from kivigo_async.backends.redis import RedisBackend
 from kivigo_async.backends.redis._mux import _TEXT_PACK_FROM, Arg, _pack_text, pack
 from kivigo_async.testing.servers import RedisServer
@@ -20,11 +21,30 @@ def _reference(args: Sequence[Arg]) -> bytes:
     return hiredis.pack_command(tuple(args))  # type: ignore[arg-type,no-any-return]
 
 
+class _PosingAsStr(type):
+    """A metaclass whose classes compare equal to str (and hash like it)."""
+
+    def __eq__(cls, other: object) -> bool:
+        return other is str or type.__eq__(cls, other)
+
+    def __hash__(cls) -> int:
+        return hash(str)
+
+
 class _LyingLength(str):
     """A str subclass announcing a length its data does not have."""
 
     def __len__(self) -> int:
         return 3
+
+
+class _LyingLengthPosingAsStr(str, metaclass=_PosingAsStr):
+    def __len__(self) -> int:
+        return 1
+
+
+class _NotStrPosingAsStr(metaclass=_PosingAsStr):
+    pass
 
 
 def test_long_ascii_key_lists_are_joined_as_text() -> None:
@@ -44,13 +64,27 @@ def test_long_ascii_key_lists_are_joined_as_text() -> None:
         (b"raw", "bytes"),
         (7, "an int"),
         (1.5, "a float"),
-        (_LyingLength("abcdef"), "a str subclass, whose len() cannot be trusted"),
+        (_NotStrPosingAsStr(), "not a str, though its class compares equal to str"),
     ],
 )
 def test_anything_but_short_ascii_str_goes_to_hiredis(odd_one: Arg, why: str) -> None:
     args: list[Arg] = ["DEL", *(f"k{i}" for i in range(40)), odd_one]
     assert _pack_text(args) is None, why
-    assert pack(args) == _reference(args), why
+    if isinstance(odd_one, _NotStrPosingAsStr):
+        with pytest.raises(TypeError):  # hiredis refuses it too
+            pack(args)
+    else:
+        assert pack(args) == _reference(args), why
+
+
+@pytest.mark.parametrize("liar", [_LyingLength("abcdef"), _LyingLengthPosingAsStr("abcdef")])
+def test_str_subclasses_are_packed_by_their_data_not_their_len(liar: str) -> None:
+    # A wrong length header would desynchronise the connection (or read another key).
+    args: list[Arg] = ["MGET", *(f"k{i}" for i in range(40)), liar]
+    packed = _pack_text(args)
+    assert packed is not None
+    assert packed == _reference(args)
+    assert packed.endswith(b"$6\r\nabcdef\r\n")
 
 
 def test_short_commands_are_packed_by_hiredis_as_before() -> None:
@@ -106,3 +140,14 @@ async def test_long_batches_round_trip_on_a_server(client: Client) -> None:
         assert await client.batch_delete(keys[:30]) == 30
         assert await client.batch_get(keys[:30]) == {}
         assert len(await client.batch_get(keys)) == len(keys) - 30
+
+
+@pytest.mark.parametrize("bad", [_LyingLengthPosingAsStr("abc"), _NotStrPosingAsStr()])
+async def test_keys_posing_as_str_are_refused_before_anything_is_sent(client: Client, bad: object) -> None:
+    keys: list[Any] = [f"pack:{i}" for i in range(30)] + [bad]
+    with pytest.raises(InvalidKeyError, match="keys must be str"):
+        await client.batch_get(keys)
+    with pytest.raises(InvalidKeyError, match="keys must be str"):
+        await client.batch_delete(keys)
+    with pytest.raises(InvalidKeyError, match="keys must be str"):
+        await client.get(bad)  # type: ignore[call-overload]

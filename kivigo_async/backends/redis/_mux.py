@@ -23,6 +23,8 @@ import random
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from itertools import repeat
+from operator import concat as _concat
 from typing import Any, Union, cast
 
 import hiredis
@@ -51,15 +53,13 @@ def _pack_text(args: Sequence[Arg]) -> bytes | None:
     object per argument. None (the caller falls back to hiredis) for any other
     argument: bytes, numbers, non-ASCII text, or a string of 512 characters or more.
     """
-    # Exact str only: a str subclass could override __len__ and announce a length
-    # its data does not have, which would desynchronise the connection.
-    # (Counting in a list of types is cheaper than building a set of them.)
-    if list(map(type, args)).count(str) != len(args):
-        return None
-    words = cast("Sequence[str]", args)
     try:
+        # "" + arg is arg itself for a str, an exact copy of a str subclass's data,
+        # and a TypeError for anything else: the lengths below are those of the
+        # data joined, whatever a subclass's __len__ (or its metaclass) claims.
+        words: list[str] = list(map(_concat, repeat(""), args))  # type: ignore[arg-type]
         heads = list(map(_HEADS.__getitem__, map(len, words)))
-    except IndexError:
+    except (TypeError, IndexError):
         return None
     count = len(heads)
     # "*N", then header and argument alternately, then "" so that the join ends in CRLF.
@@ -67,10 +67,7 @@ def _pack_text(args: Sequence[Arg]) -> bytes | None:
     pieces[0] = f"*{count}"
     pieces[1:-1:2] = heads
     pieces[2:-1:2] = words
-    try:
-        text = "\r\n".join(pieces)
-    except TypeError:  # a type that compares equal to str without being it
-        return None
+    text = "\r\n".join(pieces)
     # isascii() is a flag lookup: character counts are byte counts only for ASCII.
     return text.encode() if text.isascii() else None
 
