@@ -90,7 +90,10 @@ class AsyncBackend(Protocol):
 
 @runtime_checkable
 class BatchBackend(Protocol):
-    """Multi-key operations, each in as few round trips as the engine allows."""
+    """Multi-key operations, each in as few round trips as the engine allows.
+
+    Empty input is valid: ``[]``, ``0`` or nothing, without a round trip.
+    """
 
     async def batch_get(self, keys: Sequence[str]) -> list[bytes | None]:
         """Return the values of ``keys`` in input order, ``None`` for missing ones."""

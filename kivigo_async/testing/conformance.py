@@ -38,7 +38,7 @@ from typing import Any, TypedDict
 import msgspec
 import pytest
 
-from ..backend import AsyncBackend
+from ..backend import AsyncBackend, BatchBackend
 from ..client import MAX_TTL_MS, Client
 from ..codecs import Codec, CompressedCodec, EncryptedCodec, JsonCodec, MsgspecCodec
 from ..errors import (
@@ -370,6 +370,19 @@ class BackendConformance:
         assert await client.batch_delete(["x1", "x2", "missing", "x1"]) == 2
         assert await client.list("x") == ["x3"]
         assert await client.batch_delete([]) == 0
+
+    async def test_empty_batches_on_the_backend(self, kv_backend: AsyncBackend) -> None:
+        # The client never sends empty batches; a backend called directly answers
+        # them without error (Redis itself refuses an MGET of no keys).
+        if not isinstance(kv_backend, BatchBackend):
+            pytest.skip("no batch operations")
+        await kv_backend.set("present", b"1")
+        assert await kv_backend.batch_get([]) == []
+        assert await kv_backend.batch_delete([]) == 0
+        assert await kv_backend.exists([]) == 0
+        await kv_backend.batch_set([])
+        await kv_backend.batch_set([], 1000)
+        assert await kv_backend.batch_get(["present"]) == [b"1"]
 
     async def test_batch_set_with_ttl(self, client: Client) -> None:
         # Sub-second TTLs, with room for a slow machine between the calls.

@@ -456,6 +456,8 @@ class RedisBackend:
     # -- BatchBackend ----------------------------------------------------
 
     async def batch_get(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:  # Redis refuses an MGET of no keys; nothing to ask
+            return []
         cache, mux = self._cache, self._mux
         if cache is not None and cache.enabled and mux is not None:
             return await self._cached_batch_get(cache, mux, keys)
@@ -508,6 +510,8 @@ class RedisBackend:
                 cache.complete(wanted[i], epoch, value, ttl_ms, sent_at=sent_at)
 
     async def batch_set(self, items: Sequence[tuple[str, bytes]], ttl_ms: int | None = None) -> None:
+        if not items:
+            return
         try:
             if ttl_ms is None:
                 args: list[str | bytes] = []
@@ -538,6 +542,8 @@ class RedisBackend:
             self._written([key for key, _ in items])
 
     async def batch_delete(self, keys: Sequence[str]) -> int:
+        if not keys:
+            return 0
         try:
             return int(await self._exec("UNLINK", *keys))
         except _FAILURES as exc:
@@ -546,6 +552,8 @@ class RedisBackend:
             self._written(keys)
 
     async def exists(self, keys: Sequence[str]) -> int:
+        if not keys:
+            return 0
         try:
             return int(await self._exec("EXISTS", *keys))
         except _FAILURES as exc:
