@@ -25,6 +25,7 @@ from redis.crc import key_slot
 
 from kivigo_async import Client
 from kivigo_async.backends.redis import RedisClusterBackend, RedisClusterOptions
+from kivigo_async.backends.redis.cluster import _torn_down
 from kivigo_async.errors import BackendUnavailableError, OperationTimeoutError
 from kivigo_async.testing.pytest_plugin import ClusterFactory
 from kivigo_async.testing.servers import RedisServer
@@ -270,6 +271,49 @@ async def test_connection_reset_under_a_call(
         assert await client.get("reset:one") == 1
         assert await client.batch_get(keys) == dict.fromkeys(keys, 2)
         await client.batch_delete([*keys, "reset:one", "reset:warm-up"])
+
+
+def _defined_in(module: str, source: str) -> Callable[..., object]:
+    """Function ``f`` of ``source``, defined "in" ``module``: its frames name that module."""
+    namespace: dict[str, Any] = {"__name__": module}
+    exec(source, namespace)
+    function: Callable[..., object] = namespace["f"]
+    return function
+
+
+def _raised(through: list[str], innermost: Callable[[], object]) -> BaseException:
+    """What ``innermost`` raises when called through functions of ``through``, outermost first."""
+    call = innermost
+    for module in reversed(through):
+        call = functools.partial(_defined_in(module, "def f(inner):\n    return inner()\n"), call)
+    try:
+        call()
+    except Exception as exc:
+        return exc
+    raise AssertionError("nothing was raised")
+
+
+def test_torn_down_recognises_both_forms_of_the_race_and_nothing_else() -> None:
+    reader_gone = "def f():\n    return None.reader\n"
+    callback_gone = "def f():\n    write_ready = None\n    return write_ready()\n"
+    redis_send = ["redis.asyncio.connection", "asyncio.streams"]
+    # Python 3.11: redis-py reads an attribute of its reader or writer, now None.
+    assert _torn_down(
+        _raised(["redis.asyncio.cluster"], _defined_in("redis.asyncio.connection", reader_gone))
+    )
+    # Python 3.12+: the transport's writelines() calls the callback close() cleared.
+    assert _torn_down(_raised(redis_send, _defined_in("asyncio.selector_events", callback_gone)))
+    # Anything else stays a bug to report, not an outage.
+    assert not _torn_down(_raised(["app"], _defined_in("asyncio.selector_events", callback_gone)))
+    assert not _torn_down(
+        _raised(redis_send, _defined_in("asyncio.selector_events", "def f():\n    return 1 + ''\n"))
+    )
+    assert not _torn_down(_raised(redis_send, _defined_in("redis.asyncio.connection", callback_gone)))
+    assert not _torn_down(
+        _raised(["redis.asyncio.cluster"], _defined_in("redis.x", "def f():\n    return ''.missing\n"))
+    )
+    assert not _torn_down(_raised(["redis.asyncio.cluster"], _defined_in("app", reader_gone)))
+    assert not _torn_down(ValueError("NoneType"))
 
 
 async def test_cluster_down_is_backend_unavailable(redis_cluster_factory: ClusterFactory) -> None:

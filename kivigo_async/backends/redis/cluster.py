@@ -268,18 +268,27 @@ def _torn_down(exc: BaseException) -> bool:
 
     After a connection error, a pipeline retry or a ``CLUSTERDOWN`` reply, redis-py's
     cluster client closes *every* connection, including those other calls are using
-    at that moment; they then fail with an ``AttributeError`` on ``None`` raised
-    inside redis-py. For the caller that is a lost connection, nothing else.
+    at that moment. For the caller that is a lost connection, nothing else. Those
+    calls fail inside redis-py with an ``AttributeError`` on ``None`` (its reader or
+    writer is gone) or, from Python 3.12, with a ``TypeError`` from asyncio's socket
+    transport, whose ``writelines()`` calls a write callback that ``close()`` has
+    already cleared (3.11's ``write()`` dropped the data silently instead).
     """
-    if not isinstance(exc, AttributeError) or exc.obj is not None:
-        return False
     tb = exc.__traceback__
-    if tb is None:
+    if tb is None or not isinstance(exc, (AttributeError, TypeError)):
         return False
-    while tb.tb_next is not None:
+    modules: list[str] = []
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__")
+        modules.append(module if isinstance(module, str) else "")
         tb = tb.tb_next
-    module = tb.tb_frame.f_globals.get("__name__")
-    return isinstance(module, str) and module.startswith("redis.")
+    if isinstance(exc, AttributeError):
+        return exc.obj is None and modules[-1].startswith("redis.")
+    return (
+        modules[-1] == "asyncio.selector_events"
+        and "NoneType" in str(exc)
+        and any(module.startswith("redis.") for module in modules)
+    )
 
 
 def _slot(key: str) -> int:
@@ -425,7 +434,7 @@ class RedisClusterBackend:
                 raise self._error(exc, command, key) from exc
             except UnicodeEncodeError as exc:
                 raise self._error(exc, command, key) from exc
-            except AttributeError as exc:
+            except (AttributeError, TypeError) as exc:
                 if not _torn_down(exc):
                     raise
                 raise self._error(exc, command, key) from exc
@@ -700,7 +709,7 @@ class RedisClusterBackend:
                     await execute("PING", target_nodes=node)
             except _DRIVER_ERRORS as exc:
                 raise translate(exc, "PING", None, str(node.name)) from exc
-            except AttributeError as exc:
+            except (AttributeError, TypeError) as exc:
                 if not _torn_down(exc):
                     raise
                 raise BackendUnavailableError(
