@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -840,6 +841,36 @@ async def test_pool_exhaustion_waits_for_a_free_connection(
         results = await asyncio.wait_for(asyncio.gather(*(read(k) for k in values)), 60)
         assert dict(results) == values
         assert await named_connections(control, name) <= 2
+
+
+@pytest.mark.server
+async def test_a_busy_pool_serves_every_task_in_turn(server: RedisServer) -> None:
+    # More tasks than connections, each calling again as soon as it has an answer
+    # (awaited directly: no wait_for, whose extra task used to hide the problem).
+    # A caller giving a connection back must not take it again before the caller
+    # it woke: otherwise the same few tasks keep the pool and the rest time out.
+    options = redis_options(server, auto_pipeline=False, pool_size=4, pool_timeout=1.0)
+    served: Counter[int] = Counter()
+    errors: list[BaseException] = []
+    async with Client(RedisBackend(options)) as client:
+        await client.set("turn", 1)
+        stop = asyncio.Event()
+
+        async def worker(i: int) -> None:
+            while not stop.is_set():
+                try:
+                    assert await client.get("turn") == 1
+                    served[i] += 1
+                except KivigoError as exc:
+                    errors.append(exc)
+                    return
+
+        tasks = [asyncio.create_task(worker(i)) for i in range(40)]
+        await asyncio.sleep(2.5)  # longer than pool_timeout: a starved task would time out
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    assert errors == []
+    assert sorted(served) == list(range(40)), f"never served: {sorted(set(range(40)) - set(served))}"
 
 
 @pytest.mark.server

@@ -120,6 +120,12 @@ class _ClosablePool(BlockingConnectionPool):
         await super().release(connection)
         if self.closed:
             await connection.disconnect()
+        elif getattr(self._condition, "_waiters", True):
+            # Someone waits for a connection and was just notified. Without a yield,
+            # a caller that releases and at once asks again takes the connection back
+            # before the waiter runs: with more tasks than connections, the same few
+            # tasks keep them and the others wait out pool_timeout, again and again.
+            await asyncio.sleep(0)
 
     async def _wake_one(self) -> None:
         async with self._condition:
