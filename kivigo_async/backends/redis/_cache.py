@@ -180,6 +180,18 @@ class LocalCache:
         self.stats.hits += 1
         return entry[0]
 
+    def lookup_many(self, keys: Sequence[str]) -> tuple[list[bytes | None], list[int]]:
+        """The cached value of each key (``None`` when not cached), and the positions of those not cached."""
+        found: list[bytes | None] = [None] * len(keys)
+        misses: list[int] = []
+        for index, key in enumerate(keys):
+            hit = self.lookup(key)
+            if hit is None:
+                misses.append(index)
+            else:
+                found[index] = hit
+        return found, misses
+
     def begin(self, key: str) -> int:
         self._inflight[key] = self._inflight.get(key, 0) + 1
         return self._epoch

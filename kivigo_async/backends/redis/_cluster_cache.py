@@ -408,15 +408,7 @@ class ClusterTracking:
 
     async def batch_get(self, keys: Sequence[str]) -> list[bytes | None]:
         """Hits from memory; the misses in one pipeline per node, cached when they may be."""
-        cache = self.cache
-        out: list[bytes | None] = [None] * len(keys)
-        misses: list[int] = []
-        for index, key in enumerate(keys):
-            hit = cache.lookup(key)
-            if hit is None:
-                misses.append(index)
-            else:
-                out[index] = hit
+        out, misses = self.cache.lookup_many(keys)
         if misses:
             values = await self._fetch([keys[i] for i in misses])
             for index, value in zip(misses, values, strict=True):

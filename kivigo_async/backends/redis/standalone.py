@@ -477,14 +477,7 @@ class RedisBackend:
         self, cache: LocalCache, mux: MuxConnection, keys: Sequence[str]
     ) -> list[bytes | None]:
         """Hits from memory; the misses in one ``MGET``, cached as :meth:`_cached_get` caches."""
-        out: list[bytes | None] = [None] * len(keys)
-        misses: list[int] = []
-        for index, key in enumerate(keys):
-            hit = cache.lookup(key)
-            if hit is None:
-                misses.append(index)
-            else:
-                out[index] = hit
+        out, misses = cache.lookup_many(keys)
         if not misses:
             return out
         wanted = [keys[i] for i in misses]
