@@ -230,7 +230,7 @@ class _Hook:
         key_filter: KeyFilter | None,
         background: bool,
         timeout: float | None,
-        max_pending: int | None = DEFAULT_HOOK_MAX_PENDING,
+        max_pending: int | None,
     ) -> None:
         self.id = secrets.token_hex(8)
         self.fn = fn
@@ -549,8 +549,10 @@ class HookRegistry:
 
     def _queue(self, hook: _Hook, events: Sequence[HookEvent]) -> None:
         pending = hook.pending
-        if pending.maxlen is not None and len(pending) + len(events) > pending.maxlen:
-            _dropping(hook, len(pending) + len(events) - pending.maxlen)
+        if pending.maxlen is not None:
+            overflow = len(pending) + len(events) - pending.maxlen
+            if overflow > 0:
+                _dropping(hook, overflow)
         pending.extend(events)  # a deque with maxlen drops from the left: the oldest
         # done(): a worker cancelled before it started never ran its cleanup.
         if hook.worker is None or hook.worker.done():

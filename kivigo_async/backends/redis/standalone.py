@@ -486,8 +486,8 @@ class RedisBackend:
         # position of its PTTL among the replies (the MGET is reply 0).
         kept = [(i, cache.begin(key)) for i, key in enumerate(wanted) if caches(key)]
         sent_at = time.monotonic()
-        values: list[bytes | None] | None = None
-        replies: list[Any] | None = None
+        values: list[bytes | None] | None = None  # set once the replies are in
+        replies: list[Any] = []
         try:
             # One write: the MGET and a PTTL per key that may be kept, as a single
             # get sends GET and PTTL, so that no entry outlives its key.
@@ -504,9 +504,11 @@ class RedisBackend:
             raise self._error(exc, "MGET", wanted[0] if len(wanted) == 1 else None) from exc
         finally:
             for n, (i, epoch) in enumerate(kept, 1):
-                keep, ttl_ms = (False, None) if values is None or replies is None else ttl_reply(replies[n])
-                value = values[i] if keep and values is not None else None
-                cache.complete(wanted[i], epoch, value, ttl_ms, sent_at=sent_at)
+                if values is None:  # failed or cancelled: nothing to keep
+                    cache.complete(wanted[i], epoch, None)
+                else:
+                    keep, ttl_ms = ttl_reply(replies[n])
+                    cache.complete(wanted[i], epoch, values[i] if keep else None, ttl_ms, sent_at=sent_at)
 
     async def batch_set(self, items: Sequence[tuple[str, bytes]], ttl_ms: int | None = None) -> None:
         if not items:
