@@ -18,6 +18,7 @@ __all__ = [
     "BackendUnavailableError",
     "CodecError",
     "ConfigurationError",
+    "ConnectTimeoutError",
     "CrossSlotError",
     "DecodeError",
     "EncodeError",
@@ -84,6 +85,21 @@ class PermissionDeniedError(BackendError, PermissionError):
 
 class OperationTimeoutError(BackendError, TimeoutError):
     """The backend did not answer within the configured timeout."""
+
+
+class ConnectTimeoutError(BackendUnavailableError, OperationTimeoutError):
+    """No connection could be opened within ``dial_timeout`` (socket, TLS and login).
+
+    Both a :class:`BackendUnavailableError` and an :class:`OperationTimeoutError`,
+    so either ``except`` clause catches it, whichever transport raised it.
+
+    Example:
+        >>> from kivigo_async.errors import BackendUnavailableError, ConnectTimeoutError
+        >>> issubclass(ConnectTimeoutError, BackendUnavailableError)
+        True
+        >>> issubclass(ConnectTimeoutError, TimeoutError)
+        True
+    """
 
 
 class UnsupportedOperationError(KivigoError, NotImplementedError):

@@ -10,6 +10,7 @@ from redis import exceptions as rx
 from ...errors import (
     BackendError,
     BackendUnavailableError,
+    ConnectTimeoutError,
     InvalidKeyError,
     KivigoError,
     OperationTimeoutError,
@@ -17,7 +18,19 @@ from ...errors import (
     TransactionConflictError,
 )
 
-__all__ = ["translate"]
+__all__ = ["DIAL_TIMEOUT_TEXT", "DialTimeoutError", "translate"]
+
+#: How redis-py words a connection not opened within its connect timeout; the pooled
+#: connections' own bound on the whole open (login included) says the same.
+DIAL_TIMEOUT_TEXT = "Timeout connecting to server"
+
+
+class DialTimeoutError(rx.ConnectionError):
+    """The multiplexed connection could not open (socket, TLS, login) within ``dial_timeout``.
+
+    A ``ConnectionError`` to redis-py, so the open is retried like a refused connection.
+    """
+
 
 # redis-py reports a watching connection that failed as a WatchError with this
 # message; a real conflict (EXEC answered nil) says "Watched variable changed.".
@@ -76,6 +89,10 @@ def translate(exc: Exception, command: str, key: str | None, node: str) -> Kivig
     # A transaction whose EXEC got no reply may have been applied; say so, since the
     # caller decides from this whether running it again is safe.
     outcome = _UNKNOWN_OUTCOME if command == "EXEC" else ""
+    dial_timeout = isinstance(exc, rx.TimeoutError) and text.startswith(DIAL_TIMEOUT_TEXT)
+    if dial_timeout or isinstance(exc, DialTimeoutError):
+        # The same error whichever transport (or backend) tried to connect.
+        return ConnectTimeoutError(f"{where}: no connection within dial_timeout ({text}){outcome}")
     if isinstance(exc, rx.TimeoutError):
         return OperationTimeoutError(f"{where}: timed out ({text}){outcome}")
     if isinstance(exc, rx.MaxConnectionsError):

@@ -31,6 +31,7 @@ import hiredis
 from redis import exceptions as rx
 
 from ..._tasks import cancel_requested
+from ._errors import DialTimeoutError
 
 __all__ = ["MuxConnection", "pack"]
 
@@ -399,7 +400,7 @@ class MuxConnection:
                 self._dial_timeout,
             )
         except asyncio.TimeoutError:
-            raise rx.ConnectionError(f"timed out connecting to {self._node}") from None
+            raise DialTimeoutError(f"timed out connecting to {self._node}") from None
         except ssl.SSLError as exc:
             raise rx.ConnectionError(f"TLS handshake with {self._node} failed: {exc}") from exc
         except OSError as exc:
@@ -422,9 +423,8 @@ class MuxConnection:
                 )
             except asyncio.TimeoutError:
                 protocol.close()
-                raise rx.ConnectionError(
-                    f"timed out connecting to {self._node} (no reply to the login)"
-                ) from None
+                message = f"timed out connecting to {self._node} (no reply to the login)"
+                raise DialTimeoutError(message) from None
             except BaseException:
                 protocol.close()
                 raise

@@ -22,7 +22,7 @@ from ...backend import BackendTransaction, TxOp
 from ...errors import KeyNotFoundError
 from ...watch import DEFAULT_MAX_PENDING, ChangeStream
 from ._cache import LocalCache, Tracking, ttl_reply
-from ._errors import translate
+from ._errors import DIAL_TIMEOUT_TEXT, translate
 from ._mux import Arg, MuxConnection, Opener, pack, tcp_opener, unix_opener
 from ._scan import SCAN_COUNT, decode_key, match_pattern
 from .options import RedisOptions
@@ -52,7 +52,7 @@ class _DialBounded(AbstractConnection):
             await asyncio.wait_for(connect(check_health, retry_socket_connect), bound)
         except asyncio.TimeoutError:
             await self.disconnect()
-            raise RedisTimeoutError("Timeout connecting to server") from None
+            raise RedisTimeoutError(DIAL_TIMEOUT_TEXT) from None
 
 
 class _TCPConnection(_DialBounded, Connection):
