@@ -29,6 +29,7 @@ from kivigo_async.errors import (
     InvalidArgumentError,
     KivigoError,
 )
+from kivigo_async.testing.proxy import FaultProxy
 from kivigo_async.testing.pytest_plugin import ClusterFactory
 from kivigo_async.testing.servers import RedisServer, free_port
 from kivigo_async.testing.topologies import RedisCluster, wait_replicated
@@ -250,6 +251,23 @@ async def test_unreachable_seeds() -> None:
             await backend.health()
     finally:
         await backend.close()
+
+
+async def test_dial_timeout_bounds_the_login_even_without_a_read_timeout(redis_cluster: RedisCluster) -> None:
+    # The seed accepts connections and never answers: the login (CLIENT SETINFO, AUTH)
+    # used to wait on read_timeout, which None made forever.
+    seed = redis_cluster.nodes[0]
+    async with FaultProxy(seed.host, seed.port) as proxy:
+        proxy.blackhole()
+        options = RedisClusterOptions(addrs=[proxy.addr], max_retries=0, dial_timeout=0.5, read_timeout=None)
+        backend = RedisClusterBackend(options)
+        started = time.monotonic()
+        try:
+            with pytest.raises(BackendUnavailableError, match="Timeout connecting"):
+                await asyncio.wait_for(backend.get("k"), 30)
+        finally:
+            await backend.close()
+        assert time.monotonic() - started < 5
 
 
 def test_options_validation_and_url() -> None:

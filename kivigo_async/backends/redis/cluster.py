@@ -47,7 +47,7 @@ from ._cluster_scan import scan_cluster
 from ._errors import translate
 from ._scan import decode_key
 from .options import RedisOptions, _default_pool_size, refuse_unescaped_credentials
-from .standalone import RedisBackend, _TLSContextConnection
+from .standalone import RedisBackend, _TCPConnection, _TLSConnection
 
 __all__ = ["RedisClusterBackend", "RedisClusterOptions"]
 
@@ -250,16 +250,20 @@ def _cluster_for(options: RedisClusterOptions) -> RedisCluster:
         kwargs["load_balancing_strategy"] = LoadBalancingStrategy.ROUND_ROBIN
     cluster = RedisCluster(**kwargs)
     cluster.RedisClusterRequestTTL = options.max_redirects
+    # Node connections are made from these kwargs (startup nodes got a copy already),
+    # so the classes are swapped in before any connection exists. Ours bound the whole
+    # open, login included, by dial_timeout; redis-py's bound the login by socket_timeout
+    # only, forever when read_timeout is None. redis-py also builds TLS from loose
+    # arguments only, where ours take a ready context.
     tls_context = options.node_options(options.addrs[0]).ssl_context()
-    if tls_context is not None:
-        # redis-py builds TLS connections from loose arguments only; node connections
-        # are made from these kwargs (startup nodes got a copy already), so a ready
-        # context is swapped in before any connection exists.
-        cluster.connection_kwargs["connection_class"] = _TLSContextConnection
-        cluster.connection_kwargs["tls_context"] = tls_context
-        for node in cluster.startup_nodes:
-            node.connection_class = _TLSContextConnection
+    connection_class = _TCPConnection if tls_context is None else _TLSConnection
+    cluster.connection_kwargs["connection_class"] = connection_class
+    for node in cluster.startup_nodes:
+        node.connection_class = connection_class
+        if tls_context is not None:
             node.connection_kwargs["tls_context"] = tls_context
+    if tls_context is not None:
+        cluster.connection_kwargs["tls_context"] = tls_context
     return cluster
 
 
