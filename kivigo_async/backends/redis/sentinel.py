@@ -311,7 +311,7 @@ class RedisSentinelBackend(RedisBackend):
             **kwargs,
         )
         self._redis = Redis.from_pool(self._pool)
-        self._exec = self._redis.execute_command
+        self._exec = self._pool_execute
         self._node = f"{sentinel_options.service_name} (via sentinels {','.join(sentinel_options.sentinels)})"
         self._watcher: asyncio.Task[None] | None = None
         # Set once a sentinel confirms the subscription, or every sentinel failed once.
