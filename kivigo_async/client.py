@@ -90,6 +90,10 @@ def _key_list(keys: Iterable[str]) -> list[str]:
         raise InvalidKeyError(f"expected a collection of keys, not {type(keys).__name__}") from exc
 
 
+_first = operator.itemgetter(0)
+_second = operator.itemgetter(1)
+
+
 def _check_types(keys: list[str]) -> None:
     # Batches run this on every key: the maps keep the all-str case in C. Identity,
     # not equality (a set or list.count would use ==, which a metaclass can fake).
@@ -220,6 +224,10 @@ class Client:
         self._decode_many: Callable[[Sequence[bytes], Any], list[Any]] | None = (
             decode_many if callable(decode_many) else None
         )
+        encode_many = getattr(codec, "encode_many", None) if hasattr(type(codec), "encode_many") else None
+        self._encode_many: Callable[[Sequence[Any]], list[bytes]] | None = (
+            encode_many if callable(encode_many) else None
+        )
         # Capabilities are detected once: isinstance on a runtime protocol is slow.
         self._batch: BatchBackend | None = backend if isinstance(backend, BatchBackend) else None
         self._ttl: TTLBackend | None = backend if isinstance(backend, TTLBackend) else None
@@ -298,6 +306,17 @@ class Client:
             return self._codec.encode(value)
         except Exception as exc:
             raise _encode_error(key, exc) from exc
+
+    def _encode_values(self, keys: Sequence[str], values: Sequence[object]) -> list[bytes]:
+        """Encode ``values`` (those of ``keys``) in one codec call when the codec can."""
+        many = self._encode_many
+        if many is not None:
+            try:
+                return many(values)
+            except Exception:
+                pass  # encoded again below, one by one, so that the error names the key
+        encode = self._encode
+        return [encode(key, value) for key, value in zip(keys, values, strict=True)]
 
     def _decode(self, key: str, data: bytes, type: type[T]) -> T:
         try:
@@ -660,12 +679,12 @@ class Client:
         if not isinstance(mapping, Mapping):
             raise InvalidArgumentError(f"batch_set needs a mapping, not {type(mapping).__name__}")
         ttl_ms = _ttl_ms(ttl)
-        items: builtins.list[tuple[str, bytes]] = []
-        for key, value in mapping.items():
-            _check_key(key)
-            items.append((key, self._encode(key, value)))
-        if not items:
+        pairs = builtins.list(mapping.items())
+        if not pairs:
             return
+        keys = _check_keys(map(_first, pairs))
+        values = builtins.list(map(_second, pairs))
+        items = builtins.list(zip(keys, self._encode_values(keys, values), strict=True))
         if self._batch is not None:
             await self._batch.batch_set(items, ttl_ms)
         else:

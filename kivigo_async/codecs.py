@@ -34,9 +34,11 @@ Follow the same rules as the built-in codecs:
   work once and cache it (as :class:`JsonCodec` does with its decoders).
 
 A codec may also have ``decode_many(data: Sequence[bytes], type) -> list``, which
-``Client.batch_get`` calls once per batch instead of ``decode`` once per value
-(:class:`JsonCodec` and :class:`MsgspecCodec` have it). When it raises, the client
-decodes the values one by one, so the error names the key that failed.
+``Client.batch_get`` calls once per batch instead of ``decode`` once per value, and
+``encode_many(values: Sequence) -> list[bytes]``, which ``Client.batch_set`` calls
+the same way (:class:`JsonCodec` and :class:`MsgspecCodec` have both). When one
+raises, the client goes through the values one by one, so the error names the key
+that failed.
 
     >>> import pickle
     >>> from kivigo_async.errors import DecodeError, EncodeError
@@ -69,10 +71,12 @@ import types
 import zlib
 from collections.abc import Callable, Sequence
 from decimal import Decimal
+from itertools import repeat
 from typing import (
     TYPE_CHECKING,
     Annotated,
     Any,
+    ClassVar,
     Final,
     Literal,
     Protocol,
@@ -337,15 +341,44 @@ _JSON_OPTIONS: Final = orjson.OPT_NON_STR_KEYS
 
 
 class _DecoderCache:
-    """``decode`` and ``decode_many`` over one decoder per requested type, built once.
+    """``decode`` and ``decode_many`` over one decoder per requested type, built once; ``encode_many``.
 
     Subclasses provide ``_resolve(type)`` (build the decoder), ``_decoders`` (the
-    cache) and ``_label`` (the format's name, for error messages).
+    cache), ``_label`` (the format's name, for error messages), and ``encode``
+    beside ``_encode_all`` (the same encoding for a whole batch, looping in C).
     """
 
     __slots__ = ()
     _decoders: dict[Any, _Decoder]
     _label: str
+    #: The encode that _encode_all stands for: the one defined beside it.
+    _plain_encode: ClassVar[Callable[..., bytes]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_encode_all" in cls.__dict__:
+            cls._plain_encode = cls.__dict__["encode"]
+
+    def encode(self, value: Any) -> bytes:
+        raise NotImplementedError
+
+    def _encode_all(self, values: Sequence[Any]) -> list[bytes]:
+        raise NotImplementedError
+
+    def encode_many(self, values: Sequence[Any]) -> list[bytes]:
+        """Encode every item of ``values``, in order: one call for a whole batch.
+
+        Raises:
+            EncodeError: an item cannot be encoded (the first one, as ``encode`` says it).
+        """
+        cls = builtins.type(self)
+        if cls.encode is cls._plain_encode:
+            try:
+                return self._encode_all(values)
+            except Exception:
+                pass  # again one by one: encode() raises the error, naming the type that failed
+        # Also the way for a subclass that changed encode (to add a version prefix, say).
+        return [self.encode(value) for value in values]
 
     def _resolve(self, tp: Any) -> _Decoder:
         raise NotImplementedError
@@ -466,6 +499,10 @@ class JsonCodec(_DecoderCache):
                 f"cannot encode a value of type {_type_name(type(value))} as JSON: {detail}"
             ) from exc
 
+    def _encode_all(self, values: Sequence[Any]) -> list[bytes]:
+        # Positional default and option: a partial with keywords would build a dict per item.
+        return list(map(orjson.dumps, values, repeat(_json_default), repeat(_JSON_OPTIONS)))
+
     def _resolve(self, tp: Any) -> _Decoder:
         decoder: _Decoder
         if tp is object or tp is Any:
@@ -549,6 +586,9 @@ class MsgspecCodec(_DecoderCache):
                 f"cannot encode a value of type {_type_name(type(value))} as {self._label}: "
                 f"{detail or type(exc).__name__}"
             ) from exc
+
+    def _encode_all(self, values: Sequence[Any]) -> list[bytes]:
+        return list(map(self._encode, values))
 
     def _resolve(self, tp: Any) -> _Decoder:
         decoder: _Decoder

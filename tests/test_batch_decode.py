@@ -1,8 +1,11 @@
-"""batch_get's batch decode path (``Codec.decode_many``) and its key checks."""
+"""The batch codec paths (batch_get: ``Codec.decode_many``; batch_set: ``encode_many``) and key checks."""
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
 from collections.abc import AsyncIterator, Sequence
+from decimal import Decimal
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -12,7 +15,7 @@ import pytest
 from kivigo_async import Client
 from kivigo_async.backends.memory import MemoryBackend
 from kivigo_async.codecs import CompressedCodec, JsonCodec, MsgspecCodec
-from kivigo_async.errors import DecodeError, InvalidKeyError
+from kivigo_async.errors import DecodeError, EncodeError, InvalidKeyError
 
 T = TypeVar("T")
 
@@ -157,3 +160,121 @@ async def test_batch_key_checks(keys: Any, match: str) -> None:
             with pytest.raises(InvalidKeyError, match=match):
                 await call(keys)
         assert await client.get("a") == 1  # nothing was deleted by the refused batch
+
+
+# --------------------------------------------------------------------------- encode_many
+
+CODECS = [JsonCodec(), MsgspecCodec("json"), MsgspecCodec("msgpack")]
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=repr)
+def test_encode_many_matches_encode(codec: JsonCodec | MsgspecCodec) -> None:
+    values: list[Any] = [
+        {"a": 1, "b": [1.5, None, True]},
+        "s",
+        2**60,
+        Point(1, 2),
+        dt.datetime(2026, 11, 26, 12, 30, tzinfo=dt.timezone.utc),
+        uuid.UUID(int=7),
+        Decimal("1.10"),
+        Color.RED,
+    ]
+    assert codec.encode_many(values) == [codec.encode(v) for v in values]
+    assert codec.encode_many([]) == []
+
+
+class Secret:
+    def __repr__(self) -> str:
+        return "Secret('hunter2')"
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=repr)
+def test_encode_many_raises_encode_errors_error(codec: JsonCodec | MsgspecCodec) -> None:
+    # The first value that fails, described as encode() describes it: its type, never its value.
+    with pytest.raises(EncodeError, match="Secret") as info:
+        codec.encode_many([1, Secret(), 2])
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(EncodeError) as single:
+        codec.encode(Secret())
+    assert str(info.value) == str(single.value)
+
+
+class CountingEncoder(JsonCodec):
+    """JsonCodec that counts its batch and single encodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = self.singles = 0
+
+    def encode(self, value: Any) -> bytes:
+        self.singles += 1
+        return super().encode(value)
+
+    def encode_many(self, values: Sequence[Any]) -> list[bytes]:
+        self.batches += 1
+        return super().encode_many(values)
+
+
+async def test_batch_set_encodes_the_batch_in_one_call() -> None:
+    class CountingBatches(JsonCodec):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sizes: list[int] = []
+
+        def encode_many(self, values: Sequence[Any]) -> list[bytes]:
+            self.sizes.append(len(values))
+            return super().encode_many(values)
+
+    codec = CountingBatches()
+    async with Client(MemoryBackend(), codec=codec) as client:
+        await client.batch_set({f"k{i}": {"i": i} for i in range(50)})
+        assert codec.sizes == [50]
+        assert await client.batch_get([f"k{i}" for i in range(50)]) == {f"k{i}": {"i": i} for i in range(50)}
+
+
+async def test_an_unencodable_value_is_named_by_its_key_and_nothing_is_written() -> None:
+    async with Client(MemoryBackend()) as client:
+        with pytest.raises(EncodeError, match=r"'b'.*Secret") as info:
+            await client.batch_set({"a": 1, "b": Secret(), "c": 3})
+        assert "hunter2" not in str(info.value)
+        assert await client.list() == []
+
+
+async def test_bad_keys_are_refused_before_any_value_is_encoded() -> None:
+    codec = CountingEncoder()
+    async with Client(MemoryBackend(), codec=codec) as client:
+        for mapping in ({"a": 1, "": 2}, {"a": 1, 5: 2}, {"a": 1, Color.RED: 2}):
+            with pytest.raises(InvalidKeyError):
+                await client.batch_set(mapping)  # type: ignore[arg-type]
+        assert (codec.batches, codec.singles) == (0, 0)
+        assert await client.list() == []
+
+
+async def test_a_failing_encode_many_falls_back_to_encode() -> None:
+    class Broken(JsonCodec):
+        def encode_many(self, values: Sequence[Any]) -> list[bytes]:
+            raise RuntimeError("bug in a custom codec")
+
+    async with Client(MemoryBackend(), codec=Broken()) as client:
+        await client.batch_set({"a": [1], "b": [2]})
+        assert await client.batch_get(["b", "a"], list[int]) == {"b": [2], "a": [1]}
+
+
+class Versioned(JsonCodec):
+    """Overrides encode only: every value is written inside an envelope."""
+
+    def encode(self, value: Any) -> bytes:
+        return super().encode({"v": 1, "data": value})
+
+
+class VersionedMsgpack(MsgspecCodec):
+    def encode(self, value: Any) -> bytes:
+        return super().encode({"v": 1, "data": value})
+
+
+@pytest.mark.parametrize("codec", [Versioned(), VersionedMsgpack("msgpack")], ids=["json", "msgpack"])
+async def test_batches_go_through_an_overridden_encode(codec: JsonCodec | MsgspecCodec) -> None:
+    assert codec.encode_many([1, "x"]) == [codec.encode(1), codec.encode("x")]
+    async with Client(MemoryBackend(), codec=codec) as client:
+        await client.batch_set({"a": 1, "b": "x"})
+        assert await client.batch_get(["a", "b"]) == {"a": {"v": 1, "data": 1}, "b": {"v": 1, "data": "x"}}

@@ -6,6 +6,7 @@ import asyncio
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from itertools import chain
 from typing import Any, ClassVar
 
 import hiredis
@@ -515,10 +516,7 @@ class RedisBackend:
             return
         try:
             if ttl_ms is None:
-                args: list[str | bytes] = []
-                for key, value in items:
-                    args += (key, value)
-                await self._exec("MSET", *args)
+                await self._exec("MSET", *chain.from_iterable(items))
                 return
             if self._mux is not None:
                 # MULTI..EXEC leaves in one write, so no other caller's command
@@ -540,7 +538,8 @@ class RedisBackend:
         except _FAILURES as exc:
             raise self._error(exc, "MSET" if ttl_ms is None else "MULTI/SET PX") from exc
         finally:
-            self._written([key for key, _ in items])
+            if self._cache is not None:
+                self._written([key for key, _ in items])
 
     async def batch_delete(self, keys: Sequence[str]) -> int:
         if not keys:
