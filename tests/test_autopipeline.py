@@ -203,3 +203,25 @@ def test_runs_on_uvloop(valkey_server: RedisServer) -> None:
             return await asyncio.gather(*(client.get("uv") for _ in range(10)))
 
     assert uvloop.run(main()) == [{"loop": "uvloop"}] * 10
+
+
+async def test_retire_lets_the_replies_in_flight_arrive(valkey_server: RedisServer, admin: Redis) -> None:
+    # What Sentinel does on +switch-master: the next call opens a new socket, and no
+    # call in flight on the old one fails for it.
+    from kivigo_async.backends.redis.standalone import _mux_for
+
+    mux = _mux_for(redis_options(valkey_server, read_timeout=5.0))
+    try:
+        first = await mux.execute("CLIENT", "ID")
+        await admin.client_pause(300)
+        in_flight = [asyncio.ensure_future(mux.execute("CLIENT", "ID")) for _ in range(5)]
+        await asyncio.sleep(0.05)  # written, not answered
+        mux.retire()
+        assert await asyncio.wait_for(asyncio.gather(*in_flight), 10) == [first] * 5
+        assert await mux.execute("CLIENT", "ID") != first
+        deadline = time.monotonic() + 10
+        while any(c["id"] == str(first) for c in await admin.client_list()):
+            assert time.monotonic() < deadline, "the retired connection stayed open"
+            await asyncio.sleep(0.02)
+    finally:
+        await mux.close()

@@ -39,6 +39,20 @@ class TestSentinelConformance(BackendConformance):
         await backend.close()
 
 
+class TestSentinelPoolConformance(BackendConformance):
+    """The same, with single commands on the pool instead of the multiplexed connection."""
+
+    @pytest.fixture
+    async def kv_backend(self, redis_sentinel: RedisSentinel) -> AsyncIterator[RedisSentinelBackend]:
+        redis_sentinel.flushall()
+        backend = RedisSentinelBackend(sentinel_options(redis_sentinel, auto_pipeline=False))
+        yield backend
+        await backend.close()
+
+
+TRANSPORTS = pytest.mark.parametrize("auto_pipeline", [True, False], ids=["multiplexed", "pool"])
+
+
 async def read_from(addr: str, key: str) -> bytes | None:
     host, _, port = addr.rpartition(":")
     async with aioredis.Redis(host=host, port=int(port)) as direct:
@@ -74,11 +88,14 @@ async def test_follows_sentinel_failover(redis_sentinel_factory: SentinelFactory
         assert await client.get("before") == 1  # replicated before the failover
 
 
-async def test_follows_failover_without_connect(redis_sentinel_factory: SentinelFactory) -> None:
-    # Without connect() there is no +switch-master listener: the pooled connections
+@TRANSPORTS
+async def test_follows_failover_without_connect(
+    redis_sentinel_factory: SentinelFactory, auto_pipeline: bool
+) -> None:
+    # Without connect() there is no +switch-master listener: the connections
     # follow when the sentinels demote the old primary (which drops its clients).
     topology = redis_sentinel_factory()
-    backend = RedisSentinelBackend(sentinel_options(topology))
+    backend = RedisSentinelBackend(sentinel_options(topology, auto_pipeline=auto_pipeline))
     client = Client(backend)
     try:
         await client.set("k", 0)
@@ -95,9 +112,12 @@ async def test_follows_failover_without_connect(redis_sentinel_factory: Sentinel
         await backend.close()
 
 
-async def test_writes_continue_through_failover(redis_sentinel_factory: SentinelFactory) -> None:
+@TRANSPORTS
+async def test_writes_continue_through_failover(
+    redis_sentinel_factory: SentinelFactory, auto_pipeline: bool
+) -> None:
     topology = redis_sentinel_factory()
-    backend = RedisSentinelBackend(sentinel_options(topology, max_retries=10))
+    backend = RedisSentinelBackend(sentinel_options(topology, max_retries=10, auto_pipeline=auto_pipeline))
     async with Client(backend) as client:
         stop = asyncio.Event()
         writer = asyncio.create_task(write_until(client, "loop", stop))
@@ -115,8 +135,9 @@ async def test_writes_continue_through_failover(redis_sentinel_factory: Sentinel
         assert await read_from(new, "loop") == str(last).encode()
 
 
+@TRANSPORTS
 async def test_no_write_acknowledged_after_the_switch_is_lost(
-    redis_sentinel_factory: SentinelFactory, caplog: pytest.LogCaptureFixture
+    redis_sentinel_factory: SentinelFactory, caplog: pytest.LogCaptureFixture, auto_pipeline: bool
 ) -> None:
     """Busy connections dropped on +switch-master must reconnect to the new primary.
 
@@ -126,8 +147,8 @@ async def test_no_write_acknowledged_after_the_switch_is_lost(
     """
     caplog.set_level(logging.INFO, logger="kivigo_async")
     topology = redis_sentinel_factory()
-    backend = RedisSentinelBackend(sentinel_options(topology, read_timeout=1, dial_timeout=1))
-    async with Client(backend) as client:
+    options = sentinel_options(topology, read_timeout=1, dial_timeout=1, auto_pipeline=auto_pipeline)
+    async with Client(RedisSentinelBackend(options)) as client:
         acked: list[tuple[str, float]] = []
         stop = asyncio.Event()
 
@@ -251,6 +272,10 @@ def test_options_validation_and_url() -> None:
     assert "p@ss" not in repr(opts)
     assert "tok" not in repr(opts)
     assert bool(RedisSentinelOptions.from_url("rediss+sentinel://s1:26379/cache").tls)
+    assert RedisSentinelOptions().auto_pipeline is True
+    assert not RedisSentinelOptions.from_url("redis+sentinel://s1/cache?auto_pipeline=false").auto_pipeline
+    with pytest.raises(ConfigurationError, match="auto_pipeline"):
+        RedisSentinelOptions(auto_pipeline="yes")  # type: ignore[arg-type]
     for bad in ("redis://s1:26379/cache", "redis+sentinel://s1:26379", "redis+sentinel://s1/c?bogus=1"):
         with pytest.raises(ConfigurationError):
             RedisSentinelOptions.from_url(bad)
@@ -271,3 +296,66 @@ def test_repr_hides_passwords() -> None:
     assert "hunter2" not in repr(backend)
     assert "tok3n" not in repr(backend)
     assert "mymaster" in repr(backend)
+
+
+async def test_single_commands_share_one_connection_to_the_primary(redis_sentinel: RedisSentinel) -> None:
+    name = f"mux-{free_port()}"
+    backend = RedisSentinelBackend(sentinel_options(redis_sentinel, client_name=name, pool_size=8))
+    async with Client(backend) as client:
+        assert backend.options.auto_pipeline
+        await asyncio.gather(*(client.set(f"mux:{i}", i) for i in range(64)))
+        assert await client.batch_get([f"mux:{i}" for i in range(64)]) == {f"mux:{i}": i for i in range(64)}
+        host, _, port = redis_sentinel.master_addr().rpartition(":")
+        async with aioredis.Redis(host=host, port=int(port), password=redis_sentinel.password) as direct:
+            ours = [c for c in await direct.client_list() if c.get("name") == name]
+        assert len(ours) == 1, ours
+
+
+def replica_of(topology: RedisSentinel) -> tuple[str, int]:
+    primary = topology.master_addr()
+    replica = next(n for n in topology.data_nodes if f"{n.host}:{n.port}" != primary)
+    return replica.host, replica.port
+
+
+async def test_a_demoted_primary_is_left_and_the_command_sent_again(
+    redis_sentinel: RedisSentinel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The sentinels first name a replica, as they named the old primary just before a
+    # failover reached this client: it refuses writes with READONLY, which applies
+    # nothing, so the backend asks the sentinels again and sends the write once more.
+    redis_sentinel.flushall()
+    caplog.set_level(logging.INFO, logger=sentinel_module.__name__)
+    backend = RedisSentinelBackend(sentinel_options(redis_sentinel))
+    real = backend.sentinel.discover_master
+    answers = [replica_of(redis_sentinel)]
+
+    async def discover_master(service_name: str) -> tuple[str, int]:
+        return answers.pop() if answers else await real(service_name)
+
+    monkeypatch.setattr(backend.sentinel, "discover_master", discover_master)
+    async with Client(backend) as client:
+        await client.set("k", "written")
+        assert not answers  # the replica was asked first
+        assert await read_from(redis_sentinel.master_addr(), "k") == b'"written"'
+    assert any("primary was demoted" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_batch_refused_by_a_demoted_primary_fails_once_then_recovers(
+    redis_sentinel: RedisSentinel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis_sentinel.flushall()
+    backend = RedisSentinelBackend(sentinel_options(redis_sentinel))
+    real = backend.sentinel.discover_master
+    answers = [replica_of(redis_sentinel)]
+
+    async def discover_master(service_name: str) -> tuple[str, int]:
+        return answers.pop() if answers else await real(service_name)
+
+    monkeypatch.setattr(backend.sentinel, "discover_master", discover_master)
+    async with Client(backend) as client:
+        # MULTI..EXEC on the replica: refused whole, so nothing was written anywhere.
+        with pytest.raises(BackendUnavailableError, match="no longer the primary"):
+            await client.batch_set({"a": 1, "b": 2}, ttl=60)
+        assert await read_from(redis_sentinel.master_addr(), "a") is None
+        await client.batch_set({"a": 1, "b": 2}, ttl=60)
+        assert await client.batch_get(["a", "b"]) == {"a": 1, "b": 2}

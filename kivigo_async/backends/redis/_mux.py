@@ -140,6 +140,7 @@ class _Protocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
         self._lost: BaseException | None = None
+        self._retiring = False
         self.closed = False
 
     # -- asyncio.Protocol ----------------------------------------------------
@@ -175,6 +176,9 @@ class _Protocol(asyncio.Protocol):
             future = waiters.popleft()[0]
             if not future.done():  # a cancelled caller's reply is read and dropped
                 future.set_result(reply)
+            if self._retiring and not waiters:
+                self.close()
+                return
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -264,6 +268,12 @@ class _Protocol(asyncio.Protocol):
         if not self.closed:
             self._abort(rx.ConnectionError(f"connection to {self._node} was closed by the client"))
 
+    def close_when_idle(self) -> None:
+        """Close once every reply asked for has arrived (or ``read_timeout`` aborts it)."""
+        self._retiring = True
+        if not self._waiters:
+            self.close()
+
 
 #: Opens a transport to the server with the given protocol factory.
 Opener = Callable[[Callable[[], _Protocol]], Awaitable[tuple[asyncio.BaseTransport, _Protocol]]]
@@ -327,6 +337,7 @@ class MuxConnection:
         self._max_retries = max_retries
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Task[_Protocol] | None = None
+        self._generation = 0  # bumped by retire(): a connection opened before is not used
         self._closed = False
 
     @property
@@ -378,8 +389,9 @@ class MuxConnection:
     async def _open_with_retries(self) -> _Protocol:
         attempt = 0
         while True:
+            generation = self._generation
             try:
-                return await self._open()
+                protocol = await self._open()
             except (rx.AuthenticationError, rx.ResponseError):
                 raise
             except rx.ConnectionError:
@@ -388,6 +400,10 @@ class MuxConnection:
                     raise
                 # Full jitter, capped: many clients reconnecting at once spread out.
                 await asyncio.sleep(random.uniform(0, min(0.512, 0.008 * 2**attempt)))
+                continue
+            if generation == self._generation:
+                return protocol
+            protocol.close()  # retired while opening: open again, where the opener now points
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -441,6 +457,17 @@ class MuxConnection:
         """Close the current socket; the next call opens a new one."""
         if self._protocol is not None:
             self._protocol.close()
+
+    def retire(self) -> None:
+        """Open a new socket for the next call; the current one closes once its replies are in.
+
+        Unlike :meth:`drop`, no call in flight fails: for a server that is still
+        up but no longer the one to use (a primary demoted by a failover).
+        """
+        self._generation += 1
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None:
+            protocol.close_when_idle()
 
     async def close(self) -> None:
         self._closed = True

@@ -19,13 +19,21 @@ from redis.asyncio.sentinel import (
     SentinelConnectionPool,
     SentinelManagedConnection,
 )
-from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ...errors import ConfigurationError
+from ...errors import BackendUnavailableError, ConfigurationError
+from ._mux import Arg, Opener, _Protocol, tcp_opener
 from .options import RedisOptions, _default_pool_size, refuse_unescaped_credentials
-from .standalone import RedisBackend, _ClosablePool, _DialBounded, _pool_for, _TLSContextConnection
+from .standalone import (
+    RedisBackend,
+    _ClosablePool,
+    _DialBounded,
+    _mux_for,
+    _pool_for,
+    _TLSContextConnection,
+)
 
 __all__ = ["RedisSentinelBackend", "RedisSentinelOptions"]
 
@@ -51,6 +59,9 @@ class RedisSentinelOptions:
         sentinel_username: the ACL user for the sentinels, if they need one.
         sentinel_password: the sentinels' password (never shown), if any.
         sentinel_tls: TLS for the sentinels; ``None`` means the same as ``tls``.
+        auto_pipeline: as in :class:`RedisOptions` (on by default): single commands
+            share one multiplexed connection to the primary, which asks the sentinels
+            where the primary is each time it connects. Transactions use the pool.
 
     Example:
         >>> opts = RedisSentinelOptions(sentinels=["s1:26379", "s2:26379"], service_name="cache",
@@ -77,6 +88,7 @@ class RedisSentinelOptions:
     sentinel_username: str | None = field(default=None, repr=False)
     sentinel_password: str | None = field(default=None, repr=False)
     sentinel_tls: bool | ssl.SSLContext | None = None
+    auto_pipeline: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.sentinels, str) or not isinstance(self.sentinels, Sequence):
@@ -107,9 +119,7 @@ class RedisSentinelOptions:
             tls=self.tls,
             client_name=self.client_name,
             protocol=self.protocol,
-            # One multiplexed connection is bound to one address; these
-            # connections must follow the primary (or serve WATCH), so use the pool.
-            auto_pipeline=False,
+            auto_pipeline=self.auto_pipeline,
         )
 
     def sentinel_options(self, addr: str) -> RedisOptions:
@@ -257,6 +267,10 @@ class _Sentinel(Sentinel):
         raise MasterNotFoundError(f"no primary found for {service_name!r} ({detail})")
 
 
+def _demoted(exc: ResponseError) -> bool:
+    return str(exc).startswith("READONLY")
+
+
 # redis-py leaves these untyped; typed references keep the rest checked.
 _make_sentinel: Callable[..., Sentinel] = _Sentinel
 _make_pool: Callable[..., _BlockingSentinelPool] = _BlockingSentinelPool
@@ -265,12 +279,12 @@ _make_pool: Callable[..., _BlockingSentinelPool] = _BlockingSentinelPool
 class RedisSentinelBackend(RedisBackend):
     """A backend on the primary of a Sentinel-monitored Redis / Valkey deployment.
 
-    Every command is :class:`RedisBackend`'s; only the connection pool
-    differs: each new connection asks the sentinels for the primary's address.
-    After :meth:`connect` the backend also listens for the sentinels'
-    ``+switch-master`` announcements and drops its connections to a demoted
-    primary at once, so writes go to the new primary right after a failover
-    (without it, they follow once the old primary refuses writes or goes away).
+    Every command is :class:`RedisBackend`'s; only the connections differ:
+    each new one asks the sentinels for the primary's address. After
+    :meth:`connect` the backend also listens for the sentinels' ``+switch-master``
+    announcements and leaves a demoted primary at once, so writes go to the new
+    primary right after a failover (without it, they follow once the old primary
+    refuses writes or goes away).
 
     Example:
         ```python
@@ -285,7 +299,9 @@ class RedisSentinelBackend(RedisBackend):
 
     def __init__(self, options: RedisSentinelOptions | None = None) -> None:
         sentinel_options = options if options is not None else RedisSentinelOptions()
-        super().__init__(sentinel_options.data_options())
+        data_options = sentinel_options.data_options()
+        # The standalone backend would multiplex to a fixed address: the mux is built below.
+        super().__init__(data_options.replace(auto_pipeline=False))
         self._sentinel_options = sentinel_options
         # The standalone pool built above carries our timeouts, credentials, retry
         # policy and TLS context; the sentinel pool reuses its settings, minus the
@@ -311,8 +327,12 @@ class RedisSentinelBackend(RedisBackend):
             **kwargs,
         )
         self._redis = Redis.from_pool(self._pool)
-        self._exec = self._pool_execute
         self._node = f"{sentinel_options.service_name} (via sentinels {','.join(sentinel_options.sentinels)})"
+        self._exec = self._pool_execute
+        if data_options.auto_pipeline:
+            self._options = data_options
+            self._mux = _mux_for(data_options, node=self._node, opener=self._primary_opener(tls_context))
+            self._exec = self._mux_execute
         self._watcher: asyncio.Task[None] | None = None
         # Set once a sentinel confirms the subscription, or every sentinel failed once.
         self._watch_ready = asyncio.Event()
@@ -345,6 +365,53 @@ class RedisSentinelBackend(RedisBackend):
     def sentinel(self) -> Sentinel:
         """The underlying ``redis.asyncio.sentinel.Sentinel``."""
         return self._sentinel
+
+    def _primary_opener(self, tls: ssl.SSLContext | None) -> Opener:
+        primary: Callable[[], Awaitable[tuple[str, int]]] = self._sentinel_pool.get_master_address
+
+        async def open_(factory: Callable[[], _Protocol]) -> tuple[asyncio.BaseTransport, _Protocol]:
+            # Asked on every (re)connect, as the pooled connections do: a reconnect
+            # to the address used before could reach a demoted primary.
+            host, port = await primary()
+            try:
+                return await tcp_opener(host, port, tls)(factory)
+            except OSError as exc:  # ssl.SSLError included: name the primary, not just the service
+                addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                raise RedisConnectionError(f"cannot connect to the primary {addr}: {exc}") from exc
+
+        return open_
+
+    async def _mux_execute(self, *args: Arg) -> Any:
+        mux = self._mux
+        assert mux is not None
+        try:
+            return await mux.execute(*args)
+        except ResponseError as exc:
+            if not _demoted(exc):
+                raise
+            # The server is a replica now: it refused the command, so sending it
+            # again (once, to the primary the sentinels name now) is safe.
+            _log.info("%s: the primary was demoted, reconnecting", self._node)
+            mux.retire()
+            return await mux.execute(*args)
+
+    def _error(self, exc: Exception, command: str, key: str | None = None) -> Exception:
+        if isinstance(exc, ResponseError) and _demoted(exc):
+            # Batches and retried commands end here: leave the demoted primary for the next call.
+            if self._mux is not None:
+                self._mux.retire()
+            about = f"{command} on {self._node}" if key is None else f"{command} for key {key!r}"
+            return BackendUnavailableError(
+                f"{about}: the server is no longer the primary (a failover?); the next call "
+                f"asks the sentinels again ({exc})"
+            )
+        return super()._error(exc, command, key)
+
+    async def _leave_primary(self) -> None:
+        """Reconnect to the primary the sentinels name now; nothing in flight fails."""
+        if self._mux is not None:
+            self._mux.retire()
+        await self._pool.disconnect(inuse_connections=True)
 
     async def connect(self) -> None:
         """Start following failovers, then find the primary and check it answers.
@@ -397,7 +464,7 @@ class RedisSentinelBackend(RedisBackend):
             primary = None
         if primary is None or primary != known:
             _log.info("%s: re-subscribed to the sentinels, reconnecting to the primary", self._node)
-            await self._pool.disconnect(inuse_connections=True)
+            await self._leave_primary()
 
     async def _follow_failovers(self) -> None:
         service = self._sentinel_options.service_name.encode()
@@ -418,7 +485,7 @@ class RedisSentinelBackend(RedisBackend):
                     # "<service> <old-ip> <old-port> <new-ip> <new-port>"
                     if data.split(b" ", 1)[0] == service:
                         _log.info("%s: primary switched, reconnecting (%s)", self._node, data.decode())
-                        await self._pool.disconnect(inuse_connections=True)
+                        await self._leave_primary()
             except (RedisError, OSError) as exc:
                 _log.debug("%s: lost a sentinel subscription: %s", self._node, exc)
                 if index >= len(self._sentinel.sentinels):

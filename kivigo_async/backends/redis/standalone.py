@@ -189,10 +189,12 @@ def _mux_for(
     prepare: Callable[[], Awaitable[Sequence[Sequence[Arg]]]] | None = None,
     on_push: Callable[[list[Any]], None] | None = None,
     on_lost: Callable[[], None] | None = None,
+    opener: Opener | None = None,
 ) -> MuxConnection:
     """A multiplexed connection that logs in and names itself as ``options`` say.
 
     ``select_db=False`` for pub/sub connections, whose channels span databases.
+    ``opener`` replaces the connection to ``options.addr`` (Sentinel finds the primary).
     """
     auth = options._auth_command()
     handshake: list[tuple[Arg, ...]] = [auth] if auth else []
@@ -201,7 +203,7 @@ def _mux_for(
     if options.client_name:
         handshake.append(("CLIENT", "SETNAME", options.client_name))
     return MuxConnection(
-        _opener_for(options),
+        opener or _opener_for(options),
         node=node or options.addr,
         handshake=handshake,
         dial_timeout=options.dial_timeout,
