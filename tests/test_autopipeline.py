@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from conftest import redis_options
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from kivigo_async import (
     BackendError,
@@ -205,9 +206,12 @@ def test_runs_on_uvloop(valkey_server: RedisServer) -> None:
     assert uvloop.run(main()) == [{"loop": "uvloop"}] * 10
 
 
-async def test_retire_lets_the_replies_in_flight_arrive(valkey_server: RedisServer, admin: Redis) -> None:
-    # What Sentinel does on +switch-master: the next call opens a new socket, and no
-    # call in flight on the old one fails for it.
+@pytest.mark.parametrize("wait_for_replies", [True, False])
+async def test_reconnect_moves_the_next_calls_to_a_new_socket(
+    valkey_server: RedisServer, admin: Redis, wait_for_replies: bool
+) -> None:
+    # What Sentinel does on a failover: the next call opens a new socket; the calls in
+    # flight on the old one get their replies, or fail at once.
     from kivigo_async.backends.redis.standalone import _mux_for
 
     mux = _mux_for(redis_options(valkey_server, read_timeout=5.0))
@@ -216,12 +220,16 @@ async def test_retire_lets_the_replies_in_flight_arrive(valkey_server: RedisServ
         await admin.client_pause(300)
         in_flight = [asyncio.ensure_future(mux.execute("CLIENT", "ID")) for _ in range(5)]
         await asyncio.sleep(0.05)  # written, not answered
-        mux.retire()
-        assert await asyncio.wait_for(asyncio.gather(*in_flight), 10) == [first] * 5
+        mux.reconnect(wait_for_replies=wait_for_replies)
+        results = await asyncio.wait_for(asyncio.gather(*in_flight, return_exceptions=True), 10)
+        if wait_for_replies:
+            assert results == [first] * 5
+        else:
+            assert all(isinstance(r, RedisConnectionError) for r in results), results
         assert await mux.execute("CLIENT", "ID") != first
         deadline = time.monotonic() + 10
         while any(c["id"] == str(first) for c in await admin.client_list()):
-            assert time.monotonic() < deadline, "the retired connection stayed open"
+            assert time.monotonic() < deadline, "the old connection stayed open"
             await asyncio.sleep(0.02)
     finally:
         await mux.close()

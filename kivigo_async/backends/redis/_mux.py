@@ -337,7 +337,7 @@ class MuxConnection:
         self._max_retries = max_retries
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Task[_Protocol] | None = None
-        self._generation = 0  # bumped by retire(): a connection opened before is not used
+        self._generation = 0  # bumped by reconnect(): a connection opened before is not used
         self._closed = False
 
     @property
@@ -403,7 +403,7 @@ class MuxConnection:
                 continue
             if generation == self._generation:
                 return protocol
-            protocol.close()  # retired while opening: open again, where the opener now points
+            protocol.close()  # reconnect() while opening: open again, where the opener now points
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -458,16 +458,21 @@ class MuxConnection:
         if self._protocol is not None:
             self._protocol.close()
 
-    def retire(self) -> None:
-        """Open a new socket for the next call; the current one closes once its replies are in.
+    def reconnect(self, *, wait_for_replies: bool) -> None:
+        """Open a new socket for the next call; a connect under way is not used either.
 
-        Unlike :meth:`drop`, no call in flight fails: for a server that is still
-        up but no longer the one to use (a primary demoted by a failover).
+        With ``wait_for_replies``, the current socket closes once the replies already
+        asked for are in, so no call in flight fails; without, it closes at once and
+        the calls in flight on it fail as on a lost connection.
         """
         self._generation += 1
         protocol, self._protocol = self._protocol, None
-        if protocol is not None:
+        if protocol is None:
+            return
+        if wait_for_replies:
             protocol.close_when_idle()
+        else:
+            protocol.close()
 
     async def close(self) -> None:
         self._closed = True

@@ -392,14 +392,14 @@ class RedisSentinelBackend(RedisBackend):
             # The server is a replica now: it refused the command, so sending it
             # again (once, to the primary the sentinels name now) is safe.
             _log.info("%s: the primary was demoted, reconnecting", self._node)
-            mux.retire()
+            mux.reconnect(wait_for_replies=True)  # a replica acknowledges no write
             return await mux.execute(*args)
 
     def _error(self, exc: Exception, command: str, key: str | None = None) -> Exception:
         if isinstance(exc, ResponseError) and _demoted(exc):
             # Batches and retried commands end here: leave the demoted primary for the next call.
             if self._mux is not None:
-                self._mux.retire()
+                self._mux.reconnect(wait_for_replies=True)
             about = f"{command} on {self._node}" if key is None else f"{command} for key {key!r}"
             return BackendUnavailableError(
                 f"{about}: the server is no longer the primary (a failover?); the next call "
@@ -408,9 +408,11 @@ class RedisSentinelBackend(RedisBackend):
         return super()._error(exc, command, key)
 
     async def _leave_primary(self) -> None:
-        """Reconnect to the primary the sentinels name now; nothing in flight fails."""
+        """Reconnect to the primary the sentinels name now."""
         if self._mux is not None:
-            self._mux.retire()
+            # The calls in flight fail: the old primary could acknowledge a write that
+            # is lost once it turns replica, and a lost write must not look like a success.
+            self._mux.reconnect(wait_for_replies=False)
         await self._pool.disconnect(inuse_connections=True)
 
     async def connect(self) -> None:
