@@ -233,3 +233,54 @@ async def test_reconnect_moves_the_next_calls_to_a_new_socket(
             await asyncio.sleep(0.02)
     finally:
         await mux.close()
+
+
+async def test_close_ends_a_connection_left_to_drain(valkey_server: RedisServer, admin: Redis) -> None:
+    from kivigo_async.backends.redis.standalone import _mux_for
+
+    mux = _mux_for(redis_options(valkey_server, read_timeout=None))
+    await mux.execute("PING")
+    await admin.client_pause(2000)
+    in_flight = asyncio.ensure_future(mux.execute("PING"))
+    await asyncio.sleep(0.05)  # written, not answered
+    mux.reconnect(wait_for_replies=True)
+    await mux.close()
+    # Failed by close(), not answered once the pause ends: nothing completes after close().
+    with pytest.raises(RedisConnectionError):
+        await asyncio.wait_for(in_flight, 1.0)
+
+
+async def test_a_connect_finished_just_before_reconnect_is_not_used(
+    redis_server_factory: ServerFactory,
+) -> None:
+    from kivigo_async.backends.redis._mux import MuxConnection, tcp_opener
+
+    old, new = redis_server_factory("valkey"), redis_server_factory("valkey")
+    target = [old]
+
+    async def resolve() -> Any:
+        return tcp_opener(target[0].host, target[0].port, None)
+
+    mux = MuxConnection(tcp_opener(old.host, old.port, None), node="svc", resolve=resolve)
+    moved: list[bool] = []
+
+    def between_the_open_and_its_callback() -> None:
+        # As a +switch-master handler running after the connect task's last step
+        # and before its done-callback installs the socket it opened.
+        connecting = mux._connecting
+        if connecting is not None and connecting.done():
+            target[0] = new
+            mux.reconnect(wait_for_replies=False)
+            moved.append(True)
+        elif not moved:
+            asyncio.get_running_loop().call_soon(between_the_open_and_its_callback)
+
+    asyncio.get_running_loop().call_soon(between_the_open_and_its_callback)
+    try:
+        await mux.execute("SET", "where", "first call")
+        assert moved
+        assert await mux.execute("CONFIG", "GET", "port") == [b"port", str(new.port).encode()]
+        async with Redis(**old.redis_kwargs()) as direct:  # type: ignore[arg-type]
+            assert await direct.get("where") is None
+    finally:
+        await mux.close()

@@ -17,6 +17,7 @@ from kivigo_async.backends.redis import RedisSentinelBackend, RedisSentinelOptio
 from kivigo_async.backends.redis import sentinel as sentinel_module
 from kivigo_async.errors import BackendUnavailableError, ConfigurationError, KivigoError
 from kivigo_async.testing.conformance import BackendConformance
+from kivigo_async.testing.proxy import FaultProxy
 from kivigo_async.testing.pytest_plugin import SentinelFactory
 from kivigo_async.testing.servers import free_port
 from kivigo_async.testing.topologies import RedisSentinel, wait_replicated
@@ -364,3 +365,30 @@ async def test_a_batch_refused_by_a_demoted_primary_fails_once_then_recovers(
         assert await read_from(redis_sentinel.master_addr(), "a") is None
         await client.batch_set({"a": 1, "b": 2}, ttl=60)
         assert await client.batch_get(["a", "b"]) == {"a": 1, "b": 2}
+
+
+@TRANSPORTS
+async def test_a_silent_first_sentinel_costs_its_timeout_once(
+    redis_sentinel: RedisSentinel, auto_pipeline: bool
+) -> None:
+    # The first sentinel accepts connections and never answers. Asking it is bounded
+    # by read_timeout, and the next sentinel answers; finding the primary is not
+    # bounded by dial_timeout (that bounds the connection to the primary itself).
+    redis_sentinel.flushall()
+    first = redis_sentinel.sentinels[0]
+    async with FaultProxy(first.host, first.port) as proxy:
+        proxy.blackhole()
+        options = sentinel_options(
+            redis_sentinel, dial_timeout=0.5, read_timeout=1.0, max_retries=1, auto_pipeline=auto_pipeline
+        )
+        backend = RedisSentinelBackend(
+            options.replace(sentinels=[proxy.addr, *redis_sentinel.sentinel_addrs])
+        )
+        client = Client(backend)
+        try:
+            started = time.monotonic()
+            await asyncio.wait_for(client.set("k", 1), 30)
+            assert time.monotonic() - started < 10
+            assert await client.get("k") == 1
+        finally:
+            await backend.close()

@@ -142,6 +142,7 @@ class _Protocol(asyncio.Protocol):
         self._lost: BaseException | None = None
         self._retiring = False
         self.closed = False
+        self.generation = 0  # the MuxConnection's, when it was opened
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -310,7 +311,8 @@ class MuxConnection:
     ``handshake`` commands (AUTH, SELECT, CLIENT SETNAME) run on every new
     socket before any user command. Connecting is retried ``max_retries``
     times with jittered backoff; a command whose bytes were sent is never
-    retried, since it may have been applied.
+    retried, since it may have been applied. ``resolve``, when given, is awaited
+    before each connect and returns the opener to use instead of ``opener``.
     """
 
     def __init__(
@@ -325,8 +327,10 @@ class MuxConnection:
         prepare: Callable[[], Awaitable[Sequence[Sequence[Arg]]]] | None = None,
         on_push: Callable[[list[Any]], None] | None = None,
         on_lost: Callable[[], None] | None = None,
+        resolve: Callable[[], Awaitable[Opener]] | None = None,
     ) -> None:
         self._opener = opener
+        self._resolve = resolve
         self._prepare = prepare
         self._on_push = on_push
         self._on_lost = on_lost
@@ -338,6 +342,7 @@ class MuxConnection:
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Task[_Protocol] | None = None
         self._generation = 0  # bumped by reconnect(): a connection opened before is not used
+        self._draining: set[_Protocol] = set()  # left by reconnect(), closing once answered
         self._closed = False
 
     @property
@@ -363,28 +368,35 @@ class MuxConnection:
         return await _replies(futures)
 
     async def _connect(self) -> _Protocol:
-        if self._closed:
-            raise rx.ConnectionError(f"connection to {self._node} is closed")
-        if self._connecting is None:
-            self._connecting = asyncio.get_running_loop().create_task(self._open_with_retries())
-            self._connecting.add_done_callback(self._connected)
-        connecting = self._connecting
-        try:
-            # Shielded: one caller giving up must not abort the connect the others wait for.
-            return await asyncio.shield(connecting)
-        except asyncio.CancelledError:
-            if self._closed and connecting.cancelled() and cancel_requested() is False:
-                # close() stopped the connect; the caller was not cancelled itself.
-                # (Before Python 3.11 the two cannot be told apart: the cancellation stays.)
-                raise rx.ConnectionError(f"connection to {self._node} is closed") from None
-            raise
+        while True:
+            if self._closed:
+                raise rx.ConnectionError(f"connection to {self._node} is closed")
+            if self._connecting is None:
+                self._connecting = asyncio.get_running_loop().create_task(self._open_with_retries())
+                self._connecting.add_done_callback(self._connected)
+            connecting = self._connecting
+            try:
+                # Shielded: one caller giving up must not abort the connect the others wait for.
+                protocol = await asyncio.shield(connecting)
+            except asyncio.CancelledError:
+                if self._closed and connecting.cancelled() and cancel_requested() is False:
+                    # close() stopped the connect; the caller was not cancelled itself.
+                    # (Before Python 3.11 the two cannot be told apart: the cancellation stays.)
+                    raise rx.ConnectionError(f"connection to {self._node} is closed") from None
+                raise
+            if protocol.generation == self._generation:
+                return protocol
+            # reconnect() came after the open and before this caller resumed: that
+            # socket may lead where reconnect() meant to leave, so open another.
 
     def _connected(self, task: asyncio.Task[_Protocol]) -> None:
         self._connecting = None
         if not task.cancelled() and task.exception() is None:
-            self._protocol = task.result()
-            if self._closed:
-                self._protocol.close()
+            protocol = task.result()
+            if self._closed or protocol.generation != self._generation:
+                protocol.close()
+            else:
+                self._protocol = protocol
 
     async def _open_with_retries(self) -> _Protocol:
         attempt = 0
@@ -402,15 +414,19 @@ class MuxConnection:
                 await asyncio.sleep(random.uniform(0, min(0.512, 0.008 * 2**attempt)))
                 continue
             if generation == self._generation:
+                protocol.generation = generation
                 return protocol
             protocol.close()  # reconnect() while opening: open again, where the opener now points
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+        # Finding the server (Sentinel asks the sentinels) is bounded by its own
+        # timeouts: dial_timeout bounds what follows, as on the pool's connections.
+        opener = self._opener if self._resolve is None else await self._resolve()
         started = loop.time()
         try:
             _, protocol = await asyncio.wait_for(
-                self._opener(
+                opener(
                     lambda: _Protocol(loop, self._read_timeout, self._node, self._on_push, self._on_lost)
                 ),
                 self._dial_timeout,
@@ -470,6 +486,8 @@ class MuxConnection:
         if protocol is None:
             return
         if wait_for_replies:
+            self._draining = {p for p in self._draining if not p.closed}
+            self._draining.add(protocol)
             protocol.close_when_idle()
         else:
             protocol.close()
@@ -481,3 +499,6 @@ class MuxConnection:
         if self._protocol is not None:
             self._protocol.close()
             self._protocol = None
+        for protocol in self._draining:
+            protocol.close()  # its calls fail: none may complete after close() returns
+        self._draining.clear()

@@ -331,7 +331,7 @@ class RedisSentinelBackend(RedisBackend):
         self._exec = self._pool_execute
         if data_options.auto_pipeline:
             self._options = data_options
-            self._mux = _mux_for(data_options, node=self._node, opener=self._primary_opener(tls_context))
+            self._mux = _mux_for(data_options, node=self._node, resolve=self._primary_opener(tls_context))
             self._exec = self._mux_execute
         self._watcher: asyncio.Task[None] | None = None
         # Set once a sentinel confirms the subscription, or every sentinel failed once.
@@ -366,20 +366,25 @@ class RedisSentinelBackend(RedisBackend):
         """The underlying ``redis.asyncio.sentinel.Sentinel``."""
         return self._sentinel
 
-    def _primary_opener(self, tls: ssl.SSLContext | None) -> Opener:
+    def _primary_opener(self, tls: ssl.SSLContext | None) -> Callable[[], Awaitable[Opener]]:
         primary: Callable[[], Awaitable[tuple[str, int]]] = self._sentinel_pool.get_master_address
 
-        async def open_(factory: Callable[[], _Protocol]) -> tuple[asyncio.BaseTransport, _Protocol]:
+        async def resolve() -> Opener:
             # Asked on every (re)connect, as the pooled connections do: a reconnect
             # to the address used before could reach a demoted primary.
             host, port = await primary()
-            try:
-                return await tcp_opener(host, port, tls)(factory)
-            except OSError as exc:  # ssl.SSLError included: name the primary, not just the service
-                addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                raise RedisConnectionError(f"cannot connect to the primary {addr}: {exc}") from exc
+            addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            connect = tcp_opener(host, port, tls)
 
-        return open_
+            async def open_(factory: Callable[[], _Protocol]) -> tuple[asyncio.BaseTransport, _Protocol]:
+                try:
+                    return await connect(factory)
+                except OSError as exc:  # ssl.SSLError included: name the primary, not just the service
+                    raise RedisConnectionError(f"cannot connect to the primary {addr}: {exc}") from exc
+
+            return open_
+
+        return resolve
 
     async def _mux_execute(self, *args: Arg) -> Any:
         mux = self._mux

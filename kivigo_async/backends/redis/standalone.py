@@ -189,12 +189,13 @@ def _mux_for(
     prepare: Callable[[], Awaitable[Sequence[Sequence[Arg]]]] | None = None,
     on_push: Callable[[list[Any]], None] | None = None,
     on_lost: Callable[[], None] | None = None,
-    opener: Opener | None = None,
+    resolve: Callable[[], Awaitable[Opener]] | None = None,
 ) -> MuxConnection:
     """A multiplexed connection that logs in and names itself as ``options`` say.
 
     ``select_db=False`` for pub/sub connections, whose channels span databases.
-    ``opener`` replaces the connection to ``options.addr`` (Sentinel finds the primary).
+    ``resolve``, when given, finds the server before each connect instead of
+    ``options.addr`` (Sentinel asks the sentinels for the primary).
     """
     auth = options._auth_command()
     handshake: list[tuple[Arg, ...]] = [auth] if auth else []
@@ -203,7 +204,7 @@ def _mux_for(
     if options.client_name:
         handshake.append(("CLIENT", "SETNAME", options.client_name))
     return MuxConnection(
-        opener or _opener_for(options),
+        _opener_for(options),
         node=node or options.addr,
         handshake=handshake,
         dial_timeout=options.dial_timeout,
@@ -212,6 +213,7 @@ def _mux_for(
         prepare=prepare,
         on_push=on_push,
         on_lost=on_lost,
+        resolve=resolve,
     )
 
 
