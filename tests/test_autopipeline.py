@@ -259,7 +259,7 @@ async def test_a_connect_finished_just_before_reconnect_is_not_used(
     target = [old]
 
     async def resolve() -> Any:
-        return tcp_opener(target[0].host, target[0].port, None)
+        return tcp_opener(target[0].host, target[0].port, None), f"port {target[0].port}"
 
     mux = MuxConnection(tcp_opener(old.host, old.port, None), node="svc", resolve=resolve)
     moved: list[bool] = []

@@ -18,7 +18,7 @@ import math
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -250,7 +250,7 @@ class LocalCache:
         self.stats.invalidations += 1
         self._notify(key)
 
-    def invalidate_many(self, keys: Sequence[str]) -> None:
+    def invalidate_many(self, keys: Iterable[str]) -> None:
         for key in keys:
             self.invalidate(key)
 

@@ -18,7 +18,7 @@ from ...errors import (
     TransactionConflictError,
 )
 
-__all__ = ["DIAL_TIMEOUT_TEXT", "DialTimeoutError", "translate"]
+__all__ = ["DIAL_TIMEOUT_TEXT", "DialTimeoutError", "translate", "where"]
 
 #: How redis-py words a connection not opened within its connect timeout; the pooled
 #: connections' own bound on the whole open (login included) says the same.
@@ -60,6 +60,11 @@ def _server_text(exc: Exception) -> str:
     return detail
 
 
+def where(command: str, key: str | None, node: str) -> str:
+    """How an error message names the call: the command, the key if any, the node."""
+    return f"{command} on {node}" if key is None else f"{command} for key {key!r} on {node}"
+
+
 def translate(exc: Exception, command: str, key: str | None, node: str) -> KivigoError:
     """Map ``exc`` to our hierarchy; the message names the command, key and node.
 
@@ -67,49 +72,49 @@ def translate(exc: Exception, command: str, key: str | None, node: str) -> Kivig
     server's reply), so they are safe to include once a pipelined command's
     echo (which holds the value) is cut off.
     """
-    where = f"{command} on {node}" if key is None else f"{command} for key {key!r} on {node}"
+    call = where(command, key, node)
     if isinstance(exc, rx.WatchError):
         lost = _WATCH_CONNECTION_LOST.match(str(exc))
         if lost is None:
-            return TransactionConflictError(f"{where}: a watched key changed before commit")
+            return TransactionConflictError(f"{call}: a watched key changed before commit")
         # Not a conflict: the connection failed. After EXEC was sent its outcome is
         # unknown, and reporting a conflict would invite a retry that applies it twice.
         cause = lost.group(1)
         failure = OperationTimeoutError if cause == "TimeoutError" else BackendUnavailableError
         if command == "EXEC":
-            return failure(f"{where}: the connection failed before the reply ({cause}){_UNKNOWN_OUTCOME}")
-        return failure(f"{where}: the connection failed while watching keys ({cause}); nothing was written")
+            return failure(f"{call}: the connection failed before the reply ({cause}){_UNKNOWN_OUTCOME}")
+        return failure(f"{call}: the connection failed while watching keys ({cause}); nothing was written")
     if isinstance(exc, UnicodeEncodeError):
-        return InvalidKeyError(f"{where}: the key cannot be encoded as UTF-8 (a lone surrogate?)")
+        return InvalidKeyError(f"{call}: the key cannot be encoded as UTF-8 (a lone surrogate?)")
     text = _server_text(exc)
     if isinstance(exc, (rx.AuthenticationError, rx.AuthenticationWrongNumberOfArgsError)):
-        return BackendUnavailableError(f"{where}: authentication failed ({text})")
+        return BackendUnavailableError(f"{call}: authentication failed ({text})")
     if isinstance(exc, rx.NoPermissionError):
-        return PermissionDeniedError(f"{where}: permission denied ({text})")
+        return PermissionDeniedError(f"{call}: permission denied ({text})")
     # A transaction whose EXEC got no reply may have been applied; say so, since the
     # caller decides from this whether running it again is safe.
     outcome = _UNKNOWN_OUTCOME if command == "EXEC" else ""
     dial_timeout = isinstance(exc, rx.TimeoutError) and text.startswith(DIAL_TIMEOUT_TEXT)
     if dial_timeout or isinstance(exc, DialTimeoutError):
         # The same error whichever transport (or backend) tried to connect.
-        return ConnectTimeoutError(f"{where}: no connection within dial_timeout ({text}){outcome}")
+        return ConnectTimeoutError(f"{call}: no connection within dial_timeout ({text}){outcome}")
     if isinstance(exc, rx.TimeoutError):
-        return OperationTimeoutError(f"{where}: timed out ({text}){outcome}")
+        return OperationTimeoutError(f"{call}: timed out ({text}){outcome}")
     if isinstance(exc, rx.MaxConnectionsError):
-        return OperationTimeoutError(f"{where}: every connection of the pool is in use (pool_size)")
+        return OperationTimeoutError(f"{call}: every connection of the pool is in use (pool_size)")
     if isinstance(exc, rx.ConnectionError):
         if "No connection available" in text:
-            return OperationTimeoutError(f"{where}: no free connection in the pool in time")
+            return OperationTimeoutError(f"{call}: no free connection in the pool in time")
         if "NOAUTH" in text:
-            return BackendUnavailableError(f"{where}: authentication failed ({text})")
-        return BackendUnavailableError(f"{where}: {text}{outcome}")
+            return BackendUnavailableError(f"{call}: authentication failed ({text})")
+        return BackendUnavailableError(f"{call}: {text}{outcome}")
     if isinstance(exc, rx.OutOfMemoryError) or text.startswith("OOM"):
         # redis-py's parser strips the "OOM" prefix when it raises OutOfMemoryError.
-        return BackendError(f"{where}: the server is out of memory (maxmemory reached): {text}")
+        return BackendError(f"{call}: the server is out of memory (maxmemory reached): {text}")
     if isinstance(exc, rx.ResponseError):
         if text.startswith("NOPERM"):
-            return PermissionDeniedError(f"{where}: permission denied ({text})")
+            return PermissionDeniedError(f"{call}: permission denied ({text})")
         if text.startswith(("NOAUTH", "WRONGPASS")):
-            return BackendUnavailableError(f"{where}: authentication failed ({text})")
-        return BackendError(f"{where}: server error: {text}")
-    return BackendError(f"{where}: {type(exc).__name__}: {text}")
+            return BackendUnavailableError(f"{call}: authentication failed ({text})")
+        return BackendError(f"{call}: server error: {text}")
+    return BackendError(f"{call}: {type(exc).__name__}: {text}")

@@ -312,7 +312,8 @@ class MuxConnection:
     socket before any user command. Connecting is retried ``max_retries``
     times with jittered backoff; a command whose bytes were sent is never
     retried, since it may have been applied. ``resolve``, when given, is awaited
-    before each connect and returns the opener to use instead of ``opener``.
+    before each connect and returns the opener to use instead of ``opener``, and
+    the address it leads to (named in the errors of that connect).
     """
 
     def __init__(
@@ -327,7 +328,7 @@ class MuxConnection:
         prepare: Callable[[], Awaitable[Sequence[Sequence[Arg]]]] | None = None,
         on_push: Callable[[list[Any]], None] | None = None,
         on_lost: Callable[[], None] | None = None,
-        resolve: Callable[[], Awaitable[Opener]] | None = None,
+        resolve: Callable[[], Awaitable[tuple[Opener, str]]] | None = None,
     ) -> None:
         self._opener = opener
         self._resolve = resolve
@@ -401,7 +402,7 @@ class MuxConnection:
     async def _open_with_retries(self) -> _Protocol:
         attempt = 0
         while True:
-            generation = self._generation
+            generation = self._generation  # stamped: _connected and _connect drop a stale one
             try:
                 protocol = await self._open()
             except (rx.AuthenticationError, rx.ResponseError):
@@ -413,30 +414,26 @@ class MuxConnection:
                 # Full jitter, capped: many clients reconnecting at once spread out.
                 await asyncio.sleep(random.uniform(0, min(0.512, 0.008 * 2**attempt)))
                 continue
-            if generation == self._generation:
-                protocol.generation = generation
-                return protocol
-            protocol.close()  # reconnect() while opening: open again, where the opener now points
+            protocol.generation = generation
+            return protocol
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         # Finding the server (Sentinel asks the sentinels) is bounded by its own
         # timeouts: dial_timeout bounds what follows, as on the pool's connections.
-        opener = self._opener if self._resolve is None else await self._resolve()
+        opener, node = (self._opener, self._node) if self._resolve is None else await self._resolve()
         started = loop.time()
         try:
             _, protocol = await asyncio.wait_for(
-                opener(
-                    lambda: _Protocol(loop, self._read_timeout, self._node, self._on_push, self._on_lost)
-                ),
+                opener(lambda: _Protocol(loop, self._read_timeout, self._node, self._on_push, self._on_lost)),
                 self._dial_timeout,
             )
         except asyncio.TimeoutError:
-            raise DialTimeoutError(f"timed out connecting to {self._node}") from None
+            raise DialTimeoutError(f"timed out connecting to {node}") from None
         except ssl.SSLError as exc:
-            raise rx.ConnectionError(f"TLS handshake with {self._node} failed: {exc}") from exc
+            raise rx.ConnectionError(f"TLS handshake with {node} failed: {exc}") from exc
         except OSError as exc:
-            raise rx.ConnectionError(f"cannot connect to {self._node}: {exc.strerror or exc}") from exc
+            raise rx.ConnectionError(f"cannot connect to {node}: {exc.strerror or exc}") from exc
         handshake = self._handshake
         if self._prepare is not None:
             try:
@@ -455,8 +452,7 @@ class MuxConnection:
                 )
             except asyncio.TimeoutError:
                 protocol.close()
-                message = f"timed out connecting to {self._node} (no reply to the login)"
-                raise DialTimeoutError(message) from None
+                raise DialTimeoutError(f"timed out connecting to {node} (no reply to the login)") from None
             except BaseException:
                 protocol.close()
                 raise

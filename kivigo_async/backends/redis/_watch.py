@@ -38,7 +38,7 @@ from ...watch import (
 from ._errors import translate
 from ._scan import decode_key, match_pattern
 from .cluster import RedisClusterBackend
-from .options import RedisOptions
+from .options import RedisOptions, join_addr
 from .sentinel import RedisSentinelBackend
 from .standalone import RedisBackend, _mux_for
 
@@ -246,8 +246,7 @@ async def _sentinel_primary(backend: RedisSentinelBackend) -> RedisOptions:
         host, port = await backend.sentinel.discover_master(service)
     except rx.RedisError as exc:
         raise translate(exc, "SENTINEL GET-MASTER-ADDR-BY-NAME", None, repr(backend)) from exc
-    addr = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return backend.options.replace(addr=addr)
+    return backend.options.replace(addr=join_addr(str(host), int(port)))
 
 
 async def watch_standalone(

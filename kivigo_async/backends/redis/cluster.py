@@ -44,7 +44,7 @@ from ...watch import DEFAULT_MAX_PENDING, ChangeStream
 from ._cache import ClientCache, LocalCache
 from ._cluster_cache import ClusterTracking
 from ._cluster_scan import scan_cluster
-from ._errors import translate
+from ._errors import translate, where
 from ._scan import decode_key
 from .options import RedisOptions, _default_pool_size, refuse_unescaped_credentials
 from .standalone import RedisBackend, _TCPConnection, _TLSConnection
@@ -257,13 +257,11 @@ def _cluster_for(options: RedisClusterOptions) -> RedisCluster:
     # arguments only, where ours take a ready context.
     tls_context = options.node_options(options.addrs[0]).ssl_context()
     connection_class = _TCPConnection if tls_context is None else _TLSConnection
-    cluster.connection_kwargs["connection_class"] = connection_class
+    tls = {} if tls_context is None else {"tls_context": tls_context}
+    cluster.connection_kwargs.update(connection_class=connection_class, **tls)
     for node in cluster.startup_nodes:
         node.connection_class = connection_class
-        if tls_context is not None:
-            node.connection_kwargs["tls_context"] = tls_context
-    if tls_context is not None:
-        cluster.connection_kwargs["tls_context"] = tls_context
+        node.connection_kwargs.update(tls)
     return cluster
 
 
@@ -389,7 +387,7 @@ class RedisClusterBackend:
 
     def _error(self, exc: Exception, command: str, key: str | None = None) -> KivigoError:
         node = self._node_of(key)
-        where = f"{command} on {node}" if key is None else f"{command} for key {key!r} on {node}"
+        call = where(command, key, node)
         if isinstance(exc, RedisClusterException) and isinstance(exc.__cause__, AuthenticationError):
             # redis-py reports a login refused by every seed as "cannot be connected".
             return translate(exc.__cause__, command, key, node)
@@ -399,14 +397,14 @@ class RedisClusterBackend:
             isinstance(exc, RedisClusterException)
             and ("cannot be connected" in str(exc) or "slots are not covered" in str(exc))
         ):
-            return BackendUnavailableError(f"{where}: {exc}")
+            return BackendUnavailableError(f"{call}: {exc}")
         if isinstance(exc, ClusterDownError):
             # CLUSTERDOWN / MASTERDOWN: a primary failed and no replica serves its
             # slots yet. Like a refused connection, it passes once the failover is done.
-            return BackendUnavailableError(f"{where}: the cluster is down (failover in progress?): {exc}")
+            return BackendUnavailableError(f"{call}: the cluster is down (failover in progress?): {exc}")
         if _torn_down(exc):
             return BackendUnavailableError(
-                f"{where}: the connection was closed while in use, by a reset of the "
+                f"{call}: the connection was closed while in use, by a reset of the "
                 f"cluster client after a node failure ({type(exc).__name__}: {exc})"
             )
         return translate(exc, command, key, node)

@@ -13,7 +13,7 @@ from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 from ...errors import ConfigurationError
 from ._cache import ClientCache
 
-__all__ = ["RedisOptions"]
+__all__ = ["RedisOptions", "join_addr"]
 
 
 def _default_pool_size() -> int:
@@ -227,8 +227,7 @@ class RedisOptions:
                 kwargs["username"] = query.pop("username")
         else:
             host = parts.hostname or "localhost"
-            host = f"[{host}]" if ":" in host else host
-            kwargs["addr"] = f"{host}:{6379 if parsed_port is None else parsed_port}"
+            kwargs["addr"] = join_addr(host, 6379 if parsed_port is None else parsed_port)
             path = parts.path.strip("/")
             if path:
                 if not (path.isascii() and path.isdigit()):
@@ -302,6 +301,11 @@ def _float_option(name: str, raw: str) -> float:
         return float(raw)
     except ValueError:
         raise ConfigurationError(f"{name} must be a number of seconds, not {raw!r}") from None
+
+
+def join_addr(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets: the inverse of splitting ``addr``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _split_addr(addr: str) -> tuple[str, int]:

@@ -24,8 +24,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import BackendUnavailableError, ConfigurationError
-from ._mux import Arg, Opener, _Protocol, tcp_opener
-from .options import RedisOptions, _default_pool_size, refuse_unescaped_credentials
+from ._errors import where
+from ._mux import Arg, Opener, tcp_opener
+from .options import RedisOptions, _default_pool_size, join_addr, refuse_unescaped_credentials
 from .standalone import (
     RedisBackend,
     _ClosablePool,
@@ -366,23 +367,14 @@ class RedisSentinelBackend(RedisBackend):
         """The underlying ``redis.asyncio.sentinel.Sentinel``."""
         return self._sentinel
 
-    def _primary_opener(self, tls: ssl.SSLContext | None) -> Callable[[], Awaitable[Opener]]:
+    def _primary_opener(self, tls: ssl.SSLContext | None) -> Callable[[], Awaitable[tuple[Opener, str]]]:
         primary: Callable[[], Awaitable[tuple[str, int]]] = self._sentinel_pool.get_master_address
 
-        async def resolve() -> Opener:
+        async def resolve() -> tuple[Opener, str]:
             # Asked on every (re)connect, as the pooled connections do: a reconnect
             # to the address used before could reach a demoted primary.
             host, port = await primary()
-            addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            connect = tcp_opener(host, port, tls)
-
-            async def open_(factory: Callable[[], _Protocol]) -> tuple[asyncio.BaseTransport, _Protocol]:
-                try:
-                    return await connect(factory)
-                except OSError as exc:  # ssl.SSLError included: name the primary, not just the service
-                    raise RedisConnectionError(f"cannot connect to the primary {addr}: {exc}") from exc
-
-            return open_
+            return tcp_opener(host, port, tls), f"the primary {join_addr(host, port)}"
 
         return resolve
 
@@ -405,10 +397,9 @@ class RedisSentinelBackend(RedisBackend):
             # Batches and retried commands end here: leave the demoted primary for the next call.
             if self._mux is not None:
                 self._mux.reconnect(wait_for_replies=True)
-            about = f"{command} on {self._node}" if key is None else f"{command} for key {key!r}"
             return BackendUnavailableError(
-                f"{about}: the server is no longer the primary (a failover?); the next call "
-                f"asks the sentinels again ({exc})"
+                f"{where(command, key, self._node)}: the server is no longer the primary (a failover?); "
+                f"the next call asks the sentinels again ({exc})"
             )
         return super()._error(exc, command, key)
 

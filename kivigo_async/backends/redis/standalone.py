@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from itertools import chain
 from typing import Any, ClassVar
 
@@ -189,7 +189,7 @@ def _mux_for(
     prepare: Callable[[], Awaitable[Sequence[Sequence[Arg]]]] | None = None,
     on_push: Callable[[list[Any]], None] | None = None,
     on_lost: Callable[[], None] | None = None,
-    resolve: Callable[[], Awaitable[Opener]] | None = None,
+    resolve: Callable[[], Awaitable[tuple[Opener, str]]] | None = None,
 ) -> MuxConnection:
     """A multiplexed connection that logs in and names itself as ``options`` say.
 
@@ -422,7 +422,7 @@ class RedisBackend:
         finally:
             cache.complete(key, epoch, value if keep else None, ttl_ms, sent_at=sent_at)
 
-    def _written(self, keys: Sequence[str]) -> None:
+    def _written(self, keys: Iterable[str]) -> None:
         # Our own writes drop local copies at once (read-your-writes), without
         # waiting for the server's invalidation message on the other connection.
         if self._cache is not None:
@@ -542,8 +542,7 @@ class RedisBackend:
         except _FAILURES as exc:
             raise self._error(exc, "MSET" if ttl_ms is None else "MULTI/SET PX") from exc
         finally:
-            if self._cache is not None:
-                self._written([key for key, _ in items])
+            self._written(key for key, _ in items)  # lazy: read only with a cache
 
     async def batch_delete(self, keys: Sequence[str]) -> int:
         if not keys:
