@@ -126,10 +126,8 @@ class KivigoAdapter(Adapter):
 
     @classmethod
     def describe(cls) -> str:
-        from kivigo_async.backends.redis import RedisOptions
-
         # The options evolve: report the settings this run actually used.
-        used = RedisOptions(pool_size=POOL, **cls.extra_options())
+        used = cls.options_type()(pool_size=POOL, **cls.extra_options())
         shown = ("read_timeout", "max_retries", "protocol", "auto_pipeline")
         settings = ", ".join(f"{n}={getattr(used, n)!r}" for n in shown if hasattr(used, n))
         return f"{cls.config}; options in effect: {settings}"
@@ -138,6 +136,13 @@ class KivigoAdapter(Adapter):
     def extra_options(cls) -> dict[str, Any]:
         """RedisOptions on top of the defaults: subclasses measure other settings."""
         return {}
+
+    @classmethod
+    def options_type(cls) -> type[Any]:
+        """The options class of the backend this adapter builds."""
+        from kivigo_async.backends.redis import RedisOptions
+
+        return RedisOptions
 
     async def setup(self) -> None:
         from kivigo_async import Client

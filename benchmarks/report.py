@@ -7,7 +7,7 @@ import json
 import os
 import platform
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -251,7 +251,8 @@ def markdown(result: Mapping[str, Any]) -> str:
                 f"| {'; '.join(sorted(notes))} |"
             )
         lines.append("")
-    lines += _cluster_lines(result.get("cluster"))
+    lines += _topology_lines(result.get("cluster"), _cluster_body)
+    lines += _topology_lines(result.get("sentinel"), _sentinel_body)
     if result.get("ceiling_runs"):
         lines += [
             "### redis-benchmark runs (the ceiling rows above combine these)",
@@ -307,24 +308,26 @@ def markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cluster_lines(block: Mapping[str, Any] | None) -> list[str]:
-    """The cluster scenario's table: ratios divide by its own baseline, not by raw redis-py."""
+def _topology_lines(
+    block: Mapping[str, Any] | None, body: Callable[[Mapping[str, Any], str], list[str]]
+) -> list[str]:
+    """A topology scenario's section: its title, ``body`` (or why it did not run), the configurations."""
     if not block:
         return []
     lines = [f"### {block['title']}", ""]
     if "skipped" in block or "error" in block:
         what = "Skipped" if "skipped" in block else "Failed"
         return [*lines, f"{what}: {block.get('skipped') or block.get('error')}", ""]
-    baseline = block["baseline"]
-    lines += [
-        f"{block['topology']}. One call reads {block['keys']:,} keys spread over the hash slots; "
-        f"{block['calls']} calls per repetition. `(1.23x)` divides by `{baseline}` in the same repetition "
-        "on the same loop.",
-        "",
-        "| approach | loop | keys/s | p50 µs/call | p99 µs/call | CPU µs/key | note |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for row in block["rows"]:
+    lines += body(block, block["baseline"])
+    lines += ["", "| approach | configuration |", "| --- | --- |"]
+    lines += [f"| {name} | {config} |" for name, config in block["approaches"].items()]
+    return [*lines, ""]
+
+
+def _topology_rows(rows: Sequence[Mapping[str, Any]], baseline: str) -> list[str]:
+    """One table line per row: rate, p50, p99 and CPU, each with its ratio to ``baseline``."""
+    lines = []
+    for row in rows:
         cells = []
         for metric, fmt in (("rate", _num), ("p50_us", _us), ("p99_us", _us), ("cpu_us_per_op", _us)):
             if row["status"] != "ok":
@@ -334,9 +337,38 @@ def _cluster_lines(block: Mapping[str, Any] | None) -> list[str]:
             cells.append(f"{fmt(row.get(metric))}{_ratio(ratio)}")
         name = f"**{row['library']}**" if row["library"] in ("kivigo-async", baseline) else row["library"]
         lines.append(f"| {name} | {row['loop']} | {' | '.join(cells)} | {_status_note(row)} |")
-    lines += ["", "| approach | configuration |", "| --- | --- |"]
-    lines += [f"| {name} | {config} |" for name, config in block["approaches"].items()]
-    lines.append("")
+    return lines
+
+
+def _cluster_body(block: Mapping[str, Any], baseline: str) -> list[str]:
+    """The cluster scenario's table: ratios divide by its own baseline, not by raw redis-py."""
+    return [
+        f"{block['topology']}. One call reads {block['keys']:,} keys spread over the hash slots; "
+        f"{block['calls']} calls per repetition. `(1.23x)` divides by `{baseline}` in the same repetition "
+        "on the same loop.",
+        "",
+        "| approach | loop | keys/s | p50 µs/call | p99 µs/call | CPU µs/key | note |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        *_topology_rows(block["rows"], baseline),
+    ]
+
+
+def _sentinel_body(block: Mapping[str, Any], baseline: str) -> list[str]:
+    """The Sentinel scenario's tables, one per workload; ratios divide by redis-py through Sentinel."""
+    lines = [
+        f"{block['topology']}. The workloads of the single-server scenarios of the same name, through "
+        f"the primary the sentinels name. `(1.23x)` divides by `{baseline}` (through Sentinel) in the "
+        "same repetition on the same loop.",
+    ]
+    for case in block["cases"].values():
+        lines += [
+            "",
+            f"#### {case['title']}",
+            "",
+            "| approach | loop | ops/s | p50 µs | p99 µs | CPU µs/op | note |",
+            "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+            *_topology_rows(case["rows"], baseline),
+        ]
     return lines
 
 

@@ -41,6 +41,7 @@ import codec_cost
 import memory
 import report
 import scenarios
+import sentinel
 from adapters import ADAPTERS, BASELINE, Adapter, KivigoAdapter, Target
 from workload import KEY_PREFIX, Plan
 
@@ -57,7 +58,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
 DOCS = HERE.parent / "docs" / "benchmarks.md"
 LOOPS = ("asyncio", "uvloop")
-GROUPS = ("seq", "mix", "hot", "batch", "codec", "ceiling", "memory", "cluster")
+GROUPS = ("seq", "mix", "hot", "batch", "codec", "ceiling", "memory", "cluster", "sentinel")
 
 T = TypeVar("T")
 
@@ -292,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     codec_reps: dict[str, list[dict[str, float]]] = {}
     memory_result: dict[str, Any] | None = None
     cluster_result: dict[str, Any] | None = None
+    sentinel_result: dict[str, Any] | None = None
     reached = False
     ceiling_skip = ceiling.unavailable(target) if "ceiling" in args.only else "not selected (--only)"
     try:
@@ -381,6 +383,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as exc:
                 cluster_result = {"title": cluster.TITLE, "error": f"{type(exc).__name__}: {exc}"[:300]}
 
+        if "sentinel" in args.only:
+            try:
+                sentinel_result = sentinel.run(loops, LoopRunner, plan=plan, repeat=args.repeat, log=log)
+            except Exception as exc:
+                sentinel_result = {"title": sentinel.TITLE, "error": f"{type(exc).__name__}: {exc}"[:300]}
+
         if "memory" in args.only:
             log(f"memory check: {plan.memory_ops:,} operations under tracemalloc ...")
             mem_runner = LoopRunner(loops[0])
@@ -446,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "codecs": report.aggregate_codecs(codec_reps, codec_cost.BASELINE) if codec_reps else [],
         "memory": memory_result,
         "cluster": cluster_result,
+        "sentinel": sentinel_result,
     }
 
     stamp = started_at.strftime("%Y%m%dT%H%M%SZ")
@@ -501,15 +510,19 @@ def _exit_status(result: dict[str, Any]) -> int:
             if row["library"] in (KivigoAdapter.name, BASELINE) and row["status"] != "ok":
                 log(f"FAILED: {row['library']} on {row['loop']}, {sid}: {row.get('reason')}")
                 status = 1
-    cluster_block = result.get("cluster")
-    if cluster_block is not None:
-        if "error" in cluster_block:
-            log(f"FAILED: the cluster scenario: {cluster_block['error']}")
+    for group, baseline in (("cluster", cluster.BASELINE), ("sentinel", sentinel.BASELINE)):
+        block = result.get(group)
+        if block is None:
+            continue
+        if "error" in block:
+            log(f"FAILED: the {group} scenario: {block['error']}")
             status = 1
-        for row in cluster_block.get("rows", []):
-            if row["library"] in (KivigoAdapter.name, cluster.BASELINE) and row["status"] != "ok":
-                log(f"FAILED: {row['library']} on {row['loop']}, cluster: {row.get('reason')}")
-                status = 1
+        cases = block.get("cases") or {group: block}
+        for case, rows in ((case, c.get("rows", [])) for case, c in cases.items()):
+            for row in rows:
+                if row["library"] in (KivigoAdapter.name, baseline) and row["status"] != "ok":
+                    log(f"FAILED: {row['library']} on {row['loop']}, {group} {case}: {row.get('reason')}")
+                    status = 1
     mem = result.get("memory")
     if mem is not None:
         if "error" in mem:

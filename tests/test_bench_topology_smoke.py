@@ -1,7 +1,7 @@
-"""benchmarks/run.py --quick --only cluster starts its own cluster and reports every approach.
+"""benchmarks/run.py --quick --only cluster,sentinel starts its own topologies and reports every approach.
 
 Only that the harness works is checked (quick numbers on a shared machine mean
-nothing): the run exits 0 and its JSON and markdown hold the cluster rows.
+nothing): the run exits 0 and its JSON and markdown hold the cluster and Sentinel rows.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ from kivigo_async.testing.topologies import find_cli
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "benchmarks" / "run.py"
 DOCS = ROOT / "docs" / "benchmarks.md"
-# Starting a cluster and a quick run take well under a minute; this only bounds a hang.
+# Starting both topologies and a quick run take well under a minute; this only bounds a hang.
 SUBPROCESS_TIMEOUT = 280
 APPROACHES = ("kivigo-async", "redis-py mget_nonatomic", "serial MGET per slot (cashews' approach)")
+SENTINEL_APPROACHES = ("kivigo-async", "kivigo-async (pool)", "redis-py")
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(SUBPROCESS_TIMEOUT + 20)]
 
 
-def test_quick_cluster_run(kivigo_server_pool: ServerPool, tmp_path: Path) -> None:
+def test_quick_cluster_and_sentinel_run(kivigo_server_pool: ServerPool, tmp_path: Path) -> None:
     try:
         find_cli(kivigo_server_pool.binary("valkey", "plain"))
     except ServerUnavailable as exc:
@@ -41,7 +42,7 @@ def test_quick_cluster_run(kivigo_server_pool: ServerPool, tmp_path: Path) -> No
             "--loops",
             "asyncio",
             "--only",
-            "cluster",
+            "cluster,sentinel",
             "--out",
             str(tmp_path),
         ],
@@ -53,7 +54,7 @@ def test_quick_cluster_run(kivigo_server_pool: ServerPool, tmp_path: Path) -> No
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
 
     result = json.loads((tmp_path / "latest-quick.json").read_text(encoding="utf-8"))
-    assert result["scenarios"] == {}  # --only cluster: nothing else was measured
+    assert result["scenarios"] == {}  # --only cluster,sentinel: nothing else was measured
     block = result["cluster"]
     assert "skipped" not in block, block
     assert block["keys"] == 1000
@@ -69,7 +70,24 @@ def test_quick_cluster_run(kivigo_server_pool: ServerPool, tmp_path: Path) -> No
         assert row["ratio"]["rate"] is not None
     assert rows[APPROACHES[2]]["ratio"]["rate"] == pytest.approx(1.0)
 
+    sentinel = result["sentinel"]
+    assert "skipped" not in sentinel, sentinel
+    assert sentinel["baseline"] == "redis-py"
+    assert set(sentinel["approaches"]) == set(SENTINEL_APPROACHES)
+    assert set(sentinel["cases"]) == {"seq", "mix"}
+    for case in sentinel["cases"].values():
+        by_name = {row["library"]: row for row in case["rows"]}
+        assert set(by_name) == set(SENTINEL_APPROACHES)
+        for name, row in by_name.items():
+            assert row["status"] == "ok", (name, row.get("reason"))
+            assert row["repetitions"] == 2
+            assert row["rate"] > 0
+        assert by_name["redis-py"]["ratio"]["rate"] == pytest.approx(1.0)
+        assert by_name["kivigo-async"]["ratio"]["rate"] is not None
+
     markdown = (tmp_path / "latest-quick.md").read_text(encoding="utf-8")
     assert block["title"] in markdown
-    assert all(name in markdown for name in APPROACHES)
+    assert sentinel["title"] in markdown
+    assert all(name in markdown for name in APPROACHES + SENTINEL_APPROACHES)
+    assert all(case["title"] in markdown for case in sentinel["cases"].values())
     assert (DOCS.read_bytes() if DOCS.exists() else None) == docs_before
