@@ -873,6 +873,50 @@ async def test_a_busy_pool_serves_every_task_in_turn(server: RedisServer) -> Non
     assert sorted(served) == list(range(40)), f"never served: {sorted(set(range(40)) - set(served))}"
 
 
+async def test_an_idle_pooled_connection_is_taken_without_queueing(
+    valkey_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redis-py's blocking pool enters a Condition and a timeout on every call; the
+    # library takes an idle connection directly when nobody waits, and queues otherwise.
+    queued: list[int] = []
+    queue = aioredis.BlockingConnectionPool.get_connection
+
+    async def counting(self: aioredis.BlockingConnectionPool, *args: Any, **kwargs: Any) -> Any:
+        queued.append(1)
+        return await queue(self, *args, **kwargs)  # type: ignore[no-untyped-call]
+
+    monkeypatch.setattr(aioredis.BlockingConnectionPool, "get_connection", counting)
+    options = redis_options(valkey_server, auto_pipeline=False, pool_size=1, pool_timeout=5)
+    async with Client(RedisBackend(options)) as client:
+        opened = len(queued)  # the first connection is opened through redis-py's path
+        for i in range(20):
+            await client.set("idle", i)
+            assert await client.get("idle") == i
+        assert len(queued) == opened
+        # One connection, two callers: the second waits in redis-py's queue, and is served.
+        both = await asyncio.wait_for(asyncio.gather(client.get("idle"), client.get("idle")), 10)
+        assert list(both) == [19, 19]
+        assert len(queued) > opened
+
+
+async def test_an_idle_pooled_connection_the_server_closed_is_replaced(valkey_server: RedisServer) -> None:
+    # Taken without queueing, an idle connection still goes through redis-py's checks
+    # and retry: one the server dropped meanwhile costs a reconnect, not an error.
+    name = unique_name()
+    options = redis_options(valkey_server, auto_pipeline=False, pool_size=1, client_name=name)
+    control = control_client(valkey_server)
+    try:
+        async with Client(RedisBackend(options)) as client:
+            await client.set("survives", 1)
+            for turn in range(3):
+                (idle,) = [c for c in await control.client_list() if c.get("name") == name]
+                assert await control.client_kill_filter(_id=idle["id"]) == 1
+                assert await client.get("survives") == turn + 1
+                await client.set("survives", turn + 2)
+    finally:
+        await control.aclose()
+
+
 @pytest.mark.server
 async def test_close_closes_connections(server: RedisServer, control: aioredis.Redis) -> None:
     name = unique_name()
