@@ -634,6 +634,37 @@ async def test_connection_lost_while_watching_says_nothing_was_written(server: R
             assert await client.get("stock") == 5
 
 
+class OutOfStockError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("ending", ["raises", "reads only"])
+async def test_a_stalled_unwatch_neither_escapes_nor_hides_the_blocks_own_exception(
+    server: RedisServer, ending: str
+) -> None:
+    # A watched transaction that ends without EXEC sends UNWATCH when it gives its
+    # connection back. If that stalls, abandoning needs nothing more from the
+    # server (the timed-out connection is closed, and its WATCH with it): the
+    # block's own exception comes out, or nothing at all, never redis-py's.
+    async with FaultProxy(server.host, server.port) as proxy:
+        options = redis_options(server, read_timeout=0.5, max_retries=0).replace(addr=proxy.addr)
+        async with Client(RedisBackend(options)) as client:
+            await client.set("stock", 5)
+            with contextlib.ExitStack() as expect:
+                if ending == "raises":
+                    expect.enter_context(pytest.raises(OutOfStockError))
+                async with client.transaction(watch=["stock"]) as tx:
+                    assert await tx.get("stock", int) == 5
+                    proxy.blackhole()
+                    if ending == "raises":
+                        raise OutOfStockError
+            proxy.heal()
+            assert await client.get("stock") == 5
+            async with client.transaction(watch=["stock"]) as tx:  # the pool still serves transactions
+                tx.set("stock", await tx.get("stock", int) - 1)
+            assert await client.get("stock") == 4
+
+
 def test_only_a_connect_timeout_is_a_connect_timeout() -> None:
     from redis.exceptions import TimeoutError as RedisTimeoutError
 

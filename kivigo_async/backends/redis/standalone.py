@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -661,10 +662,20 @@ class RedisBackend:
 
 
 async def _reset(pipe: Pipeline) -> None:
+    """Give the pipeline's connection back, no longer watching; never raises a redis-py error.
+
+    Abandoning a transaction needs nothing from the server: if its ``UNWATCH``
+    fails (a timeout, a dropped connection), redis-py has closed that connection,
+    and the WATCH ended with it. An error here would only hide the caller's
+    own: the exception that left the ``async with`` block, or its result.
+    """
     # Shielded: a reset interrupted by cancellation would keep a watching
     # connection out of the pool for good.
     reset: Callable[[], Awaitable[None]] = pipe.reset
-    await asyncio.shield(reset())
+    # redis-py disconnects a connection whose read failed or timed out, and puts
+    # it back only afterwards: nothing is left to clean up here.
+    with contextlib.suppress(RedisError):
+        await asyncio.shield(reset())
 
 
 class _RedisTransaction:
