@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any, TypeVar, Union, cast, overload
 
 from ._singleflight import CacheFiller, result_type
+from ._tasks import cancel_requested
 from .backend import (
     AsyncBackend,
     BackendTransaction,
@@ -152,11 +153,24 @@ def _ttl_ms(ttl: TTLLike | None) -> int | None:
 
 
 async def run_health_check(check: HealthCheck, client: Client) -> object:
-    """Run one extra health check, awaiting its result only when it is awaitable."""
-    result = check(client)
-    if inspect.isawaitable(result):
-        return await result
-    return result
+    """Run one extra health check, awaiting its result only when it is awaitable.
+
+    A check that ends in a ``CancelledError`` nobody asked its caller for (it
+    awaited a future that something else cancelled) has failed, like one that
+    raised: it raises :class:`~kivigo_async.errors.KivigoError`, so a health
+    loop goes on instead of ending as if it had been stopped. Before Python 3.11
+    the two cannot be told apart, and the cancellation goes on.
+    """
+    try:
+        result = check(client)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+    except asyncio.CancelledError as exc:
+        if cancel_requested() is not False:
+            raise
+        name = getattr(check, "__qualname__", type(check).__qualname__)
+        raise KivigoError(f"health check {name} was cancelled from inside (not by its caller)") from exc
 
 
 def _refuse_class(what: str, value: object) -> None:

@@ -49,6 +49,7 @@ from enum import Enum
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Union
 
+from ._tasks import cancel_requested
 from .client import Client, HealthCheck, run_health_check
 from .errors import (
     ConfigurationError,
@@ -462,6 +463,12 @@ class HealthWatcher:
                 await self.check_now()
             except Exception:  # a bug here must not end the watching silently
                 _logger.exception("the health check loop failed; trying again")
+            except asyncio.CancelledError:
+                # stop(), the owner cancelling the task, or asyncio.run() shutting down
+                # end the loop; a cancellation nobody asked this task for does not.
+                if self._stopping or cancel_requested() is not False:
+                    raise
+                _logger.exception("the health check loop was cancelled from inside; trying again")
 
     # -- checking --------------------------------------------------------
 
@@ -568,6 +575,15 @@ class HealthWatcher:
             except Exception:
                 _logger.exception(
                     "health listener %s failed on the change to %s", _name(entry.fn), report.status
+                )
+            except asyncio.CancelledError:
+                if cancel_requested() is not False:
+                    raise
+                # It awaited something another task cancelled: a failure, like a raise.
+                _logger.exception(
+                    "health listener %s was cancelled from inside on the change to %s",
+                    _name(entry.fn),
+                    report.status,
                 )
 
     # -- listeners and iteration -----------------------------------------

@@ -280,6 +280,51 @@ async def test_plain_function_checks(memory_client: Client) -> None:
         assert "RuntimeError: flag store unreachable" in report.error
 
 
+async def test_a_check_cancelled_from_inside_fails_and_the_watching_goes_on(memory_client: Client) -> None:
+    # A CancelledError the watcher was not asked for (the check awaited a future that
+    # something else cancelled) is a failed check, not the end of the watching.
+    runs = 0
+
+    async def shared_lookup(client: Client) -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 2:
+            abandoned = asyncio.get_running_loop().create_future()
+            abandoned.cancel()
+            await abandoned
+
+    watcher = HealthWatcher(memory_client, interval=0.05, degraded_latency=None, checks=[shared_lookup])
+    async with watcher as w:
+        report = await w.wait_for(DOWN, WAIT)
+        assert report.error is not None
+        assert "cancelled from inside" in report.error
+        assert (await w.wait_for(HEALTHY, WAIT)).status is HEALTHY
+        assert w.running
+        assert runs >= 3
+
+
+async def test_a_backend_probe_cancelled_from_inside_does_not_end_the_watching() -> None:
+    fourth_probe = asyncio.Event()
+
+    class FlakyProbe(MemoryBackend):
+        probes = 0
+
+        async def health(self) -> None:
+            self.probes += 1
+            if self.probes == 2:
+                abandoned = asyncio.get_running_loop().create_future()
+                abandoned.cancel()
+                await abandoned
+            if self.probes == 4:
+                fourth_probe.set()
+
+    backend = FlakyProbe()
+    async with Client(backend) as client, HealthWatcher(client, interval=0.05, degraded_latency=None) as w:
+        await asyncio.wait_for(fourth_probe.wait(), WAIT)
+        assert w.running
+        assert w.status is HEALTHY
+
+
 async def test_memory_backend_closed_is_down(memory_client: Client) -> None:
     async with HealthWatcher(memory_client, interval=60, degraded_latency=10) as w:
         assert w.status is HEALTHY
@@ -379,6 +424,31 @@ async def test_raising_listener_is_logged_and_the_watcher_keeps_going(
     assert any("explode" in r.getMessage() for r in failures)
     transitions = [r.getMessage() for r in caplog.records if r.name == LOGGER and "->" in r.getMessage()]
     assert any("-> down" in m and "switched off" in m for m in transitions)
+
+
+async def test_a_listener_cancelled_from_inside_is_logged_and_the_watcher_keeps_going(
+    memory_client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    switch = Switch()
+    seen: list[HealthStatus] = []
+
+    async def flaky_pager(report: HealthReport) -> None:
+        seen.append(report.status)
+        if len(seen) == 1:
+            abandoned = asyncio.get_running_loop().create_future()
+            abandoned.cancel()
+            await abandoned
+
+    caplog.set_level(logging.ERROR, logger="kivigo_async.health")
+    async with HealthWatcher(memory_client, interval=60, degraded_latency=None, checks=[switch]) as w:
+        w.add_listener(flaky_pager)
+        switch.ok = False
+        assert (await w.check_now()).status is DOWN
+        switch.ok = True
+        assert (await w.check_now()).status is HEALTHY
+        assert w.running
+    assert seen == [DOWN, HEALTHY]
+    assert "cancelled from inside" in caplog.text
 
 
 async def test_listener_cannot_reenter_check_now(
