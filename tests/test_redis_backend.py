@@ -34,6 +34,7 @@ from redis._parsers import _AsyncHiredisParser
 from kivigo_async import Client
 from kivigo_async.backends.redis import RedisBackend, RedisClusterOptions, RedisOptions, RedisSentinelOptions
 from kivigo_async.errors import (
+    BackendError,
     BackendUnavailableError,
     ConfigurationError,
     HealthCheckError,
@@ -915,6 +916,28 @@ async def test_an_idle_pooled_connection_the_server_closed_is_replaced(valkey_se
                 await client.set("survives", turn + 2)
     finally:
         await control.aclose()
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("auto_pipeline", [True, False], ids=["multiplexed", "pool"])
+async def test_a_value_over_the_servers_limit_fails_alone(
+    redis_server_factory: ServerFactory, kind: BinaryKind, auto_pipeline: bool
+) -> None:
+    # The server answers a bulk longer than proto-max-bulk-len with a protocol error
+    # and closes the connection: that call fails, the next ones get a new connection.
+    server = redis_server_factory(kind, extra_config={"proto-max-bulk-len": "1mb"})
+    options = redis_options(server, auto_pipeline=auto_pipeline)
+    async with Client(RedisBackend(options)) as client:
+        await client.set("small", 0)
+        for attempt in range(3):
+            # The multiplexed connection reads the server's reply; the pool's write
+            # is cut short by the reset (a BackendUnavailableError).
+            with pytest.raises(BackendError, match="Protocol error" if auto_pipeline else None) as info:
+                await client.set("big", "x" * 2 * 1024 * 1024)
+            assert_ours(info.value)
+            await client.set("small", attempt)
+            assert await client.get("small") == attempt
+        assert await client.get("big", default=None) is None
 
 
 @pytest.mark.server

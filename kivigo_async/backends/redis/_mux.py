@@ -177,6 +177,13 @@ class _Protocol(asyncio.Protocol):
             future = waiters.popleft()[0]
             if not future.done():  # a cancelled caller's reply is read and dropped
                 future.set_result(reply)
+            if reply.__class__ is hiredis.ReplyError and str(reply).startswith("ERR Protocol error"):
+                # The server closes the connection after this reply (a value over
+                # proto-max-bulk-len, say) and runs nothing sent behind it: fail
+                # those now, and let the next call open a new connection rather
+                # than write to a closing one.
+                self._abort(rx.ConnectionError(f"{self._node} closed the connection: {reply}"))
+                return
             if self._retiring and not waiters:
                 self.close()
                 return
@@ -260,6 +267,9 @@ class _Protocol(asyncio.Protocol):
 
     def _abort(self, error: BaseException) -> None:
         self._lost = error
+        # Closed at once, not when connection_lost() runs on a later turn: a call
+        # made in between would be queued on this socket only to fail.
+        self.closed = True
         if self._transport is not None:
             self._transport.abort()  # connection_lost fails every waiter with ``error``
         else:
