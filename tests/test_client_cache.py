@@ -174,6 +174,28 @@ async def test_lost_invalidation_connection_flushes_and_recovers(client: Client,
     assert await client.get("r") == "v2"
 
 
+@pytest.mark.parametrize("read_timeout", [0.5, None])
+async def test_a_silent_invalidation_connection_is_noticed(
+    valkey_server: RedisServer, admin: Redis, read_timeout: float | None
+) -> None:
+    # A listener whose peer vanished without a word (a partition) delivers nothing,
+    # and cache hits send nothing that could notice: the heartbeat does, and the
+    # cache is dropped long before its ttl (without read_timeout, within seconds).
+    options = redis_options(valkey_server, read_timeout=read_timeout, client_cache=ClientCache(ttl=600))
+    async with Client(RedisBackend(options)) as client:
+        cache = cache_of(client)
+        await client.set("silent", "old")
+        assert await client.get("silent") == "old"
+        assert len(cache) == 1
+        watcher = Invalidations(cache)
+        tracking = backend_of(client)._tracking
+        assert tracking is not None
+        transport_of(tracking._conn).pause_reading()  # nothing arrives: no invalidation, no reply
+        await admin.set("silent", b'"new"')
+        await watcher.wait_for(None)  # the flush when the heartbeat stalled
+        assert await client.get("silent") == "new"
+
+
 async def test_lost_data_connection_flushes(client: Client, admin: Redis) -> None:
     cache = cache_of(client)
     await client.set("d", 1)

@@ -34,6 +34,11 @@ __all__ = ["CacheStats", "ClientCache", "LocalCache"]
 
 _log = logging.getLogger("kivigo_async.cache")
 _CHANNEL = b"__redis__:invalidate"
+#: Seconds between heartbeat PINGs on the invalidation connection: one whose peer
+#: vanished without a word (a partition, a dropped NAT entry) is noticed within
+#: this plus ``read_timeout`` (or :data:`_STALL` when there is none).
+_TICK = 1.0
+_STALL = 5.0
 
 
 @dataclass(frozen=True)
@@ -268,6 +273,20 @@ class LocalCache:
                 _log.exception("a client cache listener failed")
 
 
+async def heartbeat(conn: MuxConnection, read_timeout: float | None) -> None:
+    """PING ``conn``; if no reply comes, the socket is closed (its on_lost runs).
+
+    The connection aborts itself at ``read_timeout``; without one, after :data:`_STALL`.
+    """
+    if read_timeout is not None:
+        await conn.execute("PING")
+        return
+    try:
+        await asyncio.wait_for(conn.execute("PING"), _STALL)
+    except asyncio.TimeoutError:
+        conn.drop()
+
+
 class Tracking:
     """Keeps the invalidation connection up and the data connection tracking into it."""
 
@@ -288,6 +307,7 @@ class Tracking:
         self._client_id: int | None = None
         self._data: MuxConnection | None = None
         self._repair: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -316,7 +336,24 @@ class Tracking:
             if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
                 raise rx.ResponseError(f"unexpected reply to SUBSCRIBE: {reply!r}")
             self._client_id = client_id
+            if self._heartbeat is None and not self._closed:
+                self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
             return client_id
+
+    async def _beat(self) -> None:
+        # Nothing else would notice a silent listener: cache hits send nothing.
+        # A stall ends the socket, and _on_lost drops the cache and repairs it.
+        stall = self._options.read_timeout
+        while not self._closed:
+            await asyncio.sleep(_TICK)
+            # Checked right before sending: a PING on a closed socket would open
+            # a new one, not subscribed. The repair loop reopens it instead.
+            if self._client_id is None or not self._conn.connected:
+                continue
+            try:
+                await heartbeat(self._conn, stall)
+            except rx.RedisError as exc:  # the socket is gone: _on_lost has run
+                _log.debug("client cache: heartbeat on the invalidation connection failed: %s", exc)
 
     def _on_message(self, message: list[Any]) -> None:
         if message[1] != _CHANNEL:
@@ -363,8 +400,9 @@ class Tracking:
     async def close(self) -> None:
         self._closed = True
         self._cache.enabled = False
-        repair = self._repair
-        if repair is not None:
-            repair.cancel()
-            await asyncio.gather(repair, return_exceptions=True)
+        tasks = [t for t in (self._repair, self._heartbeat) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._heartbeat = None
         await self._conn.close()

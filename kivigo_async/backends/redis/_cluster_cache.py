@@ -64,7 +64,7 @@ from redis import exceptions as rx
 from redis.asyncio.cluster import ClusterNode, PipelineCommand
 from redis.crc import key_slot
 
-from ._cache import ClientCache, LocalCache, ttl_reply
+from ._cache import ClientCache, LocalCache, heartbeat, ttl_reply
 from ._mux import Arg
 from ._scan import decode_key
 from .options import RedisOptions
@@ -80,7 +80,7 @@ _CHANNEL = b"__redis__:invalidate"
 
 #: Seconds between checks that every primary has a listener, and between
 #: heartbeat PINGs on each listener: a listener whose peer vanished without a
-#: word (a partition) is noticed within this plus ``read_timeout``.
+#: word (a partition) is noticed within this plus ``read_timeout`` (or 5 s without one).
 _TICK = 1.0
 
 #: What a direct read may raise that the ordinary (retrying, re-routing) path
@@ -126,6 +126,7 @@ class _Listener:
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._read_timeout = options.read_timeout
 
     def __repr__(self) -> str:
         return f"<cache listener {self.name} live={self.live}>"
@@ -185,7 +186,7 @@ class _Listener:
                 # Checked right before sending: PING on a closed socket would open
                 # a new one, without tracking.
                 if self.live:
-                    await self.conn.execute("PING")  # a stall aborts the socket (read_timeout)
+                    await heartbeat(self.conn, self._read_timeout)
 
     def _on_message(self, message: list[Any]) -> None:
         if message[0] != b"message" or message[1] != _CHANNEL:
