@@ -900,6 +900,24 @@ async def test_an_idle_pooled_connection_is_taken_without_queueing(
         assert len(queued) > opened
 
 
+async def test_a_call_cancelled_while_giving_its_connection_back_does_not_keep_it(
+    valkey_server: RedisServer,
+) -> None:
+    options = redis_options(valkey_server, auto_pipeline=False, pool_size=1, pool_timeout=1)
+    async with Client(RedisBackend(options)) as client:
+        await client.set("k", 1)
+        pool = client.backend.redis.connection_pool  # type: ignore[attr-defined]
+        call = asyncio.ensure_future(client.get("k"))
+        await asyncio.sleep(0)  # the call holds the connection and waits for its reply
+        async with pool._condition:  # busy: giving the connection back has to wait
+            await asyncio.sleep(0.2)  # the reply is in; the call waits to give back
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await call
+        # The only connection is free again, not counted in use for good.
+        assert await asyncio.wait_for(client.get("k"), 10) == 1
+
+
 async def test_an_idle_pooled_connection_the_server_closed_is_replaced(valkey_server: RedisServer) -> None:
     # Taken without queueing, an idle connection still goes through redis-py's checks
     # and retry: one the server dropped meanwhile costs a reconnect, not an error.

@@ -153,7 +153,16 @@ class _ClosablePool(BlockingConnectionPool):
         return connection
 
     async def release(self, connection: AbstractConnection) -> None:
-        await super().release(connection)
+        give_back: Callable[[AbstractConnection], Awaitable[None]] = super().release
+        if self._condition.locked() or self._lock.locked():
+            # redis-py marks the connection free only once it holds both locks: a
+            # caller cancelled while waiting for them (a timeout around the call)
+            # would leave it counted in use for good, one slot fewer each time.
+            # Uncontended, the locks are taken without a pause a cancellation could
+            # land in, and no task is spent on a shield.
+            await asyncio.shield(give_back(connection))
+        else:
+            await give_back(connection)
         if self.closed:
             await connection.disconnect()
         elif getattr(self._condition, "_waiters", True):
