@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from kivigo_async import Client
 from kivigo_async.backends.redis import RedisSentinelBackend, RedisSentinelOptions
 from kivigo_async.backends.redis import sentinel as sentinel_module
-from kivigo_async.errors import BackendUnavailableError, ConfigurationError, KivigoError
+from kivigo_async.errors import BackendUnavailableError, ConfigurationError, ConnectTimeoutError, KivigoError
 from kivigo_async.testing.conformance import BackendConformance
 from kivigo_async.testing.proxy import FaultProxy
 from kivigo_async.testing.pytest_plugin import SentinelFactory
@@ -235,6 +235,34 @@ async def test_connect_with_no_sentinel_answering_fails_promptly() -> None:
         await backend.close()
     # Every sentinel refused at once: connect() does not sit out dial_timeout (5 s).
     assert time.monotonic() - started < 4
+
+
+@pytest.mark.parametrize("auto_pipeline", [True, False], ids=["multiplexed", "pool"])
+async def test_sentinels_that_never_answer_are_a_connect_timeout(auto_pipeline: bool) -> None:
+    # They accept the connection and say nothing: each lookup gives up at
+    # dial_timeout, and the error is the one a single silent server gives.
+    accepted: list[asyncio.StreamWriter] = []
+
+    def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    silent = [await asyncio.start_server(accept, "127.0.0.1", 0) for _ in range(2)]
+    addrs = [f"127.0.0.1:{server.sockets[0].getsockname()[1]}" for server in silent]
+    backend = RedisSentinelBackend(
+        RedisSentinelOptions(sentinels=addrs, max_retries=0, dial_timeout=0.3, auto_pipeline=auto_pipeline)
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConnectTimeoutError, match="no sentinel answered"):
+            await asyncio.wait_for(backend.set("k", b"v"), 30)
+        assert time.monotonic() - started < 5
+    finally:
+        await backend.close()
+        for writer in accepted:
+            writer.close()
+        for server in silent:
+            server.close()
+            await server.wait_closed()
 
 
 async def test_a_switch_missed_between_subscriptions_is_caught_up(

@@ -18,7 +18,7 @@ from ...errors import (
     TransactionConflictError,
 )
 
-__all__ = ["DIAL_TIMEOUT_TEXT", "DialTimeoutError", "translate", "where"]
+__all__ = ["DIAL_TIMEOUT_TEXT", "DialTimeoutError", "is_dial_timeout", "translate", "where"]
 
 #: How redis-py words a connection not opened within its connect timeout; the pooled
 #: connections' own bound on the whole open (login included) says the same.
@@ -30,6 +30,13 @@ class DialTimeoutError(rx.ConnectionError):
 
     A ``ConnectionError`` to redis-py, so the open is retried like a refused connection.
     """
+
+
+def is_dial_timeout(exc: BaseException | None) -> bool:
+    """``exc`` says no connection was made within dial_timeout (ours, or redis-py's wording)."""
+    if isinstance(exc, DialTimeoutError):
+        return True
+    return isinstance(exc, rx.TimeoutError) and str(exc).startswith(DIAL_TIMEOUT_TEXT)
 
 
 # redis-py reports a watching connection that failed as a WatchError with this
@@ -94,8 +101,7 @@ def translate(exc: Exception, command: str, key: str | None, node: str) -> Kivig
     # A transaction whose EXEC got no reply may have been applied; say so, since the
     # caller decides from this whether running it again is safe.
     outcome = _UNKNOWN_OUTCOME if command == "EXEC" else ""
-    dial_timeout = isinstance(exc, rx.TimeoutError) and text.startswith(DIAL_TIMEOUT_TEXT)
-    if dial_timeout or isinstance(exc, DialTimeoutError):
+    if is_dial_timeout(exc):
         # The same error whichever transport (or backend) tried to connect.
         return ConnectTimeoutError(f"{call}: no connection within dial_timeout ({text}){outcome}")
     if isinstance(exc, rx.TimeoutError):

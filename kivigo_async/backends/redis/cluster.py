@@ -33,6 +33,7 @@ from ...backend import BackendTransaction, TxOp
 from ...errors import (
     BackendUnavailableError,
     ConfigurationError,
+    ConnectTimeoutError,
     CrossSlotError,
     InvalidKeyError,
     KeyNotFoundError,
@@ -44,7 +45,7 @@ from ...watch import DEFAULT_MAX_PENDING, ChangeStream
 from ._cache import ClientCache, LocalCache
 from ._cluster_cache import ClusterTracking
 from ._cluster_scan import scan_cluster
-from ._errors import translate, where
+from ._errors import is_dial_timeout, translate, where
 from ._scan import decode_key
 from .options import RedisOptions, _default_pool_size, refuse_unescaped_credentials
 from .standalone import RedisBackend, _TCPConnection, _TLSConnection
@@ -391,6 +392,13 @@ class RedisClusterBackend:
         if isinstance(exc, RedisClusterException) and isinstance(exc.__cause__, AuthenticationError):
             # redis-py reports a login refused by every seed as "cannot be connected".
             return translate(exc.__cause__, command, key, node)
+        if (
+            isinstance(exc, RedisClusterException)
+            and "cannot be connected" in str(exc)
+            and is_dial_timeout(exc.__cause__)
+        ):
+            # redis-py keeps the last seed's error only: that seed's open timed out.
+            return ConnectTimeoutError(f"{call}: no seed answered within dial_timeout: {exc}")
         # No reachable node, or no node serving some slots (while a failover runs):
         # an outage that passes, not a server error.
         if isinstance(exc, SlotNotCoveredError) or (

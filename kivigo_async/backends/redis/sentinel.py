@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import BackendUnavailableError, ConfigurationError
-from ._errors import where
+from ._errors import DialTimeoutError, is_dial_timeout, where
 from ._mux import Arg, Opener, tcp_opener
 from .options import RedisOptions, _default_pool_size, join_addr, refuse_unescaped_credentials
 from .standalone import (
@@ -245,7 +245,7 @@ class _Sentinel(Sentinel):
 
     async def discover_master(self, service_name: str) -> tuple[str, int]:
         problems: list[str] = []
-        refused = 0
+        refused = timed_out = 0
         sentinels: list[Redis] = self.sentinels
         for index, sentinel in enumerate(sentinels):
             kwargs = sentinel.connection_pool.connection_kwargs
@@ -254,6 +254,7 @@ class _Sentinel(Sentinel):
                 masters = await sentinel.sentinel_masters()
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 refused += isinstance(exc, AuthenticationError)
+                timed_out += is_dial_timeout(exc)
                 problems.append(f"{name}: {exc}")
                 continue
             state = masters.get(service_name) if isinstance(masters, dict) else None
@@ -265,6 +266,9 @@ class _Sentinel(Sentinel):
         detail = "; ".join(problems)
         if refused and refused == len(sentinels):
             raise AuthenticationError(f"every sentinel refused the credentials ({detail})")
+        if timed_out and timed_out == len(sentinels):
+            # Reported as a dial timeout (ConnectTimeoutError), as a single server's is.
+            raise DialTimeoutError(f"no sentinel answered: {detail}")
         raise MasterNotFoundError(f"no primary found for {service_name!r} ({detail})")
 
 
