@@ -898,6 +898,16 @@ async def test_an_idle_pooled_connection_is_taken_without_queueing(
         both = await asyncio.wait_for(asyncio.gather(client.get("idle"), client.get("idle")), 10)
         assert list(both) == [19, 19]
         assert len(queued) > opened
+        # While redis-py holds the pool's lock (walking its idle list), the call
+        # queues instead of taking a connection from under it.
+        pool = client.backend.redis.connection_pool  # type: ignore[attr-defined]
+        before = len(queued)
+        async with pool._lock:
+            call = asyncio.ensure_future(client.get("idle"))
+            await asyncio.sleep(0.05)
+            assert not call.done()
+            assert len(queued) == before + 1
+        assert await asyncio.wait_for(call, 10) == 19
 
 
 async def test_a_call_cancelled_while_giving_its_connection_back_does_not_keep_it(
@@ -916,6 +926,37 @@ async def test_a_call_cancelled_while_giving_its_connection_back_does_not_keep_i
                 await call
         # The only connection is free again, not counted in use for good.
         assert await asyncio.wait_for(client.get("k"), 10) == 1
+
+
+async def test_a_just_released_lock_with_a_woken_waiter_counts_as_busy() -> None:
+    # Giving a connection back is shielded only when taking the pool's locks would
+    # pause; a lock released a moment ago, whose woken waiter has not run, still
+    # makes a newcomer wait.
+    from kivigo_async.backends.redis.standalone import _would_wait
+
+    lock = asyncio.Lock()
+    assert not _would_wait(lock)
+    await lock.acquire()
+    assert _would_wait(lock)
+    waiter = asyncio.ensure_future(lock.acquire())
+    await asyncio.sleep(0)  # queued on the lock
+    lock.release()
+    assert not lock.locked()
+    assert _would_wait(lock)
+    await waiter
+    lock.release()
+    assert not _would_wait(lock)
+    abandoned = asyncio.ensure_future(lock.acquire())
+    await lock.acquire()
+    await asyncio.sleep(0)
+    abandoned.cancel()
+    lock.release()
+    # Only a cancelled waiter is queued: the lock is taken at once.
+    assert not _would_wait(lock)
+    assert _would_wait(None)
+    with contextlib.suppress(asyncio.CancelledError):
+        await abandoned
+    assert not lock.locked()
 
 
 async def test_an_idle_pooled_connection_the_server_closed_is_replaced(valkey_server: RedisServer) -> None:

@@ -135,8 +135,8 @@ class _ClosablePool(BlockingConnectionPool):
         redis-py's blocking pool enters its Condition and an ``asyncio.timeout``
         on every call, waiting or not: about a fifth of a pooled call's CPU.
         Neither is needed to take an idle connection nobody else is waiting for;
-        any other case (none idle, waiters queued, the pool's lock held, a
-        maintenance in progress) takes redis-py's path.
+        any other case (none idle, waiters queued, either of the pool's locks
+        held, a maintenance in progress) takes redis-py's path.
         """
         idle: list[AbstractConnection] = self._available_connections
         condition = self._condition
@@ -145,6 +145,9 @@ class _ClosablePool(BlockingConnectionPool):
             or not self._can_take_idle
             or condition.locked()
             or getattr(condition, "_waiters", True)
+            # Held while redis-py walks the idle list (a re-authentication, a
+            # disconnect): the list must not change under it.
+            or self._lock.locked()
             or getattr(self, "_in_maintenance", False)
         ):
             return None
@@ -154,12 +157,17 @@ class _ClosablePool(BlockingConnectionPool):
 
     async def release(self, connection: AbstractConnection) -> None:
         give_back: Callable[[AbstractConnection], Awaitable[None]] = super().release
-        if self._condition.locked() or self._lock.locked():
-            # redis-py marks the connection free only once it holds both locks: a
-            # caller cancelled while waiting for them (a timeout around the call)
-            # would leave it counted in use for good, one slot fewer each time.
-            # Uncontended, the locks are taken without a pause a cancellation could
-            # land in, and no task is spent on a shield.
+        if (
+            _would_wait(getattr(self._condition, "_lock", None))
+            or _would_wait(self._lock)
+            or connection.should_reconnect()  # type: ignore[no-untyped-call]
+        ):
+            # redis-py marks the connection free only once it holds both locks (and,
+            # for a connection due to reconnect, has disconnected it): a caller
+            # cancelled in between (a timeout around the call) would leave it
+            # counted in use for good, one slot fewer each time. Uncontended, the
+            # locks are taken without a pause a cancellation could land in, and no
+            # task is spent on a shield.
             await asyncio.shield(give_back(connection))
         else:
             await give_back(connection)
@@ -175,6 +183,18 @@ class _ClosablePool(BlockingConnectionPool):
     async def _wake_one(self) -> None:
         async with self._condition:
             self._condition.notify()
+
+
+def _would_wait(lock: asyncio.Lock | None) -> bool:
+    """Whether acquiring ``lock`` now would suspend the caller.
+
+    A lock just released still makes a newcomer wait while the waiter it woke
+    has not run yet; only a free lock with no live waiter is taken at once.
+    """
+    if lock is None or lock.locked():
+        return True
+    waiters: Iterable[asyncio.Future[None]] = getattr(lock, "_waiters", None) or ()
+    return any(not waiter.cancelled() for waiter in waiters)
 
 
 def _pool_for(options: RedisOptions) -> BlockingConnectionPool:
