@@ -26,6 +26,7 @@ from kivigo_async.errors import (
     ConfigurationError,
     HealthCheckError,
     InvalidArgumentError,
+    InvalidKeyError,
     KeyNotFoundError,
     TransactionConflictError,
     UnsupportedOperationError,
@@ -280,6 +281,27 @@ async def test_hook_events_for_ttl_changes(memory_client: Client) -> None:
         (EventType.EXPIRE, "k", None),
         (EventType.PERSIST, "k", None),
     ]
+
+
+async def test_hook_events_for_deletes_of_present_and_missing_keys(memory_client: Client) -> None:
+    # The key is gone afterwards either way: an invalidating hook hears of both.
+    events: list[HookEvent] = []
+    memory_client.hooks.register(events.append, events=[EventType.DELETE, EventType.BATCH_DELETE])
+    await memory_client.set("here", 1)
+    assert await memory_client.delete("here")
+    assert not await memory_client.delete("missing")
+    await memory_client.set("a", 1)
+    assert await memory_client.batch_delete(["a", "b", "a"]) == 1
+    assert [(e.type, e.key) for e in events] == [
+        (EventType.DELETE, "here"),
+        (EventType.DELETE, "missing"),
+        (EventType.BATCH_DELETE, "a"),
+        (EventType.BATCH_DELETE, "b"),
+    ]
+    events.clear()
+    with pytest.raises(InvalidKeyError):
+        await memory_client.delete("")
+    assert events == []  # a refused call fires nothing
 
 
 async def test_hook_events_for_transaction_writes(memory_client: Client) -> None:
