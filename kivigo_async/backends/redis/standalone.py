@@ -193,7 +193,9 @@ def _would_wait(lock: asyncio.Lock | None) -> bool:
     """
     if lock is None or lock.locked():
         return True
-    waiters: Iterable[asyncio.Future[None]] = getattr(lock, "_waiters", None) or ()
+    waiters: Iterable[asyncio.Future[None]] | None = getattr(lock, "_waiters", None)
+    if not waiters:  # the common case: checked without building a generator
+        return False
     return any(not waiter.cancelled() for waiter in waiters)
 
 
