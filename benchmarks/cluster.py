@@ -5,7 +5,7 @@ as the other scenarios. 1,000 keys spread over about 970 of its 16,384 hash
 slots are read, in one call, three ways:
 
 * kivigo-async: ``Client(RedisClusterBackend).batch_get``: one ``MGET`` per slot,
-  sent as one pipeline per node, the nodes in parallel.
+  sent as one write per node on its multiplexed connection, the nodes in parallel.
 * redis-py ``mget_nonatomic``: the same split, through redis-py's cluster pipeline.
 * serial ``MGET`` per slot: keys grouped by slot, then one ``MGET`` per slot, one
   after the other, on ``redis.asyncio.cluster.RedisCluster``: what cashews does
@@ -74,7 +74,7 @@ class KivigoCluster(Approach):
     name = "kivigo-async"
     config = (
         "Client(RedisClusterBackend(RedisClusterOptions(addrs=...))), default JsonCodec (orjson): "
-        "batch_get = one MGET per slot, one pipeline per node, nodes in parallel"
+        "batch_get = one MGET per slot, one write per node on a multiplexed connection, nodes in parallel"
     )
 
     async def setup(self) -> None:

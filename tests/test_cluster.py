@@ -8,7 +8,10 @@ recovery after a failover, and options / URL parsing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -21,6 +24,7 @@ from redis.crc import key_slot
 
 from kivigo_async import Client
 from kivigo_async.backends.redis import RedisClusterBackend, RedisClusterOptions
+from kivigo_async.backends.redis._mux import MuxConnection
 from kivigo_async.errors import (
     BackendUnavailableError,
     ConfigurationError,
@@ -29,6 +33,7 @@ from kivigo_async.errors import (
     HealthCheckError,
     InvalidArgumentError,
     KivigoError,
+    OperationTimeoutError,
 )
 from kivigo_async.testing.proxy import FaultProxy
 from kivigo_async.testing.pytest_plugin import ClusterFactory
@@ -74,19 +79,25 @@ async def test_batch_get_is_one_pipeline_per_node(
     random.Random(7).shuffle(keys)
     keys.insert(500, "missing")
 
-    pipelines: Counter[str] = Counter()
-    singles: Counter[str] = Counter()
+    writes: Counter[str] = Counter()
+    through_redis_py: Counter[str] = Counter()
+    real_many = MuxConnection.execute_many
     real_pipeline = ClusterNode.execute_pipeline
     real_command = ClusterNode.execute_command
 
+    async def count_many(conn: MuxConnection, commands: Any) -> list[Any]:
+        writes[conn._node] += 1
+        return await real_many(conn, commands)
+
     async def count_pipeline(node: ClusterNode, commands: list[Any]) -> bool:
-        pipelines[node.name] += 1
+        through_redis_py[node.name] += 1
         return await real_pipeline(node, commands)
 
     async def count_command(node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
-        singles[node.name] += 1
+        through_redis_py[node.name] += 1
         return await real_command(node, *args, **kwargs)
 
+    monkeypatch.setattr(MuxConnection, "execute_many", count_many)
     monkeypatch.setattr(ClusterNode, "execute_pipeline", count_pipeline)
     monkeypatch.setattr(ClusterNode, "execute_command", count_command)
     reset_stats(redis_cluster)
@@ -95,9 +106,10 @@ async def test_batch_get_is_one_pipeline_per_node(
 
     primaries = redis_cluster.primaries()
     assert len(primaries) == 3
-    # One round trip per primary, nothing sent key by key.
-    assert pipelines == Counter({f"{p.host}:{p.port}": 1 for p in primaries})
-    assert not singles
+    # One write per primary on its multiplexed connection, nothing key by key
+    # and nothing through redis-py's pipeline.
+    assert writes == Counter({f"{p.host}:{p.port}": 1 for p in primaries})
+    assert not through_redis_py
     # Results come back in input order, missing keys as None.
     assert values == [None if k == "missing" else str(data[k]).encode() for k in keys]
     # The server side agrees: one GET or MGET per slot, spread over all three primaries.
@@ -106,6 +118,88 @@ async def test_batch_get_is_one_pipeline_per_node(
     assert all(calls > 0 for calls in per_node)
     assert sum(per_node) == len(slots)
     assert all(command_calls(r)["get"] + command_calls(r)["mget"] == 0 for r in redis_cluster.replicas())
+
+
+async def test_a_cancelled_batch_read_leaves_no_reply_for_the_next(backend: RedisClusterBackend) -> None:
+    # Batch reads share one multiplexed connection per node: a caller that gives up
+    # at any point must never leave a reply that a later call would take as its own.
+    client = Client(backend)
+    first = {f"first:{i}": i for i in range(300)}
+    second = {f"second:{i}": -i for i in range(300)}
+    await client.batch_set(first | second)
+    for turn in range(24):
+        call = asyncio.ensure_future(client.batch_get(list(first)))
+        for _ in range(turn % 6):
+            await asyncio.sleep(0)
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+        assert await client.batch_get(list(second)) == second
+        assert await backend.exists(list(first)) == len(first)
+
+
+async def test_a_batch_read_that_lost_its_connection_is_sent_again_once(
+    backend: RedisClusterBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A read that met a lost connection was applied nowhere: after learning the
+    # layout anew (the node may have failed over) it is sent once more.
+    client = Client(backend)
+    data = {f"lost:{i}": i for i in range(200)}
+    await client.batch_set(data)
+    failures: list[str] = []
+    relearned: list[int] = []
+    real_many = MuxConnection.execute_many
+    real_relearn = backend._relearn
+
+    async def failing(conn: MuxConnection, commands: Any) -> list[Any]:
+        if len(failures) < allowed:
+            failures.append(conn._node)
+            raise redis.exceptions.ConnectionError(f"connection to {conn._node} lost")
+        return await real_many(conn, commands)
+
+    async def relearn() -> None:
+        relearned.append(1)
+        await real_relearn()
+
+    monkeypatch.setattr(MuxConnection, "execute_many", failing)
+    monkeypatch.setattr(backend._readers, "_refresh", relearn)
+    allowed = 1
+    assert await client.batch_get(list(data)) == data
+    assert (len(failures), len(relearned)) == (1, 1)
+    # Lost again on the second try: the caller hears of it, as an outage.
+    failures.clear()
+    allowed = 1_000
+    with pytest.raises(BackendUnavailableError, match="lost"):
+        await client.batch_get(list(data))
+    assert len(relearned) == 2
+    assert len(failures) >= 2  # both tries
+    monkeypatch.undo()
+    assert await client.batch_get(list(data)) == data
+
+
+async def test_a_stalled_node_fails_a_batch_read_with_a_timeout(
+    redis_cluster_factory: ClusterFactory,
+) -> None:
+    # A long node timeout: the stall must not turn into a failover during the test.
+    cluster = redis_cluster_factory(node_timeout_ms=20_000)
+    options = RedisClusterOptions(addrs=cluster.addrs, read_timeout=0.5, max_retries=0)
+    async with Client(RedisClusterBackend(options)) as client:
+        data = {f"stall:{i}": i for i in range(300)}
+        await client.batch_set(data)
+        assert await client.batch_get(list(data)) == data
+        stalled = cluster.primaries()[0]
+        pid = stalled.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(OperationTimeoutError):
+                await client.batch_get(list(data))
+            assert time.monotonic() - started < 5
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # The stalled connection was dropped; the next read gets a new one.
+        assert await asyncio.wait_for(client.batch_get(list(data)), 10) == data
 
 
 async def test_batches_across_slots(backend: RedisClusterBackend) -> None:
@@ -144,7 +238,14 @@ async def test_scan_covers_every_primary_without_replica_duplicates(
     )
     try:
         assert await Client(replica_reads).list("scan:") == sorted(keys)
-        assert await replica_reads.batch_get(keys[:50]) == [b"1"] * 50
+        reset_stats(redis_cluster)
+        for _ in range(2):  # reads take turns between a slot's primary and its replica
+            assert await replica_reads.batch_get(keys[:50]) == [b"1"] * 50
+        # The replicas served their share themselves (a connection that had not sent
+        # READONLY would be redirected to the primary instead).
+        replica_calls = [command_calls(r) for r in redis_cluster.replicas()]
+        assert sum(c["get"] + c["mget"] for c in replica_calls) > 0
+        assert sum(c["readonly"] for c in replica_calls) > 0
     finally:
         await replica_reads.close()
 

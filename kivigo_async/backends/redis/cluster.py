@@ -44,11 +44,13 @@ from ...errors import (
 from ...watch import DEFAULT_MAX_PENDING, ChangeStream
 from ._cache import ClientCache, LocalCache
 from ._cluster_cache import ClusterTracking
+from ._cluster_reads import NodeReaders
 from ._cluster_scan import scan_cluster
 from ._errors import is_dial_timeout, translate, where
+from ._mux import MuxConnection
 from ._scan import decode_key
 from .options import RedisOptions, _default_pool_size, refuse_unescaped_credentials
-from .standalone import RedisBackend, _TCPConnection, _TLSConnection
+from .standalone import RedisBackend, _mux_for, _TCPConnection, _TLSConnection
 
 __all__ = ["RedisClusterBackend", "RedisClusterOptions"]
 
@@ -344,6 +346,7 @@ class RedisClusterBackend:
         self._tracking: ClusterTracking | None = None
         if self._options.client_cache is not None:
             self._tracking = ClusterTracking(self, self._options.client_cache)
+        self._readers = NodeReaders(self._reader_for, self._relearn)
 
     @classmethod
     def from_url(cls, url: str, **overrides: object) -> RedisClusterBackend:
@@ -497,6 +500,18 @@ class RedisClusterBackend:
                 return result
         raise ClusterError(f"gave up after {self._options.max_redirects} redirections")
 
+    def _reader_for(self, name: str) -> MuxConnection:
+        async def readonly() -> list[tuple[str]]:
+            # A replica serves reads only to a connection that asked for them.
+            return [("READONLY",)]
+
+        prepare = readonly if self._options.read_from_replicas else None
+        return _mux_for(self._options.node_options(name), node=name, prepare=prepare)
+
+    async def _relearn(self) -> None:
+        initialize: Callable[[], Awaitable[None]] = self._cluster.nodes_manager.initialize
+        await initialize()
+
     async def _ready(self) -> None:
         # Commands issued before the layout is known are routed to a random node
         # by redis-py (then redirected): learn the layout first, once.
@@ -523,6 +538,7 @@ class RedisClusterBackend:
         self._closed = True
         if self._tracking is not None:
             await self._tracking.close()
+        await self._readers.close()
         backends = list(self._node_backends.values())
         self._node_backends.clear()
         try:
@@ -596,6 +612,16 @@ class RedisClusterBackend:
 
         cluster = self._cluster
 
+        def route(args: Sequence[Any]) -> ClusterNode:
+            node: ClusterNode = cluster.nodes_manager.get_node_from_slot(
+                _slot(args[1]), cluster.read_from_replicas, cluster.load_balancing_strategy
+            )
+            return node
+
+        async def read() -> list[Any]:
+            await self._ready()
+            return await self._readers.read(commands, route)
+
         async def send() -> list[Any]:
             await self._ready()
             pipe = cluster.pipeline()
@@ -619,7 +645,14 @@ class RedisClusterBackend:
 
         targets: list[str | None] = []
 
-        results: list[Any] = await self._run(name, None, send)
+        # Reads leave on the nodes' multiplexed connections (see _cluster_reads), unless
+        # the client cache tracks keys: its invalidations follow redis-py's connections.
+        fast = (
+            served_by is None
+            and self._tracking is None
+            and all(args[0] in READ_COMMANDS for args in commands)
+        )
+        results: list[Any] = await self._run(name, None, read if fast else send)
         redo: dict[int, list[tuple[Any, ...]]] = {}
         for index, (args, result) in enumerate(zip(commands, results, strict=True)):
             if isinstance(result, (AskError, TryAgainError)):  # MovedError is an AskError
