@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
+from kivigo_async import Client
 from kivigo_async.backends.redis import LocalCache, RedisBackend, RedisOptions
 from kivigo_async.testing.pytest_plugin import require_server
 from kivigo_async.testing.servers import Server, ServerPool
@@ -31,6 +33,17 @@ REDIS_TARGETS = [
 ]
 if os.environ.get("KIVIGO_REDIS_URL"):
     REDIS_TARGETS.append(("external", "plain", "mux"))
+
+
+async def cancel_close_after(client: Client, turns: int) -> None:
+    """Start ``client.close()``, cancel it after ``turns`` loop iterations, then close again."""
+    closing = asyncio.ensure_future(client.close())
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    closing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await closing
+    await client.close()  # returns at once: the first call was the one that counted
 
 
 def redis_options(server: Server, **overrides: Any) -> RedisOptions:

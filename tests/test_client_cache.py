@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from conftest import Invalidations, redis_options
+from conftest import Invalidations, cancel_close_after, redis_options
 from redis.asyncio import Redis
 
 from kivigo_async import Client, ConfigurationError, KeyNotFoundError
@@ -418,3 +418,27 @@ def test_client_cache_options_are_checked() -> None:
         RedisOptions(client_cache=ClientCache(), auto_pipeline=False)
     with pytest.raises(ConfigurationError):
         RedisOptions(client_cache={"max_entries": 10})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 3, 5])
+async def test_a_cancelled_close_still_closes_every_connection(
+    valkey_server: RedisServer, admin: Redis, turns: int
+) -> None:
+    # close() waits for the cache's tasks to end; a timeout around it must not keep
+    # the sockets open, since a second close() returns at once.
+    name = f"close-{turns}-{time.monotonic_ns()}"
+    options = redis_options(valkey_server, client_name=name, client_cache=ClientCache(ttl=60))
+    client = Client(RedisBackend(options))
+    await client.set("k", 1)
+    assert await client.get("k") == 1
+    assert await client.get("k") == 1  # served from the cache: the listener is up
+    await cancel_close_after(client, turns)
+
+    async def ours() -> list[dict[str, Any]]:
+        return [c for c in await admin.client_list() if c.get("name") == name]
+
+    for _ in range(200):  # the server notices a closed socket within a few ms
+        if not await ours():
+            break
+        await asyncio.sleep(0.05)
+    assert await ours() == []

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import redis
+from conftest import cancel_close_after
 from redis.asyncio.cluster import ClusterNode
 from redis.crc import key_slot
 
@@ -138,7 +139,7 @@ async def test_a_cancelled_batch_read_leaves_no_reply_for_the_next(backend: Redi
         assert await backend.exists(list(first)) == len(first)
 
 
-async def test_a_batch_read_that_lost_its_connection_is_sent_again_once(
+async def test_a_batch_that_lost_its_connection_relearns_the_layout_and_only_reads_are_sent_again(
     backend: RedisClusterBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A read that met a lost connection was applied nowhere: after learning the
@@ -162,7 +163,7 @@ async def test_a_batch_read_that_lost_its_connection_is_sent_again_once(
         await real_relearn()
 
     monkeypatch.setattr(MuxConnection, "execute_many", failing)
-    monkeypatch.setattr(backend._readers, "_refresh", relearn)
+    monkeypatch.setattr(backend._batches, "_refresh", relearn)
     allowed = 1
     assert await client.batch_get(list(data)) == data
     assert (len(failures), len(relearned)) == (1, 1)
@@ -171,10 +172,23 @@ async def test_a_batch_read_that_lost_its_connection_is_sent_again_once(
     allowed = 1_000
     with pytest.raises(BackendUnavailableError, match="lost"):
         await client.batch_get(list(data))
-    assert len(relearned) == 2
+    assert len(relearned) == 3  # after each try
     assert len(failures) >= 2  # both tries
+    # A write may have been applied before the connection was lost: it is not sent
+    # again, but the layout is learned anew for the next call.
+    failures.clear()
+    relearned.clear()
+    allowed = 1
+    with pytest.raises(BackendUnavailableError, match="lost"):
+        await client.batch_set({key: -1 for key in data})
+    assert (len(failures), len(relearned)) == (1, 1)
     monkeypatch.undo()
-    assert await client.batch_get(list(data)) == data
+    # The nodes whose connections held were written; the one that failed was not.
+    current = await client.batch_get(list(data))
+    assert current.keys() == data.keys()
+    assert all(current[key] in (-1, value) for key, value in data.items())
+    assert -1 in current.values()
+    assert any(current[key] == value for key, value in data.items())
 
 
 async def test_a_stalled_node_fails_a_batch_read_with_a_timeout(
@@ -496,3 +510,32 @@ async def test_cluster_lease_after_close_is_refused(redis_cluster: RedisCluster)
         await RedisLease(backend).acquire_lease("kivigo:lease:{x}", b"token", 10_000)
     # Nothing was opened again (closed connection objects may stay listed).
     assert not [c for node in backend.cluster.get_nodes() for c in node._connections if c.is_connected]
+
+
+@pytest.mark.parametrize("turns", [0, 1, 3])
+async def test_a_cancelled_close_still_closes_every_connection(
+    redis_cluster: RedisCluster, turns: int
+) -> None:
+    name = f"cluster-close-{turns}-{time.monotonic_ns()}"
+    backend = RedisClusterBackend(RedisClusterOptions(addrs=redis_cluster.addrs[:1], client_name=name))
+    client = Client(backend)
+    data = {f"close:{i}": i for i in range(100)}
+    await client.batch_set(data)
+    assert await client.batch_get(list(data)) == data
+    await client.set("close:one", 1)
+    async with client.transaction() as tx:  # a standalone client on the slot's owner
+        tx.set("close:two", 2)
+    await cancel_close_after(client, turns)
+
+    def ours() -> int:
+        count = 0
+        for node in redis_cluster.running_nodes():
+            with sync_client(node) as direct:
+                count += sum(1 for c in direct.client_list() if c.get("name") == name)
+        return count
+
+    for _ in range(200):  # the servers notice closed sockets within a few ms
+        if not ours():
+            break
+        await asyncio.sleep(0.05)
+    assert ours() == 0

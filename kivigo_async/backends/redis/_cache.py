@@ -403,6 +403,8 @@ class Tracking:
         tasks = [t for t in (self._repair, self._heartbeat) if t is not None]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._heartbeat = None
-        await self._conn.close()
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:  # cancelled while the tasks wind down: the socket is still closed
+            self._heartbeat = None
+            await self._conn.close()

@@ -43,8 +43,8 @@ from ...errors import (
 )
 from ...watch import DEFAULT_MAX_PENDING, ChangeStream
 from ._cache import ClientCache, LocalCache
+from ._cluster_batches import NodeBatches
 from ._cluster_cache import ClusterTracking
-from ._cluster_reads import NodeReaders
 from ._cluster_scan import scan_cluster
 from ._errors import is_dial_timeout, translate, where
 from ._mux import MuxConnection
@@ -72,10 +72,12 @@ class RedisClusterOptions:
         password: never shown in ``repr``, logs or error messages.
         pool_size: connections per node, and the most calls in flight at once;
             callers beyond it wait up to ``pool_timeout``.
-        max_retries: how many times a command is retried after a connection
-            error or a timeout, re-reading the cluster's layout first (that is
-            how a promoted replica is found after a failover). A retried write
-            may have been applied once already.
+        max_retries: how many times a single-key command is retried after a
+            connection error or a timeout, re-reading the cluster's layout first
+            (that is how a promoted replica is found after a failover). A
+            retried write may have been applied once already. Batches re-read
+            the layout after a lost connection and retry reads once, writes
+            never.
         max_redirects: how many ``MOVED`` / ``ASK`` redirections one command
             may follow.
         read_from_replicas: send reads (``GET``, ``MGET``, ``EXISTS``, ``PTTL``)
@@ -343,10 +345,11 @@ class RedisClusterBackend:
         self._pool_timeout = pool_timeout
         self._node_backends: dict[str, RedisBackend] = {}
         self._closed = False
+        self._closing: asyncio.Task[None] | None = None
         self._tracking: ClusterTracking | None = None
         if self._options.client_cache is not None:
             self._tracking = ClusterTracking(self, self._options.client_cache)
-        self._readers = NodeReaders(self._reader_for, self._relearn)
+        self._batches = NodeBatches(self._batch_conn, self._relearn)
 
     @classmethod
     def from_url(cls, url: str, **overrides: object) -> RedisClusterBackend:
@@ -500,7 +503,7 @@ class RedisClusterBackend:
                 return result
         raise ClusterError(f"gave up after {self._options.max_redirects} redirections")
 
-    def _reader_for(self, name: str) -> MuxConnection:
+    def _batch_conn(self, name: str) -> MuxConnection:
         async def readonly() -> list[tuple[str]]:
             # A replica serves reads only to a connection that asked for them.
             return [("READONLY",)]
@@ -536,14 +539,26 @@ class RedisClusterBackend:
 
     async def close(self) -> None:
         self._closed = True
-        if self._tracking is not None:
-            await self._tracking.close()
-        await self._readers.close()
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close_all())
+        # Shielded: a caller that stops waiting (a timeout around the shutdown) must
+        # not stop the closing half-way, since nobody would finish it.
+        await asyncio.shield(self._closing)
+
+    async def _close_all(self) -> None:
         backends = list(self._node_backends.values())
         self._node_backends.clear()
-        try:
+        # Every step runs even when an earlier one fails.
+        async with contextlib.AsyncExitStack() as steps:
+            steps.push_async_callback(self._close_cluster)
             for backend in backends:
-                await backend.close()
+                steps.push_async_callback(backend.close)
+            steps.push_async_callback(self._batches.close)
+            if self._tracking is not None:
+                steps.push_async_callback(self._tracking.close)
+
+    async def _close_cluster(self) -> None:
+        try:
             await self._cluster.aclose()
         except _DRIVER_ERRORS as exc:
             raise self._error(exc, "CLOSE") from exc
@@ -618,9 +633,11 @@ class RedisClusterBackend:
             )
             return node
 
-        async def read() -> list[Any]:
+        reads = all(args[0] in READ_COMMANDS for args in commands)
+
+        async def multiplexed() -> list[Any]:
             await self._ready()
-            return await self._readers.read(commands, route)
+            return await self._batches.send(commands, route, reads=reads)
 
         async def send() -> list[Any]:
             await self._ready()
@@ -645,14 +662,11 @@ class RedisClusterBackend:
 
         targets: list[str | None] = []
 
-        # Reads leave on the nodes' multiplexed connections (see _cluster_reads), unless
-        # the client cache tracks keys: its invalidations follow redis-py's connections.
-        fast = (
-            served_by is None
-            and self._tracking is None
-            and all(args[0] in READ_COMMANDS for args in commands)
-        )
-        results: list[Any] = await self._run(name, None, read if fast else send)
+        # Batches leave on the nodes' multiplexed connections (see _cluster_batches),
+        # except the client cache's reads: its invalidations follow the connections
+        # it tracks, redis-py's.
+        fast = served_by is None and (not reads or self._tracking is None)
+        results: list[Any] = await self._run(name, None, multiplexed if fast else send)
         redo: dict[int, list[tuple[Any, ...]]] = {}
         for index, (args, result) in enumerate(zip(commands, results, strict=True)):
             if isinstance(result, (AskError, TryAgainError)):  # MovedError is an AskError

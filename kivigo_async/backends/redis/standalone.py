@@ -334,6 +334,7 @@ class RedisBackend:
             self._mux.execute if self._mux is not None else self._pool_execute
         )
         self._node = self._options.addr
+        self._closing: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(cls, url: str, **overrides: object) -> RedisBackend:
@@ -442,13 +443,25 @@ class RedisBackend:
     async def close(self) -> None:
         if isinstance(self._pool, _ClosablePool):
             self._pool.closed = True
-        if self._tracking is not None:
-            await self._tracking.close()
-        if self._mux is not None:
-            await self._mux.close()
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close_all())
+        # Shielded: a caller that stops waiting (a timeout around the shutdown) must
+        # not stop the closing half-way, since nobody would finish it.
+        await asyncio.shield(self._closing)
+
+    async def _close_all(self) -> None:
+        # Every step runs even when an earlier one fails.
+        async with contextlib.AsyncExitStack() as steps:
+            steps.push_async_callback(self._close_pool)
+            if self._mux is not None:
+                steps.push_async_callback(self._mux.close)
+            if self._tracking is not None:
+                steps.push_async_callback(self._tracking.close)
+
+    async def _close_pool(self) -> None:
         try:
             await self._redis.aclose()
-        except _FAILURES as exc:  # closing never fails the caller's shutdown
+        except _FAILURES as exc:
             raise self._error(exc, "CLOSE") from exc
 
     # -- AsyncBackend ----------------------------------------------------

@@ -1,4 +1,4 @@
-"""Batched cluster reads on one multiplexed connection per node.
+"""Cluster batches on one multiplexed connection per node.
 
 redis-py's cluster pipeline spends about 25 µs of CPU per command (its Python
 packer, then an ``asyncio.timeout`` around each reply it reads): a 1,000-key
@@ -7,10 +7,10 @@ commands. Here each node's share leaves in one write on that node's
 multiplexed connection (the standalone transport: hiredis parsing, one
 deadline per connection, cancellation-safe), and comes back as one list.
 
-Only reads go this way: a read that met a lost connection is safe to send
-again, after learning the layout anew (the node may have failed over). Writes,
-and reads while the client cache tracks keys (its invalidations are tied to
-redis-py's connections), stay on redis-py's pipeline.
+After a lost connection the layout is learned anew (the node may have failed
+over), so that the next call goes to the slot's new owner. A read is then sent
+once more, since it applied nothing; a write is not, since it may have been
+applied: its caller hears of the failure.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from redis.asyncio.cluster import ClusterNode
 from ._errors import is_dial_timeout
 from ._mux import Arg, MuxConnection
 
-__all__ = ["NodeReaders", "reply_value"]
+__all__ = ["NodeBatches", "reply_value"]
 
 #: (command, slot) -> the node to send it to.
 Route = Callable[[Sequence[Any]], ClusterNode]
@@ -45,7 +45,7 @@ def reply_value(reply: Any) -> Any:
     return reply
 
 
-class NodeReaders:
+class NodeBatches:
     """One multiplexed connection per node name, opened on first use."""
 
     def __init__(
@@ -66,23 +66,28 @@ class NodeReaders:
             conn = self._conns[name] = self._connect(name)
         return conn
 
-    async def read(self, commands: Sequence[tuple[Arg, ...]], route: Route) -> list[Any]:
+    async def send(self, commands: Sequence[tuple[Arg, ...]], route: Route, *, reads: bool) -> list[Any]:
         """The replies to ``commands`` in order, server errors as exception values.
 
-        A lost connection (not a timeout, not a refused login) is met once with
-        a fresh layout and a second try: after a failover the slot has a new
-        owner, and the read was not applied anywhere.
+        A lost connection (not a timeout, not a refused login) makes the layout
+        be learned again; ``reads`` (commands that change nothing) are then sent
+        a second time.
         """
         for attempt in range(2):
             try:
-                return await self._read_once(commands, route)
+                return await self._send_once(commands, route)
             except rx.ConnectionError as exc:
-                if attempt or self._closed or isinstance(exc, rx.AuthenticationError) or is_dial_timeout(exc):
+                if self._closed or isinstance(exc, rx.AuthenticationError) or is_dial_timeout(exc):
                     raise
-                await self._refresh()
+                try:
+                    await self._refresh()
+                except Exception:
+                    raise exc from None  # the lost connection is the news, not the lookup after it
+                if attempt or not reads:
+                    raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _read_once(self, commands: Sequence[tuple[Arg, ...]], route: Route) -> list[Any]:
+    async def _send_once(self, commands: Sequence[tuple[Arg, ...]], route: Route) -> list[Any]:
         groups: dict[str, list[int]] = {}
         for index, args in enumerate(commands):
             name = route(args).name
