@@ -828,9 +828,7 @@ class Client:
         for check in extra_checks:
             if not callable(check):
                 raise InvalidArgumentError(f"a health check must be callable, got {type(check).__name__}")
-        probes: builtins.list[Awaitable[object]] = [
-            self._health.health() if self._health is not None else self._backend.get("kivigo:health")
-        ]
+        probes: builtins.list[Awaitable[object]] = [self._probe_backend()]
         # Each check runs inside its own coroutine, so one that raises at once
         # (a plain function) is a health result like any other.
         probes.extend(run_health_check(check, self) for check in extra_checks)
@@ -842,6 +840,21 @@ class Client:
         if errors:
             summary = "; ".join(f"{type(e).__name__}: {e}" for e in errors)
             raise HealthCheckError(f"health check failed: {summary}", errors) from errors[0]
+
+    async def _probe_backend(self) -> object:
+        """The backend's own health probe; a cancellation from inside it is a failed probe."""
+        try:
+            if self._health is not None:
+                await self._health.health()
+                return None
+            return await self._backend.get("kivigo:health")
+        except asyncio.CancelledError as exc:
+            if cancel_requested() is not False:
+                raise
+            name = type(self._backend).__name__
+            raise KivigoError(
+                f"the health probe of {name} was cancelled from inside (not by its caller)"
+            ) from exc
 
     def transaction(self, watch: Iterable[str] = ()) -> Transaction:
         """Open an atomic transaction (``async with``); writes apply together on exit.

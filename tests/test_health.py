@@ -324,10 +324,19 @@ async def test_a_backend_probe_cancelled_from_inside_does_not_end_the_watching()
                 fourth_probe.set()
 
     backend = FlakyProbe()
-    async with Client(backend) as client, HealthWatcher(client, interval=0.05, degraded_latency=None) as w:
+    reports: list[HealthReport] = []
+    async with Client(backend) as client, HealthWatcher(
+        client, interval=0.05, degraded_latency=None, on_change=reports.append
+    ) as w:
         await asyncio.wait_for(fourth_probe.wait(), WAIT)
         assert w.running
-        assert w.status is HEALTHY
+        # The cancelled probe was a failed check (the status went down and came
+        # back), not a silent skip that left the status as it was.
+        failed = [r for r in reports if r.status is DOWN]
+        assert failed
+        assert failed[0].error is not None
+        assert "cancelled from inside" in failed[0].error
+        assert reports[-1].status is HEALTHY  # the third probe passed again
 
 
 async def test_memory_backend_closed_is_down(memory_client: Client) -> None:
