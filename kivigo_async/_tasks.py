@@ -1,11 +1,13 @@
-"""Telling apart why a ``CancelledError`` arrived."""
+"""Telling apart why a ``CancelledError`` arrived; work that outlives its caller."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
-__all__ = ["cancel_requested"]
+__all__ = ["cancel_requested", "detached"]
 
 
 def cancel_requested() -> bool | None:
@@ -19,3 +21,20 @@ def cancel_requested() -> bool | None:
         task = asyncio.current_task()
         return task is not None and task.cancelling() > 0
     return None
+
+
+def detached(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """A task for ``work`` that must finish even when its caller stops waiting for it.
+
+    Awaited through ``asyncio.shield``: a caller that is cancelled leaves it
+    running. Its error, if any, goes to whoever awaits it; when nobody does
+    (the only caller gave up), it is not reported as never retrieved.
+    """
+    task = asyncio.get_running_loop().create_task(work, name=name)
+    task.add_done_callback(_retrieve)
+    return task
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from conftest import redis_options
 
 from kivigo_async import Client
+from kivigo_async._tasks import detached
 from kivigo_async.backends.redis import RedisBackend
 from kivigo_async.errors import (
     BackendError,
@@ -951,3 +952,28 @@ def test_clients_on_successive_asyncio_run_loops(
     finally:
         loop.close()
     leaks.check()
+
+
+async def test_closing_work_outlives_a_caller_that_gave_up(caplog: pytest.LogCaptureFixture) -> None:
+    # Closing runs in a task of its own, awaited through a shield: the caller's
+    # cancellation leaves it running, and a failure nobody awaits is not logged
+    # as "never retrieved".
+    finished = asyncio.Event()
+
+    async def work() -> None:
+        await asyncio.sleep(0.05)
+        finished.set()
+        raise RuntimeError("failed after the caller left")
+
+    task = detached(work(), "closing")
+    caller = asyncio.ensure_future(asyncio.shield(task))
+    await asyncio.sleep(0)
+    caller.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await caller
+    await asyncio.wait_for(finished.wait(), 10)
+    await asyncio.sleep(0)
+    assert task.done()
+    del task, caller  # nobody ever asked for the error
+    gc.collect()
+    assert "never retrieved" not in caplog.text

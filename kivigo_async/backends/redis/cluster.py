@@ -29,6 +29,7 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
+from ..._tasks import detached
 from ...backend import BackendTransaction, TxOp
 from ...errors import (
     BackendUnavailableError,
@@ -540,7 +541,7 @@ class RedisClusterBackend:
     async def close(self) -> None:
         self._closed = True
         if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(self._close_all())
+            self._closing = detached(self._close_all(), f"kivigo close cluster {self._seeds}")
         # Shielded: a caller that stops waiting (a timeout around the shutdown) must
         # not stop the closing half-way, since nobody would finish it.
         await asyncio.shield(self._closing)

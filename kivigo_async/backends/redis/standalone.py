@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ..._tasks import detached
 from ...backend import BackendTransaction, TxOp
 from ...errors import KeyNotFoundError
 from ...watch import DEFAULT_MAX_PENDING, ChangeStream
@@ -444,7 +445,7 @@ class RedisBackend:
         if isinstance(self._pool, _ClosablePool):
             self._pool.closed = True
         if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(self._close_all())
+            self._closing = detached(self._close_all(), f"kivigo close {self._node}")
         # Shielded: a caller that stops waiting (a timeout around the shutdown) must
         # not stop the closing half-way, since nobody would finish it.
         await asyncio.shield(self._closing)
