@@ -539,3 +539,41 @@ async def test_a_cancelled_close_still_closes_every_connection(
             break
         await asyncio.sleep(0.05)
     assert ours() == 0
+
+
+async def test_batch_writes_never_go_to_replicas(
+    redis_cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With read_from_replicas, reads take turns with the replicas; writes must go to
+    # the primaries (a replica answers MOVED, and the per-slot MSET would be split).
+    sent_to: Counter[str] = Counter()
+    real_many = MuxConnection.execute_many
+
+    async def count_many(conn: MuxConnection, commands: Any) -> list[Any]:
+        sent_to[conn._node] += 1
+        return await real_many(conn, commands)
+
+    for primary in redis_cluster.primaries():
+        assert wait_replicated(primary) == 1
+    for _ in range(150):  # until CLUSTER SLOTS, which the client learns from, lists the replicas
+        with sync_client(redis_cluster.primaries()[0]) as direct:
+            if all(len(entry) >= 4 for entry in direct.execute_command("CLUSTER SLOTS")):
+                break
+        await asyncio.sleep(0.2)
+    backend = RedisClusterBackend(RedisClusterOptions(addrs=redis_cluster.addrs, read_from_replicas=True))
+    try:
+        client = Client(backend)
+        monkeypatch.setattr(MuxConnection, "execute_many", count_many)
+        for turn in range(3):
+            await client.batch_set({f"replica-write:{i}": turn for i in range(100)})
+            assert await client.batch_delete([f"replica-write:{i}" for i in range(0, 100, 2)]) == 50
+        primaries = {f"{p.host}:{p.port}" for p in redis_cluster.primaries()}
+        assert set(sent_to) <= primaries
+        assert sent_to
+        # Reads do take turns with the replicas: the layout had them.
+        sent_to.clear()
+        for _ in range(2):
+            await client.batch_get([f"replica-write:{i}" for i in range(100)])
+        assert set(sent_to) - primaries
+    finally:
+        await backend.close()

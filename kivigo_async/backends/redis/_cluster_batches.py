@@ -16,6 +16,7 @@ applied: its caller hears of the failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -69,21 +70,29 @@ class NodeBatches:
     async def send(self, commands: Sequence[tuple[Arg, ...]], route: Route, *, reads: bool) -> list[Any]:
         """The replies to ``commands`` in order, server errors as exception values.
 
-        A lost connection (not a timeout, not a refused login) makes the layout
-        be learned again; ``reads`` (commands that change nothing) are then sent
-        a second time.
+        A lost connection or a timeout makes the layout be learned again (the
+        node may have failed over); after a lost connection, ``reads`` (commands
+        that change nothing) are sent a second time.
         """
         for attempt in range(2):
             try:
                 return await self._send_once(commands, route)
+            except rx.TimeoutError:
+                # A node that stopped answering may have been replaced by now: the
+                # next call must not go to it again. The call itself is not retried.
+                if not self._closed:
+                    with contextlib.suppress(Exception):
+                        await self._refresh()
+                raise
             except rx.ConnectionError as exc:
-                if self._closed or isinstance(exc, rx.AuthenticationError) or is_dial_timeout(exc):
+                if self._closed or isinstance(exc, rx.AuthenticationError):
                     raise
                 try:
                     await self._refresh()
                 except Exception:
                     raise exc from None  # the lost connection is the news, not the lookup after it
-                if attempt or not reads:
+                # A dial timeout already waited dial_timeout: not twice.
+                if attempt or not reads or is_dial_timeout(exc):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -629,8 +629,12 @@ class RedisClusterBackend:
         cluster = self._cluster
 
         def route(args: Sequence[Any]) -> ClusterNode:
+            # Only reads may go to a replica: a write sent there comes back MOVED.
+            read = args[0] in READ_COMMANDS
             node: ClusterNode = cluster.nodes_manager.get_node_from_slot(
-                _slot(args[1]), cluster.read_from_replicas, cluster.load_balancing_strategy
+                _slot(args[1]),
+                read and cluster.read_from_replicas,
+                cluster.load_balancing_strategy if read else None,
             )
             return node
 
