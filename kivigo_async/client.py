@@ -167,10 +167,19 @@ async def run_health_check(check: HealthCheck, client: Client) -> object:
             return await result
         return result
     except asyncio.CancelledError as exc:
-        if cancel_requested() is not False:
-            raise
         name = getattr(check, "__qualname__", type(check).__qualname__)
-        raise KivigoError(f"health check {name} was cancelled from inside (not by its caller)") from exc
+        failure = _cancelled_inside(f"health check {name}")
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+def _cancelled_inside(what: str) -> KivigoError | None:
+    """The failure a health probe's ``CancelledError`` stands for, when it came
+    from a future something else cancelled; ``None`` when the caller was cancelled."""
+    if cancel_requested() is not False:
+        return None
+    return KivigoError(f"{what} was cancelled from inside (not by its caller)")
 
 
 def _refuse_class(what: str, value: object) -> None:
@@ -849,12 +858,10 @@ class Client:
                 return None
             return await self._backend.get("kivigo:health")
         except asyncio.CancelledError as exc:
-            if cancel_requested() is not False:
+            failure = _cancelled_inside(f"the health probe of {type(self._backend).__name__}")
+            if failure is None:
                 raise
-            name = type(self._backend).__name__
-            raise KivigoError(
-                f"the health probe of {name} was cancelled from inside (not by its caller)"
-            ) from exc
+            raise failure from exc
 
     def transaction(self, watch: Iterable[str] = ()) -> Transaction:
         """Open an atomic transaction (``async with``); writes apply together on exit.

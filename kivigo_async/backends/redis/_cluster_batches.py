@@ -99,12 +99,7 @@ class NodeBatches:
     async def _send_once(self, commands: Sequence[tuple[Arg, ...]], route: Route) -> list[Any]:
         groups: dict[str, list[int]] = {}
         for index, args in enumerate(commands):
-            name = route(args).name
-            group = groups.get(name)
-            if group is None:
-                groups[name] = [index]
-            else:
-                group.append(index)
+            groups.setdefault(route(args).name, []).append(index)
         sends = [
             self._conn(name).execute_many([commands[i] for i in group]) for name, group in groups.items()
         ]
