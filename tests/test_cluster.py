@@ -158,9 +158,9 @@ async def test_a_batch_that_lost_its_connection_relearns_the_layout_and_only_rea
             raise redis.exceptions.ConnectionError(f"connection to {conn._node} lost")
         return await real_many(conn, commands)
 
-    async def relearn() -> None:
+    async def relearn() -> set[str]:
         relearned.append(1)
-        await real_relearn()
+        return await real_relearn()
 
     monkeypatch.setattr(MuxConnection, "execute_many", failing)
     monkeypatch.setattr(backend._batches, "_refresh", relearn)
@@ -214,6 +214,64 @@ async def test_a_stalled_node_fails_a_batch_read_with_a_timeout(
             os.kill(pid, signal.SIGCONT)
         # The stalled connection was dropped; the next read gets a new one.
         assert await asyncio.wait_for(client.batch_get(list(data)), 10) == data
+
+
+def wait_promoted(cluster: RedisCluster, via: RedisServer, heir: RedisServer, timeout: float = 30.0) -> None:
+    """Wait until ``via`` sees ``heir`` as a primary serving slots (asked of ``via`` only:
+    a stopped node would not answer)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if any(i.server is heir and i.is_primary and i.slots for i in cluster.topology(via=via)):
+            return
+        assert time.monotonic() < deadline, f"{heir.port} was not promoted within {timeout} s"
+        time.sleep(0.1)
+
+
+async def test_batches_follow_a_failover_away_from_a_primary_that_stopped_answering(
+    redis_cluster_factory: ClusterFactory,
+) -> None:
+    # A primary that stops answering without closing its connections (a hung
+    # process, a paused machine) is replaced by its replica. Batches that timed out
+    # on it learn the layout again, so they reach the promoted replica rather than
+    # wait on the old primary for good; its connection is retired.
+    cluster = redis_cluster_factory(node_timeout_ms=1000)
+    options = RedisClusterOptions(addrs=cluster.addrs, read_timeout=1.0, dial_timeout=1.0, max_retries=0)
+    backend = RedisClusterBackend(options)
+    async with Client(backend) as client:
+        data = {f"hung:{i}": i for i in range(300)}
+        await client.batch_set(data)
+        stalled = cluster.primaries()[0]
+        assert wait_replicated(stalled) == 1  # the replica promoted below has every key
+        survivor = next(node for node in cluster.primaries() if node is not stalled)
+        layout = cluster.topology(via=survivor)
+        stalled_id = next(i.node_id for i in layout if i.server is stalled)
+        heir = next(i.server for i in layout if i.master_id == stalled_id)
+        assert heir is not None
+        stalled_name = f"{stalled.host}:{stalled.port}"
+        assert stalled_name in backend._batches._conns
+        pid = stalled.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(OperationTimeoutError):
+                await client.batch_get(list(data))
+            await asyncio.to_thread(wait_promoted, cluster, survivor, heir)
+            # The layout learned right after that timeout may predate the promotion:
+            # one more call may still time out on the old primary, and learn again.
+            timeouts = 0
+            while True:
+                try:
+                    found = await asyncio.wait_for(client.batch_get(list(data)), 15)
+                    break
+                except OperationTimeoutError:
+                    timeouts += 1
+                    assert timeouts < 3, "batches kept going to the primary that stopped answering"
+            assert found == data
+            assert await client.batch_get(list(data)) == data
+            assert stalled_name not in backend._batches._conns
+            assert all(not conn.draining for conn in backend._batches._retired)
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
 
 async def test_batches_across_slots(backend: RedisClusterBackend) -> None:
@@ -509,6 +567,24 @@ async def test_cluster_lease_after_close_is_refused(redis_cluster: RedisCluster)
     with pytest.raises(BackendUnavailableError, match="closed"):
         await RedisLease(backend).acquire_lease("kivigo:lease:{x}", b"token", 10_000)
     # Nothing was opened again (closed connection objects may stay listed).
+    assert not [c for node in backend.cluster.get_nodes() for c in node._connections if c.is_connected]
+
+
+async def test_a_call_waiting_for_its_place_when_the_backend_closes_opens_nothing(
+    redis_cluster: RedisCluster,
+) -> None:
+    # With every in-flight place taken, a call waits; if the backend closes
+    # meanwhile, the call must not go on to open connections after the close.
+    backend = RedisClusterBackend(RedisClusterOptions(addrs=redis_cluster.addrs, pool_size=1))
+    await backend.connect()
+    await backend._in_flight.acquire()  # the one place, as a call in flight would hold it
+    waiting = asyncio.ensure_future(backend.get("late"))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    await backend.close()
+    backend._in_flight.release()
+    with pytest.raises(BackendUnavailableError, match="closed"):
+        await waiting
     assert not [c for node in backend.cluster.get_nodes() for c in node._connections if c.is_connected]
 
 

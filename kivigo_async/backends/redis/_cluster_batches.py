@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import hiredis
@@ -52,11 +52,12 @@ class NodeBatches:
     def __init__(
         self,
         connect: Callable[[str], MuxConnection],
-        refresh: Callable[[], Awaitable[None]],
+        refresh: Callable[[], Awaitable[Collection[str]]],
     ) -> None:
         self._connect = connect
-        self._refresh = refresh
+        self._refresh = refresh  # learns the layout; returns the names of its nodes
         self._conns: dict[str, MuxConnection] = {}
+        self._retired: list[MuxConnection] = []  # may still wait for replies
         self._closed = False
 
     def _conn(self, name: str) -> MuxConnection:
@@ -82,19 +83,30 @@ class NodeBatches:
                 # next call must not go to it again. The call itself is not retried.
                 if not self._closed:
                     with contextlib.suppress(Exception):
-                        await self._refresh()
+                        await self._relearn()
                 raise
             except rx.ConnectionError as exc:
                 if self._closed or isinstance(exc, rx.AuthenticationError):
                     raise
                 try:
-                    await self._refresh()
+                    await self._relearn()
                 except Exception:
                     raise exc from None  # the lost connection is the news, not the lookup after it
                 # A dial timeout already waited dial_timeout: not twice.
                 if attempt or not reads or is_dial_timeout(exc):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _relearn(self) -> None:
+        """Learn the layout; connections to nodes no longer in it are retired."""
+        nodes = await self._refresh()
+        if self._closed:
+            return
+        self._retired = [conn for conn in self._retired if conn.draining]
+        for name in [name for name in self._conns if name not in nodes]:
+            conn = self._conns.pop(name)
+            conn.retire()
+            self._retired.append(conn)
 
     async def _send_once(self, commands: Sequence[tuple[Arg, ...]], route: Route) -> list[Any]:
         groups: dict[str, list[int]] = {}
@@ -113,7 +125,8 @@ class NodeBatches:
 
     async def close(self) -> None:
         self._closed = True
-        conns = list(self._conns.values())
+        conns = [*self._conns.values(), *self._retired]
         self._conns.clear()
+        self._retired.clear()
         for conn in conns:
             await conn.close()

@@ -360,6 +360,11 @@ class MuxConnection:
     def connected(self) -> bool:
         return self._protocol is not None and not self._protocol.closed
 
+    @property
+    def draining(self) -> bool:
+        """Whether a socket left by :meth:`reconnect` or :meth:`retire` still waits for replies."""
+        return any(not protocol.closed for protocol in self._draining)
+
     async def execute(self, *args: Arg) -> Any:
         """Send one command and return its reply (raises redis-py exceptions)."""
         protocol = self._protocol
@@ -497,6 +502,17 @@ class MuxConnection:
             protocol.close_when_idle()
         else:
             protocol.close()
+
+    def retire(self) -> None:
+        """Take no new calls; the socket closes once the replies asked for are in.
+
+        For a node that left the layout: the calls in flight on it end as they
+        would have, and :meth:`close` still ends the socket at once.
+        """
+        self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+        self.reconnect(wait_for_replies=True)
 
     async def close(self) -> None:
         self._closed = True

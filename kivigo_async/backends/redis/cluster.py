@@ -424,19 +424,29 @@ class RedisClusterBackend:
             )
         return translate(exc, command, key, node)
 
+    def _check_open(self, command: str) -> None:
+        if self._closed:
+            # redis-py's cluster client would open new connections nobody closes.
+            raise BackendUnavailableError(f"{command} on cluster {self._seeds}: the backend is closed")
+
     @contextlib.asynccontextmanager
     async def _slot(self, command: str) -> AsyncIterator[None]:
         """Hold one of ``pool_size`` in-flight places; every call that takes a node
         connection must: redis-py's node pools fail at once, rather than wait, when full."""
-        if self._closed:
-            # redis-py's cluster client would open new connections nobody closes.
-            raise BackendUnavailableError(f"{command} on cluster {self._seeds}: the backend is closed")
-        try:
-            await asyncio.wait_for(self._in_flight.acquire(), self._pool_timeout)
-        except asyncio.TimeoutError:
-            raise OperationTimeoutError(
-                f"{command} on cluster {self._seeds}: no free connection in the pool in time"
-            ) from None
+        in_flight = self._in_flight
+        if not self._closed and not in_flight.locked():
+            await in_flight.acquire()  # returns at once: no task for a timeout that cannot fire
+        else:
+            self._check_open(command)
+            try:
+                await asyncio.wait_for(in_flight.acquire(), self._pool_timeout)
+            except asyncio.TimeoutError:
+                raise OperationTimeoutError(
+                    f"{command} on cluster {self._seeds}: no free connection in the pool in time"
+                ) from None
+            if self._closed:  # closed while this call waited for its place
+                in_flight.release()
+                self._check_open(command)
         try:
             yield
         finally:
@@ -512,9 +522,11 @@ class RedisClusterBackend:
         prepare = readonly if self._options.read_from_replicas else None
         return _mux_for(self._options.node_options(name), node=name, prepare=prepare)
 
-    async def _relearn(self) -> None:
-        initialize: Callable[[], Awaitable[None]] = self._cluster.nodes_manager.initialize
+    async def _relearn(self) -> set[str]:
+        nodes = self._cluster.nodes_manager
+        initialize: Callable[[], Awaitable[None]] = nodes.initialize
         await initialize()
+        return set(nodes.nodes_cache)
 
     async def _ready(self) -> None:
         # Commands issued before the layout is known are routed to a random node
@@ -651,12 +663,7 @@ class RedisClusterBackend:
                 # Each command's slot is known: naming its node spares redis-py
                 # parsing the command's keys (twice) to find it, a third of the CPU
                 # of a large batch. (A retry after a connection error routes by key.)
-                read = args[0] in READ_COMMANDS
-                node = cluster.nodes_manager.get_node_from_slot(
-                    _slot(args[1]),
-                    read and cluster.read_from_replicas,
-                    cluster.load_balancing_strategy if read else None,
-                )
+                node = route(args)
                 pipe.execute_command(*args, target_nodes=[node])
                 if served_by is not None:
                     targets.append(str(node.name))
