@@ -284,3 +284,67 @@ async def test_a_connect_finished_just_before_reconnect_is_not_used(
             assert await direct.get("where") is None
     finally:
         await mux.close()
+
+
+@pytest.mark.parametrize("tell_cancellations_apart", [True, False])
+async def test_callers_of_a_connect_under_way_when_the_connection_is_retired_get_a_connection_error(
+    valkey_server: RedisServer, monkeypatch: pytest.MonkeyPatch, tell_cancellations_apart: bool
+) -> None:
+    # A cluster node leaves the layout while a batch is connecting to it. Its
+    # callers must hear of a lost connection (which the cluster handles), never a
+    # bare cancellation: before Python 3.11 a cancelled connect cannot be told
+    # from a cancelled caller, so the connect is not cancelled.
+    from kivigo_async.backends.redis import _mux
+
+    if not tell_cancellations_apart:
+        monkeypatch.setattr(_mux, "cancel_requested", lambda: None)  # as before 3.11
+    opened = asyncio.Event()
+    go_on = asyncio.Event()
+    direct = _mux.tcp_opener(valkey_server.host, valkey_server.port, None)
+
+    async def gated(factory: Any) -> Any:
+        opened.set()
+        await go_on.wait()
+        return await direct(factory)
+
+    mux = _mux.MuxConnection(gated, node="leaving")
+    try:
+        calls = [asyncio.ensure_future(mux.execute("PING")) for _ in range(3)]
+        await asyncio.wait_for(opened.wait(), 5)
+        mux.retire()
+        go_on.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+        assert not any(call.cancelled() for call in calls)
+        assert all(isinstance(o, RedisConnectionError) and "closed" in str(o) for o in outcomes), outcomes
+        # The socket opened after the retirement was closed.
+        assert not mux.connected
+        assert not mux.draining
+        with pytest.raises(RedisConnectionError, match="closed"):
+            await mux.execute("PING")
+    finally:
+        await mux.close()
+
+
+async def test_a_retired_connection_answers_the_calls_in_flight_then_closes(
+    valkey_server: RedisServer, admin: Redis
+) -> None:
+    from kivigo_async.backends.redis.standalone import _mux_for
+
+    mux = _mux_for(redis_options(valkey_server, read_timeout=None))
+    try:
+        own_id = await mux.execute("CLIENT", "ID")
+        await admin.client_pause(300)
+        in_flight = [asyncio.ensure_future(mux.execute("ECHO", str(i))) for i in range(5)]
+        await asyncio.sleep(0.05)  # written, not answered yet
+        mux.retire()
+        assert mux.draining
+        with pytest.raises(RedisConnectionError, match="closed"):
+            await mux.execute("PING")  # no new call on it
+        assert await asyncio.wait_for(asyncio.gather(*in_flight), 5) == [str(i).encode() for i in range(5)]
+        deadline = time.monotonic() + 10
+        while any(c["id"] == str(own_id) for c in await admin.client_list()):
+            assert time.monotonic() < deadline, "the retired connection stayed open"
+            await asyncio.sleep(0.02)
+        assert not mux.draining
+    finally:
+        await mux.close()

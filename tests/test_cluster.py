@@ -588,6 +588,24 @@ async def test_a_call_waiting_for_its_place_when_the_backend_closes_opens_nothin
     assert not [c for node in backend.cluster.get_nodes() for c in node._connections if c.is_connected]
 
 
+async def test_calls_in_flight_when_the_backend_closes_leave_no_connection_open(
+    redis_cluster: RedisCluster,
+) -> None:
+    # redis-py reconnects on use: a call under way when close() runs may connect
+    # again after it. Each round closes at a different point of the calls' progress.
+    for turn in range(8):
+        backend = RedisClusterBackend(RedisClusterOptions(addrs=redis_cluster.addrs, pool_size=50))
+        await backend.connect()
+        calls = [asyncio.ensure_future(backend.get(f"late:{i}")) for i in range(40)]
+        for _ in range(turn):
+            await asyncio.sleep(0)
+        await backend.close()
+        outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
+        assert all(o is None or isinstance(o, BackendUnavailableError) for o in outcomes), outcomes
+        still_open = [c for node in backend.cluster.get_nodes() for c in node._connections if c.is_connected]
+        assert not still_open, f"turn {turn}: {len(still_open)} connections open after close"
+
+
 @pytest.mark.parametrize("turns", [0, 1, 3])
 async def test_a_cancelled_close_still_closes_every_connection(
     redis_cluster: RedisCluster, turns: int

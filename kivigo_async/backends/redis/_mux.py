@@ -507,11 +507,12 @@ class MuxConnection:
         """Take no new calls; the socket closes once the replies asked for are in.
 
         For a node that left the layout: the calls in flight on it end as they
-        would have, and :meth:`close` still ends the socket at once.
+        would have, and :meth:`close` still ends the socket at once. A connect
+        under way is left to finish, not cancelled: its callers then fail with a
+        ``ConnectionError`` (before Python 3.11 a cancelled connect cannot be told
+        from a cancelled caller, and would reach them as a bare cancellation).
         """
         self._closed = True
-        if self._connecting is not None:
-            self._connecting.cancel()
         self.reconnect(wait_for_replies=True)
 
     async def close(self) -> None:

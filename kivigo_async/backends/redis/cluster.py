@@ -340,6 +340,7 @@ class RedisClusterBackend:
         # redis-py's cluster nodes fail (rather than wait) when their pool is
         # exhausted; at most pool_size calls in flight keeps each node within it.
         self._in_flight = asyncio.Semaphore(self._options.pool_size)
+        self._running = 0  # calls holding an in-flight place
         pool_timeout = self._options.pool_timeout
         if pool_timeout is None and self._options.read_timeout is not None:
             pool_timeout = self._options.read_timeout + 1
@@ -447,10 +448,19 @@ class RedisClusterBackend:
             if self._closed:  # closed while this call waited for its place
                 in_flight.release()
                 self._check_open(command)
+        self._running += 1
         try:
             yield
         finally:
-            self._in_flight.release()
+            self._running -= 1
+            in_flight.release()
+            if self._closed and not self._running:
+                # Calls in flight when the backend closed may have connected again
+                # (redis-py reconnects on use, without re-reading the layout, which
+                # its aclose() alone would then skip): the last one out disconnects.
+                sweep = detached(self._disconnect_nodes(), f"kivigo close cluster {self._seeds}")
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(sweep)
 
     async def _run(self, command: str, key: str | None, call: Callable[[], Awaitable[Any]]) -> Any:
         """Run ``call`` within the in-flight limit, translating driver errors."""
@@ -575,6 +585,11 @@ class RedisClusterBackend:
             await self._cluster.aclose()
         except _DRIVER_ERRORS as exc:
             raise self._error(exc, "CLOSE") from exc
+
+    async def _disconnect_nodes(self) -> None:
+        nodes = self._cluster.nodes_manager
+        await nodes.aclose()
+        await nodes.aclose("startup_nodes")
 
     # -- AsyncBackend ----------------------------------------------------
 
