@@ -176,17 +176,21 @@ class KivigoAdapter(Adapter):
         return await self.client.batch_get(keys)
 
 
-class KivigoPoolAdapter(KivigoAdapter):
+class NoAutoPipeline:
+    """Mixed into a kivigo adapter (first): the same backend with ``auto_pipeline=False``."""
+
+    @classmethod
+    def extra_options(cls) -> dict[str, Any]:
+        return {"auto_pipeline": False}
+
+
+class KivigoPoolAdapter(NoAutoPipeline, KivigoAdapter):
     name = "kivigo-async (pool)"
     slug = "kivigo-pool"
     config = (
         "as kivigo-async, with RedisOptions(auto_pipeline=False): every call takes a connection "
         "from the pool instead of sharing the multiplexed one (the non-pipelined path)"
     )
-
-    @classmethod
-    def extra_options(cls) -> dict[str, Any]:
-        return {"auto_pipeline": False}
 
 
 class KivigoTypedAdapter(KivigoAdapter):

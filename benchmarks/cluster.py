@@ -1,18 +1,31 @@
-"""Cluster ``batch_get`` of 1,000 keys: kivigo-async against redis-py's per-slot reads.
+"""Cluster: a 1,000-key ``batch_get``, and the single-key workloads, on a local cluster.
 
 A local cluster (3 primaries, no replicas) is started from the same server binary
-as the other scenarios. 1,000 keys spread over about 970 of its 16,384 hash
-slots are read, in one call, three ways:
+as the other scenarios.
+
+**Batch get.** 1,000 keys spread over about 970 of its 16,384 hash slots are read,
+in one call, three ways:
 
 * kivigo-async: ``Client(RedisClusterBackend).batch_get``: one ``MGET`` per slot,
   sent as one write per node on its multiplexed connection, the nodes in parallel.
 * redis-py ``mget_nonatomic``: the same split, through redis-py's cluster pipeline.
 * serial ``MGET`` per slot: keys grouped by slot, then one ``MGET`` per slot, one
   after the other, on ``redis.asyncio.cluster.RedisCluster``: what cashews does
-  with ``cluster=True``. Every ratio divides by this one.
+  with ``cluster=True``. Every ratio of this table divides by this one.
 
-Each repetition runs the three in a rotating order on each loop; figures are medians
-over repetitions, ratios are paired within a repetition (as in the other scenarios).
+**Single keys.** The sequential and the 64-task workloads of the single-server
+scenarios (``scenarios.run_seq`` and ``run_mix``), with keys on every node:
+
+* kivigo-async: ``Client(RedisClusterBackend(...))`` with its defaults: single
+  commands on one multiplexed connection per node.
+* kivigo-async (pool): the same with ``auto_pipeline=False``: through redis-py's
+  cluster client and its node pools.
+* redis-py: ``redis.asyncio.cluster.RedisCluster`` with its defaults; bytes in,
+  bytes out. The ratios of these tables divide by this one.
+
+Each repetition runs the approaches in a rotating order on each loop; figures are
+medians over repetitions, ratios are paired within a repetition (as in the other
+scenarios).
 """
 
 from __future__ import annotations
@@ -25,13 +38,15 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+import scenarios
 import topology
+from adapters import POOL, KivigoAdapter, NoAutoPipeline, RedisPyAdapter, Target
 from scenarios import Measure
-from workload import KEY_PREFIX, SESSION, SESSION_JSON
+from workload import KEY_PREFIX, SESSION, SESSION_JSON, Plan, mix_plan
 
 from kivigo_async.testing.topologies import RedisCluster
 
-TITLE = "Cluster batch get of 1,000 keys (3 primaries)"
+TITLE = "Cluster (3 primaries)"
 UNIT = "keys/s"
 KEYS = 1000
 PRIMARIES = 3
@@ -139,6 +154,83 @@ class SerialPerSlot(_RedisPyCluster):
 
 APPROACHES: tuple[type[Approach], ...] = (KivigoCluster, NonAtomicMget, SerialPerSlot)
 
+SINGLE_BASELINE = "redis-py"
+SINGLE_CASES = {
+    "seq": scenarios.SCENARIOS["seq"][0],
+    "mix": scenarios.SCENARIOS["mix"][0],
+}
+
+
+class _Seeds:
+    """The cluster's seed nodes: set by the scenario, read by the adapters' setup."""
+
+    def __init__(self, target: Target, addrs: Sequence[str]) -> None:
+        self.target = target
+        self.addrs = list(addrs)
+
+
+class KivigoClusterSingle(_Seeds, KivigoAdapter):
+    name = "kivigo-async"
+    slug = "kivigo-cluster"
+    config = (
+        f"Client(RedisClusterBackend(RedisClusterOptions(addrs=..., pool_size={POOL}))), default "
+        "JsonCodec (orjson): single commands on one multiplexed connection per node"
+    )
+
+    @classmethod
+    def options_type(cls) -> type[Any]:
+        from kivigo_async.backends.redis import RedisClusterOptions
+
+        return RedisClusterOptions
+
+    async def setup(self) -> None:
+        from kivigo_async import Client
+        from kivigo_async.backends.redis import RedisClusterBackend
+
+        options = self.options_type()(addrs=self.addrs, pool_size=POOL, **self.extra_options())
+        self.client = Client(RedisClusterBackend(options))
+        await self.client.__aenter__()
+
+
+class KivigoClusterPool(NoAutoPipeline, KivigoClusterSingle):
+    name = "kivigo-async (pool)"
+    slug = "kivigo-cluster-pool"
+    config = (
+        "as kivigo-async, with RedisClusterOptions(auto_pipeline=False): single commands through "
+        "redis-py's cluster client and its node pools"
+    )
+
+
+class RedisPyClusterSingle(_Seeds, RedisPyAdapter):
+    name = SINGLE_BASELINE
+    slug = "redispy-cluster"
+    config = (
+        "redis.asyncio.cluster.RedisCluster(startup_nodes=...) with its defaults (socket_timeout 5 s, "
+        "hiredis when installed); bytes in, bytes out"
+    )
+    # MSET / MGET of keys on several nodes are refused: prepare() writes key by key.
+    has_batch_get = False
+    has_batch_set = False
+
+    async def setup(self) -> None:
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        nodes = [ClusterNode(host, int(port)) for host, port in (a.rsplit(":", 1) for a in self.addrs)]
+        self.redis = RedisCluster(startup_nodes=nodes)
+        await self.redis.initialize()
+
+
+SINGLE_CONTENDERS = (KivigoClusterSingle, KivigoClusterPool, RedisPyClusterSingle)
+
+
+def _single_cases(
+    plan: Plan,
+) -> dict[str, Callable[[KivigoAdapter | RedisPyAdapter], Coroutine[Any, Any, Measure]]]:
+    return {
+        "seq": lambda adapter: scenarios.run_seq(adapter, plan.seq_pairs),
+        "mix": lambda adapter: scenarios.run_mix(adapter, mix_plan(plan.mix_tasks, plan.mix_ops_per_task)),
+    }
+
 
 def start() -> tuple[RedisCluster | None, str]:
     """A running cluster and its description, or None and why there is none."""
@@ -193,17 +285,20 @@ def run(
     loops: Sequence[str],
     make_runner: Callable[[str], topology.Runner],
     *,
+    plan: Plan,
     quick: bool,
     repeat: int,
-    timeout: float,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Start a cluster, measure every approach on every loop, stop it; the result block.
 
     The block has the shape of a scenario block of the main report (``title``,
-    ``unit``, ``rows``), plus ``baseline``, ``topology``, ``approaches`` (name ->
-    configuration) and ``calls``; or only ``skipped`` when no cluster could start.
+    ``unit``, ``rows``: the batch read), plus ``baseline``, ``topology``,
+    ``approaches`` (name -> configuration), ``calls`` and ``single`` (the
+    single-key workloads: ``baseline``, ``approaches`` and ``cases``, id ->
+    ``title``, ``unit`` and ``rows``); or only ``skipped`` when no cluster could start.
     """
+    timeout = plan.timeout
     cluster, where = start()
     if cluster is None:
         log(f"skipping the cluster scenario: {where}")
@@ -217,19 +312,30 @@ def run(
         finally:
             runner.close()
         addrs = cluster.addrs
-        reps = topology.measure_all(
-            [functools.partial(cls, addrs) for cls in APPROACHES],
-            {CASE: _measure(calls)},
-            check=_check,
+        measure = functools.partial(
+            topology.measure_all,
             loops=loops,
             make_runner=make_runner,
             repeat=repeat,
             timeout=timeout,
             log=log,
+        )
+        reps = measure(
+            [functools.partial(cls, addrs) for cls in APPROACHES],
+            {CASE: _measure(calls)},
+            check=_check,
             label="cluster",
+        )
+        target = Target(*_host_port(addrs[0]))
+        single = measure(
+            [functools.partial(cls, target, addrs) for cls in SINGLE_CONTENDERS],
+            _single_cases(plan),
+            check=scenarios.prepare,
+            label="cluster single keys",
         )
     finally:
         cluster.stop()
+    names = [cls.name for cls in SINGLE_CONTENDERS]
     return {
         "title": TITLE,
         "unit": UNIT,
@@ -239,4 +345,21 @@ def run(
         "calls": calls,
         "approaches": {cls.name: cls.config for cls in APPROACHES},
         "rows": topology.rows(reps, CASE, [cls.name for cls in APPROACHES], BASELINE, loops),
+        "single": {
+            "baseline": SINGLE_BASELINE,
+            "approaches": {cls.name: cls.describe() for cls in SINGLE_CONTENDERS},
+            "cases": {
+                case: {
+                    "title": title,
+                    "unit": "ops/s",
+                    "rows": topology.rows(single, case, names, SINGLE_BASELINE, loops),
+                }
+                for case, title in SINGLE_CASES.items()
+            },
+        },
     }
+
+
+def _host_port(addr: str) -> tuple[str, int]:
+    host, port = addr.rsplit(":", 1)
+    return host, int(port)

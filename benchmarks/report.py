@@ -319,9 +319,15 @@ def _topology_lines(
         what = "Skipped" if "skipped" in block else "Failed"
         return [*lines, f"{what}: {block.get('skipped') or block.get('error')}", ""]
     lines += body(block, block["baseline"])
-    lines += ["", "| approach | configuration |", "| --- | --- |"]
-    lines += [f"| {name} | {config} |" for name, config in block["approaches"].items()]
+    lines += _configurations(block["approaches"])
+    if block.get("single"):  # the cluster's single-key workloads, after its batch read
+        lines += _cluster_single_lines(block["single"])
     return [*lines, ""]
+
+
+def _configurations(approaches: Mapping[str, str]) -> list[str]:
+    lines = ["", "| approach | configuration |", "| --- | --- |"]
+    return lines + [f"| {name} | {config} |" for name, config in approaches.items()]
 
 
 def _topology_rows(rows: Sequence[Mapping[str, Any]], baseline: str) -> list[str]:
@@ -341,8 +347,10 @@ def _topology_rows(rows: Sequence[Mapping[str, Any]], baseline: str) -> list[str
 
 
 def _cluster_body(block: Mapping[str, Any], baseline: str) -> list[str]:
-    """The cluster scenario's table: ratios divide by its own baseline, not by raw redis-py."""
+    """The cluster scenario's batch table: ratios divide by its own baseline, not by raw redis-py."""
     return [
+        f"#### Batch get of {block['keys']:,} keys",
+        "",
         f"{block['topology']}. One call reads {block['keys']:,} keys spread over the hash slots; "
         f"{block['calls']} calls per repetition. `(1.23x)` divides by `{baseline}` in the same repetition "
         "on the same loop.",
@@ -353,14 +361,33 @@ def _cluster_body(block: Mapping[str, Any], baseline: str) -> list[str]:
     ]
 
 
+def _cluster_single_lines(single: Mapping[str, Any]) -> list[str]:
+    """The cluster's single-key workloads: keys on every node, ratios to redis-py's cluster client."""
+    baseline = single["baseline"]
+    return [
+        "",
+        "Single keys on the same cluster: the workloads of the single-server scenarios of the same "
+        f"name, keys on every node. `(1.23x)` divides by `{baseline}` "
+        "(`redis.asyncio.cluster.RedisCluster`) in the same repetition on the same loop.",
+        *_case_tables(single["cases"], baseline),
+        *_configurations(single["approaches"]),
+    ]
+
+
 def _sentinel_body(block: Mapping[str, Any], baseline: str) -> list[str]:
     """The Sentinel scenario's tables, one per workload; ratios divide by redis-py through Sentinel."""
-    lines = [
+    return [
         f"{block['topology']}. The workloads of the single-server scenarios of the same name, through "
         f"the primary the sentinels name. `(1.23x)` divides by `{baseline}` (through Sentinel) in the "
         "same repetition on the same loop.",
+        *_case_tables(block["cases"], baseline),
     ]
-    for case in block["cases"].values():
+
+
+def _case_tables(cases: Mapping[str, Any], baseline: str) -> list[str]:
+    """One table per single-key workload (sequential, 64 tasks) of a topology scenario."""
+    lines: list[str] = []
+    for case in cases.values():
         lines += [
             "",
             f"#### {case['title']}",

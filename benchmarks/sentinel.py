@@ -23,7 +23,7 @@ from typing import Any
 
 import scenarios
 import topology
-from adapters import POOL, KivigoAdapter, RedisPyAdapter, Target
+from adapters import POOL, KivigoAdapter, NoAutoPipeline, RedisPyAdapter, Target
 from scenarios import Measure
 from workload import Plan, mix_plan
 
@@ -73,14 +73,10 @@ class KivigoSentinel(_Sentinels, KivigoAdapter):
         await self.client.__aenter__()
 
 
-class KivigoSentinelPool(KivigoSentinel):
+class KivigoSentinelPool(NoAutoPipeline, KivigoSentinel):
     name = "kivigo-async (pool)"
     slug = "kivigo-sentinel-pool"
     config = "as kivigo-async, with RedisSentinelOptions(auto_pipeline=False): a pooled connection per call"
-
-    @classmethod
-    def extra_options(cls) -> dict[str, Any]:
-        return {"auto_pipeline": False}
 
 
 class RedisPySentinel(_Sentinels, RedisPyAdapter):

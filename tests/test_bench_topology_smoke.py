@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,9 +24,26 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 # Starting both topologies and a quick run take well under a minute; this only bounds a hang.
 SUBPROCESS_TIMEOUT = 280
 APPROACHES = ("kivigo-async", "redis-py mget_nonatomic", "serial MGET per slot (cashews' approach)")
-SENTINEL_APPROACHES = ("kivigo-async", "kivigo-async (pool)", "redis-py")
+#: Sentinel's, and the cluster's single-key workloads: ours, ours without auto_pipeline, redis-py's.
+SINGLE_KEY_APPROACHES = ("kivigo-async", "kivigo-async (pool)", "redis-py")
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(SUBPROCESS_TIMEOUT + 20)]
+
+
+def check_cases(block: dict[str, Any]) -> None:
+    """A block of single-key workloads: every approach ran both, ratios divide by redis-py."""
+    assert block["baseline"] == "redis-py"
+    assert set(block["approaches"]) == set(SINGLE_KEY_APPROACHES)
+    assert set(block["cases"]) == {"seq", "mix"}
+    for case in block["cases"].values():
+        by_name = {row["library"]: row for row in case["rows"]}
+        assert set(by_name) == set(SINGLE_KEY_APPROACHES)
+        for name, row in by_name.items():
+            assert row["status"] == "ok", (name, row.get("reason"))
+            assert row["repetitions"] == 2
+            assert row["rate"] > 0
+        assert by_name["redis-py"]["ratio"]["rate"] == pytest.approx(1.0)
+        assert by_name["kivigo-async"]["ratio"]["rate"] is not None
 
 
 def test_quick_cluster_and_sentinel_run(kivigo_server_pool: ServerPool, tmp_path: Path) -> None:
@@ -69,25 +87,17 @@ def test_quick_cluster_and_sentinel_run(kivigo_server_pool: ServerPool, tmp_path
         assert row["rate"] > 0
         assert row["ratio"]["rate"] is not None
     assert rows[APPROACHES[2]]["ratio"]["rate"] == pytest.approx(1.0)
+    # The same cluster's single-key workloads, against redis-py's cluster client.
+    check_cases(block["single"])
 
     sentinel = result["sentinel"]
     assert "skipped" not in sentinel, sentinel
-    assert sentinel["baseline"] == "redis-py"
-    assert set(sentinel["approaches"]) == set(SENTINEL_APPROACHES)
-    assert set(sentinel["cases"]) == {"seq", "mix"}
-    for case in sentinel["cases"].values():
-        by_name = {row["library"]: row for row in case["rows"]}
-        assert set(by_name) == set(SENTINEL_APPROACHES)
-        for name, row in by_name.items():
-            assert row["status"] == "ok", (name, row.get("reason"))
-            assert row["repetitions"] == 2
-            assert row["rate"] > 0
-        assert by_name["redis-py"]["ratio"]["rate"] == pytest.approx(1.0)
-        assert by_name["kivigo-async"]["ratio"]["rate"] is not None
+    check_cases(sentinel)
 
     markdown = (tmp_path / "latest-quick.md").read_text(encoding="utf-8")
     assert block["title"] in markdown
     assert sentinel["title"] in markdown
-    assert all(name in markdown for name in APPROACHES + SENTINEL_APPROACHES)
-    assert all(case["title"] in markdown for case in sentinel["cases"].values())
+    assert all(name in markdown for name in APPROACHES + SINGLE_KEY_APPROACHES)
+    for cases in (block["single"]["cases"], sentinel["cases"]):
+        assert all(case["title"] in markdown for case in cases.values())
     assert (DOCS.read_bytes() if DOCS.exists() else None) == docs_before

@@ -472,6 +472,9 @@ async def test_listener_coming_back_flushes_then_caching_resumes(
     await watcher.wait_for_more(before)  # no message of these writes can come later
     assert await client.get(node_key) == 1
     [listener] = tracking_clients(node, name)
+    # Reads the cache cannot serve re-read on the node's multiplexed connection:
+    # opened now, before new connections are refused.
+    assert await client.ttl(node_key) is None
     # The listener cannot come back until the block ends, so what we cache meanwhile is known.
     with new_connections_refused(node) as admin:
         assert admin.client_kill_filter(_id=listener["id"]) == 1

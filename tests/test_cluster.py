@@ -121,6 +121,31 @@ async def test_batch_get_is_one_pipeline_per_node(
     assert all(command_calls(r)["get"] + command_calls(r)["mget"] == 0 for r in redis_cluster.replicas())
 
 
+async def test_cancelled_single_key_calls_leave_no_reply_for_the_others(backend: RedisClusterBackend) -> None:
+    # Single-key commands of all tasks share each node's multiplexed connection:
+    # callers cancelled at any point leave every other caller its own reply.
+    client = Client(backend)
+    data = {f"single:{i}": i for i in range(60)}
+    await client.batch_set(data)
+    cancelled = 0
+    for turn in range(12):
+        calls = {key: asyncio.ensure_future(client.get(key)) for key in data}
+        doomed = list(data)[turn % 3 :: 3]
+        for _ in range(turn % 4):
+            await asyncio.sleep(0)
+        for key in doomed:
+            calls[key].cancel()
+        results = await asyncio.gather(*calls.values(), return_exceptions=True)
+        for (key, call), result in zip(calls.items(), results, strict=True):
+            if call.cancelled():
+                assert key in doomed
+                cancelled += 1
+            else:
+                assert result == data[key], (turn, key, result)
+    assert cancelled > 0
+    assert await client.batch_get(list(data)) == data
+
+
 async def test_a_cancelled_batch_read_leaves_no_reply_for_the_next(backend: RedisClusterBackend) -> None:
     # Batch reads share one multiplexed connection per node: a caller that gives up
     # at any point must never leave a reply that a later call would take as its own.
@@ -163,7 +188,7 @@ async def test_a_batch_that_lost_its_connection_relearns_the_layout_and_only_rea
         return await real_relearn()
 
     monkeypatch.setattr(MuxConnection, "execute_many", failing)
-    monkeypatch.setattr(backend._batches, "_refresh", relearn)
+    monkeypatch.setattr(backend._node_conns, "_refresh", relearn)
     allowed = 1
     assert await client.batch_get(list(data)) == data
     assert (len(failures), len(relearned)) == (1, 1)
@@ -248,7 +273,7 @@ async def test_batches_follow_a_failover_away_from_a_primary_that_stopped_answer
         heir = next(i.server for i in layout if i.master_id == stalled_id)
         assert heir is not None
         stalled_name = f"{stalled.host}:{stalled.port}"
-        assert stalled_name in backend._batches._conns
+        assert stalled_name in backend._node_conns._conns
         pid = stalled.pid
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)
@@ -268,8 +293,8 @@ async def test_batches_follow_a_failover_away_from_a_primary_that_stopped_answer
                     assert timeouts < 3, "batches kept going to the primary that stopped answering"
             assert found == data
             assert await client.batch_get(list(data)) == data
-            assert stalled_name not in backend._batches._conns
-            assert all(not conn.draining for conn in backend._batches._retired)
+            assert stalled_name not in backend._node_conns._conns
+            assert all(not conn.draining for conn in backend._node_conns._retired)
         finally:
             os.kill(pid, signal.SIGCONT)
 
@@ -453,6 +478,8 @@ def test_options_validation_and_url() -> None:
     assert opts.addrs == ("n1:7000", "n2:7001", "n3:7002")
     assert (opts.username, opts.password, opts.max_redirects) == ("app", "p@ss", 5)
     assert (opts.read_from_replicas, opts.pool_size, opts.read_timeout) == (True, 4, 1.5)
+    assert opts.auto_pipeline
+    assert not RedisClusterOptions.from_url("redis://n1:7000?auto_pipeline=false").auto_pipeline
     assert bool(opts.tls)
     assert "p@ss" not in repr(opts)
     assert "p@ss" not in repr(RedisClusterBackend(opts))
@@ -462,6 +489,7 @@ def test_options_validation_and_url() -> None:
         "unix:///tmp/s",
         "redis://n1:7000?bogus=1",
         "redis://n1?max_redirects=x",
+        "redis://n1?auto_pipeline=maybe",
     ):
         with pytest.raises(ConfigurationError):
             RedisClusterOptions.from_url(bad_url)
@@ -473,6 +501,7 @@ def test_options_validation_and_url() -> None:
         {"pool_size": 0},
         {"read_timeout": -1},
         {"read_from_replicas": "yes"},
+        {"auto_pipeline": 1},
     ]
     for bad in bad_options:
         with pytest.raises(ConfigurationError):
@@ -496,6 +525,42 @@ def migrate_slot(cluster: RedisCluster, slot: int, target: RedisServer, pause: f
             with sync_client(node) as each:
                 each.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
     return moved
+
+
+@pytest.mark.parametrize("auto_pipeline", [True, False])
+async def test_single_keys_follow_ask_then_moved(
+    redis_cluster_factory: ClusterFactory, auto_pipeline: bool
+) -> None:
+    # While a slot migrates, its source answers ASK for a key it does not hold:
+    # the command goes to the importing node with ASKING. Once the slot has
+    # moved, MOVED updates its owner and later calls go straight there.
+    cluster = redis_cluster_factory(node_timeout_ms=5000)
+    options = RedisClusterOptions(addrs=cluster.addrs, auto_pipeline=auto_pipeline)
+    async with Client(RedisClusterBackend(options)) as client:
+        await client.set("{ask}:old", "before")
+        slot = key_slot(b"ask")
+        source = cluster.node_for_slot(slot)
+        target = next(p for p in cluster.primaries() if p is not source)
+        with sync_client(source) as src, sync_client(target) as dst:
+            source_id, target_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+        reset_stats(cluster)
+        await client.set("{ask}:new", "during")  # not on the source: ASK
+        assert await client.get("{ask}:new") == "during"
+        assert await client.get("{ask}:old") == "before"  # still on the source
+        assert command_calls(target)["asking"] >= 2
+        with sync_client(target) as dst:
+            assert dst.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 1
+        assert migrate_slot(cluster, slot, target, 0) == 1  # {ask}:old; the slot is the target's now
+        reset_stats(cluster)
+        assert await client.get("{ask}:old") == "before"  # MOVED, then the target
+        assert await client.get("{ask}:new") == "during"
+        assert await client.ttl("{ask}:new") is None
+        with sync_client(source) as src:
+            stats = src.info("commandstats")["cmdstat_get"]
+        assert (stats["calls"], stats["rejected_calls"]) == (0, 1)  # the first read, answered MOVED
+        assert command_calls(target)["get"] == 2
 
 
 async def test_batches_during_slot_migration(redis_cluster_factory: ClusterFactory) -> None:
@@ -575,7 +640,8 @@ async def test_a_call_waiting_for_its_place_when_the_backend_closes_opens_nothin
 ) -> None:
     # With every in-flight place taken, a call waits; if the backend closes
     # meanwhile, the call must not go on to open connections after the close.
-    backend = RedisClusterBackend(RedisClusterOptions(addrs=redis_cluster.addrs, pool_size=1))
+    options = RedisClusterOptions(addrs=redis_cluster.addrs, pool_size=1, auto_pipeline=False)
+    backend = RedisClusterBackend(options)
     await backend.connect()
     await backend._in_flight.acquire()  # the one place, as a call in flight would hold it
     waiting = asyncio.ensure_future(backend.get("late"))
@@ -588,13 +654,15 @@ async def test_a_call_waiting_for_its_place_when_the_backend_closes_opens_nothin
     assert not [c for node in backend.cluster.get_nodes() for c in node._connections if c.is_connected]
 
 
+@pytest.mark.parametrize("auto_pipeline", [True, False])
 async def test_calls_in_flight_when_the_backend_closes_leave_no_connection_open(
-    redis_cluster: RedisCluster,
+    redis_cluster: RedisCluster, auto_pipeline: bool
 ) -> None:
     # redis-py reconnects on use: a call under way when close() runs may connect
     # again after it. Each round closes at a different point of the calls' progress.
+    options = RedisClusterOptions(addrs=redis_cluster.addrs, pool_size=50, auto_pipeline=auto_pipeline)
     for turn in range(8):
-        backend = RedisClusterBackend(RedisClusterOptions(addrs=redis_cluster.addrs, pool_size=50))
+        backend = RedisClusterBackend(options)
         await backend.connect()
         calls = [asyncio.ensure_future(backend.get(f"late:{i}")) for i in range(40)]
         for _ in range(turn):
@@ -604,6 +672,7 @@ async def test_calls_in_flight_when_the_backend_closes_leave_no_connection_open(
         assert all(o is None or isinstance(o, BackendUnavailableError) for o in outcomes), outcomes
         still_open = [c for node in backend.cluster.get_nodes() for c in node._connections if c.is_connected]
         assert not still_open, f"turn {turn}: {len(still_open)} connections open after close"
+        assert not backend._node_conns._conns
 
 
 @pytest.mark.parametrize("turns", [0, 1, 3])

@@ -133,7 +133,10 @@ async def worker(client: Client, task: int, journal: Journal, stop: asyncio.Even
         await asyncio.sleep(0.005)  # a busy but not saturating loop on a shared machine
 
 
-async def test_primary_killed_during_read_write_loop(redis_cluster_factory: ClusterFactory) -> None:
+@pytest.mark.parametrize("auto_pipeline", [True, False])
+async def test_primary_killed_during_read_write_loop(
+    redis_cluster_factory: ClusterFactory, auto_pipeline: bool
+) -> None:
     cluster = redis_cluster_factory(node_timeout_ms=1000)
     victim = cluster.primaries()[0]
     survivor = next(node for node in cluster.primaries() if node is not victim)
@@ -145,6 +148,7 @@ async def test_primary_killed_during_read_write_loop(redis_cluster_factory: Clus
             dial_timeout=DIAL_TIMEOUT,
             read_timeout=READ_TIMEOUT,
             max_retries=MAX_RETRIES,
+            auto_pipeline=auto_pipeline,
         )
     )
     journal = Journal()
@@ -242,11 +246,12 @@ async def test_connection_reset_under_a_call(
     A call caught sending on one of them at that moment gets BackendUnavailableError
     (redis-py itself raises AttributeError there), and the next call reconnects.
     """
-    backend = RedisClusterBackend(RedisClusterOptions(addrs=redis_cluster.addrs[:1]))
+    backend = RedisClusterBackend(RedisClusterOptions(addrs=redis_cluster.addrs[:1], auto_pipeline=False))
     keys = [f"{{reset}}:{i}" for i in range(50)]
-    # Single-key commands use redis-py's node connections. Batches are not among the
-    # calls: they go out on the nodes' multiplexed connections, which that reset does
-    # not touch, and transactions on a standalone client per node.
+    # Without auto_pipeline, single-key commands use redis-py's node connections.
+    # Batches are not among the calls: they go out on the nodes' multiplexed
+    # connections, which that reset does not touch, and transactions on a
+    # standalone client per node.
     calls: list[tuple[str, Callable[[Client], Awaitable[Any]]]] = [
         ("set", lambda client: client.set("reset:one", 1)),
         ("expire", lambda client: client.expire("reset:warm-up", 60)),

@@ -33,7 +33,7 @@ from redis import exceptions as rx
 from ..._tasks import cancel_requested
 from ._errors import DialTimeoutError
 
-__all__ = ["MuxConnection", "pack"]
+__all__ = ["MuxConnection", "backoff", "pack"]
 
 Arg = Union[str, bytes, int, float]  # noqa: UP007 (runtime alias)
 
@@ -87,6 +87,14 @@ def pack(args: Sequence[Arg]) -> bytes:
         return hiredis.pack_command(  # type: ignore[no-any-return]
             tuple(a.encode("utf-8", "surrogateescape") if isinstance(a, str) else a for a in args)  # type: ignore[arg-type]
         )
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait before retry number ``attempt`` (1, 2...).
+
+    Full jitter, capped: many clients retrying at once spread out.
+    """
+    return random.uniform(0, min(0.512, 0.008 * 2**attempt))
 
 
 def _seen(future: asyncio.Future[Any]) -> None:
@@ -375,6 +383,13 @@ class MuxConnection:
             raise rx.ResponseError(str(reply))
         return reply
 
+    async def send_command(self, args: Sequence[Arg]) -> Any:
+        """Send one command and return its reply, a server error as a ``hiredis.ReplyError``."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            protocol = await self._connect()
+        return await protocol.send_one(pack(args))
+
     async def execute_many(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """Send ``commands`` in one write and return their replies (errors as values)."""
         protocol = self._protocol
@@ -426,8 +441,7 @@ class MuxConnection:
                 attempt += 1
                 if attempt > self._max_retries or self._closed:
                     raise
-                # Full jitter, capped: many clients reconnecting at once spread out.
-                await asyncio.sleep(random.uniform(0, min(0.512, 0.008 * 2**attempt)))
+                await asyncio.sleep(backoff(attempt))
                 continue
             protocol.generation = generation
             return protocol

@@ -44,8 +44,8 @@ from ...errors import (
 )
 from ...watch import DEFAULT_MAX_PENDING, ChangeStream
 from ._cache import ClientCache, LocalCache
-from ._cluster_batches import NodeBatches
 from ._cluster_cache import ClusterTracking
+from ._cluster_mux import NodeConnections
 from ._cluster_scan import scan_cluster
 from ._errors import is_dial_timeout, translate, where
 from ._mux import MuxConnection
@@ -71,14 +71,18 @@ class RedisClusterOptions:
             the rest of the cluster is discovered from it.
         username: the ACL user; ``None`` for the default user.
         password: never shown in ``repr``, logs or error messages.
-        pool_size: connections per node, and the most calls in flight at once;
-            callers beyond it wait up to ``pool_timeout``.
+        pool_size: connections per node in redis-py's node pools (transactions,
+            scans, leases, and single-key commands without ``auto_pipeline``),
+            and the most of those calls and batches in flight at once; callers
+            beyond it wait up to ``pool_timeout``.
         max_retries: how many times a single-key command is retried after a
-            connection error or a timeout, re-reading the cluster's layout first
-            (that is how a promoted replica is found after a failover). A
-            retried write may have been applied once already. Batches re-read
-            the layout after a lost connection and retry reads once, writes
-            never.
+            connection error, a timeout or ``CLUSTERDOWN``, re-reading the
+            cluster's layout first (that is how a promoted replica is found
+            after a failover). A retried write may have been applied once
+            already. Not after a dial timeout on the multiplexed connections,
+            which already retried their dials (``max_retries`` times). Batches
+            re-read the layout after a lost connection and retry reads once,
+            writes never.
         max_redirects: how many ``MOVED`` / ``ASK`` redirections one command
             may follow.
         read_from_replicas: send reads (``GET``, ``MGET``, ``EXISTS``, ``PTTL``)
@@ -93,6 +97,11 @@ class RedisClusterOptions:
             :class:`ssl.SSLContext`, used for every node.
         client_name: sent with ``CLIENT SETNAME`` on every connection.
         protocol: RESP version, 2 or 3; ``None`` for redis-py's default.
+        auto_pipeline: send single-key commands over one multiplexed connection
+            per node, where the commands of all tasks for a node issued in the
+            same event-loop iteration leave in one write. Batches always use
+            these connections. ``False`` sends single-key commands through
+            redis-py's cluster client and its node pools.
         client_cache: a :class:`ClientCache` turns on client-side caching of
             ``get`` and ``batch_get``, kept coherent by one broadcast-tracking
             connection per primary (see "Client-side caching" in the docs).
@@ -118,6 +127,7 @@ class RedisClusterOptions:
     tls: bool | ssl.SSLContext = False
     client_name: str | None = None
     protocol: int | None = None
+    auto_pipeline: bool = True
     client_cache: ClientCache | None = None
 
     def __post_init__(self) -> None:
@@ -134,6 +144,8 @@ class RedisClusterOptions:
             raise ConfigurationError("max_redirects must be at least 1")
         if not isinstance(self.read_from_replicas, bool):
             raise ConfigurationError("read_from_replicas must be True or False")
+        if not isinstance(self.auto_pipeline, bool):
+            raise ConfigurationError("auto_pipeline must be True or False")
         if self.client_cache is not None:
             if not isinstance(self.client_cache, ClientCache):
                 raise ConfigurationError("client_cache must be a ClientCache or None")
@@ -226,6 +238,7 @@ class RedisClusterOptions:
             tls=base.tls,
             client_name=base.client_name,
             protocol=base.protocol,
+            auto_pipeline=base.auto_pipeline,
         )
         kwargs.update(overrides)
         try:
@@ -351,7 +364,13 @@ class RedisClusterBackend:
         self._tracking: ClusterTracking | None = None
         if self._options.client_cache is not None:
             self._tracking = ClusterTracking(self, self._options.client_cache)
-        self._batches = NodeBatches(self._batch_conn, self._relearn)
+        self._node_conns = NodeConnections(
+            self._batch_conn,
+            self._relearn,
+            self._cluster.nodes_manager,
+            max_retries=self._options.max_retries,
+            max_redirects=self._options.max_redirects,
+        )
 
     @classmethod
     def from_url(cls, url: str, **overrides: object) -> RedisClusterBackend:
@@ -477,6 +496,8 @@ class RedisClusterBackend:
                 raise self._error(exc, command, key) from exc
 
     def _exec(self, command: str, key: str, *args: Any) -> Awaitable[Any]:
+        if self._options.auto_pipeline:
+            return self._multiplexed(command, key, (command, key, *args))
         execute: Callable[..., Awaitable[Any]] = self._cluster.execute_command
 
         async def call() -> Any:
@@ -490,6 +511,26 @@ class RedisClusterBackend:
                 return await self._redirected((command, key, *args))
 
         return self._run(command, key, call)
+
+    async def _multiplexed(self, command: str, key: str, args: tuple[Any, ...]) -> Any:
+        """A single-key command on its node's multiplexed connection (see _cluster_mux).
+
+        Not within the in-flight limit: that keeps redis-py's node pools from
+        running out, and these calls take nothing from them.
+        """
+        self._check_open(command)
+        try:
+            if self._cluster._initialize:  # not a coroutine per call once the layout is known
+                await self._ready()
+                if self._closed:  # closed meanwhile: what learning the layout opened is closed too
+                    with contextlib.suppress(Exception):
+                        await self._disconnect_nodes()
+                    self._check_open(command)
+            return await self._node_conns.command(args, self._route)
+        except _DRIVER_ERRORS as exc:
+            raise self._error(exc, command, key) from exc
+        except UnicodeEncodeError as exc:
+            raise self._error(exc, command, key) from exc
 
     async def _redirected(self, args: tuple[Any, ...]) -> Any:
         """Run a single-key command, following ``MOVED`` / ``ASK`` / ``TRYAGAIN`` ourselves.
@@ -576,7 +617,7 @@ class RedisClusterBackend:
             steps.push_async_callback(self._close_cluster)
             for backend in backends:
                 steps.push_async_callback(backend.close)
-            steps.push_async_callback(self._batches.close)
+            steps.push_async_callback(self._node_conns.close)
             if self._tracking is not None:
                 steps.push_async_callback(self._tracking.close)
 
@@ -638,6 +679,18 @@ class RedisClusterBackend:
             groups.setdefault(slot, []).append(index)
         return groups
 
+    def _route(self, args: Sequence[Any]) -> ClusterNode:
+        """The node to send ``args`` (its key at ``args[1]``) to."""
+        cluster = self._cluster
+        # Only reads may go to a replica: a write sent there comes back MOVED.
+        read = args[0] in READ_COMMANDS
+        node: ClusterNode = cluster.nodes_manager.get_node_from_slot(
+            _slot(args[1]),
+            read and cluster.read_from_replicas,
+            cluster.load_balancing_strategy if read else None,
+        )
+        return node
+
     async def _pipeline(
         self, name: str, commands: list[tuple[Any, ...]], served_by: list[str | None] | None = None
     ) -> list[Any]:
@@ -654,22 +707,12 @@ class RedisClusterBackend:
         """
 
         cluster = self._cluster
-
-        def route(args: Sequence[Any]) -> ClusterNode:
-            # Only reads may go to a replica: a write sent there comes back MOVED.
-            read = args[0] in READ_COMMANDS
-            node: ClusterNode = cluster.nodes_manager.get_node_from_slot(
-                _slot(args[1]),
-                read and cluster.read_from_replicas,
-                cluster.load_balancing_strategy if read else None,
-            )
-            return node
-
+        route = self._route
         reads = all(args[0] in READ_COMMANDS for args in commands)
 
         async def multiplexed() -> list[Any]:
             await self._ready()
-            return await self._batches.send(commands, route, reads=reads)
+            return await self._node_conns.send(commands, route, reads=reads)
 
         async def send() -> list[Any]:
             await self._ready()
@@ -689,7 +732,7 @@ class RedisClusterBackend:
 
         targets: list[str | None] = []
 
-        # Batches leave on the nodes' multiplexed connections (see _cluster_batches),
+        # Batches leave on the nodes' multiplexed connections (see _cluster_mux),
         # except the client cache's reads: its invalidations follow the connections
         # it tracks, redis-py's.
         fast = served_by is None and (not reads or self._tracking is None)

@@ -1,15 +1,23 @@
-"""Cluster batches on one multiplexed connection per node.
+"""Cluster commands on one multiplexed connection per node.
 
-redis-py's cluster pipeline spends about 25 µs of CPU per command (its Python
-packer, then an ``asyncio.timeout`` around each reply it reads): a 1,000-key
-``batch_get``, which needs one ``MGET`` per hash slot, is about 1,000
-commands. Here each node's share leaves in one write on that node's
-multiplexed connection (the standalone transport: hiredis parsing, one
-deadline per connection, cancellation-safe), and comes back as one list.
+redis-py's cluster client spends about 25 µs of CPU per command in a pipeline
+(its Python packer, then an ``asyncio.timeout`` around each reply it reads),
+and more for a single command (it parses the command's keys to find the slot,
+takes a pooled connection, wraps the call in timeouts). Here a command goes to
+its node's multiplexed connection (the standalone transport: hiredis parsing,
+one deadline per connection, cancellation-safe), where the commands of all
+tasks for that node leave together in one write. A batch's share for a node
+leaves in one write and comes back as one list.
 
-After a lost connection the layout is learned anew (the node may have failed
-over), so that the next call goes to the slot's new owner. A read is then sent
-once more, since it applied nothing; a write is not, since it may have been
+Redirections are followed as redis-py follows them: ``MOVED`` updates the
+slot's owner, ``ASK`` re-sends the command with ``ASKING`` in one write to the
+node importing the slot, ``TRYAGAIN`` waits a little.
+
+After a lost connection or a timeout the layout is learned anew (the node may
+have failed over), so that the next call goes to the slot's new owner.
+A single command is then retried up to ``max_retries`` times, as redis-py
+retries it (a write may be applied twice). A batch read is sent once more,
+since it applied nothing; a batch write is not, since it may have been
 applied: its caller hears of the failure.
 """
 
@@ -23,12 +31,12 @@ from typing import Any
 import hiredis
 from redis import exceptions as rx
 from redis._parsers.base import BaseParser
-from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import ClusterNode, NodesManager
 
 from ._errors import is_dial_timeout
-from ._mux import Arg, MuxConnection
+from ._mux import Arg, MuxConnection, backoff
 
-__all__ = ["NodeBatches", "reply_value"]
+__all__ = ["NodeConnections", "reply_value"]
 
 #: (command, slot) -> the node to send it to.
 Route = Callable[[Sequence[Any]], ClusterNode]
@@ -46,16 +54,23 @@ def reply_value(reply: Any) -> Any:
     return reply
 
 
-class NodeBatches:
+class NodeConnections:
     """One multiplexed connection per node name, opened on first use."""
 
     def __init__(
         self,
         connect: Callable[[str], MuxConnection],
         refresh: Callable[[], Awaitable[Collection[str]]],
+        nodes: NodesManager,
+        *,
+        max_retries: int,
+        max_redirects: int,
     ) -> None:
         self._connect = connect
         self._refresh = refresh  # learns the layout; returns the names of its nodes
+        self._nodes = nodes
+        self._max_retries = max_retries
+        self._max_redirects = max_redirects
         self._conns: dict[str, MuxConnection] = {}
         self._retired: list[MuxConnection] = []  # may still wait for replies
         self._closed = False
@@ -67,6 +82,58 @@ class NodeBatches:
                 raise rx.ConnectionError(f"connection to {name} is closed")
             conn = self._conns[name] = self._connect(name)
         return conn
+
+    async def command(self, args: tuple[Arg, ...], route: Route) -> Any:
+        """The reply to the single-key command ``args``; a server error is raised.
+
+        Redirections are followed (at most ``max_redirects``); after a lost
+        connection, a timeout or ``CLUSTERDOWN`` the layout is learned again and
+        the command retried, at most ``max_retries`` times, but not after a dial
+        timeout (the connection already retried its dials).
+        """
+        nodes = self._nodes
+        ask: ClusterNode | None = None
+        redirects = failures = 0
+        while True:
+            try:
+                if ask is None:
+                    reply = await self._conn(route(args).name).send_command(args)
+                else:
+                    reply = (await self._conn(ask.name).execute_many([("ASKING",), args]))[1]
+                    ask = None
+                if reply.__class__ is not hiredis.ReplyError:
+                    return reply
+                error = reply_value(reply)
+                if isinstance(error, rx.ClusterDownError):
+                    raise error
+            except (rx.ConnectionError, rx.TimeoutError, rx.ClusterDownError, rx.SlotNotCoveredError) as exc:
+                if self._closed or isinstance(exc, rx.AuthenticationError):
+                    raise
+                if isinstance(exc, rx.ClusterDownError):
+                    await asyncio.sleep(0.25)  # a failover under way: give it a moment
+                with contextlib.suppress(Exception):
+                    await self._relearn()
+                if failures >= self._max_retries or is_dial_timeout(exc):
+                    raise
+                failures += 1
+                await asyncio.sleep(backoff(failures))
+                continue
+            if isinstance(error, rx.MovedError):  # before AskError, its base class
+                await nodes.move_slot(error)
+            elif isinstance(error, rx.AskError):
+                ask = nodes.get_node(host=error.host, port=error.port)
+                if ask is None:  # a node not known yet
+                    with contextlib.suppress(Exception):
+                        await self._relearn()
+                    ask = nodes.get_node(host=error.host, port=error.port)
+            elif isinstance(error, rx.TryAgainError):
+                # The slot is moving and the keys are split between the two nodes.
+                await asyncio.sleep(0.05 * (redirects + 1))
+            else:
+                raise error
+            redirects += 1
+            if redirects >= self._max_redirects:
+                raise rx.ClusterError(f"gave up after {redirects} redirections ({error})")
 
     async def send(self, commands: Sequence[tuple[Arg, ...]], route: Route, *, reads: bool) -> list[Any]:
         """The replies to ``commands`` in order, server errors as exception values.
