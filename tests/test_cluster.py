@@ -535,7 +535,8 @@ async def test_single_keys_follow_ask_then_moved(
     # the command goes to the importing node with ASKING. Once the slot has
     # moved, MOVED updates its owner and later calls go straight there.
     cluster = redis_cluster_factory(node_timeout_ms=5000)
-    options = RedisClusterOptions(addrs=cluster.addrs, auto_pipeline=auto_pipeline)
+    # max_redirects=1: each call below needs exactly one redirection, which it may follow.
+    options = RedisClusterOptions(addrs=cluster.addrs, auto_pipeline=auto_pipeline, max_redirects=1)
     async with Client(RedisClusterBackend(options)) as client:
         await client.set("{ask}:old", "before")
         slot = key_slot(b"ask")
@@ -561,6 +562,85 @@ async def test_single_keys_follow_ask_then_moved(
             stats = src.info("commandstats")["cmdstat_get"]
         assert (stats["calls"], stats["rejected_calls"]) == (0, 1)  # the first read, answered MOVED
         assert command_calls(target)["get"] == 2
+
+
+def wait_joined(cluster: RedisCluster, newcomer: RedisServer, timeout: float = 30.0) -> None:
+    """Wait until ``newcomer`` and the primaries know each other and it sees the cluster as ok."""
+    deadline = time.monotonic() + timeout
+    for node in (newcomer, *cluster.primaries()):
+        with sync_client(node) as direct:
+            while True:
+                known = len(direct.execute_command("CLUSTER NODES"))
+                state = direct.execute_command("CLUSTER INFO")["cluster_state"]
+                if known == len(cluster.nodes) + 1 and state == "ok":
+                    break
+                assert time.monotonic() < deadline, f"{node.port}: {known} nodes known, cluster {state}"
+                time.sleep(0.05)
+
+
+async def test_single_keys_follow_ask_to_a_node_that_serves_no_slot_yet(
+    redis_cluster_factory: ClusterFactory,
+) -> None:
+    # Scaling out: a new, empty node joins and the first slot migrates to it. The
+    # layout does not list a node without slots, so an ASK must be followed by
+    # its address alone.
+    cluster = redis_cluster_factory(node_timeout_ms=5000)
+    config = {"cluster-enabled": "yes", "cluster-config-file": "nodes.conf", "cluster-node-timeout": "5000"}
+    newcomer = RedisServer(cluster.binary, extra_config=config).start()
+    try:
+        seed = cluster.primaries()[0]
+        with sync_client(seed) as direct:
+            direct.execute_command("CLUSTER MEET", newcomer.host, newcomer.port)
+        await asyncio.to_thread(wait_joined, cluster, newcomer)
+        async with Client(RedisClusterBackend(RedisClusterOptions(addrs=cluster.addrs))) as client:
+            await client.set("{grow}:old", "before")
+            slot = key_slot(b"grow")
+            source = cluster.node_for_slot(slot)
+            with sync_client(source) as src, sync_client(newcomer) as new:
+                source_id, new_id = src.execute_command("CLUSTER MYID"), new.execute_command("CLUSTER MYID")
+                new.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+                src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", new_id)
+                src.execute_command("MIGRATE", newcomer.host, newcomer.port, "{grow}:old", 0, 5000)
+            assert await client.get("{grow}:old") == "before"  # ASK: on the newcomer now
+            await client.set("{grow}:new", "during")
+            assert await client.ttl("{grow}:new") is None
+            with sync_client(newcomer) as new:
+                assert new.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 2
+    finally:
+        newcomer.stop()
+
+
+async def test_closing_while_a_call_relearns_the_layout_leaves_no_connection_open(
+    redis_cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A call that timed out learns the layout again through redis-py's connections;
+    # if the backend closes meanwhile, what that lookup opens is closed too.
+    backend = RedisClusterBackend(RedisClusterOptions(addrs=redis_cluster.addrs[:1], read_timeout=0.3))
+    await backend.set("relearn", b"v")
+    entered, release = asyncio.Event(), asyncio.Event()
+    real_relearn = backend._relearn
+
+    async def held_relearn() -> set[str]:
+        entered.set()
+        await release.wait()
+        return await real_relearn()
+
+    monkeypatch.setattr(backend._node_conns, "_refresh", held_relearn)
+    owner = redis_cluster.node_for_slot(key_slot(b"relearn"))
+    with sync_client(owner) as direct:
+        direct.execute_command("CLIENT PAUSE", 800, "ALL")
+        try:
+            call = asyncio.ensure_future(backend.get("relearn"))
+            await asyncio.wait_for(entered.wait(), 5)
+            await backend.close()
+            release.set()
+            with pytest.raises(BackendUnavailableError, match="closed"):
+                await asyncio.wait_for(call, 10)
+        finally:
+            direct.execute_command("CLIENT UNPAUSE")
+    nodes = backend.cluster.nodes_manager
+    every_node = [*nodes.nodes_cache.values(), *nodes.startup_nodes.values()]
+    assert not [c for node in every_node for c in node._connections if c.is_connected]
 
 
 async def test_batches_during_slot_migration(redis_cluster_factory: ClusterFactory) -> None:

@@ -32,6 +32,7 @@ import hiredis
 from redis import exceptions as rx
 from redis._parsers.base import BaseParser
 from redis.asyncio.cluster import ClusterNode, NodesManager
+from redis.cluster import get_node_name
 
 from ._errors import is_dial_timeout
 from ._mux import Arg, MuxConnection, backoff
@@ -92,14 +93,14 @@ class NodeConnections:
         timeout (the connection already retried its dials).
         """
         nodes = self._nodes
-        ask: ClusterNode | None = None
+        ask: str | None = None  # the node an ASK sent the command to
         redirects = failures = 0
         while True:
             try:
                 if ask is None:
                     reply = await self._conn(route(args).name).send_command(args)
                 else:
-                    reply = (await self._conn(ask.name).execute_many([("ASKING",), args]))[1]
+                    reply = (await self._conn(ask).execute_many([("ASKING",), args]))[1]
                     ask = None
                 if reply.__class__ is not hiredis.ReplyError:
                     return reply
@@ -121,19 +122,17 @@ class NodeConnections:
             if isinstance(error, rx.MovedError):  # before AskError, its base class
                 await nodes.move_slot(error)
             elif isinstance(error, rx.AskError):
-                ask = nodes.get_node(host=error.host, port=error.port)
-                if ask is None:  # a node not known yet
-                    with contextlib.suppress(Exception):
-                        await self._relearn()
-                    ask = nodes.get_node(host=error.host, port=error.port)
+                # By address: a node joining the cluster serves no slot yet, so the
+                # layout does not list it while the first slot migrates to it.
+                ask = get_node_name(error.host, error.port)
             elif isinstance(error, rx.TryAgainError):
                 # The slot is moving and the keys are split between the two nodes.
                 await asyncio.sleep(0.05 * (redirects + 1))
             else:
                 raise error
             redirects += 1
-            if redirects >= self._max_redirects:
-                raise rx.ClusterError(f"gave up after {redirects} redirections ({error})")
+            if redirects > self._max_redirects:
+                raise rx.ClusterError(f"gave up after following {self._max_redirects} redirections ({error})")
 
     async def send(self, commands: Sequence[tuple[Arg, ...]], route: Route, *, reads: bool) -> list[Any]:
         """The replies to ``commands`` in order, server errors as exception values.

@@ -30,7 +30,6 @@ from typing import Any, Union, cast
 import hiredis
 from redis import exceptions as rx
 
-from ..._tasks import cancel_requested
 from ._errors import DialTimeoutError
 
 __all__ = ["MuxConnection", "backoff", "pack"]
@@ -406,15 +405,14 @@ class MuxConnection:
                 self._connecting = asyncio.get_running_loop().create_task(self._open_with_retries())
                 self._connecting.add_done_callback(self._connected)
             connecting = self._connecting
-            try:
-                # Shielded: one caller giving up must not abort the connect the others wait for.
-                protocol = await asyncio.shield(connecting)
-            except asyncio.CancelledError:
-                if self._closed and connecting.cancelled() and cancel_requested() is False:
-                    # close() stopped the connect; the caller was not cancelled itself.
-                    # (Before Python 3.11 the two cannot be told apart: the cancellation stays.)
-                    raise rx.ConnectionError(f"connection to {self._node} is closed") from None
-                raise
+            # Waited for, not awaited: one caller giving up must not abort the connect
+            # the others wait for, and a connect that close() stopped must reach its
+            # callers as a closed connection, not as a cancellation of their own
+            # (which before Python 3.11 cannot be told apart from a real one).
+            await asyncio.wait((connecting,))
+            if connecting.cancelled() and self._closed:
+                raise rx.ConnectionError(f"connection to {self._node} is closed")
+            protocol = connecting.result()
             if protocol.generation == self._generation:
                 return protocol
             # reconnect() came after the open and before this caller resumed: that

@@ -268,7 +268,7 @@ def _cluster_for(options: RedisClusterOptions) -> RedisCluster:
     if options.read_from_replicas:
         kwargs["load_balancing_strategy"] = LoadBalancingStrategy.ROUND_ROBIN
     cluster = RedisCluster(**kwargs)
-    cluster.RedisClusterRequestTTL = options.max_redirects
+    cluster.RedisClusterRequestTTL = options.max_redirects + 1  # attempts: the first and one per redirection
     # Node connections are made from these kwargs (startup nodes got a copy already),
     # so the classes are swapped in before any connection exists. Ours bound the whole
     # open, login included, by dial_timeout; redis-py's bound the login by socket_timeout
@@ -477,9 +477,13 @@ class RedisClusterBackend:
                 # Calls in flight when the backend closed may have connected again
                 # (redis-py reconnects on use, without re-reading the layout, which
                 # its aclose() alone would then skip): the last one out disconnects.
-                sweep = detached(self._disconnect_nodes(), f"kivigo close cluster {self._seeds}")
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(sweep)
+                await self._sweep()
+
+    async def _sweep(self) -> None:
+        """Disconnect every node again: a call under way when the backend closed opened connections."""
+        sweep = detached(self._disconnect_nodes(), f"kivigo close cluster {self._seeds}")
+        with contextlib.suppress(Exception):
+            await asyncio.shield(sweep)
 
     async def _run(self, command: str, key: str | None, call: Callable[[], Awaitable[Any]]) -> Any:
         """Run ``call`` within the in-flight limit, translating driver errors."""
@@ -521,11 +525,12 @@ class RedisClusterBackend:
         self._check_open(command)
         try:
             if self._cluster._initialize:  # not a coroutine per call once the layout is known
-                await self._ready()
-                if self._closed:  # closed meanwhile: what learning the layout opened is closed too
-                    with contextlib.suppress(Exception):
-                        await self._disconnect_nodes()
-                    self._check_open(command)
+                try:
+                    await self._ready()
+                finally:
+                    if self._closed:  # closed meanwhile: what learning the layout opened is closed too
+                        await self._sweep()
+                self._check_open(command)
             return await self._node_conns.command(args, self._route)
         except _DRIVER_ERRORS as exc:
             raise self._error(exc, command, key) from exc
@@ -543,7 +548,7 @@ class RedisClusterBackend:
         nodes = self._cluster.nodes_manager
         slot = _slot(args[1])
         ask_node: ClusterNode | None = None
-        for attempt in range(self._options.max_redirects):
+        for attempt in range(self._options.max_redirects + 1):
             node = ask_node if ask_node is not None else nodes.get_node_from_slot(slot)
             commands = [PipelineCommand(0, *args)]
             if ask_node is not None:
@@ -563,7 +568,7 @@ class RedisClusterBackend:
                 raise result
             else:
                 return result
-        raise ClusterError(f"gave up after {self._options.max_redirects} redirections")
+        raise ClusterError(f"gave up after following {self._options.max_redirects} redirections")
 
     def _batch_conn(self, name: str) -> MuxConnection:
         async def readonly() -> list[tuple[str]]:
@@ -576,7 +581,11 @@ class RedisClusterBackend:
     async def _relearn(self) -> set[str]:
         nodes = self._cluster.nodes_manager
         initialize: Callable[[], Awaitable[None]] = nodes.initialize
-        await initialize()
+        try:
+            await initialize()
+        finally:
+            if self._closed:  # closed meanwhile: what the lookup opened is closed too
+                await self._sweep()
         return set(nodes.nodes_cache)
 
     async def _ready(self) -> None:
