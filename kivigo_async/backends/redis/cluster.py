@@ -756,11 +756,11 @@ class RedisClusterBackend:
                 raise self._error(result, name, args[1] if len(args) == 2 else None) from result
         if redo:
             singles = [single for parts in redo.values() for single in parts]
-            replies = iter(
-                await asyncio.gather(
-                    *(self._run(name, s[1], lambda s=s: self._redirected(s)) for s in singles)  # type: ignore[misc]
-                )
-            )
+            if self._options.auto_pipeline:  # as single-key commands: together, per node
+                resent = [self._multiplexed(name, s[1], s) for s in singles]
+            else:
+                resent = [self._run(name, s[1], lambda s=s: self._redirected(s)) for s in singles]  # type: ignore[misc]
+            replies = iter(await asyncio.gather(*resent))
             for index, parts in redo.items():
                 results[index] = _join(commands[index][0], [next(replies) for _ in parts])
         if served_by is not None:
