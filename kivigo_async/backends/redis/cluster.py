@@ -708,7 +708,7 @@ class RedisClusterBackend:
         A command redirected by ``MOVED`` / ``ASK`` (its slot moved, or is
         moving), or refused with ``TRYAGAIN`` (a multi-key command whose keys
         are split between two nodes mid-migration) is re-sent one key at a
-        time: redis-py follows the redirections of single-key commands.
+        time, as single-key commands, which follow redirections one by one.
 
         ``served_by``, when given, receives per command the name of the node it
         was sent to, or ``None`` when it had to be re-sent (the client cache
