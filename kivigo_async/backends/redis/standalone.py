@@ -384,6 +384,12 @@ class RedisBackend:
         conn = await acquire()
 
         async def attempt() -> Any:
+            writer = conn._writer
+            if writer is not None and writer.transport.is_closing():
+                # The server closed it (after a protocol error, say). Writing to it
+                # would fail inside asyncio on Python 3.12+ (an AttributeError or a
+                # TypeError, not an OSError redis-py would handle): open a new one.
+                await conn.disconnect(nowait=True)
             await conn.send_packed_command(payload)
             return await conn.read_response()
 
