@@ -14,7 +14,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -241,15 +241,23 @@ async def test_a_stalled_node_fails_a_batch_read_with_a_timeout(
         assert await asyncio.wait_for(client.batch_get(list(data)), 10) == data
 
 
-def wait_promoted(cluster: RedisCluster, via: RedisServer, heir: RedisServer, timeout: float = 30.0) -> None:
+def poll(problem: Callable[[], str | None], deadline: float) -> None:
+    """Call ``problem`` until it returns None; fail with its last answer at ``deadline`` (monotonic)."""
+    while (found := problem()) is not None:
+        assert time.monotonic() < deadline, found
+        time.sleep(0.05)
+
+
+def wait_promoted(cluster: RedisCluster, via: RedisServer, heir: RedisServer) -> None:
     """Wait until ``via`` sees ``heir`` as a primary serving slots (asked of ``via`` only:
     a stopped node would not answer)."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def problem() -> str | None:
         if any(i.server is heir and i.is_primary and i.slots for i in cluster.topology(via=via)):
-            return
-        assert time.monotonic() < deadline, f"{heir.port} was not promoted within {timeout} s"
-        time.sleep(0.1)
+            return None
+        return f"{heir.port} was not promoted"
+
+    poll(problem, time.monotonic() + 30)
 
 
 async def test_batches_follow_a_failover_away_from_a_primary_that_stopped_answering(
@@ -564,18 +572,21 @@ async def test_single_keys_follow_ask_then_moved(
         assert command_calls(target)["get"] == 2
 
 
-def wait_joined(cluster: RedisCluster, newcomer: RedisServer, timeout: float = 30.0) -> None:
-    """Wait until ``newcomer`` and the primaries know each other and it sees the cluster as ok."""
-    deadline = time.monotonic() + timeout
+def wait_joined(cluster: RedisCluster, newcomer: RedisServer) -> None:
+    """Wait until ``newcomer`` and the primaries know each other and each sees the cluster as ok."""
+    deadline = time.monotonic() + 30
     for node in (newcomer, *cluster.primaries()):
         with sync_client(node) as direct:
-            while True:
-                known = len(direct.execute_command("CLUSTER NODES"))
-                state = direct.execute_command("CLUSTER INFO")["cluster_state"]
+            ask: Callable[..., Any] = direct.execute_command  # untyped in redis-py
+
+            def problem(ask: Callable[..., Any] = ask, port: int = node.port) -> str | None:
+                known = len(ask("CLUSTER NODES"))
+                state = ask("CLUSTER INFO")["cluster_state"]
                 if known == len(cluster.nodes) + 1 and state == "ok":
-                    break
-                assert time.monotonic() < deadline, f"{node.port}: {known} nodes known, cluster {state}"
-                time.sleep(0.05)
+                    return None
+                return f"{port}: {known} nodes known, cluster {state}"
+
+            poll(problem, deadline)
 
 
 async def test_single_keys_follow_ask_to_a_node_that_serves_no_slot_yet(

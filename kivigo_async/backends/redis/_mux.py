@@ -520,9 +520,7 @@ class MuxConnection:
 
         For a node that left the layout: the calls in flight on it end as they
         would have, and :meth:`close` still ends the socket at once. A connect
-        under way is left to finish, not cancelled: its callers then fail with a
-        ``ConnectionError`` (before Python 3.11 a cancelled connect cannot be told
-        from a cancelled caller, and would reach them as a bare cancellation).
+        under way is left to finish; its callers then fail with a ``ConnectionError``.
         """
         self._closed = True
         self.reconnect(wait_for_replies=True)

@@ -525,11 +525,7 @@ class RedisClusterBackend:
         self._check_open(command)
         try:
             if self._cluster._initialize:  # not a coroutine per call once the layout is known
-                try:
-                    await self._ready()
-                finally:
-                    if self._closed:  # closed meanwhile: what learning the layout opened is closed too
-                        await self._sweep()
+                await self._ready()
                 self._check_open(command)
             return await self._node_conns.command(args, self._route)
         except _DRIVER_ERRORS as exc:
@@ -592,7 +588,11 @@ class RedisClusterBackend:
         # Commands issued before the layout is known are routed to a random node
         # by redis-py (then redirected): learn the layout first, once.
         initialize: Callable[[], Awaitable[Any]] = self._cluster.initialize
-        await initialize()
+        try:
+            await initialize()
+        finally:
+            if self._closed:  # closed meanwhile: what learning the layout opened is closed too
+                await self._sweep()
 
     async def _primaries(self) -> list[ClusterNode]:
         await self._run("CLUSTER SLOTS", None, self._ready)
