@@ -84,7 +84,11 @@ class AsyncBackend(Protocol):
         ...
 
     async def close(self) -> None:
-        """Release connections and background tasks. Safe to call twice."""
+        """Release connections and background tasks. Safe to call twice.
+
+        A failure is raised to the calls under way when it happens; a later
+        call returns without raising it again.
+        """
         ...
 
 

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis
 
-from kivigo_async import Client
+from kivigo_async import AsyncBackend, Client
 from kivigo_async.backends.redis import LocalCache, RedisBackend, RedisOptions
+from kivigo_async.errors import BackendUnavailableError
 from kivigo_async.testing.pytest_plugin import require_server
 from kivigo_async.testing.servers import Server, ServerPool
 
@@ -44,6 +46,24 @@ async def cancel_close_after(client: Client, turns: int) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await closing
     await client.close()  # returns at once: the first call was the one that counted
+
+
+async def check_a_failed_close_is_reported_once(
+    backend: AsyncBackend, driver: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Make ``driver.aclose()`` (redis-py's, under ``backend``) fail: the calls under way
+    get the error, later ones do not."""
+    real = driver.aclose
+
+    async def failing_aclose() -> None:
+        await real()  # the connections are released; the error is what is being tested
+        raise redis.ConnectionError("connection reset")
+
+    monkeypatch.setattr(driver, "aclose", failing_aclose)
+    first, second = await asyncio.gather(backend.close(), backend.close(), return_exceptions=True)
+    assert isinstance(first, BackendUnavailableError), first
+    assert second is first
+    await backend.close()  # it was reported: closing again raises nothing
 
 
 def redis_options(server: Server, **overrides: Any) -> RedisOptions:

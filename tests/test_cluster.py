@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import cancel_close_after
+from conftest import cancel_close_after, check_a_failed_close_is_reported_once
 from redis.asyncio.cluster import ClusterNode
 from redis.crc import key_slot
 
@@ -793,6 +793,14 @@ async def test_a_cancelled_close_still_closes_every_connection(
             break
         await asyncio.sleep(0.05)
     assert ours() == 0
+
+
+async def test_a_failed_close_is_reported_once(
+    redis_cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = RedisClusterBackend(RedisClusterOptions(addrs=redis_cluster.addrs[:1]))
+    await backend.health()
+    await check_a_failed_close_is_reported_once(backend, backend._cluster, monkeypatch)
 
 
 async def test_batch_writes_never_go_to_replicas(

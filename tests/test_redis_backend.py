@@ -28,7 +28,7 @@ import hiredis
 import pytest
 import redis.asyncio as aioredis
 import trustme
-from conftest import redis_options
+from conftest import check_a_failed_close_is_reported_once, redis_options
 from redis._parsers import _AsyncHiredisParser
 
 from kivigo_async import Client
@@ -1008,6 +1008,13 @@ async def test_close_closes_connections(server: RedisServer, control: aioredis.R
     await client.close()
     assert await wait_for_connections(control, name, 0) == 0
     await client.close()  # twice is fine
+
+
+@pytest.mark.server
+async def test_a_failed_close_is_reported_once(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = RedisBackend(redis_options(server, auto_pipeline=False))
+    await backend.health()
+    await check_a_failed_close_is_reported_once(backend, backend._redis, monkeypatch)
 
 
 @pytest.mark.server

@@ -614,6 +614,8 @@ class RedisClusterBackend:
         self._closed = True
         if self._closing is None:
             self._closing = detached(self._close_all(), f"kivigo close cluster {self._seeds}")
+        elif self._closing.done():
+            return  # a failure was for the close() that ran it, not for every later one
         # Shielded: a caller that stops waiting (a timeout around the shutdown) must
         # not stop the closing half-way, since nobody would finish it.
         await asyncio.shield(self._closing)

@@ -452,6 +452,8 @@ class RedisBackend:
             self._pool.closed = True
         if self._closing is None:
             self._closing = detached(self._close_all(), f"kivigo close {self._node}")
+        elif self._closing.done():
+            return  # a failure was for the close() that ran it, not for every later one
         # Shielded: a caller that stops waiting (a timeout around the shutdown) must
         # not stop the closing half-way, since nobody would finish it.
         await asyncio.shield(self._closing)
