@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,9 @@ __all__ = ["RedisClusterBackend", "RedisClusterOptions"]
 
 # Errors of redis-py's cluster layer: RedisClusterException is not a RedisError.
 _DRIVER_ERRORS = (RedisError, RedisClusterException)
+#: What _run translates: the driver's errors, a key it cannot encode, and the
+#: AttributeError / TypeError of a connection torn down under a call (_torn_down).
+_TRANSLATED = (*_DRIVER_ERRORS, UnicodeEncodeError, AttributeError, TypeError)
 
 
 @dataclass(frozen=True)
@@ -449,10 +453,12 @@ class RedisClusterBackend:
             # redis-py's cluster client would open new connections nobody closes.
             raise BackendUnavailableError(f"{command} on cluster {self._seeds}: the backend is closed")
 
-    @contextlib.asynccontextmanager
-    async def _slot(self, command: str) -> AsyncIterator[None]:
-        """Hold one of ``pool_size`` in-flight places; every call that takes a node
-        connection must: redis-py's node pools fail at once, rather than wait, when full."""
+    async def _enter(self, command: str) -> None:
+        """Take one of ``pool_size`` in-flight places; every call that takes a node
+        connection must: redis-py's node pools fail at once, rather than wait, when full.
+
+        Give it back with :meth:`_leave`.
+        """
         in_flight = self._in_flight
         if not self._closed and not in_flight.locked():
             await in_flight.acquire()  # returns at once: no task for a timeout that cannot fire
@@ -468,16 +474,24 @@ class RedisClusterBackend:
                 in_flight.release()
                 self._check_open(command)
         self._running += 1
+
+    async def _leave(self) -> None:
+        self._running -= 1
+        self._in_flight.release()
+        if self._closed and not self._running:
+            # Calls in flight when the backend closed may have connected again
+            # (redis-py reconnects on use, without re-reading the layout, which
+            # its aclose() alone would then skip): the last one out disconnects.
+            await self._sweep()
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, command: str) -> AsyncIterator[None]:
+        """An in-flight place (see :meth:`_enter`) for the block."""
+        await self._enter(command)
         try:
             yield
         finally:
-            self._running -= 1
-            in_flight.release()
-            if self._closed and not self._running:
-                # Calls in flight when the backend closed may have connected again
-                # (redis-py reconnects on use, without re-reading the layout, which
-                # its aclose() alone would then skip): the last one out disconnects.
-                await self._sweep()
+            await self._leave()
 
     async def _sweep(self) -> None:
         """Disconnect every node again: a call under way when the backend closed opened connections."""
@@ -487,34 +501,32 @@ class RedisClusterBackend:
 
     async def _run(self, command: str, key: str | None, call: Callable[[], Awaitable[Any]]) -> Any:
         """Run ``call`` within the in-flight limit, translating driver errors."""
-        async with self._slot(command):
-            try:
-                return await call()
-            except _DRIVER_ERRORS as exc:
-                raise self._error(exc, command, key) from exc
-            except UnicodeEncodeError as exc:
-                raise self._error(exc, command, key) from exc
-            except (AttributeError, TypeError) as exc:
-                if not _torn_down(exc):
-                    raise
-                raise self._error(exc, command, key) from exc
+        await self._enter(command)
+        try:
+            return await call()
+        except _TRANSLATED as exc:
+            if isinstance(exc, (AttributeError, TypeError)) and not _torn_down(exc):
+                raise
+            raise self._error(exc, command, key) from exc
+        finally:
+            await self._leave()
 
     def _exec(self, command: str, key: str, *args: Any) -> Awaitable[Any]:
         if self._options.auto_pipeline:
             return self._multiplexed(command, key, (command, key, *args))
-        execute: Callable[..., Awaitable[Any]] = self._cluster.execute_command
+        return self._run(command, key, functools.partial(self._driven, (command, key, *args)))
 
-        async def call() -> Any:
+    async def _driven(self, args: tuple[Any, ...]) -> Any:
+        """A single-key command through redis-py's cluster client (``auto_pipeline=False``)."""
+        if self._cluster._initialize:  # not a coroutine per call once the layout is known
             await self._ready()
-            try:
-                return await execute(command, key, *args)
-            except ClusterError as exc:
-                if "TTL exhausted" not in str(exc):
-                    raise
-                # redis-py gave up following redirections (see _redirected): do it ourselves.
-                return await self._redirected((command, key, *args))
-
-        return self._run(command, key, call)
+        try:
+            return await self._cluster.execute_command(*args)
+        except ClusterError as exc:
+            if "TTL exhausted" not in str(exc):
+                raise
+            # redis-py gave up following redirections (see _redirected): do it ourselves.
+            return await self._redirected(args)
 
     async def _multiplexed(self, command: str, key: str, args: tuple[Any, ...]) -> Any:
         """A single-key command on its node's multiplexed connection (see _cluster_mux).
