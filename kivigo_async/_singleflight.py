@@ -184,8 +184,20 @@ class SingleFlight(Generic[R]):
             task.exception()  # retrieved: the callers got it, or there were none left
 
 
-# What a fill produced: the value, its encoded form, and the type it was decoded as.
-_Filled = tuple[Any, bytes, Any]
+class _Filled:
+    """What a fill produced: the value, its encoded form, and the type it was decoded as.
+
+    Every caller sharing the fill gets it; the first takes ``value`` and the
+    others decode ``data`` again, so that no two callers share a mutable object.
+    """
+
+    __slots__ = ("data", "taken", "type", "value")
+
+    def __init__(self, value: Any, data: bytes, type: Any) -> None:
+        self.value = value
+        self.data = data
+        self.type = type
+        self.taken = False
 
 
 class CacheFiller:
@@ -215,7 +227,7 @@ class CacheFiller:
         if self._closed:
             raise BackendUnavailableError(f"get_or_set for key {key!r}: the client is closed")
         try:
-            value, data, produced_as = await self._flights.do(
+            filled = await self._flights.do(
                 key, lambda: self._fill(client, key, factory, rtype, ttl_ms, lock_ms, wait_ms)
             )
         except asyncio.CancelledError:
@@ -226,10 +238,11 @@ class CacheFiller:
                     f"get_or_set for key {key!r}: the client was closed while the value was computed"
                 ) from None
             raise
-        if produced_as == rtype:
-            return value
-        # A concurrent caller asked for another type: decode the shared bytes for this one.
-        return client._decode(key, data, rtype)
+        if filled.type == rtype and not filled.taken:
+            filled.taken = True
+            return filled.value
+        # Another caller took the value, or asked for another type: decode the shared bytes.
+        return client._decode(key, filled.data, rtype)
 
     async def _fill(
         self,
@@ -258,13 +271,13 @@ class CacheFiller:
                     # between our last read and our acquire.
                     data = await backend.get(key)
                     if data is not None:
-                        return client._decode(key, data, rtype), data, rtype
+                        return _Filled(client._decode(key, data, rtype), data, rtype)
                     return await _produce(client, key, factory, rtype, ttl_ms)
                 finally:
                     await _release(lease, lkey, token, key)
             data = await backend.get(key)
             if data is not None:
-                return client._decode(key, data, rtype), data, rtype
+                return _Filled(client._decode(key, data, rtype), data, rtype)
             now = loop.time()
             if deadline is not None and now >= deadline:
                 raise OperationTimeoutError(
@@ -286,21 +299,21 @@ async def _produce(
         awaitable: Awaitable[object] = result
         result = await awaitable
     data = client._encode(key, result)
-    if rtype is not object:
-        # Read back as every later hit will be: a result that does not match the
-        # type is refused before it is stored (it would fail every read until its
-        # TTL ran out), and the miss returns the same type as the hits.
-        try:
-            result = client._codec.decode(data, rtype)
-        except Exception as exc:
-            raise EncodeError(
-                f"get_or_set for key {key!r}: the factory's result does not read back as "
-                f"{_type_name(rtype)}: {exc}"
-            ) from exc
+    # Read back as every later hit will be: a result that does not match the type
+    # is refused before it is stored (it would fail every read until its TTL ran
+    # out), and the miss returns what the hits will (untyped too: JSON turns a
+    # datetime into a string, a set into a list).
+    try:
+        result = client._codec.decode(data, rtype)
+    except Exception as exc:
+        raise EncodeError(
+            f"get_or_set for key {key!r}: the factory's result does not read back as "
+            f"{_type_name(rtype)}: {exc}"
+        ) from exc
     await client.backend.set(key, data, ttl_ms)
     if client.hooks:
         await client.hooks.emit(EventType.SET, key, data)
-    return result, data, rtype
+    return _Filled(result, data, rtype)
 
 
 async def _release(lease: LeaseBackend, lkey: str, token: bytes, key: str) -> None:

@@ -141,7 +141,8 @@ def _ttl_ms(ttl: TTLLike | None) -> int | None:
         )
     if not math.isfinite(seconds) or seconds <= 0:
         raise InvalidArgumentError(f"ttl must be a positive, finite duration, got {seconds!r} seconds")
-    ms = round(seconds * 1000)
+    # Capped before converting: seconds * 1000 is infinite above about 1.8e305 s.
+    ms = round(seconds * 1000) if seconds <= MAX_TTL_MS else MAX_TTL_MS + 1
     if ms < 1:
         raise InvalidArgumentError(f"ttl must be at least 1 millisecond, got {seconds!r} seconds")
     if ms > MAX_TTL_MS:

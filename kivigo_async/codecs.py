@@ -252,7 +252,9 @@ def _pydantic_dump(obj: Any) -> Any:
             "writes as '**********': give the field a field_serializer that returns the secret "
             "value (and consider EncryptedCodec)"
         )
-    return obj.model_dump(mode="json")
+    # By alias: model_validate / model_validate_json read aliases, so a model whose
+    # fields have one would be written fine and never read back.
+    return obj.model_dump(mode="json", by_alias=True)
 
 
 def _msgspec_enc_hook(obj: Any) -> Any:
@@ -429,7 +431,7 @@ class JsonCodec(_DecoderCache):
 
     Encodes natively: ``str``, ``int`` (64-bit), ``float``, ``bool``, ``None``, ``dict``,
     ``list``, ``tuple``, ``datetime``/``date``/``time``, ``UUID``, ``Enum``, dataclasses and
-    ``TypedDict`` s; plus msgspec ``Struct`` s, pydantic models (``model_dump(mode="json")``),
+    ``TypedDict`` s; plus msgspec ``Struct`` s, pydantic models (``model_dump(mode="json", by_alias=True)``),
     ``Decimal`` (as a string), ``set``/``frozenset`` (as a list) and ``NamedTuple`` s.
 
     ``decode(data, object)`` returns plain JSON values. Any other type is validated:
@@ -449,7 +451,8 @@ class JsonCodec(_DecoderCache):
       :class:`~kivigo_async.errors.DecodeError`; ``MsgspecCodec("msgpack")`` keeps them exactly.
     * **Non-string dict keys** (int, float, bool, UUID, datetime, Enum) are written as
       strings, like msgspec does: an untyped read returns ``{"1": ...}``, a typed read
-      (``dict[int, str]``) returns ``{1: ...}``.
+      (``dict[int, str]``) returns ``{1: ...}``. Two keys that are written as the same
+      string (``1`` and ``"1"``) are both written, and a read keeps the last one only.
     * **ints beyond 64 bits** are rejected (use ``MsgspecCodec("json")``).
 
     Example:
@@ -531,7 +534,7 @@ class MsgspecCodec(_DecoderCache):
 
     Typed decoding accepts every type msgspec does (Structs, dataclasses, TypedDicts,
     ``datetime``, ``UUID``, ``Decimal``, ``list[int]``...), with a decoder built once
-    per type. pydantic models are written with ``model_dump(mode="json")`` and read
+    per type. pydantic models are written with ``model_dump(mode="json", by_alias=True)`` and read
     with ``model_validate_json`` (JSON) or ``model_validate`` (msgpack).
 
     Args:

@@ -87,8 +87,9 @@ class FakeModel:
 
     __hash__ = None  # type: ignore[assignment]
 
-    def model_dump(self, *, mode: str = "python") -> dict[str, Any]:
+    def model_dump(self, *, mode: str = "python", by_alias: bool = False) -> dict[str, Any]:
         assert mode == "json"
+        assert by_alias
         return {"name": self.name, "age": self.age}
 
     @classmethod
@@ -341,6 +342,22 @@ def test_real_pydantic_model(codec: Codec) -> None:
     assert isinstance(info.value.__cause__, pydantic.ValidationError)
 
 
+def test_pydantic_fields_with_aliases_read_back(codec: Codec) -> None:
+    pydantic = pytest.importorskip("pydantic")
+
+    class Account(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        user_name: str = pydantic.Field(alias="userName")
+
+    class Lenient(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        model_config = pydantic.ConfigDict(populate_by_name=True)
+        user_name: str = pydantic.Field(alias="userName")
+
+    assert roundtrip(codec, Account(userName="ada"), Account) == Account(userName="ada")
+    assert roundtrip(codec, Account(userName="ada")) == {"userName": "ada"}  # the wire name
+    assert roundtrip(codec, Lenient(user_name="ada"), Lenient) == Lenient(user_name="ada")
+    assert roundtrip(codec, [Account(userName="ada")], list[Account]) == [Account(userName="ada")]
+
+
 def test_pydantic_secret_is_refused_not_masked(codec: Codec) -> None:
     pydantic = pytest.importorskip("pydantic")
 
@@ -542,7 +559,7 @@ def test_json_big_int_is_rejected_but_msgspec_json_handles_it() -> None:
 
 def test_failing_model_dump_becomes_encode_error() -> None:
     class Broken:
-        def model_dump(self, *, mode: str = "python") -> dict[str, Any]:
+        def model_dump(self, *, mode: str = "python", by_alias: bool = False) -> dict[str, Any]:
             raise RuntimeError(SECRET)
 
     with pytest.raises(EncodeError) as info:

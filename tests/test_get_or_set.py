@@ -10,6 +10,8 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -442,6 +444,36 @@ async def test_typed_miss_returns_what_hits_will_return(client: Client) -> None:
     assert first == User(1, "ada")  # the same type as every later hit, not the dict
     assert await client.get_or_set(key, as_dict, type=User) == User(1, "ada")  # type: ignore[arg-type]
     await client.delete(key)
+
+
+async def test_untyped_miss_returns_what_hits_will_return(client: Client) -> None:
+    key = fresh_key()
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+
+    def load():  # type: ignore[no-untyped-def]  # no annotation: untyped
+        return {"at": when, "price": Decimal("1.10"), "tags": {"a"}}
+
+    first = await client.get_or_set(key, load)
+    assert first == {"at": "2026-01-02T03:04:05+00:00", "price": "1.10", "tags": ["a"]}
+    assert await client.get_or_set(key, load) == first  # a hit
+    await client.delete(key)
+
+
+async def test_callers_sharing_a_run_get_their_own_objects() -> None:
+    async with Client(MemoryBackend()) as client:
+        runs = Counter()
+
+        async def load() -> dict[str, list[int]]:
+            runs.runs += 1
+            await asyncio.sleep(0.05)
+            return {"ids": [1, 2]}
+
+        values = await asyncio.gather(*(client.get_or_set("shared", load) for _ in range(3)))
+        assert runs.runs == 1
+        assert values == [{"ids": [1, 2]}] * 3
+        values[0]["ids"].append(3)  # one caller changing its value ...
+        assert values[1] == values[2] == {"ids": [1, 2]}  # ... changes nobody else's
+        assert await client.get("shared") == {"ids": [1, 2]}
 
 
 async def test_result_that_does_not_match_the_type_is_not_stored(client: Client) -> None:

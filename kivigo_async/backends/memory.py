@@ -243,6 +243,8 @@ class MemoryBackend:
 
     async def batch_delete(self, keys: Sequence[str]) -> int:
         self._check_open()
+        for key in keys:
+            _check_key(key)  # all keys first: as one UNLINK, a batch is deleted whole or not at all
         return sum(self._remove(key) for key in keys)
 
     async def exists(self, keys: Sequence[str]) -> int:

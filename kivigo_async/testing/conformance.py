@@ -235,7 +235,8 @@ class BackendConformance:
         assert await client.list() == []
 
     @pytest.mark.parametrize(
-        "ttl", [0, -1, float("nan"), float("inf"), 0.0001, "10", True, 1e300, 10**400, 2**62]
+        "ttl",
+        [0, -1, float("nan"), float("inf"), 0.0001, "10", True, 1e300, 1e308, 10**400, 2**62],
     )
     async def test_invalid_ttl_rejected(self, client: Client, ttl: Any) -> None:
         with pytest.raises(InvalidArgumentError):
@@ -364,6 +365,12 @@ class BackendConformance:
         with pytest.raises(InvalidKeyError):
             await client.batch_set({"k1": 1, "": 2})
         assert await client.list() == []
+
+    async def test_batch_delete_with_an_unencodable_key_deletes_nothing(self, client: Client) -> None:
+        await client.batch_set({"bd1": 1, "bd2": 2})
+        with pytest.raises(InvalidKeyError):
+            await client.batch_delete(["bd1", "\ud800", "bd2"])  # a lone surrogate is not UTF-8
+        assert await client.batch_get(["bd1", "bd2"]) == {"bd1": 1, "bd2": 2}
 
     async def test_batch_delete_counts(self, client: Client) -> None:
         await client.batch_set({"x1": 1, "x2": 2, "x3": 3})
