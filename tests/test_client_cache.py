@@ -174,6 +174,102 @@ async def test_lost_invalidation_connection_flushes_and_recovers(client: Client,
     assert await client.get("r") == "v2"
 
 
+async def subscriber_ids(admin: Redis) -> list[int]:
+    clients: list[dict[str, Any]] = await admin.client_list()
+    return [int(c["id"]) for c in clients if c.get("sub") == "1"]
+
+
+async def until_tracking_works(client: Client, admin: Redis, key: str) -> None:
+    """Bounded: the cache comes back on, pointed at the live listener, and sees a write from elsewhere."""
+    cache, tracking = cache_of(client), backend_of(client)._tracking
+    assert tracking is not None
+    deadline = time.monotonic() + 10
+    while not (cache.enabled and tracking._client_id is not None):
+        assert time.monotonic() < deadline, "the client cache never came back on"
+        await asyncio.sleep(0.02)
+    assert await subscriber_ids(admin) == [tracking._client_id]
+    assert await client.get(key) == "v1"  # cached again
+    watcher = Invalidations(cache)
+    await admin.set(key, b'"v2"')
+    await watcher.wait_for(key)
+    assert await client.get(key) == "v2"
+
+
+async def test_a_listener_lost_during_the_repair_is_repaired_too(
+    client: Client, admin: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The listener dies; while the repair re-points tracking at the new one, that one
+    # dies too. The repair must not turn the cache back on with tracking pointing at
+    # nothing (stale reads until the data connection happened to reconnect).
+    await client.set("rr", "v1")
+    assert await client.get("rr") == "v1"
+    backend = backend_of(client)
+    assert backend._mux is not None
+    assert backend._tracking is not None
+    tracking = backend._tracking
+    real = backend._mux.execute
+    killed: list[int] = []
+
+    async def repoint(*args: Any) -> Any:
+        reply = await real(*args)
+        if args[:2] == ("CLIENT", "TRACKING") and not killed:
+            killed.append(int(args[-1]))
+            await admin.client_kill_filter(_id=str(args[-1]))  # the new listener, before the repair ends
+            while tracking._conn.connected:  # noqa: ASYNC110  # bounded by the wait below
+                await asyncio.sleep(0.005)
+        return reply
+
+    monkeypatch.setattr(backend._mux, "execute", repoint)
+    [first] = await subscriber_ids(admin)
+    await admin.client_kill_filter(_id=str(first))
+    deadline = time.monotonic() + 10
+    while not killed:
+        assert time.monotonic() < deadline, "the repair never re-pointed tracking"
+        await asyncio.sleep(0.02)
+    await asyncio.wait_for(until_tracking_works(client, admin, "rr"), 15)
+
+
+async def test_a_listener_lost_as_it_subscribes_is_not_used(
+    client: Client, admin: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The id saved must be that of the socket that subscribed: the listener closes
+    # right after it answered CLIENT ID, before the tracking is pointed at it.
+    await client.set("ls", "v1")
+    tracking = backend_of(client)._tracking
+    assert tracking is not None
+    conn = tracking._conn
+    killed: list[int] = []
+
+    async def kill_after_client_id(reply: Any) -> None:
+        if not killed:
+            killed.append(int(reply))
+            await admin.client_kill_filter(_id=str(reply))
+            while conn.connected:  # noqa: ASYNC110  # bounded by the test's own wait below
+                await asyncio.sleep(0.005)
+
+    real_one, real_many = conn.execute, conn.execute_many
+
+    async def one(*args: Any) -> Any:
+        reply = await real_one(*args)
+        if args == ("CLIENT", "ID"):
+            await kill_after_client_id(reply)
+        return reply
+
+    async def many(commands: Any) -> list[Any]:
+        replies = await real_many(commands)
+        for command, reply in zip(commands, replies, strict=True):
+            if tuple(command) == ("CLIENT", "ID"):
+                await kill_after_client_id(reply)
+        return replies
+
+    monkeypatch.setattr(conn, "execute", one)
+    monkeypatch.setattr(conn, "execute_many", many)
+    [first] = await subscriber_ids(admin)
+    await admin.client_kill_filter(_id=str(first))  # the next subscribe is the one that loses its socket
+    await asyncio.wait_for(until_tracking_works(client, admin, "ls"), 15)
+    assert killed
+
+
 @pytest.mark.parametrize("read_timeout", [0.5, None])
 async def test_a_silent_invalidation_connection_is_noticed(
     valkey_server: RedisServer, admin: Redis, read_timeout: float | None

@@ -487,25 +487,44 @@ async def test_black_hole_before_connecting_is_bounded(server: RedisServer, auto
 
 
 @TRANSPORTS
-async def test_dial_timeout_bounds_the_login_even_without_a_read_timeout(
-    redis_server_factory: ServerFactory, auto_pipeline: bool
+@pytest.mark.parametrize(
+    ("read_timeout", "dial_timeout", "max_retries"),
+    [
+        (None, 0.5, 0),  # dial_timeout bounds the login, which read_timeout=None would not
+        # read_timeout runs out first: still a connection that could not open (retried),
+        # not an operation timeout, since the call's command was never sent.
+        (0.3, 2.0, 1),
+    ],
+    ids=["no-read-timeout", "read-timeout-first"],
+)
+async def test_a_login_that_gets_no_answer_is_a_connect_timeout(
+    redis_server_factory: ServerFactory,
+    auto_pipeline: bool,
+    read_timeout: float | None,
+    dial_timeout: float,
+    max_retries: int,
 ) -> None:
     server = redis_server_factory("valkey", "password")
     async with FaultProxy(server.host, server.port) as proxy:
         proxy.blackhole()  # TCP connects; AUTH never gets an answer
         options = redis_options(
-            server, auto_pipeline=auto_pipeline, read_timeout=None, dial_timeout=0.5, max_retries=0
+            server,
+            auto_pipeline=auto_pipeline,
+            read_timeout=read_timeout,
+            dial_timeout=dial_timeout,
+            max_retries=max_retries,
         ).replace(addr=proxy.addr)
         client = Client(RedisBackend(options))
+        bound = (max_retries + 1) * dial_timeout + 2
         try:
-            error, took = await timed(client.get("login:k"), 3)
+            error, took = await timed(client.get("login:k"), bound)
             # One error for both transports, caught by either of its parents' except clauses.
             assert_ours(error, ConnectTimeoutError)
             assert isinstance(error, OperationTimeoutError)
             assert isinstance(error, BackendUnavailableError)
             assert "dial_timeout" in str(error)
             assert "login:k" in str(error)
-            assert took < 3, f"took {took:.2f} s"  # not forever, as read_timeout=None would allow
+            assert took < bound, f"took {took:.2f} s"  # not forever, as read_timeout=None would allow
             proxy.heal()
             assert await asyncio.wait_for(client.get("login:k", default=0), 10) == 0
         finally:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import hiredis
 from redis import exceptions as rx
 
 from ...errors import ConfigurationError
@@ -305,6 +306,9 @@ class Tracking:
             on_lost=self._on_lost,
         )
         self._client_id: int | None = None
+        # Bumped by every loss of the listener: a subscribe or a repair that saw it
+        # change while it waited used a socket that is gone, and goes round again.
+        self._losses = 0
         self._data: MuxConnection | None = None
         self._repair: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -331,10 +335,18 @@ class Tracking:
         async with self._lock:
             if self._client_id is not None and self._conn.connected:
                 return self._client_id
-            client_id = int(await self._conn.execute("CLIENT", "ID"))
-            reply = await self._conn.execute("SUBSCRIBE", _CHANNEL)
+            losses = self._losses
+            # One write: the id must be that of the socket that subscribes (two calls
+            # could each open a socket of their own if the first one closed between them).
+            id_reply, reply = await self._conn.execute_many([("CLIENT", "ID"), ("SUBSCRIBE", _CHANNEL)])
+            for answer in (id_reply, reply):
+                if answer.__class__ is hiredis.ReplyError:
+                    raise rx.ResponseError(str(answer))
             if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
                 raise rx.ResponseError(f"unexpected reply to SUBSCRIBE: {reply!r}")
+            if self._losses != losses or not self._conn.connected:
+                raise rx.ConnectionError("the invalidation connection closed as it subscribed")
+            client_id = int(id_reply)
             self._client_id = client_id
             if self._heartbeat is None and not self._closed:
                 self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
@@ -367,6 +379,7 @@ class Tracking:
 
     def _on_lost(self) -> None:
         self._client_id = None
+        self._losses += 1
         self._cache.enabled = False
         self._cache.flush()
         if self._closed or self._repair is not None:
@@ -384,9 +397,14 @@ class Tracking:
         try:
             while not self._closed:
                 try:
+                    losses = self._losses
                     client_id = await self._listen()
                     if self._data is not None and self._data.connected:
                         await self._data.execute("CLIENT", "TRACKING", "ON", "REDIRECT", client_id)
+                    if self._losses != losses or not self._conn.connected:
+                        # The listener went too, after this loop had started (its
+                        # _on_lost left the repair to us): tracking points at nothing.
+                        raise rx.ConnectionError("the invalidation connection closed during the repair")
                     self._cache.flush()
                     self._cache.enabled = True
                     return

@@ -477,7 +477,9 @@ class MuxConnection:
                 replies = await asyncio.wait_for(
                     _replies(protocol.send(b"".join(handshake), len(handshake))), left
                 )
-            except asyncio.TimeoutError:
+            except (asyncio.TimeoutError, _Stalled):
+                # _Stalled: read_timeout, which the login's replies wait under too, ran
+                # out first. The call's command was never sent: a dial timeout, retried.
                 protocol.close()
                 raise DialTimeoutError(f"timed out connecting to {node} (no reply to the login)") from None
             except BaseException:

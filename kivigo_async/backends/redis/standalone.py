@@ -53,7 +53,9 @@ class _DialBounded(AbstractConnection):
         bound: float | None = self.socket_connect_timeout
         try:
             await asyncio.wait_for(connect(check_health, retry_socket_connect), bound)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, RedisTimeoutError):
+            # RedisTimeoutError: socket_timeout (read_timeout), which the login's
+            # replies wait under, ran out first. Either way no command was sent.
             await self.disconnect()
             raise RedisTimeoutError(DIAL_TIMEOUT_TEXT) from None
 
