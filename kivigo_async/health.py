@@ -49,7 +49,7 @@ from enum import Enum
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Union
 
-from ._tasks import cancel_requested
+from ._tasks import awaited_apart, callable_name, cancel_requested
 from .client import Client, HealthCheck, run_health_check
 from .errors import (
     ConfigurationError,
@@ -167,41 +167,24 @@ class _TimedOut(Exception):
     """Raised by :func:`_within` when the time is up."""
 
 
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # nobody else looks: keep the loop from reporting it as never retrieved
-
-
-async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    task.add_done_callback(_retrieve)
-    await asyncio.wait({task})
-
-
 async def _within(coro: Coroutine[Any, Any, T], timeout: float) -> T:
     """Run ``coro`` for at most ``timeout`` seconds, else cancel it and raise :class:`_TimedOut`.
 
     Unlike ``asyncio.wait_for`` before Python 3.12, a cancellation that arrives
     just as ``coro`` finishes is never swallowed: a watcher being stopped must stop.
+    A ``coro`` cancelled from inside has failed (:class:`KivigoError`), on every
+    Python version.
     """
-    task = asyncio.create_task(coro)
-    try:
-        done, _ = await asyncio.wait({task}, timeout=timeout)
-    except BaseException:
-        await _cancel_and_wait(task)
-        raise
-    if not done:
-        await _cancel_and_wait(task)
+    task = await awaited_apart(coro, timeout)
+    if task is None:
         raise _TimedOut
+    if task.cancelled():
+        raise KivigoError("cancelled from inside (it awaited something another task cancelled)")
     return task.result()
 
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
-
-
-def _name(fn: object) -> str:
-    return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 class _Listener:
@@ -574,7 +557,7 @@ class HealthWatcher:
                     await result
             except Exception:
                 _logger.exception(
-                    "health listener %s failed on the change to %s", _name(entry.fn), report.status
+                    "health listener %s failed on the change to %s", callable_name(entry.fn), report.status
                 )
             except asyncio.CancelledError:
                 if cancel_requested() is not False:
@@ -582,7 +565,7 @@ class HealthWatcher:
                 # It awaited something another task cancelled: a failure, like a raise.
                 _logger.exception(
                     "health listener %s was cancelled from inside on the change to %s",
-                    _name(entry.fn),
+                    callable_name(entry.fn),
                     report.status,
                 )
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from ._tasks import cancel_requested
+from ._tasks import callable_name, cancel_requested
 from .errors import InvalidArgumentError
 
 __all__ = [
@@ -234,7 +234,7 @@ class _Hook:
     ) -> None:
         self.id = secrets.token_hex(8)
         self.fn = fn
-        self.name: str = getattr(fn, "__qualname__", None) or repr(fn)
+        self.name = callable_name(fn)
         # Decided once so the hot path needs no inspect call for async hooks.
         self.is_coro = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
             getattr(fn, "__call__", None)  # noqa: B004 - an object with `async def __call__`

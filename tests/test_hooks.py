@@ -302,6 +302,22 @@ async def test_background_hook_sees_separate_writes_in_write_order(registry: Hoo
     assert seen == [("set", b"1"), ("set", b"2"), ("batch_set", b"3"), ("delete", None)]
 
 
+async def test_a_partial_hook_is_named_after_its_function_not_its_arguments(
+    registry: HookRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def post_webhook(event: HookEvent, *, token: str) -> None:
+        raise RuntimeError("endpoint down")
+
+    handle = registry.register(functools.partial(post_webhook, token="tok-s3cr3t"))
+    assert "post_webhook" in repr(handle)
+    assert "tok-s3cr3t" not in repr(handle)
+    with caplog.at_level(logging.ERROR, LOGGER):
+        await registry.emit(EventType.SET, "k", b"v")
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "post_webhook" in record.getMessage()
+    assert "tok-s3cr3t" not in caplog.text
+
+
 async def test_a_slow_background_hook_drops_its_oldest_events_and_says_so(
     registry: HookRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:

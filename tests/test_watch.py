@@ -39,6 +39,7 @@ from kivigo_async.backends.redis import (
     RedisOptions,
     RedisSentinelBackend,
     RedisSentinelOptions,
+    _cache,
     _watch,
 )
 from kivigo_async.testing.pytest_plugin import SentinelFactory, ServerFactory, skip_or_fail
@@ -492,12 +493,14 @@ async def test_overflow_raises_after_the_buffered_events(client: Client, admin: 
     await no_subscribers(admin)
 
 
+@pytest.mark.parametrize("read_timeout", [1.0, None])
 async def test_unresponsive_server_is_noticed_by_the_heartbeat(
-    redis_server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+    redis_server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch, read_timeout: float | None
 ) -> None:
     monkeypatch.setattr(_watch, "_HEARTBEAT", 0.2)
+    monkeypatch.setattr(_cache, "_STALL", 1.0)  # the heartbeat's bound without a read_timeout
     server = redis_server_factory("valkey", extra_config={"enable-debug-command": "yes"})
-    options = redis_options(server, read_timeout=1.0)
+    options = redis_options(server, read_timeout=read_timeout)
     async with Client(RedisBackend(options)) as client, client.watch("k") as changes:
         with redis.Redis(host=server.host, port=server.port) as admin:
             stall = asyncio.create_task(asyncio.to_thread(admin.execute_command, "DEBUG", "SLEEP", "4"))

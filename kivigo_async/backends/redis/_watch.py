@@ -14,7 +14,8 @@ A lost connection fails the stream with :class:`BackendUnavailableError`
 rather than resubscribing: pub/sub keeps nothing for an absent subscriber, so
 a silent reconnect would hide a gap. A heartbeat ``PING`` finds a server that
 stopped answering (a partition, a frozen host) within about
-:data:`_HEARTBEAT` + ``read_timeout`` seconds.
+:data:`_HEARTBEAT` + ``read_timeout`` seconds (without a ``read_timeout``,
+the client cache's stall bound stands for it).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ...watch import (
     NotificationsDisabledError,
     _check_watch_args,
 )
+from ._cache import heartbeat
 from ._errors import translate
 from ._scan import decode_key, match_pattern
 from .cluster import RedisClusterBackend
@@ -107,6 +109,7 @@ class _Subscriber:
         self.pattern = self._head + match_pattern(prefix).encode("utf-8", "surrogateescape")
         self.subscribed = False
         self.conn = _mux_for(options, select_db=False, on_push=self._on_message, on_lost=self._on_lost)
+        self._read_timeout = options.read_timeout
 
     async def subscribe(self, configure_server: bool) -> None:
         conn, node = self.conn, self.node
@@ -143,7 +146,8 @@ class _Subscriber:
 
     async def ping(self) -> None:
         if self.conn.connected:
-            await self.conn.execute("PING")
+            # Bounded even with read_timeout=None: a silent server must end the watch.
+            await heartbeat(self.conn, self._read_timeout)
 
     def _on_message(self, message: list[Any]) -> None:
         # [b"pmessage", pattern, channel, event]
