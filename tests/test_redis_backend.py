@@ -541,11 +541,43 @@ def test_sentinel_and_cluster_urls_never_show_a_cut_password(parse: Any, url: st
     assert "Tiger" not in chain_text(info.value)
 
 
-@pytest.mark.parametrize("url", ["redis://cache:0/1", "redis://cache#fragment", "redis://cache/\u0663"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://cache:0/1",
+        "redis://cache#fragment",
+        "redis://cache/\u0663",
+        "redis://cache//3/",
+        "redis://cache/3//",
+        "redis://cache/3?db=5",
+        "redis://cache?db=5&db=7",
+        "redis://cache?read_timeout=1&read_timeout=30",
+    ],
+)
 def test_urls_that_used_to_be_misread_are_refused(url: str) -> None:
-    # Port 0 became 6379, a fragment was ignored, and a non-ASCII digit was a db number.
+    # Port 0 became 6379, a fragment was ignored, a non-ASCII digit was a db number,
+    # extra slashes were dropped, and of a database or an option given twice the
+    # last one won without a word.
     with pytest.raises(ConfigurationError):
         RedisOptions.from_url(url)
+
+
+@pytest.mark.parametrize(
+    ("parse", "url"),
+    [
+        (RedisSentinelOptions.from_url, "redis+sentinel://s1:26379/cache?read_timeout=1&read_timeout=2"),
+        (RedisClusterOptions.from_url, "redis://node1:7000?max_redirects=3&max_redirects=5"),
+        (RedisClusterOptions.from_url, "redis://node1:7000?read_timeout=1&read_timeout=2"),
+    ],
+)
+def test_sentinel_and_cluster_urls_refuse_an_option_given_twice(parse: Any, url: str) -> None:
+    with pytest.raises(ConfigurationError, match="given 2 times"):
+        parse(url)
+
+
+def test_cluster_url_may_name_several_seeds() -> None:
+    options = RedisClusterOptions.from_url("redis://node1:7000?addr=node2:7000&addr=node3:7000")
+    assert options.addrs == ("node1:7000", "node2:7000", "node3:7000")
 
 
 def test_unix_url_keeps_at_signs_in_its_path_and_query() -> None:

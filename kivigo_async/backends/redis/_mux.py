@@ -307,8 +307,12 @@ def tcp_opener(host: str, port: int, tls: ssl.SSLContext | None) -> Opener:
         if sock is not None:
             import socket
 
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            except OSError:  # a peer that reset already, on some systems: retried, not leaked
+                transport.close()
+                raise
         return transport, protocol
 
     return open_

@@ -10,7 +10,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.backoff import ExponentialWithJitterBackoff
@@ -51,7 +51,7 @@ from ._cluster_scan import scan_cluster
 from ._errors import is_dial_timeout, translate, where
 from ._mux import MuxConnection
 from ._scan import decode_key
-from .options import RedisOptions, _default_pool_size, refuse_unescaped_credentials
+from .options import RedisOptions, _default_pool_size, refuse_unescaped_credentials, url_query
 from .standalone import RedisBackend, _mux_for, _TCPConnection, _TLSConnection
 
 __all__ = ["RedisClusterBackend", "RedisClusterOptions"]
@@ -211,7 +211,7 @@ class RedisClusterOptions:
         refuse_unescaped_credentials(parts)
         if parts.scheme.lower() not in ("redis", "rediss", "valkey", "valkeys"):
             raise ConfigurationError(f"unsupported URL scheme {parts.scheme!r}: use redis:// or rediss://")
-        query = parse_qs(parts.query, keep_blank_values=True)
+        query = url_query(parts.query, repeatable=("addr",))
         extra_addrs = query.pop("addr", [])
         kwargs: dict[str, object] = {}
         if "max_redirects" in query:

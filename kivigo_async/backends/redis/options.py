@@ -210,7 +210,7 @@ class RedisOptions:
                 f"unsupported URL scheme {scheme!r}: use redis://, rediss:// or unix://"
             )
         refuse_unescaped_credentials(parts, unix=scheme == "unix")
-        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        query = {k: v[0] for k, v in url_query(parts.query).items()}
         kwargs: dict[str, object] = {}
         if parts.username:
             kwargs["username"] = unquote(parts.username)
@@ -228,10 +228,12 @@ class RedisOptions:
         else:
             host = parts.hostname or "localhost"
             kwargs["addr"] = join_addr(host, 6379 if parsed_port is None else parsed_port)
-            path = parts.path.strip("/")
+            path = parts.path[1:].removesuffix("/")  # none, or "/<db>" (a trailing "/" allowed)
             if path:
                 if not (path.isascii() and path.isdigit()):
                     raise ConfigurationError("invalid Redis URL: the path must be a database number")
+                if "db" in query:
+                    raise ConfigurationError("invalid Redis URL: the database is in the path and in ?db=")
                 kwargs["db"] = int(path)
         tls_required = scheme in ("rediss", "valkeys")
         ca_file = query.pop("ssl_ca_certs", None)
@@ -273,6 +275,18 @@ class RedisOptions:
 _UNESCAPED = (
     "invalid Redis URL: bad host or port (percent-encode '/', '?', '#' and '@' in the username and password)"
 )
+
+
+def url_query(query: str, *, repeatable: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """A URL's query options; one given twice is refused (which one should win?).
+
+    Only the options in ``repeatable`` (a cluster's extra ``addr``, say) may repeat.
+    """
+    options = parse_qs(query, keep_blank_values=True)
+    for name, values in options.items():
+        if len(values) > 1 and name not in repeatable:
+            raise ConfigurationError(f"invalid Redis URL: the option {name!r} is given {len(values)} times")
+    return options
 
 
 def refuse_unescaped_credentials(parts: SplitResult, *, unix: bool = False) -> None:

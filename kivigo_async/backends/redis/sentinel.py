@@ -10,7 +10,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import (
@@ -26,7 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ...errors import BackendUnavailableError, ConfigurationError
 from ._errors import DialTimeoutError, is_dial_timeout, where
 from ._mux import Arg, Opener, tcp_opener
-from .options import RedisOptions, _default_pool_size, join_addr, refuse_unescaped_credentials
+from .options import RedisOptions, _default_pool_size, join_addr, refuse_unescaped_credentials, url_query
 from .standalone import (
     RedisBackend,
     _ClosablePool,
@@ -171,7 +171,7 @@ class RedisSentinelOptions:
         path = [p for p in parts.path.split("/") if p]
         if not path or len(path) > 2:
             raise ConfigurationError("a sentinel URL needs a path /service_name[/db]")
-        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        query = {k: v[0] for k, v in url_query(parts.query).items()}
         kwargs: dict[str, object] = {"sentinels": sentinels, "service_name": unquote(path[0])}
         for name in ("sentinel_username", "sentinel_password"):
             if name in query:
