@@ -547,7 +547,9 @@ class Client:
         waiting in this process gets the exception; nothing is stored.
 
         Cached values are decoded as ``type``; without it, as the factory's
-        return annotation (``async def load() -> User``), else untyped.
+        return annotation (``async def load() -> User``), else untyped. A miss
+        returns the factory's result read back the same way: what later hits
+        return, in an object of each caller's own.
 
         Args:
             key: the cache key.
