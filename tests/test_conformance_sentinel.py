@@ -15,7 +15,13 @@ import redis.asyncio as aioredis
 from kivigo_async import Client
 from kivigo_async.backends.redis import RedisSentinelBackend, RedisSentinelOptions
 from kivigo_async.backends.redis import sentinel as sentinel_module
-from kivigo_async.errors import BackendUnavailableError, ConfigurationError, ConnectTimeoutError, KivigoError
+from kivigo_async.errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    ConnectTimeoutError,
+    KivigoError,
+    TransactionConflictError,
+)
 from kivigo_async.testing.conformance import BackendConformance
 from kivigo_async.testing.proxy import FaultProxy
 from kivigo_async.testing.pytest_plugin import SentinelFactory
@@ -95,6 +101,39 @@ async def test_follows_sentinel_failover(redis_sentinel_factory: SentinelFactory
         assert await client.get("after") == 19
         assert await read_from(new, "after") == b"19"
         assert await client.get("before") == 1  # replicated before the failover
+
+
+@TRANSPORTS
+async def test_a_transaction_watching_across_a_failover_does_not_commit_unwatched(
+    redis_sentinel_factory: SentinelFactory, auto_pipeline: bool
+) -> None:
+    # The watching connection is dropped when the switch is announced. Reconnected
+    # quietly to the new primary, it would run MULTI/EXEC without its WATCH and
+    # overwrite a concurrent change while reporting success.
+    topology = redis_sentinel_factory()
+    old = topology.master_addr()
+    backend = RedisSentinelBackend(sentinel_options(topology, auto_pipeline=auto_pipeline))
+    async with Client(backend) as client:
+        await client.set("stock", 10)
+        assert wait_replicated(topology.primary()) == 1
+        with pytest.raises((BackendUnavailableError, TransactionConflictError)):
+            async with client.transaction(watch=["stock"]) as tx:
+                stock = await tx.get("stock", int)
+                new = await asyncio.to_thread(topology.failover, 60.0)
+                assert new != old
+                deadline = time.monotonic() + 30
+                n = 0
+                while await read_from(new, "probe") != str(n).encode():  # the switch is followed
+                    assert time.monotonic() < deadline, "the backend never followed the failover"
+                    n += 1
+                    with contextlib.suppress(BackendUnavailableError):
+                        await client.set("probe", n)
+                    await asyncio.sleep(0.05)
+                host, _, port = new.rpartition(":")
+                async with aioredis.Redis(host=host, port=int(port)) as direct:
+                    await direct.set("stock", b"0")  # a concurrent change to the watched key
+                tx.set("stock", stock - 1)
+        assert await client.get("stock") == 0  # not overwritten
 
 
 @TRANSPORTS

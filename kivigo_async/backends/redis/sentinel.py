@@ -208,6 +208,8 @@ class _SentinelConnection(_DialBounded, SentinelManagedConnection):
     """
 
     _address_fresh = False
+    #: Set by a failover on the connections in use: see connect_check_health.
+    dropped_by_failover = False
 
     async def connect_to(self, address: tuple[str, int]) -> None:
         self._address_fresh = True  # connect() just asked the sentinels
@@ -222,6 +224,13 @@ class _SentinelConnection(_DialBounded, SentinelManagedConnection):
     ) -> None:
         if self.is_connected:
             return
+        if self.dropped_by_failover:
+            # Its holder must hear of it: redis-py would reconnect a watching
+            # transaction to the new primary without its WATCH, and its EXEC would
+            # then commit unwatched over a concurrent change. A plain command is
+            # retried (on the new primary) like after any lost connection.
+            self.dropped_by_failover = False
+            raise RedisConnectionError("the primary changed (a failover) while the connection was in use")
         pool: Any = self.connection_pool
         if not self._address_fresh and pool.is_master:
             self.host, self.port = await pool.get_master_address()
@@ -413,6 +422,9 @@ class RedisSentinelBackend(RedisBackend):
             # The calls in flight fail: the old primary could acknowledge a write that
             # is lost once it turns replica, and a lost write must not look like a success.
             self._mux.reconnect(wait_for_replies=False)
+        for connection in self._pool._in_use_connections:
+            if isinstance(connection, _SentinelConnection):
+                connection.dropped_by_failover = True
         await self._pool.disconnect(inuse_connections=True)
 
     async def connect(self) -> None:
