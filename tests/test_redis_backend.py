@@ -834,16 +834,17 @@ async def test_cancelled_calls_leak_neither_replies_nor_connections(
 
 @pytest.mark.server
 @pytest.mark.parametrize("auto_pipeline", [False, True], ids=["pool", "multiplexed"])
+@pytest.mark.parametrize("idle", [1, 3])
 async def test_min_idle_conns_are_opened_at_connect(
-    server: RedisServer, control: aioredis.Redis, auto_pipeline: bool
+    server: RedisServer, control: aioredis.Redis, auto_pipeline: bool, idle: int
 ) -> None:
     name = unique_name()
     options = redis_options(
-        server, client_name=name, min_idle_conns=3, pool_size=5, auto_pipeline=auto_pipeline
+        server, client_name=name, min_idle_conns=idle, pool_size=5, auto_pipeline=auto_pipeline
     )
     client = Client(RedisBackend(options))
     assert await named_connections(control, name) == 0  # nothing opened before connecting
-    expected = 3 + auto_pipeline  # the multiplexed connection comes on top of the pool
+    expected = idle + auto_pipeline  # the multiplexed connection comes on top of the pool
     async with client:
         assert await named_connections(control, name) == expected
         await client.set("idle:k", 1)

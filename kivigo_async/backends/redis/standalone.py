@@ -413,7 +413,8 @@ class RedisBackend:
         try:
             await self._exec("PING")
             wanted = self._options.min_idle_conns
-            if wanted > 1:
+            # Without the multiplexed connection the PING opened one pooled connection.
+            if wanted > (0 if self._mux is not None else 1):
                 await self._open_idle(wanted)
         except _FAILURES as exc:
             raise self._error(exc, "CONNECT") from exc
