@@ -33,6 +33,7 @@ from kivigo_async.errors import (
     OperationTimeoutError,
 )
 from kivigo_async.hooks import EventType, HookEvent
+from kivigo_async.testing.proxy import FaultProxy
 from kivigo_async.testing.servers import RedisServer, free_port
 from kivigo_async.testing.topologies import RedisCluster
 
@@ -284,6 +285,35 @@ async def test_value_stored_by_another_holder_is_read_not_recomputed(client: Cli
     await other
     assert value == {"from": "other"}
     await client.delete(key)
+
+
+async def test_an_acquire_whose_reply_was_lost_still_holds_the_lease(valkey_server: RedisServer) -> None:
+    # The server set the lease, the reply never came, the connection was reset and
+    # the command retried: that retry must say "taken", not "someone else's".
+    async with FaultProxy(valkey_server.host, valkey_server.port) as proxy:
+        # Leases always take a pooled connection; without the multiplexed one,
+        # connect() opens it, so the SET itself is what the mute holds back.
+        backend = RedisBackend(
+            RedisOptions(addr=proxy.addr, read_timeout=5, max_retries=3, auto_pipeline=False)
+        )
+        lease = RedisLease(backend)
+        lkey = lease_key(fresh_key())
+        try:
+            await backend.connect()
+            proxy.mute()  # the SET reaches the server; its reply is held back
+
+            async def cut() -> None:
+                await asyncio.sleep(0.2)
+                proxy.heal()
+                await proxy.reset_connections()
+
+            cutting = asyncio.ensure_future(cut())
+            assert await asyncio.wait_for(lease.acquire_lease(lkey, b"tok-A", 10_000), 10)
+            await cutting
+            assert not await lease.acquire_lease(lkey, b"tok-B", 10_000)  # still the first caller's
+            assert await lease.release_lease(lkey, b"tok-A")
+        finally:
+            await backend.close()
 
 
 async def test_release_is_compare_and_delete(client: Client) -> None:

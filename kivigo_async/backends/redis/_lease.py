@@ -1,4 +1,4 @@
-"""Leases on Redis / Valkey: ``SET NX PX`` to take, a Lua compare-and-delete to give back.
+"""Leases on Redis / Valkey: a Lua ``SET NX PX`` to take, a Lua compare-and-delete to give back.
 
 These functions implement :class:`~kivigo_async.backend.LeaseBackend` for the
 Redis backends. They go through the backend's redis-py client (the
@@ -21,6 +21,22 @@ if TYPE_CHECKING:
 __all__ = ["RedisLease", "acquire_lease", "release_lease"]
 
 _Backend = Union["RedisBackend", "RedisClusterBackend"]
+
+# SET NX PX that also answers "taken" when the lease already holds the caller's
+# token: a retry of an acquire whose reply was lost (the connection dropped after
+# the server had set it) must not take the caller's own lease for someone else's,
+# which would leave every caller polling for lock_ttl while nobody fills the value.
+_ACQUIRE = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    return 1
+end
+if holder == ARGV[1] then
+    return 1
+end
+return 0
+"""
 
 # Deletes the lease only while it still holds the caller's token, so a holder
 # whose lease expired (and was taken over) cannot free the new holder's lease.
@@ -52,12 +68,12 @@ async def _run(backend: _Backend, command: str, key: str, call: Callable[[Any], 
 
 
 async def acquire_lease(backend: _Backend, key: str, token: bytes, ttl_ms: int) -> bool:
-    """``SET key token NX PX ttl_ms``; return whether the lease was taken."""
+    """``SET key token NX PX ttl_ms``, retried safely; return whether the lease is the caller's."""
 
     async def call(client: Any) -> Any:
-        return await client.set(key, token, nx=True, px=ttl_ms)
+        return await client.execute_command("EVAL", _ACQUIRE, 1, key, token, ttl_ms)
 
-    return bool(await _run(backend, "SET NX PX", key, call))
+    return bool(await _run(backend, "EVAL (lease acquire)", key, call))
 
 
 async def release_lease(backend: _Backend, key: str, token: bytes) -> bool:
