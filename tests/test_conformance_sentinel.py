@@ -103,6 +103,41 @@ async def test_follows_sentinel_failover(redis_sentinel_factory: SentinelFactory
         assert await client.get("before") == 1  # replicated before the failover
 
 
+async def fail_over_and_follow(topology: RedisSentinel, client: Client) -> str:
+    """Fail the primary over; return the new one's address once the client writes to it."""
+    new: str = await asyncio.to_thread(topology.failover, 60.0)
+    deadline = time.monotonic() + 30
+    n = 0
+    while await read_from(new, "probe") != str(n).encode():
+        assert time.monotonic() < deadline, "the backend never followed the failover"
+        n += 1
+        with contextlib.suppress(BackendUnavailableError):
+            await client.set("probe", n)
+        await asyncio.sleep(0.05)
+    return new
+
+
+@TRANSPORTS
+async def test_a_listing_across_a_failover_fails_rather_than_miss_keys(
+    redis_sentinel_factory: SentinelFactory, auto_pipeline: bool
+) -> None:
+    # A SCAN cursor belongs to one server (its hash table, its seed): sent on to the
+    # new primary, the listing would skip some keys and repeat others, silently.
+    topology = redis_sentinel_factory()
+    backend = RedisSentinelBackend(sentinel_options(topology, auto_pipeline=auto_pipeline))
+    async with Client(backend) as client:
+        await client.batch_set({f"scan:{i}": i for i in range(3000)})
+        assert wait_replicated(topology.primary()) == 1
+        keys = client.iter_keys("scan:")
+        seen = {await anext(keys)}  # the first page is read
+        await fail_over_and_follow(topology, client)
+        with pytest.raises(BackendUnavailableError, match="during the listing"):
+            async for key in keys:
+                seen.add(key)
+        assert len(seen) < 3000
+        assert len(await client.list("scan:")) == 3000  # a new listing is whole
+
+
 @TRANSPORTS
 async def test_a_transaction_watching_across_a_failover_does_not_commit_unwatched(
     redis_sentinel_factory: SentinelFactory, auto_pipeline: bool
@@ -119,16 +154,8 @@ async def test_a_transaction_watching_across_a_failover_does_not_commit_unwatche
         with pytest.raises((BackendUnavailableError, TransactionConflictError)):
             async with client.transaction(watch=["stock"]) as tx:
                 stock = await tx.get("stock", int)
-                new = await asyncio.to_thread(topology.failover, 60.0)
+                new = await fail_over_and_follow(topology, client)
                 assert new != old
-                deadline = time.monotonic() + 30
-                n = 0
-                while await read_from(new, "probe") != str(n).encode():  # the switch is followed
-                    assert time.monotonic() < deadline, "the backend never followed the failover"
-                    n += 1
-                    with contextlib.suppress(BackendUnavailableError):
-                        await client.set("probe", n)
-                    await asyncio.sleep(0.05)
                 host, _, port = new.rpartition(":")
                 async with aioredis.Redis(host=host, port=int(port)) as direct:
                     await direct.set("stock", b"0")  # a concurrent change to the watched key

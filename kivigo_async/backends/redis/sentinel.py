@@ -408,6 +408,7 @@ class RedisSentinelBackend(RedisBackend):
     def _error(self, exc: Exception, command: str, key: str | None = None) -> Exception:
         if isinstance(exc, ResponseError) and _demoted(exc):
             # Batches and retried commands end here: leave the demoted primary for the next call.
+            self._server_changes += 1
             if self._mux is not None:
                 self._mux.reconnect(wait_for_replies=True)
             return BackendUnavailableError(
@@ -418,6 +419,7 @@ class RedisSentinelBackend(RedisBackend):
 
     async def _leave_primary(self) -> None:
         """Reconnect to the primary the sentinels name now."""
+        self._server_changes += 1
         if self._mux is not None:
             # The calls in flight fail: the old primary could acknowledge a write that
             # is lost once it turns replica, and a lost write must not look like a success.

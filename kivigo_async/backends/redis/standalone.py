@@ -22,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..._tasks import detached
 from ...backend import BackendTransaction, TxOp
-from ...errors import KeyNotFoundError
+from ...errors import BackendUnavailableError, KeyNotFoundError
 from ...watch import DEFAULT_MAX_PENDING, ChangeStream
 from ._cache import LocalCache, Tracking, ttl_reply
 from ._errors import DIAL_TIMEOUT_TEXT, translate
@@ -540,14 +540,26 @@ class RedisBackend:
             if self._cache is not None:
                 self._cache.invalidate(key)
 
+    #: Bumped when the server behind this backend changes (a Sentinel failover): a
+    #: SCAN cursor means nothing to another server.
+    _server_changes = 0
+
     async def scan(self, prefix: str) -> AsyncIterator[str]:
         pattern = match_pattern(prefix)
         cursor: int = 0
+        changes = self._server_changes
         while True:
             try:
                 reply = await self._exec("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
             except _FAILURES as exc:
                 raise self._error(exc, "SCAN") from exc
+            if self._server_changes != changes:
+                # The cursor went to another server, which would silently skip and
+                # repeat keys: the listing cannot go on.
+                raise BackendUnavailableError(
+                    f"SCAN on {self._node}: the primary changed (a failover) during the listing, "
+                    "so keys may have been missed; list again"
+                )
             # The pool parses the cursor to int, the multiplexed connection leaves bytes.
             cursor, keys = int(reply[0]), reply[1]
             for raw in keys:
