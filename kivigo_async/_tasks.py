@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import sys
-from collections.abc import Awaitable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Coroutine
+from typing import Any
 
-__all__ = ["awaited_apart", "callable_name", "cancel_and_wait", "cancel_requested", "detached"]
-
-T = TypeVar("T")
+__all__ = ["callable_name", "cancel_requested", "detached"]
 
 
 def cancel_requested() -> bool | None:
@@ -41,36 +39,6 @@ def detached(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
 def _retrieve(task: asyncio.Task[None]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait until it has finished (its error, if any, is not reported)."""
-    task.cancel()
-    task.add_done_callback(_retrieve)
-    await asyncio.wait({task})
-
-
-async def awaited_apart(awaitable: Awaitable[T], timeout: float | None = None) -> asyncio.Task[T] | None:
-    """Await ``awaitable`` in a task of its own, for at most ``timeout`` seconds.
-
-    Returns the finished task, or None when the time ran out (the task is then
-    cancelled, and waited for). When the caller is cancelled, so is the task.
-
-    A returned task that ended cancelled was cancelled from inside: it awaited a
-    future that something else cancelled. Awaited directly, that cancellation
-    would reach the caller as its own, which before Python 3.11 cannot be told
-    from a real one.
-    """
-    task = asyncio.ensure_future(awaitable)
-    try:
-        done, _ = await asyncio.wait({task}, timeout=timeout)
-    except BaseException:
-        await cancel_and_wait(task)
-        raise
-    if not done:
-        await cancel_and_wait(task)
-        return None
-    return task
 
 
 def callable_name(fn: object) -> str:

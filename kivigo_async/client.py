@@ -141,15 +141,15 @@ def _ttl_ms(ttl: TTLLike | None) -> int | None:
         )
     if not math.isfinite(seconds) or seconds <= 0:
         raise InvalidArgumentError(f"ttl must be a positive, finite duration, got {seconds!r} seconds")
-    # Capped before converting: seconds * 1000 is infinite above about 1.8e305 s.
-    ms = round(seconds * 1000) if seconds <= MAX_TTL_MS else MAX_TTL_MS + 1
-    if ms < 1:
-        raise InvalidArgumentError(f"ttl must be at least 1 millisecond, got {seconds!r} seconds")
-    if ms > MAX_TTL_MS:
+    exact_ms = seconds * 1000  # infinite above about 1.8e305 s, which round() refuses
+    if exact_ms > MAX_TTL_MS:
         raise InvalidArgumentError(
             f"ttl must be at most {MAX_TTL_MS // 1000} seconds, got {seconds!r} seconds "
             "(leave ttl=None for no expiry)"
         )
+    ms = round(exact_ms)  # at most MAX_TTL_MS: floats near 2**62 are whole numbers
+    if ms < 1:
+        raise InvalidArgumentError(f"ttl must be at least 1 millisecond, got {seconds!r} seconds")
     return ms
 
 

@@ -49,7 +49,7 @@ from enum import Enum
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Union
 
-from ._tasks import awaited_apart, callable_name, cancel_requested
+from ._tasks import callable_name, cancel_requested
 from .client import Client, HealthCheck, run_health_check
 from .errors import (
     ConfigurationError,
@@ -167,6 +167,17 @@ class _TimedOut(Exception):
     """Raised by :func:`_within` when the time is up."""
 
 
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # nobody else looks: keep the loop from reporting it as never retrieved
+
+
+async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    task.add_done_callback(_retrieve)
+    await asyncio.wait({task})
+
+
 async def _within(coro: Coroutine[Any, Any, T], timeout: float) -> T:
     """Run ``coro`` for at most ``timeout`` seconds, else cancel it and raise :class:`_TimedOut`.
 
@@ -175,10 +186,16 @@ async def _within(coro: Coroutine[Any, Any, T], timeout: float) -> T:
     A ``coro`` cancelled from inside has failed (:class:`KivigoError`), on every
     Python version.
     """
-    task = await awaited_apart(coro, timeout)
-    if task is None:
+    task = asyncio.create_task(coro)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except BaseException:
+        await _cancel_and_wait(task)
+        raise
+    if not done:
+        await _cancel_and_wait(task)
         raise _TimedOut
-    if task.cancelled():
+    if task.cancelled():  # not by us: our own cancellation comes through asyncio.wait
         raise KivigoError("cancelled from inside (it awaited something another task cancelled)")
     return task.result()
 
