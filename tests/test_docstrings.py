@@ -42,8 +42,6 @@ def test_examples_were_found() -> None:
     # makes sure the finder still sees the ones the package is known to have.
     finder = doctest.DocTestFinder(exclude_empty=True)
     examples = sum(
-        len(test.examples)
-        for name in _modules()
-        for test in finder.find(importlib.import_module(name), name)
+        len(test.examples) for name in _modules() for test in finder.find(importlib.import_module(name), name)
     )
     assert examples >= 60

@@ -620,7 +620,6 @@ async def test_exec_whose_reply_is_lost_is_not_reported_as_a_conflict(server: Re
         async with Client(RedisBackend(options)) as client:
             await client.set("stock", 5)
 
-
             async def drop_soon() -> None:
                 if cut == "drop":  # else the reply is waited for until read_timeout
                     await asyncio.sleep(0.3)

@@ -323,9 +323,10 @@ async def test_a_backend_probe_cancelled_from_inside_does_not_end_the_watching()
 
     backend = FlakyProbe()
     reports: list[HealthReport] = []
-    async with Client(backend) as client, HealthWatcher(
-        client, interval=0.05, degraded_latency=None, on_change=reports.append
-    ) as w:
+    async with (
+        Client(backend) as client,
+        HealthWatcher(client, interval=0.05, degraded_latency=None, on_change=reports.append) as w,
+    ):
         await asyncio.wait_for(fourth_probe.wait(), WAIT)
         assert w.running
         # The cancelled probe was a failed check (the status went down and came

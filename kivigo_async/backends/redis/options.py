@@ -206,9 +206,7 @@ class RedisOptions:
             raise ConfigurationError(_UNESCAPED) from None
         scheme = parts.scheme.lower()
         if scheme not in ("redis", "rediss", "unix", "valkey", "valkeys"):
-            raise ConfigurationError(
-                f"unsupported URL scheme {scheme!r}: use redis://, rediss:// or unix://"
-            )
+            raise ConfigurationError(f"unsupported URL scheme {scheme!r}: use redis://, rediss:// or unix://")
         refuse_unescaped_credentials(parts, unix=scheme == "unix")
         query = {k: v[0] for k, v in url_query(parts.query).items()}
         kwargs: dict[str, object] = {}
