@@ -351,11 +351,12 @@ class KeyTemplate:
             :func:`default_registry`). They are bound now: registering a
             function later does not change this template.
         strict: refuse field values that would make keys ambiguous (the
-            default): an empty value (unless a function turned it into one), a
+            default): an empty value (unless ``if`` or ``default`` chose it), a
             control character, a brace (it would move a Redis Cluster hash
             tag), or a non-alphanumeric character of the literal text between
             two fields (with ``session:{user}:{sid}``, ``user="a:1", sid="x"``
-            and ``user="a", sid="1:x"`` would build the same key). The check
+            and ``user="a", sid="1:x"`` would build the same key); when that
+            text is all letters and digits (``{a}v{b}``), any of them. The check
             applies to the text a field ends up as, after its functions. Two
             fields with no text between them (``{a}{b}``) cannot be checked:
             ``ab`` + ``c`` and ``a`` + ``bc`` give the same key, so put a
@@ -429,13 +430,13 @@ class KeyTemplate:
             if isinstance(part, str):
                 out.append(part)
                 continue
-            text = self._apply(part, lookup.get(part.name))
+            text, chosen = self._apply(part, lookup.get(part.name))
             if text is None:
                 if part.name not in missing:
                     missing.append(part.name)
                 continue
             if self._forbidden is not None:
-                self._check_value(part, text)
+                self._check_value(part, text, chosen)
             out.append(text)
         if missing:
             names = ", ".join(map(repr, missing))
@@ -445,11 +446,12 @@ class KeyTemplate:
             raise InvalidKeyError(f"key template {self._template!r} built an empty key")
         return key
 
-    def _check_value(self, part: _Field, text: str) -> None:
+    def _check_value(self, part: _Field, text: str, chosen: bool) -> None:
         assert self._forbidden is not None
-        # An empty value is refused as given; functions may rightly turn a value into
-        # "" (``if('x')`` on a false field), and ``default()`` replaces an empty one.
-        if not text and not part.steps:
+        # Only ``if`` and ``default`` choose an empty text on purpose (``if('x')`` on a
+        # false field); "" given, or left by another function (``slugify`` of "東京"),
+        # would make every such value build the same key.
+        if not text and not chosen:
             raise InvalidKeyError(f"key template {self._template!r}: field {part.name!r} is empty")
         bad = self._forbidden.search(text)
         if bad is not None:
@@ -458,21 +460,27 @@ class KeyTemplate:
                 "would make keys ambiguous (pass strict=False to build keys from such values anyway)"
             )
 
-    def _apply(self, part: _Field, value: object) -> str | None:
+    def _apply(self, part: _Field, value: object) -> tuple[str | None, bool]:
+        """The field's text after its functions, and whether ``if``/``default`` chose it."""
         try:
             text = _text(value)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:  # ValueError: an int too long for str()
             raise InvalidKeyError(f"key template {self._template!r}: field {part.name!r}: {exc}") from None
+        chosen = False
         for step in part.steps:
-            if text is None and not step.func.takes_missing:
+            takes_missing = step.func.takes_missing
+            if text is None and not takes_missing:
                 continue
             try:
-                text = _text(step.func.fn(text, *step.args))
+                result = _text(step.func.fn(text, *step.args))
             except Exception as exc:
                 raise InvalidKeyError(
                     f"key template {self._template!r}: {step.name}() failed on field {part.name!r}: {exc}"
                 ) from exc
-        return text
+            if takes_missing or result != text:
+                chosen = takes_missing
+            text = result
+        return text, chosen
 
 
 def _forbidden_in_values(parts: tuple[_Part, ...]) -> re.Pattern[str]:
@@ -480,7 +488,10 @@ def _forbidden_in_values(parts: tuple[_Part, ...]) -> re.Pattern[str]:
     separators: set[str] = set("{}")
     for before, between, after in zip(parts, parts[1:], parts[2:], strict=False):
         if isinstance(before, _Field) and isinstance(between, str) and isinstance(after, _Field):
-            separators.update(c for c in between if not c.isalnum())
+            # One refused character is enough to tell where a field ends; text of
+            # letters and digits only (``{a}v{b}``) has none unless all of it is refused.
+            marks = {c for c in between if not c.isalnum()}
+            separators.update(marks or between)
     return re.compile("[" + re.escape("".join(sorted(separators))) + "\\x00-\\x1f\\x7f]")
 
 

@@ -193,6 +193,52 @@ def test_empty_key_is_rejected() -> None:
         KeyTemplate("{name}", strict=False).build(name="")
 
 
+@pytest.mark.parametrize(
+    ("template", "fields"),
+    [
+        ("user:{id|lower}", {"id": ""}),  # given empty: a function keeping it so does not help
+        ("user:{id|trim}", {"id": "   "}),
+        ("city:{name|slugify}:stats", {"name": "東京"}),  # no ASCII letters: would equal every such city
+        ("city:{name|slugify}:stats", {"name": "🎉"}),
+        ("k:{v|if('a')|upper}:{w|lower}", {"v": "1", "w": ""}),
+    ],
+)
+def test_an_empty_text_a_function_left_is_refused(template: str, fields: dict[str, object]) -> None:
+    with pytest.raises(InvalidKeyError, match="is empty"):
+        KeyTemplate(template).build(fields)
+    KeyTemplate(template, strict=False).build(fields)  # built as it comes when not strict
+
+
+@pytest.mark.parametrize(
+    ("template", "fields", "expected"),
+    [
+        ("user:{id}:{admin|if('admin')}", {"id": 7, "admin": False}, "user:7:"),
+        ("user:{id}:{admin|if('admin')|upper}", {"id": 7, "admin": "0"}, "user:7:"),
+        ("user:{id}:{admin|if('admin')}", {"id": 7, "admin": ""}, "user:7:"),  # empty is false
+        ("user:{id}:{tag|default('')}", {"id": 7}, "user:7:"),
+    ],
+)
+def test_an_empty_text_if_or_default_chose_is_kept(
+    template: str, fields: dict[str, object], expected: str
+) -> None:
+    assert KeyTemplate(template).build(fields) == expected
+
+
+def test_text_of_letters_and_digits_between_fields_is_refused_whole() -> None:
+    tpl = KeyTemplate("{a}v{b}")
+    assert tpl.build(a="1", b="2") == "1v2"
+    for a, b in (("1v2", "3"), ("1", "2v3")):
+        with pytest.raises(InvalidKeyError, match=r"'v'.*ambiguous"):
+            tpl.build(a=a, b=b)
+    # With another character between them, letters and digits stay allowed.
+    assert KeyTemplate("{user}-v{version}").build(user="dave", version="v2") == "dave-vv2"
+
+
+def test_an_int_too_long_for_text_is_an_invalid_key() -> None:
+    with pytest.raises(InvalidKeyError, match="field 'id'"):
+        KeyTemplate("user:{id}").build(id=10**5000)
+
+
 def test_values_that_would_make_keys_collide_are_refused() -> None:
     tpl = KeyTemplate("session:{user}:{sid}")
     assert tpl.build(user="alice", sid="x") == "session:alice:x"
