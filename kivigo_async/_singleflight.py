@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import contextlib
 import functools
 import inspect
 import logging
@@ -20,19 +21,27 @@ import random
 import secrets
 import sys
 import typing
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._tasks import cancel_requested
 from .backend import AsyncBackend, LeaseBackend
 from .codecs import _type_name
-from .errors import BackendUnavailableError, EncodeError, OperationTimeoutError
+from .errors import BackendUnavailableError, EncodeError, KivigoError, OperationTimeoutError
 from .hooks import EventType
 
 if TYPE_CHECKING:
     from .client import Client
 
-__all__ = ["LEASE_PREFIX", "CacheFiller", "SingleFlight", "find_lease", "lease_key", "result_type"]
+__all__ = [
+    "LEASE_PREFIX",
+    "CacheFiller",
+    "Interrupted",
+    "OutWaited",
+    "SingleFlight",
+    "find_lease",
+    "lease_key",
+    "result_type",
+]
 
 _log = logging.getLogger("kivigo_async")
 
@@ -40,6 +49,9 @@ R = TypeVar("R")
 
 #: Prefix of lease keys. It has no braces, so the key's own hash tag (if any) stays in effect.
 LEASE_PREFIX = "kivigo:lease:"
+#: After the prefix, before a key that keeps its own braces: ``{`` begins the other kind,
+#: so no two keys share a lease key (``a`` and ``{a}`` would otherwise).
+_AS_IS = "="
 
 # Polling for a value another process is computing: exponential, jittered, capped
 # so a waiter notices the value (or an expired lease) within a fraction of a second.
@@ -62,17 +74,17 @@ def lease_key(key: str) -> str:
     """The key of the lease that guards filling ``key``.
 
     It lands in the same cluster hash slot as ``key``: a key with a hash tag
-    keeps it (``kivigo:lease:{user:1}:profile``); a key without braces is
-    wrapped in one (``kivigo:lease:{report:daily}``). Only a key containing
-    ``}`` but no valid hash tag (``a{}b``) may land elsewhere, which costs
-    locality, not correctness.
+    keeps it, after ``=`` (``kivigo:lease:={user:1}:profile``); a key without
+    ``}`` is wrapped in one (``kivigo:lease:{report:daily}``). Only a key
+    containing ``}`` but no valid hash tag (``a{}b``) may land elsewhere, which
+    costs locality, not correctness. Two keys never share a lease key.
 
     Example:
         >>> lease_key("report:daily"), lease_key("{user:1}:profile")
-        ('kivigo:lease:{report:daily}', 'kivigo:lease:{user:1}:profile')
+        ('kivigo:lease:{report:daily}', 'kivigo:lease:={user:1}:profile')
     """
     if _hash_tag(key) is not None or "}" in key:
-        return LEASE_PREFIX + key
+        return LEASE_PREFIX + _AS_IS + key
     return LEASE_PREFIX + "{" + key + "}"
 
 
@@ -127,6 +139,14 @@ class _Call(Generic[R]):
         self.abandoned = False
 
 
+class Interrupted(Exception):
+    """The shared task was cancelled, not by the caller (by ``cancel_all``, or from inside its work)."""
+
+
+class OutWaited(Exception):
+    """A caller's own ``timeout`` ran out (the shared task goes on for the others)."""
+
+
 class SingleFlight(Generic[R]):
     """Run one task per key at a time; concurrent callers share its outcome.
 
@@ -147,22 +167,46 @@ class SingleFlight(Generic[R]):
     def __len__(self) -> int:
         return len(self._calls)
 
-    async def do(self, key: str, fn: Callable[[], Coroutine[Any, Any, R]]) -> R:
-        """Return the result of ``fn()``, shared with every concurrent call for ``key``."""
+    async def do(
+        self,
+        key: str,
+        fn: Callable[[], Coroutine[Any, Any, R]],
+        timeout: float | None = None,
+        patient: Callable[[asyncio.Task[R]], bool] | None = None,
+    ) -> R:
+        """Return the result of ``fn()``, shared with every concurrent call for ``key``.
+
+        ``timeout`` bounds this caller's wait alone, unless ``patient(task)``,
+        asked when it runs out, says to wait on.
+
+        Raises:
+            OutWaited: ``timeout`` ran out (the task goes on for the other callers).
+            Interrupted: the task was cancelled, and not by this caller.
+        """
         call = self._calls.get(key)
         if call is None or call.abandoned:
             call = _Call(asyncio.get_running_loop().create_task(fn()))
             self._calls[key] = call
             call.task.add_done_callback(functools.partial(self._finished, key, call))
         call.waiters += 1
+        task = call.task
         try:
-            return await asyncio.shield(call.task)
+            # asyncio.wait, unlike awaiting a shield, tells this caller's cancellation
+            # (raised here) from the task's (a task that ends cancelled), on every Python.
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if not done:
+                if patient is None or not patient(task):
+                    raise OutWaited
+                await asyncio.wait({task})
         finally:
             call.waiters -= 1
-            if call.waiters == 0 and not call.task.done():
-                # Every caller was cancelled: nobody wants the result any more.
+            if call.waiters == 0 and not task.done():
+                # Every caller left: nobody wants the result any more.
                 call.abandoned = True
-                call.task.cancel()
+                task.cancel()
+        if task.cancelled():
+            raise Interrupted
+        return task.result()
 
     async def cancel_all(self) -> None:
         """Cancel every running task and wait until each has finished its cleanup.
@@ -206,6 +250,8 @@ class CacheFiller:
     def __init__(self, backend: AsyncBackend) -> None:
         self.lease = find_lease(backend)
         self._flights: SingleFlight[_Filled] = SingleFlight()
+        #: The task running the factory for a key, while it does (it holds the lease).
+        self._producing: dict[str, asyncio.Task[Any]] = {}
         self._closed = False
 
     async def aclose(self) -> None:
@@ -226,18 +272,31 @@ class CacheFiller:
         """Return the value of ``key`` after at most one factory run per key in this process."""
         if self._closed:
             raise BackendUnavailableError(f"get_or_set for key {key!r}: the client is closed")
+        wait_s = None if wait_ms is None else wait_ms / 1000
         try:
+            # wait_timeout is each caller's own: the shared task polls for as long as
+            # any caller waits, and a caller whose time is up leaves unless the
+            # factory is running in this process by then (it is never interrupted).
             filled = await self._flights.do(
-                key, lambda: self._fill(client, key, factory, rtype, ttl_ms, lock_ms, wait_ms)
+                key,
+                lambda: self._fill(client, key, factory, rtype, ttl_ms, lock_ms),
+                wait_s,
+                lambda task: self._producing.get(key) is task,
             )
-        except asyncio.CancelledError:
-            if self._closed and cancel_requested() is False:
-                # The fill was stopped by Client.close(), not this caller's cancellation.
-                # (Before Python 3.11 the two cannot be told apart: the cancellation stays.)
+        except OutWaited:
+            raise OperationTimeoutError(
+                f"get_or_set for key {key!r}: another caller has been filling it "
+                f"for longer than wait_timeout ({wait_s:g} s)"
+            ) from None
+        except Interrupted:
+            if self._closed:
                 raise BackendUnavailableError(
                     f"get_or_set for key {key!r}: the client was closed while the value was computed"
                 ) from None
-            raise
+            raise KivigoError(
+                f"get_or_set for key {key!r}: the factory was cancelled from inside "
+                "(it awaited something another task cancelled)"
+            ) from None
         if filled.type == rtype and not filled.taken:
             filled.taken = True
             return filled.value
@@ -252,43 +311,46 @@ class CacheFiller:
         rtype: Any,
         ttl_ms: int | None,
         lock_ms: int,
-        wait_ms: int | None,
     ) -> _Filled:
         lease = self.lease
         if lease is None:
-            return await _produce(client, key, factory, rtype, ttl_ms)
+            with self._running_factory(key):
+                return await _produce(client, key, factory, rtype, ttl_ms)
         backend = client.backend
         lkey = lease_key(key)
         token = secrets.token_bytes(16)
-        loop = asyncio.get_running_loop()
-        wait_s = None if wait_ms is None else wait_ms / 1000
-        deadline = None if wait_s is None else loop.time() + wait_s
         delay = _FIRST_POLL
         while True:
             if await lease.acquire_lease(lkey, token, lock_ms):
                 try:
-                    # The previous holder may have stored the value and left
-                    # between our last read and our acquire.
-                    data = await backend.get(key)
-                    if data is not None:
-                        return _Filled(client._decode(key, data, rtype), data, rtype)
-                    return await _produce(client, key, factory, rtype, ttl_ms)
+                    with self._running_factory(key):
+                        # The previous holder may have stored the value and left
+                        # between our last read and our acquire.
+                        data = await backend.get(key)
+                        if data is not None:
+                            return _Filled(client._decode(key, data, rtype), data, rtype)
+                        return await _produce(client, key, factory, rtype, ttl_ms)
                 finally:
                     await _release(lease, lkey, token, key)
             data = await backend.get(key)
             if data is not None:
                 return _Filled(client._decode(key, data, rtype), data, rtype)
-            now = loop.time()
-            if deadline is not None and now >= deadline:
-                raise OperationTimeoutError(
-                    f"get_or_set for key {key!r}: another caller has been filling it "
-                    f"for longer than wait_timeout ({wait_s:g} s)"
-                )
-            pause = delay * random.uniform(0.5, 1.0)  # jitter: spread the pollers out
-            if deadline is not None:
-                pause = min(pause, deadline - now)
-            await asyncio.sleep(pause)
+            # Until every caller has left (each by its own wait_timeout) or the
+            # holder's lease expires and this task takes it over.
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: spread the pollers out
             delay = min(delay * 2, _MAX_POLL)
+
+    @contextlib.contextmanager
+    def _running_factory(self, key: str) -> Iterator[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        self._producing[key] = task
+        try:
+            yield
+        finally:
+            # An abandoned task may end after the next one for this key has started.
+            if self._producing.get(key) is task:
+                del self._producing[key]
 
 
 async def _produce(

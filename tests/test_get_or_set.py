@@ -30,6 +30,7 @@ from kivigo_async.errors import (
     EncodeError,
     InvalidArgumentError,
     InvalidKeyError,
+    KivigoError,
     OperationTimeoutError,
 )
 from kivigo_async.hooks import EventType, HookEvent
@@ -265,6 +266,92 @@ async def test_wait_timeout_bounds_waiting_for_another_holder(client: Client) ->
     assert await lease.release_lease(lkey, b"busy-elsewhere")
 
 
+async def test_each_caller_waits_by_its_own_wait_timeout() -> None:
+    async with Client(MemoryBackend()) as client:
+        lease = find_lease(client.backend)
+        assert lease is not None
+        assert await lease.acquire_lease(lease_key("k"), b"elsewhere", 60_000)
+        patient = asyncio.create_task(client.get_or_set("k", lambda: 1))  # no wait_timeout
+        await asyncio.sleep(0.05)
+        # A later caller joins the same run and still leaves after its own 0.2 s...
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(OperationTimeoutError, match="wait_timeout"):
+            await asyncio.wait_for(client.get_or_set("k", lambda: 2, wait_timeout=0.2), 30)
+        assert loop.time() - started < 10
+        # ... without ending the wait of the first, who gets the value when it comes.
+        await asyncio.sleep(0.3)
+        assert not patient.done()
+        await client.set("k", 7)
+        assert await asyncio.wait_for(patient, 10) == 7
+
+        # The other way round: the first caller's short timeout is not the second's.
+        assert await lease.acquire_lease(lease_key("j"), b"elsewhere", 60_000)
+        hasty = asyncio.create_task(client.get_or_set("j", lambda: 1, wait_timeout=0.2))
+        await asyncio.sleep(0.05)
+        calm = asyncio.create_task(client.get_or_set("j", lambda: 2))
+        with pytest.raises(OperationTimeoutError):
+            await asyncio.wait_for(hasty, 10)
+        await asyncio.sleep(0.3)
+        assert not calm.done()
+        await client.set("j", 8)
+        assert await asyncio.wait_for(calm, 10) == 8
+
+
+async def test_wait_timeout_never_interrupts_a_factory_running_in_this_process() -> None:
+    async with Client(MemoryBackend()) as client:
+        started = asyncio.Event()
+
+        async def slow() -> int:
+            started.set()
+            await asyncio.sleep(0.5)
+            return 5
+
+        first = asyncio.create_task(client.get_or_set("k", slow))
+        await started.wait()
+        # This caller's 0.1 s runs out while the factory runs here: it waits on.
+        assert await asyncio.wait_for(client.get_or_set("k", slow, wait_timeout=0.1), 10) == 5
+        assert await first == 5
+
+
+async def test_a_factory_cancelled_from_inside_fails_its_callers_without_cancelling_them() -> None:
+    async with Client(MemoryBackend()) as client:
+        upstream: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def factory() -> int:
+            return await upstream  # e.g. a request another component gives up on
+
+        callers = [asyncio.create_task(client.get_or_set("k", factory)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        upstream.cancel()
+        results = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 10)
+        for result in results:
+            assert type(result) is KivigoError
+            assert "cancelled from inside" in str(result)
+        assert not any(task.cancelled() for task in callers)
+        assert not await client.has_key("k")
+        assert not await client.has_key(lease_key("k"))
+
+
+async def test_keys_with_and_without_their_own_braces_have_their_own_leases() -> None:
+    assert len({lease_key(k) for k in ("a", "{a}", "report:daily", "{report:daily}", "={a}")}) == 5
+    async with Client(MemoryBackend()) as client:
+        started = asyncio.Event()
+
+        async def slow() -> int:
+            started.set()
+            await asyncio.sleep(30)
+            return 1
+
+        holder = asyncio.create_task(client.get_or_set("a", slow))
+        await started.wait()
+        # A fill of "{a}" is not made to wait for the fill of "a".
+        assert await asyncio.wait_for(client.get_or_set("{a}", lambda: 2, wait_timeout=5), 10) == 2
+        holder.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await holder
+
+
 async def test_value_stored_by_another_holder_is_read_not_recomputed(client: Client) -> None:
     key = fresh_key()
     lkey = lease_key(key)
@@ -367,7 +454,7 @@ def test_lease_key_shares_the_hash_slot(key: str) -> None:
 def test_lease_key_with_a_brace_but_no_hash_tag(key: str) -> None:
     # No hash tag can reproduce a hash of a whole key containing "}": the lease
     # lands elsewhere in a cluster (locality only), and is still its own key.
-    assert lease_key(key) == "kivigo:lease:" + key
+    assert lease_key(key) == "kivigo:lease:=" + key
 
 
 # -- in-process single-flight -------------------------------------------------------
@@ -535,10 +622,7 @@ async def test_close_stops_a_running_fill() -> None:
     caller = asyncio.create_task(client.get_or_set("report", slow))
     await asyncio.wait_for(started.wait(), 10)
     await asyncio.wait_for(client.close(), 10)
-    # Before Python 3.11 a caller's own cancellation cannot be told from close()'s,
-    # so the library lets the CancelledError through rather than risk eating one.
-    stopped = BackendUnavailableError if sys.version_info >= (3, 11) else asyncio.CancelledError
-    with pytest.raises(stopped):
+    with pytest.raises(BackendUnavailableError, match="closed while the value was computed"):
         await asyncio.wait_for(caller, 10)
     assert finished == []
     fills = [t for t in asyncio.all_tasks() if "CacheFiller._fill" in repr(t.get_coro())]
