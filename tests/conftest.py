@@ -15,12 +15,12 @@ from kivigo_async import AsyncBackend, Client
 from kivigo_async.backends.redis import LocalCache, RedisBackend, RedisOptions
 from kivigo_async.errors import BackendUnavailableError
 from kivigo_async.testing.pytest_plugin import require_server
-from kivigo_async.testing.servers import Server, ServerPool
+from kivigo_async.testing.servers import EXTERNAL_URL_ENV, Server, ServerPool
 
 #: Every (kind, variant, transport) the conformance suite runs on: the default
 #: multiplexed connection everywhere, and the connection pool (auto_pipeline=False)
 #: on one server of each kind and on TLS. Unavailable ones skip locally and fail
-#: in CI; "external" is there only when KIVIGO_REDIS_URL names a server.
+#: in CI; "external" is there only when KIVIGO_TEST_REDIS_URL names a server.
 REDIS_TARGETS = [
     ("valkey", "plain", "mux"),
     ("valkey", "password", "mux"),
@@ -33,7 +33,7 @@ REDIS_TARGETS = [
     ("redis", "acl", "pool"),
     ("redis", "tls", "pool"),
 ]
-if os.environ.get("KIVIGO_REDIS_URL"):
+if os.environ.get(EXTERNAL_URL_ENV):
     REDIS_TARGETS.append(("external", "plain", "mux"))
 
 

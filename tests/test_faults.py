@@ -97,7 +97,7 @@ async def timed(call: Awaitable[Any], bound: float) -> tuple[Any, float]:
     start = time.monotonic()
     try:
         result: Any = await asyncio.wait_for(call, bound + 30)
-    except (KivigoError, TimeoutError) as exc:
+    except (KivigoError, asyncio.TimeoutError) as exc:
         result = exc
     return result, time.monotonic() - start
 
@@ -222,7 +222,7 @@ async def test_server_killed_and_restarted_under_load(
         await asyncio.to_thread(server.restart)
         restarted_at = time.monotonic()
         phase = "back"
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(all_recovered.wait(), 30)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*workers), bound + 30)

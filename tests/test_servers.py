@@ -436,6 +436,19 @@ def test_external_kind_uses_env_url(monkeypatch: pytest.MonkeyPatch) -> None:
     pool.close()
 
 
+def test_the_demos_url_is_never_a_test_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The suite flushes the external server's database; the demo's and the
+    # benchmarks' variable (which they never flush) must not bring one in.
+    monkeypatch.delenv(servers.EXTERNAL_URL_ENV, raising=False)
+    monkeypatch.setenv("KIVIGO_REDIS_URL", "redis://127.0.0.1:6390/0")
+    assert servers.EXTERNAL_URL_ENV != "KIVIGO_REDIS_URL"
+    pool = ServerPool(binaries=[])
+    assert ("external", "plain") not in pool.available_targets()
+    with pytest.raises(ServerUnavailable):
+        pool.get("external")
+    pool.close()
+
+
 def test_password_is_not_on_the_command_line(redis_server_factory: ServerFactory) -> None:
     server = redis_server_factory(variant="acl")
     with open(f"/proc/{server.pid}/cmdline", "rb") as fh:

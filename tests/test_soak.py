@@ -127,7 +127,7 @@ async def test_soak_mixed_load_grows_nothing(redis_server_factory: ServerFactory
             elif roll < 0.99:
                 try:  # cancelled at a random point, mostly before its reply
                     await asyncio.wait_for(client.get(k, default=None), rng.uniform(0, 0.002))
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not TimeoutError before Python 3.11
                     ops["cancelled"] += 1
                 else:
                     ops["get"] += 1

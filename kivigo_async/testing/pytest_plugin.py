@@ -38,7 +38,7 @@ Example:
 A server this machine can't provide skips the test, except under CI (``CI`` set
 to anything but ``0``, ``false``, ``no`` or ``off``), where a server-backed test must not silently
 skip: it fails instead, unless what is missing is optional by nature (no
-``KIVIGO_REDIS_URL``, no Docker engine, a server or cli binary built without TLS).
+``KIVIGO_TEST_REDIS_URL``, no Docker engine, a server or cli binary built without TLS).
 """
 
 from __future__ import annotations

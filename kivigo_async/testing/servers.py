@@ -100,7 +100,8 @@ ACL_USER: Final = "kivigo"
 LIMITED_USER: Final = "limited"
 LIMITED_KEY_PATTERN: Final = "allowed:*"
 
-EXTERNAL_URL_ENV: Final = "KIVIGO_REDIS_URL"
+#: Its own name, not the demo's and benchmarks' KIVIGO_REDIS_URL: the tests flush the database it names.
+EXTERNAL_URL_ENV: Final = "KIVIGO_TEST_REDIS_URL"
 BINARY_ENV: Final[Mapping[BinaryKind, str]] = {
     "valkey": "KIVIGO_VALKEY_SERVER",
     "redis": "KIVIGO_REDIS_SERVER",
@@ -137,7 +138,7 @@ class ServerUnavailable(Exception):
     """This machine cannot provide the requested server.
 
     ``optional`` is true when the absence is a property of the environment that
-    CI may legitimately lack (no ``KIVIGO_REDIS_URL``, no Docker engine, a binary
+    CI may legitimately lack (no ``KIVIGO_TEST_REDIS_URL``, no Docker engine, a binary
     built without TLS), rather than a missing test dependency.
     """
 
@@ -947,7 +948,7 @@ def _read_reply(stream: BinaryIO) -> bytes:
 
 
 class ExternalServer(Server):
-    """A server someone else runs, named by a URL (``KIVIGO_REDIS_URL``); never started or stopped."""
+    """A server someone else runs, named by a URL (``KIVIGO_TEST_REDIS_URL``); never started or stopped."""
 
     def __init__(self, url: str) -> None:
         parts = urllib.parse.urlsplit(url)
