@@ -281,6 +281,10 @@ class Client:
     # -- lifecycle -------------------------------------------------------
 
     async def __aenter__(self) -> Client:
+        if self._closed:
+            # Its backend is closed too: every call would fail. (A framework's client
+            # factory that hands out one shared client does this on a second startup.)
+            raise BackendUnavailableError("this client was closed; create a new one instead of reopening it")
         if isinstance(self._backend, ConnectableBackend):
             try:
                 await self._backend.connect()

@@ -206,6 +206,18 @@ async def test_async_with_connects_and_closes() -> None:
     assert backend.close_calls == 1
 
 
+async def test_a_closed_client_cannot_be_entered_again() -> None:
+    backend = ConnectingBackend()
+    client = Client(backend)
+    async with client:
+        pass
+    with pytest.raises(BackendUnavailableError, match="was closed; create a new one"):
+        async with client:
+            pytest.fail("the body must not run")
+    assert backend.connect_calls == 1  # the closed backend was not reconnected
+    assert backend.close_calls == 1
+
+
 async def test_async_with_closes_on_error() -> None:
     backend = MinimalBackend()
     with pytest.raises(KeyNotFoundError):

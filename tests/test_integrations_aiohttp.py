@@ -156,6 +156,45 @@ def test_setup_twice_on_one_app_fails() -> None:
         setup(app, lambda: Client(MemoryBackend()))
 
 
+def test_setup_after_the_app_joined_another_is_a_configuration_error() -> None:
+    parent, sub = web.Application(), kv_app()
+    parent.add_subapp("/api", sub)  # aiohttp accepts no cleanup context from here on
+    with pytest.raises(ConfigurationError, match="before the application is started or added"):
+        setup(sub, lambda: Client(MemoryBackend()))
+    assert len(sub.cleanup_ctx) == 0
+    # Nothing was recorded: the message names the real problem again, not "already called".
+    with pytest.raises(ConfigurationError, match="before the application is started or added"):
+        setup(sub, lambda: Client(MemoryBackend()))
+
+
+async def test_a_factory_that_returns_a_closed_client_fails_startup() -> None:
+    shared = Client(MemoryBackend())
+    app = kv_app()
+    setup(app, lambda: shared, watch=False)
+    async with serving(app) as http:
+        assert (await http.put("/kv/a", params={"value": "1"})).status == 204
+    with pytest.raises(BackendUnavailableError, match="was closed"):
+        await start(app)
+
+
+async def test_on_shutdown_handlers_still_have_the_client() -> None:
+    # aiohttp tears the cleanup contexts down before on_cleanup handlers run, and
+    # after on_shutdown ones: the documented place for a last write.
+    app = kv_app()
+    setup(app, lambda: Client(MemoryBackend()), watch=False)
+    written: list[object] = []
+
+    async def last_write(app: web.Application) -> None:
+        client = app[CLIENT_KEY]
+        await client.set("shutdown", "done")
+        written.append(await client.get("shutdown"))
+
+    app.on_shutdown.append(last_write)
+    async with serving(app):
+        pass
+    assert written == ["done"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

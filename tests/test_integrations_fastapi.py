@@ -130,9 +130,16 @@ async def wait_for_readyz(
     http: httpx.AsyncClient, predicate: Callable[[dict[str, Any]], bool]
 ) -> httpx.Response:
     """Poll /readyz until its body satisfies ``predicate``."""
+    return await wait_for_readyz_at(http, "/readyz", predicate)
+
+
+async def wait_for_readyz_at(
+    http: httpx.AsyncClient, path: str, predicate: Callable[[dict[str, Any]], bool]
+) -> httpx.Response:
+    """Poll the readiness probe at ``path`` until its body satisfies ``predicate``."""
     deadline = asyncio.get_running_loop().time() + WAIT
     while True:
-        response = await http.get("/readyz")
+        response = await http.get(path)
         if predicate(response.json()):
             return response
         assert asyncio.get_running_loop().time() < deadline, f"last /readyz: {response.text}"
@@ -277,6 +284,44 @@ async def test_a_failed_startup_still_closes_the_backend() -> None:
     assert backend.closes == 1
     with pytest.raises(BackendUnavailableError, match="closed"):
         await backend.get("k")
+
+
+async def test_a_factory_that_returns_a_closed_client_fails_startup() -> None:
+    shared = Client(MemoryBackend())  # one client for every startup: the second gets it closed
+    app = visits_app(kivigo_lifespan(lambda: shared, watch=False))
+    async with serving(app) as http:
+        assert (await http.put("/kv/a", params={"value": 1})).status_code == 200
+    with pytest.raises(BackendUnavailableError, match="was closed"):
+        async with Lifespan(app):
+            pass
+    assert not hasattr(app.state, STATE_CLIENT)
+
+
+def _nested(kivigo: KivigoLifespan) -> Callable[[FastAPI], Any]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        async with kivigo(app) as state:
+            yield state
+
+    return lifespan
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["kivigo-lifespan", "own-lifespan"])
+async def test_a_mounted_sub_application_gets_the_client(nested: bool) -> None:
+    backend = MemoryBackend()
+    kivigo = kivigo_lifespan(lambda: Client(backend), watcher_options=FAST_WATCH)
+    app = FastAPI(lifespan=_nested(kivigo) if nested else kivigo)
+    # The sub-application has no lifespan of its own, and its app.state holds nothing.
+    app.mount("/v2", visits_app(kivigo_lifespan(lambda: Client(MemoryBackend()))))
+    async with uvicorn_serving(app) as base, httpx.AsyncClient(base_url=base) as http:
+        assert (await http.put("/v2/kv/answer", params={"value": 42})).status_code == 200
+        assert await backend.get("answer") == b"42"  # the parent app's client wrote it
+        assert (await http.get("/v2/kv/answer")).json() == 42
+        assert (await http.get("/v2/watcher")).json() in ("healthy", "unknown")
+        ready = await wait_for_readyz_at(http, "/v2/readyz", lambda body: body["status"] == "healthy")
+        assert ready.status_code == 200
+    with pytest.raises(BackendUnavailableError):
+        await backend.get("answer")
 
 
 async def test_a_factory_that_returns_no_client_fails_startup() -> None:

@@ -8,7 +8,9 @@ and :data:`WATCHER_KEY`; handlers use :func:`get_client`, which also finds
 them from sub-applications.
 
 If the backend cannot be reached at startup the app fails to start with that
-error, rather than serving requests that would all fail.
+error, rather than serving requests that would all fail. aiohttp closes cleanup
+contexts before it runs ``on_cleanup`` handlers: make last writes in an
+``on_shutdown`` handler.
 
 Example:
     ```python
@@ -113,7 +115,11 @@ def setup(
         raise ConfigurationError(f"setup needs an aiohttp web.Application, not {type(app).__name__}")
     if _SETUP_KEY in app:
         raise ConfigurationError("kivigo setup() was already called for this application")
-    app[_SETUP_KEY] = True
+    if app.pre_frozen:
+        raise ConfigurationError(
+            "kivigo setup() must be called before the application is started or added to "
+            "another one (add_subapp): aiohttp accepts no cleanup context after that"
+        )
 
     async def kivigo_ctx(app: web.Application) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
@@ -124,6 +130,7 @@ def setup(
             yield
 
     app.cleanup_ctx.append(kivigo_ctx)
+    app[_SETUP_KEY] = True
     if health_routes:
         add_health_routes(app)
 

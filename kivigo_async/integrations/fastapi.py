@@ -4,8 +4,10 @@ The lifespan opens the :class:`~kivigo_async.Client` (and, by default, a
 :class:`~kivigo_async.health.HealthWatcher`) when the app starts and closes
 both on shutdown. They live on ``app.state`` under :data:`STATE_CLIENT`
 (``app.state.kivigo_client``) and :data:`STATE_WATCHER`
-(``app.state.kivigo_watcher``, ``None`` with ``watch=False``); handlers get
-them through the :data:`KivigoClient` / :data:`KivigoWatcher` dependencies.
+(``app.state.kivigo_watcher``, ``None`` with ``watch=False``), and in the
+lifespan state that every request sees, in mounted sub-applications too;
+handlers get them through the :data:`KivigoClient` / :data:`KivigoWatcher`
+dependencies.
 
 If the backend cannot be reached at startup the app fails to start with that
 error, rather than serving requests that would all fail.
@@ -36,9 +38,9 @@ With a lifespan of your own, enter the kivigo one inside it:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        async with kivigo(app):          # the client is open from here ...
+        async with kivigo(app) as state:  # the client is open from here ...
             await warm_up(app.state.kivigo_client)
-            yield
+            yield state                   # (for mounted sub-applications)
         # ... and closed here, after your own shutdown code above has run
 
     app = FastAPI(lifespan=lifespan)
@@ -103,7 +105,10 @@ class KivigoLifespan:
 
     Calling it with the app returns an async context manager, so it can be
     given to ``FastAPI(lifespan=...)`` directly or entered inside your own
-    lifespan. See :func:`kivigo_lifespan`.
+    lifespan. It yields the lifespan state (the client and the watcher) that
+    Starlette hands to every request, which is how handlers of a mounted
+    sub-application find them: a lifespan of your own should yield it too.
+    See :func:`kivigo_lifespan`.
 
     Example:
         ```python
@@ -125,24 +130,28 @@ class KivigoLifespan:
     def __repr__(self) -> str:
         return f"KivigoLifespan(watch={self._watch})"
 
-    def __call__(self, app: Starlette) -> AbstractAsyncContextManager[None]:
+    def __call__(self, app: Starlette) -> AbstractAsyncContextManager[dict[str, Any]]:
         return self._run(app)
 
     @asynccontextmanager
-    async def _run(self, app: Starlette) -> AsyncIterator[None]:
+    async def _run(self, app: Starlette) -> AsyncIterator[dict[str, Any]]:
         state = app.state
         if getattr(state, STATE_CLIENT, None) is not None:
             raise ConfigurationError("a kivigo lifespan is already running for this app")
         async with AsyncExitStack() as stack:
             client, watcher = await _open(stack, self._client_factory, self._watch, self._watcher_options)
-            setattr(state, STATE_CLIENT, client)
-            setattr(state, STATE_WATCHER, watcher)
-            setattr(state, _STATE_PROBE, _probe_watcher(client) if watcher is None else watcher)
+            opened = {
+                STATE_CLIENT: client,
+                STATE_WATCHER: watcher,
+                _STATE_PROBE: _probe_watcher(client) if watcher is None else watcher,
+            }
+            for name, value in opened.items():
+                setattr(state, name, value)
             try:
-                yield
+                yield dict(opened)
             finally:
                 # Gone before the client closes: a late request gets a clear error, not a closed client.
-                for name in (STATE_CLIENT, STATE_WATCHER, _STATE_PROBE):
+                for name in opened:
                     delattr(state, name)
 
 
@@ -180,10 +189,16 @@ def get_client(request: Request) -> Client:
             return await client.get(key)
         ```
     """
-    client: Client | None = getattr(request.app.state, STATE_CLIENT, None)
+    client: Client | None = _opened(request, STATE_CLIENT)
     if client is None:
         raise ConfigurationError(_NOT_INSTALLED)
     return client
+
+
+def _opened(request: Request, name: str) -> Any:
+    """What the lifespan opened: on the app, or (from a mounted sub-application) in the request's state."""
+    found = getattr(request.app.state, name, None)
+    return found if found is not None else getattr(request.state, name, None)
 
 
 def get_watcher(request: Request) -> HealthWatcher:
@@ -197,7 +212,7 @@ def get_watcher(request: Request) -> HealthWatcher:
         ```
     """
     get_client(request)
-    watcher: HealthWatcher | None = getattr(request.app.state, STATE_WATCHER, None)
+    watcher: HealthWatcher | None = _opened(request, STATE_WATCHER)
     if watcher is None:
         raise ConfigurationError("the kivigo lifespan runs without a health watcher (watch=False)")
     return watcher
@@ -232,7 +247,7 @@ def health_router(*, prefix: str = "", include_in_schema: bool = False) -> APIRo
     @router.get("/readyz", response_model=None, summary="Readiness probe")
     async def readyz(request: Request) -> JSONResponse:
         client = get_client(request)
-        probe: HealthWatcher | None = getattr(request.app.state, _STATE_PROBE, None)
+        probe: HealthWatcher | None = _opened(request, _STATE_PROBE)
         code, body = await readiness(client, probe)
         return JSONResponse(body, status_code=code, headers=dict(_PROBE_HEADERS))
 
