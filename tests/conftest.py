@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -35,6 +36,31 @@ REDIS_TARGETS = [
 ]
 if os.environ.get(EXTERNAL_URL_ENV):
     REDIS_TARGETS.append(("external", "plain", "mux"))
+
+
+def run_child(
+    args: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a child process that may start servers, and fail the test if it outlives ``timeout``.
+
+    Unlike ``subprocess.run``, which kills a child that times out (SIGKILL: the
+    servers it started outlive it), this asks it to stop with SIGTERM first,
+    which our scripts turn into a clean exit that stops their servers.
+    """
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as exc:  # a timeout, or this test run being interrupted
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            pytest.fail(f"{list(args)} ran past {timeout} s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+        raise
+    return subprocess.CompletedProcess(list(args), proc.returncode, out, err)
 
 
 async def cancel_close_after(client: Client, turns: int) -> None:

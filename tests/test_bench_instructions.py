@@ -16,6 +16,7 @@ from types import ModuleType
 
 import pytest
 import redis
+from conftest import run_child
 
 from kivigo_async.testing.servers import RedisServer
 
@@ -33,14 +34,7 @@ def instructions(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT,
-        env=env,
-        check=False,
-    )
+    return run_child([sys.executable, str(SCRIPT), *args], timeout=CHILD_TIMEOUT, env=env)
 
 
 def test_jobs_count_the_typed_writes_once(instructions: ModuleType) -> None:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import redis
+from conftest import run_child
 
 from kivigo_async.testing.pytest_plugin import in_ci
 from kivigo_async.testing.servers import RedisServer
@@ -84,13 +84,10 @@ def test_quick_run_writes_every_scenario(valkey_server: RedisServer, tmp_path: P
     require_peers()
     docs_before = DOCS.read_bytes() if DOCS.exists() else None
     env = dict(os.environ, KIVIGO_REDIS_URL=f"{valkey_server.url}/{BENCH_DB}")
-    proc = subprocess.run(
+    proc = run_child(
         [sys.executable, str(RUN), "--quick", "--loops", "asyncio", "--out", str(tmp_path)],
         env=env,
-        capture_output=True,
-        text=True,
         timeout=SUBPROCESS_TIMEOUT,
-        check=False,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
 

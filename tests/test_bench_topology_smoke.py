@@ -7,12 +7,12 @@ nothing): the run exits 0 and its JSON and markdown hold the cluster and Sentine
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_child
 
 from kivigo_async.testing.pytest_plugin import skip_or_fail
 from kivigo_async.testing.servers import ServerPool, ServerUnavailable
@@ -52,7 +52,7 @@ def test_quick_cluster_and_sentinel_run(kivigo_server_pool: ServerPool, tmp_path
     except ServerUnavailable as exc:
         skip_or_fail(exc, "valkey")
     docs_before = DOCS.read_bytes() if DOCS.exists() else None
-    proc = subprocess.run(
+    proc = run_child(
         [
             sys.executable,
             str(RUN),
@@ -64,10 +64,7 @@ def test_quick_cluster_and_sentinel_run(kivigo_server_pool: ServerPool, tmp_path
             "--out",
             str(tmp_path),
         ],
-        capture_output=True,
-        text=True,
         timeout=SUBPROCESS_TIMEOUT,
-        check=False,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,9 +14,10 @@ from types import ModuleType
 
 import pytest
 import redis
+from conftest import run_child
 
-from kivigo_async.testing.pytest_plugin import require_server
-from kivigo_async.testing.servers import RedisServer, ServerPool, free_port
+from kivigo_async.testing.pytest_plugin import require_server, skip_or_fail
+from kivigo_async.testing.servers import RedisServer, ServerPool, ServerUnavailable, find_binaries, free_port
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 RUN_ALL = EXAMPLES_DIR / "run_all.py"
@@ -64,14 +66,7 @@ def run_all(url: str | None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "KIVIGO_REDIS_URL"}
     if url is not None:
         env["KIVIGO_REDIS_URL"] = url
-    return subprocess.run(
-        [sys.executable, str(RUN_ALL)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT,
-        check=False,
-    )
+    return run_child([sys.executable, str(RUN_ALL)], env=env, timeout=SUBPROCESS_TIMEOUT)
 
 
 async def test_session_store(example_url: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -142,6 +137,25 @@ def test_run_all_uses_kivigo_redis_url(example_url: str) -> None:
     assert "cache:config:db: {'host': 'localhost', 'port': '5432'}" in out
     assert "redis is healthy" in out
     assert out.rstrip().endswith("all 3 examples passed")
+
+
+def test_run_all_starts_and_stops_its_own_server() -> None:
+    # What `nox -s demo` does on a machine with no Redis: the embedded server.
+    if not find_binaries():
+        skip_or_fail(ServerUnavailable("no valkey-server or redis-server binary"), "valkey")
+    result = run_all(None)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert re.search(r"^starting (valkey|redis)-server ", out, re.MULTILINE), out
+    address = re.search(r"running 3 examples against (127\.0\.0\.1):(\d+) \(tcp, db 0\)", out)
+    assert address is not None, out
+    assert re.search(r"^stopped the (valkey|redis) server$", out, re.MULTILINE), out
+    assert out.rstrip().endswith("all 3 examples passed")
+    # Stopped for real: nothing answers on its port any more.
+    host, port = address.group(1), int(address.group(2))
+    with pytest.raises(ConnectionRefusedError), socket.create_connection((host, port), timeout=5):
+        pass
 
 
 def test_run_all_never_prints_the_password(kivigo_server_pool: ServerPool) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import redis
+from conftest import run_child
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -349,8 +350,11 @@ def test_explicit_binary_that_is_not_a_server_is_named(monkeypatch: pytest.Monke
         ServerPool().get("valkey")
 
 
-def test_sigterm_ends_the_session_with_every_server_stopped(tmp_path: Path) -> None:
-    """A CI job cancelled with SIGTERM must not leave servers (and their folders) behind."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_ends_the_session_with_every_server_stopped(tmp_path: Path, signame: str) -> None:
+    """A CI job cancelled with SIGTERM (or a closed terminal's SIGHUP) must not leave servers behind."""
+    if not hasattr(signal, signame):
+        pytest.skip(f"no {signame} on this platform")  # not server-backed
     info = tmp_path / "server.txt"
     (tmp_path / "test_sleeper.py").write_text(
         "import time\n"
@@ -387,7 +391,7 @@ def test_sigterm_ends_the_session_with_every_server_stopped(tmp_path: Path) -> N
         pid_text, directory = info.read_text().split(" ", 1)
         pid = int(pid_text)
         assert not pid_gone(pid)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, signame))
         output = proc.communicate(timeout=60)[0]
         assert proc.returncode != 0, output
         assert pid_gone(pid), output
@@ -397,6 +401,29 @@ def test_sigterm_ends_the_session_with_every_server_stopped(tmp_path: Path) -> N
             proc.kill()
             proc.wait()
         if pid is not None and not pid_gone(pid):
+            os.kill(pid, signal.SIGKILL)  # the server this test's child started
+
+
+def test_a_child_that_runs_too_long_is_stopped_with_its_servers(tmp_path: Path) -> None:
+    binaries = servers.find_binaries()
+    if not binaries:
+        pytest.skip("no server binary")  # the suite's other tests fail under CI then
+    info = tmp_path / "server.txt"
+    script = (
+        "import sys, time\n"
+        "from kivigo_async.testing.servers import RedisServer, find_binaries, stop_servers_on_sigterm\n"
+        "stop_servers_on_sigterm()\n"
+        "server = RedisServer(find_binaries()[0]).start()\n"
+        "open(sys.argv[1], 'w').write(str(server.pid))\n"
+        "time.sleep(120)\n"
+    )
+    with pytest.raises(pytest.fail.Exception, match="ran past 20 s"):
+        run_child([sys.executable, "-c", script, str(info)], timeout=20)
+    pid = int(info.read_text())
+    try:
+        assert pid_gone(pid), "the child's server outlived it"
+    finally:
+        if not pid_gone(pid):
             os.kill(pid, signal.SIGKILL)  # the server this test's child started
 
 

@@ -399,14 +399,15 @@ def _unregister(server: Server) -> None:
 
 
 def stop_servers_on_sigterm() -> None:
-    """Make SIGTERM end the program like Ctrl-C does, so that its servers are stopped.
+    """Make SIGTERM (and SIGHUP) end the program like Ctrl-C does, so that its servers are stopped.
 
-    By default SIGTERM (a cancelled CI job, ``timeout``, a process manager) ends
-    Python at once: no ``finally``, no ``atexit``, and the servers, which run in a
-    session of their own, outlive it with their folders. This turns it into a
-    ``KeyboardInterrupt`` (a second SIGTERM ends the program at once). It does
-    nothing outside the main thread or when another handler is installed. The
-    pytest plugin calls it once a test uses servers.
+    By default these signals (a cancelled CI job, ``timeout``, a process manager,
+    a closed terminal) end Python at once: no ``finally``, no ``atexit``, and the
+    servers, which run in a session of their own, outlive it with their folders.
+    This turns each into a ``KeyboardInterrupt`` (the same signal again ends the
+    program at once). It does nothing outside the main thread, and leaves alone a
+    signal that already has a handler. The pytest plugin calls it once a test
+    uses servers. (Nothing can stop them after a SIGKILL.)
 
     Example:
         ```python
@@ -416,14 +417,15 @@ def stop_servers_on_sigterm() -> None:
     """
     if threading.current_thread() is not threading.main_thread():
         return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise KeyboardInterrupt("SIGTERM")
+        signal.signal(signum, signal.SIG_DFL)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, interrupt)
+    for name in ("SIGTERM", "SIGHUP"):  # no SIGHUP on Windows
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, interrupt)
 
 
 @atexit.register
