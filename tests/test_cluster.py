@@ -33,6 +33,7 @@ from kivigo_async.errors import (
     CrossSlotError,
     HealthCheckError,
     InvalidArgumentError,
+    InvalidKeyError,
     KivigoError,
     OperationTimeoutError,
 )
@@ -382,6 +383,34 @@ async def test_cross_slot_transaction_sends_nothing(
     for command in ("multi", "exec", "set", "unlink"):
         assert sent[command] == 0, command
     assert await client.batch_get(["a", "b", "other", "{o}:stock"]) == {"{o}:stock": 5}
+
+
+@pytest.mark.parametrize("auto_pipeline", [True, False])
+async def test_an_unencodable_key_in_a_watched_transaction_is_an_invalid_key(
+    redis_cluster: RedisCluster, auto_pipeline: bool
+) -> None:
+    # The transaction finds each key's slot itself: a lone surrogate must be refused
+    # there as every other call refuses it, before anything is sent.
+    redis_cluster.flushall()
+    bad = "bad\ud800key"
+    options = RedisClusterOptions(addrs=redis_cluster.addrs[:1], auto_pipeline=auto_pipeline)
+    async with Client(RedisClusterBackend(options)) as client:
+        await client.set("{t}a", 1)
+        reset_stats(redis_cluster)
+        with pytest.raises(InvalidKeyError, match="lone surrogate"):
+            async with client.transaction(watch=["{t}a"]) as tx:
+                await tx.get(bad)
+        with pytest.raises(InvalidKeyError, match="lone surrogate"):
+            async with client.transaction(watch=["{t}a"]) as tx:
+                tx.set("{t}a", 2)
+                tx.set("{t}b", 2)
+                tx.set(bad, 1)
+        sent: Counter[str] = Counter()
+        for node in redis_cluster.primaries():
+            sent += command_calls(node)
+        assert sent["watch"] == 2
+        assert (sent["multi"], sent["exec"], sent["set"]) == (0, 0, 0)
+        assert await client.batch_get(["{t}a", "{t}b"]) == {"{t}a": 1}
 
 
 async def test_transaction_on_the_slot_owner(

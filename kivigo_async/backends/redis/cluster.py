@@ -320,6 +320,14 @@ def _slot(key: str) -> int:
     return key_slot(key.encode("utf-8", "surrogateescape"))
 
 
+def _checked_slot(key: str) -> int:
+    """:func:`_slot`, with a key UTF-8 cannot encode refused as it is everywhere else."""
+    try:
+        return _slot(key)
+    except UnicodeEncodeError as exc:
+        raise InvalidKeyError(f"key {key!r} cannot be encoded as UTF-8 (a lone surrogate?)") from exc
+
+
 class RedisClusterBackend:
     """A backend on a Redis Cluster or Valkey Cluster.
 
@@ -695,11 +703,7 @@ class RedisClusterBackend:
         """Input positions grouped by hash slot, in first-seen order."""
         groups: dict[int, list[int]] = {}
         for index, key in enumerate(keys):
-            try:
-                slot = _slot(key)
-            except UnicodeEncodeError as exc:
-                raise InvalidKeyError(f"key {key!r} cannot be encoded as UTF-8 (a lone surrogate?)") from exc
-            groups.setdefault(slot, []).append(index)
+            groups.setdefault(_checked_slot(key), []).append(index)
         return groups
 
     def _route(self, args: Sequence[Any]) -> ClusterNode:
@@ -976,7 +980,7 @@ class _ClusterTransaction:
         self._inner = inner
 
     async def get(self, key: str) -> bytes | None:
-        if self._inner is not None and _slot(key) == self._slot:
+        if self._inner is not None and _checked_slot(key) == self._slot:
             # On the watching connection, like the standalone backend.
             return await self._inner.get(key)
         return await self._backend.get(key)
@@ -988,9 +992,9 @@ class _ClusterTransaction:
         else:
             slot = self._slot
             for key in keys:
-                if _slot(key) != slot:
+                if (other := _checked_slot(key)) != slot:
                     raise CrossSlotError(
-                        f"EXEC: key {key!r} is in slot {_slot(key)}, the watched keys in slot {slot}; "
+                        f"EXEC: key {key!r} is in slot {other}, the watched keys in slot {slot}; "
                         "give them a common hash tag, e.g. '{user:1}:a' and '{user:1}:b'"
                     )
         if self._inner is None:
