@@ -36,6 +36,7 @@ from kivigo_async.errors import (
     InvalidKeyError,
     KivigoError,
     OperationTimeoutError,
+    TransactionConflictError,
 )
 from kivigo_async.testing.proxy import FaultProxy
 from kivigo_async.testing.pytest_plugin import ClusterFactory
@@ -599,6 +600,28 @@ async def test_single_keys_follow_ask_then_moved(
             stats = src.info("commandstats")["cmdstat_get"]
         assert (stats["calls"], stats["rejected_calls"]) == (0, 1)  # the first read, answered MOVED
         assert command_calls(target)["get"] == 2
+
+
+async def test_a_transaction_read_after_its_slot_moved_is_a_conflict(
+    redis_cluster_factory: ClusterFactory,
+) -> None:
+    # The watching connection stays on the node the slot left, which answers the
+    # read with MOVED: as at WATCH and EXEC, that is a conflict, and the retry
+    # goes to the slot's new owner.
+    cluster = redis_cluster_factory(node_timeout_ms=5000)
+    async with Client(RedisClusterBackend(RedisClusterOptions(addrs=cluster.addrs))) as client:
+        await client.set("{mv}:n", 1)
+        slot = key_slot(b"mv")
+        source = cluster.node_for_slot(slot)
+        target = next(p for p in cluster.primaries() if p is not source)
+        with pytest.raises(TransactionConflictError, match="moved"):
+            async with client.transaction(watch=["{mv}:n"]) as tx:
+                assert await asyncio.to_thread(migrate_slot, cluster, slot, target, 0) == 1
+                await tx.get("{mv}:n")
+        async with client.transaction(watch=["{mv}:n"]) as tx:
+            tx.set("{mv}:n", await tx.get("{mv}:n", int) + 1)
+        with sync_client(target) as direct:
+            assert direct.get("{mv}:n") == b"2"
 
 
 def wait_joined(cluster: RedisCluster, newcomer: RedisServer) -> None:

@@ -982,7 +982,10 @@ class _ClusterTransaction:
     async def get(self, key: str) -> bytes | None:
         if self._inner is not None and _checked_slot(key) == self._slot:
             # On the watching connection, like the standalone backend.
-            return await self._inner.get(key)
+            try:
+                return await self._inner.get(key)
+            except KivigoError as exc:
+                raise await self._backend._moved(exc) from exc.__cause__
         return await self._backend.get(key)
 
     async def commit(self, ops: Sequence[TxOp]) -> None:
