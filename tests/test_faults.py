@@ -124,6 +124,57 @@ def test_proxy_refuses_addresses_off_loopback() -> None:
     FaultProxy("127.0.0.1", 6379, host="127.0.0.2")  # all of 127/8 is loopback
 
 
+@pytest.mark.parametrize("cut", ["drop", "reset"])
+async def test_proxy_ends_a_server_side_that_connects_after_the_cut(
+    cut: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server_sides: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server_sides.append((reader, writer))
+
+    target = await asyncio.start_server(accept, "127.0.0.1", 0)
+    connect = asyncio.open_connection
+    gate = asyncio.Event()
+
+    async def slow_connect(*args: Any, **kwargs: Any) -> Any:
+        await gate.wait()  # the proxy's dial to its target, held until after the cut
+        return await connect(*args, **kwargs)
+
+    try:
+        async with FaultProxy("127.0.0.1", target.sockets[0].getsockname()[1]) as proxy:
+            monkeypatch.setattr(asyncio, "open_connection", slow_connect)
+            _, client_out = await connect(proxy.host, proxy.port)
+            deadline = time.monotonic() + 30
+            while proxy.connections == 0:
+                assert time.monotonic() < deadline, "the proxy never accepted"
+                await asyncio.sleep(0.01)
+            assert await (proxy.reset_connections() if cut == "reset" else proxy.drop_connections()) == 1
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                gate.set()
+                deadline = time.monotonic() + 30
+                while not server_sides:
+                    assert time.monotonic() < deadline, "the proxy never dialled its target"
+                    await asyncio.sleep(0.01)
+                server_in, server_out = server_sides[0]
+                try:
+                    assert await asyncio.wait_for(server_in.read(10), 30) == b""
+                except ConnectionResetError:
+                    assert cut == "reset"
+                while proxy.connections:
+                    assert time.monotonic() < deadline, "the link never ended"
+                    await asyncio.sleep(0.01)
+                gc.collect()
+            # Ended by the proxy (closed or reset), not left for the garbage collector.
+            assert not [w for w in caught if issubclass(w.category, ResourceWarning)], caught
+            client_out.close()
+            server_out.close()
+    finally:
+        target.close()
+        await target.wait_closed()
+
+
 @TRANSPORTS
 async def test_proxy_latency_delays_both_directions(server: RedisServer, auto_pipeline: bool) -> None:
     async with FaultProxy(server.host, server.port) as proxy:

@@ -427,6 +427,23 @@ def test_a_child_that_runs_too_long_is_stopped_with_its_servers(tmp_path: Path) 
             os.kill(pid, signal.SIGKILL)  # the server this test's child started
 
 
+def test_a_tls_probe_that_times_out_is_not_taken_for_a_build_without_tls(tmp_path: Path) -> None:
+    if not servers._trustme_installed():
+        pytest.skip("the probe needs trustme")  # not server-backed
+    # A "server" that starts and never answers: a machine too loaded to start one in time.
+    silent = tmp_path / "silent-server"
+    silent.write_text("#!/bin/sh\nexec sleep 60\n")
+    silent.chmod(0o755)
+    with pytest.raises(servers.ServerStartError, match="did not answer PING") as info:
+        servers._probe_tls("valkey", str(silent), "8.0.0", start_timeout=1.0)
+    assert not isinstance(info.value, servers._ExitedWhileStarting)
+    # One that refuses the TLS configuration and exits is a build without TLS.
+    refusing = tmp_path / "refusing-server"
+    refusing.write_text("#!/bin/sh\necho 'Bad directive' >&2\nexit 1\n")
+    refusing.chmod(0o755)
+    assert servers._probe_tls("valkey", str(refusing), "8.0.0") is False
+
+
 def test_explicit_binary_path_is_used(
     kivigo_server_pool: ServerPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -72,14 +72,23 @@ class _Link:
         self._client = (reader, writer)
         self._server: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._closed = False
+        self._reset = False
 
     async def run(self) -> None:
         proxy = self._proxy
         try:
-            self._server = await asyncio.open_connection(proxy.target_host, proxy.target_port)
+            server = await asyncio.open_connection(proxy.target_host, proxy.target_port)
         except OSError:
             # The target is down: the client sees its connection reset, as if refused.
             _reset(self._client[1])
+            return
+        self._server = server
+        if self._closed:
+            # Dropped or reset while this side was still connecting: end it the same way.
+            if self._reset:
+                _reset(server[1])
+            else:
+                server[1].close()
             return
         (client_in, client_out), (server_in, server_out) = self._client, self._server
         pumps = [
@@ -143,6 +152,7 @@ class _Link:
         if self._closed:
             return
         self._closed = True
+        self._reset = reset
         for side in (self._client, self._server):
             if side is None:
                 continue

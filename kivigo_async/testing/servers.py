@@ -134,6 +134,10 @@ class ServerStartError(RuntimeError):
     """A server process did not come up; the message ends with its last log lines."""
 
 
+class _ExitedWhileStarting(ServerStartError):
+    """The server process ended by itself before it answered (a configuration it refuses)."""
+
+
 class ServerUnavailable(Exception):
     """This machine cannot provide the requested server.
 
@@ -176,18 +180,21 @@ def _trustme_installed() -> bool:
     return importlib.util.find_spec("trustme") is not None
 
 
-def _probe_tls(kind: BinaryKind, path: str, version: str) -> bool:
+def _probe_tls(kind: BinaryKind, path: str, version: str, start_timeout: float = _START_TIMEOUT) -> bool:
     # `--version` doesn't say, and a build without TLS (the embedded Valkey) accepts
     # the tls-* directives and gives up only while starting, with wording that varies
     # by version. Serving one TLS PING is the answer that can't be misread.
     if not _trustme_installed():
         return False
     candidate = ServerBinary(kind=kind, path=path, version=version, supports_tls=True)
-    server = RedisServer(candidate, "tls")
+    server = RedisServer(candidate, "tls", start_timeout=start_timeout)
     try:
         server.start()
-    except ServerStartError:
+    except _ExitedWhileStarting:
         return False
+    # Any other ServerStartError (a start that timed out on a loaded machine, ports
+    # taken) says nothing about TLS: it propagates rather than mark the binary
+    # "built without TLS", which would let TLS tests skip even under CI.
     finally:
         server.stop()
     return True
@@ -850,7 +857,7 @@ class RedisServer(Server):
                 new_log = self._read_log(log_offset)
                 if _PORT_IN_USE in new_log:
                     raise _PortInUse(f"port {self._port}")
-                raise ServerStartError(
+                raise _ExitedWhileStarting(
                     f"{self!r} exited with code {code} while starting; last log lines:\n{self._log_tail()}"
                 )
             try:
