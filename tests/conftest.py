@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import subprocess
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -36,6 +37,18 @@ REDIS_TARGETS = [
 ]
 if os.environ.get(EXTERNAL_URL_ENV):
     REDIS_TARGETS.append(("external", "plain", "mux"))
+
+
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections while the block runs.
+
+    Bound but not listening: the kernel refuses every connection to it, and no
+    other process can take it meanwhile, as it could a port merely found free.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 def run_child(

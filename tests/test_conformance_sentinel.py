@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis
 import redis.asyncio as aioredis
+from conftest import refused_port
 
 from kivigo_async import Client
 from kivigo_async.backends.redis import RedisSentinelBackend, RedisSentinelOptions
@@ -291,14 +292,14 @@ async def test_connect_returns_once_a_sentinel_confirms_the_subscription(
 
 
 async def test_connect_with_no_sentinel_answering_fails_promptly() -> None:
-    nobody = f"127.0.0.1:{free_port()}"
-    backend = RedisSentinelBackend(RedisSentinelOptions(sentinels=[nobody], max_retries=0))
-    started = time.monotonic()
-    try:
-        with pytest.raises(BackendUnavailableError):
-            await backend.connect()
-    finally:
-        await backend.close()
+    with refused_port() as port:
+        backend = RedisSentinelBackend(RedisSentinelOptions(sentinels=[f"127.0.0.1:{port}"], max_retries=0))
+        started = time.monotonic()
+        try:
+            with pytest.raises(BackendUnavailableError):
+                await backend.connect()
+        finally:
+            await backend.close()
     # Every sentinel refused at once: connect() does not sit out dial_timeout (5 s).
     assert time.monotonic() - started < 4
 

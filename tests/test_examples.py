@@ -14,10 +14,10 @@ from types import ModuleType
 
 import pytest
 import redis
-from conftest import run_child
+from conftest import refused_port, run_child
 
 from kivigo_async.testing.pytest_plugin import require_server, skip_or_fail
-from kivigo_async.testing.servers import RedisServer, ServerPool, ServerUnavailable, find_binaries, free_port
+from kivigo_async.testing.servers import RedisServer, ServerPool, ServerUnavailable, find_binaries
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 RUN_ALL = EXAMPLES_DIR / "run_all.py"
@@ -174,8 +174,9 @@ def test_run_all_never_prints_the_password(kivigo_server_pool: ServerPool) -> No
 
 
 def test_run_all_fails_when_examples_fail() -> None:
-    # Nothing listens on a port free_port() just found: every example must fail, loudly.
-    result = run_all(f"redis://127.0.0.1:{free_port()}/0")
+    # Nothing listens there: every example must fail, loudly.
+    with refused_port() as port:
+        result = run_all(f"redis://127.0.0.1:{port}/0")
 
     assert result.returncode == 1
     assert result.stdout.count(": FAILED") == 3

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from conftest import refused_port
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
@@ -35,7 +36,7 @@ from kivigo_async.errors import (
 )
 from kivigo_async.hooks import EventType, HookEvent
 from kivigo_async.testing.proxy import FaultProxy
-from kivigo_async.testing.servers import RedisServer, free_port
+from kivigo_async.testing.servers import RedisServer
 from kivigo_async.testing.topologies import RedisCluster
 
 
@@ -419,20 +420,20 @@ async def test_release_is_compare_and_delete(client: Client) -> None:
 
 
 async def test_redis_lease_errors_are_translated_without_the_password() -> None:
-    port = free_port(cluster_bus=False)  # nothing listens there
-    backend = RedisBackend(RedisOptions(addr=f"127.0.0.1:{port}", password="s3cret-pw", max_retries=0))
-    lease = RedisLease(backend)
-    try:
-        with pytest.raises(BackendUnavailableError) as info:
-            await asyncio.wait_for(lease.acquire_lease("kivigo:lease:{k}", b"t", 1000), 30)
-        assert "kivigo:lease:{k}" in str(info.value)
-        with pytest.raises(BackendUnavailableError) as release_info:
-            await asyncio.wait_for(lease.release_lease("kivigo:lease:{k}", b"t"), 30)
-        for exc in (info.value, release_info.value):
-            assert "s3cret-pw" not in str(exc)
-            assert "s3cret-pw" not in repr(exc)
-    finally:
-        await backend.close()
+    with refused_port() as port:
+        backend = RedisBackend(RedisOptions(addr=f"127.0.0.1:{port}", password="s3cret-pw", max_retries=0))
+        lease = RedisLease(backend)
+        try:
+            with pytest.raises(BackendUnavailableError) as info:
+                await asyncio.wait_for(lease.acquire_lease("kivigo:lease:{k}", b"t", 1000), 30)
+            assert "kivigo:lease:{k}" in str(info.value)
+            with pytest.raises(BackendUnavailableError) as release_info:
+                await asyncio.wait_for(lease.release_lease("kivigo:lease:{k}", b"t"), 30)
+            for exc in (info.value, release_info.value):
+                assert "s3cret-pw" not in str(exc)
+                assert "s3cret-pw" not in repr(exc)
+        finally:
+            await backend.close()
 
 
 def test_lease_capability_detection() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
-from conftest import redis_options
+from conftest import redis_options, refused_port
 
 from kivigo_async import Client
 from kivigo_async.backends.memory import MemoryBackend
@@ -29,7 +29,7 @@ from kivigo_async.integrations.aiohttp import (
     setup,
 )
 from kivigo_async.testing.pytest_plugin import ServerFactory
-from kivigo_async.testing.servers import HOST, RedisServer, free_port
+from kivigo_async.testing.servers import HOST, RedisServer
 
 # Generous: two shared cores, and other test runs beside this one.
 WAIT = 30.0
@@ -118,11 +118,11 @@ async def test_sub_applications_find_the_client_of_their_parent() -> None:
 
 
 async def test_startup_fails_when_the_backend_cannot_be_reached() -> None:
-    port = free_port(cluster_bus=False)  # nothing listens there
-    app = web.Application()
-    setup(app, lambda: Client(RedisBackend.from_url(f"redis://{HOST}:{port}", max_retries=0)))
-    with pytest.raises(BackendUnavailableError):
-        await start(app)
+    with refused_port() as port:
+        app = web.Application()
+        setup(app, lambda: Client(RedisBackend.from_url(f"redis://{HOST}:{port}", max_retries=0)))
+        with pytest.raises(BackendUnavailableError):
+            await start(app)
 
 
 class UnreachableBackend(MemoryBackend):

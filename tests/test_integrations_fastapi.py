@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis.asyncio
 import uvicorn
-from conftest import redis_options
+from conftest import redis_options, refused_port
 from fastapi import FastAPI
 
 from kivigo_async import Client
@@ -39,7 +39,7 @@ from kivigo_async.integrations.fastapi import (
 )
 from kivigo_async.testing.proxy import FaultProxy
 from kivigo_async.testing.pytest_plugin import ServerFactory
-from kivigo_async.testing.servers import HOST, RedisServer, free_port
+from kivigo_async.testing.servers import HOST, RedisServer
 
 # Generous: two shared cores, and other test runs beside this one.
 WAIT = 30.0
@@ -246,13 +246,13 @@ async def test_a_second_kivigo_lifespan_on_the_same_app_fails() -> None:
 
 
 async def test_startup_fails_when_the_backend_cannot_be_reached() -> None:
-    port = free_port(cluster_bus=False)  # nothing listens there
-    backend = RedisBackend.from_url(f"redis://{HOST}:{port}", max_retries=0)
-    app = visits_app(kivigo_lifespan(lambda: Client(backend)))
-    with pytest.raises(BackendUnavailableError):
-        async with Lifespan(app):
-            pass
-    assert not hasattr(app.state, STATE_CLIENT)
+    with refused_port() as port:
+        backend = RedisBackend.from_url(f"redis://{HOST}:{port}", max_retries=0)
+        app = visits_app(kivigo_lifespan(lambda: Client(backend)))
+        with pytest.raises(BackendUnavailableError):
+            async with Lifespan(app):
+                pass
+        assert not hasattr(app.state, STATE_CLIENT)
 
 
 class UnreachableBackend(MemoryBackend):

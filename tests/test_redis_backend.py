@@ -28,7 +28,7 @@ import hiredis
 import pytest
 import redis.asyncio as aioredis
 import trustme
-from conftest import check_a_failed_close_is_reported_once, redis_options
+from conftest import check_a_failed_close_is_reported_once, redis_options, refused_port
 from redis._parsers import _AsyncHiredisParser
 
 from kivigo_async import Client
@@ -45,7 +45,7 @@ from kivigo_async.errors import (
     TransactionConflictError,
 )
 from kivigo_async.testing.pytest_plugin import ServerFactory, require_server
-from kivigo_async.testing.servers import BinaryKind, RedisServer, Server, ServerPool, free_port
+from kivigo_async.testing.servers import BinaryKind, RedisServer, Server, ServerPool
 
 # --------------------------------------------------------------------------- helpers
 
@@ -653,19 +653,19 @@ async def test_rediss_verification_off_only_when_asked(tls_server: RedisServer) 
 
 @pytest.mark.parametrize("max_retries", [0, 3])
 async def test_connection_refused_is_unavailable_quickly(max_retries: int) -> None:
-    port = free_port(cluster_bus=False)  # nothing listens there
-    backend = RedisBackend(RedisOptions(addr=f"127.0.0.1:{port}", max_retries=max_retries))
-    try:
-        err, _ = await raises_within(BackendUnavailableError, lambda: backend.get("k"), 10)
-        assert_ours(err)
-        assert isinstance(err, ConnectionError)
-        assert f"127.0.0.1:{port}" in str(err)
-        await raises_within(BackendUnavailableError, lambda: backend.set("k", b"v"), 10)
-        health, _ = await raises_within(HealthCheckError, lambda: Client(backend).health(), 10)
-        assert [type(e) for e in health.errors] == [BackendUnavailableError]
-        await raises_within(BackendUnavailableError, backend.connect, 10)
-    finally:
-        await backend.close()
+    with refused_port() as port:
+        backend = RedisBackend(RedisOptions(addr=f"127.0.0.1:{port}", max_retries=max_retries))
+        try:
+            err, _ = await raises_within(BackendUnavailableError, lambda: backend.get("k"), 10)
+            assert_ours(err)
+            assert isinstance(err, ConnectionError)
+            assert f"127.0.0.1:{port}" in str(err)
+            await raises_within(BackendUnavailableError, lambda: backend.set("k", b"v"), 10)
+            health, _ = await raises_within(HealthCheckError, lambda: Client(backend).health(), 10)
+            assert [type(e) for e in health.errors] == [BackendUnavailableError]
+            await raises_within(BackendUnavailableError, backend.connect, 10)
+        finally:
+            await backend.close()
 
 
 @pytest.mark.server
