@@ -14,7 +14,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -641,8 +641,9 @@ def wait_joined(cluster: RedisCluster, newcomer: RedisServer) -> None:
             poll(problem, deadline)
 
 
-async def test_single_keys_follow_ask_to_a_node_that_serves_no_slot_yet(
-    redis_cluster_factory: ClusterFactory,
+@pytest.mark.parametrize("auto_pipeline", [True, False])
+async def test_calls_follow_ask_to_a_node_that_serves_no_slot_yet(
+    redis_cluster_factory: ClusterFactory, auto_pipeline: bool
 ) -> None:
     # Scaling out: a new, empty node joins and the first slot migrates to it. The
     # layout does not list a node without slots, so an ASK must be followed by
@@ -650,25 +651,37 @@ async def test_single_keys_follow_ask_to_a_node_that_serves_no_slot_yet(
     cluster = redis_cluster_factory(node_timeout_ms=5000)
     config = {"cluster-enabled": "yes", "cluster-config-file": "nodes.conf", "cluster-node-timeout": "5000"}
     newcomer = RedisServer(cluster.binary, extra_config=config).start()
+    options = RedisClusterOptions(addrs=cluster.addrs, auto_pipeline=auto_pipeline)
     try:
         seed = cluster.primaries()[0]
         with sync_client(seed) as direct:
             direct.execute_command("CLUSTER MEET", newcomer.host, newcomer.port)
         await asyncio.to_thread(wait_joined, cluster, newcomer)
-        async with Client(RedisClusterBackend(RedisClusterOptions(addrs=cluster.addrs))) as client:
+        async with Client(RedisClusterBackend(options)) as client:
             await client.set("{grow}:old", "before")
-            slot = key_slot(b"grow")
-            source = cluster.node_for_slot(slot)
-            with sync_client(source) as src, sync_client(newcomer) as new:
-                source_id, new_id = src.execute_command("CLUSTER MYID"), new.execute_command("CLUSTER MYID")
-                new.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
-                src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", new_id)
-                src.execute_command("MIGRATE", newcomer.host, newcomer.port, "{grow}:old", 0, 5000)
-            assert await client.get("{grow}:old") == "before"  # ASK: on the newcomer now
-            await client.set("{grow}:new", "during")
+        slot = key_slot(b"grow")
+        source = cluster.node_for_slot(slot)
+        with sync_client(source) as src, sync_client(newcomer) as new:
+            source_id, new_id = src.execute_command("CLUSTER MYID"), new.execute_command("CLUSTER MYID")
+            new.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", new_id)
+            src.execute_command("MIGRATE", newcomer.host, newcomer.port, "{grow}:old", 0, 5000)
+        calls: list[Callable[[Client], Awaitable[Any]]] = [
+            lambda client: client.get("{grow}:old"),  # on the newcomer now: ASK
+            lambda client: client.set("{grow}:new", "during"),
+            lambda client: client.batch_set({"{grow}:a": 1, "{grow}:b": 2}),
+            lambda client: client.batch_get(["{grow}:old", "{grow}:a"]),
+        ]
+        results = []
+        for call in calls:  # each on a new client: the newcomer is unknown to it
+            async with Client(RedisClusterBackend(options)) as client:
+                results.append(await asyncio.wait_for(call(client), 30))
+        assert results == ["before", None, None, {"{grow}:old": "before", "{grow}:a": 1}]
+        async with Client(RedisClusterBackend(options)) as client:
             assert await client.ttl("{grow}:new") is None
-            with sync_client(newcomer) as new:
-                assert new.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 2
+            assert await client.get("{grow}:b") == 2
+        with sync_client(newcomer) as new:
+            assert new.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 4
     finally:
         newcomer.stop()
 

@@ -46,7 +46,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass
 from typing import Any, Final, Union
 
-from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
+from redis.asyncio.cluster import ClusterNode, NodesManager, PipelineCommand, RedisCluster
 from redis.cluster import PRIMARY
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as DriverConnectionError
@@ -55,7 +55,7 @@ from redis.exceptions import TimeoutError as DriverTimeoutError
 from ...errors import BackendError, BackendUnavailableError, InvalidArgumentError, InvalidKeyError
 from ._scan import SCAN_COUNT, match_pattern
 
-__all__ = ["MAX_PASSES", "Run", "scan_cluster"]
+__all__ = ["MAX_PASSES", "Run", "node_at", "scan_cluster"]
 
 #: Runs one call to the cluster: ``run(command, key, call)`` awaits ``call()``
 #: and turns driver errors into :mod:`kivigo_async.errors` (see
@@ -702,14 +702,22 @@ class _ClusterScan:
         return _Layout(selves, nodes)
 
     def _node_at(self, line: _Line) -> ClusterNode:
-        """The client's node object for ``line``'s address, added to its cache as redis-py does on ASK."""
-        manager = self._cluster.nodes_manager
-        host, port = manager.remap_host_port(line.host, line.port)
-        node: ClusterNode | None = manager.get_node(host=host, port=port)
-        if node is None:
-            node = ClusterNode(host, port, PRIMARY, **manager.connection_kwargs)
-            manager.set_nodes(manager.nodes_cache, {node.name: node})
-        return node
+        """The client's node object for ``line``'s address."""
+        return node_at(self._cluster.nodes_manager, line.host, line.port)
+
+
+def node_at(manager: NodesManager, host: str, port: int) -> ClusterNode:
+    """The client's node object for an address, added to its cache if the layout does not list it.
+
+    The layout lists the nodes that serve slots: one joining the cluster is
+    missing until its first slot has moved to it, which is when it is asked.
+    """
+    host, port = manager.remap_host_port(host, port)
+    node: ClusterNode | None = manager.get_node(host=host, port=port)
+    if node is None:
+        node = ClusterNode(host, port, PRIMARY, **manager.connection_kwargs)
+        manager.set_nodes(manager.nodes_cache, {node.name: node})
+    return node
 
 
 def _slot_list(slots: set[int], shown: int = 6) -> str:

@@ -33,6 +33,7 @@ from redis.retry import Retry
 from ..._tasks import detached
 from ...backend import BackendTransaction, TxOp
 from ...errors import (
+    BackendError,
     BackendUnavailableError,
     ConfigurationError,
     ConnectTimeoutError,
@@ -47,7 +48,7 @@ from ...watch import DEFAULT_MAX_PENDING, ChangeStream
 from ._cache import ClientCache, LocalCache
 from ._cluster_cache import ClusterTracking
 from ._cluster_mux import NodeConnections
-from ._cluster_scan import scan_cluster
+from ._cluster_scan import node_at, scan_cluster
 from ._errors import is_dial_timeout, translate, where
 from ._mux import MuxConnection
 from ._scan import decode_key
@@ -308,12 +309,38 @@ def _torn_down(exc: BaseException) -> bool:
         modules.append(module if isinstance(module, str) else "")
         tb = tb.tb_next
     if isinstance(exc, AttributeError):
-        return exc.obj is None and modules[-1].startswith("redis.")
+        return exc.obj is None and modules[-1].startswith("redis.") and not _unrouted(exc)
     return (
         modules[-1] == "asyncio.selector_events"
         and "NoneType" in str(exc)
         and any(module.startswith("redis.") for module in modules)
     )
+
+
+def _unrouted(exc: BaseException) -> bool:
+    """Whether ``exc`` is redis-py's cluster client following ``ASK`` to a node it does not know.
+
+    It looks the node up by address in the layout, which lists only nodes that
+    serve slots (not one joining the cluster, while its first slot migrates to
+    it), and calls the ``None`` it gets: an ``AttributeError`` raised before
+    anything was sent there. Recording the call's metrics may then fail the
+    same way: that error comes out, the first one as its context.
+    """
+    error: BaseException | None = exc
+    while isinstance(error, AttributeError):
+        tb = error.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if (
+            error.obj is None
+            and error.name == "execute_command"
+            and tb is not None
+            and tb.tb_frame.f_code.co_name == "_execute_command"
+            and tb.tb_frame.f_globals.get("__name__") == "redis.asyncio.cluster"
+        ):
+            return True
+        error = error.__context__
+    return False
 
 
 def _slot(key: str) -> int:
@@ -449,6 +476,8 @@ class RedisClusterBackend:
             # CLUSTERDOWN / MASTERDOWN: a primary failed and no replica serves its
             # slots yet. Like a refused connection, it passes once the failover is done.
             return BackendUnavailableError(f"{call}: the cluster is down (failover in progress?): {exc}")
+        if _unrouted(exc):
+            return BackendError(f"{call}: redirected (ASK) to a node that is not in the cluster's layout yet")
         if _torn_down(exc):
             return BackendUnavailableError(
                 f"{call}: the connection was closed while in use, by a reset of the "
@@ -513,7 +542,7 @@ class RedisClusterBackend:
         try:
             return await call()
         except _TRANSLATED as exc:
-            if isinstance(exc, (AttributeError, TypeError)) and not _torn_down(exc):
+            if isinstance(exc, (AttributeError, TypeError)) and not (_torn_down(exc) or _unrouted(exc)):
                 raise
             raise self._error(exc, command, key) from exc
         finally:
@@ -534,6 +563,11 @@ class RedisClusterBackend:
             if "TTL exhausted" not in str(exc):
                 raise
             # redis-py gave up following redirections (see _redirected): do it ourselves.
+            return await self._redirected(args)
+        except AttributeError as exc:
+            if not _unrouted(exc):
+                raise
+            # redis-py could not follow ASK to a node it does not know, and sent it nothing.
             return await self._redirected(args)
 
     async def _multiplexed(self, command: str, key: str, args: tuple[Any, ...]) -> Any:
@@ -575,9 +609,7 @@ class RedisClusterBackend:
             if isinstance(result, MovedError):
                 await nodes.move_slot(result)
             elif isinstance(result, AskError):
-                ask_node = nodes.get_node(result.host, result.port)
-                if ask_node is None:  # a node we don't know yet: learn the layout
-                    await nodes.initialize()
+                ask_node = node_at(nodes, result.host, result.port)
             elif isinstance(result, TryAgainError):
                 await asyncio.sleep(0.05 * (attempt + 1))
             elif isinstance(result, Exception):
