@@ -288,6 +288,25 @@ async def test_server_killed_and_restarted_under_load(
     )
 
 
+async def test_a_listing_across_a_server_restart_fails_rather_than_miss_keys(
+    redis_server_factory: ServerFactory,
+) -> None:
+    # The restarted process reloads the same keys but hashes them with a new seed:
+    # the old cursor, sent to it, would skip some keys and repeat others, silently.
+    server = redis_server_factory("valkey", extra_config={"appendonly": "yes", "appendfsync": "always"})
+    async with Client(RedisBackend(redis_options(server, max_retries=3))) as client:
+        await client.batch_set({f"scan:{i}": i for i in range(3000)})
+        keys = client.iter_keys("scan:")
+        seen = {await anext(keys)}  # the first page is read
+        await asyncio.to_thread(server.kill)
+        await asyncio.to_thread(server.restart)
+        with pytest.raises(BackendUnavailableError, match="server may have restarted"):
+            async for key in keys:
+                seen.add(key)
+        assert len(seen) < 3000
+        assert len(await client.list("scan:")) == 3000  # a new listing is whole
+
+
 @TRANSPORTS
 async def test_acknowledged_writes_survive_sigkill(
     redis_server_factory: ServerFactory, auto_pipeline: bool

@@ -366,6 +366,8 @@ class MuxConnection:
         self._generation = 0  # bumped by reconnect(): a connection opened before is not used
         self._draining: set[_Protocol] = set()  # left by reconnect(), closing once answered
         self._closed = False
+        #: Sockets opened so far: when it moves, the one before was lost or left.
+        self.opened = 0
 
     @property
     def connected(self) -> bool:
@@ -430,6 +432,7 @@ class MuxConnection:
                 protocol.close()
             else:
                 self._protocol = protocol
+                self.opened += 1
 
     async def _open_with_retries(self) -> _Protocol:
         attempt = 0

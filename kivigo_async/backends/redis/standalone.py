@@ -548,18 +548,29 @@ class RedisBackend:
         pattern = match_pattern(prefix)
         cursor: int = 0
         changes = self._server_changes
+        mux = self._mux
+        opened: int | None = None  # the multiplexed socket the listing began on
         while True:
             try:
                 reply = await self._exec("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
             except _FAILURES as exc:
                 raise self._error(exc, "SCAN") from exc
+            # A cursor is only good on the server process that gave it (each hashes
+            # keys with a seed of its own): sent to another, the listing would skip
+            # and repeat keys without an error, so it cannot go on.
             if self._server_changes != changes:
-                # The cursor went to another server, which would silently skip and
-                # repeat keys: the listing cannot go on.
                 raise BackendUnavailableError(
                     f"SCAN on {self._node}: the primary changed (a failover) during the listing, "
                     "so keys may have been missed; list again"
                 )
+            if mux is not None:
+                if opened is None:
+                    opened = mux.opened
+                elif mux.opened != opened:
+                    raise BackendUnavailableError(
+                        f"SCAN on {self._node}: the connection was lost during the listing and the "
+                        "server may have restarted, so keys may have been missed; list again"
+                    )
             # The pool parses the cursor to int, the multiplexed connection leaves bytes.
             cursor, keys = int(reply[0]), reply[1]
             for raw in keys:
