@@ -42,6 +42,7 @@ from kivigo_async.testing.proxy import FaultProxy
 from kivigo_async.testing.pytest_plugin import ClusterFactory
 from kivigo_async.testing.servers import RedisServer, free_port
 from kivigo_async.testing.topologies import RedisCluster, wait_replicated
+from kivigo_async.watch import ChangeEvent, ChangeType
 
 
 def sync_client(node: RedisServer) -> redis.Redis:
@@ -262,6 +263,16 @@ def wait_promoted(cluster: RedisCluster, via: RedisServer, heir: RedisServer) ->
     poll(problem, time.monotonic() + 30)
 
 
+def successor(cluster: RedisCluster, primary: RedisServer) -> tuple[RedisServer, RedisServer]:
+    """Another primary, and the replica of ``primary`` that would replace it."""
+    survivor = next(node for node in cluster.primaries() if node is not primary)
+    layout = cluster.topology(via=survivor)
+    primary_id = next(i.node_id for i in layout if i.server is primary)
+    heir = next(i.server for i in layout if i.master_id == primary_id)
+    assert heir is not None
+    return survivor, heir
+
+
 async def test_batches_follow_a_failover_away_from_a_primary_that_stopped_answering(
     redis_cluster_factory: ClusterFactory,
 ) -> None:
@@ -277,11 +288,7 @@ async def test_batches_follow_a_failover_away_from_a_primary_that_stopped_answer
         await client.batch_set(data)
         stalled = cluster.primaries()[0]
         assert wait_replicated(stalled) == 1  # the replica promoted below has every key
-        survivor = next(node for node in cluster.primaries() if node is not stalled)
-        layout = cluster.topology(via=survivor)
-        stalled_id = next(i.node_id for i in layout if i.server is stalled)
-        heir = next(i.server for i in layout if i.master_id == stalled_id)
-        assert heir is not None
+        survivor, heir = successor(cluster, stalled)
         stalled_name = f"{stalled.host}:{stalled.port}"
         assert stalled_name in backend._node_conns._conns
         pid = stalled.pid
@@ -307,6 +314,61 @@ async def test_batches_follow_a_failover_away_from_a_primary_that_stopped_answer
             assert all(not conn.draining for conn in backend._node_conns._retired)
         finally:
             os.kill(pid, signal.SIGCONT)
+
+
+async def test_listing_transactions_and_watches_reach_the_promoted_replica_on_their_own(
+    redis_cluster_factory: ClusterFactory,
+) -> None:
+    # The layout is read once and kept. Single-key calls and batches read it again
+    # after a lost node; a service that only lists, runs transactions or watches
+    # must reach the promoted replica after a failover too, without any of those.
+    cluster = redis_cluster_factory(node_timeout_ms=1000)
+    options = RedisClusterOptions(addrs=cluster.addrs, dial_timeout=1, read_timeout=1, max_retries=1)
+    key = "{victim}:n"
+    lister, transactor, watcher = (RedisClusterBackend(options) for _ in range(3))
+    async with Client(lister) as lists, Client(transactor) as transactions, Client(watcher) as watches:
+
+        async def increment() -> None:
+            async with transactions.transaction(watch=[key]) as tx:
+                tx.set(key, (await tx.get(key, int, default=0)) + 1)
+
+        async def recovered(what: str, call: Callable[[], Awaitable[Any]]) -> Any:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    return await asyncio.wait_for(call(), 30)
+                except (BackendUnavailableError, OperationTimeoutError, TransactionConflictError) as exc:
+                    failure = exc
+                assert time.monotonic() < deadline, f"{what} kept failing after the promotion: {failure}"
+                await asyncio.sleep(0.2)
+
+        await increment()
+        assert await lists.list("{victim}") == [key]
+        victim = cluster.node_for_slot(key_slot(b"victim"))
+        victim_name = f"{victim.host}:{victim.port}"
+        assert list(transactor._node_backends) == [victim_name]
+        assert wait_replicated(victim) == 1  # the replica promoted below has the key
+        survivor, heir = successor(cluster, victim)
+
+        async def first_change() -> Any:
+            async with watches.watch("{victim}") as changes:
+                with sync_client(heir) as direct:
+                    direct.set("{victim}:w", b"1")
+                return await asyncio.wait_for(anext(changes), 30)
+
+        async with watches.watch("{victim}") as changes:
+            victim.kill()
+            with pytest.raises(BackendUnavailableError):  # a watch ends with its node
+                await asyncio.wait_for(anext(changes), 30)
+        await asyncio.to_thread(wait_promoted, cluster, survivor, heir)
+
+        assert await recovered("list", lambda: lists.list("{victim}")) == [key]
+        await recovered("a transaction", increment)
+        assert await recovered("a watch", first_change) == ChangeEvent(ChangeType.SET, "{victim}:w")
+        with sync_client(heir) as direct:
+            assert direct.get(key) == b"2"
+        # The backend of the node that left is closed, not kept until close().
+        assert list(transactor._node_backends) == [f"{heir.host}:{heir.port}"]
 
 
 async def test_batches_across_slots(backend: RedisClusterBackend) -> None:

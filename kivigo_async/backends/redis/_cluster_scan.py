@@ -38,6 +38,7 @@ and are not listed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import sys
@@ -417,10 +418,12 @@ class _ClusterScan:
         self._seen: dict[int, set[bytes]] = {}
         # Slots whose read in this pass cannot be trusted (the node changed under it).
         self._disturbed: set[int] = set()
+        self._asked: set[str] = set()  # the primaries redis-py listed for the last snapshot
+        self._relearned = False  # a node was lost, and the layout read again since
 
     async def pages(self, max_passes: int) -> AsyncIterator[list[bytes]]:
         """The keys, a page at a time (pages, not keys, keep the nested generators cheap)."""
-        layout = await self._snapshot()
+        layout = await self._first_snapshot()
         pending: set[int] | None = None  # None: every slot
         unserved: set[int] = set()
         for attempt in range(max_passes):
@@ -626,6 +629,7 @@ class _ClusterScan:
                     await execute(pipeline)
                 except _LOST as exc:
                     if attempt >= retries:
+                        await self._relearn()
                         raise
                     lost: Exception | None = exc
                 else:
@@ -634,6 +638,8 @@ class _ClusterScan:
                     ]
                     lost = next((error for _, error in errors if isinstance(error, _LOST)), None)
                     if lost is None or attempt >= retries:
+                        if lost is not None:
+                            await self._relearn()
                         for i, error in errors:
                             if i != optional:
                                 raise error
@@ -644,6 +650,16 @@ class _ClusterScan:
 
         replies: list[Any] = await self._run(name, None, call)
         return replies
+
+    async def _relearn(self) -> None:
+        """Read the layout again after a node was lost for good: it may have failed over.
+
+        redis-py reads it once and keeps it; without this, every later scan would
+        go on asking the node that is gone rather than the replica that replaced it.
+        """
+        self._relearned = True
+        with contextlib.suppress(Exception):  # the lost node is the news, not this lookup
+            await self._cluster.nodes_manager.initialize()
 
     async def _ask(self, node: ClusterNode) -> list[_Line]:
         """``CLUSTER NODES`` from ``node`` (and, the first time, whether its SCAN is slot-ordered)."""
@@ -658,12 +674,26 @@ class _ClusterScan:
             self._ordered[node.name] = isinstance(info, Mapping) and _slot_ordered(info)
         return _parse_nodes(replies[0])
 
+    async def _first_snapshot(self) -> _Layout:
+        """:meth:`_snapshot`, tried once more if it lost a node and the layout read since has other primaries.
+
+        Nothing has been yielded yet, so starting over costs nothing: after a
+        failover, the second try asks the promoted replica.
+        """
+        try:
+            return await self._snapshot()
+        except Exception:
+            if not self._relearned or self._asked == {node.name for node in self._cluster.get_primaries()}:
+                raise
+        return await self._snapshot()
+
     async def _snapshot(self) -> _Layout:
         """Every primary's own line, asked in parallel, following the ones redis-py does not know."""
         # Learns the layout once per client (again after redis-py reset it on a failure).
         initialize: Callable[[], Awaitable[Any]] = self._cluster.initialize
         await self._run("CLUSTER SLOTS", None, initialize)
         primaries: list[ClusterNode] = self._cluster.get_primaries()
+        self._asked = {node.name for node in primaries}
         todo = list({node.name: node for node in primaries}.values())
         asked: set[str] = set()
         selves: dict[str, _Line] = {}

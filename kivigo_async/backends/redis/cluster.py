@@ -928,26 +928,42 @@ class RedisClusterBackend:
     async def _node_backend(self, slot: int) -> RedisBackend:
         """A standalone backend on the primary owning ``slot`` (redis-py's cluster has no WATCH)."""
         await self._run("CLUSTER SLOTS", None, self._ready)
-        node = self._cluster.nodes_manager.get_node_from_slot(slot)
-        name = str(node.name)
-        backend = self._node_backends.get(name)
+        nodes = self._cluster.nodes_manager
+        name = str(nodes.get_node_from_slot(slot).name)
+        backends = self._node_backends
+        backend = backends.get(name)
         if backend is None:
-            backend = RedisBackend(self._options.node_options(name))
-            self._node_backends[name] = backend
+            backend = backends[name] = RedisBackend(self._options.node_options(name))
+            # A new owner usually means a node left (a failover): its backend goes with it,
+            # rather than one more per failover until close().
+            gone = [backends.pop(n) for n in list(backends) if n != name and n not in nodes.nodes_cache]
+            for left in gone:
+                with contextlib.suppress(KivigoError):
+                    await left.close()
         return backend
 
-    async def _moved(self, exc: KivigoError) -> KivigoError:
-        """A redirection inside a transaction means its slot moved: a conflict, worth a retry."""
-        cause = exc.__cause__
-        if isinstance(cause, AskError) or "MOVED" in str(exc) or "ASK " in str(exc):
-            # Re-read the layout so that the caller's retry goes to the new owner.
-            refresh: Callable[[], Awaitable[Any]] = self._cluster.nodes_manager.initialize
-            with contextlib.suppress(*_DRIVER_ERRORS):
-                await refresh()
-            conflict = TransactionConflictError(f"{exc}; the slot moved to another node, retry")
-            conflict.__cause__ = exc
-            return conflict
-        return exc
+    async def _learn_layout(self) -> None:
+        """Read the layout again, so that the next call goes to the node that owns its slot now."""
+        with contextlib.suppress(KivigoError):  # the caller's own error is the news
+            await self._run("CLUSTER SLOTS", None, self._relearn)
+
+    async def _tx_error(self, exc: KivigoError) -> KivigoError:
+        """The error a transaction's failure on its slot's node gives the caller.
+
+        A redirection means the slot moved: a conflict, worth a retry. A lost or
+        silent node may have failed over: the transaction is not sent again (it
+        may have been applied). Either way the layout is read again, so that the
+        next transaction goes to the slot's owner: it is read once and kept, and
+        nothing else would read it again if transactions are all the traffic.
+        """
+        moved = isinstance(exc.__cause__, AskError) or "MOVED" in str(exc) or "ASK " in str(exc)
+        if moved or isinstance(exc, (BackendUnavailableError, OperationTimeoutError)):
+            await self._learn_layout()
+        if not moved:
+            return exc
+        conflict = TransactionConflictError(f"{exc}; the slot moved to another node, retry")
+        conflict.__cause__ = exc
+        return conflict
 
     async def begin(self, watch: Sequence[str]) -> BackendTransaction:
         if not watch:
@@ -957,7 +973,7 @@ class RedisClusterBackend:
         try:
             inner = await backend.begin(watch)
         except KivigoError as exc:
-            raise await self._moved(exc) from exc.__cause__
+            raise await self._tx_error(exc) from exc.__cause__
         return _ClusterTransaction(self, slot, inner)
 
     # -- WatchBackend ----------------------------------------------------
@@ -980,6 +996,10 @@ class RedisClusterBackend:
         """
         from ._watch import watch_cluster  # imports this module
 
+        if not self._cluster._initialize:
+            # Read afresh: watching again after a failover ended a watch must find the
+            # promoted replica, and no other call may have read the layout since.
+            await self._learn_layout()
         return await watch_cluster(self, prefix, max_pending, configure_server)
 
 
@@ -1017,7 +1037,7 @@ class _ClusterTransaction:
             try:
                 return await self._inner.get(key)
             except KivigoError as exc:
-                raise await self._backend._moved(exc) from exc.__cause__
+                raise await self._backend._tx_error(exc) from exc.__cause__
         return await self._backend.get(key)
 
     async def commit(self, ops: Sequence[TxOp]) -> None:
@@ -1038,7 +1058,7 @@ class _ClusterTransaction:
         try:
             await self._inner.commit(ops)
         except KivigoError as exc:
-            raise await self._backend._moved(exc) from exc.__cause__
+            raise await self._backend._tx_error(exc) from exc.__cause__
         finally:
             self._backend._written(keys)
 
