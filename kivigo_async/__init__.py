@@ -20,7 +20,7 @@ from .backend import (
     TTLBackend,
     WatchBackend,
 )
-from .client import Client, HealthCheck, Transaction
+from .client import MAX_TTL_MS, Client, HealthCheck, Transaction
 from .codecs import Codec, CompressedCodec, EncryptedCodec, JsonCodec, MsgspecCodec
 from .errors import (
     BackendError,
@@ -48,6 +48,7 @@ from .watch import ChangeEvent, ChangeType, NotificationsDisabledError, Watch, W
 __version__ = "0.1.0"
 
 __all__ = [
+    "MAX_TTL_MS",
     "AsyncBackend",
     "BackendError",
     "BackendUnavailableError",

@@ -561,9 +561,9 @@ async def test_black_hole_before_connecting_is_bounded(server: RedisServer, auto
     ("read_timeout", "dial_timeout", "max_retries"),
     [
         (None, 0.5, 0),  # dial_timeout bounds the login, which read_timeout=None would not
-        # read_timeout runs out first: still a connection that could not open (retried),
-        # not an operation timeout, since the call's command was never sent.
-        (0.3, 2.0, 1),
+        # read_timeout runs out first: still a connection that could not open, not an
+        # operation timeout, since the call's command was never sent. Not retried.
+        (0.3, 2.0, 2),
     ],
     ids=["no-read-timeout", "read-timeout-first"],
 )
@@ -588,6 +588,8 @@ async def test_a_login_that_gets_no_answer_is_a_connect_timeout(
         bound = (max_retries + 1) * dial_timeout + 2
         try:
             error, took = await timed(client.get("login:k"), bound)
+            # Timeouts are never retried, on either transport: one attempt, dial_timeout at most.
+            assert proxy.accepted == 1
             # One error for both transports, caught by either of its parents' except clauses.
             assert_ours(error, ConnectTimeoutError)
             assert isinstance(error, OperationTimeoutError)

@@ -363,6 +363,12 @@ async def test_watch_conflict_writes_nothing(backend: RedisBackend, control: aio
         {"protocol": 1},
         {"protocol": 4},
         {"protocol": "3"},
+        # Client names the server refuses on every connect: refused here instead.
+        {"client_name": "my app"},
+        {"client_name": "a\nb"},
+        {"client_name": "caf\u00e9"},
+        {"client_name": ""},
+        {"client_name": 3},
     ],
 )
 def test_bad_options_raise_configuration_error(kwargs: dict[str, Any]) -> None:
@@ -382,6 +388,9 @@ def test_good_options() -> None:
     assert default.replace(db=3).db == 3
     with pytest.raises(ConfigurationError):
         default.replace(db=-3)
+    with pytest.raises(ConfigurationError, match="bogus"):  # a misspelt option, as from_url says
+        default.replace(bogus=1)
+    assert RedisOptions(client_name="orders-api:v2").client_name == "orders-api:v2"
 
 
 def test_tls_true_verifies_certificates() -> None:
@@ -578,6 +587,22 @@ def test_sentinel_and_cluster_urls_refuse_an_option_given_twice(parse: Any, url:
 def test_cluster_url_may_name_several_seeds() -> None:
     options = RedisClusterOptions.from_url("redis://node1:7000?addr=node2:7000&addr=node3:7000")
     assert options.addrs == ("node1:7000", "node2:7000", "node3:7000")
+
+
+def test_a_plus_in_a_url_query_is_a_plus_not_a_space() -> None:
+    # As in the user and password part: "+" meaning a space is an HTML forms rule.
+    assert RedisOptions.from_url("unix:///run/redis.sock?password=a+b").password == "a+b"
+    assert RedisOptions.from_url("redis://:a+b@h/0").password == "a+b"
+    assert RedisOptions.from_url("redis://h?client_name=api+v2").client_name == "api+v2"
+    assert RedisOptions.from_url("redis://h?client_name=api%2Bv2").client_name == "api+v2"
+    with pytest.raises(ConfigurationError, match="client_name"):
+        RedisOptions.from_url("redis://h?client_name=api%20v2")
+
+
+def test_sentinel_options_refuse_an_unknown_replacement() -> None:
+    options = RedisSentinelOptions(sentinels=["s1:26379"], service_name="cache")
+    with pytest.raises(ConfigurationError, match="bogus"):
+        options.replace(bogus=1)
 
 
 def test_unix_url_keeps_at_signs_in_its_path_and_query() -> None:
@@ -1041,6 +1066,21 @@ async def test_close_closes_connections(server: RedisServer, control: aioredis.R
     await client.close()
     assert await wait_for_connections(control, name, 0) == 0
     await client.close()  # twice is fine
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("auto_pipeline", [True, False], ids=["multiplexed", "pool"])
+async def test_a_call_on_a_closed_backend_says_it_was_closed(
+    server: RedisServer, auto_pipeline: bool
+) -> None:
+    # Not a message that reads like an outage: a client sharing a backend that
+    # another client closed gets told what happened.
+    backend = RedisBackend(redis_options(server, auto_pipeline=auto_pipeline))
+    async with Client(backend) as client:
+        await client.set("closed:k", 1)
+    for call in (lambda: backend.get("closed:k"), lambda: Client(backend).get("closed:k")):
+        with pytest.raises(BackendUnavailableError, match=r"closed.*Client\.close\(\) closes its backend"):
+            await asyncio.wait_for(call(), 30)
 
 
 @pytest.mark.server

@@ -28,7 +28,8 @@ DIAL_TIMEOUT_TEXT = "Timeout connecting to server"
 class DialTimeoutError(rx.ConnectionError):
     """The multiplexed connection could not open (socket, TLS, login) within ``dial_timeout``.
 
-    A ``ConnectionError`` to redis-py, so the open is retried like a refused connection.
+    A ``ConnectionError`` to redis-py (no command was sent), but not retried, as
+    no timeout is.
     """
 
 

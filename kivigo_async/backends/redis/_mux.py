@@ -366,6 +366,7 @@ class MuxConnection:
         self._generation = 0  # bumped by reconnect(): a connection opened before is not used
         self._draining: set[_Protocol] = set()  # left by reconnect(), closing once answered
         self._closed = False
+        self._closed_why = "is closed"  # said to calls made after close() or retire()
         #: Sockets opened so far: when it moves, the one before was lost or left.
         self.opened = 0
 
@@ -406,7 +407,7 @@ class MuxConnection:
     async def _connect(self) -> _Protocol:
         while True:
             if self._closed:
-                raise rx.ConnectionError(f"connection to {self._node} is closed")
+                raise rx.ConnectionError(f"connection to {self._node} {self._closed_why}")
             if self._connecting is None:
                 self._connecting = asyncio.get_running_loop().create_task(self._open_with_retries())
                 self._connecting.add_done_callback(self._connected)
@@ -417,7 +418,7 @@ class MuxConnection:
             # (which before Python 3.11 cannot be told apart from a real one).
             await asyncio.wait((connecting,))
             if connecting.cancelled() and self._closed:
-                raise rx.ConnectionError(f"connection to {self._node} is closed")
+                raise rx.ConnectionError(f"connection to {self._node} {self._closed_why}")
             protocol = connecting.result()
             if protocol.generation == self._generation:
                 return protocol
@@ -440,7 +441,9 @@ class MuxConnection:
             generation = self._generation  # stamped: _connected and _connect drop a stale one
             try:
                 protocol = await self._open()
-            except (rx.AuthenticationError, rx.ResponseError):
+            except (rx.AuthenticationError, rx.ResponseError, DialTimeoutError):
+                # A timeout is not retried (on the pool neither): dial_timeout, not
+                # (max_retries + 1) times it, bounds waiting for a silent server.
                 raise
             except rx.ConnectionError:
                 attempt += 1
@@ -532,10 +535,13 @@ class MuxConnection:
         under way is left to finish; its callers then fail with a ``ConnectionError``.
         """
         self._closed = True
+        self._closed_why = "is closed: the node left the cluster"
         self.reconnect(wait_for_replies=True)
 
     async def close(self) -> None:
         self._closed = True
+        # The backend was closed, by its own close() or its client's: not an outage.
+        self._closed_why = "was closed with the backend (Client.close() closes its backend)"
         if self._connecting is not None:
             self._connecting.cancel()
         if self._protocol is not None:

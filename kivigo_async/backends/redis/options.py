@@ -6,8 +6,9 @@ import dataclasses
 import math
 import os
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 from ...errors import ConfigurationError
@@ -131,6 +132,7 @@ class RedisOptions:
                 )
         if self.protocol not in (None, 2, 3):
             raise ConfigurationError(f"protocol must be 2, 3 or None, not {self.protocol!r}")
+        check_client_name(self.client_name)
 
     @classmethod
     def default(cls) -> RedisOptions:
@@ -149,7 +151,7 @@ class RedisOptions:
             >>> RedisOptions.default().replace(db=2).db
             2
         """
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        return checked_replace(self, changes)
 
     def _auth_command(self) -> tuple[str, ...] | None:
         """The AUTH command a new connection sends first, or ``None``.
@@ -270,6 +272,29 @@ class RedisOptions:
             raise ConfigurationError(str(exc)) from None
 
 
+_Options = TypeVar("_Options")
+
+
+def checked_replace(options: _Options, changes: Mapping[str, object]) -> _Options:
+    """``dataclasses.replace``, with an unknown option a ConfigurationError like any bad value."""
+    try:
+        return dataclasses.replace(options, **changes)  # type: ignore[type-var]
+    except TypeError as exc:
+        raise ConfigurationError(f"{type(options).__name__}.replace(): {exc}") from None
+
+
+def check_client_name(name: object) -> None:
+    """Refuse a client name the server would refuse at every connect (spaces, newlines...)."""
+    if name is None:
+        return
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"client_name must be a non-empty str or None, not {name!r}")
+    if any(not "!" <= c <= "~" for c in name):
+        raise ConfigurationError(
+            f"client_name {name!r} may hold only printable ASCII without spaces (the server's rule)"
+        )
+
+
 _UNESCAPED = (
     "invalid Redis URL: bad host or port (percent-encode '/', '?', '#' and '@' in the username and password)"
 )
@@ -279,8 +304,10 @@ def url_query(query: str, *, repeatable: tuple[str, ...] = ()) -> dict[str, list
     """A URL's query options; one given twice is refused (which one should win?).
 
     Only the options in ``repeatable`` (a cluster's extra ``addr``, say) may repeat.
+    A ``+`` is a plus sign, as in the user and password part, not a space (HTML
+    forms' rule): ``?password=a+b`` is the password ``a+b``.
     """
-    options = parse_qs(query, keep_blank_values=True)
+    options = parse_qs(query.replace("+", "%2B"), keep_blank_values=True)
     for name, values in options.items():
         if len(values) > 1 and name not in repeatable:
             raise ConfigurationError(f"invalid Redis URL: the option {name!r} is given {len(values)} times")

@@ -26,7 +26,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ...errors import BackendUnavailableError, ConfigurationError
 from ._errors import DialTimeoutError, is_dial_timeout, where
 from ._mux import Arg, Opener, tcp_opener
-from .options import RedisOptions, _default_pool_size, join_addr, refuse_unescaped_credentials, url_query
+from .options import (
+    RedisOptions,
+    _default_pool_size,
+    checked_replace,
+    join_addr,
+    refuse_unescaped_credentials,
+    url_query,
+)
 from .standalone import (
     RedisBackend,
     _ClosablePool,
@@ -138,7 +145,7 @@ class RedisSentinelOptions:
 
     def replace(self, **changes: object) -> RedisSentinelOptions:
         """Return a copy with ``changes`` applied (and validated)."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        return checked_replace(self, changes)
 
     @classmethod
     def from_url(cls, url: str, **overrides: object) -> RedisSentinelOptions:

@@ -90,6 +90,9 @@ class _TLSConnection(_DialBounded, _TLSContextConnection):
     pass
 
 
+_CLOSED = "the backend was closed (Client.close() closes its backend)"
+
+
 class _ClosablePool(BlockingConnectionPool):
     """A blocking pool that stays closed once the backend is closed, and never loses a wake-up.
 
@@ -106,7 +109,7 @@ class _ClosablePool(BlockingConnectionPool):
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
         if self.closed:
-            raise RedisConnectionError("the client is closed")
+            raise RedisConnectionError(_CLOSED)
         connection = self._take_idle()
         if connection is not None:
             ensure: Callable[[AbstractConnection], Awaitable[None]] = self.ensure_connection
@@ -129,7 +132,7 @@ class _ClosablePool(BlockingConnectionPool):
                 raise
         if self.closed:  # closed while this call waited for a free connection
             await self.release(connection)
-            raise RedisConnectionError("the client is closed")
+            raise RedisConnectionError(_CLOSED)
         return connection
 
     def _take_idle(self) -> AbstractConnection | None:
