@@ -841,6 +841,31 @@ async def test_health_and_leases_stay_within_the_pool_bound(redis_cluster: Redis
         assert not errors
 
 
+async def test_closing_after_a_lost_node_closes_every_connection(
+    redis_cluster_factory: ClusterFactory,
+) -> None:
+    # After a lost connection redis-py marks the layout to be read again, and its
+    # aclose() then takes the client for one that never connected: the connections
+    # to the other nodes must be closed all the same.
+    cluster = redis_cluster_factory(node_timeout_ms=5000)
+    backend = RedisClusterBackend(RedisClusterOptions(addrs=cluster.addrs, max_retries=0, dial_timeout=1))
+    nodes = backend.cluster.nodes_manager
+
+    def still_open() -> list[Any]:
+        every_node = [*nodes.nodes_cache.values(), *nodes.startup_nodes.values()]
+        return [c for node in every_node for c in node._connections if c.is_connected]
+
+    try:
+        await backend.health()
+        cluster.primaries()[0].kill()
+        with pytest.raises(BackendUnavailableError):
+            await backend.health()
+        assert still_open()  # to the primaries that answered
+    finally:
+        await backend.close()
+    assert not still_open()
+
+
 async def test_cluster_lease_after_close_is_refused(redis_cluster: RedisCluster) -> None:
     from kivigo_async.backends.redis._lease import RedisLease
 

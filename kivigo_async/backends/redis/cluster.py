@@ -686,7 +686,12 @@ class RedisClusterBackend:
 
     async def _close_cluster(self) -> None:
         try:
-            await self._cluster.aclose()
+            try:
+                await self._cluster.aclose()
+            finally:
+                # aclose() does nothing to a client whose layout redis-py has marked to be
+                # read again (after a lost connection), though its nodes hold connections.
+                await self._disconnect_nodes()
         except _DRIVER_ERRORS as exc:
             raise self._error(exc, "CLOSE") from exc
 
