@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import cancel_close_after, check_a_failed_close_is_reported_once
+from conftest import cancel_close_after, check_a_failed_close_is_reported_once, refused_port
 from redis.asyncio.cluster import ClusterNode
 from redis.crc import key_slot
 
@@ -40,7 +40,7 @@ from kivigo_async.errors import (
 )
 from kivigo_async.testing.proxy import FaultProxy
 from kivigo_async.testing.pytest_plugin import ClusterFactory
-from kivigo_async.testing.servers import RedisServer, free_port
+from kivigo_async.testing.servers import RedisServer
 from kivigo_async.testing.topologies import RedisCluster, wait_replicated
 from kivigo_async.watch import ChangeEvent, ChangeType
 
@@ -539,17 +539,22 @@ async def test_redis_server_cluster(redis_cluster_factory: ClusterFactory) -> No
 
 
 async def test_unreachable_seeds() -> None:
-    port = free_port()
-    backend = RedisClusterBackend(
-        RedisClusterOptions(addrs=[f"127.0.0.1:{port}"], max_retries=0, dial_timeout=1)
-    )
-    try:
-        with pytest.raises(BackendUnavailableError, match=f"127.0.0.1:{port}"):
-            await backend.get("k")
-        with pytest.raises(BackendUnavailableError, match=f"127.0.0.1:{port}"):
-            await backend.health()
-    finally:
-        await backend.close()
+    with refused_port() as port:
+        backend = RedisClusterBackend(
+            RedisClusterOptions(addrs=[f"127.0.0.1:{port}"], max_retries=0, dial_timeout=1)
+        )
+        try:
+            with pytest.raises(BackendUnavailableError, match=f"127.0.0.1:{port}"):
+                await backend.get("k")
+            with pytest.raises(BackendUnavailableError, match=f"127.0.0.1:{port}"):
+                await backend.health()
+        finally:
+            await backend.close()
+
+
+def test_cluster_options_refuse_an_unknown_replacement() -> None:
+    with pytest.raises(ConfigurationError, match="bogus"):
+        RedisClusterOptions(addrs=["a:7000"]).replace(bogus=1)
 
 
 async def test_dial_timeout_bounds_the_login_even_without_a_read_timeout(redis_cluster: RedisCluster) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -52,7 +51,13 @@ from ._cluster_scan import node_at, scan_cluster
 from ._errors import is_dial_timeout, translate, where
 from ._mux import MuxConnection
 from ._scan import decode_key
-from .options import RedisOptions, _default_pool_size, refuse_unescaped_credentials, url_query
+from .options import (
+    RedisOptions,
+    _default_pool_size,
+    checked_replace,
+    refuse_unescaped_credentials,
+    url_query,
+)
 from .standalone import RedisBackend, _mux_for, _TCPConnection, _TLSConnection
 
 __all__ = ["RedisClusterBackend", "RedisClusterOptions"]
@@ -189,7 +194,7 @@ class RedisClusterOptions:
             >>> RedisClusterOptions(addrs=["a:7000"]).replace(read_from_replicas=True).read_from_replicas
             True
         """
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        return checked_replace(self, changes)
 
     @classmethod
     def from_url(cls, url: str, **overrides: object) -> RedisClusterOptions:
