@@ -64,12 +64,15 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import hashlib
+import inspect
 import os
 import re
 import types
+import typing
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from itertools import repeat
 from typing import (
@@ -160,7 +163,7 @@ def _is_pydantic_model(tp: Any) -> bool:
 
 # msgspec quotes the offending value in a few messages ("Invalid enum value 'x'",
 # "Invalid value 'x' - at `$.type`"); stored values may be secret, so drop it.
-_MSGSPEC_VALUE_RE: Final = re.compile(r"^(Invalid (?:enum )?value) .*?(?= - at `|$)", re.DOTALL)
+_MSGSPEC_VALUE_RE: Final = re.compile(r"^(Invalid (?:enum )?value) .*?(?= - at `\$[^`]*`$|$)", re.DOTALL)
 
 
 def _validation_summary(exc: BaseException) -> str:
@@ -194,8 +197,10 @@ def _decode_error(exc: BaseException, tp: Any, fmt: str) -> DecodeError:
 
 
 def _is_pydantic_secret(tp: Any) -> bool:
+    tp = get_origin(tp) or tp  # Secret[int] is a generic alias of the Secret class
     return isinstance(tp, type) and any(
-        c.__module__ == "pydantic.types" and c.__name__ in ("_SecretBase", "SecretStr", "SecretBytes")
+        c.__module__ == "pydantic.types"
+        and c.__name__ in ("_SecretBase", "Secret", "SecretStr", "SecretBytes")
         for c in tp.__mro__
     )
 
@@ -231,7 +236,26 @@ def _masks(tp: Any, seen: set[type]) -> bool:
             return False
         seen.add(tp)
         return _masked_field(tp, seen) is not None
+    fields = _field_types(tp)
+    if fields is not None:  # a pydantic dataclass or a TypedDict, which pydantic dumps too
+        if tp in seen:
+            return False
+        seen.add(tp)
+        return any(_masks(field, seen) for field in fields)
     return any(_masks(arg, seen) for arg in get_args(tp))
+
+
+def _field_types(tp: Any) -> list[Any] | None:
+    """The field annotations of a pydantic dataclass or a TypedDict, else ``None``."""
+    pydantic_fields = getattr(tp, "__pydantic_fields__", None)
+    if isinstance(pydantic_fields, Mapping):
+        return [getattr(info, "annotation", None) for info in pydantic_fields.values()]
+    if isinstance(tp, type) and issubclass(tp, dict) and hasattr(tp, "__total__"):
+        try:
+            return list(typing.get_type_hints(tp).values())
+        except Exception:  # forward references that do not resolve: nothing known
+            return None
+    return None
 
 
 # pydantic model class -> the field whose secret its JSON dump would replace by
@@ -252,9 +276,50 @@ def _pydantic_dump(obj: Any) -> Any:
             "writes as '**********': give the field a field_serializer that returns the secret "
             "value (and consider EncryptedCodec)"
         )
-    # By alias: model_validate / model_validate_json read aliases, so a model whose
-    # fields have one would be written fine and never read back.
+    if _reads_by_name(cls):
+        # Written and read by field name: an alias for one direction only
+        # (serialization_alias, validation_alias) would otherwise drop the field's
+        # value on the way back. A value pydantic cannot serialise as its type (set
+        # on an instance without validation) fails here rather than being stored
+        # for every read to fail on, and its warning (which quotes it) is not logged.
+        return obj.model_dump(mode="json", by_alias=False, warnings="error")
+    # Older pydantic reads aliases only: written by alias.
     return obj.model_dump(mode="json", by_alias=True)
+
+
+_BY_NAME: dict[type, bool] = {}
+
+
+def _reads_by_name(cls: type) -> bool:
+    """Whether model ``cls`` validates by field name on request (``by_name``: pydantic 2.11+)."""
+    known = _BY_NAME.get(cls)
+    if known is None:
+        try:
+            signature = inspect.signature(cls.model_validate_json)  # type: ignore[attr-defined]
+            known = "by_name" in signature.parameters
+        except (TypeError, ValueError):  # no signature to read
+            known = False
+        _BY_NAME[cls] = known
+    return known
+
+
+def _pydantic_reader(tp: Any) -> Callable[[bytes], Any]:
+    """``tp.model_validate_json``, reading field names as :func:`_pydantic_dump` writes them."""
+    if _reads_by_name(tp):
+        return functools.partial(tp.model_validate_json, by_alias=False, by_name=True)
+    read: Callable[[bytes], Any] = tp.model_validate_json
+    return read
+
+
+def _pydantic_from_plain(tp: Any) -> Callable[[Any], Any]:
+    """A reader of ``tp`` from plain values (msgpack, or nested in a msgspec type).
+
+    They are what the JSON dump was, so they are validated by JSON's rules: a strict
+    model takes an ISO string for a datetime there, not in Python mode.
+    """
+    read = _pydantic_reader(tp)
+    encode = msgspec.json.encode
+    return lambda obj: read(encode(obj))
 
 
 def _msgspec_enc_hook(obj: Any) -> Any:
@@ -269,9 +334,9 @@ def _msgspec_dec_hook(tp: Any, obj: Any) -> Any:
     if not _is_pydantic_model(tp):
         raise NotImplementedError
     try:
-        return tp.model_validate(obj)
+        return _pydantic_from_plain(tp)(obj)
     except ValueError as exc:  # pydantic.ValidationError; its str() holds the input
-        raise ValueError(_validation_summary(exc)) from exc
+        raise ValueError(_validation_summary(exc)) from None
 
 
 def _typed_decoder(new_decoder: Callable[..., Any], tp: Any) -> _Decoder:
@@ -405,8 +470,12 @@ class _DecoderCache:
         try:
             result: T = decoder(data)
         except Exception as exc:
-            raise _decode_error(exc, type, self._label) from exc
-        return result
+            error = _decode_error(exc, type, self._label)
+        else:
+            return result
+        # Raised here, outside the handler: the decoder's exception, whose text may
+        # quote the stored value, is neither the cause nor the context a log prints.
+        raise error
 
     def decode_many(self, data: Sequence[bytes], type: type[T]) -> list[T]:
         """Decode every item of ``data`` as ``type``, in order: one call for a whole batch.
@@ -423,7 +492,8 @@ class _DecoderCache:
             # map() keeps the per-item loop in C; that is the point of this method.
             return list(map(decoder, data))
         except Exception as exc:
-            raise _decode_error(exc, type, self._label) from exc
+            error = _decode_error(exc, type, self._label)
+        raise error  # outside the handler, as in decode()
 
 
 class JsonCodec(_DecoderCache):
@@ -431,7 +501,7 @@ class JsonCodec(_DecoderCache):
 
     Encodes natively: ``str``, ``int`` (64-bit), ``float``, ``bool``, ``None``, ``dict``,
     ``list``, ``tuple``, ``datetime``/``date``/``time``, ``UUID``, ``Enum``, dataclasses and
-    ``TypedDict`` s; plus msgspec ``Struct`` s, pydantic models (``model_dump(mode="json", by_alias=True)``),
+    ``TypedDict`` s; plus msgspec ``Struct`` s, pydantic models (``model_dump(mode="json")``, by field name),
     ``Decimal`` (as a string), ``set``/``frozenset`` (as a list) and ``NamedTuple`` s.
 
     ``decode(data, object)`` returns plain JSON values. Any other type is validated:
@@ -513,7 +583,7 @@ class JsonCodec(_DecoderCache):
             # integers wider than 64 bits exact instead of turning them into floats.
             decoder = msgspec.json.Decoder().decode
         elif _is_pydantic_model(tp) and callable(getattr(tp, "model_validate_json", None)):
-            decoder = tp.model_validate_json
+            decoder = _pydantic_reader(tp)
         else:
             decoder = _typed_decoder(msgspec.json.Decoder, tp)
         with contextlib.suppress(TypeError):  # unhashable annotation: not cached
@@ -534,8 +604,8 @@ class MsgspecCodec(_DecoderCache):
 
     Typed decoding accepts every type msgspec does (Structs, dataclasses, TypedDicts,
     ``datetime``, ``UUID``, ``Decimal``, ``list[int]``...), with a decoder built once
-    per type. pydantic models are written with ``model_dump(mode="json", by_alias=True)`` and read
-    with ``model_validate_json`` (JSON) or ``model_validate`` (msgpack).
+    per type. pydantic models are written with ``model_dump(mode="json")`` (by field
+    name) and read with ``model_validate_json``, by JSON's rules in both formats.
 
     Args:
         format: ``"json"`` (default) or ``"msgpack"``.
@@ -598,11 +668,11 @@ class MsgspecCodec(_DecoderCache):
         if tp is object or tp is Any:
             decoder = self._new_decoder().decode
         elif _is_pydantic_model(tp):
-            if self._format == "json" and callable(getattr(tp, "model_validate_json", None)):
-                decoder = tp.model_validate_json
+            if self._format == "json":
+                decoder = _pydantic_reader(tp)
             else:
                 untyped = self._new_decoder().decode
-                validate = tp.model_validate
+                validate = _pydantic_from_plain(tp)
 
                 def decoder(data: bytes) -> Any:
                     return validate(untyped(data))
@@ -632,6 +702,12 @@ class CompressedCodec:
         algorithm: ``"zlib"`` (the only one for now).
         level: zlib level, ``0`` (none) to ``9`` (smallest), or ``-1`` for zlib's default.
         min_size: encoded size, in bytes, from which compression is attempted.
+        max_size: the largest value, in bytes once decompressed, that a read
+            accepts (64 MiB by default). A stored value that inflates past it
+            raises :class:`~kivigo_async.errors.DecodeError` after at most that
+            much memory: a few kilobytes written by anyone with access to the
+            store could otherwise inflate to gigabytes in every reader. Larger
+            values are written uncompressed, so they still read back.
 
     Example:
         >>> codec = CompressedCodec(JsonCodec(), min_size=100)
@@ -644,7 +720,7 @@ class CompressedCodec:
         True
     """
 
-    __slots__ = ("_algorithm", "_inner", "_level", "_min_size")
+    __slots__ = ("_algorithm", "_inner", "_level", "_max_size", "_min_size")
 
     def __init__(
         self,
@@ -653,6 +729,7 @@ class CompressedCodec:
         *,
         level: int = 6,
         min_size: int = 512,
+        max_size: int = 64 * 1024 * 1024,
     ) -> None:
         _check_inner(inner, "CompressedCodec")
         if algorithm != "zlib":
@@ -661,6 +738,9 @@ class CompressedCodec:
             raise ConfigurationError(f"CompressedCodec: level must be an int from -1 to 9, got {level!r}")
         if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
             raise ConfigurationError(f"CompressedCodec: min_size must be an int >= 0, got {min_size!r}")
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+            raise ConfigurationError(f"CompressedCodec: max_size must be an int >= 1, got {max_size!r}")
+        self._max_size = max_size
         self._inner = inner
         self._algorithm = algorithm
         self._level = level
@@ -669,7 +749,7 @@ class CompressedCodec:
     def __repr__(self) -> str:
         return (
             f"CompressedCodec(inner={self._inner!r}, algorithm={self._algorithm!r}, "
-            f"level={self._level}, min_size={self._min_size})"
+            f"level={self._level}, min_size={self._min_size}, max_size={self._max_size})"
         )
 
     @property
@@ -680,7 +760,7 @@ class CompressedCodec:
     def encode(self, value: Any) -> bytes:
         """Encode ``value`` with the inner codec, then compress it if it is worth it."""
         payload = self._inner.encode(value)
-        if len(payload) >= self._min_size:
+        if self._min_size <= len(payload) <= self._max_size:
             compressed = zlib.compress(payload, self._level)
             if len(compressed) < len(payload):
                 return _ZLIB + compressed
@@ -698,16 +778,29 @@ class CompressedCodec:
         if header == 0:
             payload = data[1:]
         elif header == 1:
-            try:
-                payload = zlib.decompress(memoryview(data)[1:])
-            except zlib.error as exc:
-                raise DecodeError("expected zlib-compressed data, but it is corrupt") from exc
+            payload = self._inflate(memoryview(data)[1:])
         else:
             raise DecodeError(
                 "expected a compressed value, but its header byte is unknown "
                 "(was it written without CompressedCodec, or by a newer version?)"
             )
         return self._inner.decode(payload, type)
+
+    def _inflate(self, compressed: memoryview) -> bytes:
+        inflater = zlib.decompressobj()
+        try:
+            # Stops after max_size + 1 bytes: what is left of a bomb is never inflated.
+            payload = inflater.decompress(compressed, self._max_size + 1)
+        except zlib.error as exc:
+            raise DecodeError("expected zlib-compressed data, but it is corrupt") from exc
+        if len(payload) > self._max_size:
+            raise DecodeError(
+                f"the value inflates past max_size ({self._max_size} bytes): refused unread; "
+                "raise CompressedCodec(max_size=...) if such values are expected"
+            )
+        if not inflater.eof:
+            raise DecodeError("expected zlib-compressed data, but it is truncated")
+        return payload
 
 
 # -- EncryptedCodec ----------------------------------------------------------
