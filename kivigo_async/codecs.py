@@ -837,7 +837,8 @@ class EncryptedCodec:
         keys: one or more 32-byte keys, newest first. Make one with :meth:`generate_key`.
 
     Raises:
-        ConfigurationError: no key, a key that is not 32 bytes, a duplicate key, or
+        ConfigurationError: no key, a key that is not 32 bytes or is one byte repeated
+            (a placeholder such as 32 zero bytes), a duplicate key, or
             the ``cryptography`` package is missing (``pip install 'kivigo-async[encryption]'``).
 
     Example:
@@ -877,6 +878,11 @@ class EncryptedCodec:
             if len(raw) != _KEY_SIZE:
                 raise ConfigurationError(
                     f"EncryptedCodec: key #{i} must be {_KEY_SIZE} bytes (AES-256), got {len(raw)} bytes"
+                )
+            if len(set(raw)) == 1:
+                # 32 equal bytes (zeros, say) is a placeholder left in a config file, not a key.
+                raise ConfigurationError(
+                    f"EncryptedCodec: key #{i} is one byte repeated, not a key: make one with generate_key()"
                 )
             key_id = hashlib.sha256(raw).digest()[:_KEY_ID_SIZE]
             if key_id in aeads:

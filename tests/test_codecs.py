@@ -1028,8 +1028,21 @@ def test_encrypted_bad_key_length(length: int) -> None:
         [KEY_A, KEY_A],
         [32],
         None,
+        [bytes(32)],  # a placeholder left in a config file
+        [KEY_A, b"\xff" * 32],
     ],
-    ids=["empty-list", "empty-tuple", "bare-bytes", "bare-str", "hex-str", "duplicate", "int", "none"],
+    ids=[
+        "empty-list",
+        "empty-tuple",
+        "bare-bytes",
+        "bare-str",
+        "hex-str",
+        "duplicate",
+        "int",
+        "none",
+        "zeros",
+        "repeated-byte",
+    ],
 )
 def test_encrypted_bad_keys(keys: Any) -> None:
     with pytest.raises(ConfigurationError) as info:

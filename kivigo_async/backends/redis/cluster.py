@@ -81,10 +81,11 @@ class RedisClusterOptions:
             the rest of the cluster is discovered from it.
         username: the ACL user; ``None`` for the default user.
         password: never shown in ``repr``, logs or error messages.
-        pool_size: connections per node in redis-py's node pools (transactions,
-            scans, leases, and single-key commands without ``auto_pipeline``),
-            and the most of those calls and batches in flight at once; callers
-            beyond it wait up to ``pool_timeout``.
+        pool_size: connections per node in redis-py's node pools (scans,
+            leases, and single-key commands without ``auto_pipeline``), and the
+            most of those calls and batches in flight at once; callers beyond it
+            wait up to ``pool_timeout``. Transactions have a pool of their own
+            per node, of the same size.
         max_retries: how many times a single-key command is retried after a
             connection error, a timeout or ``CLUSTERDOWN``, re-reading the
             cluster's layout first (that is how a promoted replica is found
