@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import signal
 import time
 import traceback
 from collections import Counter
@@ -29,7 +31,7 @@ from kivigo_async.backends.redis.cluster import _torn_down
 from kivigo_async.errors import BackendUnavailableError, OperationTimeoutError
 from kivigo_async.testing.pytest_plugin import ClusterFactory
 from kivigo_async.testing.servers import RedisServer
-from kivigo_async.testing.topologies import RedisCluster
+from kivigo_async.testing.topologies import RedisCluster, wait_replicated
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(240)]
 
@@ -358,3 +360,54 @@ async def test_cluster_down_is_backend_unavailable(redis_cluster_factory: Cluste
         for client in (first, second):  # the same clients, no restart
             assert await client.get("down:k") == 1
             assert await client.batch_get(["down:k", "unserved"]) == {"down:k": 1}
+
+
+async def test_a_primary_that_stops_answering_is_left_for_its_promoted_replica(
+    redis_cluster_factory: ClusterFactory,
+) -> None:
+    # A primary that hangs (not killed: its port still accepts connections) gives a
+    # new connection no answer to its login, a dial timeout. The call reads the
+    # layout again and retries, reaching the replica promoted in its place.
+    cluster = redis_cluster_factory(node_timeout_ms=1000, variant="password")
+    victim = cluster.primaries()[0]
+    survivor = next(node for node in cluster.primaries() if node is not victim)
+    slot = min(slots_of(cluster, victim))
+    key = next(f"hang:{i}" for i in range(100_000) if key_slot(f"hang:{i}".encode()) == slot)
+    options = RedisClusterOptions(
+        addrs=[f"{survivor.host}:{survivor.port}"],
+        username=cluster.username,
+        password=cluster.password,
+        dial_timeout=0.5,
+        read_timeout=1.0,
+        max_retries=2,
+    )
+    async with Client(RedisClusterBackend(options)) as client:
+        await client.set(key, 1)  # replicated before the hang: the new primary has it
+        assert victim.pid is not None
+        assert await asyncio.to_thread(wait_replicated, victim) == 1
+    async with Client(RedisClusterBackend(options)) as client:
+        await client.health()  # the layout is learned; no connection to the victim yet
+        os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + PROMOTION_LIMIT
+            while owner_of(cluster, slot, via=survivor) is victim:
+                assert time.monotonic() < deadline, "the replica was not promoted"
+                await asyncio.sleep(0.2)
+            # The client's layout still names the victim: its first dial times out.
+            assert await asyncio.wait_for(client.get(key), 60) == 1
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+
+
+def owner_of(cluster: RedisCluster, slot: int, *, via: RedisServer) -> RedisServer | None:
+    """The primary serving ``slot`` as ``via`` sees it (a hung node is never asked)."""
+    for info in cluster.topology(via=via):
+        if not info.is_primary or "fail" in info.flags:
+            continue
+        for part in info.slots:
+            if part.startswith("["):
+                continue
+            low, _, high = part.partition("-")
+            if int(low) <= slot <= int(high or low):
+                return info.server
+    return None

@@ -88,9 +88,10 @@ class NodeConnections:
         """The reply to the single-key command ``args``; a server error is raised.
 
         Redirections are followed (at most ``max_redirects``); after a lost
-        connection, a timeout or ``CLUSTERDOWN`` the layout is learned again and
-        the command retried, at most ``max_retries`` times, but not after a dial
-        timeout (the connection already retried its dials).
+        connection, a timeout (a dial timeout too: the connection does not retry
+        it) or ``CLUSTERDOWN`` the layout is learned again and the command
+        retried, at most ``max_retries`` times: a node that stopped answering may
+        have been replaced by its replica.
         """
         nodes = self._nodes
         ask: str | None = None  # the node an ASK sent the command to
@@ -114,7 +115,7 @@ class NodeConnections:
                     await asyncio.sleep(0.25)  # a failover under way: give it a moment
                 with contextlib.suppress(Exception):
                     await self._relearn()
-                if failures >= self._max_retries or is_dial_timeout(exc):
+                if failures >= self._max_retries:
                     raise
                 failures += 1
                 await asyncio.sleep(backoff(failures))
