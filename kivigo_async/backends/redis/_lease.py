@@ -1,9 +1,11 @@
 """Leases on Redis / Valkey: a Lua ``SET NX PX`` to take, a Lua compare-and-delete to give back.
 
 These functions implement :class:`~kivigo_async.backend.LeaseBackend` for the
-Redis backends. They go through the backend's redis-py client (the
-connection pool, or the cluster client) rather than the multiplexed
-connection: a lease is taken once per cache fill, so it is not a hot path.
+Redis backends. On one server they go through the backend's connection pool
+rather than the multiplexed connection: a lease is taken once per cache fill,
+so it is not a hot path, and the pool re-sends a script whose connection broke
+(both are safe to repeat). On a cluster they go the way single-key calls do,
+so that redirections are followed as for any key of that slot.
 """
 
 from __future__ import annotations
@@ -48,21 +50,16 @@ return 0
 """
 
 
-async def _run(backend: _Backend, command: str, key: str, call: Callable[[Any], Awaitable[Any]]) -> Any:
+async def _run(backend: _Backend, command: str, key: str, args: tuple[Any, ...]) -> Any:
     from .cluster import RedisClusterBackend
 
     if isinstance(backend, RedisClusterBackend):
-        cluster = backend
-
-        async def routed() -> Any:
-            await cluster._ready()
-            return await call(cluster.cluster)
-
-        # The cluster's own path: its in-flight bound (its node pools fail when full),
-        # its closed check and its translation of every driver error.
-        return await cluster._run(command, key, routed)
+        # Its own path: redirections, the in-flight bound, the closed check and
+        # the translation of every driver error.
+        return await backend._keyed(command, key, args)
+    execute: Callable[..., Awaitable[Any]] = backend.redis.execute_command  # untyped in redis-py
     try:
-        return await call(backend.redis)
+        return await execute(*args)
     except RedisError as exc:
         raise backend._error(exc, command, key) from exc
 
@@ -70,19 +67,13 @@ async def _run(backend: _Backend, command: str, key: str, call: Callable[[Any], 
 async def acquire_lease(backend: _Backend, key: str, token: bytes, ttl_ms: int) -> bool:
     """``SET key token NX PX ttl_ms``, retried safely; return whether the lease is the caller's."""
 
-    async def call(client: Any) -> Any:
-        return await client.execute_command("EVAL", _ACQUIRE, 1, key, token, ttl_ms)
-
-    return bool(await _run(backend, "EVAL (lease acquire)", key, call))
+    return bool(await _run(backend, "EVAL (lease acquire)", key, ("EVAL", _ACQUIRE, 1, key, token, ttl_ms)))
 
 
 async def release_lease(backend: _Backend, key: str, token: bytes) -> bool:
     """Delete ``key`` if it still holds ``token``; return whether it was deleted."""
 
-    async def call(client: Any) -> Any:
-        return await client.execute_command("EVAL", _RELEASE, 1, key, token)
-
-    return bool(await _run(backend, "EVAL (lease release)", key, call))
+    return bool(await _run(backend, "EVAL (lease release)", key, ("EVAL", _RELEASE, 1, key, token)))
 
 
 class RedisLease:

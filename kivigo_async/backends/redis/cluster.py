@@ -46,7 +46,7 @@ from ...errors import (
 from ...watch import DEFAULT_MAX_PENDING, ChangeStream
 from ._cache import ClientCache, LocalCache
 from ._cluster_cache import ClusterTracking
-from ._cluster_mux import NodeConnections
+from ._cluster_mux import NodeConnections, Route
 from ._cluster_scan import node_at, scan_cluster
 from ._errors import is_dial_timeout, translate, where
 from ._mux import MuxConnection
@@ -556,11 +556,24 @@ class RedisClusterBackend:
 
     def _exec(self, command: str, key: str, *args: Any) -> Awaitable[Any]:
         if self._options.auto_pipeline:
-            return self._multiplexed(command, key, (command, key, *args))
+            return self._multiplexed(command, key, (command, key, *args), self._route)
         return self._run(command, key, functools.partial(self._driven, (command, key, *args)))
 
-    async def _driven(self, args: tuple[Any, ...]) -> Any:
-        """A single-key command through redis-py's cluster client (``auto_pipeline=False``)."""
+    def _keyed(self, command: str, key: str, args: tuple[Any, ...]) -> Awaitable[Any]:
+        """A command whose one key is not its first argument (``EVAL``), routed by ``key``.
+
+        The way single-key calls go, with their redirections followed (a slot
+        moving to a node that joins the cluster, say).
+        """
+        if self._options.auto_pipeline:
+            slot = _slot(key)
+            nodes = self._cluster.nodes_manager
+            return self._multiplexed(command, key, args, lambda _: nodes.get_node_from_slot(slot))
+        return self._run(command, key, functools.partial(self._driven, args, key))
+
+    async def _driven(self, args: tuple[Any, ...], key: str | None = None) -> Any:
+        """A command through redis-py's cluster client (``auto_pipeline=False``); its key is
+        ``args[1]`` unless ``key`` is given."""
         if self._cluster._initialize:  # not a coroutine per call once the layout is known
             await self._ready()
         try:
@@ -569,14 +582,14 @@ class RedisClusterBackend:
             if "TTL exhausted" not in str(exc):
                 raise
             # redis-py gave up following redirections (see _redirected): do it ourselves.
-            return await self._redirected(args)
+            return await self._redirected(args, key)
         except AttributeError as exc:
             if not _unrouted(exc):
                 raise
             # redis-py could not follow ASK to a node it does not know, and sent it nothing.
-            return await self._redirected(args)
+            return await self._redirected(args, key)
 
-    async def _multiplexed(self, command: str, key: str, args: tuple[Any, ...]) -> Any:
+    async def _multiplexed(self, command: str, key: str, args: tuple[Any, ...], route: Route) -> Any:
         """A single-key command on its node's multiplexed connection (see _cluster_mux).
 
         Not within the in-flight limit: that keeps redis-py's node pools from
@@ -587,13 +600,13 @@ class RedisClusterBackend:
             if self._cluster._initialize:  # not a coroutine per call once the layout is known
                 await self._ready()
                 self._check_open(command)
-            return await self._node_conns.command(args, self._route)
+            return await self._node_conns.command(args, route)
         except _DRIVER_ERRORS as exc:
             raise self._error(exc, command, key) from exc
         except UnicodeEncodeError as exc:
             raise self._error(exc, command, key) from exc
 
-    async def _redirected(self, args: tuple[Any, ...]) -> Any:
+    async def _redirected(self, args: tuple[Any, ...], key: str | None = None) -> Any:
         """Run a single-key command, following ``MOVED`` / ``ASK`` / ``TRYAGAIN`` ourselves.
 
         redis-py sends ``ASKING`` and the redirected command on two connections
@@ -602,7 +615,7 @@ class RedisClusterBackend:
         it gives up. Here both go in one pipeline, on one connection.
         """
         nodes = self._cluster.nodes_manager
-        slot = _slot(args[1])
+        slot = _slot(args[1] if key is None else key)
         ask_node: ClusterNode | None = None
         for attempt in range(self._options.max_redirects + 1):
             node = ask_node if ask_node is not None else nodes.get_node_from_slot(slot)
@@ -818,7 +831,7 @@ class RedisClusterBackend:
         if redo:
             singles = [single for parts in redo.values() for single in parts]
             if self._options.auto_pipeline:  # as single-key commands: together, per node
-                resent = [self._multiplexed(name, s[1], s) for s in singles]
+                resent = [self._multiplexed(name, s[1], s, self._route) for s in singles]
             else:
                 resent = [self._run(name, s[1], lambda s=s: self._redirected(s)) for s in singles]  # type: ignore[misc]
             replies = iter(await asyncio.gather(*resent))
