@@ -112,14 +112,7 @@ def aggregate(
                     rows.append(_na(library, loop, "not measured"))
                     continue
                 ok = [r for r in runs if isinstance(r, dict)]
-                errors = sorted({r for r in runs if isinstance(r, str)})
-                row: dict[str, Any] = {
-                    "library": library,
-                    "loop": loop,
-                    "status": "ok" if ok else "error",
-                    "reason": "; ".join(errors) or None,
-                    "repetitions": len(ok),
-                }
+                row: dict[str, Any] = {"library": library, "loop": loop, **run_status(runs)}
                 for metric in METRICS:
                     row[metric] = _median(r.get(metric) for r in ok)
                 row["ratio"] = {metric: _paired_ratio(runs, base, metric) for metric in METRICS}
@@ -127,6 +120,28 @@ def aggregate(
                 rows.append(row)
         out[scenario] = {"title": title, "unit": unit, "rows": rows}
     return out
+
+
+def run_status(runs: Sequence[object]) -> dict[str, Any]:
+    """``status``, ``reason`` and ``repetitions`` of a row whose repetitions gave ``runs``.
+
+    "partial" when some repetitions failed: its figures are those of the others,
+    shown with a note, and a run where kivigo-async or the baseline is partial fails.
+    """
+    ok = sum(isinstance(r, dict) for r in runs)
+    errors = sorted({r for r in runs if isinstance(r, str)})
+    status = "n/a" if not runs else "error" if not ok else "partial" if errors else "ok"
+    return {
+        "status": status,
+        "reason": "; ".join(errors) or (None if runs else "not measured"),
+        "repetitions": ok,
+        "attempts": len(runs),
+    }
+
+
+def _shown(row: Mapping[str, Any]) -> bool:
+    """Whether a row has figures to show (every repetition, or some of them, worked)."""
+    return row.get("status") in ("ok", "partial")
 
 
 def _na(library: str, loop: str, reason: str) -> dict[str, Any]:
@@ -169,7 +184,7 @@ def _ratio(value: float | None) -> str:
 
 
 def _cell(row: Mapping[str, Any], metric: str, fmt: Any) -> str:
-    if row.get("status") != "ok":
+    if not _shown(row):
         return "-"
     ratio = row.get("ratio", {}).get(metric) if row.get("library") != BASELINE else None
     return f"{fmt(row.get(metric))}{_ratio(ratio)}"
@@ -178,6 +193,8 @@ def _cell(row: Mapping[str, Any], metric: str, fmt: Any) -> str:
 def _status_note(row: Mapping[str, Any]) -> str:
     if row["status"] == "ok":
         return ""
+    if row["status"] == "partial":
+        return f"only {row['repetitions']} of {row['attempts']} repetitions worked: {row.get('reason') or ''}"
     return f"{row['status']}: {row.get('reason') or ''}".strip()
 
 
@@ -243,7 +260,7 @@ def markdown(result: Mapping[str, Any]) -> str:
             for sid in ids:
                 row = scenarios[sid]["rows"][i]
                 cells.append(_cell(row, "rate", _num))
-                cpus.append(_us(row.get("cpu_us_per_op")) if row.get("status") == "ok" else "-")
+                cpus.append(_us(row.get("cpu_us_per_op")) if _shown(row) else "-")
                 if row["status"] != "ok":
                     notes.add(_status_note(row))
             lines.append(
@@ -336,7 +353,7 @@ def _topology_rows(rows: Sequence[Mapping[str, Any]], baseline: str) -> list[str
     for row in rows:
         cells = []
         for metric, fmt in (("rate", _num), ("p50_us", _us), ("p99_us", _us), ("cpu_us_per_op", _us)):
-            if row["status"] != "ok":
+            if not _shown(row):
                 cells.append("-")
                 continue
             ratio = None if row["library"] == baseline else row["ratio"].get(metric)

@@ -12,7 +12,7 @@ import asyncio
 import gc
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from adapters import Adapter
@@ -116,6 +116,7 @@ async def run_seq(adapter: Adapter, pairs: int) -> Measure:
     clock = time.perf_counter_ns
     set_, get = adapter.set, adapter.get
     lat: list[int] = []
+    missing = 0
     gc.collect()
     cpu0, t0 = time.process_time(), time.perf_counter()
     for i in range(pairs):
@@ -123,11 +124,24 @@ async def run_seq(adapter: Adapter, pairs: int) -> Measure:
         a = clock()
         await set_(key)
         b = clock()
-        await get(key)
+        if await get(key) is None:
+            missing += 1
         lat.append(b - a)
         lat.append(clock() - b)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    _check_found(adapter, missing, pairs)
     return Measure(2 * pairs, wall, cpu, lat)
+
+
+def _check_found(adapter: Adapter, missing: int, reads: int) -> None:
+    """Fail the measurement if reads of stored keys came back empty.
+
+    Every key was written before: a library that turns errors into ``None``
+    (cashews does by default) would otherwise look fast while failing. The
+    check is one ``is None`` per read, the same for every library.
+    """
+    if missing:
+        raise RuntimeError(f"{adapter.name}: {missing} of {reads} reads found no value (errors suppressed?)")
 
 
 async def run_mix(adapter: Adapter, plan: Sequence[Sequence[tuple[bool, int]]]) -> Measure:
@@ -135,13 +149,16 @@ async def run_mix(adapter: Adapter, plan: Sequence[Sequence[tuple[bool, int]]]) 
     clock = time.perf_counter_ns
     set_, get = adapter.set, adapter.get
     lat: list[int] = []
+    missing = 0
 
     async def worker(ops: Sequence[tuple[bool, int]]) -> None:
+        nonlocal missing
         for is_get, index in ops:
             key = keys[index]
             a = clock()
             if is_get:
-                await get(key)
+                if await get(key) is None:
+                    missing += 1
             else:
                 await set_(key)
             lat.append(clock() - a)
@@ -150,6 +167,7 @@ async def run_mix(adapter: Adapter, plan: Sequence[Sequence[tuple[bool, int]]]) 
     cpu0, t0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(worker(ops) for ops in plan))
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    _check_found(adapter, missing, sum(is_get for ops in plan for is_get, _ in ops))
     return Measure(sum(len(ops) for ops in plan), wall, cpu, lat)
 
 
@@ -159,13 +177,16 @@ async def run_hot(adapter: Adapter, ops: int) -> Measure:
     clock = time.perf_counter_ns
     get = adapter.get
     lat: list[int] = []
+    missing = 0
     gc.collect()
     cpu0, t0 = time.process_time(), time.perf_counter()
     for _ in range(ops):
         a = clock()
-        await get(key)
+        if await get(key) is None:
+            missing += 1
         lat.append(clock() - a)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    _check_found(adapter, missing, ops)
     return Measure(ops, wall, cpu, lat)
 
 
@@ -177,13 +198,19 @@ async def run_batch(adapter: Adapter, kind: str, size: int, calls: int) -> Measu
     call = adapter.batch_get if kind == "get" else adapter.batch_set
     clock = time.perf_counter_ns
     lat: list[int] = []
+    last: Iterable[object] | Mapping[str, object] = ()
     gc.collect()
     cpu0, t0 = time.process_time(), time.perf_counter()
     for chunk in chunks:
         a = clock()
-        await call(chunk)
+        last = await call(chunk)
         lat.append(clock() - a)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    if kind == "get":
+        # The last call's result, checked outside the timed loop: a list scan here
+        # would cost some libraries more than others.
+        found = list(last.values()) if isinstance(last, Mapping) else list(last)
+        _check_found(adapter, size - sum(value is not None for value in found), size)
     return Measure(size * calls, wall, cpu, lat)
 
 

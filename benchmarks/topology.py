@@ -140,14 +140,7 @@ def rows(
         for name in names:
             runs = reps.get((case, loop, name), [])
             ok = [r for r in runs if isinstance(r, dict)]
-            errors = sorted({r for r in runs if isinstance(r, str)})
-            row: dict[str, Any] = {
-                "library": name,
-                "loop": loop,
-                "status": "ok" if ok else ("error" if runs else "n/a"),
-                "reason": "; ".join(errors) or (None if runs else "not measured"),
-                "repetitions": len(ok),
-            }
+            row: dict[str, Any] = {"library": name, "loop": loop, **report.run_status(runs)}
             for metric in report.METRICS:
                 row[metric] = report._median(r.get(metric) for r in ok)
             row["ratio"] = {metric: report._paired_ratio(runs, base, metric) for metric in report.METRICS}
