@@ -57,6 +57,9 @@ _AS_IS = "="
 # so a waiter notices the value (or an expired lease) within a fraction of a second.
 _FIRST_POLL = 0.01
 _MAX_POLL = 0.2
+# How often a caller whose wait_timeout ran out looks again whether the shared
+# task has gone back to waiting for another process (and so may be left).
+_RECHECK = 0.02
 
 
 def _hash_tag(key: str) -> str | None:
@@ -177,7 +180,8 @@ class SingleFlight(Generic[R]):
         """Return the result of ``fn()``, shared with every concurrent call for ``key``.
 
         ``timeout`` bounds this caller's wait alone, unless ``patient(task)``,
-        asked when it runs out, says to wait on.
+        asked when it runs out (and every few milliseconds after, while it
+        says so), says to wait on.
 
         Raises:
             OutWaited: ``timeout`` ran out (the task goes on for the other callers).
@@ -194,10 +198,10 @@ class SingleFlight(Generic[R]):
             # asyncio.wait, unlike awaiting a shield, tells this caller's cancellation
             # (raised here) from the task's (a task that ends cancelled), on every Python.
             done, _ = await asyncio.wait({task}, timeout=timeout)
-            if not done:
+            while not done:
                 if patient is None or not patient(task):
                     raise OutWaited
-                await asyncio.wait({task})
+                done, _ = await asyncio.wait({task}, timeout=_RECHECK)
         finally:
             call.waiters -= 1
             if call.waiters == 0 and not task.done():
@@ -250,8 +254,9 @@ class CacheFiller:
     def __init__(self, backend: AsyncBackend) -> None:
         self.lease = find_lease(backend)
         self._flights: SingleFlight[_Filled] = SingleFlight()
-        #: The task running the factory for a key, while it does (it holds the lease).
-        self._producing: dict[str, asyncio.Task[Any]] = {}
+        #: The task filling a key, while it waits for another process's run: the
+        #: only time a caller's wait_timeout may end its wait.
+        self._polling: dict[str, asyncio.Task[Any]] = {}
         self._closed = False
 
     async def aclose(self) -> None:
@@ -274,14 +279,15 @@ class CacheFiller:
             raise BackendUnavailableError(f"get_or_set for key {key!r}: the client is closed")
         wait_s = None if wait_ms is None else wait_ms / 1000
         try:
-            # wait_timeout is each caller's own: the shared task polls for as long as
-            # any caller waits, and a caller whose time is up leaves unless the
-            # factory is running in this process by then (it is never interrupted).
+            # wait_timeout is each caller's own, and bounds only waiting for another
+            # process's run: the shared task polls for as long as any caller waits,
+            # and a caller whose time is up leaves once the task is polling, never
+            # while it takes or gives back the lease or runs the factory here.
             filled = await self._flights.do(
                 key,
                 lambda: self._fill(client, key, factory, rtype, ttl_ms, lock_ms),
                 wait_s,
-                lambda task: self._producing.get(key) is task,
+                lambda task: self._polling.get(key) is not task,
             )
         except OutWaited:
             raise OperationTimeoutError(
@@ -314,43 +320,49 @@ class CacheFiller:
     ) -> _Filled:
         lease = self.lease
         if lease is None:
-            with self._running_factory(key):
-                return await _produce(client, key, factory, rtype, ttl_ms)
+            return await _produce(client, key, factory, rtype, ttl_ms)
         backend = client.backend
         lkey = lease_key(key)
         token = secrets.token_bytes(16)
         delay = _FIRST_POLL
         while True:
-            if await lease.acquire_lease(lkey, token, lock_ms):
+            try:
+                taken = await lease.acquire_lease(lkey, token, lock_ms)
+            except asyncio.CancelledError:
+                # The server may have set the lease before the cancellation: give it
+                # back (only ever ours), or every process would wait out lock_ttl.
+                await _release(lease, lkey, token, key)
+                raise
+            if taken:
                 try:
-                    with self._running_factory(key):
-                        # The previous holder may have stored the value and left
-                        # between our last read and our acquire.
-                        data = await backend.get(key)
-                        if data is not None:
-                            return _Filled(client._decode(key, data, rtype), data, rtype)
-                        return await _produce(client, key, factory, rtype, ttl_ms)
+                    # The previous holder may have stored the value and left
+                    # between our last read and our acquire.
+                    data = await backend.get(key)
+                    if data is not None:
+                        return _Filled(client._decode(key, data, rtype), data, rtype)
+                    return await _produce(client, key, factory, rtype, ttl_ms)
                 finally:
                     await _release(lease, lkey, token, key)
-            data = await backend.get(key)
-            if data is not None:
-                return _Filled(client._decode(key, data, rtype), data, rtype)
-            # Until every caller has left (each by its own wait_timeout) or the
-            # holder's lease expires and this task takes it over.
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: spread the pollers out
+            with self._waiting_for_another(key):
+                data = await backend.get(key)
+                if data is not None:
+                    return _Filled(client._decode(key, data, rtype), data, rtype)
+                # Until every caller has left (each by its own wait_timeout) or the
+                # holder's lease expires and this task takes it over.
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: spread the pollers out
             delay = min(delay * 2, _MAX_POLL)
 
     @contextlib.contextmanager
-    def _running_factory(self, key: str) -> Iterator[None]:
+    def _waiting_for_another(self, key: str) -> Iterator[None]:
         task = asyncio.current_task()
         assert task is not None
-        self._producing[key] = task
+        self._polling[key] = task
         try:
             yield
         finally:
             # An abandoned task may end after the next one for this key has started.
-            if self._producing.get(key) is task:
-                del self._producing[key]
+            if self._polling.get(key) is task:
+                del self._polling[key]
 
 
 async def _produce(

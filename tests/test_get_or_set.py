@@ -299,6 +299,51 @@ async def test_each_caller_waits_by_its_own_wait_timeout() -> None:
         assert await asyncio.wait_for(calm, 10) == 8
 
 
+class SlowLeases(MemoryBackend):
+    """Leases whose round trips take ``delay`` seconds (a distant server); acquire sets first."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def acquire_lease(self, key: str, token: bytes, ttl_ms: int) -> bool:
+        taken = await super().acquire_lease(key, token, ttl_ms)
+        await asyncio.sleep(self.delay)  # the reply is on its way back
+        return taken
+
+    async def release_lease(self, key: str, token: bytes) -> bool:
+        await asyncio.sleep(self.delay)
+        return await super().release_lease(key, token)
+
+
+async def test_wait_timeout_does_not_count_taking_and_giving_back_the_lease() -> None:
+    # Nobody else holds the lease: this process fills the value, and a wait_timeout
+    # shorter than the lease's round trips is not a wait for another process.
+    backend = SlowLeases(0.1)
+    async with Client(backend) as client:
+        assert await asyncio.wait_for(client.get_or_set("k", lambda: 42, wait_timeout=0.02), 10) == 42
+        assert not await client.has_key(lease_key("k"))  # given back, not left to expire
+        assert await client.get("k") == 42
+
+
+async def test_a_fill_cancelled_while_taking_the_lease_gives_it_back() -> None:
+    backend = SlowLeases(1.0)
+    async with Client(backend) as client:
+        caller = asyncio.create_task(client.get_or_set("k", lambda: 1, lock_ttl=60))
+        for _ in range(100):  # until the lease is set, its reply still on the way
+            await asyncio.sleep(0.01)
+            if await client.has_key(lease_key("k")):
+                break
+        assert await client.has_key(lease_key("k"))
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        deadline = asyncio.get_running_loop().time() + 10
+        while await client.has_key(lease_key("k")):  # released (after its own round trip)
+            assert asyncio.get_running_loop().time() < deadline, "the lease was left to expire"
+            await asyncio.sleep(0.05)
+
+
 async def test_wait_timeout_never_interrupts_a_factory_running_in_this_process() -> None:
     async with Client(MemoryBackend()) as client:
         started = asyncio.Event()
