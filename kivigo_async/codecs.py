@@ -210,7 +210,8 @@ def _has_serializer(metadata: Sequence[object]) -> bool:
 
 
 def _masked_field(cls: Any, seen: set[type]) -> str | None:
-    """The first field of pydantic model ``cls`` that its JSON dump would mask, or ``None``."""
+    """The first field of pydantic model (or pydantic dataclass) ``cls`` that its JSON dump
+    would mask, or ``None``."""
     decorators = getattr(cls, "__pydantic_decorators__", None)
     if decorators is not None and decorators.model_serializers:
         return None  # the model serialises itself: its author decides
@@ -218,7 +219,10 @@ def _masked_field(cls: Any, seen: set[type]) -> str | None:
     if decorators is not None:
         for decorator in decorators.field_serializers.values():
             serialized.update(decorator.info.fields)
-    for name, info in getattr(cls, "model_fields", {}).items():
+    fields = getattr(cls, "__pydantic_fields__", None)
+    if not isinstance(fields, Mapping):
+        fields = getattr(cls, "model_fields", {})
+    for name, info in fields.items():
         if name in serialized or "*" in serialized or _has_serializer(info.metadata):
             continue
         if _masks(info.annotation, seen):
@@ -231,31 +235,23 @@ def _masks(tp: Any, seen: set[type]) -> bool:
         return True
     if get_origin(tp) is Annotated and _has_serializer(tp.__metadata__):
         return False
-    if _is_pydantic_model(tp):
+    if _is_pydantic_model(tp) or isinstance(getattr(tp, "__pydantic_fields__", None), Mapping):
+        # A model, or a pydantic dataclass: fields with their serializers alike.
         if tp in seen:
             return False
         seen.add(tp)
         return _masked_field(tp, seen) is not None
-    fields = _field_types(tp)
-    if fields is not None:  # a pydantic dataclass or a TypedDict, which pydantic dumps too
+    if isinstance(tp, type) and issubclass(tp, dict) and hasattr(tp, "__total__"):  # a TypedDict
         if tp in seen:
             return False
         seen.add(tp)
-        return any(_masks(field, seen) for field in fields)
-    return any(_masks(arg, seen) for arg in get_args(tp))
-
-
-def _field_types(tp: Any) -> list[Any] | None:
-    """The field annotations of a pydantic dataclass or a TypedDict, else ``None``."""
-    pydantic_fields = getattr(tp, "__pydantic_fields__", None)
-    if isinstance(pydantic_fields, Mapping):
-        return [getattr(info, "annotation", None) for info in pydantic_fields.values()]
-    if isinstance(tp, type) and issubclass(tp, dict) and hasattr(tp, "__total__"):
         try:
-            return list(typing.get_type_hints(tp).values())
+            # With extras: Annotated[SecretStr, PlainSerializer(...)] reveals itself.
+            hints = typing.get_type_hints(tp, include_extras=True)
         except Exception:  # forward references that do not resolve: nothing known
-            return None
-    return None
+            return False
+        return any(_masks(hint, seen) for hint in hints.values())
+    return any(_masks(arg, seen) for arg in get_args(tp))
 
 
 # pydantic model class -> the field whose secret its JSON dump would replace by
@@ -306,7 +302,8 @@ def _reads_by_name(cls: type) -> bool:
 def _pydantic_reader(tp: Any) -> Callable[[bytes], Any]:
     """``tp.model_validate_json``, reading field names as :func:`_pydantic_dump` writes them."""
     if _reads_by_name(tp):
-        return functools.partial(tp.model_validate_json, by_alias=False, by_name=True)
+        # Names as written now, aliases as written before (by_alias): both read back.
+        return functools.partial(tp.model_validate_json, by_alias=True, by_name=True)
     read: Callable[[bytes], Any] = tp.model_validate_json
     return read
 
