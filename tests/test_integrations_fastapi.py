@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio
 import uvicorn
 from conftest import redis_options, refused_port
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from kivigo_async import Client
 from kivigo_async.backends.memory import MemoryBackend
@@ -34,6 +34,7 @@ from kivigo_async.integrations.fastapi import (
     KivigoClient,
     KivigoLifespan,
     KivigoWatcher,
+    get_client,
     health_router,
     kivigo_lifespan,
 )
@@ -295,6 +296,23 @@ async def test_a_factory_that_returns_a_closed_client_fails_startup() -> None:
         async with Lifespan(app):
             pass
     assert not hasattr(app.state, STATE_CLIENT)
+
+
+async def test_a_sub_application_request_after_shutdown_gets_a_clear_error() -> None:
+    # The server copies the lifespan state into every request (shallowly); one that
+    # arrives after shutdown must not be handed the closed client.
+    kivigo = kivigo_lifespan(lambda: Client(MemoryBackend()), watch=False)
+    parent, sub = FastAPI(), FastAPI()  # the request is routed to sub, whose app.state is empty
+
+    def request(lifespan_state: dict[str, Any]) -> Request:
+        return Request({"type": "http", "app": sub, "state": dict(lifespan_state)})
+
+    async with kivigo(parent) as state:
+        client = get_client(request(state))
+        assert client is getattr(parent.state, STATE_CLIENT)
+        await client.set("k", 1)
+    with pytest.raises(ConfigurationError, match="no kivigo client"):
+        get_client(request(state))
 
 
 def _nested(kivigo: KivigoLifespan) -> Callable[[FastAPI], Any]:

@@ -93,6 +93,9 @@ STATE_CLIENT: Final = "kivigo_client"
 STATE_WATCHER: Final = "kivigo_watcher"
 # What /readyz asks: the watcher, or with watch=False a never-started one checked on demand.
 _STATE_PROBE: Final = "kivigo_probe"
+# The lifespan state key: a dict of the three above, which every request's state shares
+# (Starlette copies the state shallowly) and shutdown empties.
+_LIFESPAN_STATE: Final = "kivigo"
 
 _NOT_INSTALLED = (
     "no kivigo client on app.state: pass lifespan=kivigo_lifespan(...) to FastAPI(), "
@@ -148,11 +151,12 @@ class KivigoLifespan:
             for name, value in opened.items():
                 setattr(state, name, value)
             try:
-                yield dict(opened)
+                yield {_LIFESPAN_STATE: opened}
             finally:
                 # Gone before the client closes: a late request gets a clear error, not a closed client.
                 for name in opened:
                     delattr(state, name)
+                opened.clear()
 
 
 def kivigo_lifespan(
@@ -198,7 +202,10 @@ def get_client(request: Request) -> Client:
 def _opened(request: Request, name: str) -> Any:
     """What the lifespan opened: on the app, or (from a mounted sub-application) in the request's state."""
     found = getattr(request.app.state, name, None)
-    return found if found is not None else getattr(request.state, name, None)
+    if found is not None:
+        return found
+    shared: Mapping[str, Any] = getattr(request.state, _LIFESPAN_STATE, None) or {}
+    return shared.get(name)
 
 
 def get_watcher(request: Request) -> HealthWatcher:
