@@ -1,8 +1,10 @@
 """Does kivigo-async hold on to memory as it works? A tracemalloc check.
 
 A fresh client runs a mixed workload (64 tasks; 70% get, 20% set, 5% delete,
-5% batch get of 10 keys, all on a bounded keyspace so the *server's* data stops
-growing early). Python's traced memory is sampled (after a full collection) once
+3% batch get of 10 keys on a bounded keyspace, so the *server's* data stops
+growing early; and 2% set, get and delete of a key never used before, so that
+memory kept per distinct key, which a bounded keyspace would fill during the
+warm-up, shows as growth). Python's traced memory is sampled (after a full collection) once
 the warm-up is done and then at ten checkpoints; the growth is the last sample
 minus the first. Pools, caches and interned strings fill up during the warm-up,
 so a client that does not leak ends within allocator noise of where it started.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import random
 import time
 import tracemalloc
@@ -26,7 +29,7 @@ TASKS = 64
 CHECKPOINTS = 10
 
 
-async def _ops(client: Any, count: int, rng: random.Random) -> None:
+async def _ops(client: Any, count: int, rng: random.Random, fresh: itertools.count[int]) -> None:
     keys = [f"{KEY_PREFIX}mem:{i}" for i in range(KEYSPACE)]
 
     async def worker(n: int) -> None:
@@ -39,9 +42,14 @@ async def _ops(client: Any, count: int, rng: random.Random) -> None:
                 await client.set(key, SESSION)
             elif roll < 0.95:
                 await client.delete(key)
-            else:
+            elif roll < 0.98:
                 start = rng.randrange(KEYSPACE - 10)
                 await client.batch_get(keys[start : start + 10])
+            else:
+                new = f"{KEY_PREFIX}mem:fresh:{next(fresh)}"
+                await client.set(new, SESSION)
+                await client.get(new)
+                await client.delete(new)
 
     share, extra = divmod(count, TASKS)
     await asyncio.gather(*(worker(share + (1 if i < extra else 0)) for i in range(TASKS)))
@@ -58,6 +66,7 @@ async def check(target: Target, total_ops: int, warmup_ops: int, judge: bool) ->
     from kivigo_async.backends.redis import RedisBackend, RedisOptions
 
     rng = random.Random(11)
+    fresh = itertools.count()
     options = RedisOptions(
         addr=f"{target.host}:{target.port}",
         db=target.db,
@@ -69,14 +78,14 @@ async def check(target: Target, total_ops: int, warmup_ops: int, judge: bool) ->
     tracemalloc.start()
     try:
         async with Client(RedisBackend(options)) as client:
-            await _ops(client, warmup_ops, rng)
+            await _ops(client, warmup_ops, rng, fresh)
             first = _traced()
             baseline = tracemalloc.take_snapshot()
             samples = [first]
             remaining = total_ops - warmup_ops
             step, extra = divmod(remaining, CHECKPOINTS)
             for i in range(CHECKPOINTS):
-                await _ops(client, step + (extra if i == CHECKPOINTS - 1 else 0), rng)
+                await _ops(client, step + (extra if i == CHECKPOINTS - 1 else 0), rng, fresh)
                 samples.append(_traced())
             final = tracemalloc.take_snapshot()
             peak = tracemalloc.get_traced_memory()[1]
