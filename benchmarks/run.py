@@ -333,14 +333,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             order = rotate(runnable, rep)
             for sid in sids:
                 for loop in loops:
-                    # A batch measurement runs in slices, the libraries taking turns slice by
-                    # slice: the machine's speed drifts over seconds, and a ratio between two
-                    # libraries measured seconds apart would carry that drift.
+                    # A measurement runs in slices, the libraries taking turns slice by
+                    # slice, in one order and then the reverse: the machine's speed drifts
+                    # over seconds, and a ratio between two libraries measured seconds
+                    # apart, or always one before the other, would carry that drift.
                     parts = scenarios.slices(sid)
                     done: dict[str, list[scenarios.Measure]] = {}
                     failed: dict[str, str] = {}
-                    for _ in range(parts):
-                        for cls in order:
+                    for part in range(parts):
+                        for cls in order if part % 2 == 0 else order[::-1]:
                             adapter_or_none = adapters.get((loop, cls.name))
                             if adapter_or_none is None or not scenarios.supports(cls, sid):
                                 continue
