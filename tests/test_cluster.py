@@ -496,6 +496,32 @@ async def test_transaction_on_the_slot_owner(
         assert direct.get("{cart:7}:total") == b"15"
 
 
+async def test_a_transaction_refused_a_free_connection_does_not_reread_the_layout(
+    redis_cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No free connection is a busy client, not a node that failed over: reading the
+    # layout again on every such refusal would only make the client busier.
+    backend = RedisClusterBackend(
+        RedisClusterOptions(addrs=redis_cluster.addrs, pool_size=1, pool_timeout=0.2)
+    )
+    relearned: list[bool] = []
+    real = backend._relearn
+
+    async def counted() -> set[str]:
+        relearned.append(True)
+        return await real()
+
+    async with Client(backend) as client:
+        await client.set("{busy}:k", 1)
+        monkeypatch.setattr(backend, "_relearn", counted)
+        async with client.transaction(watch=["{busy}:k"]) as held:  # holds the node's one connection
+            await held.get("{busy}:k")
+            with pytest.raises(OperationTimeoutError, match="pool"):
+                async with client.transaction(watch=["{busy}:k"]):
+                    pass
+        assert relearned == []
+
+
 async def test_health_names_the_failed_primary(redis_cluster_factory: ClusterFactory) -> None:
     cluster = redis_cluster_factory(node_timeout_ms=1000)
     backend = RedisClusterBackend(RedisClusterOptions(addrs=cluster.addrs, max_retries=0, dial_timeout=2))

@@ -27,6 +27,7 @@ from redis.exceptions import (
     SlotNotCoveredError,
     TryAgainError,
 )
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from ..._tasks import detached
@@ -981,7 +982,10 @@ class RedisClusterBackend:
         nothing else would read it again if transactions are all the traffic.
         """
         moved = isinstance(exc.__cause__, AskError) or "MOVED" in str(exc) or "ASK " in str(exc)
-        if moved or isinstance(exc, (BackendUnavailableError, OperationTimeoutError)):
+        # A node that did not answer, not a pool with no free connection (a busy
+        # client, which re-reading the layout on every refusal would make busier).
+        silent = isinstance(exc, OperationTimeoutError) and isinstance(exc.__cause__, RedisTimeoutError)
+        if moved or silent or isinstance(exc, BackendUnavailableError):
             await self._learn_layout()
         if not moved:
             return exc
