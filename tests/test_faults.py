@@ -288,23 +288,38 @@ async def test_server_killed_and_restarted_under_load(
     )
 
 
+@TRANSPORTS
 async def test_a_listing_across_a_server_restart_fails_rather_than_miss_keys(
-    redis_server_factory: ServerFactory,
+    redis_server_factory: ServerFactory, auto_pipeline: bool
 ) -> None:
     # The restarted process reloads the same keys but hashes them with a new seed:
     # the old cursor, sent to it, would skip some keys and repeat others, silently.
     server = redis_server_factory("valkey", extra_config={"appendonly": "yes", "appendfsync": "always"})
-    async with Client(RedisBackend(redis_options(server, max_retries=3))) as client:
+    options = redis_options(server, max_retries=3, auto_pipeline=auto_pipeline)
+    async with Client(RedisBackend(options)) as client:
         await client.batch_set({f"scan:{i}": i for i in range(3000)})
         keys = client.iter_keys("scan:")
         seen = {await anext(keys)}  # the first page is read
         await asyncio.to_thread(server.kill)
         await asyncio.to_thread(server.restart)
-        with pytest.raises(BackendUnavailableError, match="server may have restarted"):
+        with pytest.raises(BackendUnavailableError, match="during the listing"):
             async for key in keys:
                 seen.add(key)
         assert len(seen) < 3000
         assert len(await client.list("scan:")) == 3000  # a new listing is whole
+
+
+async def test_a_listing_on_the_pool_works_for_a_user_refused_info(
+    server: RedisServer, control: aioredis.Redis
+) -> None:
+    # The pool asks INFO for the server's run_id beside each SCAN page; a user the
+    # ACL refuses it to still lists (without the restart check).
+    execute: Any = control.execute_command
+    await execute("ACL", "SETUSER", "lister", "on", ">lister-pw", "~*", "+@all", "-info")
+    options = redis_options(server, auto_pipeline=False).replace(username="lister", password="lister-pw")
+    async with Client(RedisBackend(options)) as client:
+        await client.batch_set({f"acl:{i}": i for i in range(2500)})
+        assert len(await client.list("acl:")) == 2500
 
 
 @TRANSPORTS

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from itertools import chain
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -91,6 +92,26 @@ class _TLSConnection(_DialBounded, _TLSContextConnection):
 
 
 _CLOSED = "the backend was closed (Client.close() closes its backend)"
+_INFO_SERVER = pack(("INFO", "server"))
+_RUN_ID = re.compile(rb"^run_id:([0-9a-f]+)", re.MULTILINE)
+R = TypeVar("R")
+
+
+async def _read_one(conn: AbstractConnection) -> Any:
+    return await conn.read_response()
+
+
+async def _read_page_and_run_id(conn: AbstractConnection) -> tuple[Any, bytes | None]:
+    """A SCAN reply, then INFO's run_id (``None`` when INFO was refused)."""
+    page = await conn.read_response()
+    try:
+        info = await conn.read_response()
+    except ResponseError:
+        return page, None
+    if isinstance(info, str):  # a RESP3 verbatim string
+        info = info.encode()
+    match = _RUN_ID.search(info) if isinstance(info, bytes) else None
+    return page, match.group(1) if match else None
 
 
 class _ClosablePool(BlockingConnectionPool):
@@ -383,12 +404,16 @@ class RedisBackend:
         the connection (redis-py's ``read_response`` does), so no later call can
         receive its reply.
         """
-        payload = pack(args)  # first: a key that cannot be encoded must not hold a connection
+        # Packed first: a key that cannot be encoded must not hold a connection.
+        return await self._pool_call(pack(args), _read_one)
+
+    async def _pool_call(self, payload: bytes, read: Callable[[AbstractConnection], Awaitable[R]]) -> R:
+        """Send ``payload`` on a pooled connection and ``read`` its replies, retried as above."""
         pool = self._pool
         acquire: Callable[[], Awaitable[AbstractConnection]] = pool.get_connection
         conn = await acquire()
 
-        async def attempt() -> Any:
+        async def attempt() -> R:
             writer = conn._writer
             if writer is not None and writer.transport.is_closing():
                 # The server closed it (after a protocol error, say). Writing to it
@@ -396,13 +421,14 @@ class RedisBackend:
                 # TypeError, not an OSError redis-py would handle): open a new one.
                 await conn.disconnect(nowait=True)
             await conn.send_packed_command(payload)
-            return await conn.read_response()
+            return await read(conn)
 
         async def drop(error: Exception) -> None:
             await conn.disconnect()
 
         try:
-            return await conn.retry.call_with_retry(attempt, drop)
+            result: R = await conn.retry.call_with_retry(attempt, drop)
+            return result
         finally:
             await pool.release(conn)
 
@@ -553,9 +579,13 @@ class RedisBackend:
         changes = self._server_changes
         mux = self._mux
         opened: int | None = None  # the multiplexed socket the listing began on
+        server: bytes | None = None  # on the pool: the run_id of the server process it began on
         while True:
             try:
-                reply = await self._exec("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
+                if mux is not None:
+                    reply = await mux.execute("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
+                else:
+                    reply, run_id = await self._pool_scan(cursor, pattern)
             except _FAILURES as exc:
                 raise self._error(exc, "SCAN") from exc
             # A cursor is only good on the server process that gave it (each hashes
@@ -567,6 +597,7 @@ class RedisBackend:
                     "so keys may have been missed; list again"
                 )
             if mux is not None:
+                # A lost socket may mean a restarted server (and cursors are cheap).
                 if opened is None:
                     opened = mux.opened
                 elif mux.opened != opened:
@@ -574,12 +605,30 @@ class RedisBackend:
                         f"SCAN on {self._node}: the connection was lost during the listing and the "
                         "server may have restarted, so keys may have been missed; list again"
                     )
+            elif server is None:
+                server = run_id
+            elif run_id is not None and run_id != server:
+                # Pooled connections are reopened for reasons that say nothing of the
+                # server (a cancelled call): the process's own id is asked instead.
+                raise BackendUnavailableError(
+                    f"SCAN on {self._node}: the server restarted during the listing, "
+                    "so keys may have been missed; list again"
+                )
             # The pool parses the cursor to int, the multiplexed connection leaves bytes.
             cursor, keys = int(reply[0]), reply[1]
             for raw in keys:
                 yield decode_key(raw)
             if cursor == 0:
                 return
+
+    async def _pool_scan(self, cursor: int, pattern: str) -> tuple[Any, bytes | None]:
+        """One ``SCAN`` page on a pooled connection, and the run_id of the server that answered.
+
+        Both go in one write on one connection, so they reach the same process. The
+        run_id is ``None`` when ``INFO`` is refused (an ACL user without it).
+        """
+        payload = pack(("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)) + _INFO_SERVER
+        return await self._pool_call(payload, _read_page_and_run_id)
 
     # -- BatchBackend ----------------------------------------------------
 
