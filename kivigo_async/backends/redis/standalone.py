@@ -394,7 +394,7 @@ class RedisBackend:
         """The underlying ``redis.asyncio.Redis`` client, for commands kivigo does not wrap."""
         return self._redis
 
-    async def _pool_execute(self, *args: Arg) -> Any:
+    def _pool_execute(self, *args: Arg) -> Awaitable[Any]:
         """One command on a pooled connection, with redis-py's retry of connection errors.
 
         Not ``Redis.execute_command``: redis-py's asyncio connection packs every
@@ -404,8 +404,9 @@ class RedisBackend:
         the connection (redis-py's ``read_response`` does), so no later call can
         receive its reply.
         """
-        # Packed first: a key that cannot be encoded must not hold a connection.
-        return await self._pool_call(pack(args), _read_one)
+        # Packed here, before any connection is taken: a key that cannot be encoded
+        # must not hold one. (Not a coroutine itself: one frame less per call.)
+        return self._pool_call(pack(args), _read_one)
 
     async def _pool_call(self, payload: bytes, read: Callable[[AbstractConnection], Awaitable[R]]) -> R:
         """Send ``payload`` on a pooled connection and ``read`` its replies, retried as above."""
@@ -577,15 +578,10 @@ class RedisBackend:
         pattern = match_pattern(prefix)
         cursor: int = 0
         changes = self._server_changes
-        mux = self._mux
-        opened: int | None = None  # the multiplexed socket the listing began on
-        server: bytes | None = None  # on the pool: the run_id of the server process it began on
+        first: object = None  # where the first page came from (see _scan_page)
         while True:
             try:
-                if mux is not None:
-                    reply = await mux.execute("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
-                else:
-                    reply, run_id = await self._pool_scan(cursor, pattern)
+                reply, origin = await self._scan_page(cursor, pattern)
             except _FAILURES as exc:
                 raise self._error(exc, "SCAN") from exc
             # A cursor is only good on the server process that gave it (each hashes
@@ -596,23 +592,13 @@ class RedisBackend:
                     f"SCAN on {self._node}: the primary changed (a failover) during the listing, "
                     "so keys may have been missed; list again"
                 )
-            if mux is not None:
-                # A lost socket may mean a restarted server (and cursors are cheap).
-                if opened is None:
-                    opened = mux.opened
-                elif mux.opened != opened:
-                    raise BackendUnavailableError(
-                        f"SCAN on {self._node}: the connection was lost during the listing and the "
-                        "server may have restarted, so keys may have been missed; list again"
-                    )
-            elif server is None:
-                server = run_id
-            elif run_id is not None and run_id != server:
-                # Pooled connections are reopened for reasons that say nothing of the
-                # server (a cancelled call): the process's own id is asked instead.
+            if first is None:
+                first = origin
+            elif origin is not None and origin != first:
                 raise BackendUnavailableError(
-                    f"SCAN on {self._node}: the server restarted during the listing, "
-                    "so keys may have been missed; list again"
+                    f"SCAN on {self._node}: the server may have restarted during the listing "
+                    "(its connection was lost, or its run_id changed), so keys may have been "
+                    "missed; list again"
                 )
             # The pool parses the cursor to int, the multiplexed connection leaves bytes.
             cursor, keys = int(reply[0]), reply[1]
@@ -621,14 +607,20 @@ class RedisBackend:
             if cursor == 0:
                 return
 
-    async def _pool_scan(self, cursor: int, pattern: str) -> tuple[Any, bytes | None]:
-        """One ``SCAN`` page on a pooled connection, and the run_id of the server that answered.
+    async def _scan_page(self, cursor: int, pattern: str) -> tuple[Any, object]:
+        """One ``SCAN`` page, and where it came from: a value that changes when the server may have.
 
-        Both go in one write on one connection, so they reach the same process. The
-        run_id is ``None`` when ``INFO`` is refused (an ACL user without it).
+        On the multiplexed connection, which socket answered (one lost and opened
+        again may lead to a restarted server). On the pool, whose connections are
+        also reopened after a cancelled call, the server's run_id, asked with
+        ``INFO`` in the same write on the same connection; ``None`` when ``INFO`` is
+        refused (an ACL user without it), which no page is then compared on.
         """
-        payload = pack(("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)) + _INFO_SERVER
-        return await self._pool_call(payload, _read_page_and_run_id)
+        command = ("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
+        mux = self._mux
+        if mux is not None:
+            return await mux.execute(*command), mux.opened
+        return await self._pool_call(pack(command) + _INFO_SERVER, _read_page_and_run_id)
 
     # -- BatchBackend ----------------------------------------------------
 
