@@ -308,15 +308,23 @@ def _pydantic_reader(tp: Any) -> Callable[[bytes], Any]:
     return read
 
 
+#: pydantic model class -> its reader from plain values, built once (the dec_hook
+#: runs once per nested model).
+_PLAIN_READERS: dict[type, Callable[[Any], Any]] = {}
+
+
 def _pydantic_from_plain(tp: Any) -> Callable[[Any], Any]:
     """A reader of ``tp`` from plain values (msgpack, or nested in a msgspec type).
 
     They are what the JSON dump was, so they are validated by JSON's rules: a strict
     model takes an ISO string for a datetime there, not in Python mode.
     """
-    read = _pydantic_reader(tp)
-    encode = msgspec.json.encode
-    return lambda obj: read(encode(obj))
+    reader = _PLAIN_READERS.get(tp)
+    if reader is None:
+        read = _pydantic_reader(tp)
+        encode = msgspec.json.encode
+        reader = _PLAIN_READERS[tp] = lambda obj: read(encode(obj))
+    return reader
 
 
 def _msgspec_enc_hook(obj: Any) -> Any:
