@@ -344,17 +344,25 @@ async def test_a_fill_cancelled_while_taking_the_lease_gives_it_back() -> None:
             await asyncio.sleep(0.05)
 
 
+class SlowFactory:
+    """A factory that says when it has started, then takes ``seconds`` to return ``value``."""
+
+    def __init__(self, value: int, seconds: float) -> None:
+        self.value = value
+        self.seconds = seconds
+        self.started = asyncio.Event()
+
+    async def __call__(self) -> int:
+        self.started.set()
+        await asyncio.sleep(self.seconds)
+        return self.value
+
+
 async def test_wait_timeout_never_interrupts_a_factory_running_in_this_process() -> None:
     async with Client(MemoryBackend()) as client:
-        started = asyncio.Event()
-
-        async def slow() -> int:
-            started.set()
-            await asyncio.sleep(0.5)
-            return 5
-
+        slow = SlowFactory(5, 0.5)
         first = asyncio.create_task(client.get_or_set("k", slow))
-        await started.wait()
+        await slow.started.wait()
         # This caller's 0.1 s runs out while the factory runs here: it waits on.
         assert await asyncio.wait_for(client.get_or_set("k", slow, wait_timeout=0.1), 10) == 5
         assert await first == 5
@@ -382,15 +390,9 @@ async def test_a_factory_cancelled_from_inside_fails_its_callers_without_cancell
 async def test_keys_with_and_without_their_own_braces_have_their_own_leases() -> None:
     assert len({lease_key(k) for k in ("a", "{a}", "report:daily", "{report:daily}", "={a}")}) == 5
     async with Client(MemoryBackend()) as client:
-        started = asyncio.Event()
-
-        async def slow() -> int:
-            started.set()
-            await asyncio.sleep(30)
-            return 1
-
+        slow = SlowFactory(1, 30)
         holder = asyncio.create_task(client.get_or_set("a", slow))
-        await started.wait()
+        await slow.started.wait()
         # A fill of "{a}" is not made to wait for the fill of "a".
         assert await asyncio.wait_for(client.get_or_set("{a}", lambda: 2, wait_timeout=5), 10) == 2
         holder.cancel()
@@ -741,16 +743,10 @@ def test_result_type_inference() -> None:
 
 async def test_a_cancelled_caller_does_not_cancel_the_others() -> None:
     async with Client(MemoryBackend()) as client:
-        started = asyncio.Event()
-
-        async def factory() -> int:
-            started.set()
-            await asyncio.sleep(0.2)
-            return 3
-
+        factory = SlowFactory(3, 0.2)
         first = asyncio.create_task(client.get_or_set("k", factory))
         second = asyncio.create_task(client.get_or_set("k", factory))
-        await started.wait()
+        await factory.started.wait()
         first.cancel()
         assert await second == 3
         with pytest.raises(asyncio.CancelledError):
