@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from itertools import repeat
 from operator import concat as _concat
+from operator import itemgetter as _itemgetter
 from typing import Any, Union, cast
 
 import hiredis
@@ -58,7 +59,7 @@ def _pack_text(args: Sequence[Arg]) -> bytes | None:
         # and a TypeError for anything else: the lengths below are those of the
         # data joined, whatever a subclass's __len__ (or its metaclass) claims.
         words: list[str] = list(map(_concat, repeat(""), args))  # type: ignore[arg-type]
-        heads = list(map(_HEADS.__getitem__, map(len, words)))
+        heads = _itemgetter(*map(len, words))(_HEADS)
     except (TypeError, IndexError):
         return None
     count = len(heads)
