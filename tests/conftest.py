@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import traceback
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ import redis
 
 from kivigo_async import AsyncBackend, Client
 from kivigo_async.backends.redis import LocalCache, RedisBackend, RedisOptions
-from kivigo_async.errors import BackendUnavailableError
+from kivigo_async.errors import BackendUnavailableError, HealthCheckError
 from kivigo_async.testing.pytest_plugin import require_server
 from kivigo_async.testing.servers import EXTERNAL_URL_ENV, Server, ServerPool
 
@@ -37,6 +38,21 @@ REDIS_TARGETS = [
 ]
 if os.environ.get(EXTERNAL_URL_ENV):
     REDIS_TARGETS.append(("external", "plain", "mux"))
+
+
+def chain_text(exc: BaseException) -> str:
+    """Everything a log line could show about ``exc``: messages, reprs, causes, traceback."""
+    parts = ["".join(traceback.format_exception(exc))]
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        parts += [str(current), repr(current)]
+        if isinstance(current, HealthCheckError):
+            parts += [chain_text(e) for e in current.errors]
+        # The chain a traceback prints: an explicit cause, else an unsuppressed context.
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return "\n".join(parts)
 
 
 @contextlib.contextmanager

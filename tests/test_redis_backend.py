@@ -16,7 +16,6 @@ import random
 import ssl
 import sys
 import time
-import traceback
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,7 +27,7 @@ import hiredis
 import pytest
 import redis.asyncio as aioredis
 import trustme
-from conftest import check_a_failed_close_is_reported_once, redis_options, refused_port
+from conftest import chain_text, check_a_failed_close_is_reported_once, redis_options, refused_port
 from redis._parsers import _AsyncHiredisParser
 
 from kivigo_async import Client
@@ -113,10 +112,18 @@ async def command_calls(control: aioredis.Redis) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}
 
 
-async def pause(control: aioredis.Redis, ms: int) -> None:
-    """``CLIENT PAUSE ms ALL``: the server holds every client's replies (even ``UNPAUSE``) for ``ms``."""
+async def run(control: aioredis.Redis, *args: str) -> Any:
+    """One command on the control client, by name (for those redis-py leaves untyped)."""
     execute: Callable[..., Awaitable[Any]] = control.execute_command
-    await execute("CLIENT", "PAUSE", str(ms), "ALL")
+    return await execute(*args)
+
+
+async def pause(control: aioredis.Redis, ms: int, mode: str = "ALL") -> None:
+    """``CLIENT PAUSE ms ALL``: the server holds every client's replies (even ``UNPAUSE``) for ``ms``.
+
+    ``mode="WRITE"`` holds only the clients that write.
+    """
+    await run(control, "CLIENT", "PAUSE", str(ms), mode)
 
 
 async def named_connections(control: aioredis.Redis, name: str) -> int:
@@ -138,19 +145,6 @@ def assert_ours(exc: BaseException) -> None:
     """The error is one of ours, never a redis-py type leaking out."""
     assert type(exc).__module__.startswith("kivigo_async"), type(exc)
     assert isinstance(exc, KivigoError)
-
-
-def chain_text(exc: BaseException) -> str:
-    """Everything a log line could show about ``exc``: messages, reprs, causes, traceback."""
-    parts = ["".join(traceback.format_exception(exc))]
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        parts += [str(current), repr(current)]
-        # The chain a traceback prints: an explicit cause, else an unsuppressed context.
-        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
-    return "\n".join(parts)
 
 
 E = TypeVar("E", bound=BaseException)
@@ -740,6 +734,58 @@ async def test_acl_denial_is_permission_denied(kivigo_server_pool: ServerPool, k
 
 
 @pytest.mark.server
+@pytest.mark.parametrize("auto_pipeline", [True, False], ids=["mux", "pool"])
+async def test_a_server_loading_its_data_is_unavailable_on_both_transports(
+    redis_server_factory: ServerFactory, auto_pipeline: bool
+) -> None:
+    # LOADING is a passing state of the server, not a failed command: callers that
+    # retry on BackendUnavailableError must see it as such, whichever transport.
+    server = redis_server_factory("valkey", extra_config={"enable-debug-command": "yes"})
+    control = control_client(server)
+    backend = RedisBackend(redis_options(server, auto_pipeline=auto_pipeline))
+    reloading = control_client(server)
+    try:
+        await run(control, "DEBUG", "POPULATE", "20000")
+        await control.config_set("key-load-delay", "100")  # µs per key: loading takes ~2 s
+        await control.config_set("loading-process-events-interval-bytes", "1024")
+        await backend.connect()
+        reload = asyncio.ensure_future(run(reloading, "DEBUG", "RELOAD"))
+        await asyncio.sleep(0.5)
+        with pytest.raises(BackendUnavailableError) as info:
+            await backend.get("key:1")
+        assert "loading" in str(info.value).lower()
+        await asyncio.wait_for(reload, 30)
+        await control.config_set("key-load-delay", "0")
+        assert await backend.get("key:1") is not None  # and usable once loaded
+    finally:
+        await backend.close()
+        await control.aclose()
+        await reloading.aclose()
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("auto_pipeline", [True, False], ids=["mux", "pool"])
+async def test_a_refused_listing_leaves_no_reply_for_the_next_call(
+    private_server: RedisServer, private_control: aioredis.Redis, auto_pipeline: bool
+) -> None:
+    # A listing page is SCAN and INFO in one write: when SCAN is refused, INFO's
+    # reply must still be read, or the next user of the connection receives it.
+    await run(private_control, "ACL", "SETUSER", "noscan", "on", ">pw", "~*", "+@all", "-scan")
+    await private_control.set("a", b'"value of a"')
+    await private_control.set("b", b'"value of b"')
+    options = redis_options(private_server, auto_pipeline=auto_pipeline, pool_size=1)
+    async with Client(RedisBackend(options.replace(username="noscan", password="pw"))) as client:
+        for _ in range(2):
+            with pytest.raises(PermissionDeniedError):
+                await client.list("")
+            assert [await client.get_raw(k) for k in ("a", "b", "a")] == [
+                b'"value of a"',
+                b'"value of b"',
+                b'"value of a"',
+            ]
+
+
+@pytest.mark.server
 @pytest.mark.parametrize("max_retries", [0, 3])
 async def test_paused_server_times_out_within_read_timeout(
     private_server: RedisServer, private_control: aioredis.Redis, max_retries: int
@@ -855,6 +901,25 @@ async def test_cancelled_calls_leak_neither_replies_nor_connections(
 
 
 # --------------------------------------------------------------------------- pool
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("auto_pipeline", [False, True], ids=["pool", "multiplexed"])
+async def test_a_write_in_flight_at_close_is_never_sent_again(
+    private_server: RedisServer, private_control: aioredis.Redis, auto_pipeline: bool
+) -> None:
+    # close() cuts the connection under the write; a retry on a new connection
+    # would apply it after close() returned, and report it written.
+    backend = RedisBackend(redis_options(private_server, auto_pipeline=auto_pipeline, read_timeout=5))
+    await backend.connect()
+    await pause(private_control, 1000, "WRITE")
+    write = asyncio.ensure_future(backend.set("closing:k", b"v"))
+    await asyncio.sleep(0.2)  # the SET is on the wire, held by the pause
+    await backend.close()
+    with pytest.raises(BackendUnavailableError):
+        await asyncio.wait_for(write, 5)
+    await asyncio.sleep(1.2)  # past the pause: a re-sent SET would have run by now
+    assert await private_control.exists("closing:k") == 0
 
 
 @pytest.mark.server

@@ -52,6 +52,11 @@ _UNKNOWN_OUTCOME = ": the transaction may or may not have been applied"
 _PIPELINE_ANNOTATION = re.compile(r"Command # \d+ \(.*\) of pipeline caused error: (.*)", re.DOTALL)
 
 
+#: Replies of a server that cannot serve commands for now: loading its data, a
+#: replica without its primary, or no room for one more client.
+_NOT_SERVING = ("LOADING", "MASTERDOWN", "ERR max number of clients reached")
+
+
 def _server_text(exc: Exception) -> str:
     """The server's own error text, without redis-py's echo of a pipelined command."""
     text = str(exc)
@@ -95,6 +100,10 @@ def translate(exc: Exception, command: str, key: str | None, node: str) -> Kivig
     if isinstance(exc, UnicodeEncodeError):
         return InvalidKeyError(f"{call}: the key cannot be encoded as UTF-8 (a lone surrogate?)")
     text = _server_text(exc)
+    if text != str(exc):
+        # The echo is in redis-py's exception itself, which our error is raised
+        # from: a logged traceback prints it, so it goes there too.
+        exc.args = (text,)
     if isinstance(exc, (rx.AuthenticationError, rx.AuthenticationWrongNumberOfArgsError)):
         return BackendUnavailableError(f"{call}: authentication failed ({text})")
     if isinstance(exc, rx.NoPermissionError):
@@ -123,5 +132,9 @@ def translate(exc: Exception, command: str, key: str | None, node: str) -> Kivig
             return PermissionDeniedError(f"{call}: permission denied ({text})")
         if text.startswith(("NOAUTH", "WRONGPASS")):
             return BackendUnavailableError(f"{call}: authentication failed ({text})")
+        if text.startswith(_NOT_SERVING):
+            # The server is there but serves nobody yet (or no more): the same error
+            # redis-py's pool gives, which maps these replies to connection errors.
+            return BackendUnavailableError(f"{call}: the server is not serving: {text}")
         return BackendError(f"{call}: server error: {text}")
     return BackendError(f"{call}: {type(exc).__name__}: {text}")

@@ -20,6 +20,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from ..._tasks import detached
 from ...backend import BackendTransaction, TxOp
@@ -45,11 +46,19 @@ class _DialBounded(AbstractConnection):
     login then waits on ``socket_timeout``, or forever when that is ``None``.
     """
 
+    #: The pool that made this connection, set by :class:`_ClosablePool`.
+    kivigo_pool: _ClosablePool | None = None
+
     async def connect_check_health(
         self, check_health: bool = True, retry_socket_connect: bool = True
     ) -> None:
         if self.is_connected:
             return  # the pool asks on every checkout: no task, no timer then
+        if self.kivigo_pool is not None and self.kivigo_pool.closed:
+            # A command in flight when the backend closed is retried by redis-py on
+            # this same connection, never passing through the pool again: it must not
+            # reopen it, or the write would be applied after close() returned.
+            raise RedisConnectionError(_CLOSED)
         connect: Callable[..., Awaitable[None]] = super().connect_check_health
         bound: float | None = self.socket_connect_timeout
         try:
@@ -103,7 +112,14 @@ _read_one: Callable[[AbstractConnection], Awaitable[Any]] = AbstractConnection.r
 
 async def _read_page_and_run_id(conn: AbstractConnection) -> tuple[Any, bytes | None]:
     """A SCAN reply, then INFO's run_id (``None`` when INFO was refused)."""
-    page = await conn.read_response()
+    try:
+        page = await conn.read_response()
+    except ResponseError:
+        # SCAN refused (an ACL user without it): INFO's reply is still to come, and
+        # left unread it would be the next caller's reply on this pooled connection.
+        with contextlib.suppress(ResponseError):
+            await conn.read_response()
+        raise
     try:
         info = await conn.read_response()
     except ResponseError:
@@ -154,6 +170,13 @@ class _ClosablePool(BlockingConnectionPool):
         if self.closed:  # closed while this call waited for a free connection
             await self.release(connection)
             raise RedisConnectionError(_CLOSED)
+        return connection
+
+    def make_connection(self) -> AbstractConnection:
+        make: Callable[[], AbstractConnection] = super().make_connection
+        connection = make()
+        if isinstance(connection, _DialBounded):
+            connection.kivigo_pool = self
         return connection
 
     def _take_idle(self) -> AbstractConnection | None:
@@ -264,6 +287,9 @@ def _pool_for(options: RedisOptions) -> BlockingConnectionPool:
         max_connections=options.pool_size,
         timeout=pool_timeout,
         connection_class=connection_class,
+        # With maintenance notifications on (redis-py's default on RESP3), the pool
+        # skips its check that a connection handed out has no unread reply left.
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
         **kwargs,
     )
 
