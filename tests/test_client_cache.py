@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from kivigo_async import Client, ConfigurationError, KeyNotFoundError
 from kivigo_async.backends.redis import ClientCache, LocalCache, RedisBackend, RedisOptions
+from kivigo_async.testing.pytest_plugin import ServerFactory
 from kivigo_async.testing.servers import RedisServer
 
 
@@ -341,6 +342,23 @@ async def test_cached_value_never_outlives_its_ttl(client: Client, admin: Redis)
         assert "short" not in watcher.seen
 
 
+async def test_own_expiry_changes_drop_the_cached_copy(client: Client, admin: Redis) -> None:
+    # A copy carries the TTL the key had when it was read: after our own
+    # expire() or persist() it must not be served on the server's message's word.
+    with invalidations_held(backend_of(client)):
+        await client.set("exp", "v")
+        assert await client.get("exp") == "v"  # cached without a TTL
+        assert await client.expire("exp", 0.05)
+        await until_expired(admin, "exp")
+        assert await client.get("exp", default=None) is None
+        await client.set("exp", "w", ttl=0.5)
+        assert await client.get("exp") == "w"  # cached with a 0.5 s TTL
+        assert await client.persist("exp")
+        assert cache_of(client).lookup("exp") is None
+        await asyncio.sleep(0.6)
+        assert await client.get("exp") == "w"  # persisted: read back past the old TTL
+
+
 async def test_ttl_counts_from_when_the_read_was_sent(valkey_server: RedisServer, admin: Redis) -> None:
     # A reply that waits in the socket (a busy event loop, a slow network) must
     # not stretch the entry's life past the key's: the server measured the TTL
@@ -538,3 +556,39 @@ async def test_a_cancelled_close_still_closes_every_connection(
             break
         await asyncio.sleep(0.05)
     assert await ours() == []
+
+
+async def test_a_user_without_the_channel_works_uncached_until_granted(
+    redis_server_factory: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Redis 7 and Valkey give new ACL users no channel: the cache cannot listen,
+    # which must cost the cache, never the backend.
+    server = redis_server_factory("valkey")
+    admin = Redis(**server.redis_kwargs())  # type: ignore[arg-type]
+    try:
+        await admin.acl_setuser("app", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all"])
+        await admin.execute_command("ACL", "SETUSER", "app", "resetchannels")  # type: ignore[no-untyped-call]
+        options = redis_options(server, client_cache=ClientCache(ttl=30))
+        options = options.replace(username="app", password="pw")
+        async with Client(RedisBackend(options)) as client:
+            cache = cache_of(client)
+            await client.set("k", 1)
+            assert [await client.get("k") for _ in range(3)] == [1, 1, 1]
+            assert cache.stats.hits == 0
+            assert not cache.enabled
+            assert "no invalidation connection" in caplog.text
+            await admin.execute_command("ACL", "SETUSER", "app", "allchannels")  # type: ignore[no-untyped-call]
+            deadline = time.monotonic() + 20
+            while not cache.enabled:  # the repair loop retries with backoff (at most 5 s)
+                assert time.monotonic() < deadline, "the cache never came back once the channel was granted"
+                await asyncio.sleep(0.05)
+            assert await client.get("k") == 1
+            assert await client.get("k") == 1
+            assert cache.stats.hits == 1
+            await admin.set("k", b"2")  # and invalidations reach it
+            deadline = time.monotonic() + 10
+            while await client.get("k") != 2:
+                assert time.monotonic() < deadline, "a write from elsewhere was never seen"
+                await asyncio.sleep(0.02)
+    finally:
+        await admin.aclose()

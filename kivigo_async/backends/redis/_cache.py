@@ -327,7 +327,16 @@ class Tracking:
         """Extra handshake for every new data socket: point its tracking at our listener."""
         # A new data socket starts with no tracked keys: what we hold may miss invalidations.
         self._cache.flush()
-        client_id = await self._listen()
+        try:
+            client_id = await self._listen()
+        except rx.RedisError as exc:
+            # The cache is an optimisation: without a listener (an ACL user with no
+            # right to the channel, no room for one more client) the backend serves
+            # every read from the server, and the repair loop keeps trying.
+            self._cache.enabled = False
+            _log.warning("client cache: no invalidation connection, reads go to the server: %s", exc)
+            self._start_repair()
+            return []
         self._cache.enabled = True
         return [("CLIENT", "TRACKING", "ON", "REDIRECT", client_id)]
 
@@ -382,6 +391,9 @@ class Tracking:
         self._losses += 1
         self._cache.enabled = False
         self._cache.flush()
+        self._start_repair()
+
+    def _start_repair(self) -> None:
         if self._closed or self._repair is not None:
             return
         try:
@@ -399,8 +411,13 @@ class Tracking:
                 try:
                     losses = self._losses
                     client_id = await self._listen()
-                    if self._data is not None and self._data.connected:
-                        await self._data.execute("CLIENT", "TRACKING", "ON", "REDIRECT", client_id)
+                    data = self._data
+                    if data is None or not data.connected:
+                        # Down, or being opened: a socket whose handshake found no
+                        # listener tracks nothing, so the cache waits until a connected
+                        # data socket has been pointed at this listener.
+                        raise rx.ConnectionError("the data connection is not open")
+                    await data.execute("CLIENT", "TRACKING", "ON", "REDIRECT", client_id)
                     if self._losses != losses or not self._conn.connected:
                         # The listener went too, after this loop had started (its
                         # _on_lost left the repair to us): tracking points at nothing.

@@ -753,6 +753,8 @@ class RedisBackend:
             return bool(await self._exec("PEXPIRE", key, ttl_ms))
         except _FAILURES as exc:
             raise self._error(exc, "PEXPIRE", key) from exc
+        finally:
+            self._written((key,))  # a cached copy carries the key's old TTL
 
     async def ttl(self, key: str) -> int | None:
         try:
@@ -768,6 +770,8 @@ class RedisBackend:
             return bool(await self._exec("PERSIST", key))
         except _FAILURES as exc:
             raise self._error(exc, "PERSIST", key) from exc
+        finally:
+            self._written((key,))
 
     # -- HealthBackend ---------------------------------------------------
 
