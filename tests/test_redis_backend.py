@@ -802,6 +802,28 @@ async def test_paused_server_times_out_within_read_timeout(
         await backend.close()
 
 
+@pytest.mark.server
+@pytest.mark.parametrize("auto_pipeline", [True, False], ids=["mux", "pool"])
+async def test_a_timed_out_batch_with_ttl_says_its_outcome_is_unknown(
+    private_server: RedisServer, private_control: aioredis.Redis, auto_pipeline: bool
+) -> None:
+    # With a TTL a batch is one MULTI/EXEC block: once sent, a timeout cannot tell
+    # whether it was applied, and the caller deciding on a retry must be told.
+    options = redis_options(private_server, read_timeout=0.3, auto_pipeline=auto_pipeline)
+    backend = RedisBackend(options)
+    try:
+        await backend.set("pause:k", b"v")  # connect before the pause
+        await pause(private_control, 1500)
+        err, _ = await raises_within(
+            OperationTimeoutError,
+            lambda: backend.batch_set([("pause:a", b"1"), ("pause:b", b"2")], 60_000),
+            5,
+        )
+        assert "may or may not have been applied" in str(err)
+    finally:
+        await backend.close()
+
+
 # --------------------------------------------------------------------------- cancellation
 
 

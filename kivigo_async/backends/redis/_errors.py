@@ -45,6 +45,8 @@ def is_dial_timeout(exc: BaseException | None) -> bool:
 _WATCH_CONNECTION_LOST = re.compile(r"A (\w+) occurred while watching")
 
 _UNKNOWN_OUTCOME = ": the transaction may or may not have been applied"
+#: Calls sent as one MULTI/EXEC block: a transaction, and a batch written with a TTL.
+_TRANSACTIONS = frozenset({"EXEC", "MULTI/SET PX"})
 
 # redis-py rewrites a failed pipeline command's message as
 # "Command # 2 (SET key value PX 60000) of pipeline caused error: ('OOM ...',)":
@@ -110,7 +112,7 @@ def translate(exc: Exception, command: str, key: str | None, node: str) -> Kivig
         return PermissionDeniedError(f"{call}: permission denied ({text})")
     # A transaction whose EXEC got no reply may have been applied; say so, since the
     # caller decides from this whether running it again is safe.
-    outcome = _UNKNOWN_OUTCOME if command == "EXEC" else ""
+    outcome = _UNKNOWN_OUTCOME if command in _TRANSACTIONS else ""
     if is_dial_timeout(exc):
         # The same error whichever transport (or backend) tried to connect.
         return ConnectTimeoutError(f"{call}: no connection within dial_timeout ({text}){outcome}")
