@@ -14,9 +14,11 @@ the outcome as a :class:`HealthReport` with one of four
 
 Listeners (``on_change`` and :meth:`HealthWatcher.add_listener`) and
 ``async for`` loops over the watcher see status *transitions* only, not every
-check. While the backend is down, checks back off exponentially (with
-jitter) up to ``max_backoff`` seconds apart, so a dead server is not hammered
-but is still probed regularly.
+check. Listeners are called in a task of the watcher's own, each call bounded
+by ``listener_timeout``, so a slow one never holds up a check. While the
+backend is down, checks back off exponentially (with jitter) up to
+``max_backoff`` seconds apart, so a dead server is not hammered but is still
+probed regularly.
 
 Failures are logged on the ``kivigo_async.health`` logger; error texts come
 from kivigo-async exceptions, which never carry passwords.
@@ -43,6 +45,7 @@ import math
 import random
 import time
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -138,6 +141,9 @@ class HealthReport:
 
 _INITIAL = HealthReport(HealthStatus.UNKNOWN, None, None, 0.0, 0)
 
+#: How many status changes may wait for the listeners before the oldest are dropped.
+_MAX_UNTOLD_CHANGES = 100
+
 
 def _next_delay(interval: float, max_backoff: float, failures: int, rng: random.Random = _rng) -> float:
     """Seconds to wait before the next check, after ``failures`` consecutive ``DOWN`` checks.
@@ -164,7 +170,11 @@ def _positive(name: str, value: object, error: type[KivigoError] = Configuration
 
 
 class _TimedOut(Exception):
-    """Raised by :func:`_within` when the time is up."""
+    """Raised by :func:`_within` when the time is up; ``task`` is the cancelled, still unfinished run."""
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        super().__init__()
+        self.task = task
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -181,6 +191,14 @@ async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
 async def _within(coro: Coroutine[Any, Any, T], timeout: float) -> T:
     """Run ``coro`` for at most ``timeout`` seconds, else cancel it and raise :class:`_TimedOut`.
 
+    At the deadline the task is cancelled but not waited for: cleanup that runs
+    on cancellation (closing a session, say) may take any time, and the caller
+    was promised an answer within ``timeout``. The caller gets the task in the
+    exception to keep track of it; its outcome is retrieved, never reported.
+
+    When the caller itself is cancelled, the task is cancelled and waited for,
+    so that stopping a watcher ends everything it started.
+
     Unlike ``asyncio.wait_for`` before Python 3.12, a cancellation that arrives
     just as ``coro`` finishes is never swallowed: a watcher being stopped must stop.
     A ``coro`` cancelled from inside has failed (:class:`KivigoError`), on every
@@ -193,8 +211,9 @@ async def _within(coro: Coroutine[Any, Any, T], timeout: float) -> T:
         await _cancel_and_wait(task)
         raise
     if not done:
-        await _cancel_and_wait(task)
-        raise _TimedOut
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise _TimedOut(task)
     if task.cancelled():  # not by us: our own cancellation comes through asyncio.wait
         raise KivigoError("cancelled from inside (it awaited something another task cancelled)")
     return task.result()
@@ -202,6 +221,12 @@ async def _within(coro: Coroutine[Any, Any, T], timeout: float) -> T:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def _log_delivery_failure(task: asyncio.Task[None]) -> None:
+    # Nobody awaits this task for its result; a bug in it must not go unseen.
+    if not task.cancelled() and task.exception() is not None:
+        _logger.error("the health listener task failed", exc_info=task.exception())
 
 
 class _Listener:
@@ -265,11 +290,23 @@ class HealthWatcher:
     ``max_backoff`` seconds (every ``interval`` when ``max_backoff <= interval``).
     The first passing check returns to the normal ``interval``.
 
+    A check that overruns ``timeout`` is cancelled and reported ``DOWN`` at
+    once; its cancellation cleanup finishes in the background. Until it has,
+    no new probe is started: the next check waits for it (within its own
+    ``timeout``) and is ``DOWN`` if it is still not done, so a hanging check
+    never piles up copies of itself. :meth:`stop` waits for it to end.
+
     Listeners (``on_change`` first, then :meth:`add_listener` ones, in order)
     are called with the new :class:`HealthReport` on every status change,
     including the first result after ``UNKNOWN``. They may be plain or async
-    functions and run inside the check, one after another, so keep them short.
-    One that raises is logged on ``kivigo_async.health`` and the watcher goes on.
+    functions. They run in a task of the watcher's own, one call at a time and
+    in the order of the changes, so a slow listener never delays a check or
+    :meth:`check_now`. An async listener still running after
+    ``listener_timeout`` seconds is cancelled; one that raises or overruns is
+    logged on ``kivigo_async.health`` and the others are still called. If the
+    listeners fall more than 100 changes behind, the oldest are dropped (with
+    a warning): they then hear the latest status rather than a stale history.
+    :meth:`drain` waits until they have heard of every change so far.
 
     Args:
         client: the client to check.
@@ -281,6 +318,9 @@ class HealthWatcher:
         checks: extra checks, each an async function of the client that raises
             when unhealthy; they run concurrently with the backend probe.
         on_change: a listener, as with :meth:`add_listener`.
+        listener_timeout: upper bound in seconds on one call of an async
+            listener; it is then cancelled. :meth:`stop` also gives the listeners
+            this long to hear of the changes already seen.
 
     Example:
         ```python
@@ -288,9 +328,12 @@ class HealthWatcher:
             if not await client.has_key("index:ready"):
                 raise RuntimeError("search index not built")
 
+        async def page_oncall(report: HealthReport) -> None:
+            await pager.send(f"cache {report.status}")  # cancelled after listener_timeout
+
         async with HealthWatcher(
             client, interval=5, timeout=2, checks=[search_index_ready],
-            on_change=lambda report: print("health:", report.status),
+            on_change=page_oncall, listener_timeout=3,
         ) as watcher:
             if not watcher.healthy:
                 ...
@@ -307,6 +350,7 @@ class HealthWatcher:
         max_backoff: float = 30.0,
         checks: Sequence[HealthCheck] = (),
         on_change: HealthListener | None = None,
+        listener_timeout: float = 5.0,
     ) -> None:
         if not isinstance(client, Client):
             raise ConfigurationError(
@@ -318,6 +362,7 @@ class HealthWatcher:
             None if degraded_latency is None else _positive("degraded_latency", degraded_latency)
         )
         self._max_backoff = _positive("max_backoff", max_backoff)
+        self._listener_timeout = _positive("listener_timeout", listener_timeout)
         if isinstance(checks, (str, bytes)) or not isinstance(checks, Sequence):
             raise ConfigurationError(f"checks must be a sequence of callables, not {type(checks).__name__}")
         for check in checks:
@@ -334,8 +379,17 @@ class HealthWatcher:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self._notifying: asyncio.Task[object] | None = None
+        # A probe cancelled at its deadline whose cleanup may still be running.
+        self._leftover: asyncio.Task[Any] | None = None
         self._subscriptions: weakref.WeakSet[_Subscription] = weakref.WeakSet()
+        # Status changes the listeners have not heard of yet, and the task telling them.
+        self._changes: deque[HealthReport] = deque()
+        self._delivery: asyncio.Task[None] | None = None
+        self._listener_call: asyncio.Future[Any] | None = None
+        # The last status the listeners were told: after dropped changes, the next
+        # one left may repeat it, and listeners are promised changes only.
+        self._told = HealthStatus.UNKNOWN
+        self._behind = False
 
     def __repr__(self) -> str:
         return (
@@ -422,8 +476,11 @@ class HealthWatcher:
     async def stop(self) -> None:
         """Cancel the background task and wait for it; end every ``async for``.
 
-        Safe to call more than once, and before :meth:`start` (the watcher then
-        never runs).
+        Listeners get up to ``listener_timeout`` seconds to hear of the status
+        changes already seen, then their task is cancelled and what is left
+        untold is dropped. A check abandoned at its deadline is waited for
+        (it was cancelled then; only its cleanup is left). Safe to call more
+        than once, and before :meth:`start` (the watcher then never runs).
 
         Example:
             ```python
@@ -434,16 +491,37 @@ class HealthWatcher:
             return
         task, self._task = self._task, None
         self._stopping = True
+        current = asyncio.current_task()
         try:
             if task is not None:
                 task.cancel()
-                # A listener stopping its own watcher must not wait for itself.
-                if task is not asyncio.current_task():
+                if task is not current:
                     await asyncio.wait({task})
                     if not task.cancelled() and task.exception() is not None:
                         _logger.error("the health watcher task failed", exc_info=task.exception())
+            await self._end_delivery(current)
+            leftover = self._leftover
+            if leftover is not None and leftover is not current:
+                # Already cancelled at its deadline: what is left is its own cleanup.
+                await asyncio.wait({leftover})
         finally:
             self._finish()
+
+    async def _end_delivery(self, current: asyncio.Task[Any] | None) -> None:
+        delivery = self._delivery
+        if delivery is None or delivery.done() or self._inside_listener(current):
+            # A listener stopping its own watcher must not wait for itself; with no
+            # checks left, its task ends once the changes already queued are told.
+            return
+        try:
+            await asyncio.wait({delivery}, timeout=self._listener_timeout)
+        finally:
+            if not delivery.done():
+                self._changes.clear()
+                await _cancel_and_wait(delivery)
+
+    def _inside_listener(self, current: asyncio.Task[Any] | None) -> bool:
+        return current is not None and (current is self._delivery or current is self._listener_call)
 
     def _finish(self) -> None:
         self._state = "stopped"
@@ -473,8 +551,10 @@ class HealthWatcher:
     # -- checking --------------------------------------------------------
 
     async def check_now(self) -> HealthReport:
-        """Run one check now, update the state and notify listeners of a change.
+        """Run one check now, update the state and queue a change for the listeners.
 
+        The check takes at most about ``timeout`` seconds, however long the
+        listeners take: they are called in the background (see :meth:`drain`).
         Works whether or not the watcher is running; concurrent calls run one
         after another.
 
@@ -484,10 +564,6 @@ class HealthWatcher:
             print(report.status, report.latency)
             ```
         """
-        if self._notifying is not None and self._notifying is asyncio.current_task():
-            raise KivigoError(
-                "check_now() cannot be called from a health listener (it would wait for itself)"
-            )
         async with self._lock:
             report, error = await self._check()
             previous = self._report
@@ -497,12 +573,8 @@ class HealthWatcher:
                 self._log_transition(previous, report)
                 for subscription in list(self._subscriptions):
                     subscription._push(report)
-                # Still under the lock, so listeners see changes in order, one at a time.
-                self._notifying = asyncio.current_task()
-                try:
-                    await self._notify(report)
-                finally:
-                    self._notifying = None
+                # Queued under the lock, so the listeners hear of changes in order.
+                self._queue_change(report)
             return report
 
     async def _check(self) -> tuple[HealthReport, BaseException | None]:
@@ -524,7 +596,7 @@ class HealthWatcher:
         error: BaseException | None = None
         latency: float | None = None
         try:
-            await _within(self._client.health(*(counting(check) for check in self._checks)), self._timeout)
+            await self._probe(counting)
         except HealthCheckError as exc:
             error = exc
             backend_passed = len(exc.errors) == failed_extras
@@ -533,8 +605,12 @@ class HealthWatcher:
                 latency = time.perf_counter() - started
             else:
                 status = HealthStatus.DOWN
-        except _TimedOut:
-            error = OperationTimeoutError(f"the health check took longer than {self._timeout:g} s")
+        except _TimedOut as exc:
+            message = f"the health check took longer than {self._timeout:g} s"
+            if exc.task is self._leftover:
+                message += " (the previous one, cancelled at its deadline, is still finishing)"
+            self._leftover = exc.task
+            error = OperationTimeoutError(message)
             status = HealthStatus.DOWN
         except Exception as exc:  # a backend breaking its contract is still "down"
             error = exc
@@ -553,6 +629,26 @@ class HealthWatcher:
         )
         return report, error
 
+    async def _probe(self, counting: Callable[[HealthCheck], HealthCheck]) -> None:
+        """Run ``client.health(...)`` within ``timeout``; raise :class:`_TimedOut` when it is up.
+
+        Never starts a probe while the one abandoned at the last deadline is
+        still finishing: a backend or check that hangs would otherwise gain one
+        more stuck task per check.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        leftover = self._leftover
+        if leftover is not None:
+            if not leftover.done():
+                await asyncio.wait({leftover}, timeout=self._timeout)
+                if not leftover.done():
+                    raise _TimedOut(leftover)
+            self._leftover = None
+        # The coroutine is made only now: one never started would be reported as never awaited.
+        probe = self._client.health(*(counting(check) for check in self._checks))
+        await _within(probe, max(0.0, deadline - loop.time()))
+
     def _log_transition(self, previous: HealthReport, report: HealthReport) -> None:
         if report.status is HealthStatus.DOWN:
             _logger.warning("backend health: %s -> down (%s)", previous.status, report.error)
@@ -566,25 +662,110 @@ class HealthWatcher:
         else:
             _logger.info("backend health: %s -> %s", previous.status, report.status)
 
-    async def _notify(self, report: HealthReport) -> None:
-        for entry in list(self._listeners):
-            try:
-                result = entry.fn(report)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                _logger.exception(
-                    "health listener %s failed on the change to %s", callable_name(entry.fn), report.status
+    def _queue_change(self, report: HealthReport) -> None:
+        changes = self._changes
+        if not changes and not self._listeners:
+            self._told = report.status  # nobody to tell, and no task to start
+            return
+        if len(changes) >= _MAX_UNTOLD_CHANGES:
+            changes.popleft()
+            if not self._behind:
+                self._behind = True
+                _logger.warning(
+                    "health listeners fell %d status changes behind (one is slow): dropping the "
+                    "oldest until they catch up; they will still hear the latest status",
+                    _MAX_UNTOLD_CHANGES,
                 )
-            except asyncio.CancelledError:
-                if cancel_requested() is not False:
-                    raise
-                # It awaited something another task cancelled: a failure, like a raise.
-                _logger.exception(
-                    "health listener %s was cancelled from inside on the change to %s",
-                    callable_name(entry.fn),
+        changes.append(report)
+        # done(): a task cancelled before it started never ran its cleanup.
+        if self._delivery is None or self._delivery.done():
+            self._delivery = asyncio.create_task(self._deliver(), name="kivigo-health-listeners")
+            self._delivery.add_done_callback(_log_delivery_failure)
+
+    async def _deliver(self) -> None:
+        """Tell the listeners of the queued changes, oldest first, then end."""
+        changes = self._changes
+        try:
+            while changes:
+                report = changes.popleft()
+                if report.status is self._told:
+                    continue  # the changes in between were dropped: nothing changed for the listeners
+                self._told = report.status
+                for entry in list(self._listeners):
+                    await self._call_listener(entry.fn, report)
+            self._behind = False  # caught up
+        finally:
+            if self._delivery is asyncio.current_task():
+                self._delivery = None
+
+    async def _call_listener(self, fn: HealthListener, report: HealthReport) -> None:
+        name = callable_name(fn)
+        try:
+            result = fn(report)
+        except Exception:
+            _logger.exception("health listener %s failed on the change to %s", name, report.status)
+            return
+        except asyncio.CancelledError:
+            if cancel_requested() is not False:
+                raise
+            _logger.exception(
+                "health listener %s was cancelled from inside on the change to %s", name, report.status
+            )
+            return
+        if not inspect.isawaitable(result):
+            return
+        # A task of its own, so that the deadline below is the same on every Python
+        # version and a listener cancelled from inside can be told from a stop().
+        call = asyncio.ensure_future(result)
+        self._listener_call = call
+        try:
+            done, _ = await asyncio.wait({call}, timeout=self._listener_timeout)
+            if not done:
+                _logger.warning(
+                    "health listener %s took longer than %g s on the change to %s: cancelling it",
+                    name,
+                    self._listener_timeout,
                     report.status,
                 )
+                # Waited for, so that listeners still run one at a time.
+                await _cancel_and_wait(call)
+                return
+        except BaseException:  # the watcher stopping: the call ends with it
+            if not call.done():
+                await _cancel_and_wait(call)
+            raise
+        finally:
+            self._listener_call = None
+        if call.cancelled():  # not by us: it awaited something another task cancelled
+            _logger.error(
+                "health listener %s was cancelled from inside on the change to %s", name, report.status
+            )
+        elif call.exception() is not None:
+            _logger.error(
+                "health listener %s failed on the change to %s",
+                name,
+                report.status,
+                exc_info=call.exception(),
+            )
+
+    async def drain(self) -> None:
+        """Wait until the listeners have been called for every status change so far.
+
+        Each call is bounded by ``listener_timeout``. Called from a listener,
+        it returns at once (it would wait for itself).
+
+        Example:
+            ```python
+            report = await watcher.check_now()
+            await watcher.drain()   # on_change and the other listeners have seen it
+            ```
+        """
+        current = asyncio.current_task()
+        while True:
+            delivery = self._delivery
+            if delivery is None or delivery.done() or self._inside_listener(current):
+                return
+            await asyncio.wait({delivery})
 
     # -- listeners and iteration -----------------------------------------
 
@@ -658,7 +839,8 @@ class HealthWatcher:
 
         try:
             return await _within(first_match(), seconds)
-        except _TimedOut:
+        except _TimedOut as exc:
+            await asyncio.wait({exc.task})  # cancelled, and only waiting on the subscription: at once
             raise OperationTimeoutError(
                 f"the health status did not become {wanted} within {seconds:g} s (it is {self.status})"
             ) from None

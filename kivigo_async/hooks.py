@@ -8,7 +8,9 @@ and swallowed. Cancelling the task that performs the write still cancels it.
 
 Synchronous hooks (the default) run inside the write call, in registration
 order, so the event has been handled when ``await client.set(...)`` returns.
-Background hooks run as tasks; :meth:`HookRegistry.drain` waits for them and
+Background hooks run as tasks, each call in the :mod:`contextvars` context of
+the write that produced its event (so request ids and tracing spans stay with
+their write); :meth:`HookRegistry.drain` waits for them and
 :meth:`HookRegistry.aclose` cancels them.
 
 Example:
@@ -33,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import math
@@ -46,7 +49,7 @@ from enum import Enum
 from typing import Any
 
 from ._tasks import callable_name, cancel_requested
-from .errors import InvalidArgumentError
+from .errors import BackendUnavailableError, InvalidArgumentError
 
 __all__ = [
     "DEFAULT_HOOK_MAX_PENDING",
@@ -244,10 +247,11 @@ class _Hook:
         self.background = background
         self.timeout = timeout
         self.active = True
-        # Background hooks: events not handled yet, in write order, and the task
-        # handling them (one at a time, so that a hook sees a key's writes in order).
-        # Bounded: a hook slower than the writes loses its oldest events, not memory.
-        self.pending: deque[HookEvent] = deque(maxlen=max_pending)
+        # Background hooks: events not handled yet, in write order, each with the
+        # context of its write, and the task handling them (one at a time, so that
+        # a hook sees a key's writes in order). Bounded: a hook slower than the
+        # writes loses its oldest events, not memory.
+        self.pending: deque[tuple[HookEvent, contextvars.Context]] = deque(maxlen=max_pending)
         self.worker: asyncio.Task[None] | None = None
         self.dropped = 0
         # Whether the hook has dropped events since its queue was last empty: one
@@ -339,12 +343,73 @@ async def _invoke(hook: _Hook, event: HookEvent) -> None:
         _log_failure(hook, event, "hook")
 
 
-async def _drain_pending(hook: _Hook) -> None:
-    """The background worker of ``hook``: handle its queued events in order, then end."""
+def _call_plain(hook: _Hook, event: HookEvent) -> Awaitable[None] | None:
+    """:func:`_invoke` for a plain function without a timeout, as far as it goes without awaiting.
+
+    Returns what is left to await: an awaitable the function returned.
+    """
+    try:
+        result = hook.fn(event)
+    except Exception:
+        _log_failure(hook, event, "hook")
+        return None
+    except asyncio.CancelledError:
+        if not _cancelled_by_hook():
+            raise
+        _log_failure(hook, event, "hook")
+        return None
+    return result if result is not None and inspect.isawaitable(result) else None
+
+
+async def _await_result(hook: _Hook, event: HookEvent, result: Awaitable[None]) -> None:
+    """The rest of :func:`_call_plain`, once the function returned an awaitable."""
+    try:
+        await result
+    except Exception:
+        _log_failure(hook, event, "hook")
+    except asyncio.CancelledError:
+        if not _cancelled_by_hook():
+            raise
+        _log_failure(hook, event, "hook")
+
+
+async def _drain_pending(hook: _Hook, callers: dict[asyncio.Task[None], asyncio.Task[None]]) -> None:
+    """The background worker of ``hook``: handle its queued events in order, then end.
+
+    Each call runs in a copy of the context of the write that queued the event,
+    not in this worker's, which is that of whichever write happened to start it.
+    ``callers`` maps each call made a task of its own to this worker, for
+    :meth:`HookRegistry.drain` called from inside a hook.
+    """
     pending = hook.pending
+    loop = asyncio.get_running_loop()
+    worker = asyncio.current_task()
+    name = f"kivigo-hook-{hook.id}-call"
+    # A plain function runs right here, in the event's context: a task per call would
+    # cost far more than most such hooks (a counter, a local cache eviction) do.
+    plain = not hook.is_coro and hook.timeout is None
     try:
         while pending and hook.active:
-            await _invoke(hook, pending.popleft())
+            event, context = pending.popleft()
+            if plain:
+                # A copy, as a task gets: what one call sets is not seen by the next.
+                context = context.copy()
+                result = context.run(_call_plain, hook, event)
+                if result is None:
+                    continue
+                work = _await_result(hook, event, result)
+            else:
+                work = _invoke(hook, event)
+            # Awaiting must happen in a task of its own: a task's context is fixed when
+            # it is made, and one made inside context.run gets a copy of that context.
+            call = context.run(loop.create_task, work, name=name)
+            if worker is not None:
+                callers[call] = worker
+            try:
+                # Cancelling this worker (aclose) cancels the call too.
+                await call
+            finally:
+                callers.pop(call, None)
         hook.behind = False  # caught up
     finally:
         if hook.worker is asyncio.current_task():
@@ -451,6 +516,8 @@ class HookRegistry:
         # which makes them the snapshot that survives hooks (un)registering during emit.
         self._index: dict[EventType, tuple[tuple[_Hook, ...], tuple[_Hook, ...]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Each running background hook call -> the worker task awaiting it.
+        self._callers: dict[asyncio.Task[None], asyncio.Task[None]] = {}
         self._closed = False
 
     def __bool__(self) -> bool:
@@ -483,7 +550,9 @@ class HookRegistry:
                 true. See :func:`prefix_filter`, :func:`suffix_filter`,
                 :func:`regex_filter` and :func:`key_list_filter`.
             background: run the hook in a task instead of inside the write call.
-                Its calls run one at a time, in write order.
+                Its calls run one at a time, in write order, each in a copy of
+                the :mod:`contextvars` context of the write that produced the
+                event (request ids and tracing spans stay with their write).
             timeout: seconds after which an awaiting hook is cancelled and the
                 timeout logged. It cannot interrupt code that never awaits.
             max_pending: background hooks only: how many events may wait for
@@ -496,6 +565,9 @@ class HookRegistry:
             InvalidArgumentError: ``fn`` or ``key_filter`` is not callable, an
                 event type is unknown, or ``timeout`` or ``max_pending`` is not
                 a positive number.
+            BackendUnavailableError: ``background=True`` once the registry is
+                closed (by :meth:`aclose`, which ``client.close()`` calls): no
+                event would ever reach the hook.
 
         Example:
             ```python
@@ -524,6 +596,10 @@ class HookRegistry:
             isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1
         ):
             raise InvalidArgumentError(f"max_pending must be a positive int or None, got {max_pending!r}")
+        if background and self._closed:
+            raise BackendUnavailableError(
+                "hooks: the client is closed; a background hook registered now would never run"
+            )
         hook = _Hook(fn, _parse_events(events), key_filter, bool(background), timeout, max_pending)
         self._hooks.append(hook)
         self._reindex()
@@ -547,16 +623,18 @@ class HookRegistry:
                 )
         self._index = index
 
-    def _queue(self, hook: _Hook, events: Sequence[HookEvent]) -> None:
+    def _queue(self, hook: _Hook, entries: Sequence[tuple[HookEvent, contextvars.Context]]) -> None:
         pending = hook.pending
         if pending.maxlen is not None:
-            overflow = len(pending) + len(events) - pending.maxlen
+            overflow = len(pending) + len(entries) - pending.maxlen
             if overflow > 0:
                 _dropping(hook, overflow)
-        pending.extend(events)  # a deque with maxlen drops from the left: the oldest
+        pending.extend(entries)  # a deque with maxlen drops from the left: the oldest
         # done(): a worker cancelled before it started never ran its cleanup.
         if hook.worker is None or hook.worker.done():
-            task = asyncio.get_running_loop().create_task(_drain_pending(hook), name=f"kivigo-hook-{hook.id}")
+            task = asyncio.get_running_loop().create_task(
+                _drain_pending(hook, self._callers), name=f"kivigo-hook-{hook.id}"
+            )
             hook.worker = task
             # The loop keeps only weak references to tasks; the set keeps them alive until done.
             self._tasks.add(task)
@@ -580,9 +658,11 @@ class HookRegistry:
         sync_hooks, background_hooks = entry
         event = HookEvent(_coerce_type(type), key, value)
         if background_hooks and not self._closed:
+            # One snapshot per write, shared by its hooks: each call runs in a copy of its own.
+            entries = ((event, contextvars.copy_context()),)
             for hook in background_hooks:
                 if hook.active and (hook.key_filter is None or _accepts(hook, event)):
-                    self._queue(hook, (event,))
+                    self._queue(hook, entries)
         for hook in sync_hooks:
             # A hook earlier in this emit may have removed this one.
             if hook.active and (hook.key_filter is None or _accepts(hook, event)):
@@ -606,12 +686,13 @@ class HookRegistry:
         event_type = _coerce_type(type)
         events = [HookEvent(event_type, key, value) for key, value in items]
         if background_hooks and not self._closed:
+            context = contextvars.copy_context()
             for hook in background_hooks:
                 if not hook.active:
                     continue
                 selected = events if hook.key_filter is None else [e for e in events if _accepts(hook, e)]
                 if selected:
-                    self._queue(hook, selected)
+                    self._queue(hook, [(event, context) for event in selected])
         if sync_hooks:
             for event in events:
                 for hook in sync_hooks:
@@ -629,12 +710,20 @@ class HookRegistry:
             await client.hooks.drain()  # background hooks have seen "k"
             ```
         """
-        current = asyncio.current_task()
+        own = self._own_tasks()
         while True:
-            pending = [task for task in self._tasks if task is not current]
+            pending = [task for task in self._tasks if task not in own]
             if not pending:
                 return
             await asyncio.wait(pending)
+
+    def _own_tasks(self) -> tuple[asyncio.Task[Any], ...]:
+        """The running task and, inside a background hook call, the worker awaiting it."""
+        current = asyncio.current_task()
+        if current is None:
+            return ()
+        worker = self._callers.get(current)
+        return (current,) if worker is None else (current, worker)
 
     async def aclose(self) -> None:
         """Cancel running background hook calls and wait for them to finish.
@@ -648,8 +737,8 @@ class HookRegistry:
             ```
         """
         self._closed = True
-        current = asyncio.current_task()
-        pending = [task for task in self._tasks if task is not current]
+        own = self._own_tasks()
+        pending = [task for task in self._tasks if task not in own]
         for task in pending:
             task.cancel()
         if pending:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import logging
 import random
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
     from kivigo_async.testing.servers import RedisServer
 
 LOGGER = "kivigo_async.health"
-#: Before 3.11 a cancellation from inside cannot be told from the caller's own.
-NEEDS_CANCELLING = pytest.mark.skipif(sys.version_info < (3, 11), reason="needs Task.cancelling() (3.11)")
 WAIT = 30.0  # generous bound on anything that should take well under a second
 
 HEALTHY, DEGRADED, DOWN = HealthStatus.HEALTHY, HealthStatus.DEGRADED, HealthStatus.DOWN
@@ -230,7 +228,87 @@ async def test_check_slower_than_timeout_is_down(valkey_client: Client) -> None:
         assert watcher.report.error.startswith("OperationTimeoutError: ")
         assert "0.2 s" in watcher.report.error
         assert watcher.latency is None
-        assert cancelled.is_set()  # the abandoned check was cancelled, not left running
+        # The abandoned check was cancelled, not left running.
+        await asyncio.wait_for(cancelled.wait(), WAIT)
+
+
+class SlowToCancel:
+    """An extra check that hangs, and whose cleanup on cancellation waits for ``cleanup_may_end``."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.cleanup_may_end = asyncio.Event()
+        self.cleaned_up = asyncio.Event()
+
+    async def __call__(self, client: Client) -> None:
+        self.calls += 1
+        try:
+            await asyncio.sleep(60)  # the dependency hangs
+        finally:
+            # Graceful cleanup on cancellation, like closing an HTTP session.
+            await asyncio.wait_for(self.cleanup_may_end.wait(), WAIT)
+            self.cleaned_up.set()
+
+
+@pytest.mark.server
+async def test_a_check_slow_to_cancel_is_down_at_its_deadline_and_not_started_twice(
+    valkey_client: Client, loop_errors: list[dict[str, Any]]
+) -> None:
+    before = asyncio.all_tasks()
+    check = SlowToCancel()
+    watcher = HealthWatcher(valkey_client, interval=60, timeout=0.3, checks=[check])
+    try:
+        started = time.perf_counter()
+        # Far below the time the cleanup would take, yet ample for a 0.3 s deadline.
+        await asyncio.wait_for(watcher.start(), 10)
+        assert time.perf_counter() - started < 5
+        assert watcher.status is DOWN
+        assert isinstance(watcher.last_error, OperationTimeoutError)
+        assert watcher.report.error == "OperationTimeoutError: the health check took longer than 0.3 s"
+
+        # The abandoned check is still cleaning up: no second copy of it is started,
+        # and the answer still comes within about the timeout.
+        started = time.perf_counter()
+        report = await asyncio.wait_for(watcher.check_now(), 10)
+        assert time.perf_counter() - started < 5
+        assert report.status is DOWN
+        assert report.error is not None
+        assert "still finishing" in report.error
+        assert report.consecutive_failures == 2
+        assert check.calls == 1
+
+        check.cleanup_may_end.set()
+        await asyncio.wait_for(check.cleaned_up.wait(), WAIT)
+        report = await asyncio.wait_for(watcher.check_now(), 10)
+        assert check.calls == 2  # finished: checks run again
+        assert report.error == "OperationTimeoutError: the health check took longer than 0.3 s"
+    finally:
+        check.cleanup_may_end.set()
+        await asyncio.wait_for(watcher.stop(), WAIT)
+    assert asyncio.all_tasks() == before
+    assert loop_errors == []
+
+
+async def test_stop_waits_for_a_check_still_finishing_after_its_deadline(
+    memory_client: Client, loop_errors: list[dict[str, Any]]
+) -> None:
+    before = asyncio.all_tasks()
+    check = SlowToCancel()
+    watcher = HealthWatcher(memory_client, interval=60, timeout=0.2, checks=[check])
+    try:
+        await asyncio.wait_for(watcher.start(), 10)
+        assert watcher.status is DOWN
+        stopping = asyncio.create_task(watcher.stop())
+        await asyncio.sleep(0.1)
+        assert not stopping.done()  # the cancelled check has not finished its cleanup
+        check.cleanup_may_end.set()
+        await asyncio.wait_for(stopping, WAIT)
+        assert check.cleaned_up.is_set()
+    finally:
+        check.cleanup_may_end.set()
+        await asyncio.wait_for(watcher.stop(), WAIT)
+    assert asyncio.all_tasks() == before
+    assert loop_errors == []
 
 
 @pytest.mark.server
@@ -352,6 +430,120 @@ async def test_memory_backend_closed_is_down(memory_client: Client) -> None:
 # -- listeners -----------------------------------------------------------------
 
 
+@pytest.mark.server
+async def test_a_hung_listener_does_not_stop_the_checks(
+    redis_server_factory: ServerFactory, loop_errors: list[dict[str, Any]]
+) -> None:
+    server = redis_server_factory("valkey")
+    release = asyncio.Event()
+    heard: list[HealthStatus] = []
+
+    async def pager(report: HealthReport) -> None:
+        heard.append(report.status)
+        await release.wait()  # a notification whose HTTP call hangs
+
+    async with Client(fast_failing_backend(server)) as client:
+        watcher = HealthWatcher(
+            client, interval=0.05, timeout=5, max_backoff=0.2, degraded_latency=None, on_change=pager
+        )
+        try:
+            await asyncio.wait_for(watcher.start(), WAIT)
+            assert watcher.status is HEALTHY
+            server.kill()
+            # Seen by the background checks while the listener still hangs on HEALTHY.
+            await watcher.wait_for(DOWN, WAIT)
+            report = await asyncio.wait_for(watcher.check_now(), WAIT)  # a readiness probe
+            assert report.status is DOWN
+            assert report.consecutive_failures >= 2
+            release.set()
+            await asyncio.wait_for(watcher.drain(), WAIT)
+            assert heard == [HEALTHY, DOWN]
+        finally:
+            release.set()
+            await asyncio.wait_for(watcher.stop(), WAIT)
+    assert loop_errors == []
+
+
+async def test_a_listener_past_listener_timeout_is_cancelled_and_logged(
+    memory_client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    switch = Switch()
+    cancelled = asyncio.Event()
+    heard: list[HealthStatus] = []
+    after: list[HealthStatus] = []
+
+    async def hanging_pager(report: HealthReport) -> None:
+        heard.append(report.status)
+        if report.status is HEALTHY:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    watcher = HealthWatcher(
+        memory_client,
+        interval=60,
+        degraded_latency=None,
+        checks=[switch],
+        listener_timeout=0.2,
+        on_change=hanging_pager,
+    )
+    watcher.add_listener(lambda report: after.append(report.status))
+    async with watcher:
+        await asyncio.wait_for(cancelled.wait(), WAIT)
+        switch.ok = False
+        await watcher.check_now()
+        await asyncio.wait_for(watcher.drain(), WAIT)
+        assert heard == [HEALTHY, DOWN]
+        assert after == [HEALTHY, DOWN]  # the listener after the slow one still heard of both
+    [overrun] = [r for r in caplog.records if r.name == LOGGER and "listener" in r.getMessage()]
+    assert overrun.levelno == logging.WARNING
+    assert "hanging_pager" in overrun.getMessage()
+    assert "0.2 s" in overrun.getMessage()
+
+
+async def test_listeners_that_fall_behind_hear_the_latest_status(
+    memory_client: Client, caplog: pytest.LogCaptureFixture, loop_errors: list[dict[str, Any]]
+) -> None:
+    switch = Switch()
+    release = asyncio.Event()
+    heard: list[HealthStatus] = []
+
+    async def slow(report: HealthReport) -> None:
+        heard.append(report.status)
+        await release.wait()
+
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    watcher = HealthWatcher(
+        memory_client,
+        interval=60,
+        degraded_latency=None,
+        checks=[switch],
+        on_change=slow,
+    )
+    try:
+        await asyncio.wait_for(watcher.start(), WAIT)
+        statuses = []
+        for _ in range(251):  # the backend flaps while the listener is stuck on the first change
+            switch.ok = not switch.ok
+            statuses.append((await asyncio.wait_for(watcher.check_now(), WAIT)).status)
+        assert statuses[-1] is DOWN
+        release.set()
+        await asyncio.wait_for(watcher.drain(), WAIT)
+    finally:
+        release.set()
+        await asyncio.wait_for(watcher.stop(), WAIT)
+    assert heard[0] is HEALTHY
+    assert heard[-1] is DOWN  # the latest status, not a stale one
+    assert all(a is not b for a, b in itertools.pairwise(heard))  # changes only
+    assert len(heard) <= 101  # the first change, then at most 100 queued
+    behind = [r for r in caplog.records if "fell 100 status changes behind" in r.getMessage()]
+    assert len(behind) == 1  # one warning per episode, not one per dropped change
+    assert loop_errors == []
+
+
 async def test_listeners_run_on_transitions_only(memory_client: Client) -> None:
     switch = Switch()
     seen: list[HealthStatus] = []
@@ -364,11 +556,13 @@ async def test_listeners_run_on_transitions_only(memory_client: Client) -> None:
     ) as w:
         for _ in range(3):
             await w.check_now()
+        await asyncio.wait_for(w.drain(), WAIT)
         assert switch.calls == 4
         assert seen == [HEALTHY]
         switch.ok = False
         await w.check_now()
         await w.check_now()
+        await asyncio.wait_for(w.drain(), WAIT)
         assert seen == [HEALTHY, DOWN]
         assert w.report.consecutive_failures == 2
 
@@ -387,11 +581,13 @@ async def test_add_listener_returns_a_remover(memory_client: Client) -> None:
         w.add_listener(lambda r: second.append(r.status))
         switch.ok = False
         await w.check_now()
+        await asyncio.wait_for(w.drain(), WAIT)
         assert first == [DOWN, DOWN]
         remove_a()
         remove_a()  # a second call removes nothing more
         switch.ok = True
         await w.check_now()
+        await asyncio.wait_for(w.drain(), WAIT)
         assert first == [DOWN, DOWN, HEALTHY]
         assert second == [DOWN, HEALTHY]
         with pytest.raises(InvalidArgumentError):
@@ -439,7 +635,6 @@ async def test_raising_listener_is_logged_and_the_watcher_keeps_going(
     assert any("-> down" in m and "switched off" in m for m in transitions)
 
 
-@NEEDS_CANCELLING
 async def test_a_listener_cancelled_from_inside_is_logged_and_the_watcher_keeps_going(
     memory_client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -458,29 +653,35 @@ async def test_a_listener_cancelled_from_inside_is_logged_and_the_watcher_keeps_
         w.add_listener(flaky_pager)
         switch.ok = False
         assert (await w.check_now()).status is DOWN
+        await asyncio.wait_for(w.drain(), WAIT)
         switch.ok = True
         assert (await w.check_now()).status is HEALTHY
+        await asyncio.wait_for(w.drain(), WAIT)
         assert w.running
     assert seen == [DOWN, HEALTHY]
     assert "cancelled from inside" in caplog.text
 
 
-async def test_listener_cannot_reenter_check_now(
-    memory_client: Client, caplog: pytest.LogCaptureFixture
+async def test_a_listener_may_call_check_now(
+    memory_client: Client, loop_errors: list[dict[str, Any]]
 ) -> None:
-    watcher = HealthWatcher(memory_client, interval=60, degraded_latency=None)
+    # Listeners run outside the check, so one that checks again waits for nothing of its own.
+    switch = Switch()
+    watcher = HealthWatcher(memory_client, interval=60, degraded_latency=None, checks=[switch])
+    rechecked: list[HealthStatus] = []
 
-    async def reenter(report: HealthReport) -> None:
-        await watcher.check_now()
+    async def confirm_down(report: HealthReport) -> None:
+        if report.status is DOWN:
+            rechecked.append((await watcher.check_now()).status)
 
-    watcher.add_listener(reenter)
-    with caplog.at_level(logging.ERROR, logger=LOGGER):
-        await asyncio.wait_for(watcher.start(), WAIT)  # would hang if it waited for itself
-        await watcher.stop()
-    errors = [r for r in caplog.records if r.name == LOGGER and r.exc_info is not None]
-    assert len(errors) == 1
-    assert errors[0].exc_info is not None
-    assert isinstance(errors[0].exc_info[1], KivigoError)
+    watcher.add_listener(confirm_down)
+    async with watcher:
+        switch.ok = False
+        assert (await asyncio.wait_for(watcher.check_now(), WAIT)).status is DOWN
+        await asyncio.wait_for(watcher.drain(), WAIT)
+        assert rechecked == [DOWN]
+        assert switch.calls == 3
+    assert loop_errors == []
 
 
 # -- iteration -------------------------------------------------------------------
@@ -653,6 +854,31 @@ async def test_cancelling_during_the_first_check_leaves_nothing_behind(
     assert loop_errors == []
 
 
+async def test_stop_ends_the_task_of_a_hung_listener(
+    memory_client: Client, loop_errors: list[dict[str, Any]]
+) -> None:
+    before = asyncio.all_tasks()
+    cancelled = asyncio.Event()
+
+    async def hang(report: HealthReport) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    watcher = HealthWatcher(memory_client, interval=0.05, listener_timeout=0.5, on_change=hang)
+    try:
+        await asyncio.wait_for(watcher.start(), WAIT)
+    finally:
+        await asyncio.wait_for(watcher.stop(), WAIT)
+    assert cancelled.is_set()
+    assert asyncio.all_tasks() == before
+    gc.collect()
+    await asyncio.sleep(0)
+    assert loop_errors == []
+
+
 async def test_stop_from_a_listener(memory_client: Client, loop_errors: list[dict[str, Any]]) -> None:
     switch = Switch()
     watcher = HealthWatcher(memory_client, interval=0.05, degraded_latency=None, checks=[switch])
@@ -685,6 +911,8 @@ async def test_stop_from_a_listener(memory_client: Client, loop_errors: list[dic
         ({"timeout": -1}, "timeout"),
         ({"degraded_latency": 0}, "degraded_latency"),
         ({"max_backoff": float("inf")}, "max_backoff"),
+        ({"listener_timeout": 0}, "listener_timeout"),
+        ({"listener_timeout": None}, "listener_timeout"),
         ({"interval": "5"}, "interval"),
         ({"interval": True}, "interval"),
         ({"checks": [passing, 3]}, "callable"),

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import gc
 import logging
 import re
+import secrets
 import sys
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from conftest import redis_options
 
+from kivigo_async import Client
 from kivigo_async import hooks as hooks_module
-from kivigo_async.errors import InvalidArgumentError
+from kivigo_async.backends.redis import RedisBackend
+from kivigo_async.errors import BackendUnavailableError, InvalidArgumentError
 from kivigo_async.hooks import (
     EventType,
     HookEvent,
@@ -29,8 +34,14 @@ from kivigo_async.hooks import (
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from kivigo_async.testing.servers import RedisServer
+
 LOGGER = "kivigo_async.hooks"
 SECRET = b"s3cr3t-value-bytes"
+WAIT = 30.0  # generous bound on anything that should take well under a second
+
+#: What a web framework or a tracer would keep per request.
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
 class Recorder:
@@ -392,6 +403,69 @@ async def test_a_worker_cancelled_before_it_started_does_not_stall_the_hook(regi
     assert seen == ["x", "y"]  # a new worker took over the queue
 
 
+@pytest.mark.server
+async def test_background_hooks_run_in_the_context_of_their_write(valkey_server: RedisServer) -> None:
+    prefix = f"hook-context:{secrets.token_hex(4)}:"
+    seen: dict[str, list[tuple[str, str]]] = {"async": [], "timeout": [], "plain": [], "lambda": []}
+
+    async def audit(event: HookEvent) -> None:
+        await asyncio.sleep(0.01)  # a slow first call: later writes queue behind it
+        seen["async"].append((event.key, request_id.get()))
+        request_id.set("set by a hook")  # must reach neither the next call nor the write
+
+    async def audit_bounded(event: HookEvent) -> None:
+        await asyncio.sleep(0)
+        seen["timeout"].append((event.key, request_id.get()))
+        request_id.set("set by a hook")
+
+    def count(event: HookEvent) -> None:
+        seen["plain"].append((event.key, request_id.get()))
+        request_id.set("set by a hook")
+
+    async def publish(event: HookEvent) -> None:
+        seen["lambda"].append((event.key, request_id.get()))
+
+    async with Client(RedisBackend(redis_options(valkey_server))) as client:
+        client.hooks.register(audit, background=True)
+        client.hooks.register(audit_bounded, background=True, timeout=WAIT)
+        client.hooks.register(count, background=True)
+        client.hooks.register(lambda event: publish(event), background=True)  # returns a coroutine
+
+        async def handle_request(number: int) -> None:
+            request_id.set(f"req-{number}")
+            await client.set(f"{prefix}{number}", number)
+            await client.batch_set({f"{prefix}{number}:a": 1, f"{prefix}{number}:b": 2})
+
+        await asyncio.gather(*(handle_request(n) for n in range(5)))
+        await asyncio.wait_for(client.hooks.drain(), WAIT)
+        expected = sorted(
+            (f"{prefix}{n}{suffix}", f"req-{n}") for n in range(5) for suffix in ("", ":a", ":b")
+        )
+        for kind, calls in seen.items():
+            assert sorted(calls) == expected, kind
+        assert request_id.get() == "-"
+        await client.hooks.aclose()
+        await client.batch_delete([key for key, _ in expected])
+
+
+@pytest.mark.server
+async def test_registering_a_background_hook_on_a_closed_client_raises(valkey_server: RedisServer) -> None:
+    client = Client(RedisBackend(redis_options(valkey_server)))
+    async with client:
+        pass
+    with pytest.raises(BackendUnavailableError, match="closed"):
+        client.hooks.register(Recorder(), background=True)
+    assert len(client.hooks) == 0
+    registry = HookRegistry()
+    await registry.aclose()
+    with pytest.raises(BackendUnavailableError, match="closed"):
+        registry.register(Recorder(), background=True)
+    inline = Recorder()
+    registry.register(inline)  # inline hooks still run on a closed registry
+    await registry.emit(EventType.SET, "k", b"v")
+    assert inline.keys == ["k"]
+
+
 async def test_emit_many_sends_one_event_per_key(registry: HookRegistry) -> None:
     rec = Recorder()
     registry.register(rec)
@@ -426,9 +500,12 @@ async def test_async_plain_and_other_callables(registry: HookRegistry) -> None:
     registry.register(lambda event: tagged("lambda", event))  # a plain function returning a coroutine
     registry.register(coroutine_fn, background=True)
     registry.register(plain_fn, background=True)
+    registry.register(lambda event: tagged("background-lambda", event), background=True)
     await registry.emit(EventType.SET, "k", b"v")
     await registry.drain()
-    assert seen == ["async", "plain", "async-callable", "partial", "lambda", "async", "plain"]
+    assert seen[:5] == ["async", "plain", "async-callable", "partial", "lambda"]
+    # Each background hook has a task of its own: no order between them.
+    assert sorted(seen[5:]) == ["async", "background-lambda", "plain"]
 
 
 async def test_event_type_strings_are_coerced(registry: HookRegistry) -> None:
@@ -770,6 +847,35 @@ async def test_drain_inside_a_background_hook_does_not_deadlock(registry: HookRe
     await registry.emit(EventType.SET, "k", b"v")
     await asyncio.wait_for(registry.drain(), 5)
     assert done == [True]
+
+
+async def test_aclose_inside_a_background_hook_does_not_deadlock(
+    registry: HookRegistry, loop_errors: list[dict[str, Any]]
+) -> None:
+    other_started = asyncio.Event()
+    cancelled: list[str] = []
+    closed: list[str] = []
+
+    async def slow(event: HookEvent) -> None:
+        other_started.set()
+        try:
+            await asyncio.sleep(WAIT)
+        except asyncio.CancelledError:
+            cancelled.append(event.key)
+            raise
+
+    async def closer(event: HookEvent) -> None:
+        await other_started.wait()
+        await registry.aclose()
+        closed.append(event.key)
+
+    registry.register(slow, background=True)
+    registry.register(closer, background=True)
+    await registry.emit(EventType.SET, "k", b"v")
+    await asyncio.wait_for(registry.drain(), 5)
+    assert closed == ["k"]
+    assert cancelled == ["k"]
+    assert loop_errors == []
 
 
 async def test_drain_with_nothing_running(registry: HookRegistry) -> None:
