@@ -315,6 +315,13 @@ def _log_failure(hook: _Hook, event: HookEvent, what: str) -> None:
     )
 
 
+def _swallow(hook: _Hook, event: HookEvent, exc: BaseException) -> None:
+    """Log the failed call of ``hook`` (called in its ``except``); re-raise a cancellation of our task."""
+    if isinstance(exc, asyncio.CancelledError) and not _cancelled_by_hook():
+        raise exc
+    _log_failure(hook, event, "hook")
+
+
 async def _invoke(hook: _Hook, event: HookEvent) -> None:
     """Run one hook call; log and swallow everything except cancellation of our task."""
     try:
@@ -335,12 +342,8 @@ async def _invoke(hook: _Hook, event: HookEvent) -> None:
             event.key,
             exc_info=exc.__cause__,
         )
-    except Exception:
-        _log_failure(hook, event, "hook")
-    except asyncio.CancelledError:
-        if not _cancelled_by_hook():
-            raise
-        _log_failure(hook, event, "hook")
+    except (Exception, asyncio.CancelledError) as exc:
+        _swallow(hook, event, exc)
 
 
 def _call_plain(hook: _Hook, event: HookEvent) -> Awaitable[None] | None:
@@ -350,13 +353,8 @@ def _call_plain(hook: _Hook, event: HookEvent) -> Awaitable[None] | None:
     """
     try:
         result = hook.fn(event)
-    except Exception:
-        _log_failure(hook, event, "hook")
-        return None
-    except asyncio.CancelledError:
-        if not _cancelled_by_hook():
-            raise
-        _log_failure(hook, event, "hook")
+    except (Exception, asyncio.CancelledError) as exc:
+        _swallow(hook, event, exc)
         return None
     return result if result is not None and inspect.isawaitable(result) else None
 
@@ -365,12 +363,8 @@ async def _await_result(hook: _Hook, event: HookEvent, result: Awaitable[None]) 
     """The rest of :func:`_call_plain`, once the function returned an awaitable."""
     try:
         await result
-    except Exception:
-        _log_failure(hook, event, "hook")
-    except asyncio.CancelledError:
-        if not _cancelled_by_hook():
-            raise
-        _log_failure(hook, event, "hook")
+    except (Exception, asyncio.CancelledError) as exc:
+        _swallow(hook, event, exc)
 
 
 async def _drain_pending(hook: _Hook, callers: dict[asyncio.Task[None], asyncio.Task[None]]) -> None:
