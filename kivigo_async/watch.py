@@ -11,7 +11,11 @@ been missed, the stream raises instead of carrying on.
 
 * :class:`~kivigo_async.errors.BackendUnavailableError` when the
   subscription's connection drops (pub/sub keeps nothing for a subscriber
-  that is away), or when the server stops answering its heartbeat.
+  that is away), when the server stops answering its heartbeat, or when the
+  heartbeat finds that a node it subscribed on changed role (a primary
+  demoted by a failover) or, on a cluster, that the slots it serves changed
+  (resharding, which reports each key it moves as set and deleted, in
+  either order).
 * :class:`WatchOverflowError` when the consumer falls more than
   ``max_pending`` events behind.
 
@@ -86,7 +90,10 @@ class ChangeType(str, Enum):
     * ``EXPIRE``: the key's TTL ran out and the server removed it.
 
     A TTL being set or removed (``EXPIRE``, ``PERSIST``) changes no value and
-    is not reported; the expiry itself is, when it happens.
+    is not reported; the expiry itself is, when it happens. A key of any type
+    is reported as a whole (deleted, renamed, copied, moved, restored,
+    expired, evicted); a change to the contents of a list, hash, set... is
+    not (``HSET``, ``LPUSH``).
     """
 
     SET = "set"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import redis_options
+from conftest import redis_options, refused_port
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
@@ -42,7 +42,7 @@ from kivigo_async.backends.redis import (
     _cache,
     _watch,
 )
-from kivigo_async.testing.pytest_plugin import SentinelFactory, ServerFactory, skip_or_fail
+from kivigo_async.testing.pytest_plugin import ClusterFactory, SentinelFactory, ServerFactory, skip_or_fail
 from kivigo_async.testing.servers import BinaryKind, RedisServer, ServerPool, ServerUnavailable
 from kivigo_async.testing.topologies import RedisCluster, RedisSentinel
 from kivigo_async.watch import ChangeFeed
@@ -187,6 +187,40 @@ async def test_commands_map_to_change_types(client: Client, admin: Redis) -> Non
         ("delete", "k:b"),
         ("set", "k:end"),
     ]
+
+
+async def test_keys_of_other_types_are_reported_as_a_whole_not_their_contents(
+    client: Client, admin: Redis
+) -> None:
+    async with client.watch("t:") as changes:
+        await admin.hset("t:hash", "f", b"1")  # the contents of a hash, list, set...: not reported
+        await admin.hset("t:hash", "f", b"2")
+        await admin.rpush("t:list", b"a")
+        await admin.sadd("t:set", b"a")
+        await admin.rename("t:hash", "t:hash2")  # the key as a whole, whatever its type: reported
+        await admin.copy("t:list", "t:list2")
+        await admin.delete("t:list")
+        await admin.hdel("t:hash2", "f")  # its last field: the hash is deleted
+        await admin.pexpire("t:set", 1)
+        await eventually(lambda: _gone(admin, "t:set"))  # found expired by this read, at the latest
+        await admin.hset("t:over", "f", b"1")
+        await admin.set("t:over", b"string")  # a string written over a hash
+        await admin.set("t:end", b"")
+        events = await until_key(changes, "t:end")
+    assert pairs(events) == [
+        ("delete", "t:hash"),
+        ("set", "t:hash2"),
+        ("set", "t:list2"),
+        ("delete", "t:list"),
+        ("delete", "t:hash2"),
+        ("expire", "t:set"),
+        ("set", "t:over"),
+        ("set", "t:end"),
+    ]
+
+
+async def _gone(admin: Redis, key: str) -> bool:
+    return not await admin.exists(key)
 
 
 async def test_writes_through_a_client_are_seen_by_another(client: Client, server: RedisServer) -> None:
@@ -511,6 +545,52 @@ async def test_unresponsive_server_is_noticed_by_the_heartbeat(
                 await stall
 
 
+@pytest.mark.parametrize("kind", ["valkey", "redis"])
+async def test_primary_turned_replica_ends_the_watch(
+    redis_server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch, kind: BinaryKind
+) -> None:
+    # REPLICAOF keeps the demoted server's clients: only the heartbeat can tell. The
+    # watching user may not run ROLE (nor CONFIG): HELLO, which every user may, tells.
+    monkeypatch.setattr(_watch, "_HEARTBEAT", 0.2)
+    server = redis_server_factory(kind, "acl", extra_config={"notify-keyspace-events": "KEA"})
+    async with admin_of(server, username=server.username, password=server.password) as admin:
+        await admin.acl_setuser(
+            "watcher",
+            enabled=True,
+            passwords=["+w-secret"],
+            channels=["*"],
+            commands=["+psubscribe", "+ping"],
+        )
+        options = redis_options(server).replace(username="watcher", password="w-secret")
+        async with (
+            Client(RedisBackend(options)) as client,
+            client.watch("k", configure_server=False) as changes,
+        ):
+            await admin.set("k1", b"1")
+            assert pairs(await take(changes, 1)) == [("set", "k1")]
+            with refused_port() as port:
+                await admin.replicaof("127.0.0.1", port)
+                with pytest.raises(BackendUnavailableError, match="replica now, no longer a primary"):
+                    await asyncio.wait_for(anext(changes), TIMEOUT)
+            assert changes.closed
+        await no_subscribers(admin)
+
+
+async def test_without_hello_the_watch_checks_liveness_only(
+    redis_server_factory: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = redis_server_factory("valkey", extra_config={"rename-command": 'HELLO ""'})
+    async with (
+        admin_of(server, protocol=2) as admin,  # redis-py would open with HELLO 3
+        Client(RedisBackend(redis_options(server))) as client,
+    ):
+        with caplog.at_level("WARNING", logger="kivigo_async.watch"):
+            async with client.watch("k") as changes:
+                await admin.set("k", b"1")
+                assert pairs(await take(changes, 1)) == [("set", "k")]
+        assert "cannot learn the server's role" in caplog.text
+
+
 # --------------------------------------------------------------------------- API
 
 
@@ -737,6 +817,85 @@ async def test_cluster_lost_node_subscription_raises(cluster_config: RedisCluste
         async with admin_of(node) as direct:
             await no_subscribers(direct)
     assert other_tasks() <= before
+
+
+def node_id(node: RedisServer) -> str:
+    with redis.Redis(host=node.host, port=node.port) as direct:
+        raw: bytes = direct.execute_command("CLUSTER", "MYID")
+    return raw.decode()
+
+
+async def test_cluster_manual_failover_ends_the_watch(
+    redis_cluster_factory: ClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A coordinated failover leaves the demoted primary's subscribers connected, now
+    # to a replica; the heartbeat must notice, for a user allowed CLUSTER NODES and
+    # for one allowed neither it nor ROLE (HELLO tells the role).
+    monkeypatch.setattr(_watch, "_HEARTBEAT", 0.2)
+    cluster = redis_cluster_factory(node_timeout_ms=2000)
+    for node in cluster.nodes:
+        with redis.Redis(host=node.host, port=node.port) as direct:
+            direct.acl_setuser(
+                "watcher",
+                enabled=True,
+                passwords=["+w-secret"],
+                keys=["*"],
+                channels=["*"],
+                commands=["+@all", "-cluster|nodes", "-role"],
+            )
+    old = cluster.node_for_slot(key_slot(b"f:1"))
+    replica = next(
+        i.server for i in cluster.topology() if i.server is not None and i.master_id == node_id(old)
+    )
+    options = RedisClusterOptions(addrs=cluster.addrs[:1])
+    limited = options.replace(username="watcher", password="w-secret")
+    async with Client(RedisClusterBackend(options)) as client, Client(RedisClusterBackend(limited)) as other:
+        async with client.watch("f:") as changes, other.watch("f:") as limited_changes:
+            await client.set("f:1", 1)
+            assert pairs(await take(changes, 1)) == [("set", "f:1")]
+            assert pairs(await take(limited_changes, 1)) == [("set", "f:1")]
+            with redis.Redis(host=replica.host, port=replica.port) as promote:
+                promote.execute_command("CLUSTER", "FAILOVER")
+            for stream in (changes, limited_changes):
+                with pytest.raises(BackendUnavailableError, match=f"{old.port}: the server is a replica now"):
+                    await asyncio.wait_for(anext(stream), 30)
+        await asyncio.to_thread(cluster.wait_ready, 60.0)
+        assert cluster.node_for_slot(key_slot(b"f:1")) is replica
+        async with client.watch("f:") as changes:  # watching again follows the new layout
+            await client.set("f:1", 2)
+            assert pairs(await take(changes, 1)) == [("set", "f:1")]
+
+
+async def test_cluster_resharding_ends_the_watch_after_the_moved_keys(
+    redis_cluster_factory: ClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_watch, "_HEARTBEAT", 0.2)
+    cluster = redis_cluster_factory(node_timeout_ms=5000)
+    slot = key_slot(b"m:1")
+    source = cluster.node_for_slot(slot)
+    target = next(p for p in cluster.primaries() if p is not source)
+    backend = RedisClusterBackend(RedisClusterOptions(addrs=cluster.addrs[:1]))
+    async with Client(backend) as client:
+        await client.set("m:1", "v")
+        async with client.watch("m:") as changes:
+            # Blocking calls on purpose: the heartbeat runs only once the slot has moved.
+            source_id, target_id = node_id(source), node_id(target)
+            with (
+                redis.Redis(host=source.host, port=source.port) as src,
+                redis.Redis(host=target.host, port=target.port) as dst,
+            ):
+                dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+                src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+                src.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", "m:1")
+                dst.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+                src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+            # The new owner's SET and the old one's DELETE come on different connections,
+            # in either order: the watch reports them, then ends.
+            moved = await take(changes, 2)
+            assert sorted(pairs(moved)) == [("delete", "m:1"), ("set", "m:1")]
+            with pytest.raises(BackendUnavailableError, match="slots this primary serves changed"):
+                await asyncio.wait_for(anext(changes), TIMEOUT)
+        assert await client.get("m:1") == "v"  # the value never changed
 
 
 # --------------------------------------------------------------------------- sentinel

@@ -8,7 +8,10 @@ disturb anyone else's. On each connection, before subscribing:
 1. unless ``configure_server=False``, ``CONFIG GET notify-keyspace-events``;
    when a flag we need is missing, ``CONFIG SET`` to the current flags *plus*
    the missing ones (flags someone else turned on are never turned off);
-2. ``PSUBSCRIBE __keyspace@<db>__:<prefix, glob-escaped>*``.
+2. the node's state, which the heartbeat compares later: on a cluster its own
+   line of ``CLUSTER NODES`` (role, config epoch, slots, slots being moved),
+   elsewhere (or when ``CLUSTER NODES`` is refused) the role ``HELLO`` reports;
+3. ``PSUBSCRIBE __keyspace@<db>__:<prefix, glob-escaped>*``.
 
 A lost connection fails the stream with :class:`BackendUnavailableError`
 rather than resubscribing: pub/sub keeps nothing for an absent subscriber, so
@@ -16,6 +19,18 @@ a silent reconnect would hide a gap. A heartbeat ``PING`` finds a server that
 stopped answering (a partition, a frozen host) within about
 :data:`_HEARTBEAT` + ``read_timeout`` seconds (without a ``read_timeout``,
 the client cache's stall bound stands for it).
+
+The same heartbeat asks each node for its state again, and fails the stream
+when it changed. A primary demoted to replica (a cluster's ``CLUSTER
+FAILOVER``, a standalone ``REPLICAOF``) keeps its subscribers; what it
+publishes then comes from replication (an expiry arrives as ``del``), and a
+full resync replaces its data without a single event. Each key of a slot
+moved by resharding is published as ``restore`` by the new owner and ``del``
+by the old, on different connections, so in either order. Neither can be told
+from real changes as they arrive; ending the watch afterwards tells the
+consumer to resynchronise. On a subscribed RESP2 connection the server runs
+only ``PING`` and subscription commands, so this second question goes on a
+connection of its own, opened by the first heartbeat.
 """
 
 from __future__ import annotations
@@ -36,15 +51,25 @@ from ...watch import (
     NotificationsDisabledError,
     _check_watch_args,
 )
+from . import _cache
 from ._cache import heartbeat
 from ._errors import translate
+from ._mux import MuxConnection
 from ._scan import decode_key, match_pattern
 from .cluster import RedisClusterBackend
 from .options import RedisOptions, join_addr
 from .sentinel import RedisSentinelBackend
 from .standalone import RedisBackend, _mux_for
 
-__all__ = ["EVENT_TYPES", "NEEDED_FLAGS", "missing_flags", "watch_cluster", "watch_standalone"]
+__all__ = [
+    "EVENT_TYPES",
+    "NEEDED_FLAGS",
+    "NodeState",
+    "missing_flags",
+    "node_state",
+    "watch_cluster",
+    "watch_standalone",
+]
 
 _log = logging.getLogger("kivigo_async.watch")
 
@@ -54,8 +79,10 @@ NEEDED_FLAGS = "Kg$xe"
 # What "A" stands for in notify-keyspace-events (every class but K, E, n, m).
 _ALL_CLASSES = "g$lshzxetd"
 
-#: Keyspace event names -> change types; other events (a TTL set or removed,
-#: changes to non-string types) are not reported.
+#: Keyspace event names -> change types. The generic ones (del, rename_*,
+#: copy_to, move_*, restore, expired, evicted) come for keys of every type;
+#: other events (a TTL set or removed, a change to the contents of a list,
+#: hash, set...) are not reported.
 _SET_EVENTS = b"set setrange incrby incrbyfloat append rename_to copy_to move_to restore".split()
 EVENT_TYPES: dict[bytes, ChangeType] = {
     **dict.fromkeys(_SET_EVENTS, ChangeType.SET),
@@ -66,6 +93,17 @@ EVENT_TYPES: dict[bytes, ChangeType] = {
 # Seconds between PINGs on an idle subscription: a dead peer is otherwise only
 # noticed by TCP keepalive, hours later, while the watch waits in silence.
 _HEARTBEAT = 15.0
+
+# What a node is asked about its state. CLUSTER NODES tells a cluster node's role
+# and slots; HELLO (with the protocol the connection speaks already) tells the role
+# only, but any user may run it, unlike ROLE (@admin @dangerous).
+_CLUSTER_NODES = ("CLUSTER", "NODES")
+_HELLO = ("HELLO", "2")
+_ROLES = {"master": "primary", "slave": "replica", "replica": "replica"}
+
+#: A node's state as the heartbeat compares it: its role ("primary" or
+#: "replica"), then on a cluster its config epoch and slots.
+NodeState = tuple[str, ...]
 
 
 def missing_flags(current: str) -> str:
@@ -89,6 +127,37 @@ def _config_value(reply: Any) -> str:
     return ""
 
 
+def node_state(probe: tuple[str, ...], reply: Any) -> NodeState | None:
+    """The state in ``reply`` (to ``probe``), or ``None`` when the reply says nothing usable.
+
+    Example:
+        >>> node_state(("HELLO", "2"), [b"server", b"valkey", b"role", b"master", b"modules", []])
+        ('primary',)
+        >>> line = b"07c3 127.0.0.1:7000@17000 myself,master - 0 0 3 connected 0-5460 [93->-5cf2]"
+        >>> node_state(("CLUSTER", "NODES"), line + b"\\n")
+        ('primary', '3', '0-5460', '[93->-5cf2]')
+    """
+    if probe == _CLUSTER_NODES:
+        text = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
+        for line in text.splitlines():
+            # id addr flags primary-id ping-sent pong-recv config-epoch link-state slot...
+            fields = line.split()
+            if len(fields) < 8 or "myself" not in fields[2].split(","):
+                continue
+            flags = fields[2].split(",")
+            role = "primary" if "master" in flags else "replica" if "slave" in flags else None
+            # The epoch moves when a slot is imported, even one that comes back before
+            # the next heartbeat; a slot being moved shows as [slot->-id] / [slot-<-id].
+            return None if role is None else (role, fields[6], *fields[8:])
+        return None
+    if isinstance(reply, list):
+        # RESP2: name, value, name, value...
+        value = dict(zip(reply[::2], reply[1::2], strict=False)).get(b"role")
+        if isinstance(value, bytes) and value.decode(errors="replace") in _ROLES:
+            return (_ROLES[value.decode()],)
+    return None
+
+
 def _refused(node: str, exc: Exception, step: str, current: str | None) -> NotificationsDisabledError:
     now = "unknown" if current is None else repr(current)
     return NotificationsDisabledError(
@@ -102,20 +171,28 @@ def _refused(node: str, exc: Exception, step: str, current: str | None) -> Notif
 class _Subscriber:
     """One subscribed connection to one node, feeding a shared :class:`ChangeFeed`."""
 
-    def __init__(self, options: RedisOptions, db: int, prefix: str, owner: _RedisWatch) -> None:
+    def __init__(
+        self, options: RedisOptions, db: int, prefix: str, owner: _RedisWatch, *, cluster: bool
+    ) -> None:
         self.node = options.addr
         self._watch = owner
         self._head = f"__keyspace@{db}__:".encode()
         self.pattern = self._head + match_pattern(prefix).encode("utf-8", "surrogateescape")
         self.subscribed = False
         self.conn = _mux_for(options, select_db=False, on_push=self._on_message, on_lost=self._on_lost)
+        self._options = options
         self._read_timeout = options.read_timeout
+        self._cluster = cluster
+        self._probe: tuple[str, ...] | None = None  # None: only PING is left to the heartbeat
+        self._state: NodeState = ()
+        self.check: MuxConnection | None = None  # opened by the first heartbeat
 
     async def subscribe(self, configure_server: bool) -> None:
         conn, node = self.conn, self.node
         try:
             if configure_server:
                 await self._configure()
+            await self._learn_state()
             reply = await conn.execute("PSUBSCRIBE", self.pattern)
         except rx.ResponseError as exc:
             if str(exc).startswith("NOPERM"):
@@ -144,10 +221,93 @@ class _Subscriber:
             step = "CONFIG GET" if current is None else "CONFIG SET"
             raise _refused(self.node, exc, step, current) from exc
 
-    async def ping(self) -> None:
-        if self.conn.connected:
-            # Bounded even with read_timeout=None: a silent server must end the watch.
-            await heartbeat(self.conn, self._read_timeout)
+    async def _learn_state(self) -> None:
+        # Asked on this connection, before PSUBSCRIBE: a change after this point, even
+        # one before the subscription, differs from what the heartbeat will find.
+        probes = (_CLUSTER_NODES, _HELLO) if self._cluster else (_HELLO,)
+        refused: list[str] = []
+        for probe in probes:
+            try:
+                reply = await self.conn.execute(*probe)
+            except rx.ResponseError as exc:
+                refused.append(f"{' '.join(probe)}: {exc}")
+                continue
+            state = node_state(probe, reply)
+            if state is None:
+                refused.append(f"{' '.join(probe)}: unexpected reply")
+                continue
+            self._probe, self._state = probe, state
+            break
+        if self._probe is None:
+            _log.warning(
+                "watch on %s: cannot learn the server's role (%s); a failover that leaves the "
+                "subscription's connection open will not end the watch",
+                self.node,
+                "; ".join(refused),
+            )
+        elif refused:
+            _log.warning(
+                "watch on %s: cannot learn the slots this primary serves (%s); resharding will "
+                "not end the watch, a failover still will",
+                self.node,
+                "; ".join(refused),
+            )
+        if self._cluster and self._state[:1] == ("replica",):
+            raise BackendUnavailableError(
+                f"watch on {self.node}: this node is no longer a primary (the cluster's layout "
+                "changed while the watch started): watch again"
+            )
+
+    async def beat(self) -> None:
+        """PING the subscription, then ask the node its state again.
+
+        Raises :class:`BackendUnavailableError` when the state changed since the
+        watch subscribed; a refusal or an outage of the check is logged and left
+        to the next beat (a lost subscription fails the watch by itself).
+        """
+        if not self.conn.connected:
+            return
+        # Bounded even with read_timeout=None: a silent server must end the watch.
+        await heartbeat(self.conn, self._read_timeout)
+        probe = self._probe
+        if probe is None or not self.conn.connected:
+            return
+        if self.check is None:
+            self.check = _mux_for(self._options, select_db=False)
+        check = self.check
+        call = check.execute(*probe)
+        try:
+            if self._read_timeout is None:
+                reply = await asyncio.wait_for(call, _cache._STALL)
+            else:
+                reply = await call  # the connection aborts itself at read_timeout
+        except asyncio.TimeoutError:
+            check.drop()
+            _log.debug("watch on %s: no reply to %s", self.node, " ".join(probe))
+            return
+        except rx.ResponseError as exc:
+            self._probe = None
+            _log.warning(
+                "watch on %s: %s refused (%s); the heartbeat checks liveness only from now on",
+                self.node,
+                " ".join(probe),
+                exc,
+            )
+            return
+        state = node_state(probe, reply)
+        if state is not None and state != self._state:
+            raise self._changed(state)
+
+    def _changed(self, state: NodeState) -> BackendUnavailableError:
+        was = self._state
+        if state[0] != was[0]:
+            what = f"the server is a {state[0]} now, no longer a {was[0]} (a failover, or REPLICAOF)"
+        else:
+            what = "the slots this primary serves changed (resharding)"
+        return BackendUnavailableError(
+            f"watch on {self.node}: {what}; changes made since may have been missed or misreported: "
+            "resynchronise and watch again"
+        )
 
     def _on_message(self, message: list[Any]) -> None:
         # [b"pmessage", pattern, channel, event]
@@ -167,9 +327,11 @@ class _Subscriber:
 class _RedisWatch:
     """The subscribers of one watch, their heartbeat, and the feed they share."""
 
-    def __init__(self, targets: Sequence[RedisOptions], db: int, prefix: str, max_pending: int) -> None:
+    def __init__(
+        self, targets: Sequence[RedisOptions], db: int, prefix: str, max_pending: int, *, cluster: bool
+    ) -> None:
         self.feed = ChangeFeed(max_pending=max_pending, halt=self._halt, release=self._release)
-        self._subscribers = [_Subscriber(options, db, prefix, self) for options in targets]
+        self._subscribers = [_Subscriber(options, db, prefix, self, cluster=cluster) for options in targets]
         self._heartbeat: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -201,8 +363,11 @@ class _RedisWatch:
     async def _beat(self) -> None:
         while not self.feed.stopped:
             await asyncio.sleep(_HEARTBEAT)
-            results = await asyncio.gather(*(s.ping() for s in self._subscribers), return_exceptions=True)
+            results = await asyncio.gather(*(s.beat() for s in self._subscribers), return_exceptions=True)
             for result in results:
+                if isinstance(result, BackendUnavailableError):
+                    self.feed.fail(result)  # halts the watch, this task included
+                    return
                 if isinstance(result, rx.RedisError):
                     # A stalled reply aborts the connection, whose loss fails the feed;
                     # anything else is worth a log line, not the end of the watch.
@@ -217,6 +382,8 @@ class _RedisWatch:
         for subscriber in self._subscribers:
             subscriber.subscribed = False
             subscriber.conn.drop()
+            if subscriber.check is not None:
+                subscriber.check.drop()
 
     async def _release(self) -> None:
         heartbeat, self._heartbeat = self._heartbeat, None
@@ -228,6 +395,8 @@ class _RedisWatch:
                 _log.warning("watch heartbeat failed: %r", outcome)
         for subscriber in self._subscribers:
             await subscriber.conn.close()
+            if subscriber.check is not None:
+                await subscriber.check.close()
 
 
 def _check_prefix(prefix: str, max_pending: int) -> None:
@@ -239,9 +408,15 @@ def _check_prefix(prefix: str, max_pending: int) -> None:
 
 
 async def _open(
-    targets: Sequence[RedisOptions], db: int, prefix: str, max_pending: int, configure_server: bool
+    targets: Sequence[RedisOptions],
+    db: int,
+    prefix: str,
+    max_pending: int,
+    configure_server: bool,
+    *,
+    cluster: bool = False,
 ) -> ChangeStream:
-    return await _RedisWatch(targets, db, prefix, max_pending).start(configure_server)
+    return await _RedisWatch(targets, db, prefix, max_pending, cluster=cluster).start(configure_server)
 
 
 async def _sentinel_primary(backend: RedisSentinelBackend) -> RedisOptions:
@@ -277,4 +452,4 @@ async def watch_cluster(
     if not primaries:
         raise KivigoError(f"watch on {backend!r}: the cluster has no primary")
     targets = [backend.options.node_options(str(node.name)) for node in primaries]
-    return await _open(targets, 0, prefix, max_pending, configure_server)
+    return await _open(targets, 0, prefix, max_pending, configure_server, cluster=True)
