@@ -421,14 +421,16 @@ def replica_of(topology: RedisSentinel) -> tuple[str, int]:
     return replica.host, replica.port
 
 
-def naming_a_replica_first(topology: RedisSentinel, monkeypatch: pytest.MonkeyPatch) -> RedisSentinelBackend:
+def naming_a_replica_first(
+    topology: RedisSentinel, monkeypatch: pytest.MonkeyPatch, **overrides: object
+) -> RedisSentinelBackend:
     """A backend whose sentinels name a replica once, then the primary.
 
     As they named the old primary just before a failover reached this client: it
     refuses writes with READONLY, which applies nothing.
     """
     topology.flushall()
-    backend = RedisSentinelBackend(sentinel_options(topology))
+    backend = RedisSentinelBackend(sentinel_options(topology, **overrides))
     real = backend.sentinel.discover_master
     answers = [replica_of(topology)]
 
@@ -439,14 +441,35 @@ def naming_a_replica_first(topology: RedisSentinel, monkeypatch: pytest.MonkeyPa
     return backend
 
 
+@TRANSPORTS
 async def test_a_demoted_primary_is_left_and_the_command_sent_again(
-    redis_sentinel: RedisSentinel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    redis_sentinel: RedisSentinel,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    auto_pipeline: bool,
 ) -> None:
-    # The backend asks the sentinels again and sends the refused write once more.
+    # The backend asks the sentinels again and sends the refused write once more,
+    # even with retries off: the replica applied nothing. On the pool, redis-py's
+    # parser words the refusal differently, and the connection to the replica was
+    # kept for good: every later write failed.
     caplog.set_level(logging.INFO, logger=sentinel_module.__name__)
-    async with Client(naming_a_replica_first(redis_sentinel, monkeypatch)) as client:
+    name = f"demoted-{free_port()}"
+    backend = naming_a_replica_first(
+        redis_sentinel, monkeypatch, auto_pipeline=auto_pipeline, client_name=name, max_retries=0
+    )
+    async with Client(backend) as client:
         await client.set("k", "written")
-        assert await read_from(redis_sentinel.master_addr(), "k") == b'"written"'
+        primary = redis_sentinel.master_addr()
+        assert await read_from(primary, "k") == b'"written"'
+        for i in range(3):
+            await client.set("k", i)
+        assert await read_from(primary, "k") == b"2"
+        host, port = replica_of(redis_sentinel)
+        deadline = time.monotonic() + 10
+        async with aioredis.Redis(host=host, port=port, password=redis_sentinel.password) as replica:
+            while [c for c in await replica.client_list() if c.get("name") == name]:
+                assert time.monotonic() < deadline, "a connection to the replica was kept"
+                await asyncio.sleep(0.05)
     assert any("primary was demoted" in r.getMessage() for r in caplog.records)
 
 

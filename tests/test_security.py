@@ -13,11 +13,13 @@ import ssl
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 import redis.asyncio as aioredis
+import trustme
 from conftest import redis_options
 
 from kivigo_async import Client, EncryptedCodec, JsonCodec
@@ -193,6 +195,34 @@ async def test_encryption_keys_never_in_errors(caplog: pytest.LogCaptureFixture)
     assert_absent("\n".join(chain_text(e) for e in errors) + log_text(caplog), key, other)
 
 
+URL_PARSERS = pytest.mark.parametrize(
+    ("parse", "template"),
+    [
+        (RedisOptions.from_url, "redis://app:{}@cache:6379/0"),
+        (RedisSentinelOptions.from_url, "redis+sentinel://app:{}@s1:26379,s2:26379/cache"),
+        (RedisClusterOptions.from_url, "redis://app:{}@node1:7000"),
+    ],
+    ids=["redis", "sentinel", "cluster"],
+)
+
+
+@URL_PARSERS
+@pytest.mark.parametrize(
+    "password",
+    ["pw\uff1aTiger42", "pw\uff20Tiger42", "pw[Tiger42]"],
+    ids=["fullwidth-colon", "fullwidth-at", "brackets"],
+)
+def test_urls_urllib_cannot_split_never_show_the_password(
+    parse: Callable[[str], Any], template: str, password: str
+) -> None:
+    # urllib's own message quotes the host part (password included) when NFKC turns a
+    # character of it into a separator, or the text between brackets.
+    with pytest.raises(ConfigurationError, match="percent-encode") as info:
+        parse(template.format(password))
+    assert "Tiger42" not in chain_text(info.value)
+    assert parse(template.format(quote(password, safe=""))).password == password
+
+
 # --------------------------------------------------------------------------- TLS
 
 
@@ -269,6 +299,30 @@ def test_tls_contexts_verify_by_default() -> None:
         assert isinstance(ctx, ssl.SSLContext)
         assert ctx.verify_mode == ssl.CERT_REQUIRED
         assert ctx.check_hostname
+
+
+@pytest.mark.parametrize(
+    ("parse", "url"),
+    [
+        (RedisOptions.from_url, "rediss://cache:6380"),
+        (RedisSentinelOptions.from_url, "rediss+sentinel://s1:26379/cache"),
+        (RedisClusterOptions.from_url, "rediss://node1:7000"),
+    ],
+    ids=["redis", "sentinel", "cluster"],
+)
+def test_a_ca_file_whose_path_holds_a_space_or_a_plus(
+    parse: Callable[[str], Any], url: str, tmp_path: Path
+) -> None:
+    # The sentinel and cluster parsers hand the query on to RedisOptions.from_url:
+    # re-encoded with urlencode's default, a space came back as a "+", read as a plus.
+    folder = tmp_path / "private ca+1"
+    folder.mkdir()
+    ca_file = folder / "my ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))
+    expected = ssl.create_default_context(cafile=str(ca_file)).get_ca_certs()
+    context = parse(f"{url}?ssl_ca_certs={quote(str(ca_file))}").tls
+    assert isinstance(context, ssl.SSLContext)
+    assert context.get_ca_certs() == expected  # that CA, and only it
 
 
 # --------------------------------------------------------------------------- ACL

@@ -9,7 +9,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import urlunsplit
 
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.backoff import ExponentialWithJitterBackoff
@@ -56,7 +56,9 @@ from .options import (
     RedisOptions,
     _default_pool_size,
     checked_replace,
+    query_text,
     refuse_unescaped_credentials,
+    split_url,
     url_query,
 )
 from .standalone import RedisBackend, _mux_for, _TCPConnection, _TLSConnection
@@ -212,10 +214,7 @@ class RedisClusterOptions:
             >>> (o.addrs, o.read_from_replicas)
             (('node1:7000', 'node2:7000'), True)
         """
-        try:
-            parts = urlsplit(url)
-        except ValueError as exc:
-            raise ConfigurationError(f"invalid Redis URL: {exc}") from None
+        parts = split_url(url)
         refuse_unescaped_credentials(parts)
         if parts.scheme.lower() not in ("redis", "rediss", "valkey", "valkeys"):
             raise ConfigurationError(f"unsupported URL scheme {parts.scheme!r}: use redis:// or rediss://")
@@ -233,7 +232,7 @@ class RedisClusterOptions:
             if raw not in ("true", "false", "1", "0", "yes", "no"):
                 raise ConfigurationError(f"read_from_replicas must be true or false, not {raw!r}")
             kwargs["read_from_replicas"] = raw in ("true", "1", "yes")
-        seed = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
+        seed = urlunsplit(parts._replace(query=query_text(query)))
         base = RedisOptions.from_url(seed)
         if base.db != 0:
             raise ConfigurationError("a cluster has only database 0; remove the /db part of the URL")

@@ -6,10 +6,10 @@ import dataclasses
 import math
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
-from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, quote, unquote, urlencode, urlsplit
 
 from ...errors import ConfigurationError
 from ._cache import ClientCache
@@ -199,8 +199,8 @@ class RedisOptions:
             >>> (o.addr, o.username, o.db, bool(o.tls))
             ('cache.internal:6380', 'app', 2, True)
         """
+        parts = split_url(url)
         try:
-            parts = urlsplit(url)
             parsed_port = parts.port
         except ValueError:
             # urllib's message echoes the bad port, which is part of the password
@@ -300,6 +300,26 @@ _UNESCAPED = (
 )
 
 
+_UNSPLITTABLE = (
+    "invalid Redis URL: its host part cannot be read (percent-encode '[', ']' and any "
+    "non-ASCII character, as well as '/', '?', '#' and '@', in the username and password)"
+)
+
+
+def split_url(url: str) -> SplitResult:
+    """``urlsplit(url)``, refusing a URL it cannot split without quoting any of it.
+
+    urllib's messages quote what it choked on: the whole host part, password
+    included, when the password holds a character that NFKC normalization turns
+    into a separator (a fullwidth colon or at sign, U+FF1A or U+FF20), or the
+    text between ``[`` and ``]``, which may be part of the password.
+    """
+    try:
+        return urlsplit(url)
+    except ValueError:
+        raise ConfigurationError(_UNSPLITTABLE) from None
+
+
 def url_query(query: str, *, repeatable: tuple[str, ...] = ()) -> dict[str, list[str]]:
     """A URL's query options; one given twice is refused (which one should win?).
 
@@ -312,6 +332,15 @@ def url_query(query: str, *, repeatable: tuple[str, ...] = ()) -> dict[str, list
         if len(values) > 1 and name not in repeatable:
             raise ConfigurationError(f"invalid Redis URL: the option {name!r} is given {len(values)} times")
     return options
+
+
+def query_text(options: Mapping[str, str | Sequence[str]]) -> str:
+    """The query string that :func:`url_query` reads back as ``options``.
+
+    ``urlencode`` writes a space as ``+`` by default, which :func:`url_query`
+    reads as a plus sign: a CA file path with a space would change on the way.
+    """
+    return urlencode(options, doseq=True, quote_via=quote)
 
 
 def refuse_unescaped_credentials(parts: SplitResult, *, unix: bool = False) -> None:

@@ -10,28 +10,33 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlencode, urlsplit
+from urllib.parse import unquote
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import (
     MasterNotFoundError,
     Sentinel,
     SentinelConnectionPool,
     SentinelManagedConnection,
 )
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from ...errors import BackendUnavailableError, ConfigurationError
 from ._errors import DialTimeoutError, is_dial_timeout, where
-from ._mux import Arg, Opener, tcp_opener
+from ._mux import Arg, Opener, pack, tcp_opener
 from .options import (
     RedisOptions,
     _default_pool_size,
     checked_replace,
     join_addr,
+    query_text,
     refuse_unescaped_credentials,
+    split_url,
     url_query,
 )
 from .standalone import (
@@ -40,6 +45,7 @@ from .standalone import (
     _DialBounded,
     _mux_for,
     _pool_for,
+    _read_one,
     _TLSContextConnection,
 )
 
@@ -47,11 +53,14 @@ __all__ = ["RedisSentinelBackend", "RedisSentinelOptions"]
 
 _log = logging.getLogger(__name__)
 
-# Pause before re-subscribing to a sentinel after losing it, so that a sentinel
-# outage never turns into a busy loop.
+# Subscriptions to the sentinels start at least this far apart, so that a sentinel
+# outage never turns into a busy loop (and one lost after a while is replaced at once).
 _WATCH_RETRY_DELAY = 0.5
 #: How long connect() waits for the failover subscription when dial_timeout is None.
 _SUBSCRIBE_WAIT = 5.0
+#: How long the subscribed sentinel may stay silent, and then take to answer a PING,
+#: when read_timeout is None.
+_WATCH_SILENCE = 5.0
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,8 @@ class RedisSentinelOptions:
             dial_timeout=self.dial_timeout,
             read_timeout=self.read_timeout,
             tls=self.tls if self.sentinel_tls is None else self.sentinel_tls,
+            # protocol=2 is for servers without HELLO, and their sentinels lack it just the same.
+            protocol=self.protocol,
         )
 
     def replace(self, **changes: object) -> RedisSentinelOptions:
@@ -160,10 +171,7 @@ class RedisSentinelOptions:
             >>> (o.sentinels, o.service_name, o.db)
             (('s1:26379', 's2:26379'), 'cache', 2)
         """
-        try:
-            parts = urlsplit(url)
-        except ValueError as exc:
-            raise ConfigurationError(f"invalid sentinel URL: {exc}") from None
+        parts = split_url(url)
         refuse_unescaped_credentials(parts)
         scheme = parts.scheme.lower()
         if scheme not in ("redis+sentinel", "rediss+sentinel", "valkey+sentinel", "valkeys+sentinel"):
@@ -188,7 +196,7 @@ class RedisSentinelOptions:
         if len(path) == 2:
             plain += f"/{path[1]}"
         if query:
-            plain += "?" + urlencode(query)
+            plain += "?" + query_text(query)
         base = RedisOptions.from_url(plain)
         ours = {f.name for f in dataclasses.fields(cls)}
         for f in dataclasses.fields(RedisOptions):
@@ -263,7 +271,8 @@ class _Sentinel(Sentinel):
         problems: list[str] = []
         refused = timed_out = 0
         sentinels: list[Redis] = self.sentinels
-        for index, sentinel in enumerate(sentinels):
+        # A copy: concurrent look-ups reorder the list while this one waits on a sentinel.
+        for sentinel in list(sentinels):
             kwargs = sentinel.connection_pool.connection_kwargs
             name = f"sentinel {kwargs.get('host')}:{kwargs.get('port')}"
             try:
@@ -273,10 +282,15 @@ class _Sentinel(Sentinel):
                 timed_out += is_dial_timeout(exc)
                 problems.append(f"{name}: {exc}")
                 continue
+            except ResponseError as exc:
+                # Not a sentinel (a data node answers "unknown command"), or one whose
+                # ACL refuses the look-up (NOPERM): the next ones may still answer.
+                problems.append(f"{name}: {exc}")
+                continue
             state = masters.get(service_name) if isinstance(masters, dict) else None
             if state and self.check_master_state(state, service_name):
                 # The sentinel that answered is asked first next time, as redis-py does.
-                sentinels[0], sentinels[index] = sentinel, sentinels[0]
+                self.ask_first(sentinel)
                 return state["ip"], int(state["port"])
             problems.append(f"{name}: no healthy primary known under that name")
         detail = "; ".join(problems)
@@ -287,13 +301,40 @@ class _Sentinel(Sentinel):
             raise DialTimeoutError(f"no sentinel answered: {detail}")
         raise MasterNotFoundError(f"no primary found for {service_name!r} ({detail})")
 
+    def ask_first(self, sentinel: Redis) -> None:
+        """Swap ``sentinel`` with the first one, so that look-ups ask it first."""
+        # By its position now: look-ups run concurrently and may have moved it, and a
+        # swap by a stale position would list one sentinel twice and drop another.
+        sentinels: list[Redis] = self.sentinels
+        position = sentinels.index(sentinel)
+        sentinels[0], sentinels[position] = sentinel, sentinels[0]
+
 
 def _demoted(exc: ResponseError) -> bool:
-    return str(exc).startswith("READONLY")
+    # redis-py's parser raises READONLY as ReadOnlyError and cuts the prefix off
+    # its message; the multiplexed connection keeps the server's text.
+    return isinstance(exc, ReadOnlyError) or str(exc).startswith("READONLY")
+
+
+async def _read_from_primary(conn: AbstractConnection) -> Any:
+    """A pooled reply; a connection that reached a replica is dropped.
+
+    Dropped, it asks the sentinels for the primary before its next command;
+    otherwise it would stay on the replica, and every write it carries would be
+    refused. (redis-py's ``SentinelManagedConnection.read_response`` would drop it
+    too, but turns the refusal into a connection error, retried only as often as
+    ``max_retries`` allows, with backoff.)
+    """
+    try:
+        return await _read_one(conn)
+    except ResponseError as exc:
+        if _demoted(exc):
+            await conn.disconnect()
+        raise
 
 
 # redis-py leaves these untyped; typed references keep the rest checked.
-_make_sentinel: Callable[..., Sentinel] = _Sentinel
+_make_sentinel: Callable[..., _Sentinel] = _Sentinel
 _make_pool: Callable[..., _BlockingSentinelPool] = _BlockingSentinelPool
 
 
@@ -345,6 +386,9 @@ class RedisSentinelBackend(RedisBackend):
             self._sentinel,
             max_connections=self._pool.max_connections,
             timeout=self._pool.timeout,
+            # As on the standalone pool: with them on, a connection handed out is not
+            # checked for an unread reply.
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
             **kwargs,
         )
         self._redis = Redis.from_pool(self._pool)
@@ -397,6 +441,20 @@ class RedisSentinelBackend(RedisBackend):
             return tcp_opener(host, port, tls), f"the primary {join_addr(host, port)}"
 
         return resolve
+
+    async def _pool_execute(self, *args: Arg) -> Any:
+        payload = pack(args)
+        try:
+            return await self._pool_call(payload, _read_from_primary)
+        except ResponseError as exc:
+            if not _demoted(exc):
+                raise
+            # As on the multiplexed connection: the replica applied nothing, so the
+            # command is sent once more, to the primary the sentinels name now. The
+            # idle connections may be on the replica too; dropped, they ask again.
+            _log.info("%s: the primary was demoted, reconnecting", self._node)
+            await self._pool.disconnect(inuse_connections=False)
+            return await self._pool_call(payload, _read_from_primary)
 
     async def _mux_execute(self, *args: Arg) -> Any:
         mux = self._mux
@@ -471,8 +529,10 @@ class RedisSentinelBackend(RedisBackend):
             with contextlib.suppress(RedisError):
                 await close_sentinels()
 
-    async def _confirm_subscription(self) -> None:
+    async def _confirm_subscription(self, sentinel: Redis) -> None:
         """A sentinel confirmed the subscription: release connect(), and after a gap, catch up."""
+        # It answers: look-ups must not wait first on the silent sentinel it replaces.
+        self._sentinel.ask_first(sentinel)
         if not self._subscribed_once:
             self._subscribed_once = True
             self._watch_ready.set()  # connect() looks the primary up next
@@ -490,31 +550,61 @@ class RedisSentinelBackend(RedisBackend):
             await self._leave_primary()
 
     async def _follow_failovers(self) -> None:
-        service = self._sentinel_options.service_name.encode()
+        service = self._sentinel_options.service_name
+        # A sentinel that goes silent (its host lost, a partition) sends no FIN or
+        # RST: unless silence is bounded, the watcher waits on it for good, deaf to
+        # every later failover, while the old primary acknowledges writes it loses.
+        bound = self._sentinel_options.read_timeout or _WATCH_SILENCE
+        # A copy: look-ups reorder the list, and each sentinel must get its turn.
+        order = list(self._sentinel.sentinels)
+        loop = asyncio.get_running_loop()
         index = 0
         while True:
-            sentinel = self._sentinel.sentinels[index % len(self._sentinel.sentinels)]
+            sentinel = order[index % len(order)]
             index += 1
+            started = loop.time()
             pubsub = sentinel.pubsub()
             try:
+                await self._check_monitors(sentinel, service, bound)
                 await pubsub.subscribe("+switch-master")
-                async for message in pubsub.listen():
-                    data = message.get("data")
-                    if message.get("type") == "subscribe":
-                        await self._confirm_subscription()
-                        continue
-                    if message.get("type") != "message" or not isinstance(data, bytes):
-                        continue
-                    # "<service> <old-ip> <old-port> <new-ip> <new-port>"
-                    if data.split(b" ", 1)[0] == service:
-                        _log.info("%s: primary switched, reconnecting (%s)", self._node, data.decode())
-                        await self._leave_primary()
-            except (RedisError, OSError) as exc:
+                await self._listen(sentinel, pubsub, service.encode(), bound)
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
                 _log.debug("%s: lost a sentinel subscription: %s", self._node, exc)
-                if index >= len(self._sentinel.sentinels):
+                if index >= len(order):
                     self._watch_ready.set()  # every sentinel tried: connect() waits no longer
             finally:
                 close_pubsub: Callable[[], Awaitable[None]] = pubsub.aclose
                 with contextlib.suppress(RedisError, OSError):
                     await close_pubsub()
-            await asyncio.sleep(_WATCH_RETRY_DELAY)
+            await asyncio.sleep(max(0.0, started + _WATCH_RETRY_DELAY - loop.time()))
+
+    async def _check_monitors(self, sentinel: Redis, service: str, bound: float) -> None:
+        """Refuse to listen to a server that would never announce a failover of ``service``.
+
+        A data node (a wrong address in the list) accepts SUBSCRIBE just the same,
+        and so does a sentinel that monitors other primaries only.
+        """
+        masters: Callable[[], Awaitable[Any]] = sentinel.sentinel_masters
+        known = await asyncio.wait_for(masters(), bound)
+        if not isinstance(known, dict) or service not in known:
+            raise ResponseError(f"the sentinel does not monitor {service!r}")
+
+    async def _listen(self, sentinel: Redis, pubsub: PubSub, service: bytes, bound: float) -> None:
+        """Follow the announcements until the subscription fails or stays silent too long."""
+        pinged = False
+        while True:
+            message: dict[str, Any] | None = await pubsub.get_message(timeout=bound)
+            if message is None:
+                if pinged:
+                    raise RedisTimeoutError(f"the sentinel did not answer a PING within {bound:g} s")
+                await pubsub.ping()
+                pinged = True
+                continue
+            pinged = False  # whatever came, the sentinel is there
+            kind, data = message.get("type"), message.get("data")
+            if kind == "subscribe":
+                await self._confirm_subscription(sentinel)
+            # "<service> <old-ip> <old-port> <new-ip> <new-port>"
+            elif kind == "message" and isinstance(data, bytes) and data.split(b" ", 1)[0] == service:
+                _log.info("%s: primary switched, reconnecting (%s)", self._node, data.decode())
+                await self._leave_primary()
