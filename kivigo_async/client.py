@@ -787,7 +787,9 @@ class Client:
         closing the client ends every watch it opened.
 
         On Redis and Valkey this uses keyspace notifications, on a connection
-        of its own (one per primary on a cluster). Unless ``configure_server``
+        of its own (one per primary on a cluster), and a second one per node
+        for the heartbeat, which ends the watch when a node is demoted or its
+        slots move. Unless ``configure_server``
         is false, the server's ``notify-keyspace-events`` is checked and the
         flags a watch needs are added to those already on (none is ever turned
         off); a server that refuses ``CONFIG`` raises

@@ -1012,9 +1012,11 @@ class RedisClusterBackend:
 
         Each primary publishes the changes to its own keys, so the watch
         subscribes on each primary known when it starts; changes to one key
-        arrive in order. A failover or a lost node ends the watch with
-        :class:`~kivigo_async.errors.BackendUnavailableError`; watch again to
-        follow the new layout.
+        arrive in order, except while resharding moves its slot. A failover, a
+        lost node or a slot moved ends the watch with
+        :class:`~kivigo_async.errors.BackendUnavailableError` (a move at the
+        next heartbeat, after the moved keys' events); watch again to follow
+        the new layout.
 
         Example:
             ```python
