@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import logging
 import ssl
-import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from urllib.parse import quote
 import pytest
 import redis.asyncio as aioredis
 import trustme
-from conftest import redis_options
+from conftest import chain_text, redis_options
 
 from kivigo_async import Client, EncryptedCodec, JsonCodec
 from kivigo_async.backends.redis import RedisBackend, RedisClusterOptions, RedisOptions, RedisSentinelOptions
@@ -37,20 +36,6 @@ from kivigo_async.testing.pytest_plugin import ServerFactory, require_server
 from kivigo_async.testing.servers import BinaryKind, RedisServer, ServerPool
 
 TRANSPORTS = pytest.mark.parametrize("auto_pipeline", [True, False], ids=["multiplexed", "pool"])
-
-
-def chain_text(exc: BaseException) -> str:
-    """Everything a log line could show about ``exc``: messages, reprs, causes, traceback."""
-    parts = ["".join(traceback.format_exception(exc))]
-    current: BaseException | None = exc
-    seen: set[int] = set()
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        parts += [str(current), repr(current)]
-        if isinstance(current, HealthCheckError):
-            parts += [chain_text(e) for e in current.errors]
-        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
-    return "\n".join(parts)
 
 
 def log_text(caplog: pytest.LogCaptureFixture) -> str:

@@ -14,13 +14,13 @@ import asyncio
 import secrets
 import ssl
 import time
-import traceback
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 import redis
 import trustme
+from conftest import chain_text
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.retry import Retry
@@ -202,18 +202,6 @@ def other_ca_context() -> ssl.SSLContext:
     context = ssl.create_default_context()
     trustme.CA().configure_trust(context)
     return context
-
-
-def chain_text(exc: BaseException) -> str:
-    """Every text a log line could show about ``exc``: messages, reprs, causes, traceback."""
-    parts = ["".join(traceback.format_exception(exc))]
-    current: BaseException | None = exc
-    while current is not None:
-        parts += [str(current), repr(current)]
-        if isinstance(current, HealthCheckError):
-            parts += [chain_text(e) for e in current.errors]
-        current = current.__cause__ or current.__context__
-    return "\n".join(parts)
 
 
 async def connect_error(backend: RedisClusterBackend | RedisSentinelBackend) -> BackendUnavailableError:
