@@ -688,6 +688,22 @@ async def test_connection_refused_is_unavailable_quickly(max_retries: int) -> No
 
 
 @pytest.mark.server
+@pytest.mark.parametrize(("auto_pipeline", "protocol"), [(True, None), (False, None), (False, 2), (False, 3)])
+async def test_a_password_for_a_server_without_one_connects_on_every_transport(
+    server: RedisServer, auto_pipeline: bool, protocol: int | None
+) -> None:
+    # Clients given the password before the server requires it (a rolling change)
+    # log in as the default user, whose password nothing checks yet: redis-py's
+    # HELLO AUTH accepts that, and so must every transport, or they would differ.
+    assert server.password is None
+    options = redis_options(server, auto_pipeline=auto_pipeline, protocol=protocol)
+    options = options.replace(password="not-required-yet")
+    async with Client(RedisBackend(options)) as client:
+        await client.set("auth:k", 1)
+        assert await client.get("auth:k") == 1
+
+
+@pytest.mark.server
 @pytest.mark.parametrize("variant", ["password", "acl"])
 async def test_wrong_password_never_shows_the_password(
     kivigo_server_pool: ServerPool, kind: BinaryKind, variant: Any

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -87,6 +88,13 @@ def pack(args: Sequence[Arg]) -> bytes:
         return hiredis.pack_command(  # type: ignore[no-any-return]
             tuple(a.encode("utf-8", "surrogateescape") if isinstance(a, str) else a for a in args)  # type: ignore[arg-type]
         )
+
+
+#: The server's answer to ``AUTH <password>`` when the default user has no password:
+#: the connection is logged in as that user all the same. Taken as a success, as
+#: redis-py's ``HELLO 3 AUTH default <password>`` is, so that clients can be given
+#: the password before the server asks for it.
+_NO_PASSWORD_NEEDED = re.compile(r"ERR AUTH <password> called without any password configured")
 
 
 def backoff(attempt: int) -> float:
@@ -497,7 +505,7 @@ class MuxConnection:
                 protocol.close()
                 raise
             for reply in replies:
-                if reply.__class__ is hiredis.ReplyError:
+                if reply.__class__ is hiredis.ReplyError and not _NO_PASSWORD_NEEDED.match(str(reply)):
                     protocol.close()
                     text = str(reply)
                     if text.startswith(("WRONGPASS", "NOAUTH", "ERR invalid password", "ERR AUTH")):

@@ -252,7 +252,9 @@ def _would_wait(lock: asyncio.Lock | None) -> bool:
 def _pool_for(options: RedisOptions) -> BlockingConnectionPool:
     kwargs: dict[str, Any] = {
         "db": options.db,
-        "username": options.username,
+        # The default user named: redis-py then logs in with AUTH default <password> on
+        # RESP2 too (as HELLO does on RESP3), which a server without a password accepts.
+        "username": options.username or ("default" if options.password else None),
         "password": options.password,
         "socket_connect_timeout": options.dial_timeout,
         "socket_timeout": options.read_timeout,
