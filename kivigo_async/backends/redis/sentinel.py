@@ -310,6 +310,9 @@ class _Sentinel(Sentinel):
         sentinels[0], sentinels[position] = sentinel, sentinels[0]
 
 
+_REFUSED_BY_REPLICA = "The previous master is now a slave"
+
+
 def _demoted(exc: ResponseError) -> bool:
     # redis-py's parser raises READONLY as ReadOnlyError and cuts the prefix off
     # its message; the multiplexed connection keeps the server's text.
@@ -471,7 +474,11 @@ class RedisSentinelBackend(RedisBackend):
             return await mux.execute(*args)
 
     def _error(self, exc: Exception, command: str, key: str | None = None) -> Exception:
-        if isinstance(exc, ResponseError) and _demoted(exc):
+        if (isinstance(exc, ResponseError) and _demoted(exc)) or (
+            # redis-py's sentinel connection turns a refusal of the replica into this
+            # connection error (a batch with a TTL, on the pool): nothing was applied.
+            isinstance(exc, RedisConnectionError) and str(exc) == _REFUSED_BY_REPLICA
+        ):
             # Batches and retried commands end here: leave the demoted primary for the next call.
             self._server_changes += 1
             if self._mux is not None:
