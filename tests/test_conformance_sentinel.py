@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 from conftest import refused_port
+from redis.asyncio.connection import AbstractConnection
 
 from kivigo_async import Client
 from kivigo_async.backends.redis import RedisSentinelBackend, RedisSentinelOptions
@@ -413,6 +414,25 @@ async def test_single_commands_share_one_connection_to_the_primary(redis_sentine
         async with aioredis.Redis(host=host, port=int(port), password=redis_sentinel.password) as direct:
             ours = [c for c in await direct.client_list() if c.get("name") == name]
         assert len(ours) == 1, ours
+
+
+async def test_a_connection_done_with_before_a_switch_fails_no_later_call(
+    redis_sentinel: RedisSentinel,
+) -> None:
+    # A connection in use when +switch-master arrives is marked, so that its holder
+    # hears of the switch; one whose holder had read its reply and was giving it
+    # back must not pass the mark on to the next, unrelated caller.
+    options = sentinel_options(redis_sentinel, auto_pipeline=False, pool_size=1, max_retries=0)
+    backend = RedisSentinelBackend(options)
+    async with Client(backend) as client:
+        await client.set("k", 1)
+        pool = backend._pool
+        acquire: Callable[[], Awaitable[AbstractConnection]] = pool.get_connection
+        conn = await acquire()
+        await backend._leave_primary()  # what the switch announcement does
+        await pool.release(conn)
+        await client.set("k", 2)  # the same (only) connection, for a new caller
+        assert await client.get("k") == 2
 
 
 def replica_of(topology: RedisSentinel) -> tuple[str, int]:

@@ -212,6 +212,14 @@ class RedisSentinelOptions:
 class _BlockingSentinelPool(SentinelConnectionPool, _ClosablePool):
     """Sentinel-managed connections in the standalone pool: waits for a free one, stays closed once closed."""
 
+    async def release(self, connection: AbstractConnection) -> None:
+        # The failover mark is for the holder that had the connection when the
+        # primary changed; given back, it would fail the next caller's first use.
+        if isinstance(connection, _SentinelConnection):
+            connection.dropped_by_failover = False
+        give_back: Callable[[AbstractConnection], Awaitable[None]] = super().release
+        await give_back(connection)
+
 
 class _SentinelConnection(_DialBounded, SentinelManagedConnection):
     """A sentinel-managed connection that asks the sentinels before every (re)connect.
