@@ -315,9 +315,14 @@ def split_url(url: str) -> SplitResult:
     text between ``[`` and ``]``, which may be part of the password.
     """
     try:
-        return urlsplit(url)
+        parts = urlsplit(url)
     except ValueError:
         raise ConfigurationError(_UNSPLITTABLE) from None
+    # Python 3.10 (and 3.11 before 3.11.4) lets brackets in the user name or password
+    # through: refused here too, so that a URL means the same on every version.
+    if any(c in parts.netloc.rpartition("@")[0] for c in "[]"):
+        raise ConfigurationError(_UNSPLITTABLE)
+    return parts
 
 
 def url_query(query: str, *, repeatable: tuple[str, ...] = ()) -> dict[str, list[str]]:
