@@ -55,6 +55,7 @@ __all__ = ["MAX_TTL_MS", "Client", "HealthCheck", "Transaction", "TTLLike"]
 
 T = TypeVar("T")
 D = TypeVar("D")
+Item = TypeVar("Item")
 
 #: A TTL: seconds as a number (fractions keep millisecond precision) or a timedelta.
 TTLLike = Union[float, int, timedelta]  # noqa: UP007 (a runtime alias must work on 3.9 syntax)
@@ -122,6 +123,19 @@ def _unique_keys(keys: Iterable[str]) -> list[str]:
     if "" in seen:
         _check_key("")
     return out if len(seen) == len(out) else list(dict.fromkeys(out))
+
+
+def _settled(items: list[Item], results: Sequence[object]) -> tuple[list[Item], BaseException | None]:
+    """The items whose call succeeded, and the first failure (``None``: none failed).
+
+    A backend without batch support gets one call per key, all awaited to the end
+    (none left running after the batch returns): when one fails, the others may
+    have been applied all the same.
+    """
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is None:
+        return items, None
+    return [item for item, r in zip(items, results, strict=True) if not isinstance(r, BaseException)], failed
 
 
 def _ttl_ms(ttl: TTLLike | None) -> int | None:
@@ -699,7 +713,10 @@ class Client:
 
         Every key is checked and every value encoded before anything is sent:
         one bad key or value raises and nothing is written. On Redis the batch
-        is one round trip and atomic.
+        is one round trip and atomic. On a backend without batch support it is
+        one call per key, run together: when one fails, the others may still
+        have been written (hooks hear of those), and its error is raised once
+        every call has ended.
 
         Example:
             ```python
@@ -718,7 +735,14 @@ class Client:
         if self._batch is not None:
             await self._batch.batch_set(items, ttl_ms)
         else:
-            await asyncio.gather(*(self._backend.set(k, v, ttl_ms) for k, v in items))
+            results = await asyncio.gather(
+                *(self._backend.set(k, v, ttl_ms) for k, v in items), return_exceptions=True
+            )
+            items, failed = _settled(items, results)
+            if failed is not None:
+                if self.hooks and items:  # written, though the batch failed: hooks hear of them
+                    await self.hooks.emit_many(EventType.BATCH_SET, items)
+                raise failed
         if self.hooks:
             await self.hooks.emit_many(EventType.BATCH_SET, items)
 
@@ -768,7 +792,13 @@ class Client:
         if self._batch is not None:
             count = await self._batch.batch_delete(unique)
         else:
-            count = sum(await asyncio.gather(*(self._backend.delete(k) for k in unique)))
+            results = await asyncio.gather(*(self._backend.delete(k) for k in unique), return_exceptions=True)
+            unique, failed = _settled(unique, results)
+            if failed is not None:
+                if self.hooks and unique:  # deleted, though the batch failed: hooks hear of them
+                    await self.hooks.emit_many(EventType.BATCH_DELETE, [(k, None) for k in unique])
+                raise failed
+            count = sum(cast("list[bool]", results))
         if self.hooks:
             await self.hooks.emit_many(EventType.BATCH_DELETE, [(k, None) for k in unique])
         return count

@@ -22,6 +22,7 @@ from kivigo_async.backend import (
 from kivigo_async.backends.memory import MemoryBackend
 from kivigo_async.codecs import JsonCodec
 from kivigo_async.errors import (
+    BackendError,
     BackendUnavailableError,
     ConfigurationError,
     HealthCheckError,
@@ -135,6 +136,47 @@ async def test_emulated_batches_run_concurrently() -> None:
     release.set()
     assert await task == {}
     assert sorted(started) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("operation", ["batch_set", "batch_delete"])
+async def test_an_emulated_batch_that_fails_half_way_waits_for_every_call_and_tells_the_hooks(
+    operation: str,
+) -> None:
+    # Key by key, a failed write does not undo the others: the batch returns only
+    # once every call has ended (none still writing behind the caller's back), and
+    # the hooks hear of the writes that were applied.
+    finished: list[str] = []
+
+    class OneKeyFails(MinimalBackend):
+        async def set(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
+            await self._slowly(key)
+            await super().set(key, value, ttl_ms)
+            finished.append(key)
+
+        async def delete(self, key: str) -> bool:
+            await self._slowly(key)
+            existed = await super().delete(key)
+            finished.append(key)
+            return existed
+
+        async def _slowly(self, key: str) -> None:
+            if key == "bad":
+                raise BackendError("refused")
+            await asyncio.sleep(0.05)  # still running when "bad" fails
+
+    backend = OneKeyFails()
+    backend.data = {"a": b"1", "c": b"3"}
+    client = Client(backend)
+    events: list[tuple[EventType, str]] = []
+    client.hooks.register(lambda e: events.append((e.type, e.key)))
+    with pytest.raises(BackendError, match="refused"):
+        if operation == "batch_set":
+            await client.batch_set({"a": 1, "bad": 2, "c": 3})
+        else:
+            await client.batch_delete(["a", "bad", "c"])
+    assert sorted(finished) == ["a", "c"]
+    kind = EventType.BATCH_SET if operation == "batch_set" else EventType.BATCH_DELETE
+    assert events == [(kind, "a"), (kind, "c")]
 
 
 async def test_missing_capabilities_raise_unsupported() -> None:
