@@ -392,6 +392,13 @@ async def _drain_pending(hook: _Hook, callers: dict[asyncio.Task[None], asyncio.
                 if result is None:
                     continue
                 work = _await_result(hook, event, result)
+            elif context == contextvars.copy_context():
+                # The values this worker runs with already (the usual case: writes
+                # from one request, or no context variables at all): no task needed.
+                # A call that sets one changes the worker's, so the next call,
+                # compared again, gets a task of its own and never sees it.
+                await _invoke(hook, event)
+                continue
             else:
                 work = _invoke(hook, event)
             # Awaiting must happen in a task of its own: a task's context is fixed when
