@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from kivigo_async import Client, ConfigurationError, KeyNotFoundError
 from kivigo_async.backends.redis import ClientCache, LocalCache, RedisBackend, RedisOptions
+from kivigo_async.backends.redis._mux import backoff, listener_backoff
 from kivigo_async.testing.pytest_plugin import ServerFactory
 from kivigo_async.testing.servers import RedisServer
 
@@ -592,3 +593,12 @@ async def test_a_user_without_the_channel_works_uncached_until_granted(
                 await asyncio.sleep(0.02)
     finally:
         await admin.aclose()
+
+
+def test_retry_delays_stay_bounded_however_long_the_retries_go_on() -> None:
+    # A listener an ACL keeps from subscribing retries for the life of the process:
+    # at attempt 1,024 an uncapped 2**attempt no longer fits a float.
+    for attempt in (1, 7, 64, 1024, 10**6):
+        assert 0 <= listener_backoff(attempt) <= 5.0
+        assert 0 <= backoff(attempt) <= 0.512
+    assert listener_backoff(1) <= 0.1

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -26,7 +25,7 @@ import hiredis
 from redis import exceptions as rx
 
 from ...errors import ConfigurationError
-from ._mux import Arg, MuxConnection, Opener
+from ._mux import Arg, MuxConnection, Opener, listener_backoff
 
 if TYPE_CHECKING:
     from .options import RedisOptions
@@ -428,7 +427,7 @@ class Tracking:
                 except rx.RedisError as exc:
                     attempt += 1
                     _log.debug("client cache: invalidation connection not restored yet: %s", exc)
-                    await asyncio.sleep(min(5.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0))
+                    await asyncio.sleep(listener_backoff(attempt))
         finally:
             self._repair = None
 

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -65,7 +64,7 @@ from redis.asyncio.cluster import ClusterNode, PipelineCommand
 from redis.crc import key_slot
 
 from ._cache import ClientCache, LocalCache, heartbeat, ttl_reply
-from ._mux import Arg
+from ._mux import Arg, listener_backoff
 from ._scan import decode_key
 from .options import RedisOptions
 from .standalone import _mux_for
@@ -154,7 +153,7 @@ class _Listener:
             self._down()
             self.conn.drop()
             attempt += 1
-            await asyncio.sleep(min(5.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0))
+            await asyncio.sleep(listener_backoff(attempt))
 
     async def _listen(self) -> None:
         generation = self._generation

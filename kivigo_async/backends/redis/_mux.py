@@ -34,7 +34,7 @@ from redis import exceptions as rx
 
 from ._errors import DialTimeoutError
 
-__all__ = ["MuxConnection", "backoff", "pack"]
+__all__ = ["MuxConnection", "backoff", "listener_backoff", "pack"]
 
 Arg = Union[str, bytes, int, float]  # noqa: UP007 (runtime alias)
 
@@ -102,7 +102,18 @@ def backoff(attempt: int) -> float:
 
     Full jitter, capped: many clients retrying at once spread out.
     """
-    return random.uniform(0, min(0.512, 0.008 * 2**attempt))
+    # The exponent is capped too: 2**attempt past 1023 is too large for a float.
+    return random.uniform(0, 0.008 * (1 << min(attempt, 6)))  # at most 0.512 s
+
+
+def listener_backoff(attempt: int) -> float:
+    """Seconds before a client-cache listener's connect attempt number ``attempt``.
+
+    Doubles from 0.1 s up to 5 s, with jitter. A listener may retry for as long
+    as the process lives (an ACL user who may not subscribe): the exponent is
+    capped, or 2**attempt would overflow a float after about an hour.
+    """
+    return min(5.0, 0.05 * (1 << min(attempt, 7))) * random.uniform(0.5, 1.0)
 
 
 def _seen(future: asyncio.Future[Any]) -> None:
