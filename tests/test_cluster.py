@@ -73,6 +73,24 @@ async def backend(redis_cluster: RedisCluster) -> AsyncIterator[RedisClusterBack
     await backend.close()
 
 
+@pytest.mark.parametrize(("auto_pipeline", "protocol"), [(True, 2), (False, 2), (True, None), (False, None)])
+async def test_a_password_for_a_cluster_without_one_connects(
+    redis_cluster: RedisCluster, auto_pipeline: bool, protocol: int | None
+) -> None:
+    # As on a single server: the default user, whose password nothing checks yet,
+    # lets the client in whatever password it was given, on every protocol.
+    options = RedisClusterOptions(
+        addrs=redis_cluster.addrs[:1],
+        password="not-required-yet",
+        auto_pipeline=auto_pipeline,
+        protocol=protocol,
+    )
+    async with Client(RedisClusterBackend(options)) as client:
+        await client.set("auth:{k}", 1)
+        assert await client.get("auth:{k}") == 1
+        await client.delete("auth:{k}")
+
+
 async def test_batch_get_is_one_pipeline_per_node(
     backend: RedisClusterBackend, redis_cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -149,3 +150,38 @@ async def test_concurrent_lookups_keep_every_sentinel(redis_sentinel: RedisSenti
             assert after[0] is before[1]  # the one that answered is asked first
         finally:
             await backend.close()
+
+
+async def test_a_call_in_flight_at_close_asks_no_sentinel_afterwards(
+    redis_sentinel: RedisSentinel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redis-py retries a pooled call cut by close() on the same connection, which
+    # asked the sentinels for the primary before it found its pool closed: each
+    # retry opened a sentinel connection that nothing closed any more.
+    backend = RedisSentinelBackend(sentinel_options(redis_sentinel, auto_pipeline=False, max_retries=3))
+    await backend.connect()
+    asked_after_close = 0
+    closing = False
+    discover: Callable[[str], Awaitable[tuple[str, int]]] = backend.sentinel.discover_master
+
+    async def counting(service_name: str) -> tuple[str, int]:
+        nonlocal asked_after_close
+        asked_after_close += closing
+        return await discover(service_name)
+
+    monkeypatch.setattr(backend.sentinel, "discover_master", counting)
+    call = asyncio.ensure_future(backend._exec("BLPOP", "nothing-comes", "2"))
+    await asyncio.sleep(0.1)  # the BLPOP is waiting on its pooled connection
+    closing = True
+    await backend.close()
+    with pytest.raises(redis.ConnectionError, match="closed"):
+        await asyncio.wait_for(call, 10)
+    assert asked_after_close == 0
+    pools = [sentinel.connection_pool for sentinel in backend.sentinel.sentinels]
+    still_open = [
+        conn
+        for pool in pools
+        for conn in (*pool._available_connections, *pool._in_use_connections)
+        if conn.is_connected
+    ]
+    assert still_open == []

@@ -56,6 +56,7 @@ from .options import (
     RedisOptions,
     _default_pool_size,
     checked_replace,
+    login_user,
     query_text,
     refuse_unescaped_credentials,
     split_url,
@@ -262,7 +263,7 @@ def _cluster_for(options: RedisClusterOptions) -> RedisCluster:
     seeds = [RedisOptions(addr=addr) for addr in options.addrs]
     kwargs: dict[str, Any] = {
         "startup_nodes": [ClusterNode(seed.host, seed.port) for seed in seeds],
-        "username": options.username,
+        "username": login_user(options.username, options.password),
         "password": options.password,
         "client_name": options.client_name,
         "max_connections": options.pool_size,

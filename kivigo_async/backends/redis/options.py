@@ -306,6 +306,21 @@ _UNSPLITTABLE = (
 )
 
 
+def login_user(username: str | None, password: str | None) -> str | None:
+    """The user name to give redis-py's connections: the default user's when only a password is set.
+
+    Named, redis-py logs in with ``AUTH default <password>`` on RESP2 too (as
+    ``HELLO 3 AUTH`` does on RESP3), which a server whose default user has no
+    password yet accepts; a one-argument ``AUTH`` it refuses. (redis-py falls back
+    to one argument for a server too old for two.)
+
+    Example:
+        >>> login_user(None, "secret"), login_user("app", "secret"), login_user(None, None)
+        ('default', 'app', None)
+    """
+    return username or ("default" if password else None)
+
+
 def split_url(url: str) -> SplitResult:
     """``urlsplit(url)``, refusing a URL it cannot split without quoting any of it.
 

@@ -40,6 +40,7 @@ from .options import (
     url_query,
 )
 from .standalone import (
+    _CLOSED,
     RedisBackend,
     _ClosablePool,
     _DialBounded,
@@ -247,6 +248,10 @@ class _SentinelConnection(_DialBounded, SentinelManagedConnection):
     ) -> None:
         if self.is_connected:
             return
+        if self.kivigo_pool is not None and self.kivigo_pool.closed:
+            # Before asking the sentinels: the look-up would open a sentinel
+            # connection that the closed backend no longer closes.
+            raise RedisConnectionError(_CLOSED)
         if self.dropped_by_failover:
             # Its holder must hear of it: redis-py would reconnect a watching
             # transaction to the new primary without its WATCH, and its EXEC would

@@ -30,7 +30,7 @@ from ._cache import LocalCache, Tracking, ttl_reply
 from ._errors import DIAL_TIMEOUT_TEXT, translate
 from ._mux import Arg, MuxConnection, Opener, pack, tcp_opener, unix_opener
 from ._scan import SCAN_COUNT, decode_key, match_pattern
-from .options import RedisOptions
+from .options import RedisOptions, login_user
 
 __all__ = ["RedisBackend"]
 
@@ -252,9 +252,7 @@ def _would_wait(lock: asyncio.Lock | None) -> bool:
 def _pool_for(options: RedisOptions) -> BlockingConnectionPool:
     kwargs: dict[str, Any] = {
         "db": options.db,
-        # The default user named: redis-py then logs in with AUTH default <password> on
-        # RESP2 too (as HELLO does on RESP3), which a server without a password accepts.
-        "username": options.username or ("default" if options.password else None),
+        "username": login_user(options.username, options.password),
         "password": options.password,
         "socket_connect_timeout": options.dial_timeout,
         "socket_timeout": options.read_timeout,
