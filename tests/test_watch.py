@@ -576,6 +576,33 @@ async def test_primary_turned_replica_ends_the_watch(
         await no_subscribers(admin)
 
 
+async def test_a_passing_refusal_of_the_state_check_does_not_turn_it_off(
+    redis_server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The check's connection, opened again when the server has no room for one more
+    # client, is refused for a while: the next beats must still compare the role.
+    monkeypatch.setattr(_watch, "_HEARTBEAT", 0.2)
+    server = redis_server_factory("valkey", extra_config={"notify-keyspace-events": "KEA"})
+    async with (
+        admin_of(server) as admin,
+        Client(RedisBackend(redis_options(server))) as client,
+        client.watch("k", configure_server=False) as changes,
+    ):
+        deadline = time.monotonic() + TIMEOUT
+        while not (checks := [c for c in await admin.client_list() if c.get("cmd") == "hello"]):
+            assert time.monotonic() < deadline, "the heartbeat never asked the role"
+            await asyncio.sleep(0.05)
+        await admin.config_set("maxclients", len(await admin.client_list()) - 1)
+        await admin.client_kill_filter(_id=checks[0]["id"])
+        await asyncio.sleep(1.0)  # several beats refused: "max number of clients reached"
+        await admin.config_set("maxclients", 10000)
+        with refused_port() as port:
+            await admin.replicaof("127.0.0.1", port)
+            with pytest.raises(BackendUnavailableError, match="replica now, no longer a primary"):
+                await asyncio.wait_for(anext(changes), TIMEOUT)
+        await admin.replicaof("NO", "ONE")
+
+
 async def test_without_hello_the_watch_checks_liveness_only(
     redis_server_factory: ServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -100,6 +100,9 @@ _HEARTBEAT = 15.0
 _CLUSTER_NODES = ("CLUSTER", "NODES")
 _HELLO = ("HELLO", "2")
 _ROLES = {"master": "primary", "slave": "replica", "replica": "replica"}
+#: Error replies that will not change from one beat to the next: the ACL refuses
+#: the command, or the server does not know it (renamed away).
+_REFUSALS = ("NOPERM", "ERR unknown command", "ERR unknown subcommand")
 
 #: A node's state as the heartbeat compares it: its role ("primary" or
 #: "replica"), then on a cluster its config epoch and slots.
@@ -286,6 +289,10 @@ class _Subscriber:
             _log.debug("watch on %s: no reply to %s", self.node, " ".join(probe))
             return
         except rx.ResponseError as exc:
+            if not str(exc).startswith(_REFUSALS):
+                # A passing state (LOADING, no room for a client): asked again next beat.
+                _log.debug("watch on %s: %s failed for now: %s", self.node, " ".join(probe), exc)
+                return
             self._probe = None
             _log.warning(
                 "watch on %s: %s refused (%s); the heartbeat checks liveness only from now on",
