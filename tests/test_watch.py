@@ -576,6 +576,35 @@ async def test_primary_turned_replica_ends_the_watch(
         await no_subscribers(admin)
 
 
+async def test_a_demotion_undone_between_two_beats_still_ends_the_watch(
+    redis_server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Replica for a moment, long enough for a full resync to replace its data with
+    # no event, then primary again: the role at each beat is the same, the
+    # replication id is not.
+    monkeypatch.setattr(_watch, "_HEARTBEAT", 3.0)
+    watched = redis_server_factory("valkey", extra_config={"notify-keyspace-events": "KEA"})
+    source = redis_server_factory("valkey", extra_config={"repl-diskless-sync-delay": "0"})  # syncs at once
+    async with (
+        admin_of(watched) as admin,
+        admin_of(source) as other,
+        Client(RedisBackend(redis_options(watched))) as client,
+        client.watch("k", configure_server=False) as changes,
+    ):
+        await admin.set("k:only-here", b"1")
+        assert pairs(await take(changes, 1)) == [("set", "k:only-here")]
+        await other.set("k:only-there", b"2")
+        await admin.replicaof(source.host, source.port)
+        deadline = time.monotonic() + TIMEOUT
+        while (await admin.info("replication")).get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica never synced"
+            await asyncio.sleep(0.02)
+        await admin.replicaof("NO", "ONE")
+        assert await admin.keys("k:*") == [b"k:only-there"]  # replaced, and no event said so
+        with pytest.raises(BackendUnavailableError, match=r"replication id changed|no longer a primary"):
+            await asyncio.wait_for(anext(changes), TIMEOUT)
+
+
 async def test_a_passing_refusal_of_the_state_check_does_not_turn_it_off(
     redis_server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -589,7 +618,7 @@ async def test_a_passing_refusal_of_the_state_check_does_not_turn_it_off(
         client.watch("k", configure_server=False) as changes,
     ):
         deadline = time.monotonic() + TIMEOUT
-        while not (checks := [c for c in await admin.client_list() if c.get("cmd") == "hello"]):
+        while not (checks := [c for c in await admin.client_list() if c.get("cmd") == "info"]):
             assert time.monotonic() < deadline, "the heartbeat never asked the role"
             await asyncio.sleep(0.05)
         await admin.config_set("maxclients", len(await admin.client_list()) - 1)
@@ -603,13 +632,18 @@ async def test_a_passing_refusal_of_the_state_check_does_not_turn_it_off(
         await admin.replicaof("NO", "ONE")
 
 
-async def test_without_hello_the_watch_checks_liveness_only(
+async def test_without_info_nor_hello_the_watch_checks_liveness_only(
     redis_server_factory: ServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = redis_server_factory("valkey", extra_config={"rename-command": 'HELLO ""'})
+    async with admin_of(server, protocol=2) as admin:  # redis-py would open with HELLO 3
+        await admin.acl_setuser(
+            "noinfo", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-info"]
+        )
+    options = redis_options(server).replace(username="noinfo", password="pw")
     async with (
-        admin_of(server, protocol=2) as admin,  # redis-py would open with HELLO 3
-        Client(RedisBackend(redis_options(server))) as client,
+        admin_of(server, protocol=2) as admin,
+        Client(RedisBackend(options)) as client,
     ):
         with caplog.at_level("WARNING", logger="kivigo_async.watch"):
             async with client.watch("k") as changes:

@@ -10,7 +10,8 @@ disturb anyone else's. On each connection, before subscribing:
    the missing ones (flags someone else turned on are never turned off);
 2. the node's state, which the heartbeat compares later: on a cluster its own
    line of ``CLUSTER NODES`` (role, config epoch, slots, slots being moved),
-   elsewhere (or when ``CLUSTER NODES`` is refused) the role ``HELLO`` reports;
+   elsewhere its role and replication id from ``INFO replication``; when those
+   are refused, the role ``HELLO`` reports;
 3. ``PSUBSCRIBE __keyspace@<db>__:<prefix, glob-escaped>*``.
 
 A lost connection fails the stream with :class:`BackendUnavailableError`
@@ -98,7 +99,20 @@ _HEARTBEAT = 15.0
 # and slots; HELLO (with the protocol the connection speaks already) tells the role
 # only, but any user may run it, unlike ROLE (@admin @dangerous).
 _CLUSTER_NODES = ("CLUSTER", "NODES")
+# Elsewhere INFO replication tells the role and the replication id, which a
+# server demoted and promoted again between two beats changes (its data may have
+# been replaced by a full resync meanwhile); it is @dangerous, so HELLO stands in
+# for users without it.
+_INFO_REPLICATION = ("INFO", "replication")
 _HELLO = ("HELLO", "2")
+#: What each probe leaves unseen when the one before it was refused.
+_MISSED = {
+    _CLUSTER_NODES: "the slots this primary serves; resharding will not end the watch, a failover still will",
+    _INFO_REPLICATION: (
+        "its replication id; a demotion undone between two heartbeats will not end the watch, "
+        "one that lasts still will"
+    ),
+}
 _ROLES = {"master": "primary", "slave": "replica", "replica": "replica"}
 #: Error replies that will not change from one beat to the next: the ACL refuses
 #: the command, or the server does not know it (renamed away).
@@ -139,6 +153,8 @@ def node_state(probe: tuple[str, ...], reply: Any) -> NodeState | None:
         >>> line = b"07c3 127.0.0.1:7000@17000 myself,master - 0 0 3 connected 0-5460 [93->-5cf2]"
         >>> node_state(("CLUSTER", "NODES"), line + b"\\n")
         ('primary', '3', '0-5460', '[93->-5cf2]')
+        >>> node_state(("INFO", "replication"), b"role:master\\r\\nmaster_replid:9f1c\\r\\n")
+        ('primary', '9f1c')
     """
     if probe == _CLUSTER_NODES:
         text = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
@@ -153,6 +169,11 @@ def node_state(probe: tuple[str, ...], reply: Any) -> NodeState | None:
             # the next heartbeat; a slot being moved shows as [slot->-id] / [slot-<-id].
             return None if role is None else (role, fields[6], *fields[8:])
         return None
+    if probe == _INFO_REPLICATION:
+        text = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
+        info = dict(line.partition(":")[::2] for line in text.splitlines() if ":" in line)
+        role, replid = info.get("role", "").strip(), info.get("master_replid", "").strip()
+        return (_ROLES[role], replid) if role in _ROLES and replid else None
     if isinstance(reply, list):
         # RESP2: name, value, name, value...
         value = dict(zip(reply[::2], reply[1::2], strict=False)).get(b"role")
@@ -227,7 +248,7 @@ class _Subscriber:
     async def _learn_state(self) -> None:
         # Asked on this connection, before PSUBSCRIBE: a change after this point, even
         # one before the subscription, differs from what the heartbeat will find.
-        probes = (_CLUSTER_NODES, _HELLO) if self._cluster else (_HELLO,)
+        probes = (_CLUSTER_NODES, _HELLO) if self._cluster else (_INFO_REPLICATION, _HELLO)
         refused: list[str] = []
         for probe in probes:
             try:
@@ -250,10 +271,7 @@ class _Subscriber:
             )
         elif refused:
             _log.warning(
-                "watch on %s: cannot learn the slots this primary serves (%s); resharding will "
-                "not end the watch, a failover still will",
-                self.node,
-                "; ".join(refused),
+                "watch on %s: cannot learn %s (%s)", self.node, _MISSED[probes[0]], "; ".join(refused)
             )
         if self._cluster and self._state[:1] == ("replica",):
             raise BackendUnavailableError(
@@ -309,6 +327,8 @@ class _Subscriber:
         was = self._state
         if state[0] != was[0]:
             what = f"the server is a {state[0]} now, no longer a {was[0]} (a failover, or REPLICAOF)"
+        elif self._probe == _INFO_REPLICATION:
+            what = "the server's replication id changed (it was a replica in between, and may have resynced)"
         else:
             what = "the slots this primary serves changed (resharding)"
         return BackendUnavailableError(
