@@ -8,7 +8,7 @@ import os
 import socket
 import subprocess
 import traceback
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -38,6 +38,24 @@ REDIS_TARGETS = [
 ]
 if os.environ.get(EXTERNAL_URL_ENV):
     REDIS_TARGETS.append(("external", "plain", "mux"))
+
+
+async def eventually(
+    check: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0, what: str | None = None
+) -> None:
+    """Poll ``check`` (plain or async) until it is true, in the calling task.
+
+    Fails with ``what`` (what never happened) after ``timeout`` seconds.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = check()
+        if result if isinstance(result, bool) else await result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(what or f"still false after {timeout} s")
+        await asyncio.sleep(0.02)
 
 
 def chain_text(exc: BaseException) -> str:

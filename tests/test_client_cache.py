@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from conftest import Invalidations, cancel_close_after, redis_options
+from conftest import Invalidations, cancel_close_after, eventually, redis_options
 from redis.asyncio import Redis
 
 from kivigo_async import Client, ConfigurationError, KeyNotFoundError
@@ -567,8 +567,9 @@ async def test_a_user_without_the_channel_works_uncached_until_granted(
     server = redis_server_factory("valkey")
     admin = Redis(**server.redis_kwargs())  # type: ignore[arg-type]
     try:
-        await admin.acl_setuser("app", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all"])
-        await admin.execute_command("ACL", "SETUSER", "app", "resetchannels")  # type: ignore[no-untyped-call]
+        await admin.acl_setuser(
+            "app", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all"], reset_channels=True
+        )
         options = redis_options(server, client_cache=ClientCache(ttl=30))
         options = options.replace(username="app", password="pw")
         async with Client(RedisBackend(options)) as client:
@@ -578,19 +579,20 @@ async def test_a_user_without_the_channel_works_uncached_until_granted(
             assert cache.stats.hits == 0
             assert not cache.enabled
             assert "no invalidation connection" in caplog.text
-            await admin.execute_command("ACL", "SETUSER", "app", "allchannels")  # type: ignore[no-untyped-call]
-            deadline = time.monotonic() + 20
-            while not cache.enabled:  # the repair loop retries with backoff (at most 5 s)
-                assert time.monotonic() < deadline, "the cache never came back once the channel was granted"
-                await asyncio.sleep(0.05)
+            await admin.acl_setuser("app", enabled=True, channels=["*"])
+            # The repair loop retries with backoff (at most 5 s).
+            await eventually(
+                lambda: cache.enabled, 20, "the cache never came back once the channel was granted"
+            )
             assert await client.get("k") == 1
             assert await client.get("k") == 1
             assert cache.stats.hits == 1
             await admin.set("k", b"2")  # and invalidations reach it
-            deadline = time.monotonic() + 10
-            while await client.get("k") != 2:
-                assert time.monotonic() < deadline, "a write from elsewhere was never seen"
-                await asyncio.sleep(0.02)
+
+            async def sees_the_write() -> bool:
+                return bool(await client.get("k") == 2)
+
+            await eventually(sees_the_write, 10, "a write from elsewhere was never seen")
     finally:
         await admin.aclose()
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import redis
+from conftest import eventually
 from test_conformance_sentinel import (
     TRANSPORTS,
     read_from,
@@ -66,26 +67,25 @@ async def test_a_silent_sentinel_is_replaced(
             await client.set("k", "before")
             assert switch_master_subscribers(topology) == [1, 0, 0]
             proxies[0].blackhole()
-            deadline = time.monotonic() + 20
             # Another sentinel takes over, and the silent one's subscription is closed.
-            while (counts := switch_master_subscribers(topology))[0] or sum(counts) != 1:
-                assert time.monotonic() < deadline, f"still listening to the silent sentinel: {counts}"
-                await asyncio.sleep(0.1)
+            await eventually(
+                lambda: (counts := switch_master_subscribers(topology))[0] == 0 and sum(counts) == 1,
+                20,
+                "still listening to the silent sentinel",
+            )
             new = await asyncio.to_thread(topology.failover, 60.0)
-            deadline = time.monotonic() + 30
-            while "primary switched" not in caplog.text:
-                assert time.monotonic() < deadline, "the new subscription never heard the switch"
-                await asyncio.sleep(0.05)
+            await eventually(
+                lambda: "primary switched" in caplog.text, 30, "the new subscription never heard the switch"
+            )
             await client.set("k", "after")
             assert await read_from(new, "k") == b'"after"'
         finally:
             started = time.monotonic()
             await client.close()
         assert time.monotonic() - started < 2
-    deadline = time.monotonic() + 10
-    while sum(switch_master_subscribers(topology)) != 0:
-        assert time.monotonic() < deadline, "close() left a subscription open"
-        await asyncio.sleep(0.05)
+    await eventually(
+        lambda: sum(switch_master_subscribers(topology)) == 0, 10, "close() left a subscription open"
+    )
 
 
 @pytest.mark.parametrize("protocol", [2, 3])

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 import redis
-from conftest import redis_options, refused_port
+from conftest import eventually, redis_options, refused_port
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
@@ -77,19 +77,6 @@ async def until_key(
         raise AssertionError(f"the watch ended before {key!r}: {seen}")
 
     return await asyncio.wait_for(run(), timeout)
-
-
-async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float = TIMEOUT) -> None:
-    """Poll ``check`` (plain or async) until it is true, in the calling task."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = check()
-        if result if isinstance(result, bool) else await result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"still false after {timeout} s")
-        await asyncio.sleep(0.02)
 
 
 def pairs(events: list[ChangeEvent]) -> list[tuple[str, str]]:
@@ -595,10 +582,11 @@ async def test_a_demotion_undone_between_two_beats_still_ends_the_watch(
         assert pairs(await take(changes, 1)) == [("set", "k:only-here")]
         await other.set("k:only-there", b"2")
         await admin.replicaof(source.host, source.port)
-        deadline = time.monotonic() + TIMEOUT
-        while (await admin.info("replication")).get("master_link_status") != "up":
-            assert time.monotonic() < deadline, "the replica never synced"
-            await asyncio.sleep(0.02)
+
+        async def synced() -> bool:
+            return (await admin.info("replication")).get("master_link_status") == "up"
+
+        await eventually(synced)
         await admin.replicaof("NO", "ONE")
         assert await admin.keys("k:*") == [b"k:only-there"]  # replaced, and no event said so
         with pytest.raises(BackendUnavailableError, match=r"replication id changed|no longer a primary"):
@@ -617,10 +605,13 @@ async def test_a_passing_refusal_of_the_state_check_does_not_turn_it_off(
         Client(RedisBackend(redis_options(server))) as client,
         client.watch("k", configure_server=False) as changes,
     ):
-        deadline = time.monotonic() + TIMEOUT
-        while not (checks := [c for c in await admin.client_list() if c.get("cmd") == "info"]):
-            assert time.monotonic() < deadline, "the heartbeat never asked the role"
-            await asyncio.sleep(0.05)
+        checks: list[dict[str, Any]] = []
+
+        async def state_asked() -> bool:  # the heartbeat's second connection is open
+            checks[:] = [c for c in await admin.client_list() if c.get("cmd") == "info"]
+            return bool(checks)
+
+        await eventually(state_asked)
         await admin.config_set("maxclients", len(await admin.client_list()) - 1)
         await admin.client_kill_filter(_id=checks[0]["id"])
         await asyncio.sleep(1.0)  # several beats refused: "max number of clients reached"
