@@ -24,7 +24,6 @@ from redis.asyncio.sentinel import (
 from redis.exceptions import AuthenticationError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.maint_notifications import MaintNotificationsConfig
 
 from ...errors import BackendUnavailableError, ConfigurationError
 from ._errors import DialTimeoutError, is_dial_timeout, where
@@ -40,7 +39,6 @@ from .options import (
     url_query,
 )
 from .standalone import (
-    _CLOSED,
     RedisBackend,
     _ClosablePool,
     _DialBounded,
@@ -48,6 +46,7 @@ from .standalone import (
     _pool_for,
     _read_one,
     _TLSContextConnection,
+    no_maintenance_notifications,
 )
 
 __all__ = ["RedisSentinelBackend", "RedisSentinelOptions"]
@@ -248,10 +247,9 @@ class _SentinelConnection(_DialBounded, SentinelManagedConnection):
     ) -> None:
         if self.is_connected:
             return
-        if self.kivigo_pool is not None and self.kivigo_pool.closed:
-            # Before asking the sentinels: the look-up would open a sentinel
-            # connection that the closed backend no longer closes.
-            raise RedisConnectionError(_CLOSED)
+        # Before asking the sentinels: the look-up would open a sentinel connection
+        # that the closed backend no longer closes.
+        self.refuse_if_closed()
         if self.dropped_by_failover:
             # Its holder must hear of it: redis-py would reconnect a watching
             # transaction to the new primary without its WATCH, and its EXEC would
@@ -326,10 +324,15 @@ class _Sentinel(Sentinel):
 _REFUSED_BY_REPLICA = "The previous master is now a slave"
 
 
-def _demoted(exc: ResponseError) -> bool:
+def _demoted(exc: Exception) -> bool:
+    """Whether ``exc`` is a demoted primary's refusal of a write (nothing was applied)."""
     # redis-py's parser raises READONLY as ReadOnlyError and cuts the prefix off
-    # its message; the multiplexed connection keeps the server's text.
-    return isinstance(exc, ReadOnlyError) or str(exc).startswith("READONLY")
+    # its message; the multiplexed connection keeps the server's text; and
+    # redis-py's sentinel connection turns the refusal of a batch (on the pool)
+    # into a connection error of its own.
+    if isinstance(exc, ResponseError):
+        return isinstance(exc, ReadOnlyError) or str(exc).startswith("READONLY")
+    return isinstance(exc, RedisConnectionError) and str(exc) == _REFUSED_BY_REPLICA
 
 
 async def _read_from_primary(conn: AbstractConnection) -> Any:
@@ -402,9 +405,7 @@ class RedisSentinelBackend(RedisBackend):
             self._sentinel,
             max_connections=self._pool.max_connections,
             timeout=self._pool.timeout,
-            # As on the standalone pool: with them on, a connection handed out is not
-            # checked for an unread reply.
-            maint_notifications_config=MaintNotificationsConfig(enabled=False),
+            maint_notifications_config=no_maintenance_notifications(),
             **kwargs,
         )
         self._redis = Redis.from_pool(self._pool)
@@ -487,11 +488,7 @@ class RedisSentinelBackend(RedisBackend):
             return await mux.execute(*args)
 
     def _error(self, exc: Exception, command: str, key: str | None = None) -> Exception:
-        if (isinstance(exc, ResponseError) and _demoted(exc)) or (
-            # redis-py's sentinel connection turns a refusal of the replica into this
-            # connection error (a batch with a TTL, on the pool): nothing was applied.
-            isinstance(exc, RedisConnectionError) and str(exc) == _REFUSED_BY_REPLICA
-        ):
+        if _demoted(exc):
             # Batches and retried commands end here: leave the demoted primary for the next call.
             self._server_changes += 1
             if self._mux is not None:

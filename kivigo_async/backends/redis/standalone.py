@@ -49,16 +49,22 @@ class _DialBounded(AbstractConnection):
     #: The pool that made this connection, set by :class:`_ClosablePool`.
     kivigo_pool: _ClosablePool | None = None
 
+    def refuse_if_closed(self) -> None:
+        """Raise once the pool that made this connection is closed; call it before (re)connecting.
+
+        A command in flight when the backend closed is retried by redis-py on this
+        same connection, never passing through the pool again: it must not reopen
+        it, or the write would be applied after close() returned.
+        """
+        if self.kivigo_pool is not None and self.kivigo_pool.closed:
+            raise RedisConnectionError(_CLOSED)
+
     async def connect_check_health(
         self, check_health: bool = True, retry_socket_connect: bool = True
     ) -> None:
         if self.is_connected:
             return  # the pool asks on every checkout: no task, no timer then
-        if self.kivigo_pool is not None and self.kivigo_pool.closed:
-            # A command in flight when the backend closed is retried by redis-py on
-            # this same connection, never passing through the pool again: it must not
-            # reopen it, or the write would be applied after close() returned.
-            raise RedisConnectionError(_CLOSED)
+        self.refuse_if_closed()
         connect: Callable[..., Awaitable[None]] = super().connect_check_health
         bound: float | None = self.socket_connect_timeout
         try:
@@ -249,6 +255,15 @@ def _would_wait(lock: asyncio.Lock | None) -> bool:
     return any(not waiter.cancelled() for waiter in waiters)
 
 
+def no_maintenance_notifications() -> MaintNotificationsConfig:
+    """The ``maint_notifications_config`` of every pool of ours.
+
+    With maintenance notifications on (redis-py's default on RESP3), a pool skips
+    its check that a connection handed out has no unread reply left.
+    """
+    return MaintNotificationsConfig(enabled=False)
+
+
 def _pool_for(options: RedisOptions) -> BlockingConnectionPool:
     kwargs: dict[str, Any] = {
         "db": options.db,
@@ -287,9 +302,7 @@ def _pool_for(options: RedisOptions) -> BlockingConnectionPool:
         max_connections=options.pool_size,
         timeout=pool_timeout,
         connection_class=connection_class,
-        # With maintenance notifications on (redis-py's default on RESP3), the pool
-        # skips its check that a connection handed out has no unread reply left.
-        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        maint_notifications_config=no_maintenance_notifications(),
         **kwargs,
     )
 
