@@ -732,6 +732,7 @@ class Client:
         keys = _check_keys(map(_first, pairs))
         values = builtins.list(map(_second, pairs))
         items = builtins.list(zip(keys, self._encode_values(keys, values), strict=True))
+        failed: BaseException | None = None
         if self._batch is not None:
             await self._batch.batch_set(items, ttl_ms)
         else:
@@ -739,12 +740,10 @@ class Client:
                 *(self._backend.set(k, v, ttl_ms) for k, v in items), return_exceptions=True
             )
             items, failed = _settled(items, results)
-            if failed is not None:
-                if self.hooks and items:  # written, though the batch failed: hooks hear of them
-                    await self.hooks.emit_many(EventType.BATCH_SET, items)
-                raise failed
-        if self.hooks:
+        if self.hooks and items:  # those written, even when the batch failed
             await self.hooks.emit_many(EventType.BATCH_SET, items)
+        if failed is not None:
+            raise failed
 
     @overload
     async def batch_get(self, keys: Iterable[str]) -> dict[str, Any]: ...
@@ -789,18 +788,17 @@ class Client:
         unique = _unique_keys(keys)
         if not unique:
             return 0
+        failed: BaseException | None = None
         if self._batch is not None:
             count = await self._batch.batch_delete(unique)
         else:
             results = await asyncio.gather(*(self._backend.delete(k) for k in unique), return_exceptions=True)
             unique, failed = _settled(unique, results)
-            if failed is not None:
-                if self.hooks and unique:  # deleted, though the batch failed: hooks hear of them
-                    await self.hooks.emit_many(EventType.BATCH_DELETE, [(k, None) for k in unique])
-                raise failed
-            count = sum(cast("list[bool]", results))
-        if self.hooks:
+            count = 0 if failed is not None else sum(cast("list[bool]", results))
+        if self.hooks and unique:  # those deleted, even when the batch failed
             await self.hooks.emit_many(EventType.BATCH_DELETE, [(k, None) for k in unique])
+        if failed is not None:
+            raise failed
         return count
 
     # -- watching ----------------------------------------------------------
