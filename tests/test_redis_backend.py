@@ -48,6 +48,9 @@ from kivigo_async.testing.servers import BinaryKind, RedisServer, Server, Server
 
 # --------------------------------------------------------------------------- helpers
 
+#: Every test it marks runs on both transports.
+TRANSPORTS = pytest.mark.parametrize("auto_pipeline", [True, False], ids=["multiplexed", "pool"])
+
 
 @pytest.fixture(params=["valkey", "redis"])
 def kind(request: pytest.FixtureRequest) -> BinaryKind:
@@ -750,7 +753,7 @@ async def test_acl_denial_is_permission_denied(kivigo_server_pool: ServerPool, k
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("auto_pipeline", [True, False], ids=["mux", "pool"])
+@TRANSPORTS
 async def test_a_server_loading_its_data_is_unavailable_on_both_transports(
     redis_server_factory: ServerFactory, auto_pipeline: bool
 ) -> None:
@@ -780,7 +783,7 @@ async def test_a_server_loading_its_data_is_unavailable_on_both_transports(
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("auto_pipeline", [True, False], ids=["mux", "pool"])
+@TRANSPORTS
 async def test_a_refused_listing_leaves_no_reply_for_the_next_call(
     private_server: RedisServer, private_control: aioredis.Redis, auto_pipeline: bool
 ) -> None:
@@ -819,7 +822,7 @@ async def test_paused_server_times_out_within_read_timeout(
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("auto_pipeline", [True, False], ids=["mux", "pool"])
+@TRANSPORTS
 async def test_a_timed_out_batch_with_ttl_says_its_outcome_is_unknown(
     private_server: RedisServer, private_control: aioredis.Redis, auto_pipeline: bool
 ) -> None:
@@ -844,7 +847,7 @@ async def test_a_timed_out_batch_with_ttl_says_its_outcome_is_unknown(
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("auto_pipeline", [False, True], ids=["pool", "multiplexed"])
+@TRANSPORTS
 async def test_cancelled_calls_leak_neither_replies_nor_connections(
     private_server: RedisServer, private_control: aioredis.Redis, auto_pipeline: bool
 ) -> None:
@@ -942,7 +945,7 @@ async def test_cancelled_calls_leak_neither_replies_nor_connections(
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("auto_pipeline", [False, True], ids=["pool", "multiplexed"])
+@TRANSPORTS
 async def test_a_write_in_flight_at_close_is_never_sent_again(
     private_server: RedisServer, private_control: aioredis.Redis, auto_pipeline: bool
 ) -> None:
@@ -961,7 +964,7 @@ async def test_a_write_in_flight_at_close_is_never_sent_again(
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("auto_pipeline", [False, True], ids=["pool", "multiplexed"])
+@TRANSPORTS
 @pytest.mark.parametrize("idle", [1, 3])
 async def test_min_idle_conns_are_opened_at_connect(
     server: RedisServer, control: aioredis.Redis, auto_pipeline: bool, idle: int
@@ -1139,7 +1142,7 @@ async def test_an_idle_pooled_connection_the_server_closed_is_replaced(valkey_se
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("auto_pipeline", [True, False], ids=["multiplexed", "pool"])
+@TRANSPORTS
 async def test_a_value_over_the_servers_limit_fails_alone(
     redis_server_factory: ServerFactory, kind: BinaryKind, auto_pipeline: bool
 ) -> None:
@@ -1172,7 +1175,7 @@ async def test_close_closes_connections(server: RedisServer, control: aioredis.R
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("auto_pipeline", [True, False], ids=["multiplexed", "pool"])
+@TRANSPORTS
 async def test_a_call_on_a_closed_backend_says_it_was_closed(
     server: RedisServer, auto_pipeline: bool
 ) -> None:
@@ -1194,7 +1197,7 @@ async def test_a_failed_close_is_reported_once(server: RedisServer, monkeypatch:
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("auto_pipeline", [True, False], ids=["multiplexed", "pool"])
+@TRANSPORTS
 async def test_close_fails_calls_waiting_for_the_connection_cleanly(
     server: RedisServer, auto_pipeline: bool
 ) -> None:
