@@ -17,7 +17,6 @@ import operator
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
-from itertools import repeat
 from types import TracebackType
 from typing import Any, TypeVar, Union, cast, overload
 
@@ -97,32 +96,30 @@ _second = operator.itemgetter(1)
 
 
 def _check_types(keys: list[str]) -> None:
-    # Batches run this on every key: the maps keep the all-str case in C. Identity,
-    # not equality (a set or list.count would use ==, which a metaclass can fake).
-    if not all(map(operator.is_, map(type, keys), repeat(str))):
-        for key in keys:
+    """Raise InvalidKeyError at the first key that is not a non-empty exact str."""
+    # Batches run this on every key. Identity, not equality (a set or list.count
+    # would use ==, which a metaclass can fake). A plain loop: on CPython 3.11+ its
+    # specialized bytecode beats all(map(operator.is_, map(type, ...))) by a third.
+    for key in keys:
+        if type(key) is not str or not key:
             _check_key(key)
+            # Only a str subclass that overrides __class__ gets here.
+            raise InvalidKeyError(f"keys must be str, not {type(key).__name__}")
 
 
 def _check_keys(keys: Iterable[str]) -> list[str]:
+    """The checked keys, in input order, repeats included."""
     out = _key_list(keys)
     _check_types(out)
-    if "" in out:
-        _check_key("")
     return out
 
 
 def _unique_keys(keys: Iterable[str]) -> list[str]:
     """The checked keys, first occurrence of each kept, in input order."""
-    out = _key_list(keys)
-    _check_types(out)
-    # All str from here, so hashing them is safe. The set answers both questions,
-    # an empty key and repeats, without a second pass over the list; and it is
-    # cheaper to build than an ordered dict, while most batches have no repeats.
-    seen = set(out)
-    if "" in seen:
-        _check_key("")
-    return out if len(seen) == len(out) else list(dict.fromkeys(out))
+    out = _check_keys(keys)
+    # All str from here, so hashing them is safe. A set is cheaper to build than an
+    # ordered dict, and most batches have no repeats.
+    return out if len(set(out)) == len(out) else list(dict.fromkeys(out))
 
 
 def _settled(items: list[Item], results: Sequence[object]) -> tuple[list[Item], BaseException | None]:
@@ -760,22 +757,24 @@ class Client:
             found = await client.batch_get(["cache:user:1", "cache:user:9"], User)
             ```
         """
-        unique = _unique_keys(keys)
-        if not unique:
+        # Repeats are not removed: the result dict folds them, and a set over every
+        # key of every batch would cost more than reading the rare repeat twice.
+        checked = _check_keys(keys)
+        if not checked:
             return {}
         if self._batch is not None:
-            values = await self._batch.batch_get(unique)
+            values = await self._batch.batch_get(checked)
         else:
-            values = list(await asyncio.gather(*(self._backend.get(k) for k in unique)))
+            values = list(await asyncio.gather(*(self._backend.get(k) for k in checked)))
         present: list[bytes]
         # all() tests each value's length, far cheaper than comparing it with None;
         # only a batch with a miss (or an empty value) pays for the exact scan.
         if not all(values) and None in values:
-            unique = [key for key, data in zip(unique, values, strict=True) if data is not None]
+            checked = [key for key, data in zip(checked, values, strict=True) if data is not None]
             present = [data for data in values if data is not None]
         else:
             present = cast("list[bytes]", values)
-        return dict(zip(unique, self._decode_values(unique, present, type), strict=True))
+        return dict(zip(checked, self._decode_values(checked, present, type), strict=True))
 
     async def batch_delete(self, keys: Iterable[str]) -> int:
         """Delete ``keys``; return how many existed.

@@ -80,9 +80,10 @@ def test_anything_but_short_ascii_str_goes_to_hiredis(odd_one: Arg, why: str) ->
 @pytest.mark.parametrize("liar", [_LyingLength("abcdef"), _LyingLengthPosingAsStr("abcdef")])
 def test_str_subclasses_are_packed_by_their_data_not_their_len(liar: str) -> None:
     # A wrong length header would desynchronise the connection (or read another key).
+    # The text packer measures exact str only and leaves subclasses to hiredis.
     args: list[Arg] = ["MGET", *(f"k{i}" for i in range(40)), liar]
-    packed = _pack_text(args)
-    assert packed is not None
+    assert _pack_text(args) is None
+    packed = pack(args)
     assert packed == _reference(args)
     assert packed.endswith(b"$6\r\nabcdef\r\n")
 

@@ -24,9 +24,6 @@ import re
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from itertools import repeat
-from operator import concat as _concat
-from operator import itemgetter as _itemgetter
 from typing import Any, Union, cast
 
 import hiredis
@@ -56,19 +53,20 @@ def _pack_text(args: Sequence[Arg]) -> bytes | None:
     argument: bytes, numbers, non-ASCII text, or a string of 512 characters or more.
     """
     try:
-        # "" + arg is arg itself for a str, an exact copy of a str subclass's data,
-        # and a TypeError for anything else: the lengths below are those of the
-        # data joined, whatever a subclass's __len__ (or its metaclass) claims.
-        words: list[str] = list(map(_concat, repeat(""), args))  # type: ignore[arg-type]
-        heads = _itemgetter(*map(len, words))(_HEADS)
-    except (TypeError, IndexError):
+        # Exact str only: a subclass's __len__ (or its metaclass) could claim any
+        # length, and the header must match the data joined. The comprehension
+        # checks and measures in one pass (faster on CPython 3.11+ than map()s).
+        heads = [_HEADS[len(arg)] for arg in args if type(arg) is str]
+    except IndexError:  # a string of 512 characters or more
         return None
     count = len(heads)
+    if count != len(args):  # bytes, numbers or a str subclass among the arguments
+        return None
     # "*N", then header and argument alternately, then "" so that the join ends in CRLF.
     pieces = [""] * (2 * count + 2)
     pieces[0] = f"*{count}"
     pieces[1:-1:2] = heads
-    pieces[2:-1:2] = words
+    pieces[2:-1:2] = cast("Sequence[str]", args)  # all exact str, checked above
     text = "\r\n".join(pieces)
     # isascii() is a flag lookup: character counts are byte counts only for ASCII.
     return text.encode() if text.isascii() else None
