@@ -750,7 +750,8 @@ class Client:
     async def batch_get(self, keys: Iterable[str], type: Any = object) -> dict[str, Any]:
         """Return ``{key: value}`` for the keys that exist, in input order.
 
-        Missing keys are left out (never mapped to a zero value).
+        Missing keys are left out (never mapped to a zero value). A key listed more
+        than once is in the result once, at its first place.
 
         Example:
             ```python

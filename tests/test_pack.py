@@ -67,8 +67,12 @@ def test_long_ascii_key_lists_are_joined_as_text() -> None:
         (_NotStrPosingAsStr(), "not a str, though its class compares equal to str"),
     ],
 )
-def test_anything_but_short_ascii_str_goes_to_hiredis(odd_one: Arg, why: str) -> None:
-    args: list[Arg] = ["DEL", *(f"k{i}" for i in range(40)), odd_one]
+@pytest.mark.parametrize("at", ["last", "middle"])
+def test_anything_but_short_ascii_str_goes_to_hiredis(odd_one: Arg, why: str, at: str) -> None:
+    # "last" is MSET's shape (its last argument is a value), checked before the
+    # full pass; "middle" goes through that pass.
+    keys: list[Arg] = [f"k{i}" for i in range(40)]
+    args: list[Arg] = ["DEL", *keys, odd_one] if at == "last" else ["DEL", *keys[:20], odd_one, *keys[20:]]
     assert _pack_text(args) is None, why
     if isinstance(odd_one, _NotStrPosingAsStr):
         with pytest.raises(TypeError):  # hiredis refuses it too

@@ -52,6 +52,9 @@ def _pack_text(args: Sequence[Arg]) -> bytes | None:
     object per argument. None (the caller falls back to hiredis) for any other
     argument: bytes, numbers, non-ASCII text, or a string of 512 characters or more.
     """
+    if type(args[-1]) is not str:
+        # MSET's last argument is a value (bytes): spare it the full pass below.
+        return None
     try:
         # Exact str only: a subclass's __len__ (or its metaclass) could claim any
         # length, and the header must match the data joined. The comprehension
