@@ -556,7 +556,8 @@ class HealthWatcher:
         The check takes at most about ``timeout`` seconds, however long the
         listeners take: they are called in the background (see :meth:`drain`).
         Works whether or not the watcher is running; concurrent calls run one
-        after another.
+        after another. After :meth:`stop` it still checks and updates
+        :attr:`report`, but calls no listener.
 
         Example:
             ```python
@@ -664,7 +665,8 @@ class HealthWatcher:
 
     def _queue_change(self, report: HealthReport) -> None:
         changes = self._changes
-        if not changes and not self._listeners:
+        if self._state == "stopped" or (not changes and not self._listeners):
+            # After stop() no task of the watcher's may start: nothing would end it.
             self._told = report.status  # nobody to tell, and no task to start
             return
         if len(changes) >= _MAX_UNTOLD_CHANGES:

@@ -792,6 +792,22 @@ async def test_enter_twice_and_restart_raise(memory_client: Client) -> None:
     await watcher.stop()  # idempotent
 
 
+async def test_check_now_after_stop_updates_the_report_and_calls_no_listener(memory_client: Client) -> None:
+    switch = Switch()
+    heard: list[HealthStatus] = []
+    watcher = HealthWatcher(memory_client, interval=60, degraded_latency=None, checks=[switch])
+    watcher.add_listener(lambda report: heard.append(report.status))
+    async with watcher:
+        await watcher.drain()
+    assert heard == [HEALTHY]
+    switch.ok = False
+    assert (await watcher.check_now()).status is DOWN
+    assert watcher.status is DOWN
+    assert watcher._delivery is None  # no task left behind that nothing would end
+    await watcher.drain()
+    assert heard == [HEALTHY]
+
+
 async def test_stop_before_start(memory_client: Client) -> None:
     watcher = HealthWatcher(memory_client, interval=60)
     await watcher.stop()
