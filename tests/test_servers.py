@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
@@ -31,6 +31,7 @@ from kivigo_async.testing.servers import (
     ServerPool,
     ServerStartError,
     ServerUnavailable,
+    TLSFiles,
     Variant,
 )
 from kivigo_async.testing.topologies import wait_replicated
@@ -190,6 +191,39 @@ def test_stop_reaps_process_and_removes_directory(redis_server_factory: ServerFa
     server.stop()  # idempotent
 
 
+def test_a_start_interrupted_while_making_certificates_leaves_nothing(
+    kivigo_server_pool: ServerPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    binaries = [b for b in kivigo_server_pool.binaries if b.supports_tls]
+    if not binaries:
+        pytest.skip("no server binary here serves TLS")
+    made: list[str] = []
+    real_mkdtemp = servers.tempfile.mkdtemp
+
+    def recording_mkdtemp(*args: Any, **kwargs: Any) -> str:
+        made.append(real_mkdtemp(*args, **kwargs))
+        return made[-1]
+
+    def interrupted(directory: Path) -> TLSFiles:
+        raise KeyboardInterrupt("SIGTERM while making the key")  # as stop_servers_on_sigterm raises it
+
+    monkeypatch.setattr(servers.tempfile, "mkdtemp", recording_mkdtemp)
+    real_create = TLSFiles.create
+    monkeypatch.setattr(TLSFiles, "create", interrupted)
+    server = RedisServer(binaries[0], "tls")
+    with pytest.raises(KeyboardInterrupt):
+        server.start()
+    assert len(made) == 1
+    assert not os.path.exists(made[0])
+    assert id(server) not in servers._registry
+    monkeypatch.setattr(TLSFiles, "create", real_create)
+    server.start()  # startable again, with certificates made this time
+    try:
+        assert raw_command(server, servers._resp("PING"), context=server.ssl_context()) == b"+PONG\r\n"
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("kind", BINARY_KINDS)
 def test_kill_and_restart_keep_port_and_data(redis_server_factory: ServerFactory, kind: BinaryKind) -> None:
     server = redis_server_factory(kind, "acl", extra_config={"appendonly": "yes", "appendfsync": "always"})
@@ -332,6 +366,23 @@ def test_optional_kinds_skip_even_in_ci(monkeypatch: pytest.MonkeyPatch) -> None
     no_tls = servers.ServerBinary(kind="valkey", path="/nonexistent", version="0", supports_tls=False)
     with pytest.raises(pytest.skip.Exception):
         require_server(ServerPool(binaries=[no_tls]), "valkey", "tls")
+
+
+def test_a_docker_engine_without_testcontainers_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An engine that answers means containers were meant to run: a missing package is a broken set-up.
+    monkeypatch.setattr(servers, "docker_available", lambda: True)
+    real_find_spec = servers.importlib.util.find_spec
+    monkeypatch.setattr(
+        servers.importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "testcontainers" else real_find_spec(name, *args),
+    )
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="testcontainers is not installed"):
+        require_server(ServerPool(binaries=[]), "container")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        require_server(ServerPool(binaries=[]), "container")
 
 
 def test_explicit_binary_env_var_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -719,14 +719,17 @@ class RedisServer(Server):
             if self.running:
                 return self
             fresh = self._dir is None
-            if fresh:
-                self._dir = Path(tempfile.mkdtemp(prefix="kivigo-"))
-                self._port = self._fixed_port
-                if self.tls and self._tls_files is None:
-                    self._own_tls_files = True
-                    self._tls_files = TLSFiles.create(self._dir)
-            _register(self)
             try:
+                # Registered first, and the directory made inside the try: a failure
+                # (or a SIGTERM turned KeyboardInterrupt) while making certificates
+                # must still remove it and leave the server startable.
+                _register(self)
+                if fresh:
+                    self._dir = Path(tempfile.mkdtemp(prefix="kivigo-"))
+                    self._port = self._fixed_port
+                    if self.tls and self._tls_files is None:
+                        self._own_tls_files = True
+                        self._tls_files = TLSFiles.create(self._dir)
                 # After kill() the directory survives: come back where clients expect us.
                 self._launch(keep_port=not fresh or self._fixed_port is not None)
             except BaseException:
