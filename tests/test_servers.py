@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -198,7 +200,7 @@ def test_a_start_interrupted_while_making_certificates_leaves_nothing(
     if not binaries:
         pytest.skip("no server binary here serves TLS")
     made: list[str] = []
-    real_mkdtemp = servers.tempfile.mkdtemp
+    real_mkdtemp = tempfile.mkdtemp
 
     def recording_mkdtemp(*args: Any, **kwargs: Any) -> str:
         made.append(real_mkdtemp(*args, **kwargs))
@@ -207,7 +209,7 @@ def test_a_start_interrupted_while_making_certificates_leaves_nothing(
     def interrupted(directory: Path) -> TLSFiles:
         raise KeyboardInterrupt("SIGTERM while making the key")  # as stop_servers_on_sigterm raises it
 
-    monkeypatch.setattr(servers.tempfile, "mkdtemp", recording_mkdtemp)
+    monkeypatch.setattr(tempfile, "mkdtemp", recording_mkdtemp)
     real_create = TLSFiles.create
     monkeypatch.setattr(TLSFiles, "create", interrupted)
     server = RedisServer(binaries[0], "tls")
@@ -371,9 +373,9 @@ def test_optional_kinds_skip_even_in_ci(monkeypatch: pytest.MonkeyPatch) -> None
 def test_a_docker_engine_without_testcontainers_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
     # An engine that answers means containers were meant to run: a missing package is a broken set-up.
     monkeypatch.setattr(servers, "docker_available", lambda: True)
-    real_find_spec = servers.importlib.util.find_spec
+    real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        servers.importlib.util,
+        importlib.util,
         "find_spec",
         lambda name, *args: None if name == "testcontainers" else real_find_spec(name, *args),
     )
