@@ -69,9 +69,9 @@ __all__ = [
     "setup",
 ]
 
-#: The open client, set while the app runs: ``app[CLIENT_KEY]``.
+#: The client, set at startup: ``app[CLIENT_KEY]`` (after shutdown, the closed client).
 CLIENT_KEY: Final[web.AppKey[Client]] = web.AppKey("kivigo_client", Client)
-#: The health watcher (``None`` with ``watch=False``), set while the app runs: ``app[WATCHER_KEY]``.
+#: The health watcher (``None`` with ``watch=False``), set at startup: ``app[WATCHER_KEY]``.
 WATCHER_KEY: Final[web.AppKey[HealthWatcher | None]] = web.AppKey("kivigo_watcher")
 # What readyz asks: the watcher, or with watch=False a never-started one checked on demand.
 _PROBE_KEY: Final[web.AppKey[HealthWatcher]] = web.AppKey("kivigo_probe", HealthWatcher)
