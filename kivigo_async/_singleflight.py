@@ -319,18 +319,25 @@ class CacheFiller:
         lock_ms: int,
     ) -> _Filled:
         lease = self.lease
-        if lease is None:
-            return await _produce(client, key, factory, rtype, ttl_ms)
         backend = client.backend
+        if lease is None:
+            # The caller's miss may have been read before a fill that has since
+            # ended stored the value: without a lease's read-after-acquire, read
+            # again here, or this process would run the factory a second time.
+            data = await backend.get(key)
+            if data is not None:
+                return _Filled(client._decode(key, data, rtype), data, rtype)
+            return await _produce(client, key, factory, rtype, ttl_ms)
         lkey = lease_key(key)
         token = secrets.token_bytes(16)
         delay = _FIRST_POLL
         while True:
             try:
                 taken = await lease.acquire_lease(lkey, token, lock_ms)
-            except asyncio.CancelledError:
-                # The server may have set the lease before the cancellation: give it
-                # back (only ever ours), or every process would wait out lock_ttl.
+            except (Exception, asyncio.CancelledError):
+                # The server may have set the lease before the cancellation, the
+                # timeout or the broken connection: give it back (only ever ours),
+                # or every process would wait out lock_ttl.
                 await _release(lease, lkey, token, key)
                 raise
             if taken:

@@ -343,8 +343,13 @@ class Client:
     def _encode(self, key: str, value: object) -> bytes:
         try:
             return self._codec.encode(value)
+        except CodecError as exc:
+            error = _encode_error(key, exc)
         except Exception as exc:
             raise _encode_error(key, exc) from exc
+        # A codec's EncodeError says what it has to say in its message; whatever it
+        # chained (a serializer's error) may quote the value, and a log prints a chain.
+        raise error from None
 
     def _encode_values(self, keys: Sequence[str], values: Sequence[object]) -> list[bytes]:
         """Encode ``values`` (those of ``keys``) in one codec call when the codec can."""
@@ -513,6 +518,19 @@ class Client:
     # Created on the first get_or_set: most clients never call it.
     _filler: CacheFiller | None = None
 
+    # With type=, the call is typed as it, whatever the factory returns: the result is
+    # read back as that type (a dict for a Struct). Without it, the factory types it.
+    @overload
+    async def get_or_set(
+        self,
+        key: str,
+        factory: Callable[[], object],
+        *,
+        type: builtins.type[T],
+        ttl: TTLLike | None = None,
+        lock_ttl: TTLLike = 10,
+        wait_timeout: TTLLike | None = None,
+    ) -> T: ...
     @overload
     async def get_or_set(
         self,
@@ -535,7 +553,6 @@ class Client:
         lock_ttl: TTLLike = 10,
         wait_timeout: TTLLike | None = None,
     ) -> T: ...
-
     async def get_or_set(
         self,
         key: str,
@@ -551,7 +568,8 @@ class Client:
         ``factory`` is a plain or async function of no arguments. Concurrent
         callers for one key share one run of it: in this process through a
         shared task, and across processes through a lease (a key named
-        ``kivigo:lease:{<key>}`` holding a random token, taken with
+        ``kivigo:lease:{<key>}``, or ``kivigo:lease:=<key>`` for a key with
+        a hash tag or a ``}``, holding a random token, taken with
         ``SET NX PX`` and given back by a compare-and-delete) when the backend
         supports leases (Redis, Valkey, memory). The lease holder runs the
         factory and stores the result with ``ttl``; other processes poll for

@@ -27,8 +27,9 @@ Follow the same rules as the built-in codecs:
 * raise :class:`~kivigo_async.errors.EncodeError` when a value cannot be encoded;
   name the offending *type*, never the value (it may be a secret);
 * raise :class:`~kivigo_async.errors.DecodeError` when bytes cannot be decoded;
-  say what was expected, never include the bytes, and chain the original
-  exception (``raise DecodeError(...) from exc``);
+  say what was expected, never include the bytes;
+* do not chain an exception whose text may quote the value (a validation error
+  does): a log prints the chain with yours. Raise yours ``from None``;
 * do not mention the key: codecs never see it, the client adds it to the message;
 * keep per-call work small: codecs run on every get and set. Resolve per-type
   work once and cache it (as :class:`JsonCodec` does with its decoders).
@@ -46,13 +47,13 @@ that failed.
     ...     def encode(self, value):
     ...         try:
     ...             return pickle.dumps(value, protocol=5)
-    ...         except Exception as exc:
-    ...             raise EncodeError(f"cannot pickle a value of type {type(value).__name__}") from exc
+    ...         except Exception:
+    ...             raise EncodeError(f"cannot pickle a value of type {type(value).__name__}") from None
     ...     def decode(self, data, type):
     ...         try:
     ...             value = pickle.loads(data)
-    ...         except Exception as exc:
-    ...             raise DecodeError("expected a pickle") from exc
+    ...         except Exception:
+    ...             raise DecodeError("expected a pickle") from None
     ...         if type is not object and not isinstance(value, type):
     ...             raise DecodeError(f"expected {type.__name__}, got {value.__class__.__name__}")
     ...         return value
@@ -166,13 +167,50 @@ def _is_pydantic_model(tp: Any) -> bool:
 _MSGSPEC_VALUE_RE: Final = re.compile(r"^(Invalid (?:enum )?value) .*?(?= - at `\$[^`]*`$|$)", re.DOTALL)
 
 
-def _validation_summary(exc: BaseException) -> str:
-    """A message for a decode failure that carries no stored data.
+def _declared_names(tp: Any) -> set[str]:
+    """The names the code declares in ``tp`` and every type reachable from it:
+    class names, field names and aliases. Text from the code, never from stored data."""
+    names = {"[key]"}  # pydantic's mark of a dict key that failed
+    seen: set[int] = set()
+    todo = [tp]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        todo.extend(get_args(current))
+        if not isinstance(current, type):
+            continue
+        names.add(current.__name__)  # pydantic names a union's member by it
+        fields = getattr(current, "__pydantic_fields__", None)
+        if not isinstance(fields, Mapping):
+            fields = getattr(current, "model_fields", None)
+        if isinstance(fields, Mapping):
+            for name, info in fields.items():
+                names.add(name)
+                for alias in (getattr(info, "alias", None), getattr(info, "validation_alias", None)):
+                    if isinstance(alias, str):
+                        names.add(alias)
+                todo.append(getattr(info, "annotation", None))
+            continue
+        try:
+            hints = typing.get_type_hints(current)  # dataclasses, TypedDicts, Structs...
+        except Exception:  # forward references that do not resolve: nothing known
+            continue
+        names.update(hints)
+        todo.extend(hints.values())
+    return names
+
+
+def _validation_summary(exc: BaseException, tp: Any = object) -> str:
+    """A message for a decode failure (``tp`` was asked for) that carries no stored data.
 
     msgspec and orjson messages only hold positions, paths and types (minus the
     quoted values removed above). pydantic's ``str(ValidationError)`` includes the
-    input, so it is rebuilt from ``errors(include_input=False)``. Messages of
-    anything else are not trusted: only the exception type is shown.
+    input, so it is rebuilt from ``errors(include_input=False)``; the location keeps
+    list indexes and the names ``tp`` declares, not the keys of a stored dict
+    (``[...]``, as msgspec shows them). Messages of anything else are not trusted:
+    only the exception type is shown.
     """
     if isinstance(exc, (msgspec.DecodeError, orjson.JSONDecodeError)):
         return _MSGSPEC_VALUE_RE.sub(r"\1", str(exc))
@@ -180,10 +218,11 @@ def _validation_summary(exc: BaseException) -> str:
     if callable(errors):  # pydantic.ValidationError
         try:
             details = errors(include_url=False, include_input=False, include_context=False)
-            parts = [
-                f"{'.'.join(str(p) for p in d.get('loc', ())) or '<root>'}: {d.get('msg', '')}"
-                for d in details
-            ]
+            names = _declared_names(tp)
+            parts = []
+            for d in details:
+                loc = ".".join(str(p) if type(p) is int or p in names else "[...]" for p in d.get("loc", ()))
+                parts.append(f"{loc or '<root>'}: {d.get('msg', '')}")
             return f"{len(parts)} validation error(s): " + "; ".join(parts)
         except Exception:
             pass
@@ -193,7 +232,7 @@ def _validation_summary(exc: BaseException) -> str:
 def _decode_error(exc: BaseException, tp: Any, fmt: str) -> DecodeError:
     if tp is object or tp is Any:
         return DecodeError(f"expected a {fmt} document: {_validation_summary(exc)}")
-    return DecodeError(f"expected {_type_name(tp)} ({fmt}): {_validation_summary(exc)}")
+    return DecodeError(f"expected {_type_name(tp)} ({fmt}): {_validation_summary(exc, tp)}")
 
 
 def _is_pydantic_secret(tp: Any) -> bool:
@@ -341,7 +380,7 @@ def _msgspec_dec_hook(tp: Any, obj: Any) -> Any:
     try:
         return _pydantic_from_plain(tp)(obj)
     except ValueError as exc:  # pydantic.ValidationError; its str() holds the input
-        raise ValueError(_validation_summary(exc)) from None
+        raise ValueError(_validation_summary(exc, tp)) from None
 
 
 def _typed_decoder(new_decoder: Callable[..., Any], tp: Any) -> _Decoder:
@@ -529,6 +568,12 @@ class JsonCodec(_DecoderCache):
       (``dict[int, str]``) returns ``{1: ...}``. Two keys that are written as the same
       string (``1`` and ``"1"``) are both written, and a read keeps the last one only.
     * **ints beyond 64 bits** are rejected (use ``MsgspecCodec("json")``).
+    * **UTC offsets with seconds**: an aware ``datetime`` whose offset is not a whole
+      number of minutes (a zone's old local mean time, such as ``Europe/Amsterdam``
+      before 1938, or a ``timezone`` built with seconds) is written with the offset
+      rounded to the minute, as orjson does: it reads back up to 30 seconds off,
+      without an error. Checking every datetime would slow every write; convert such
+      values to UTC first, or use ``MsgspecCodec("msgpack")``, which keeps the instant.
 
     Example:
         >>> import msgspec
@@ -573,9 +618,10 @@ class JsonCodec(_DecoderCache):
                 detail = f"{exc} ({type(cause).__name__})"
             else:  # orjson's own messages name a type or a limit, never the value
                 detail = str(exc)
-            raise EncodeError(
-                f"cannot encode a value of type {_type_name(type(value))} as JSON: {detail}"
-            ) from exc
+            error = EncodeError(f"cannot encode a value of type {_type_name(type(value))} as JSON: {detail}")
+        # Raised outside the handler and without a cause: the chain (a pydantic
+        # serialization error, say) may quote the value, and a log prints it.
+        raise error from None
 
     def _encode_all(self, values: Sequence[Any]) -> list[bytes]:
         # Positional default and option: a partial with keywords would build a dict per item.
@@ -603,7 +649,10 @@ class MsgspecCodec(_DecoderCache):
     """A codec built on `msgspec`_ alone, as JSON or MessagePack.
 
     ``"json"`` follows msgspec's JSON rules: ``bytes`` become base64 strings (a typed
-    read as ``bytes`` decodes them back), ints of any size, NaN/infinity as ``null``.
+    read as ``bytes`` decodes them back), ints of any size, NaN/infinity as ``null``,
+    and an aware ``datetime`` whose UTC offset has seconds is written with the offset
+    rounded to the minute, so it reads back up to 30 seconds off (as with
+    :class:`JsonCodec`: store such values in UTC, or as MessagePack).
     ``"msgpack"`` is compact and binary-safe: ``bytes``, NaN and infinity round-trip
     exactly, and aware datetimes are stored as timestamps (read back in UTC).
 
@@ -660,10 +709,11 @@ class MsgspecCodec(_DecoderCache):
             return self._encode(value)
         except Exception as exc:
             detail = str(exc) if isinstance(exc, (TypeError, OverflowError, msgspec.EncodeError)) else ""
-            raise EncodeError(
+            error = EncodeError(
                 f"cannot encode a value of type {_type_name(type(value))} as {self._label}: "
                 f"{detail or type(exc).__name__}"
-            ) from exc
+            )
+        raise error from None  # outside the handler, as in JsonCodec.encode
 
     def _encode_all(self, values: Sequence[Any]) -> list[bytes]:
         return list(map(self._encode, values))

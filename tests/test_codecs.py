@@ -81,6 +81,9 @@ class FakeValidationError(ValueError):
 class FakeModel:
     """Duck-types the pydantic v2 model API the codecs rely on (pydantic may be absent)."""
 
+    name: str
+    age: int
+
     def __init__(self, name: str, age: int) -> None:
         self.name = name
         self.age = age
@@ -415,6 +418,42 @@ def test_a_pydantic_value_that_does_not_match_its_field_is_not_stored(codec: Cod
             codec.encode(quota)
     assert SECRET not in str(info.value)
     assert not [w for w in caught if SECRET in str(w.message)]  # pydantic's warning quotes it
+    # Nor in what a log prints with it: pydantic's serialization error, which quotes
+    # the value, is neither its cause nor its context.
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None
+    assert SECRET not in "".join(traceback.format_exception(info.value))
+
+
+def test_pydantic_decode_error_shows_no_stored_dict_key(codec: Codec) -> None:
+    pydantic = pytest.importorskip("pydantic")
+
+    class Grant(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        scope: str
+
+    class Wallet(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        tokens: dict[str, int]
+        grants: dict[str, Grant]
+        history: list[Grant]
+        last: Grant | int | None = None
+
+    doc = {
+        "tokens": {SECRET: "x"},
+        "grants": {SECRET: {"scope": 1}},
+        "history": [{"scope": "ok"}, {"scope": 2}],
+        "last": {"scope": 3},
+    }
+    for tp, value in ((Wallet, doc), (list[Wallet], [doc])):
+        with pytest.raises(DecodeError) as info:
+            codec.decode(codec.encode(value), tp)
+        message = str(info.value)
+        assert SECRET not in "".join(traceback.format_exception(info.value))
+        # Dict keys read from the store are hidden, as msgspec hides them; list
+        # indexes and the names the model declares are kept.
+        assert "tokens.[...]: " in message
+        assert "grants.[...].scope: " in message
+        assert "history.1.scope: " in message
+        assert "last.Grant.scope: " in message
 
 
 def test_pydantic_secret_is_refused_not_masked(codec: Codec) -> None:

@@ -344,6 +344,60 @@ async def test_a_fill_cancelled_while_taking_the_lease_gives_it_back() -> None:
             await asyncio.sleep(0.05)
 
 
+class CutAfterRead(RedisBackend):
+    """Once a read has come back (while ``proxy`` is set), the next command runs on the
+    server but its reply is lost: the connection is reset 0.2 s later."""
+
+    proxy: FaultProxy | None = None
+
+    async def get(self, key: str) -> bytes | None:
+        data = await super().get(key)
+        proxy = self.proxy
+        if proxy is not None:
+            self.proxy = None
+            proxy.mute()
+
+            async def cut() -> None:
+                await asyncio.sleep(0.2)
+                proxy.heal()
+                await proxy.reset_connections()
+
+            self.cutting = asyncio.ensure_future(cut())
+        return data
+
+
+async def test_a_fill_whose_lease_acquire_fails_gives_it_back(
+    valkey_server: RedisServer, admin: Redis
+) -> None:
+    # The server sets the lease, then the connection breaks before the reply: the
+    # lease is given back, not left for every process to wait out lock_ttl.
+    async with FaultProxy(valkey_server.host, valkey_server.port) as proxy:
+        backend = CutAfterRead(RedisOptions(addr=proxy.addr, max_retries=0, auto_pipeline=False))
+        async with Client(backend) as client:
+            key = fresh_key()
+            backend.proxy = proxy
+            with pytest.raises(BackendUnavailableError, match="lease acquire"):
+                await asyncio.wait_for(client.get_or_set(key, lambda: 1, lock_ttl=60), 30)
+            await backend.cutting
+            assert await admin.get(lease_key(key)) is None
+            assert await client.get_or_set(key, lambda: 2, lock_ttl=60) == 2
+
+
+class LostAcquireReply(MemoryBackend):
+    """Sets the lease, then times out as if its reply had not come back in time."""
+
+    async def acquire_lease(self, key: str, token: bytes, ttl_ms: int) -> bool:
+        await super().acquire_lease(key, token, ttl_ms)
+        raise OperationTimeoutError(f"EVAL (lease acquire) for key {key!r}: timed out")
+
+
+async def test_a_fill_whose_lease_acquire_times_out_gives_it_back() -> None:
+    async with Client(LostAcquireReply()) as client:
+        with pytest.raises(OperationTimeoutError, match="lease acquire"):
+            await client.get_or_set("k", lambda: 1, lock_ttl=60)
+        assert not await client.has_key(lease_key("k"))
+
+
 class SlowFactory:
     """A factory that says when it has started, then takes ``seconds`` to return ``value``."""
 
@@ -542,6 +596,51 @@ async def test_single_flight_without_a_lease_backend() -> None:
         assert list(client.backend.data) == ["k"]  # type: ignore[attr-defined]  # no lease key
 
 
+class HeldReads(MinimalBackend):
+    """Reads the store when asked, and answers only once ``answer`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = asyncio.Event()
+        self.answer.set()
+        self.read = asyncio.Event()
+
+    async def get(self, key: str) -> bytes | None:
+        data = self.data.get(key)
+        self.read.set()
+        await self.answer.wait()
+        return data
+
+
+async def test_without_a_lease_a_miss_answered_after_a_fill_does_not_run_the_factory_again() -> None:
+    backend = HeldReads()
+    async with Client(backend) as client:
+        calls = Counter()
+        release = asyncio.Event()
+
+        async def factory() -> int:
+            calls.runs += 1
+            await release.wait()
+            return 7
+
+        first = asyncio.create_task(client.get_or_set("k", factory))
+        for _ in range(100):
+            if calls.runs:
+                break
+            await asyncio.sleep(0.01)
+        backend.answer.clear()
+        backend.read.clear()
+        # This caller reads the key while the factory runs, and its miss comes back
+        # only after that fill has stored the value and ended.
+        second = asyncio.create_task(client.get_or_set("k", factory))
+        await asyncio.wait_for(backend.read.wait(), 10)
+        release.set()
+        assert await asyncio.wait_for(first, 10) == 7
+        backend.answer.set()
+        assert await asyncio.wait_for(second, 10) == 7
+        assert calls.runs == 1
+
+
 async def test_two_clients_on_one_backend_share_the_lease() -> None:
     backend = MemoryBackend()
     first, second = Client(backend), Client(backend)
@@ -605,9 +704,9 @@ async def test_typed_miss_returns_what_hits_will_return(client: Client) -> None:
     def as_dict() -> dict[str, Any]:
         return {"id": 1, "name": "ada"}
 
-    first = await client.get_or_set(key, as_dict, type=User)  # type: ignore[arg-type]
+    first: User = await client.get_or_set(key, as_dict, type=User)
     assert first == User(1, "ada")  # the same type as every later hit, not the dict
-    assert await client.get_or_set(key, as_dict, type=User) == User(1, "ada")  # type: ignore[arg-type]
+    assert await client.get_or_set(key, as_dict, type=User) == User(1, "ada")
     await client.delete(key)
 
 
@@ -650,7 +749,7 @@ async def test_result_that_does_not_match_the_type_is_not_stored(client: Client)
     with pytest.raises(EncodeError, match=rf"{key}.*does not read back as int"):
         await client.get_or_set(key, wrong)  # the annotation gives the type
     with pytest.raises(EncodeError, match="does not read back as"):
-        await client.get_or_set(key, lambda: {"x": 1}, type=User)  # type: ignore[arg-type,return-value]
+        await client.get_or_set(key, lambda: {"x": 1}, type=User)
     assert not await client.has_key(key)
     assert not await client.has_key(lease_key(key))  # released, so the next caller can fill
 
@@ -850,7 +949,9 @@ async def test_result_type_follows_the_factory() -> None:
         count: int = await client.get_or_set("n", lambda: 3)
         factory: Callable[[], Awaitable[User]] = _user_factory
         user: User = await client.get_or_set("u", factory, type=User)
-        assert (point, count, user) == (Point(0, 0), 3, User(9, "z"))
+        # A factory whose result reads back as type= is typed as type= too.
+        built: Point = await client.get_or_set("built", lambda: {"x": 1, "y": 2}, type=Point)
+        assert (point, count, user, built) == (Point(0, 0), 3, User(9, "z"), Point(1, 2))
 
 
 async def _user_factory() -> User:

@@ -8,6 +8,7 @@ transports, every kind of call, log records at DEBUG and host name checks.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import ssl
 import uuid
@@ -21,12 +22,13 @@ import redis.asyncio as aioredis
 import trustme
 from conftest import chain_text, redis_options
 
-from kivigo_async import Client, EncryptedCodec, JsonCodec
+from kivigo_async import Client, Codec, EncryptedCodec, JsonCodec, MsgspecCodec
 from kivigo_async.backends.redis import RedisBackend, RedisClusterOptions, RedisOptions, RedisSentinelOptions
 from kivigo_async.errors import (
     BackendUnavailableError,
     ConfigurationError,
     DecodeError,
+    EncodeError,
     HealthCheckError,
     KivigoError,
     PermissionDeniedError,
@@ -178,6 +180,49 @@ async def test_encryption_keys_never_in_errors(caplog: pytest.LogCaptureFixture)
                 await stranger.get("card")
             errors.append(unknown_key.value)
     assert_absent("\n".join(chain_text(e) for e in errors) + log_text(caplog), key, other)
+
+
+class ChainingCodec(JsonCodec):
+    """Follows the old advice to codec authors: chains the error that quotes the value."""
+
+    def encode(self, value: Any) -> bytes:
+        with contextlib.suppress(EncodeError):
+            return super().encode(value)
+        try:
+            raise ValueError(f"cannot serialise {value!r}")
+        except ValueError as exc:
+            raise EncodeError(f"cannot encode a value of type {type(value).__name__}") from exc
+
+
+@pytest.mark.parametrize(
+    "codec",
+    [JsonCodec(), MsgspecCodec("json"), MsgspecCodec("msgpack"), ChainingCodec()],
+    ids=["json", "msgspec-json", "msgspec-msgpack", "chaining"],
+)
+async def test_a_value_that_cannot_be_encoded_is_not_in_the_error_chain(codec: Codec) -> None:
+    pydantic = pytest.importorskip("pydantic")
+    from kivigo_async.backends.memory import MemoryBackend
+
+    class Login(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        user: str
+        pin: int
+
+    login = Login(user="ada", pin=1)
+    login.pin = "hunter2-Tiger42"  # type: ignore[assignment]  # unvalidated; pydantic's error quotes it
+    errors: list[BaseException] = []
+    async with Client(MemoryBackend(), codec=codec) as client:
+        with pytest.raises(EncodeError) as single:
+            await client.set("login", login)
+        errors.append(single.value)
+        with pytest.raises(EncodeError) as batch:
+            await client.batch_set({"a": 1, "login": login})
+        errors.append(batch.value)
+        with pytest.raises(EncodeError) as filled:
+            await client.get_or_set("login", lambda: login)
+        errors.append(filled.value)
+    for error in errors:
+        assert "'login'" in str(error)
+        assert "Tiger42" not in chain_text(error)
 
 
 URL_PARSERS = pytest.mark.parametrize(
