@@ -43,17 +43,21 @@ _Entry = tuple[bytes, "float | None"]
 _SCAN_CHUNK = 1000
 
 
-def _check_key(key: str) -> None:
-    """Refuse a key Redis could not store either: one that is not UTF-8 (a lone surrogate).
+def _canonical(key: str) -> str:
+    """The key as Redis stores and lists it; refuses one Redis could not store (a lone surrogate).
 
     The surrogates U+DC80..U+DCFF are accepted: they stand for the bytes of a
-    non-UTF-8 key, which is how the Redis backends list such keys.
+    non-UTF-8 key, which is how the Redis backends list such keys. Escaped bytes
+    that form UTF-8 are that text on Redis (``"\\udcc3\\udca9"`` is ``"é"``), so they
+    are the same key here too.
     """
-    if not key.isascii():
-        try:
-            key.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:
-            raise InvalidKeyError(f"key {key!r} cannot be encoded as UTF-8 (a lone surrogate?)") from None
+    if key.isascii():
+        return key
+    try:
+        data = key.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise InvalidKeyError(f"key {key!r} cannot be encoded as UTF-8 (a lone surrogate?)") from None
+    return data.decode("utf-8", "surrogateescape")
 
 
 class MemoryBackend:
@@ -92,8 +96,9 @@ class MemoryBackend:
         if self._closed:
             raise BackendUnavailableError("the memory backend is closed")
 
+    # The helpers below take canonical keys (_canonical): the public methods make them.
+
     def _live(self, key: str) -> _Entry | None:
-        _check_key(key)
         entry = self._data.get(key)
         if entry is not None and entry[1] is not None and entry[1] <= time.monotonic():
             del self._data[key]
@@ -110,7 +115,6 @@ class MemoryBackend:
 
     def _write(self, key: str, value: bytes, ttl_ms: int | None, *, changed: bool = True) -> None:
         # changed=False: only the TTL changed, which watchers are not told (as on Redis).
-        _check_key(key)
         if self._feeds:
             # As on Redis, writing over a key whose TTL ran out reports its expiry
             # first, even when the expiry timer has not run yet.
@@ -193,20 +197,20 @@ class MemoryBackend:
 
     async def get(self, key: str) -> bytes | None:
         self._check_open()
-        entry = self._live(key)
+        entry = self._live(_canonical(key))
         return None if entry is None else entry[0]
 
     async def set(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
         self._check_open()
-        self._write(key, value, ttl_ms)
+        self._write(_canonical(key), value, ttl_ms)
 
     async def delete(self, key: str) -> bool:
         self._check_open()
-        return self._remove(key)
+        return self._remove(_canonical(key))
 
     async def scan(self, prefix: str) -> AsyncIterator[str]:
         self._check_open()
-        _check_key(prefix)
+        prefix = _canonical(prefix)
         # A snapshot, because the dict may change while the caller awaits between keys.
         keys = [k for k in self._data if k.startswith(prefix)]
         for i, key in enumerate(keys, 1):
@@ -230,31 +234,32 @@ class MemoryBackend:
         self._check_open()
         out: list[bytes | None] = []
         for key in keys:
-            entry = self._live(key)
+            entry = self._live(_canonical(key))
             out.append(None if entry is None else entry[0])
         return out
 
     async def batch_set(self, items: Sequence[tuple[str, bytes]], ttl_ms: int | None = None) -> None:
         self._check_open()
-        for key, _ in items:
-            _check_key(key)  # all keys first: a batch is written whole or not at all
-        for key, value in items:
+        # All keys first: a batch is written whole or not at all.
+        canonical = [(_canonical(key), value) for key, value in items]
+        for key, value in canonical:
             self._write(key, value, ttl_ms)
 
     async def batch_delete(self, keys: Sequence[str]) -> int:
         self._check_open()
-        for key in keys:
-            _check_key(key)  # all keys first: as one UNLINK, a batch is deleted whole or not at all
-        return sum(self._remove(key) for key in keys)
+        # All keys first: as one UNLINK, a batch is deleted whole or not at all.
+        canonical = [_canonical(key) for key in keys]
+        return sum(self._remove(key) for key in canonical)
 
     async def exists(self, keys: Sequence[str]) -> int:
         self._check_open()
-        return sum(self._live(key) is not None for key in keys)
+        return sum(self._live(_canonical(key)) is not None for key in keys)
 
     # -- TTLBackend ------------------------------------------------------
 
     async def expire(self, key: str, ttl_ms: int) -> bool:
         self._check_open()
+        key = _canonical(key)
         entry = self._live(key)
         if entry is None:
             return False
@@ -263,6 +268,7 @@ class MemoryBackend:
 
     async def ttl(self, key: str) -> int | None:
         self._check_open()
+        key = _canonical(key)
         entry = self._live(key)
         if entry is None:
             raise KeyNotFoundError(key)
@@ -272,6 +278,7 @@ class MemoryBackend:
 
     async def persist(self, key: str) -> bool:
         self._check_open()
+        key = _canonical(key)
         entry = self._live(key)
         if entry is None or entry[1] is None:
             return False
@@ -289,6 +296,7 @@ class MemoryBackend:
     async def acquire_lease(self, key: str, token: bytes, ttl_ms: int) -> bool:
         # No await between the check and the write: atomic within the event loop.
         self._check_open()
+        key = _canonical(key)
         if self._live(key) is not None:
             return False
         self._write(key, token, ttl_ms)
@@ -296,6 +304,7 @@ class MemoryBackend:
 
     async def release_lease(self, key: str, token: bytes) -> bool:
         self._check_open()
+        key = _canonical(key)
         entry = self._live(key)
         if entry is None or entry[0] != token:
             return False
@@ -320,7 +329,7 @@ class MemoryBackend:
         """
         self._check_open()
         _check_watch_args(prefix, max_pending)
-        _check_key(prefix)
+        prefix = _canonical(prefix)
         feed = ChangeFeed(max_pending=max_pending, halt=lambda: self._unwatch(feed))
         first = not self._feeds
         self._feeds[feed] = prefix
@@ -334,9 +343,7 @@ class MemoryBackend:
 
     async def begin(self, watch: Sequence[str]) -> BackendTransaction:
         self._check_open()
-        for key in watch:
-            _check_key(key)
-        return _MemoryTransaction(self, watch)
+        return _MemoryTransaction(self, [_canonical(key) for key in watch])
 
 
 class _MemoryTransaction:
@@ -368,13 +375,13 @@ class _MemoryTransaction:
                     f"a watched key changed before commit: {', '.join(map(repr, self._watch))}"
                 )
             self._unwatch()
-            for op in ops:
-                _check_key(op[1])  # all keys first: a commit applies whole or not at all
-            for op in ops:
+            # All keys first: a commit applies whole or not at all.
+            keys = [_canonical(op[1]) for op in ops]
+            for op, key in zip(ops, keys, strict=True):
                 if op[0] == "set":
-                    backend._write(op[1], op[2], op[3])
+                    backend._write(key, op[2], op[3])
                 else:
-                    backend._remove(op[1])
+                    backend._remove(key)
         finally:
             self._unwatch()
 

@@ -275,6 +275,18 @@ class BackendConformance:
         assert await client.delete(key)
         assert not await client.has_key(key)
 
+    async def test_escaped_utf8_bytes_name_the_same_key_as_their_text(self, client: Client) -> None:
+        # Keys are bytes on Redis. U+DC80..U+DCFF stand for bytes of a key that is not
+        # UTF-8; escaped bytes that do form UTF-8 (those of "é") are the key "é" itself.
+        escaped, text = "esc:\udcc3\udca9", "esc:é"
+        await client.set(escaped, 1)
+        assert await client.get(text) == 1
+        await client.set(text, 2)
+        assert await client.get(escaped) == 2
+        assert await client.list("esc:") == [text]
+        assert await client.delete(escaped)
+        assert await client.list("esc:") == []
+
     async def test_list_prefix_is_literal(self, client: Client) -> None:
         await client.batch_set({"user": 0, "user1": 1, "user:1": 2, "users:x": 3, "other": 4})
         assert await client.list("user") == ["user", "user1", "user:1", "users:x"]
