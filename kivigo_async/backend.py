@@ -54,6 +54,19 @@ TxDelete = tuple[Literal["delete"], str]
 TxOp = Union[TxSet, TxDelete]  # noqa: UP007
 
 
+def stored_key(key: str) -> str:
+    """``key`` as Redis stores, lists and invalidates it (not exported: for backends).
+
+    Keys are bytes on the server; U+DC80..U+DCFF stand for the bytes of a key that
+    is not UTF-8. Escaped bytes that do form UTF-8 are that text there, so
+    ``"\\udcc3\\udca9"`` and ``"é"`` are one key: this returns the second for both.
+    Raises ``UnicodeEncodeError`` for a key the server cannot hold (a lone surrogate).
+    """
+    if key.isascii():
+        return key
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")
+
+
 @runtime_checkable
 class AsyncBackend(Protocol):
     """The required backend interface.

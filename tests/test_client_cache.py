@@ -126,6 +126,21 @@ async def test_own_writes_are_read_back_at_once(client: Client) -> None:
     assert await client.get("mine", default=None) is None
 
 
+async def test_both_spellings_of_a_key_share_one_entry(client: Client, admin: Redis) -> None:
+    # "\udcc3\udca9" stands for the bytes of "é": one key on the server, so a write
+    # under either spelling must reach a value cached under the other.
+    escaped, text = "alias:\udcc3\udca9", "alias:é"
+    await client.set(text, 1)
+    assert await client.get(escaped) == 1
+    assert await client.get(escaped) == 1  # cached now
+    await client.set(text, 2)
+    assert await client.get(escaped) == 2
+    watcher = Invalidations(cache_of(client))
+    await admin.set(text.encode(), b"3")
+    await watcher.wait_for(text)
+    assert await client.get(escaped) == 3
+
+
 async def test_memory_stays_bounded(client: Client) -> None:
     await client.batch_set({f"b:{i}": i for i in range(500)})
     for i in range(500):

@@ -23,7 +23,7 @@ import heapq
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from ..backend import BackendTransaction, TxOp
+from ..backend import BackendTransaction, TxOp, stored_key
 from ..errors import (
     BackendUnavailableError,
     ConfigurationError,
@@ -44,20 +44,14 @@ _SCAN_CHUNK = 1000
 
 
 def _canonical(key: str) -> str:
-    """The key as Redis stores and lists it; refuses one Redis could not store (a lone surrogate).
+    """The key as Redis stores and lists it (:func:`stored_key`).
 
-    The surrogates U+DC80..U+DCFF are accepted: they stand for the bytes of a
-    non-UTF-8 key, which is how the Redis backends list such keys. Escaped bytes
-    that form UTF-8 are that text on Redis (``"\\udcc3\\udca9"`` is ``"é"``), so they
-    are the same key here too.
+    Refuses a key Redis could not store either: one that is not UTF-8 (a lone surrogate).
     """
-    if key.isascii():
-        return key
     try:
-        data = key.encode("utf-8", "surrogateescape")
+        return stored_key(key)
     except UnicodeEncodeError:
         raise InvalidKeyError(f"key {key!r} cannot be encoded as UTF-8 (a lone surrogate?)") from None
-    return data.decode("utf-8", "surrogateescape")
 
 
 class MemoryBackend:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import hiredis
 from redis import exceptions as rx
 
+from ...backend import stored_key
 from ...errors import ConfigurationError
 from ._mux import Arg, MuxConnection, Opener, listener_backoff
 
@@ -131,12 +132,21 @@ def ttl_reply(reply: Any) -> tuple[bool, int | None]:
 InvalidationListener = Callable[["str | None"], None]
 
 
+def _entry_key(key: str) -> str:
+    # One entry for every spelling of a key (see stored_key): invalidations name
+    # the stored form, and must reach a value read under the other.
+    try:
+        return stored_key(key)
+    except UnicodeEncodeError:  # no key the server can hold: the command refuses it
+        return key
+
+
 class LocalCache:
     """The in-process side of client-side caching (one per backend).
 
     Reads that are in flight when their key is invalidated (or the cache is
     flushed) are not stored when they complete: their value may predate the
-    change.
+    change. Keys are kept in the form the server names them in invalidations.
     """
 
     def __init__(self, settings: ClientCache) -> None:
@@ -173,6 +183,7 @@ class LocalCache:
     # -- reads -----------------------------------------------------------------
 
     def lookup(self, key: str) -> bytes | None:
+        key = _entry_key(key)
         entry = self._data.get(key)
         if entry is None:
             self.stats.misses += 1
@@ -198,6 +209,7 @@ class LocalCache:
         return found, misses
 
     def begin(self, key: str) -> int:
+        key = _entry_key(key)
         self._inflight[key] = self._inflight.get(key, 0) + 1
         return self._epoch
 
@@ -219,6 +231,7 @@ class LocalCache:
         point after that; counted from now, a reply that sat in a socket or
         behind a busy event loop would keep the value past the key's expiry.
         """
+        key = _entry_key(key)
         left = self._inflight[key] - 1
         clean = key not in self._dirty
         if left:
@@ -249,6 +262,7 @@ class LocalCache:
     # -- invalidation ------------------------------------------------------------
 
     def invalidate(self, key: str) -> None:
+        key = _entry_key(key)
         self._data.pop(key, None)
         if key in self._inflight:
             self._dirty.add(key)
