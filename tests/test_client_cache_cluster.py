@@ -363,6 +363,17 @@ async def test_batch_get_values_are_invalidated_too(
     assert await client.batch_get(list(keys.values()), int) == dict.fromkeys(keys.values(), 2)
 
 
+async def test_batch_get_reads_a_key_of_another_type_as_missing(
+    client: Client, other: AsyncRedisCluster
+) -> None:
+    # As without the cache and on one server: a key alone in its slot is read with
+    # MGET too, which answers nil for a hash where GET fails with WRONGTYPE.
+    await client.batch_set({"typed:str": 1})
+    await other.hset("typed:hash", "field", "value")
+    assert await client.batch_get(["typed:hash"]) == {}
+    assert await client.batch_get(["typed:hash", "typed:str"], int) == {"typed:str": 1}
+
+
 async def test_memory_stays_bounded(redis_cluster: RedisCluster) -> None:
     redis_cluster.flushall()
     options = RedisClusterOptions(addrs=redis_cluster.addrs[:1], client_cache=ClientCache(max_entries=50))

@@ -15,7 +15,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -27,6 +27,7 @@ from kivigo_async import Client
 from kivigo_async.backends.redis import RedisClusterBackend, RedisClusterOptions
 from kivigo_async.backends.redis._mux import MuxConnection
 from kivigo_async.errors import (
+    BackendError,
     BackendUnavailableError,
     ConfigurationError,
     ConnectTimeoutError,
@@ -658,13 +659,20 @@ def test_options_validation_and_url() -> None:
     assert RedisClusterOptions(addrs=["n1:7000"]).replace(pool_size=3).pool_size == 3
 
 
-def migrate_slot(cluster: RedisCluster, slot: int, target: RedisServer, pause: float) -> int:
-    """Move ``slot`` to ``target`` the way ``--cluster reshard`` does, a few keys at a time."""
-    source = cluster.node_for_slot(slot)
+def mark_migrating(source: RedisServer, target: RedisServer, slot: int) -> bytes:
+    """Mark ``slot`` importing on ``target`` and migrating on ``source``; returns the target's id."""
     with sync_client(source) as src, sync_client(target) as dst:
         source_id, target_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
         dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
         src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+    return cast("bytes", target_id)
+
+
+def migrate_slot(cluster: RedisCluster, slot: int, target: RedisServer, pause: float) -> int:
+    """Move ``slot`` to ``target`` the way ``--cluster reshard`` does, a few keys at a time."""
+    source = cluster.node_for_slot(slot)
+    target_id = mark_migrating(source, target, slot)
+    with sync_client(source) as src:
         moved = 0
         while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 5):
             src.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
@@ -1041,3 +1049,142 @@ async def test_batch_writes_never_go_to_replicas(
         assert set(sent_to) - primaries
     finally:
         await backend.close()
+
+
+# --------------------------------------------------------------------------- closing, replies, redirections
+
+
+async def test_a_transaction_begun_while_the_backend_closes_is_refused(
+    redis_cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # begin() on a new backend reads the layout first. A close() meanwhile must leave
+    # it nothing to work with: a backend on the slot's node made after the close
+    # would write, and nothing would ever close it.
+    backend = RedisClusterBackend(RedisClusterOptions(addrs=redis_cluster.addrs[:1]))
+    learned, resume = asyncio.Event(), asyncio.Event()
+    real_ready = backend._ready
+
+    async def held_ready() -> None:
+        await real_ready()
+        learned.set()
+        await resume.wait()
+
+    monkeypatch.setattr(backend, "_ready", held_ready)
+    begin = asyncio.ensure_future(backend.begin(["{closing-tx}:a"]))
+    await asyncio.wait_for(learned.wait(), 10)
+    await backend.close()
+    resume.set()
+    with pytest.raises(BackendUnavailableError, match="closed"):
+        await asyncio.wait_for(begin, 10)
+    assert not backend._node_backends
+
+
+async def test_a_key_named_like_a_redirection_is_no_conflict(redis_cluster: RedisCluster) -> None:
+    # A redirection is told by the reply, not by the error message, which names the key.
+    key = "{tx-name}ASK MOVED"
+    with sync_client(redis_cluster.node_for_slot(key_slot(key.encode()))) as direct:
+        direct.delete(key)
+        direct.hset(key, "field", "value")
+    async with Client(RedisClusterBackend(RedisClusterOptions(addrs=redis_cluster.addrs[:1]))) as client:
+        with pytest.raises(BackendError, match="WRONGTYPE") as raised:
+            async with client.transaction(watch=[key]) as tx:
+                await tx.get(key)
+        assert not isinstance(raised.value, TransactionConflictError)
+    with sync_client(redis_cluster.node_for_slot(key_slot(key.encode()))) as direct:
+        direct.delete(key)
+
+
+def start_migration(cluster: RedisCluster, slot: int, keys: list[str]) -> RedisServer:
+    """Mark ``slot`` migrating to another primary and move ``keys`` there; returns that primary."""
+    source = cluster.node_for_slot(slot)
+    target = next(p for p in cluster.primaries() if p is not source)
+    mark_migrating(source, target, slot)
+    with sync_client(source) as src:
+        src.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
+    return target
+
+
+@pytest.mark.parametrize("auto_pipeline", [True, False])
+async def test_batch_get_reads_a_key_of_another_type_as_missing(
+    redis_cluster_factory: ClusterFactory, auto_pipeline: bool
+) -> None:
+    # As on one server (MGET): None, not WRONGTYPE, whether the key is alone in its
+    # slot or not, and when the slot's keys are re-sent one by one mid-migration.
+    cluster = redis_cluster_factory(node_timeout_ms=5000)
+    options = RedisClusterOptions(addrs=cluster.addrs, auto_pipeline=auto_pipeline)
+    async with Client(RedisClusterBackend(options)) as client:
+        keys = [f"{{typed}}:{i}" for i in range(4)]
+        await client.batch_set({key: i for i, key in enumerate(keys)})
+        slot = key_slot(b"typed")
+        with sync_client(cluster.node_for_slot(slot)) as direct:
+            direct.delete(keys[0])
+            direct.hset(keys[0], "field", "value")
+        assert await client.batch_get(keys[:1]) == {}
+        assert await client.batch_get(keys, int) == {key: i for i, key in enumerate(keys) if i}
+        start_migration(cluster, slot, keys[2:])  # the slot's MGET is refused with TRYAGAIN
+        assert await client.batch_get(keys, int) == {key: i for i, key in enumerate(keys) if i}
+
+
+async def test_a_batch_write_resent_key_by_key_is_not_sent_again_after_a_lost_reply(
+    redis_cluster_factory: ClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Mid-migration a batch is re-sent key by key. A write whose reply was lost may
+    # have been applied: as for the batch itself, the caller hears of it, and the
+    # write is not sent again (a second UNLINK would count nothing). A read is.
+    cluster = redis_cluster_factory(node_timeout_ms=5000)
+    backend = RedisClusterBackend(RedisClusterOptions(addrs=cluster.addrs))
+    try:
+        keys = [f"{{lost-reply}}:{i}" for i in range(4)]
+        await backend.batch_set([(key, b"v") for key in keys])
+        start_migration(cluster, key_slot(b"lost-reply"), keys[:2])  # the rest stay on the source
+        sent: list[tuple[Any, ...]] = []
+        real_send = MuxConnection.send_command
+
+        async def lost_reply(conn: MuxConnection, args: Any) -> Any:
+            reply = await real_send(conn, args)
+            sent.append(tuple(args))
+            if tuple(args[1:]) == (keys[3],) and sent.count(tuple(args)) == 1:
+                raise redis.exceptions.ConnectionError(f"connection to {conn._node} lost")
+            return reply
+
+        monkeypatch.setattr(MuxConnection, "send_command", lost_reply)
+        assert await backend.batch_get(keys) == [b"v"] * 4
+        assert sent.count(("MGET", keys[3])) == 2
+        with pytest.raises(BackendUnavailableError, match="lost"):
+            await backend.batch_delete(keys)
+        assert sent.count(("UNLINK", keys[3])) == 1
+        monkeypatch.undo()
+        assert await backend.exists(keys) == 0  # it was applied
+    finally:
+        await backend.close()
+
+
+@pytest.mark.parametrize("auto_pipeline", [True, False])
+async def test_a_redirection_loop_is_followed_max_redirects_times(
+    redis_cluster_factory: ClusterFactory, auto_pipeline: bool
+) -> None:
+    # Each of two nodes takes the other for the slot's owner: the command bounces
+    # between them, sent once and once per redirection followed, on either transport.
+    cluster = redis_cluster_factory(node_timeout_ms=5000)
+    options = RedisClusterOptions(addrs=cluster.addrs, auto_pipeline=auto_pipeline, max_redirects=3)
+    key = "{loop}:k"
+    slot = key_slot(key.encode())
+    owner = cluster.node_for_slot(slot)
+    other = next(p for p in cluster.primaries() if p is not owner)
+    backend = RedisClusterBackend(options)
+    try:
+        assert await backend.get(key) is None  # the layout is known
+        reset_stats(cluster)
+        with sync_client(owner) as direct, sync_client(other) as elsewhere:
+            direct.execute_command("CLUSTER SETSLOT", slot, "NODE", elsewhere.execute_command("CLUSTER MYID"))
+        with pytest.raises(BackendError, match="redirections"):
+            await backend.get(key)
+    finally:
+        await backend.close()
+
+    def sent(node: RedisServer) -> int:
+        with sync_client(node) as direct:
+            stats = direct.info("commandstats").get("cmdstat_get", {})
+        return int(stats.get("calls", 0)) + int(stats.get("rejected_calls", 0))
+
+    assert sent(owner) + sent(other) == options.max_redirects + 1

@@ -419,7 +419,7 @@ class ClusterTracking:
         backend = self._backend
         groups = backend._by_slot(keys)  # raises InvalidKeyError before anything starts
         commands: list[tuple[Any, ...]] = []
-        reads: list[tuple[list[int], int]] = []  # (key positions, index of their GET/MGET)
+        reads: list[tuple[list[int], int]] = []  # (key positions, index of their MGET)
         # (key position, index of its PTTL, the node asked, epoch) per read that may be cached
         tracked: list[tuple[int, int, str, int]] = []
         served_by: list[str | None] = []
@@ -429,10 +429,9 @@ class ClusterTracking:
         try:
             for idx in groups.values():
                 reads.append((idx, len(commands)))
-                if len(idx) == 1:
-                    commands.append(("GET", keys[idx[0]]))
-                else:
-                    commands.append(("MGET", *(keys[i] for i in idx)))
+                # MGET even for one key, as the uncached read: a key holding another
+                # type reads as missing instead of failing the batch with WRONGTYPE.
+                commands.append(("MGET", *(keys[i] for i in idx)))
                 node = self._owner(keys[idx[0]])  # one slot: one owner for the group
                 if node is None:
                     continue
@@ -442,8 +441,7 @@ class ClusterTracking:
                         commands.append(("PTTL", keys[i]))
             results = await backend._pipeline("MGET", commands, served_by)
             for idx, at in reads:
-                values = [results[at]] if len(idx) == 1 else results[at]
-                for i, value in zip(idx, values, strict=True):
+                for i, value in zip(idx, results[at], strict=True):
                     out[i] = value
             return out
         finally:

@@ -18,7 +18,8 @@ have failed over), so that the next call goes to the slot's new owner.
 A single command is then retried up to ``max_retries`` times, as redis-py
 retries it (a write may be applied twice). A batch read is sent once more,
 since it applied nothing; a batch write is not, since it may have been
-applied: its caller hears of the failure.
+applied: its caller hears of the failure. The same goes for a batch write's
+keys re-sent one by one after a redirection.
 """
 
 from __future__ import annotations
@@ -84,14 +85,17 @@ class NodeConnections:
             conn = self._conns[name] = self._connect(name)
         return conn
 
-    async def command(self, args: tuple[Arg, ...], route: Route) -> Any:
+    async def command(self, args: tuple[Arg, ...], route: Route, *, retry: bool = True) -> Any:
         """The reply to the single-key command ``args``; a server error is raised.
 
         Redirections are followed (at most ``max_redirects``); after a lost
         connection, a timeout (a dial timeout too: the connection does not retry
         it) or ``CLUSTERDOWN`` the layout is learned again and the command
         retried, at most ``max_retries`` times: a node that stopped answering may
-        have been replaced by its replica.
+        have been replaced by its replica. With ``retry=False`` (a batch write's
+        key, re-sent after a redirection) a lost connection or a timeout is
+        raised once the layout is learned again, as for the batch itself: the
+        write may have been applied.
         """
         nodes = self._nodes
         ask: str | None = None  # the node an ASK sent the command to
@@ -115,7 +119,9 @@ class NodeConnections:
                     await asyncio.sleep(0.25)  # a failover under way: give it a moment
                 with contextlib.suppress(Exception):
                     await self._relearn()
-                if failures >= self._max_retries:
+                # CLUSTERDOWN and an uncovered slot applied nothing: those are retried always.
+                lost = isinstance(exc, (rx.ConnectionError, rx.TimeoutError))
+                if failures >= self._max_retries or (lost and not retry):
                     raise
                 failures += 1
                 await asyncio.sleep(backoff(failures))

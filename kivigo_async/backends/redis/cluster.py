@@ -24,6 +24,7 @@ from redis.exceptions import (
     MovedError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -68,6 +69,10 @@ __all__ = ["RedisClusterBackend", "RedisClusterOptions"]
 
 # Errors of redis-py's cluster layer: RedisClusterException is not a RedisError.
 _DRIVER_ERRORS = (RedisError, RedisClusterException)
+#: How many times redis-py's cluster client sends one command: the first time and
+#: one redirection. Further ones are ours (see _redirected, which is given what is
+#: left of max_redirects): redis-py sends ASKING and the command on two connections.
+_DRIVER_SENDS = 2
 #: What _run translates: the driver's errors, a key it cannot encode, and the
 #: AttributeError / TypeError of a connection torn down under a call (_torn_down).
 _TRANSLATED = (*_DRIVER_ERRORS, UnicodeEncodeError, AttributeError, TypeError)
@@ -85,8 +90,8 @@ class RedisClusterOptions:
             the rest of the cluster is discovered from it.
         username: the ACL user; ``None`` for the default user.
         password: never shown in ``repr``, logs or error messages.
-        pool_size: connections per node in redis-py's node pools (scans,
-            leases, and single-key commands without ``auto_pipeline``), and the
+        pool_size: connections per node in redis-py's node pools (scans, and
+            single-key commands and leases without ``auto_pipeline``), and the
             most of those calls and batches in flight at once; callers beyond it
             wait up to ``pool_timeout``. Transactions have a pool of their own
             per node, of the same size.
@@ -94,10 +99,10 @@ class RedisClusterOptions:
             connection error, a timeout or ``CLUSTERDOWN``, re-reading the
             cluster's layout first (that is how a promoted replica is found
             after a failover). A retried write may have been applied once
-            already. Not after a dial timeout on the multiplexed connections,
-            which already retried their dials (``max_retries`` times). Batches
-            re-read the layout after a lost connection and retry reads once,
-            writes never.
+            already. A dial timeout counts too (a hung node may have been
+            replaced), so a call may take ``(max_retries + 1) * dial_timeout``
+            when its node hangs. Batches re-read the layout after a lost
+            connection and retry reads once, writes never.
         max_redirects: how many ``MOVED`` / ``ASK`` redirections one command
             may follow.
         read_from_replicas: send reads (``GET``, ``MGET``, ``EXISTS``, ``PTTL``)
@@ -280,7 +285,7 @@ def _cluster_for(options: RedisClusterOptions) -> RedisCluster:
     if options.read_from_replicas:
         kwargs["load_balancing_strategy"] = LoadBalancingStrategy.ROUND_ROBIN
     cluster = RedisCluster(**kwargs)
-    cluster.RedisClusterRequestTTL = options.max_redirects + 1  # attempts: the first and one per redirection
+    cluster.RedisClusterRequestTTL = _DRIVER_SENDS
     # Node connections are made from these kwargs (startup nodes got a copy already),
     # so the classes are swapped in before any connection exists. Ours bound the whole
     # open, login included, by dial_timeout; redis-py's bound the login by socket_timeout
@@ -439,7 +444,11 @@ class RedisClusterBackend:
 
     @property
     def cluster(self) -> RedisCluster:
-        """The underlying ``redis.asyncio.cluster.RedisCluster``, for commands kivigo does not wrap."""
+        """The underlying ``redis.asyncio.cluster.RedisCluster``, for commands kivigo does not wrap.
+
+        It follows one ``MOVED`` / ``ASK`` redirection per command; kivigo's own
+        commands follow the rest of ``max_redirects`` themselves.
+        """
         return self._cluster
 
     @property
@@ -582,43 +591,51 @@ class RedisClusterBackend:
         except ClusterError as exc:
             if "TTL exhausted" not in str(exc):
                 raise
-            # redis-py gave up following redirections (see _redirected): do it ourselves.
-            return await self._redirected(args, key)
+            # redis-py gave up following redirections (see _redirected): do it ourselves,
+            # within what is left of max_redirects.
+            return await self._redirected(args, key, sent=_DRIVER_SENDS)
         except AttributeError as exc:
             if not _unrouted(exc):
                 raise
-            # redis-py could not follow ASK to a node it does not know, and sent it nothing.
-            return await self._redirected(args, key)
+            # redis-py could not follow ASK to a node it does not know, and sent it nothing
+            # (its sends so far are not known: counted as all it may make).
+            return await self._redirected(args, key, sent=_DRIVER_SENDS)
 
-    async def _multiplexed(self, command: str, key: str, args: tuple[Any, ...], route: Route) -> Any:
+    async def _multiplexed(
+        self, command: str, key: str, args: tuple[Any, ...], route: Route, *, retry: bool = True
+    ) -> Any:
         """A single-key command on its node's multiplexed connection (see _cluster_mux).
 
         Not within the in-flight limit: that keeps redis-py's node pools from
-        running out, and these calls take nothing from them.
+        running out, and these calls take nothing from them. ``retry=False``: not
+        sent again after a lost connection or a timeout (see ``NodeConnections.command``).
         """
         self._check_open(command)
         try:
             if self._cluster._initialize:  # not a coroutine per call once the layout is known
                 await self._ready()
                 self._check_open(command)
-            return await self._node_conns.command(args, route)
+            return await self._node_conns.command(args, route, retry=retry)
         except _DRIVER_ERRORS as exc:
             raise self._error(exc, command, key) from exc
         except UnicodeEncodeError as exc:
             raise self._error(exc, command, key) from exc
 
-    async def _redirected(self, args: tuple[Any, ...], key: str | None = None) -> Any:
+    async def _redirected(self, args: tuple[Any, ...], key: str | None = None, *, sent: int = 0) -> Any:
         """Run a single-key command, following ``MOVED`` / ``ASK`` / ``TRYAGAIN`` ourselves.
 
         redis-py sends ``ASKING`` and the redirected command on two connections
         taken from the node's pool; under concurrency they differ, the target
         node answers ``MOVED`` back to the source, and the command bounces until
         it gives up. Here both go in one pipeline, on one connection.
+
+        ``sent``: how many times the command was sent already (by redis-py), so that
+        it is sent at most ``max_redirects + 1`` times in all.
         """
         nodes = self._cluster.nodes_manager
         slot = _slot(args[1] if key is None else key)
         ask_node: ClusterNode | None = None
-        for attempt in range(self._options.max_redirects + 1):
+        for attempt in range(self._options.max_redirects + 1 - sent):
             node = ask_node if ask_node is not None else nodes.get_node_from_slot(slot)
             commands = [PipelineCommand(0, *args)]
             if ask_node is not None:
@@ -832,7 +849,8 @@ class RedisClusterBackend:
         if redo:
             singles = [single for parts in redo.values() for single in parts]
             if self._options.auto_pipeline:  # as single-key commands: together, per node
-                resent = [self._multiplexed(name, s[1], s, self._route) for s in singles]
+                # A write is not sent again after a lost reply, as the batch itself is not.
+                resent = [self._multiplexed(name, s[1], s, self._route, retry=reads) for s in singles]
             else:
                 resent = [self._run(name, s[1], lambda s=s: self._redirected(s)) for s in singles]  # type: ignore[misc]
             replies = iter(await asyncio.gather(*resent))
@@ -846,13 +864,11 @@ class RedisClusterBackend:
         if self._tracking is not None:
             return await self._tracking.batch_get(keys)
         groups = self._by_slot(keys)
-        commands: list[tuple[Any, ...]] = [
-            ("GET", keys[idx[0]]) if len(idx) == 1 else ("MGET", *(keys[i] for i in idx))
-            for idx in groups.values()
-        ]
+        # MGET even for one key, as on one server: a key holding another type reads
+        # as missing, where GET would fail with WRONGTYPE.
+        commands: list[tuple[Any, ...]] = [("MGET", *(keys[i] for i in idx)) for idx in groups.values()]
         out: list[bytes | None] = [None] * len(keys)
-        for idx, result in zip(groups.values(), await self._pipeline("MGET", commands), strict=True):
-            values = [result] if len(idx) == 1 else result
+        for idx, values in zip(groups.values(), await self._pipeline("MGET", commands), strict=True):
             for i, value in zip(idx, values, strict=True):
                 out[i] = value
         return out
@@ -950,9 +966,11 @@ class RedisClusterBackend:
             )
         return next(iter(slots))
 
-    async def _node_backend(self, slot: int) -> RedisBackend:
+    async def _node_backend(self, slot: int, command: str) -> RedisBackend:
         """A standalone backend on the primary owning ``slot`` (redis-py's cluster has no WATCH)."""
         await self._run("CLUSTER SLOTS", None, self._ready)
+        # Closed while the layout was read: a backend made now would outlive close().
+        self._check_open(command)
         nodes = self._cluster.nodes_manager
         name = str(nodes.get_node_from_slot(slot).name)
         backends = self._node_backends
@@ -981,7 +999,12 @@ class RedisClusterBackend:
         next transaction goes to the slot's owner: it is read once and kept, and
         nothing else would read it again if transactions are all the traffic.
         """
-        moved = isinstance(exc.__cause__, AskError) or "MOVED" in str(exc) or "ASK " in str(exc)
+        # By the reply's type or its own first word: the message names the key, which
+        # may read "MOVED" or "ASK " too.
+        cause = exc.__cause__
+        moved = isinstance(cause, AskError) or (  # MovedError is an AskError
+            isinstance(cause, ResponseError) and str(cause).startswith(("MOVED ", "ASK "))
+        )
         # A node that did not answer, not a pool with no free connection (a busy
         # client, which re-reading the layout on every refusal would make busier).
         silent = isinstance(exc, OperationTimeoutError) and isinstance(exc.__cause__, RedisTimeoutError)
@@ -997,7 +1020,7 @@ class RedisClusterBackend:
         if not watch:
             return _ClusterTransaction(self, None, None)
         slot = self._one_slot(watch, "WATCH")
-        backend = await self._node_backend(slot)
+        backend = await self._node_backend(slot, "WATCH")
         try:
             inner = await backend.begin(watch)
         except KivigoError as exc:
@@ -1040,8 +1063,8 @@ def _split(args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         return [args]
     if command == "MSET":
         return [("SET", rest[i], rest[i + 1]) for i in range(0, len(rest), 2)]
-    single = "GET" if command == "MGET" else command
-    return [(single, key) for key in rest]
+    # MGET stays MGET, one key each: GET would fail on a key of another type.
+    return [(command, key) for key in rest]
 
 
 def _join(command: str, results: list[Any]) -> Any:
@@ -1049,7 +1072,7 @@ def _join(command: str, results: list[Any]) -> Any:
     if command in ("GET", "SET"):
         return results[0]
     if command == "MGET":
-        return results
+        return [values[0] for values in results]
     if command == "MSET":
         return True
     return sum(int(r) for r in results)
@@ -1084,7 +1107,7 @@ class _ClusterTransaction:
                     )
         if self._inner is None:
             self._slot = slot
-            self._inner = await (await self._backend._node_backend(slot)).begin(())
+            self._inner = await (await self._backend._node_backend(slot, "EXEC")).begin(())
         try:
             await self._inner.commit(ops)
         except KivigoError as exc:
