@@ -18,7 +18,7 @@ from conftest import redis_options, refused_port
 from kivigo_async import Client
 from kivigo_async.backends.memory import MemoryBackend
 from kivigo_async.backends.redis import RedisBackend
-from kivigo_async.errors import BackendUnavailableError, ConfigurationError
+from kivigo_async.errors import BackendUnavailableError, ConfigurationError, HealthCheckError
 from kivigo_async.health import HealthStatus, HealthWatcher
 from kivigo_async.integrations.aiohttp import (
     CLIENT_KEY,
@@ -140,6 +140,17 @@ async def test_a_failed_startup_still_closes_the_backend() -> None:
         await start(app)
     with pytest.raises(BackendUnavailableError, match="closed"):
         await backend.get("k")
+
+
+async def test_a_factory_that_shares_a_backend_fails_the_second_startup() -> None:
+    backend = MemoryBackend()
+    first, second = web.Application(), web.Application()
+    for app in (first, second):
+        setup(app, lambda: Client(backend), watch=False)
+    async with serving(first) as http:
+        assert (await http.get("/healthz")).status == 200
+    with pytest.raises(HealthCheckError, match="memory backend is closed"):
+        await start(second)
 
 
 async def test_a_factory_that_returns_no_client_fails_startup() -> None:

@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from kivigo_async import Client
 from kivigo_async.backends.memory import MemoryBackend
 from kivigo_async.backends.redis import RedisBackend
-from kivigo_async.errors import BackendUnavailableError, ConfigurationError
+from kivigo_async.errors import BackendUnavailableError, ConfigurationError, HealthCheckError
 from kivigo_async.health import HealthStatus, HealthWatcher
 from kivigo_async.integrations import DEFAULT_READY_TIMEOUT
 from kivigo_async.integrations.fastapi import (
@@ -340,6 +340,19 @@ async def test_a_mounted_sub_application_gets_the_client(nested: bool) -> None:
         assert ready.status_code == 200
     with pytest.raises(BackendUnavailableError):
         await backend.get("answer")
+
+
+async def test_a_factory_that_shares_a_backend_fails_the_second_startup() -> None:
+    # The first shutdown closes the shared backend: a backend that connects nothing
+    # is probed at startup, so the second startup fails instead of serving errors.
+    backend = MemoryBackend()
+    app = visits_app(kivigo_lifespan(lambda: Client(backend), watch=False))
+    async with serving(app) as http:
+        assert (await http.put("/kv/a", params={"value": 1})).status_code == 200
+    with pytest.raises(HealthCheckError, match="memory backend is closed"):
+        async with Lifespan(app):
+            pass
+    assert not hasattr(app.state, STATE_CLIENT)
 
 
 async def test_a_factory_that_returns_no_client_fails_startup() -> None:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from typing import Any, Final
 
+from ..backend import ConnectableBackend
 from ..backends.memory import MemoryBackend
 from ..client import Client
 from ..errors import ConfigurationError
@@ -138,6 +139,11 @@ async def _open(
     # Registered before connecting: a backend that fails to connect is still closed.
     stack.push_async_callback(client.close)
     await client.__aenter__()
+    if not isinstance(client.backend, ConnectableBackend):
+        # Entering connected nothing, so it checked nothing: probe once, or a backend
+        # that cannot serve (one shared between startups and closed by the first)
+        # would start an application whose every call fails.
+        await client.health()
     watcher: HealthWatcher | None = None
     if watch:
         watcher = await stack.enter_async_context(HealthWatcher(client, **watcher_options))
