@@ -319,15 +319,11 @@ class CacheFiller:
         lock_ms: int,
     ) -> _Filled:
         lease = self.lease
-        backend = client.backend
         if lease is None:
             # The caller's miss may have been read before a fill that has since
             # ended stored the value: without a lease's read-after-acquire, read
             # again here, or this process would run the factory a second time.
-            data = await backend.get(key)
-            if data is not None:
-                return _Filled(client._decode(key, data, rtype), data, rtype)
-            return await _produce(client, key, factory, rtype, ttl_ms)
+            return await _read_or_produce(client, key, factory, rtype, ttl_ms)
         lkey = lease_key(key)
         token = secrets.token_bytes(16)
         delay = _FIRST_POLL
@@ -344,16 +340,13 @@ class CacheFiller:
                 try:
                     # The previous holder may have stored the value and left
                     # between our last read and our acquire.
-                    data = await backend.get(key)
-                    if data is not None:
-                        return _Filled(client._decode(key, data, rtype), data, rtype)
-                    return await _produce(client, key, factory, rtype, ttl_ms)
+                    return await _read_or_produce(client, key, factory, rtype, ttl_ms)
                 finally:
                     await _release(lease, lkey, token, key)
             with self._waiting_for_another(key):
-                data = await backend.get(key)
-                if data is not None:
-                    return _Filled(client._decode(key, data, rtype), data, rtype)
+                stored = await _read(client, key, rtype)
+                if stored is not None:
+                    return stored
                 # Until every caller has left (each by its own wait_timeout) or the
                 # holder's lease expires and this task takes it over.
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: spread the pollers out
@@ -370,6 +363,20 @@ class CacheFiller:
             # An abandoned task may end after the next one for this key has started.
             if self._polling.get(key) is task:
                 del self._polling[key]
+
+
+async def _read(client: Client, key: str, rtype: Any) -> _Filled | None:
+    """The value stored under ``key`` (decoded as ``rtype``), or None."""
+    data = await client.backend.get(key)
+    return None if data is None else _Filled(client._decode(key, data, rtype), data, rtype)
+
+
+async def _read_or_produce(
+    client: Client, key: str, factory: Callable[[], object], rtype: Any, ttl_ms: int | None
+) -> _Filled:
+    """The stored value if there is one now, else the factory's (stored with ``ttl_ms``)."""
+    stored = await _read(client, key, rtype)
+    return stored if stored is not None else await _produce(client, key, factory, rtype, ttl_ms)
 
 
 async def _produce(

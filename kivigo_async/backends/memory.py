@@ -48,6 +48,8 @@ def _canonical(key: str) -> str:
 
     Refuses a key Redis could not store either: one that is not UTF-8 (a lone surrogate).
     """
+    if key.isascii():  # most keys: spared the call below
+        return key
     try:
         return stored_key(key)
     except UnicodeEncodeError:
