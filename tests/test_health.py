@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import json
@@ -250,14 +251,28 @@ class SlowToCancel:
             self.cleaned_up.set()
 
 
+@contextlib.asynccontextmanager
+async def watching_slow_to_cancel(
+    client: Client, timeout: float, loop_errors: list[dict[str, Any]]
+) -> AsyncIterator[tuple[HealthWatcher, SlowToCancel]]:
+    """A watcher whose extra check is slow to cancel; stopped on exit, leaving no task or loop error."""
+    before = asyncio.all_tasks()
+    check = SlowToCancel()
+    watcher = HealthWatcher(client, interval=60, timeout=timeout, checks=[check])
+    try:
+        yield watcher, check
+    finally:
+        check.cleanup_may_end.set()
+        await asyncio.wait_for(watcher.stop(), WAIT)
+    assert asyncio.all_tasks() == before
+    assert loop_errors == []
+
+
 @pytest.mark.server
 async def test_a_check_slow_to_cancel_is_down_at_its_deadline_and_not_started_twice(
     valkey_client: Client, loop_errors: list[dict[str, Any]]
 ) -> None:
-    before = asyncio.all_tasks()
-    check = SlowToCancel()
-    watcher = HealthWatcher(valkey_client, interval=60, timeout=0.3, checks=[check])
-    try:
+    async with watching_slow_to_cancel(valkey_client, 0.3, loop_errors) as (watcher, check):
         started = time.perf_counter()
         # Far below the time the cleanup would take, yet ample for a 0.3 s deadline.
         await asyncio.wait_for(watcher.start(), 10)
@@ -282,20 +297,12 @@ async def test_a_check_slow_to_cancel_is_down_at_its_deadline_and_not_started_tw
         report = await asyncio.wait_for(watcher.check_now(), 10)
         assert check.calls == 2  # finished: checks run again
         assert report.error == "OperationTimeoutError: the health check took longer than 0.3 s"
-    finally:
-        check.cleanup_may_end.set()
-        await asyncio.wait_for(watcher.stop(), WAIT)
-    assert asyncio.all_tasks() == before
-    assert loop_errors == []
 
 
 async def test_stop_waits_for_a_check_still_finishing_after_its_deadline(
     memory_client: Client, loop_errors: list[dict[str, Any]]
 ) -> None:
-    before = asyncio.all_tasks()
-    check = SlowToCancel()
-    watcher = HealthWatcher(memory_client, interval=60, timeout=0.2, checks=[check])
-    try:
+    async with watching_slow_to_cancel(memory_client, 0.2, loop_errors) as (watcher, check):
         await asyncio.wait_for(watcher.start(), 10)
         assert watcher.status is DOWN
         stopping = asyncio.create_task(watcher.stop())
@@ -304,11 +311,6 @@ async def test_stop_waits_for_a_check_still_finishing_after_its_deadline(
         check.cleanup_may_end.set()
         await asyncio.wait_for(stopping, WAIT)
         assert check.cleaned_up.is_set()
-    finally:
-        check.cleanup_may_end.set()
-        await asyncio.wait_for(watcher.stop(), WAIT)
-    assert asyncio.all_tasks() == before
-    assert loop_errors == []
 
 
 @pytest.mark.server

@@ -287,12 +287,27 @@ async def test_a_failed_startup_still_closes_the_backend() -> None:
         await backend.get("k")
 
 
-async def test_a_factory_that_returns_a_closed_client_fails_startup() -> None:
-    shared = Client(MemoryBackend())  # one client for every startup: the second gets it closed
-    app = visits_app(kivigo_lifespan(lambda: shared, watch=False))
+@pytest.mark.parametrize(
+    ("shared", "error", "match"),
+    [
+        # One client for every startup: the second gets it closed.
+        ("client", BackendUnavailableError, "was closed"),
+        # A backend that connects nothing is probed at startup, so the one the first
+        # shutdown closed fails the second startup instead of serving errors.
+        ("backend", HealthCheckError, "memory backend is closed"),
+    ],
+)
+async def test_a_factory_that_shares_what_a_shutdown_closed_fails_the_next_startup(
+    shared: str, error: type[Exception], match: str
+) -> None:
+    backend = MemoryBackend()
+    client = Client(backend)
+    app = visits_app(
+        kivigo_lifespan((lambda: client) if shared == "client" else (lambda: Client(backend)), watch=False)
+    )
     async with serving(app) as http:
         assert (await http.put("/kv/a", params={"value": 1})).status_code == 200
-    with pytest.raises(BackendUnavailableError, match="was closed"):
+    with pytest.raises(error, match=match):
         async with Lifespan(app):
             pass
     assert not hasattr(app.state, STATE_CLIENT)
@@ -340,19 +355,6 @@ async def test_a_mounted_sub_application_gets_the_client(nested: bool) -> None:
         assert ready.status_code == 200
     with pytest.raises(BackendUnavailableError):
         await backend.get("answer")
-
-
-async def test_a_factory_that_shares_a_backend_fails_the_second_startup() -> None:
-    # The first shutdown closes the shared backend: a backend that connects nothing
-    # is probed at startup, so the second startup fails instead of serving errors.
-    backend = MemoryBackend()
-    app = visits_app(kivigo_lifespan(lambda: Client(backend), watch=False))
-    async with serving(app) as http:
-        assert (await http.put("/kv/a", params={"value": 1})).status_code == 200
-    with pytest.raises(HealthCheckError, match="memory backend is closed"):
-        async with Lifespan(app):
-            pass
-    assert not hasattr(app.state, STATE_CLIENT)
 
 
 async def test_a_factory_that_returns_no_client_fails_startup() -> None:
