@@ -54,6 +54,7 @@ __all__ = ["MAX_TTL_MS", "Client", "HealthCheck", "Transaction", "TTLLike"]
 
 T = TypeVar("T")
 D = TypeVar("D")
+V = TypeVar("V")
 Item = TypeVar("Item")
 
 #: A TTL: seconds as a number (fractions keep millisecond precision) or a timedelta.
@@ -120,6 +121,17 @@ def _unique_keys(keys: Iterable[str]) -> list[str]:
     # All str from here, so hashing them is safe. A set is cheaper to build than an
     # ordered dict, and most batches have no repeats.
     return out if len(set(out)) == len(out) else list(dict.fromkeys(out))
+
+
+def _batch_items(
+    operation: str, mapping: Mapping[str, V], ttl: TTLLike | None
+) -> tuple[list[str], list[V], int | None]:
+    """A batch write's checked keys, its values in the same order, and its TTL in ms."""
+    if not isinstance(mapping, Mapping):
+        raise InvalidArgumentError(f"{operation} needs a mapping, not {type(mapping).__name__}")
+    ttl_ms = _ttl_ms(ttl)
+    pairs = list(mapping.items())
+    return _check_keys(map(_first, pairs)), list(map(_second, pairs)), ttl_ms
 
 
 def _settled(items: list[Item], results: Sequence[object]) -> tuple[list[Item], BaseException | None]:
@@ -738,15 +750,43 @@ class Client:
             await client.batch_set({"cache:user:1": alice, "cache:user:2": bob}, ttl=60)
             ```
         """
-        if not isinstance(mapping, Mapping):
-            raise InvalidArgumentError(f"batch_set needs a mapping, not {type(mapping).__name__}")
-        ttl_ms = _ttl_ms(ttl)
-        pairs = builtins.list(mapping.items())
-        if not pairs:
-            return
-        keys = _check_keys(map(_first, pairs))
-        values = builtins.list(map(_second, pairs))
-        items = builtins.list(zip(keys, self._encode_values(keys, values), strict=True))
+        keys, values, ttl_ms = _batch_items("batch_set", mapping, ttl)
+        if keys:
+            await self._write_batch(keys, self._encode_values(keys, values), ttl_ms, EventType.BATCH_SET)
+
+    async def batch_set_raw(
+        self, mapping: Mapping[str, bytes | bytearray | memoryview], *, ttl: TTLLike | None = None
+    ) -> None:
+        """Store every key/value pair of ``mapping`` as is, bypassing the codec.
+
+        The batch form of :meth:`set_raw`, with :meth:`batch_set`'s guarantees: every
+        key and value is checked before anything is sent (a value that is not
+        bytes-like raises :class:`~kivigo_async.errors.InvalidArgumentError` and nothing
+        is written). Hooks hear one ``BATCH_SET_RAW`` event per key.
+
+        Example:
+            ```python
+            await client.batch_set_raw({"thumb:1": png_1, "thumb:2": png_2}, ttl=3600)
+            ```
+        """
+        keys, values, ttl_ms = _batch_items("batch_set_raw", mapping, ttl)
+        data: builtins.list[bytes] = []
+        for key, value in zip(keys, values, strict=True):
+            if value.__class__ is not bytes:
+                if not isinstance(value, (bytes, bytearray, memoryview)):
+                    raise InvalidArgumentError(
+                        f"batch_set_raw needs bytes, not {type(value).__name__} (key {key!r})"
+                    )
+                value = bytes(value)  # a copy: the caller may change a bytearray after the call
+            data.append(value)
+        if keys:
+            await self._write_batch(keys, data, ttl_ms, EventType.BATCH_SET_RAW)
+
+    async def _write_batch(
+        self, keys: builtins.list[str], data: builtins.list[bytes], ttl_ms: int | None, event: EventType
+    ) -> None:
+        """Write checked keys and their bytes; hooks hear of each key written."""
+        items = builtins.list(zip(keys, data, strict=True))
         failed: BaseException | None = None
         if self._batch is not None:
             await self._batch.batch_set(items, ttl_ms)
@@ -756,7 +796,7 @@ class Client:
             )
             items, failed = _settled(items, results)
         if self.hooks and items:  # those written, even when the batch failed
-            await self.hooks.emit_many(EventType.BATCH_SET, items)
+            await self.hooks.emit_many(event, items)
         if failed is not None:
             raise failed
 
@@ -776,24 +816,42 @@ class Client:
             found = await client.batch_get(["cache:user:1", "cache:user:9"], User)
             ```
         """
+        found, data = await self._read_batch(keys)
+        return dict(zip(found, self._decode_values(found, data, type), strict=True))
+
+    async def batch_get_raw(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """Return ``{key: stored bytes}`` for the keys that exist, in input order, without decoding.
+
+        The batch form of :meth:`get_raw`, with :meth:`batch_get`'s rules: missing
+        keys are left out, and a key listed more than once is in the result once.
+
+        Example:
+            ```python
+            blobs = await client.batch_get_raw(["thumb:1", "thumb:2"])
+            ```
+        """
+        found, data = await self._read_batch(keys)
+        return dict(zip(found, data, strict=True))
+
+    async def _read_batch(self, keys: Iterable[str]) -> tuple[builtins.list[str], builtins.list[bytes]]:
+        """The keys found among ``keys`` (checked), and their bytes, in input order."""
         # Repeats are not removed: the result dict folds them, and a set over every
         # key of every batch would cost more than reading the rare repeat twice.
         checked = _check_keys(keys)
         if not checked:
-            return {}
+            return checked, []
         if self._batch is not None:
             values = await self._batch.batch_get(checked)
         else:
             values = list(await asyncio.gather(*(self._backend.get(k) for k in checked)))
-        present: list[bytes]
         # all() tests each value's length, far cheaper than comparing it with None;
         # only a batch with a miss (or an empty value) pays for the exact scan.
         if not all(values) and None in values:
-            checked = [key for key, data in zip(checked, values, strict=True) if data is not None]
-            present = [data for data in values if data is not None]
-        else:
-            present = cast("list[bytes]", values)
-        return dict(zip(checked, self._decode_values(checked, present, type), strict=True))
+            return (
+                [key for key, data in zip(checked, values, strict=True) if data is not None],
+                [data for data in values if data is not None],
+            )
+        return checked, cast("list[bytes]", values)
 
     async def batch_delete(self, keys: Iterable[str]) -> int:
         """Delete ``keys``; return how many existed.

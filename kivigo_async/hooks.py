@@ -81,6 +81,7 @@ class EventType(str, Enum):
     SET_RAW = "set_raw"
     DELETE = "delete"
     BATCH_SET = "batch_set"
+    BATCH_SET_RAW = "batch_set_raw"
     BATCH_DELETE = "batch_delete"
     EXPIRE = "expire"
     PERSIST = "persist"
@@ -97,7 +98,7 @@ class HookEvent:
     Args:
         type: what happened.
         key: the key written, deleted or whose TTL changed.
-        value: the encoded bytes written (``SET``, ``SET_RAW``, ``BATCH_SET``);
+        value: the encoded bytes written (``SET``, ``SET_RAW``, ``BATCH_SET``, ``BATCH_SET_RAW``);
             ``None`` for deletes, ``EXPIRE`` and ``PERSIST``.
 
     Example:

@@ -138,7 +138,7 @@ async def test_emulated_batches_run_concurrently() -> None:
     assert sorted(started) == ["a", "b", "c"]
 
 
-@pytest.mark.parametrize("operation", ["batch_set", "batch_delete"])
+@pytest.mark.parametrize("operation", ["batch_set", "batch_set_raw", "batch_delete"])
 async def test_an_emulated_batch_that_fails_half_way_waits_for_every_call_and_tells_the_hooks(
     operation: str,
 ) -> None:
@@ -172,10 +172,12 @@ async def test_an_emulated_batch_that_fails_half_way_waits_for_every_call_and_te
     with pytest.raises(BackendError, match="refused"):
         if operation == "batch_set":
             await client.batch_set({"a": 1, "bad": 2, "c": 3})
+        elif operation == "batch_set_raw":
+            await client.batch_set_raw({"a": b"1", "bad": b"2", "c": b"3"})
         else:
             await client.batch_delete(["a", "bad", "c"])
     assert sorted(finished) == ["a", "c"]
-    kind = EventType.BATCH_SET if operation == "batch_set" else EventType.BATCH_DELETE
+    kind = EventType(operation)
     assert events == [(kind, "a"), (kind, "c")]
 
 

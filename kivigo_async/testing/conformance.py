@@ -378,6 +378,35 @@ class BackendConformance:
             await client.batch_set({"k1": 1, "": 2})
         assert await client.list() == []
 
+    async def test_batch_raw_round_trip(self, client: Client) -> None:
+        blob = bytes(range(256))
+        await client.batch_set_raw(
+            {"r:1": blob, "r:2": bytearray(b"\xff\x00"), "r:3": memoryview(b""), "r:4": b"{"}
+        )
+        got = await client.batch_get_raw(["r:4", "r:zz", "r:1", "r:3", "r:2", "r:1"])
+        assert got == {"r:4": b"{", "r:1": blob, "r:3": b"", "r:2": b"\xff\x00"}
+        assert list(got) == ["r:4", "r:1", "r:3", "r:2"]
+        assert all(type(v) is bytes for v in got.values())
+        assert await client.get_raw("r:1") == blob
+        await client.batch_set({"r:j": {"a": 1}})
+        assert await client.batch_get_raw(["r:j"]) == {"r:j": b'{"a":1}'}
+        assert await client.batch_get_raw(["r:zz"]) == {}
+        assert await client.batch_get_raw([]) == {}
+        await client.batch_set_raw({})
+
+    async def test_batch_set_raw_bad_input_writes_nothing(self, client: Client) -> None:
+        with pytest.raises(InvalidArgumentError, match=r"str \(key 'r2'\)"):
+            await client.batch_set_raw({"r1": b"1", "r2": "text", "r3": b"3"})  # type: ignore[dict-item]
+        with pytest.raises(InvalidKeyError):
+            await client.batch_set_raw({"r1": b"1", "": b"2"})
+        with pytest.raises(InvalidArgumentError, match="mapping"):
+            await client.batch_set_raw([("r1", b"1")])  # type: ignore[arg-type]
+        with pytest.raises(InvalidKeyError):
+            await client.batch_get_raw("r1")
+        with pytest.raises(InvalidKeyError):
+            await client.batch_get_raw(["r1", b"r2"])  # type: ignore[list-item]
+        assert await client.list() == []
+
     async def test_batch_delete_with_an_unencodable_key_deletes_nothing(self, client: Client) -> None:
         await client.batch_set({"bd1": 1, "bd2": 2})
         with pytest.raises(InvalidKeyError):
@@ -610,6 +639,7 @@ class BackendConformance:
         await client.set("h", 1)
         await client.set_raw("hr", b"1")
         await client.batch_set({"h1": 1, "h2": 2})
+        await client.batch_set_raw({"hb": b"1"})
         await client.delete("h")
         await client.batch_delete(["h1"])
         handle.remove()
@@ -619,6 +649,7 @@ class BackendConformance:
             ("set_raw", "hr"),
             ("batch_set", "h1"),
             ("batch_set", "h2"),
+            ("batch_set_raw", "hb"),
             ("delete", "h"),
             ("batch_delete", "h1"),
         ]
