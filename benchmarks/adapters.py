@@ -211,6 +211,32 @@ class KivigoTypedAdapter(KivigoAdapter):
         return await self.client.batch_get(keys, Session)
 
 
+class KivigoBytesAdapter(KivigoAdapter):
+    """The same work as raw redis-py's row: what the library costs on top of it."""
+
+    name = "kivigo-async (bytes)"
+    slug = "kivigo-bytes"
+    config = (
+        "as kivigo-async, bytes in and out with no codec (set_raw, get_raw, batch_set_raw, "
+        "batch_get_raw): the work raw redis-py's row does"
+    )
+
+    def expected(self) -> object:
+        return SESSION_JSON
+
+    async def set(self, key: str) -> None:
+        await self.client.set_raw(key, SESSION_JSON)
+
+    async def get(self, key: str) -> object:
+        return await self.client.get_raw(key)
+
+    async def batch_set(self, keys: Sequence[str]) -> None:
+        await self.client.batch_set_raw(dict.fromkeys(keys, SESSION_JSON))
+
+    async def batch_get(self, keys: Sequence[str]) -> Mapping[str, object]:
+        return await self.client.batch_get_raw(keys)
+
+
 class KivigoCachedAdapter(KivigoAdapter):
     name = "kivigo-async + client cache"
     slug = "kivigo-cache"
@@ -420,6 +446,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     KivigoAdapter,
     KivigoPoolAdapter,
     KivigoTypedAdapter,
+    KivigoBytesAdapter,
     KivigoCachedAdapter,
     RedisPyAdapter,
     RedisPyNoTimeoutAdapter,

@@ -40,6 +40,7 @@ import scenarios
 from adapters import (
     Adapter,
     KivigoAdapter,
+    KivigoBytesAdapter,
     KivigoPoolAdapter,
     KivigoTypedAdapter,
     RedisPyAdapter,
@@ -51,7 +52,14 @@ from run import delete_bench_keys, log, open_server, server_info
 HERE = Path(__file__).resolve().parent
 LIBS: dict[str, type[Adapter]] = {
     cls.name: cls
-    for cls in (KivigoAdapter, KivigoTypedAdapter, KivigoPoolAdapter, RedisPyAdapter, RedisPyJsonAdapter)
+    for cls in (
+        KivigoAdapter,
+        KivigoTypedAdapter,
+        KivigoBytesAdapter,
+        KivigoPoolAdapter,
+        RedisPyAdapter,
+        RedisPyJsonAdapter,
+    )
 }
 BASELINE = RedisPyAdapter.name
 #: case -> (operation, keys per call); "seq" is one set then one get of the same key.

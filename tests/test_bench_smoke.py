@@ -31,6 +31,7 @@ LIBRARIES = (
     "kivigo-async",
     "kivigo-async (pool)",
     "kivigo-async (typed)",
+    "kivigo-async (bytes)",
     "kivigo-async + client cache",
     "redis-py",
     "redis-py (no timeout)",
