@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import chain_text, redis_options
+from conftest import chain_text, eventually, redis_options
 
 from kivigo_async import Client
 from kivigo_async._tasks import detached
@@ -724,6 +724,51 @@ async def test_exec_whose_reply_is_lost_is_not_reported_as_a_conflict(server: Re
             assert "may or may not have been applied" in str(info.value)
             proxy.heal()
             assert await client.get("stock") == 4  # it was applied: a retry would have made it 3
+
+
+async def exec_calls(control: aioredis.Redis) -> int:
+    stats = await control.info("commandstats")
+    return int(stats.get("cmdstat_exec", {}).get("calls", 0))
+
+
+@TRANSPORTS
+async def test_a_transaction_whose_reply_is_lost_is_never_sent_again(
+    server: RedisServer, control: aioredis.Redis, auto_pipeline: bool
+) -> None:
+    """Default retries, either transport: a block that ran must not run a second time.
+
+    Run again after the lost reply, it would delete the lock another client took
+    meanwhile; the caller must hear "may or may not", not a success.
+    """
+    async with (
+        FaultProxy(server.host, server.port) as proxy,
+        Client(
+            RedisBackend(redis_options(server, auto_pipeline=auto_pipeline).replace(addr=proxy.addr))
+        ) as client,
+    ):
+        await client.set("lock", "mine")
+        async with client.transaction() as warm:  # whatever connection transactions use is open
+            warm.set("warm", 1)
+        before = await exec_calls(control)
+
+        async def release() -> None:
+            async with client.transaction() as tx:
+                tx.delete("lock")
+                tx.set("released", 1)
+
+        async def ran_once() -> bool:
+            return await exec_calls(control) == before + 1
+
+        proxy.mute()  # the block reaches the server; its reply does not come back
+        task = asyncio.ensure_future(release())
+        await eventually(ran_once, what="the block never reached the server")
+        await control.set("lock", "someone-else")
+        proxy.heal()
+        await proxy.drop_connections()
+        with pytest.raises(BackendUnavailableError, match="may or may not have been applied"):
+            await asyncio.wait_for(task, 30)
+        assert await exec_calls(control) == before + 1
+        assert await control.get("lock") == b"someone-else"  # not deleted by a second run
 
 
 async def test_connection_lost_while_watching_says_nothing_was_written(server: RedisServer) -> None:

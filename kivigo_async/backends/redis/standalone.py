@@ -349,11 +349,48 @@ def _mux_for(
     )
 
 
-def _first_error(replies: Sequence[Any]) -> hiredis.ReplyError | None:
+def _block_error(replies: Sequence[Any]) -> Exception | None:
+    """The first error among a ``MULTI``..``EXEC`` block's replies, or in EXEC's results."""
     for reply in replies:
-        if isinstance(reply, hiredis.ReplyError):
+        if isinstance(reply, Exception):
             return reply
+    results = replies[-1] if replies else None
+    if isinstance(results, list):
+        for result in results:
+            if isinstance(result, Exception):
+                return result
     return None
+
+
+async def _multi_exec(mux: MuxConnection, commands: Sequence[tuple[Arg, ...]]) -> None:
+    """Run ``commands`` as one ``MULTI``..``EXEC`` block on the multiplexed connection.
+
+    The block leaves in one write, so no other caller's command lands inside it,
+    and, as every command on that connection, it is never sent twice: a
+    connection lost after the write fails the call, whether or not EXEC ran.
+    """
+    error = _block_error(await mux.execute_many([("MULTI",), *commands, ("EXEC",)]))
+    if error is not None:
+        raise ResponseError(str(error))
+
+
+def _read_block(count: int) -> Callable[[AbstractConnection], Awaitable[list[Any]]]:
+    """A reader of ``count`` replies that reads them all, server errors included as values.
+
+    redis-py raises at an error reply: stopping there would leave the rest of the
+    block's replies unread on the connection, for the next call to receive.
+    """
+
+    async def read(conn: AbstractConnection) -> list[Any]:
+        replies: list[Any] = []
+        for _ in range(count):
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+    return read
 
 
 class RedisBackend:
@@ -447,8 +484,14 @@ class RedisBackend:
         # must not hold one. (Not a coroutine itself: one frame less per call.)
         return self._pool_call(pack(args), _read_one)
 
-    async def _pool_call(self, payload: bytes, read: Callable[[AbstractConnection], Awaitable[R]]) -> R:
-        """Send ``payload`` on a pooled connection and ``read`` its replies, retried as above."""
+    async def _pool_call(
+        self, payload: bytes, read: Callable[[AbstractConnection], Awaitable[R]], *, resend: bool = True
+    ) -> R:
+        """Send ``payload`` on a pooled connection and ``read`` its replies, retried as above.
+
+        ``resend=False`` sends it at most once (opening the connection is still
+        retried): after a lost reply, the caller learns the outcome is unknown.
+        """
         pool = self._pool
         acquire: Callable[[], Awaitable[AbstractConnection]] = pool.get_connection
         conn = await acquire()
@@ -467,6 +510,12 @@ class RedisBackend:
             await conn.disconnect()
 
         try:
+            if not resend:
+                try:
+                    return await attempt()
+                except Exception:
+                    await conn.disconnect()  # nothing of it may be read by the next call
+                    raise
             result: R = await conn.retry.call_with_retry(attempt, drop)
             return result
         finally:
@@ -720,17 +769,7 @@ class RedisBackend:
                 await self._exec("MSET", *chain.from_iterable(items))
                 return
             if self._mux is not None:
-                # MULTI..EXEC leaves in one write, so no other caller's command
-                # can land inside the block on the shared connection.
-                commands: list[tuple[Arg, ...]] = [("MULTI",)]
-                commands += [("SET", key, value, "PX", ttl_ms) for key, value in items]
-                commands.append(("EXEC",))
-                replies = await self._mux.execute_many(commands)
-                error = _first_error(replies[:-1]) or _first_error(replies[-1:])
-                if error is None and isinstance(replies[-1], list):
-                    error = _first_error(replies[-1])
-                if error is not None:
-                    raise ResponseError(str(error))
+                await _multi_exec(self._mux, [("SET", key, value, "PX", ttl_ms) for key, value in items])
                 return
             pipe: Pipeline = self._redis.pipeline(transaction=True)
             for key, value in items:
@@ -861,18 +900,34 @@ class _RedisTransaction:
             raise self._backend._error(exc, "GET", key) from exc
 
     async def commit(self, ops: Sequence[TxOp]) -> None:
-        pipe = self._pipe
-        start: Callable[[], None] = pipe.multi
-        start()
+        commands: list[tuple[Arg, ...]] = []
         for op in ops:
-            if op[0] == "set":
-                if op[3] is None:
-                    pipe.execute_command("SET", op[1], op[2])
-                else:
-                    pipe.execute_command("SET", op[1], op[2], "PX", op[3])
+            if op[0] != "set":
+                commands.append(("UNLINK", op[1]))
+            elif op[3] is None:
+                commands.append(("SET", op[1], op[2]))
             else:
-                pipe.execute_command("UNLINK", op[1])
+                commands.append(("SET", op[1], op[2], "PX", op[3]))
+        backend = self._backend
         try:
+            # Without WATCH, not through redis-py's pipeline: after a connection error
+            # it sends the whole block again, and a block that had run would run a
+            # second time, over what other clients wrote in between.
+            if not self._watching and backend._mux is not None:
+                await _multi_exec(backend._mux, commands)
+                return
+            if not self._watching:
+                block = [("MULTI",), *commands, ("EXEC",)]
+                payload = b"".join(pack(command) for command in block)
+                error = _block_error(await backend._pool_call(payload, _read_block(len(block)), resend=False))
+                if error is not None:
+                    raise error
+                return
+            pipe = self._pipe
+            start: Callable[[], None] = pipe.multi
+            start()
+            for command in commands:
+                pipe.execute_command(*command)
             await pipe.execute()
         except _FAILURES as exc:
             raise self._backend._error(exc, "EXEC") from exc
