@@ -166,6 +166,9 @@ class SingleFlight(Generic[R]):
 
     def __init__(self) -> None:
         self._calls: dict[str, _Call[R]] = {}
+        # Every task not yet finished, including an abandoned one that a newer
+        # call for its key has replaced in _calls: cancel_all waits for them all.
+        self._running: dict[asyncio.Task[R], _Call[R]] = {}
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -191,6 +194,7 @@ class SingleFlight(Generic[R]):
         if call is None or call.abandoned:
             call = _Call(asyncio.get_running_loop().create_task(fn()))
             self._calls[key] = call
+            self._running[call.task] = call
             call.task.add_done_callback(functools.partial(self._finished, key, call))
         call.waiters += 1
         task = call.task
@@ -219,13 +223,17 @@ class SingleFlight(Generic[R]):
         left to finish by itself: it cannot wait for its own end.
         """
         current = asyncio.current_task()
-        tasks = [call.task for call in self._calls.values() if call.task is not current]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        running = [(task, call) for task, call in self._running.items() if task is not current]
+        for task, call in running:
+            # An abandoned task was cancelled already and may be giving its lease
+            # back: cancelling it again would cut that short.
+            if not call.abandoned:
+                task.cancel()
+        if running:
+            await asyncio.gather(*(task for task, _ in running), return_exceptions=True)
 
     def _finished(self, key: str, call: _Call[R], task: asyncio.Task[R]) -> None:
+        self._running.pop(task, None)
         if self._calls.get(key) is call:
             del self._calls[key]
         if not task.cancelled():
@@ -405,11 +413,24 @@ async def _produce(
 
 
 async def _release(lease: LeaseBackend, lkey: str, token: bytes, key: str) -> None:
+    release = asyncio.ensure_future(lease.release_lease(lkey, token))
     try:
         # Shielded: a cancelled holder still gives its lease back.
-        await asyncio.shield(lease.release_lease(lkey, token))
+        await asyncio.shield(release)
     except asyncio.CancelledError:
+        # The release goes on without us: its failure must still be seen (and
+        # logged), not left for asyncio to report as never retrieved.
+        release.add_done_callback(functools.partial(_release_ended, key))
         raise
     except Exception as exc:
-        # The lease expires on its own; failing the caller would hide its value or its error.
-        _log.warning("get_or_set: could not release the lease for key %r (it will expire): %s", key, exc)
+        _release_failed(key, exc)
+
+
+def _release_failed(key: str, exc: BaseException) -> None:
+    # The lease expires on its own; failing the caller would hide its value or its error.
+    _log.warning("get_or_set: could not release the lease for key %r (it will expire): %s", key, exc)
+
+
+def _release_ended(key: str, release: asyncio.Future[None]) -> None:
+    if not release.cancelled() and (exc := release.exception()) is not None:
+        _release_failed(key, exc)

@@ -780,6 +780,77 @@ async def test_close_stops_a_running_fill() -> None:
         await client.get_or_set("report", slow)
 
 
+@pytest.mark.parametrize("replaced", [False, True], ids=["abandoned", "abandoned-and-replaced"])
+async def test_close_waits_for_an_abandoned_fill_to_give_its_lease_back(
+    replaced: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fill whose callers all left is cancelled and gives its lease back: close() waits for that.
+
+    Cancelling it a second time would cut the release loose: close() would return
+    with it running, the backend would close under it, and its error would go unseen.
+    """
+    releasing, may_release = asyncio.Event(), asyncio.Event()
+
+    class SlowRelease(MemoryBackend):
+        async def release_lease(self, key: str, token: bytes) -> bool:
+            releasing.set()
+            await may_release.wait()
+            return await super().release_lease(key, token)
+
+    backend = SlowRelease()
+    client = Client(backend)
+    started = asyncio.Event()
+
+    async def slow() -> int:
+        started.set()
+        await asyncio.sleep(30)
+        return 1
+
+    caller = asyncio.create_task(client.get_or_set("report", slow, lock_ttl=30))
+    await asyncio.wait_for(started.wait(), 10)
+    caller.cancel()  # the only caller gives up: the fill is cancelled and releases its lease
+    await asyncio.wait_for(releasing.wait(), 10)
+    if replaced:  # a new caller for the key starts a fill of its own meanwhile
+        waiting = asyncio.create_task(client.get_or_set("report", slow, lock_ttl=30))
+        await asyncio.sleep(0.05)
+    closing = asyncio.create_task(client.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done()  # still waiting for the release
+    may_release.set()
+    await asyncio.wait_for(closing, 10)
+    assert lease_key("report") not in backend._data
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    if replaced:
+        with pytest.raises(KivigoError):
+            await asyncio.wait_for(waiting, 10)
+    assert [t for t in asyncio.all_tasks() if "release" in repr(t.get_coro())] == []
+    assert "never retrieved" not in caplog.text
+
+
+async def test_a_release_cut_loose_still_reports_its_failure(caplog: pytest.LogCaptureFixture) -> None:
+    from kivigo_async._singleflight import _release
+
+    may_fail = asyncio.Event()
+
+    class FailingRelease(MemoryBackend):
+        async def release_lease(self, key: str, token: bytes) -> bool:
+            await may_fail.wait()
+            raise BackendUnavailableError("connection lost")
+
+    holder = asyncio.create_task(_release(FailingRelease(), lease_key("k"), b"token", "k"))
+    await asyncio.sleep(0.01)
+    holder.cancel()  # the holder stops waiting; the release goes on without it
+    with pytest.raises(asyncio.CancelledError):
+        await holder
+    with caplog.at_level(logging.WARNING, logger="kivigo_async"):
+        may_fail.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+    assert "could not release the lease for key 'k'" in caplog.text
+    assert "never retrieved" not in caplog.text
+
+
 async def test_a_factory_that_closes_its_client() -> None:
     backend = MemoryBackend()
     client = Client(backend)
