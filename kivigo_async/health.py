@@ -379,6 +379,9 @@ class HealthWatcher:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        # The report of the check under way, for calls that come meanwhile (None:
+        # its caller left before the end, so each waiter runs a check of its own).
+        self._in_flight: asyncio.Future[HealthReport | None] | None = None
         # A probe cancelled at its deadline whose cleanup may still be running.
         self._leftover: asyncio.Task[Any] | None = None
         self._subscriptions: weakref.WeakSet[_Subscription] = weakref.WeakSet()
@@ -555,9 +558,12 @@ class HealthWatcher:
 
         The check takes at most about ``timeout`` seconds, however long the
         listeners take: they are called in the background (see :meth:`drain`).
-        Works whether or not the watcher is running; concurrent calls run one
-        after another. After :meth:`stop` it still checks and updates
-        :attr:`report`, but calls no listener.
+        Works whether or not the watcher is running. A call made while a check
+        is under way (another caller's, or the watcher's own) waits for that
+        check and returns its report, so that a hundred readiness probes against
+        a hung server all answer within ``timeout``, not one after another.
+        After :meth:`stop` it still checks and updates :attr:`report`, but calls
+        no listener.
 
         Example:
             ```python
@@ -565,18 +571,29 @@ class HealthWatcher:
             print(report.status, report.latency)
             ```
         """
-        async with self._lock:
-            report, error = await self._check()
-            previous = self._report
-            self._report = report
-            self._last_error = error
-            if report.status is not previous.status:
-                self._log_transition(previous, report)
-                for subscription in list(self._subscriptions):
-                    subscription._push(report)
-                # Queued under the lock, so the listeners hear of changes in order.
-                self._queue_change(report)
-            return report
+        while (shared := self._in_flight) is not None:
+            # Shielded: a waiter that gives up must not cancel the others' check.
+            report = await asyncio.shield(shared)
+            if report is not None:
+                return report
+        self._in_flight = shared = asyncio.get_running_loop().create_future()
+        report = None
+        try:
+            async with self._lock:
+                report, error = await self._check()
+                previous = self._report
+                self._report = report
+                self._last_error = error
+                if report.status is not previous.status:
+                    self._log_transition(previous, report)
+                    for subscription in list(self._subscriptions):
+                        subscription._push(report)
+                    # Queued under the lock, so the listeners hear of changes in order.
+                    self._queue_change(report)
+                return report
+        finally:
+            self._in_flight = None
+            shared.set_result(report)
 
     async def _check(self) -> tuple[HealthReport, BaseException | None]:
         failed_extras = 0

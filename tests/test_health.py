@@ -810,6 +810,37 @@ async def test_check_now_after_stop_updates_the_report_and_calls_no_listener(mem
     assert heard == [HEALTHY]
 
 
+async def test_concurrent_check_now_calls_share_the_check_under_way(memory_client: Client) -> None:
+    """A hundred readiness probes against a hung backend all answer within about one timeout."""
+    runs = 0
+
+    async def hangs(client: Client) -> None:
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(3600)
+
+    watcher = HealthWatcher(memory_client, timeout=0.3, interval=60, checks=[hangs])
+    started = time.monotonic()
+    reports = await asyncio.wait_for(asyncio.gather(*(watcher.check_now() for _ in range(100))), 30)
+    elapsed = time.monotonic() - started
+    assert {report.status for report in reports} == {DOWN}
+    assert runs == 1
+    assert elapsed < 3  # one after another, the last would answer after 30 s
+
+    # A waiter that gives up does not stop the check the others wait for; a check
+    # whose own caller gave up leaves the waiters to run one of their own.
+    first = asyncio.ensure_future(watcher.check_now())
+    await asyncio.sleep(0.05)
+    impatient = asyncio.ensure_future(watcher.check_now())
+    patient = asyncio.ensure_future(watcher.check_now())
+    await asyncio.sleep(0.05)
+    impatient.cancel()
+    first.cancel()
+    assert (await asyncio.wait_for(patient, 10)).status is DOWN
+    assert runs == 3
+    await watcher.stop()
+
+
 async def test_stop_before_start(memory_client: Client) -> None:
     watcher = HealthWatcher(memory_client, interval=60)
     await watcher.stop()
