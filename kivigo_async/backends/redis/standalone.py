@@ -402,8 +402,9 @@ class RedisBackend:
     (``PX``/``PEXPIRE``/``PTTL``); listing uses ``SCAN`` with the prefix's
     glob characters escaped; transactions are ``MULTI/EXEC`` with ``WATCH``.
 
-    A call cancelled while waiting for its reply closes that connection rather
-    than returning it to the pool, so no later call can read a stale reply.
+    No later call can receive the reply of a call cancelled while waiting for
+    it: on the multiplexed connection (the default) that reply is read and
+    dropped when it arrives; a pooled connection is closed rather than reused.
 
     Example:
         ```python
