@@ -28,8 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
-import weakref
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from typing import Any, Final
@@ -38,7 +36,7 @@ from ..backend import ConnectableBackend
 from ..backends.memory import MemoryBackend
 from ..client import Client
 from ..errors import ConfigurationError
-from ..health import HealthReport, HealthStatus, HealthWatcher
+from ..health import HealthStatus, HealthWatcher
 
 __all__ = ["DEFAULT_READY_TIMEOUT", "readiness"]
 
@@ -76,26 +74,11 @@ async def readiness(
     elif watcher.running:
         report = watcher.report
     else:
-        report = await _shared_check(watcher)
+        # Concurrent probes share the check under way (check_now does), so all
+        # answer within one timeout instead of queueing behind each other.
+        report = await watcher.check_now()
     code = 200 if report.status in _READY_STATUSES else 503
     return code, report.to_dict()
-
-
-# The check each stopped watcher is running for the probes that asked. Shared, so that
-# concurrent probes all answer within one check's timeout instead of queueing on the
-# watcher's lock, one timeout each.
-_RUNNING_CHECKS: weakref.WeakKeyDictionary[HealthWatcher, asyncio.Task[HealthReport]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-async def _shared_check(watcher: HealthWatcher) -> HealthReport:
-    check = _RUNNING_CHECKS.get(watcher)
-    if check is None or check.done():
-        check = asyncio.ensure_future(watcher.check_now())
-        _RUNNING_CHECKS[watcher] = check
-    # Shielded: a probe that gives up does not cancel the check the others wait for.
-    return await asyncio.shield(check)
 
 
 def _probe_watcher(client: Client) -> HealthWatcher:
