@@ -14,7 +14,8 @@ from redis.asyncio import Redis
 
 from kivigo_async import Client, ConfigurationError, KeyNotFoundError
 from kivigo_async.backends.redis import ClientCache, LocalCache, RedisBackend, RedisOptions
-from kivigo_async.backends.redis._mux import backoff, listener_backoff
+from kivigo_async.backends.redis._mux import backoff, listener_backoff, tcp_opener
+from kivigo_async.testing.proxy import FaultProxy
 from kivigo_async.testing.pytest_plugin import ServerFactory
 from kivigo_async.testing.servers import RedisServer
 
@@ -574,16 +575,33 @@ async def test_a_cancelled_close_still_closes_every_connection(
     assert await ours() == []
 
 
-async def test_a_user_without_the_channel_works_uncached_until_granted(
-    redis_server_factory: ServerFactory, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("refused", "granted", "warning"),
+    [
+        # Redis 7 and Valkey give new ACL users no channel: the cache cannot listen.
+        ({"reset_channels": True}, {"channels": ["*"]}, "no invalidation connection"),
+        # The listener subscribes, but CLIENT TRACKING in the data connection's login is refused.
+        (
+            {"channels": ["*"], "commands": ["+@all", "-client|tracking"]},
+            {"commands": ["+client|tracking"]},
+            "refused to track",
+        ),
+    ],
+    ids=["no-channel", "no-tracking"],
+)
+async def test_a_user_refused_what_the_cache_needs_works_uncached_until_allowed(
+    redis_server_factory: ServerFactory,
+    caplog: pytest.LogCaptureFixture,
+    refused: dict[str, Any],
+    granted: dict[str, Any],
+    warning: str,
 ) -> None:
-    # Redis 7 and Valkey give new ACL users no channel: the cache cannot listen,
-    # which must cost the cache, never the backend.
+    # That must cost the cache, never the connection and every call on it.
     server = redis_server_factory("valkey")
     admin = Redis(**server.redis_kwargs())  # type: ignore[arg-type]
     try:
         await admin.acl_setuser(
-            "app", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all"], reset_channels=True
+            "app", enabled=True, passwords=["+pw"], keys=["*"], **{"commands": ["+@all"], **refused}
         )
         options = redis_options(server, client_cache=ClientCache(ttl=30))
         options = options.replace(username="app", password="pw")
@@ -593,23 +611,113 @@ async def test_a_user_without_the_channel_works_uncached_until_granted(
             assert [await client.get("k") for _ in range(3)] == [1, 1, 1]
             assert cache.stats.hits == 0
             assert not cache.enabled
-            assert "no invalidation connection" in caplog.text
-            await admin.acl_setuser("app", enabled=True, channels=["*"])
+            assert warning in caplog.text
+            await admin.acl_setuser("app", enabled=True, **granted)
             # The repair loop retries with backoff (at most 5 s).
-            await eventually(
-                lambda: cache.enabled, 20, "the cache never came back once the channel was granted"
-            )
+            await eventually(lambda: cache.enabled, 20, "the cache never came back once allowed")
             assert await client.get("k") == 1
             assert await client.get("k") == 1
             assert cache.stats.hits == 1
+            watcher = Invalidations(cache)
             await admin.set("k", b"2")  # and invalidations reach it
-
-            async def sees_the_write() -> bool:
-                return bool(await client.get("k") == 2)
-
-            await eventually(sees_the_write, 10, "a write from elsewhere was never seen")
+            await watcher.wait_for("k")
+            assert await client.get("k") == 2
     finally:
         await admin.aclose()
+
+
+@contextlib.asynccontextmanager
+async def listener_through_proxy(
+    server: RedisServer, **overrides: Any
+) -> AsyncIterator[tuple[Client, FaultProxy]]:
+    """A cached client whose invalidation connection alone goes through a :class:`FaultProxy`."""
+    assert not server.tls
+    async with FaultProxy(server.host, server.port) as proxy:
+        backend = RedisBackend(redis_options(server, client_cache=ClientCache(ttl=30), **overrides))
+        assert backend._tracking is not None
+        backend._tracking._conn._opener = tcp_opener(proxy.host, proxy.port, None)
+        async with Client(backend) as client:
+            yield client, proxy
+
+
+async def kill_data_connection(client: Client, admin: Redis) -> None:
+    """Close the tracking data connection from the server's side; return once the client saw it go."""
+    watcher = Invalidations(cache_of(client))
+    trackers = [c for c in await admin.client_list() if "t" in str(c.get("flags", ""))]
+    assert len(trackers) == 1
+    await admin.client_kill_filter(_id=trackers[0]["id"])
+    await watcher.wait_for(None)  # data_lost's flush
+    watcher.remove()
+
+
+async def test_a_listener_gone_unnoticed_does_not_fail_calls(
+    valkey_server: RedisServer, admin: Redis
+) -> None:
+    # The server dropped the listener but its FIN is held up on the way; the data
+    # connection reconnects meanwhile and asks to track into the dead id, which the
+    # server refuses. Calls must go on uncached, and the listener be reopened.
+    async with listener_through_proxy(valkey_server) as (client, proxy):
+        tracking = backend_of(client)._tracking
+        assert tracking is not None
+        await client.set("gone", "v1")
+        assert await client.get("gone") == "v1"
+        [listener] = await subscriber_ids(admin)
+        proxy.stall()
+        await admin.client_kill_filter(_id=str(listener))
+        await kill_data_connection(client, admin)
+        assert tracking._conn.connected  # the listener's loss is not known here yet
+        assert await asyncio.wait_for(client.get("gone"), 10) == "v1"
+        assert await client.get("gone") == "v1"
+        assert not cache_of(client).enabled
+        proxy.heal()
+        await asyncio.wait_for(until_tracking_works(client, admin, "gone"), 20)
+
+
+async def listener_reopening_into_a_black_hole(client: Client, proxy: FaultProxy, admin: Redis) -> None:
+    """Return once the repair is subscribing through ``proxy``, which answers nothing."""
+    tracking = backend_of(client)._tracking
+    assert tracking is not None
+    proxy.blackhole()
+    [listener] = await subscriber_ids(admin)
+    await admin.client_kill_filter(_id=str(listener))  # its FIN still gets through
+    await eventually(
+        lambda: tracking._repair is not None and tracking._lock.locked(),
+        10,
+        "the listener was never reopened",
+    )
+    assert not cache_of(client).enabled
+
+
+async def test_a_listener_that_never_answers_is_reopened_without_read_timeout(
+    valkey_server: RedisServer, admin: Redis
+) -> None:
+    # read_timeout=None bounds no reply: the SUBSCRIBE lost in the black hole must
+    # still be given up, or the cache stays off for good once the network heals.
+    async with listener_through_proxy(valkey_server, read_timeout=None) as (client, proxy):
+        await client.set("hole", "v1")
+        assert await client.get("hole") == "v1"
+        await listener_reopening_into_a_black_hole(client, proxy, admin)
+        proxy.heal()
+        await asyncio.wait_for(until_tracking_works(client, admin, "hole"), 30)
+
+
+async def test_a_data_reconnect_does_not_wait_for_the_listener(
+    valkey_server: RedisServer, admin: Redis
+) -> None:
+    # The data path is healthy: while the listener is being reopened (here through
+    # a black hole, with no read_timeout to end that soon), calls must not wait for it.
+    async with listener_through_proxy(valkey_server, read_timeout=None) as (client, proxy):
+        await client.set("wait", "v1")
+        assert await client.get("wait") == "v1"
+        await listener_reopening_into_a_black_hole(client, proxy, admin)
+        await kill_data_connection(client, admin)
+        # Well under the 5 s the listener's subscribe may take to be given up.
+        assert await asyncio.wait_for(client.get("wait"), 2) == "v1"
+        await client.set("wait", "v2")
+        assert await asyncio.wait_for(client.get("wait"), 2) == "v2"
+        proxy.heal()
+        await client.set("wait", "v1")
+        await asyncio.wait_for(until_tracking_works(client, admin, "wait"), 30)
 
 
 def test_retry_delays_stay_bounded_however_long_the_retries_go_on() -> None:

@@ -26,7 +26,7 @@ from redis import exceptions as rx
 
 from ...backend import stored_key
 from ...errors import ConfigurationError
-from ._mux import Arg, MuxConnection, Opener, listener_backoff
+from ._mux import Arg, MuxConnection, Opener, OptionalCommand, listener_backoff
 
 if TYPE_CHECKING:
     from .options import RedisOptions
@@ -40,6 +40,8 @@ _CHANNEL = b"__redis__:invalidate"
 #: this plus ``read_timeout`` (or :data:`_STALL` when there is none).
 _TICK = 1.0
 _STALL = 5.0
+#: The server's refusal to redirect tracking to a connection it no longer has.
+_NO_SUCH_LISTENER = "client ID you want redirect to does not exist"
 
 
 @dataclass(frozen=True)
@@ -343,6 +345,13 @@ class Tracking:
         """Extra handshake for every new data socket: point its tracking at our listener."""
         # A new data socket starts with no tracked keys: what we hold may miss invalidations.
         self._cache.flush()
+        if self._repair is not None or self._lock.locked():
+            # The listener is being reopened, which can take until a timeout: the calls
+            # waiting for this socket must not wait for it too. The socket opens
+            # untracked, the cache off, and the repair points it at the listener.
+            self._cache.enabled = False
+            self._start_repair()
+            return []
         try:
             client_id = await self._listen()
         except rx.RedisError as exc:
@@ -353,8 +362,26 @@ class Tracking:
             _log.warning("client cache: no invalidation connection, reads go to the server: %s", exc)
             self._start_repair()
             return []
+        losses = self._losses
         self._cache.enabled = True
-        return [("CLIENT", "TRACKING", "ON", "REDIRECT", client_id)]
+        # Optional: refused (an ACL user without CLIENT TRACKING, a listener the
+        # server dropped before we heard of it), the socket still serves every call.
+        track = ("CLIENT", "TRACKING", "ON", "REDIRECT", client_id)
+        return [OptionalCommand(track, lambda error: self._tracking_refused(error, losses))]
+
+    def _tracking_refused(self, error: str, losses: int) -> None:
+        self._cache.enabled = False
+        self._cache.flush()
+        _log.warning("client cache: the server refused to track reads, they go to the server: %s", error)
+        self._forget_dead_listener(error, losses)
+        self._start_repair()
+
+    def _forget_dead_listener(self, error: str, losses: int) -> None:
+        # The server closed the listener and its FIN has not reached us (held up on
+        # the way, or lost): tracking can never point at it, so reopen it now rather
+        # than once the heartbeat gives up on it.
+        if _NO_SUCH_LISTENER in error and self._losses == losses:
+            self._conn.drop()
 
     async def _listen(self) -> int:
         async with self._lock:
@@ -363,7 +390,18 @@ class Tracking:
             losses = self._losses
             # One write: the id must be that of the socket that subscribes (two calls
             # could each open a socket of their own if the first one closed between them).
-            id_reply, reply = await self._conn.execute_many([("CLIENT", "ID"), ("SUBSCRIBE", _CHANNEL)])
+            exchange = self._conn.execute_many([("CLIENT", "ID"), ("SUBSCRIBE", _CHANNEL)])
+            # Without read_timeout nothing else bounds it, and this lock is held meanwhile.
+            bound = _STALL if self._options.read_timeout is None else None
+            try:
+                id_reply, reply = await asyncio.wait_for(exchange, bound)
+            except BaseException as exc:
+                # Cut short, the socket may yet be subscribed: CLIENT ID would be refused
+                # on it next time. Closed, it runs _on_lost, which repairs.
+                self._conn.drop()
+                if isinstance(exc, asyncio.TimeoutError):
+                    raise rx.TimeoutError(f"no reply to SUBSCRIBE within {_STALL} s") from None
+                raise
             for answer in (id_reply, reply):
                 if answer.__class__ is hiredis.ReplyError:
                     raise rx.ResponseError(str(answer))
@@ -433,11 +471,20 @@ class Tracking:
                         # listener tracks nothing, so the cache waits until a connected
                         # data socket has been pointed at this listener.
                         raise rx.ConnectionError("the data connection is not open")
-                    await data.execute("CLIENT", "TRACKING", "ON", "REDIRECT", client_id)
+                    opened = data.opened
+                    try:
+                        await data.execute("CLIENT", "TRACKING", "ON", "REDIRECT", client_id)
+                    except rx.ResponseError as exc:
+                        self._forget_dead_listener(str(exc), losses)
+                        raise
                     if self._losses != losses or not self._conn.connected:
                         # The listener went too, after this loop had started (its
                         # _on_lost left the repair to us): tracking points at nothing.
                         raise rx.ConnectionError("the invalidation connection closed during the repair")
+                    if data.opened != opened or not data.connected:
+                        # The socket told to track is gone; its successor opened
+                        # untracked while this repair ran.
+                        raise rx.ConnectionError("the data connection was replaced during the repair")
                     self._cache.flush()
                     self._cache.enabled = True
                     return

@@ -31,9 +31,26 @@ from redis import exceptions as rx
 
 from ._errors import DialTimeoutError
 
-__all__ = ["MuxConnection", "backoff", "listener_backoff", "pack"]
+__all__ = ["MuxConnection", "OptionalCommand", "backoff", "listener_backoff", "pack"]
 
 Arg = Union[str, bytes, int, float]  # noqa: UP007 (runtime alias)
+
+
+class OptionalCommand(tuple[Arg, ...]):
+    """A command from a :class:`MuxConnection`'s ``prepare`` that the server may refuse.
+
+    A refusal does not fail the connect: the socket opens all the same, and
+    ``on_refused`` is called with the server's error once the rest of the login
+    has succeeded. For what the connection can serve without, such as the
+    client cache's tracking: losing it must cost the cache, not every call.
+    """
+
+    on_refused: Callable[[str], None]
+
+    def __new__(cls, args: Sequence[Arg], on_refused: Callable[[str], None]) -> OptionalCommand:
+        command = super().__new__(cls, args)
+        command.on_refused = on_refused
+        return command
 
 
 #: Below this many arguments hiredis packs faster; above it, _pack_text does (it
@@ -493,9 +510,11 @@ class MuxConnection:
         except OSError as exc:
             raise rx.ConnectionError(f"cannot connect to {node}: {exc.strerror or exc}") from exc
         handshake = self._handshake
+        prepared: Sequence[Sequence[Arg]] = ()
         if self._prepare is not None:
             try:
-                handshake = handshake + [pack(cmd) for cmd in await self._prepare()]
+                prepared = await self._prepare()
+                handshake = handshake + [pack(cmd) for cmd in prepared]
             except BaseException:
                 protocol.close()
                 raise
@@ -516,13 +535,26 @@ class MuxConnection:
             except BaseException:
                 protocol.close()
                 raise
-            for reply in replies:
+            refused: list[tuple[OptionalCommand, str]] = []
+            first = len(self._handshake)  # the prepared commands' replies come after the login's
+            for index, reply in enumerate(replies):
                 if reply.__class__ is hiredis.ReplyError and not _NO_PASSWORD_NEEDED.match(str(reply)):
-                    protocol.close()
                     text = str(reply)
+                    command = prepared[index - first] if index >= first else None
+                    if isinstance(command, OptionalCommand):
+                        refused.append((command, text))
+                        continue
+                    protocol.close()
                     if text.startswith(("WRONGPASS", "NOAUTH", "ERR invalid password", "ERR AUTH")):
                         raise rx.AuthenticationError(text)
                     raise rx.ResponseError(text)
+            # Told only once the socket is sure to open: a failed login reports its own error.
+            try:
+                for command, text in refused:
+                    command.on_refused(text)
+            except BaseException:
+                protocol.close()
+                raise
         return protocol
 
     def drop(self) -> None:
