@@ -23,9 +23,11 @@ from test_conformance_sentinel import (
 from kivigo_async import Client
 from kivigo_async.backends.redis import RedisSentinelBackend
 from kivigo_async.backends.redis import sentinel as sentinel_module
+from kivigo_async.errors import BackendUnavailableError
 from kivigo_async.testing.proxy import FaultProxy
 from kivigo_async.testing.pytest_plugin import SentinelFactory
 from kivigo_async.testing.topologies import RedisSentinel
+from kivigo_async.watch import ChangeFeed
 
 
 def own_sentinel_clients(
@@ -185,3 +187,174 @@ async def test_a_call_in_flight_at_close_asks_no_sentinel_afterwards(
         if conn.is_connected
     ]
     assert still_open == []
+
+
+def open_sentinel_connections(backend: RedisSentinelBackend) -> int:
+    count = 0
+    for sentinel in backend.sentinel.sentinels:
+        pool: Any = sentinel.connection_pool
+        count += sum(c.is_connected for c in (*pool._available_connections, *pool._in_use_connections))
+    return count
+
+
+async def test_a_cancelled_close_is_cancelled_and_the_closing_still_ends(
+    redis_sentinel: RedisSentinel,
+) -> None:
+    # close() waited for the failover watcher under suppress(CancelledError): its
+    # caller's cancellation was swallowed there (the task went on, a timeout around
+    # close() never fired), and a shutdown could not interrupt it.
+    backend = RedisSentinelBackend(sentinel_options(redis_sentinel))
+    await backend.connect()
+    closer = asyncio.create_task(backend.close())
+    await asyncio.sleep(0)  # close() is waiting for the closing to end
+    closer.cancel()
+    await asyncio.wait_for(asyncio.gather(closer, return_exceptions=True), 10)
+    assert closer.cancelled()
+    # Nobody waits for the closing any more; it ends all the same.
+    await eventually(lambda: open_sentinel_connections(backend) == 0, 10, "the sentinels were left open")
+    await eventually(
+        lambda: sum(switch_master_subscribers(redis_sentinel)) == 0, 10, "close() left a subscription open"
+    )
+    with pytest.raises(BackendUnavailableError, match="closed"):
+        await asyncio.wait_for(backend.get("k"), 10)
+
+
+async def test_close_ends_after_the_failover_watcher_failed(
+    redis_sentinel: RedisSentinel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A watcher that died of a bug re-raised it in close(), which then left the
+    # pool and the sentinel connections open.
+    backend = RedisSentinelBackend(sentinel_options(redis_sentinel, dial_timeout=0.5))
+
+    async def broken(*args: object) -> None:
+        raise ValueError("a bug in the watcher")
+
+    monkeypatch.setattr(backend, "_check_monitors", broken)
+    await backend.connect()
+    await backend.set("k", b"v")  # a sentinel connection is open now
+    assert backend._watcher is not None
+    assert backend._watcher.done()
+    await asyncio.wait_for(backend.close(), 10)
+    assert "a bug in the watcher" in caplog.text
+    assert open_sentinel_connections(backend) == 0
+    with pytest.raises(BackendUnavailableError, match="closed"):
+        await asyncio.wait_for(backend.get("k"), 10)
+
+
+@pytest.mark.parametrize("call", ["get", "watch"])
+async def test_a_lookup_in_flight_at_close_leaves_no_sentinel_connection(
+    redis_sentinel: RedisSentinel, call: str
+) -> None:
+    # close() cut the look-up's sentinel connection, and redis-py retried it on a new
+    # one that nothing closed any more; a watch() got its answer and opened a live
+    # subscription on the closed backend.
+    async with contextlib.AsyncExitStack() as stack:
+        proxies = [
+            await stack.enter_async_context(FaultProxy(s.host, s.port)) for s in redis_sentinel.sentinels
+        ]
+        options = sentinel_options(redis_sentinel, auto_pipeline=False, read_timeout=10)
+        backend = RedisSentinelBackend(options.replace(sentinels=[p.addr for p in proxies]))
+        await backend.connect()
+        await backend.set("k", b"v")
+        await backend._pool.disconnect()  # the next call asks the sentinels first
+        for proxy in proxies:
+            proxy.latency = 0.3
+        pending = asyncio.ensure_future(backend.get("k") if call == "get" else backend.watch("k"))
+        try:
+            await asyncio.sleep(0.1)  # its SENTINEL MASTERS is on the wire
+            await backend.close()
+            [outcome] = await asyncio.wait_for(asyncio.gather(pending, return_exceptions=True), 30)
+            if call == "get":
+                assert isinstance(outcome, BackendUnavailableError), outcome
+            else:
+                # A stream, stopped: Client.watch() ends a loop quietly on it.
+                assert isinstance(outcome, ChangeFeed), outcome
+                assert outcome.stopped
+                with pytest.raises(BackendUnavailableError, match="closed"):
+                    await asyncio.wait_for(anext(outcome), 10)
+            await eventually(
+                lambda: sum(p.connections for p in proxies) == 0, 5, "a sentinel connection stayed open"
+            )
+            assert open_sentinel_connections(backend) == 0
+        finally:
+            if pending.done() and not pending.cancelled() and pending.exception() is None:
+                result = pending.result()
+                if isinstance(result, ChangeFeed):
+                    await result.aclose()
+            await backend.close()
+
+
+async def test_a_watch_subscribing_at_close_is_released(
+    redis_sentinel: RedisSentinel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The watch's connection is its own: one still subscribing when the backend
+    # closed came back live, on a backend that refuses every other call.
+    backend = RedisSentinelBackend(sentinel_options(redis_sentinel))
+    await backend.connect()
+    host, _, port = redis_sentinel.master_addr().rpartition(":")
+    async with FaultProxy(host, int(port)) as proxy:
+        proxy.latency = 0.2  # each step of the subscription takes a while
+        discover: Callable[[str], Awaitable[tuple[str, int]]] = backend.sentinel.discover_master
+
+        async def through_proxy(service_name: str) -> tuple[str, int]:
+            await discover(service_name)
+            return proxy.host, proxy.port
+
+        monkeypatch.setattr(backend.sentinel, "discover_master", through_proxy)
+        watching = asyncio.ensure_future(backend.watch("k"))
+        try:
+            await eventually(lambda: proxy.connections > 0, 10, "the watch never started subscribing")
+            await backend.close()
+            stream = await asyncio.wait_for(watching, 30)
+            assert isinstance(stream, ChangeFeed)
+            assert stream.stopped
+            with pytest.raises(BackendUnavailableError, match="closed"):
+                await asyncio.wait_for(anext(stream), 10)
+            await eventually(lambda: proxy.connections == 0, 5, "the watch's connection stayed open")
+        finally:
+            if watching.done() and not watching.cancelled() and watching.exception() is None:
+                await watching.result().aclose()
+            await backend.close()
+
+
+async def test_a_failover_before_a_late_first_subscription_is_followed(
+    redis_sentinel_factory: SentinelFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No sentinel confirmed the subscription before connect() looked the primary up
+    # and returned. When the confirmation came, after a failover, it was taken for
+    # the first one connect() waits for, and the switch it missed was never acted
+    # on: in a partition, writes would go on to the old primary.
+    caplog.set_level(logging.INFO, logger=sentinel_module.__name__)
+    topology = redis_sentinel_factory()
+    old = topology.master_addr()
+    first = topology.sentinels[0]
+    async with FaultProxy(first.host, first.port) as proxy:
+        sentinels = [proxy.addr, *topology.sentinel_addrs[1:]]
+        options = sentinel_options(topology, dial_timeout=0.5, read_timeout=60)
+        backend = RedisSentinelBackend(options.replace(sentinels=sentinels))
+        try:
+            # An idle connection to the first sentinel, which the watcher takes first:
+            # held back, it keeps the subscription unconfirmed, while the look-up's new
+            # connection to that sentinel times out and the next sentinel answers.
+            await backend.sentinel.discover_master(topology.service_name)
+            proxy.stall()
+            await asyncio.wait_for(backend.connect(), 30)
+            assert "no sentinel confirmed the failover subscription" in caplog.text
+            assert backend._sentinel_pool.master_address == tuple_addr(old)
+            new = await asyncio.to_thread(topology.failover, 60.0)
+            assert new != old
+            proxy.heal()  # the subscription goes through now, after the switch was announced
+            await eventually(
+                lambda: "subscribed to the sentinels only after connect(), reconnecting" in caplog.text,
+                30,
+                "the switch missed before the first subscription was never acted on",
+            )
+            await backend.set("k", b"after")
+            assert await read_from(new, "k") == b"after"
+        finally:
+            await asyncio.wait_for(backend.close(), 10)
+
+
+def tuple_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host, int(port)

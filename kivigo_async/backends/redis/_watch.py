@@ -460,14 +460,44 @@ async def watch_standalone(
 ) -> ChangeStream:
     """:meth:`RedisBackend.watch`: one subscriber on the server (a sentinel backend's current primary)."""
     _check_prefix(prefix, max_pending)
-    pool = getattr(backend, "_pool", None)
-    if getattr(pool, "closed", False):
-        raise BackendUnavailableError(f"watch on {backend.options.addr}: the client is closed")
+    if _is_closed(backend):
+        raise _closed_error(backend)
     if isinstance(backend, RedisSentinelBackend):
-        options = await _sentinel_primary(backend)
+        try:
+            options = await _sentinel_primary(backend)
+        except KivigoError:
+            if _is_closed(backend):  # the look-up failed because close() cut it short
+                return _closed_meanwhile(backend, max_pending)
+            raise
+        if _is_closed(backend):
+            return _closed_meanwhile(backend, max_pending)
     else:
         options = backend.options
-    return await _open([options], options.db, prefix, max_pending, configure_server)
+    stream = await _open([options], options.db, prefix, max_pending, configure_server)
+    if _is_closed(backend):
+        # The subscriber's connection is its own, which close() does not know of.
+        await stream.aclose()
+        return _closed_meanwhile(backend, max_pending)
+    return stream
+
+
+def _is_closed(backend: RedisBackend) -> bool:
+    return bool(getattr(getattr(backend, "_pool", None), "closed", False))
+
+
+def _closed_error(backend: RedisBackend) -> BackendUnavailableError:
+    return BackendUnavailableError(f"watch on {backend.options.addr}: the client is closed")
+
+
+def _closed_meanwhile(backend: RedisBackend, max_pending: int) -> ChangeStream:
+    """What watch() gives when the backend closed while it subscribed: a stream that fails so.
+
+    Not an error raised: Client.watch() ends a loop quietly when its client closed
+    meanwhile, and can tell so only from a stream it gets back.
+    """
+    feed = ChangeFeed(max_pending=max_pending)
+    feed.fail(_closed_error(backend))
+    return feed
 
 
 async def watch_cluster(

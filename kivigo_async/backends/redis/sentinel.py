@@ -419,6 +419,8 @@ class RedisSentinelBackend(RedisBackend):
         # Set once a sentinel confirms the subscription, or every sentinel failed once.
         self._watch_ready = asyncio.Event()
         self._subscribed_once = False
+        # Whether connect() went on to its own look-up before any confirmation came.
+        self._looked_up_unsubscribed = False
 
     @classmethod
     def from_url(cls, url: str, **overrides: object) -> RedisSentinelBackend:
@@ -517,11 +519,14 @@ class RedisSentinelBackend(RedisBackend):
         The subscription to ``+switch-master`` comes first, and is confirmed by a
         sentinel before the primary is looked up: a failover that completes after
         this returns is always announced to the backend, and one that completed
-        before is found by the look-up.
+        before is found by the look-up. When no sentinel confirms it within
+        ``dial_timeout``, the look-up goes ahead; the confirmation that comes later
+        looks the primary up once more and leaves the one found here if it changed.
         """
         if self._watcher is None or self._watcher.done():
             self._watch_ready = asyncio.Event()
             self._subscribed_once = False
+            self._looked_up_unsubscribed = False
             self._watcher = asyncio.create_task(self._follow_failovers(), name=f"kivigo {self._node}")
         wait = self._sentinel_options.dial_timeout or _SUBSCRIBE_WAIT
         with contextlib.suppress(asyncio.TimeoutError):
@@ -531,16 +536,32 @@ class RedisSentinelBackend(RedisBackend):
             # still follow a failover once the old primary refuses them or goes away.
             # (No sentinel answering at all fails the look-up below.)
             _log.warning("%s: no sentinel confirmed the failover subscription", self._node)
+            self._looked_up_unsubscribed = True
         await super().connect()
 
     async def close(self) -> None:
+        # Before the first pause: a look-up in flight (redis-py retries it on a new
+        # socket once the sentinel clients close theirs) must find its pool closed,
+        # or it opens a sentinel connection nobody closes any more.
+        for sentinel in self._sentinel.sentinels:
+            pool = sentinel.connection_pool
+            if isinstance(pool, _ClosablePool):
+                pool.closed = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+        # The rest runs in the standalone backend's shielded closing task: a caller
+        # cancelled while it waits is cancelled for real, and the closing still ends.
+        await super().close()
+
+    async def _close_all(self) -> None:
         watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
         try:
-            await super().close()
+            if watcher is not None:
+                # gather, not a suppressed await: a watcher that failed must not stop the closing.
+                [outcome] = await asyncio.gather(watcher, return_exceptions=True)
+                if isinstance(outcome, Exception):
+                    _log.warning("%s: the failover watcher had failed: %r", self._node, outcome)
+            await super()._close_all()
         finally:
             close_sentinels: Callable[[], Awaitable[None]] = self._sentinel.aclose
             with contextlib.suppress(RedisError):
@@ -550,12 +571,16 @@ class RedisSentinelBackend(RedisBackend):
         """A sentinel confirmed the subscription: release connect(), and after a gap, catch up."""
         # It answers: look-ups must not wait first on the silent sentinel it replaces.
         self._sentinel.ask_first(sentinel)
+        gap = "re-subscribed to the sentinels"
         if not self._subscribed_once:
             self._subscribed_once = True
-            self._watch_ready.set()  # connect() looks the primary up next
-            return
-        # Re-subscribed after losing a sentinel: a switch announced in the gap was
-        # missed, so reconnect unless the primary is still the one the pool found.
+            self._watch_ready.set()
+            if not self._looked_up_unsubscribed:
+                return  # connect() looks the primary up next
+            gap = "subscribed to the sentinels only after connect()"
+        # Re-subscribed after losing a sentinel, or first subscribed after connect()
+        # looked the primary up: a switch announced in the gap was missed, so
+        # reconnect unless the primary is still the one the pool found.
         known = self._sentinel_pool.master_address
         try:
             primary = await self._sentinel.discover_master(self._sentinel_options.service_name)
@@ -563,7 +588,7 @@ class RedisSentinelBackend(RedisBackend):
             _log.debug("%s: cannot ask the sentinels for the primary: %s", self._node, exc)
             primary = None
         if primary is None or primary != known:
-            _log.info("%s: re-subscribed to the sentinels, reconnecting to the primary", self._node)
+            _log.info("%s: %s, reconnecting to the primary", self._node, gap)
             await self._leave_primary()
 
     async def _follow_failovers(self) -> None:
