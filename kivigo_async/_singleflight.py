@@ -265,12 +265,18 @@ class CacheFiller:
         #: The task filling a key, while it waits for another process's run: the
         #: only time a caller's wait_timeout may end its wait.
         self._polling: dict[str, asyncio.Task[Any]] = {}
+        #: Lease releases not yet ended, some cut loose from their cancelled fill.
+        self._releases: set[asyncio.Future[bool]] = set()
         self._closed = False
 
     async def aclose(self) -> None:
         """Stop every fill in progress (their leases are released) before the backend closes."""
         self._closed = True
         await self._flights.cancel_all()
+        if self._releases:
+            # A fill cancelled while it gave its lease back ends at once; the release
+            # goes on, and needs the backend open until it is done.
+            await asyncio.wait(set(self._releases))
 
     async def fill(
         self,
@@ -342,7 +348,7 @@ class CacheFiller:
                 # The server may have set the lease before the cancellation, the
                 # timeout or the broken connection: give it back (only ever ours),
                 # or every process would wait out lock_ttl.
-                await _release(lease, lkey, token, key)
+                await self._release(lease, lkey, token, key)
                 raise
             if taken:
                 try:
@@ -350,7 +356,7 @@ class CacheFiller:
                     # between our last read and our acquire.
                     return await _read_or_produce(client, key, factory, rtype, ttl_ms)
                 finally:
-                    await _release(lease, lkey, token, key)
+                    await self._release(lease, lkey, token, key)
             with self._waiting_for_another(key):
                 stored = await _read(client, key, rtype)
                 if stored is not None:
@@ -359,6 +365,21 @@ class CacheFiller:
                 # holder's lease expires and this task takes it over.
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: spread the pollers out
             delay = min(delay * 2, _MAX_POLL)
+
+    async def _release(self, lease: LeaseBackend, lkey: str, token: bytes, key: str) -> None:
+        release = asyncio.ensure_future(lease.release_lease(lkey, token))
+        self._releases.add(release)
+        release.add_done_callback(self._releases.discard)
+        try:
+            # Shielded: a cancelled holder still gives its lease back.
+            await asyncio.shield(release)
+        except asyncio.CancelledError:
+            # The release goes on without us (aclose() waits for it): its failure
+            # must still be seen and logged, not reported by asyncio as never retrieved.
+            release.add_done_callback(functools.partial(_release_ended, key))
+            raise
+        except Exception as exc:
+            _release_failed(key, exc)
 
     @contextlib.contextmanager
     def _waiting_for_another(self, key: str) -> Iterator[None]:
@@ -412,25 +433,11 @@ async def _produce(
     return _Filled(result, data, rtype)
 
 
-async def _release(lease: LeaseBackend, lkey: str, token: bytes, key: str) -> None:
-    release = asyncio.ensure_future(lease.release_lease(lkey, token))
-    try:
-        # Shielded: a cancelled holder still gives its lease back.
-        await asyncio.shield(release)
-    except asyncio.CancelledError:
-        # The release goes on without us: its failure must still be seen (and
-        # logged), not left for asyncio to report as never retrieved.
-        release.add_done_callback(functools.partial(_release_ended, key))
-        raise
-    except Exception as exc:
-        _release_failed(key, exc)
-
-
 def _release_failed(key: str, exc: BaseException) -> None:
     # The lease expires on its own; failing the caller would hide its value or its error.
     _log.warning("get_or_set: could not release the lease for key %r (it will expire): %s", key, exc)
 
 
-def _release_ended(key: str, release: asyncio.Future[None]) -> None:
+def _release_ended(key: str, release: asyncio.Future[bool]) -> None:
     if not release.cancelled() and (exc := release.exception()) is not None:
         _release_failed(key, exc)

@@ -780,14 +780,16 @@ async def test_close_stops_a_running_fill() -> None:
         await client.get_or_set("report", slow)
 
 
-@pytest.mark.parametrize("replaced", [False, True], ids=["abandoned", "abandoned-and-replaced"])
-async def test_close_waits_for_an_abandoned_fill_to_give_its_lease_back(
-    replaced: bool, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("case", ["abandoned", "abandoned-and-replaced", "releasing"])
+async def test_close_waits_for_a_fill_to_give_its_lease_back(
+    case: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A fill whose callers all left is cancelled and gives its lease back: close() waits for that.
+    """close() returns only once every lease taken by a fill has been given back.
 
-    Cancelling it a second time would cut the release loose: close() would return
-    with it running, the backend would close under it, and its error would go unseen.
+    A fill whose callers all left is cancelled and gives its lease back; one whose
+    factory has returned is giving it back when close() cancels it. Returning
+    earlier, close() would close the backend under the release (the lease then
+    held until lock_ttl), and the release's error would go unseen.
     """
     releasing, may_release = asyncio.Event(), asyncio.Event()
 
@@ -803,13 +805,16 @@ async def test_close_waits_for_an_abandoned_fill_to_give_its_lease_back(
 
     async def slow() -> int:
         started.set()
-        await asyncio.sleep(30)
+        if case != "releasing":
+            await asyncio.sleep(30)
         return 1
 
     caller = asyncio.create_task(client.get_or_set("report", slow, lock_ttl=30))
     await asyncio.wait_for(started.wait(), 10)
-    caller.cancel()  # the only caller gives up: the fill is cancelled and releases its lease
+    if case != "releasing":
+        caller.cancel()  # the only caller gives up: the fill is cancelled and releases its lease
     await asyncio.wait_for(releasing.wait(), 10)
+    replaced = case == "abandoned-and-replaced"
     if replaced:  # a new caller for the key starts a fill of its own meanwhile
         waiting = asyncio.create_task(client.get_or_set("report", slow, lock_ttl=30))
         await asyncio.sleep(0.05)
@@ -819,7 +824,7 @@ async def test_close_waits_for_an_abandoned_fill_to_give_its_lease_back(
     may_release.set()
     await asyncio.wait_for(closing, 10)
     assert lease_key("report") not in backend._data
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(asyncio.CancelledError if case != "releasing" else BackendUnavailableError):
         await caller
     if replaced:
         with pytest.raises(KivigoError):
@@ -829,7 +834,7 @@ async def test_close_waits_for_an_abandoned_fill_to_give_its_lease_back(
 
 
 async def test_a_release_cut_loose_still_reports_its_failure(caplog: pytest.LogCaptureFixture) -> None:
-    from kivigo_async._singleflight import _release
+    from kivigo_async._singleflight import CacheFiller
 
     may_fail = asyncio.Event()
 
@@ -838,7 +843,8 @@ async def test_a_release_cut_loose_still_reports_its_failure(caplog: pytest.LogC
             await may_fail.wait()
             raise BackendUnavailableError("connection lost")
 
-    holder = asyncio.create_task(_release(FailingRelease(), lease_key("k"), b"token", "k"))
+    backend = FailingRelease()
+    holder = asyncio.create_task(CacheFiller(backend)._release(backend, lease_key("k"), b"token", "k"))
     await asyncio.sleep(0.01)
     holder.cancel()  # the holder stops waiting; the release goes on without it
     with pytest.raises(asyncio.CancelledError):
