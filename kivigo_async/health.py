@@ -229,6 +229,14 @@ def _log_delivery_failure(task: asyncio.Task[None]) -> None:
         _logger.error("the health listener task failed", exc_info=task.exception())
 
 
+class _SharedCheck:
+    __slots__ = ("task", "waiters")
+
+    def __init__(self, task: asyncio.Task[HealthReport]) -> None:
+        self.task = task
+        self.waiters = 0
+
+
 class _Listener:
     __slots__ = ("fn",)
 
@@ -379,9 +387,8 @@ class HealthWatcher:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        # The report of the check under way, for calls that come meanwhile (None:
-        # its caller left before the end, so each waiter runs a check of its own).
-        self._in_flight: asyncio.Future[HealthReport | None] | None = None
+        # The check under way, shared by every check_now() call made meanwhile.
+        self._shared: _SharedCheck | None = None
         # A probe cancelled at its deadline whose cleanup may still be running.
         self._leftover: asyncio.Task[Any] | None = None
         self._subscriptions: weakref.WeakSet[_Subscription] = weakref.WeakSet()
@@ -571,29 +578,39 @@ class HealthWatcher:
             print(report.status, report.latency)
             ```
         """
-        while (shared := self._in_flight) is not None:
-            # Shielded: a waiter that gives up must not cancel the others' check.
-            report = await asyncio.shield(shared)
-            if report is not None:
-                return report
-        self._in_flight = shared = asyncio.get_running_loop().create_future()
-        report = None
-        try:
-            async with self._lock:
-                report, error = await self._check()
-                previous = self._report
-                self._report = report
-                self._last_error = error
-                if report.status is not previous.status:
-                    self._log_transition(previous, report)
-                    for subscription in list(self._subscriptions):
-                        subscription._push(report)
-                    # Queued under the lock, so the listeners hear of changes in order.
-                    self._queue_change(report)
-                return report
-        finally:
-            self._in_flight = None
-            shared.set_result(report)
+        while True:
+            shared = self._shared
+            if shared is None or shared.task.done():
+                task = asyncio.get_running_loop().create_task(self._check_now())
+                shared = self._shared = _SharedCheck(task)
+            shared.waiters += 1
+            try:
+                # Waited for, not awaited: a caller that gives up leaves the check to
+                # the others; the last one to leave stops it, as if it ran in its task.
+                await asyncio.wait({shared.task})
+            except BaseException:
+                shared.waiters -= 1
+                if shared.waiters == 0:
+                    await _cancel_and_wait(shared.task)
+                raise
+            shared.waiters -= 1
+            if not shared.task.cancelled():
+                return shared.task.result()
+            # Cancelled from elsewhere (not by a caller: one still waited): check again.
+
+    async def _check_now(self) -> HealthReport:
+        async with self._lock:
+            report, error = await self._check()
+            previous = self._report
+            self._report = report
+            self._last_error = error
+            if report.status is not previous.status:
+                self._log_transition(previous, report)
+                for subscription in list(self._subscriptions):
+                    subscription._push(report)
+                # Queued under the lock, so the listeners hear of changes in order.
+                self._queue_change(report)
+            return report
 
     async def _check(self) -> tuple[HealthReport, BaseException | None]:
         failed_extras = 0

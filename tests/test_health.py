@@ -827,8 +827,8 @@ async def test_concurrent_check_now_calls_share_the_check_under_way(memory_clien
     assert runs == 1
     assert elapsed < 3  # one after another, the last would answer after 30 s
 
-    # A waiter that gives up does not stop the check the others wait for; a check
-    # whose own caller gave up leaves the waiters to run one of their own.
+    # Callers that give up, the one that started the check among them, do not stop
+    # it for those still waiting; the last one to leave stops it.
     first = asyncio.ensure_future(watcher.check_now())
     await asyncio.sleep(0.05)
     impatient = asyncio.ensure_future(watcher.check_now())
@@ -837,7 +837,14 @@ async def test_concurrent_check_now_calls_share_the_check_under_way(memory_clien
     impatient.cancel()
     first.cancel()
     assert (await asyncio.wait_for(patient, 10)).status is DOWN
-    assert runs == 3
+    assert runs == 2
+    alone = asyncio.ensure_future(watcher.check_now())
+    await asyncio.sleep(0.05)
+    alone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await alone
+    assert watcher._shared is not None
+    assert watcher._shared.task.done()  # the last caller to leave stopped it
     await watcher.stop()
 
 
