@@ -188,6 +188,24 @@ async def test_batch_with_ttl_is_not_mixed_with_other_callers(client: Client) ->
     assert len(await client.list("w:")) == 50 * 20
 
 
+async def test_transactions_without_watch_are_not_mixed_with_other_callers(client: Client) -> None:
+    # They share the multiplexed connection as one MULTI..EXEC write each.
+    async def reader(i: int) -> Any:
+        await client.set(f"tr:{i}", i)
+        return await client.get(f"tr:{i}")
+
+    async def writer(i: int) -> None:
+        async with client.transaction() as tx:
+            for j in range(10):
+                tx.set(f"tw:{i}:{j}", j, ttl=60)
+            tx.delete(f"tw:{i}:0")
+
+    results = await asyncio.gather(*(reader(i) if i % 2 else writer(i) for i in range(100)))
+    # A reply of another caller's command never came back as QUEUED, nor theirs as ours.
+    assert [r for r in results if r is not None] == [i for i in range(100) if i % 2]
+    assert len(await client.list("tw:")) == 50 * 9
+
+
 def test_runs_on_uvloop(valkey_server: RedisServer) -> None:
     try:
         import uvloop
