@@ -720,6 +720,29 @@ async def test_a_data_reconnect_does_not_wait_for_the_listener(
         await asyncio.wait_for(until_tracking_works(client, admin, "wait"), 30)
 
 
+async def test_a_listener_black_holed_from_the_start_holds_the_first_call_briefly(
+    valkey_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The data connection's login waits for the listener's SUBSCRIBE, which got no
+    # answer for read_timeout (10 s here; 5 s without one). At most half of
+    # dial_timeout (1 s) now: the first call then goes on uncached.
+    async with FaultProxy(valkey_server.host, valkey_server.port) as proxy:
+        options = redis_options(valkey_server, client_cache=ClientCache(ttl=30), read_timeout=10.0)
+        backend = RedisBackend(options.replace(dial_timeout=2.0))
+        assert backend._tracking is not None
+        backend._tracking._conn._opener = tcp_opener(proxy.host, proxy.port, None)
+        proxy.blackhole()
+        async with contextlib.AsyncExitStack() as stack:
+            # Connecting opens the data connection: a generous bound (10 s before).
+            client = await asyncio.wait_for(stack.enter_async_context(Client(backend)), 6)
+            await client.set("early", "v1")
+            assert await client.get("early") == "v1"
+            assert not cache_of(client).enabled
+            assert "no invalidation connection" in caplog.text
+            proxy.heal()
+            await eventually(lambda: cache_of(client).enabled, 30, "the cache never came on")
+
+
 def test_retry_delays_stay_bounded_however_long_the_retries_go_on() -> None:
     # A listener an ACL keeps from subscribing retries for the life of the process:
     # at attempt 1,024 an uncapped 2**attempt no longer fits a float.

@@ -352,14 +352,20 @@ class Tracking:
             self._cache.enabled = False
             self._start_repair()
             return []
+        dial = self._options.dial_timeout
+        budget = dial / 2 if dial else None
         try:
-            client_id = await self._listen()
-        except rx.RedisError as exc:
+            # Half the data socket's own dial_timeout at most: a listener that hangs
+            # (its connect, or its SUBSCRIBE) costs the cache, not the calls waiting
+            # for this socket.
+            client_id = await asyncio.wait_for(self._listen(), budget)
+        except (rx.RedisError, asyncio.TimeoutError) as exc:
             # The cache is an optimisation: without a listener (an ACL user with no
             # right to the channel, no room for one more client) the backend serves
             # every read from the server, and the repair loop keeps trying.
             self._cache.enabled = False
-            _log.warning("client cache: no invalidation connection, reads go to the server: %s", exc)
+            why = str(exc) or f"no answer within {budget} s"
+            _log.warning("client cache: no invalidation connection, reads go to the server: %s", why)
             self._start_repair()
             return []
         losses = self._losses
