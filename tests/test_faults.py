@@ -785,6 +785,70 @@ async def test_connection_lost_while_watching_says_nothing_was_written(server: R
             assert await client.get("stock") == 5
 
 
+@TRANSPORTS
+async def test_a_block_that_goes_on_after_its_watch_was_lost_writes_nothing(
+    server: RedisServer, control: aioredis.Redis, auto_pipeline: bool
+) -> None:
+    """A read failed while watching: the WATCH ended with its connection.
+
+    A block that catches the error and goes on must not commit unguarded over a
+    concurrent write: its EXEC fails as a conflict, and nothing is written.
+    """
+    async with FaultProxy(server.host, server.port) as proxy:
+        options = redis_options(server, max_retries=0, auto_pipeline=auto_pipeline).replace(addr=proxy.addr)
+        async with Client(RedisBackend(options)) as client:
+            await client.set("balance", 100)
+            with pytest.raises(TransactionConflictError, match="nothing was written"):
+                async with client.transaction(watch=["balance"]) as tx:
+                    balance = await tx.get("balance", int)
+                    await proxy.drop_connections()
+                    with pytest.raises(BackendUnavailableError):
+                        await tx.get("other", default=None)
+                    await control.set("balance", b"500")  # a concurrent change WATCH would catch
+                    tx.set("balance", balance - 10)
+            assert await client.get("balance") == 500
+
+
+@TRANSPORTS
+async def test_one_transaction_read_from_many_tasks(server: RedisServer, auto_pipeline: bool) -> None:
+    # Reads on the watching connection take turns: no reply goes to the wrong read,
+    # and no error from the client library underneath escapes.
+    async with Client(RedisBackend(redis_options(server, auto_pipeline=auto_pipeline))) as client:
+        # Values large enough that a reply arrives in several reads.
+        await client.batch_set({f"many:{i}": str(i) * 100_000 for i in range(50)})
+        async with client.transaction(watch=["many:0"]) as tx:
+            values = await asyncio.gather(*(tx.get(f"many:{i}", str) for i in range(50)))
+            assert values == [str(i) * 100_000 for i in range(50)]
+            tx.set("many:0", -1)
+        assert await client.get("many:0", int) == -1
+
+
+@TRANSPORTS
+async def test_close_fails_the_calls_waiting_for_a_pooled_connection_at_once(
+    server: RedisServer, auto_pipeline: bool
+) -> None:
+    # They would otherwise wait out pool_timeout (read_timeout + 1 s) and fail as a
+    # timeout, not as a closed backend.
+    options = redis_options(server, auto_pipeline=auto_pipeline, pool_size=2)
+    client = Client(RedisBackend(options))
+    await client.set("warm", 1)
+
+    async def one(i: int) -> None:
+        if auto_pipeline:  # optimistic transactions take pooled connections
+            async with client.transaction(watch=[f"w:{i}"]) as tx:
+                tx.set(f"w:{i}", i)
+        else:
+            await client.set(f"w:{i}", i)
+
+    calls = [asyncio.ensure_future(one(i)) for i in range(300)]
+    await asyncio.sleep(0.005)
+    await client.close()
+    results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert errors  # most were still queued for one of the 2 connections
+    assert all(isinstance(e, BackendUnavailableError) and "closed" in str(e) for e in errors), errors[:3]
+
+
 class OutOfStockError(Exception):
     pass
 

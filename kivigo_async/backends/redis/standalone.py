@@ -24,7 +24,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 
 from ..._tasks import detached
 from ...backend import BackendTransaction, TxOp
-from ...errors import BackendUnavailableError, KeyNotFoundError
+from ...errors import BackendUnavailableError, KeyNotFoundError, TransactionConflictError
 from ...watch import DEFAULT_MAX_PENDING, ChangeStream
 from ._cache import LocalCache, Tracking, ttl_reply
 from ._errors import DIAL_TIMEOUT_TEXT, translate
@@ -165,13 +165,16 @@ class _ClosablePool(BlockingConnectionPool):
             acquire: Callable[..., Awaitable[AbstractConnection]] = super().get_connection
             try:
                 connection = await acquire(*args, **kwargs)
+            except Exception:
+                if self.closed:  # woken by close(), every connection still in use
+                    raise RedisConnectionError(_CLOSED) from None
+                self._pass_wake_up_on()
+                raise
             except BaseException:
                 # Before Python 3.13, a waiter cancelled (or timed out) just as release()
                 # notified it swallows that notify(): a free connection then sits idle
                 # while the other callers wait out pool_timeout. Pass the wake-up on.
-                waker = asyncio.get_running_loop().create_task(self._wake_one())
-                self._wakers.add(waker)
-                waker.add_done_callback(self._wakers.discard)
+                self._pass_wake_up_on()
                 raise
         if self.closed:  # closed while this call waited for a free connection
             await self.release(connection)
@@ -236,9 +239,25 @@ class _ClosablePool(BlockingConnectionPool):
             # tasks keep them and the others wait out pool_timeout, again and again.
             await asyncio.sleep(0)
 
+    def _pass_wake_up_on(self) -> None:
+        waker = asyncio.get_running_loop().create_task(self._wake_one())
+        self._wakers.add(waker)
+        waker.add_done_callback(self._wakers.discard)
+
     async def _wake_one(self) -> None:
         async with self._condition:
             self._condition.notify()
+
+    def can_get_connection(self) -> bool:
+        # Closed, a waiter goes on at once, to the closed check below, rather than
+        # waiting for pool_timeout and failing with a timeout.
+        return self.closed or bool(super().can_get_connection())
+
+    async def close_and_wake(self) -> None:
+        """Close the pool, and fail every call waiting for a connection now."""
+        self.closed = True
+        async with self._condition:
+            self._condition.notify_all()
 
 
 def _would_wait(lock: asyncio.Lock | None) -> bool:
@@ -588,6 +607,9 @@ class RedisBackend:
                 steps.push_async_callback(self._mux.close)
             if self._tracking is not None:
                 steps.push_async_callback(self._tracking.close)
+            if isinstance(self._pool, _ClosablePool):
+                # Pushed last, so run first: calls queued for a connection fail now.
+                steps.push_async_callback(self._pool.close_and_wake)
 
     async def _close_pool(self) -> None:
         try:
@@ -889,18 +911,39 @@ class _RedisTransaction:
         self._backend = backend
         self._pipe = pipe
         self._watching = watching
+        # One connection, one reply at a time: reads from several tasks, or the
+        # block's exit while a read runs, take turns instead of mixing replies.
+        self._turn = asyncio.Lock()
+        # A read that failed (or was cancelled) while watching ended the WATCH with
+        # its connection: EXEC would then run unguarded, over concurrent writes.
+        self._watch_lost = False
 
     async def get(self, key: str) -> bytes | None:
         if not self._watching:
             return await self._backend.get(key)
-        try:
-            # While watching, the pipeline runs commands at once on its own connection.
-            execute: Callable[..., Awaitable[Any]] = self._pipe.execute_command
-            return await execute("GET", key)  # type: ignore[no-any-return]
-        except _FAILURES as exc:
-            raise self._backend._error(exc, "GET", key) from exc
+        async with self._turn:
+            try:
+                # While watching, the pipeline runs commands at once on its own connection.
+                execute: Callable[..., Awaitable[Any]] = self._pipe.execute_command
+                return await execute("GET", key)  # type: ignore[no-any-return]
+            except _FAILURES as exc:
+                self._watch_lost = True
+                raise self._backend._error(exc, "GET", key) from exc
+            except BaseException:
+                self._watch_lost = True
+                raise
 
     async def commit(self, ops: Sequence[TxOp]) -> None:
+        async with self._turn:
+            if self._watching and (self._watch_lost or not self._pipe.watching):
+                raise TransactionConflictError(
+                    f"EXEC on {self._backend._node}: the connection watching the keys was lost "
+                    "before the block ended, so a concurrent change could not be seen; "
+                    "nothing was written, run the transaction again"
+                )
+            await self._commit(ops)
+
+    async def _commit(self, ops: Sequence[TxOp]) -> None:
         commands: list[tuple[Arg, ...]] = []
         for op in ops:
             if op[0] != "set":
@@ -936,4 +979,5 @@ class _RedisTransaction:
             self._backend._written([op[1] for op in ops])
 
     async def discard(self) -> None:
-        await _reset(self._pipe)
+        async with self._turn:
+            await _reset(self._pipe)
