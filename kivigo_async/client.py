@@ -816,6 +816,8 @@ class Client:
             found = await client.batch_get(["cache:user:1", "cache:user:9"], User)
             ```
         """
+        if type is None:  # refused before any I/O, as get() does
+            raise _none_type_error()
         found, data = await self._read_batch(keys)
         return dict(zip(found, self._decode_values(found, data, type), strict=True))
 

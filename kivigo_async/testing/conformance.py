@@ -367,6 +367,8 @@ class BackendConformance:
         assert await client.batch_get(["a", "zz", "b", "a"], int) == {"a": 1, "b": 2}
         assert await client.batch_get(["zz"]) == {}
         assert await client.batch_get([]) == {}
+        with pytest.raises(InvalidArgumentError, match="default=None"):
+            await client.batch_get(["a"], None)  # type: ignore[call-overload]
 
     async def test_batch_set_one_unencodable_writes_nothing(self, client: Client) -> None:
         with pytest.raises(EncodeError, match="k2"):
