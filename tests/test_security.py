@@ -21,9 +21,11 @@ import pytest
 import redis.asyncio as aioredis
 import trustme
 from conftest import chain_text, redis_options
+from redis.exceptions import ResponseError
 
 from kivigo_async import Client, Codec, EncryptedCodec, JsonCodec, MsgspecCodec
 from kivigo_async.backends.redis import RedisBackend, RedisClusterOptions, RedisOptions, RedisSentinelOptions
+from kivigo_async.backends.redis._errors import translate
 from kivigo_async.errors import (
     BackendUnavailableError,
     ConfigurationError,
@@ -35,7 +37,7 @@ from kivigo_async.errors import (
 )
 from kivigo_async.testing.proxy import FaultProxy
 from kivigo_async.testing.pytest_plugin import ServerFactory, require_server
-from kivigo_async.testing.servers import BinaryKind, RedisServer, ServerPool
+from kivigo_async.testing.servers import BinaryKind, RedisServer, ServerPool, ServerStartError
 
 TRANSPORTS = pytest.mark.parametrize("auto_pipeline", [True, False], ids=["multiplexed", "pool"])
 
@@ -457,3 +459,118 @@ async def test_acl_user_outside_its_keys_gets_permission_denied(
         await client.set("allowed:k", 1)
         assert await client.get("allowed:k") == 1
         assert await client.delete("allowed:k")
+
+
+# --------------------------------------------------------------------------- servers that echo
+
+
+@pytest.mark.server
+@TRANSPORTS
+@pytest.mark.parametrize("missing", ["HELLO", "AUTH"])
+async def test_a_server_echoing_the_login_never_shows_the_password(
+    redis_server_factory: ServerFactory, auto_pipeline: bool, missing: str
+) -> None:
+    # A server (or proxy) that does not know the login command answers "unknown
+    # command 'AUTH', with args beginning with: '<password>'".
+    password = "pw-" + uuid.uuid4().hex
+    if missing == "HELLO":
+        # The pooled connections send HELLO 3 AUTH; the multiplexed one logs in with AUTH.
+        server = redis_server_factory("redis", "password", extra_config={"rename-command": 'HELLO ""'})
+        assert server.password is not None
+        password = server.password
+        options = redis_options(server, auto_pipeline=auto_pipeline, protocol=3, max_retries=1)
+    else:
+        server = redis_server_factory("redis", extra_config={"rename-command": 'AUTH ""'})
+        options = redis_options(server, auto_pipeline=auto_pipeline, protocol=2, max_retries=1)
+        options = options.replace(password=password)
+    client = Client(RedisBackend(options))
+
+    async def in_transaction() -> None:  # watching: on a pooled connection, whatever the transport
+        async with client.transaction(watch=["k"]) as tx:
+            tx.set("k", 1)
+
+    async def set_one() -> None:
+        await client.set("k", "v")
+
+    calls: list[Callable[[], Awaitable[None]]] = [set_one, in_transaction]
+    errors: list[BaseException] = []
+    try:
+        for call in calls:
+            try:
+                await call()
+            except KivigoError as exc:
+                errors.append(exc)
+    finally:
+        await client.close()
+    # Only the multiplexed connection without HELLO logs in: everything else fails.
+    assert len(errors) == (1 if (missing, auto_pipeline) == ("HELLO", True) else 2)
+    for error in errors:
+        assert isinstance(error, BackendUnavailableError), error
+        assert f"does not know {missing}" in str(error)
+        if missing == "HELLO":
+            assert "protocol=2" in str(error)
+        assert_absent(chain_text(error), password)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "ERR unknown command 'AUTH', with args beginning with: 'default' 'Tiger42' ",
+        "ERR unknown command `AUTH`, with args beginning with: `default`, `Tiger42`, ",  # Redis 5
+        "unknown command 'HELLO', with args beginning with: '3' 'AUTH' 'default' 'Tiger42' ",
+    ],
+    ids=["redis-7", "redis-5", "hello"],
+)
+def test_an_echoed_login_is_cut_from_the_error_and_its_cause(reply: str) -> None:
+    # Both quotings, including one no server this machine runs answers with.
+    cause = ResponseError(reply)
+    try:
+        raise translate(cause, "SET", "k", "cache:6379") from cause
+    except KivigoError as exc:
+        error = exc
+    assert isinstance(error, BackendUnavailableError)
+    assert "Tiger42" not in chain_text(error)
+
+
+@pytest.mark.server
+def test_a_server_refusing_our_login_at_start_never_shows_the_password(
+    kivigo_server_pool: ServerPool,
+) -> None:
+    # Short: the reply quoted was cut at 80 characters, which held all of this one.
+    password = "pw-" + uuid.uuid4().hex[:10]
+    binary = kivigo_server_pool.binary("redis", "password")
+    server = RedisServer(binary, "password", password=password, extra_config={"rename-command": 'AUTH ""'})
+    try:
+        with pytest.raises(ServerStartError, match="rejected our credentials") as info:
+            server.start()
+    finally:
+        server.stop()
+    assert_absent(chain_text(info.value), password, password[:8])
+
+
+# --------------------------------------------------------------------------- closed backends
+
+
+@pytest.mark.server
+@TRANSPORTS
+async def test_a_transaction_refused_after_close_is_not_said_to_maybe_have_run(
+    redis_server: RedisServer, auto_pipeline: bool
+) -> None:
+    # Nothing of it was sent: "may or may not have been applied" would send the
+    # caller checking what it cannot have done.
+    client = Client(RedisBackend(redis_options(redis_server, auto_pipeline=auto_pipeline)))
+    await client.set("closed:k", 1)
+    await client.close()
+
+    async def in_transaction() -> None:
+        async with client.transaction() as tx:
+            tx.set("closed:k", 2)
+
+    async def batch_with_ttl() -> None:
+        await client.batch_set({"closed:a": 1}, ttl=60)
+
+    calls: list[Callable[[], Awaitable[None]]] = [batch_with_ttl, in_transaction]
+    for call in calls:
+        with pytest.raises(BackendUnavailableError, match=r"Client\.close\(\) closes its backend") as info:
+            await call()
+        assert "may or may not" not in str(info.value)

@@ -122,6 +122,8 @@ _LOG_TAIL_LINES: Final = 20
 _PORT_IN_USE: Final = "Address already in use"
 # Replies meaning "up, but not serving yet": keep polling rather than fail.
 _NOT_READY_REPLIES: Final = (b"-LOADING", b"-BUSY", b"-MASTERDOWN")
+#: A server's echo of an unknown command's arguments, cut from replies we report.
+_ARGS_ECHO: Final = re.compile(r",? with args beginning with:.*", re.DOTALL)
 # Config keys the server object must own, or it would lose track of the process.
 _RESERVED_CONFIG: Final = frozenset({"port", "tls-port", "dir", "logfile", "daemonize", "bind"})
 
@@ -905,7 +907,7 @@ class RedisServer(Server):
         if auth and not auth[0].startswith(b"+OK"):
             if auth[0].startswith(_NOT_READY_REPLIES):
                 return False
-            raise _AuthRejected(auth[0][:80].decode(errors="replace"))
+            raise _AuthRejected(self._scrub(auth[0].decode(errors="replace"))[:80])
         if not pong.startswith(b"+PONG"):
             return False
         proc = self._proc
@@ -939,6 +941,18 @@ class RedisServer(Server):
         except OSError:
             return ""
         # Servers don't log passwords, but a config error echoes the offending line.
+        for secret in (self._password, self._limited_password):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without a server's echo of our AUTH arguments, nor any password.
+
+        A server that does not know AUTH (renamed) answers "unknown command 'AUTH',
+        with args beginning with: '<password>'" (Redis 5: backticks and commas).
+        """
+        text = _ARGS_ECHO.sub("", text)
         for secret in (self._password, self._limited_password):
             if secret:
                 text = text.replace(secret, "***")

@@ -18,7 +18,16 @@ from ...errors import (
     TransactionConflictError,
 )
 
-__all__ = ["DIAL_TIMEOUT_TEXT", "DialTimeoutError", "is_dial_timeout", "translate", "where"]
+__all__ = [
+    "DIAL_TIMEOUT_TEXT",
+    "DialTimeoutError",
+    "NotSentError",
+    "is_dial_timeout",
+    "scrub_chain",
+    "strip_echo",
+    "translate",
+    "where",
+]
 
 #: How redis-py words a connection not opened within its connect timeout; the pooled
 #: connections' own bound on the whole open (login included) says the same.
@@ -30,6 +39,15 @@ class DialTimeoutError(rx.ConnectionError):
 
     A ``ConnectionError`` to redis-py (no command was sent), but not retried, as
     no timeout is.
+    """
+
+
+class NotSentError(rx.ConnectionError):
+    """A call refused before any of it was sent (the backend was closed, the node retired).
+
+    A ``ConnectionError`` to redis-py and to the callers that test for one; told
+    apart so that a transaction refused this way is not reported as one whose
+    outcome is unknown.
     """
 
 
@@ -54,25 +72,60 @@ _TRANSACTIONS = frozenset({"EXEC", "MULTI/SET PX"})
 _PIPELINE_ANNOTATION = re.compile(r"Command # \d+ \(.*\) of pipeline caused error: (.*)", re.DOTALL)
 
 
+# A server that does not know a command answers "ERR unknown command 'AUTH', with args
+# beginning with: 'default' '<password>'" (Redis 5 quotes with backticks and commas):
+# the echo is cut off wherever a server's text goes, in our messages and in the
+# chained redis-py exception alike.
+_ARGS_ECHO = re.compile(r",? with args beginning with:.*", re.DOTALL)
+# Only the login sends HELLO and AUTH: a server that does not know them cannot be logged
+# into, whatever the call. The echo is already cut off when these are matched.
+_UNKNOWN_LOGIN_COMMAND = re.compile(r"(?:ERR )?unknown command [`']?(HELLO|AUTH)\b", re.IGNORECASE)
+_LOGIN_HINTS = {
+    "HELLO": "the server does not know HELLO (older than Redis 6, or renamed): "
+    "set protocol=2 to log in without it",
+    "AUTH": "the server does not know AUTH (renamed or disabled): it cannot check a password",
+}
+
+
+def strip_echo(text: str) -> str:
+    """``text`` without a server's echo of a command's arguments (which may hold a password)."""
+    return _ARGS_ECHO.sub("", text)
+
+
+def scrub_chain(exc: BaseException) -> None:
+    """Cut the argument echo out of ``exc`` and of every exception chained to it.
+
+    Our errors are raised from redis-py's: a logged traceback prints the whole
+    chain, so a password echoed by the server must go from each link too.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if any(isinstance(arg, str) and _ARGS_ECHO.search(arg) for arg in current.args):
+            current.args = tuple(strip_echo(arg) if isinstance(arg, str) else arg for arg in current.args)
+        current = current.__cause__ or current.__context__
+
+
 #: Replies of a server that cannot serve commands for now: loading its data, a
 #: replica without its primary, or no room for one more client.
 _NOT_SERVING = ("LOADING", "MASTERDOWN", "ERR max number of clients reached")
 
 
 def _server_text(exc: Exception) -> str:
-    """The server's own error text, without redis-py's echo of a pipelined command."""
+    """The server's own error text, without redis-py's echo of a pipelined command or ours."""
     text = str(exc)
     match = _PIPELINE_ANNOTATION.fullmatch(text)
     if match is None:
-        return text
+        return strip_echo(text)
     detail = match.group(1)
     try:
         args = ast.literal_eval(detail)
     except (ValueError, SyntaxError):
-        return detail
+        return strip_echo(detail)
     if isinstance(args, tuple) and args and isinstance(args[0], str):
-        return args[0]
-    return detail
+        return strip_echo(args[0])
+    return strip_echo(detail)
 
 
 def where(command: str, key: str | None, node: str) -> str:
@@ -88,6 +141,7 @@ def translate(exc: Exception, command: str, key: str | None, node: str) -> Kivig
     echo (which holds the value) is cut off.
     """
     call = where(command, key, node)
+    scrub_chain(exc)
     if isinstance(exc, rx.WatchError):
         lost = _WATCH_CONNECTION_LOST.match(str(exc))
         if lost is None:
@@ -106,13 +160,21 @@ def translate(exc: Exception, command: str, key: str | None, node: str) -> Kivig
         # The echo is in redis-py's exception itself, which our error is raised
         # from: a logged traceback prints it, so it goes there too.
         exc.args = (text,)
+    login = _UNKNOWN_LOGIN_COMMAND.match(text)
+    if login is not None:
+        return BackendUnavailableError(
+            f"{call}: cannot log in: {_LOGIN_HINTS[login.group(1).upper()]} ({text})"
+        )
     if isinstance(exc, (rx.AuthenticationError, rx.AuthenticationWrongNumberOfArgsError)):
         return BackendUnavailableError(f"{call}: authentication failed ({text})")
     if isinstance(exc, rx.NoPermissionError):
         return PermissionDeniedError(f"{call}: permission denied ({text})")
     # A transaction whose EXEC got no reply may have been applied; say so, since the
     # caller decides from this whether running it again is safe.
-    outcome = _UNKNOWN_OUTCOME if command in _TRANSACTIONS else ""
+    # Refused before anything was sent (the pool, or the multiplexed connection, was
+    # closed): nothing can have been applied. A connection that refuses to reopen
+    # after a first attempt raises a plain ConnectionError: that outcome is unknown.
+    outcome = _UNKNOWN_OUTCOME if command in _TRANSACTIONS and not isinstance(exc, NotSentError) else ""
     if is_dial_timeout(exc):
         # The same error whichever transport (or backend) tried to connect.
         return ConnectTimeoutError(f"{call}: no connection within dial_timeout ({text}){outcome}")

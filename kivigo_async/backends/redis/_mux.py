@@ -29,7 +29,7 @@ from typing import Any, Union, cast
 import hiredis
 from redis import exceptions as rx
 
-from ._errors import DialTimeoutError
+from ._errors import DialTimeoutError, NotSentError, strip_echo
 
 __all__ = ["MuxConnection", "OptionalCommand", "backoff", "listener_backoff", "pack"]
 
@@ -445,7 +445,7 @@ class MuxConnection:
     async def _connect(self) -> _Protocol:
         while True:
             if self._closed:
-                raise rx.ConnectionError(f"connection to {self._node} {self._closed_why}")
+                raise NotSentError(f"connection to {self._node} {self._closed_why}")
             if self._connecting is None:
                 self._connecting = asyncio.get_running_loop().create_task(self._open_with_retries())
                 self._connecting.add_done_callback(self._connected)
@@ -456,7 +456,7 @@ class MuxConnection:
             # (which before Python 3.11 cannot be told apart from a real one).
             await asyncio.wait((connecting,))
             if connecting.cancelled() and self._closed:
-                raise rx.ConnectionError(f"connection to {self._node} {self._closed_why}")
+                raise NotSentError(f"connection to {self._node} {self._closed_why}")
             protocol = connecting.result()
             if protocol.generation == self._generation:
                 return protocol
@@ -539,7 +539,8 @@ class MuxConnection:
             first = len(self._handshake)  # the prepared commands' replies come after the login's
             for index, reply in enumerate(replies):
                 if reply.__class__ is hiredis.ReplyError and not _NO_PASSWORD_NEEDED.match(str(reply)):
-                    text = str(reply)
+                    # A server that does not know AUTH echoes its arguments: the password.
+                    text = strip_echo(str(reply))
                     command = prepared[index - first] if index >= first else None
                     if isinstance(command, OptionalCommand):
                         refused.append((command, text))

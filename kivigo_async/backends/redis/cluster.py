@@ -54,18 +54,25 @@ from ._errors import is_dial_timeout, translate, where
 from ._mux import MuxConnection
 from ._scan import decode_key
 from .options import (
+    URL_OPTIONS,
     RedisOptions,
     _default_pool_size,
+    check_addr,
     checked_replace,
     login_user,
     query_text,
     refuse_unescaped_credentials,
+    refuse_unknown_options,
     split_url,
     url_query,
 )
 from .standalone import RedisBackend, _mux_for, _TCPConnection, _TLSConnection
 
 __all__ = ["RedisClusterBackend", "RedisClusterOptions"]
+
+#: The query options of a cluster URL: those of a standalone one but the database
+#: and idle connections, plus more seeds and the cluster's own.
+_URL_OPTIONS = (URL_OPTIONS - {"db", "min_idle_conns"}) | {"addr", "max_redirects", "read_from_replicas"}
 
 # Errors of redis-py's cluster layer: RedisClusterException is not a RedisError.
 _DRIVER_ERRORS = (RedisError, RedisClusterException)
@@ -157,7 +164,8 @@ class RedisClusterOptions:
         if not self.addrs:
             raise ConfigurationError("addrs needs at least one seed node")
         for addr in self.addrs:
-            self.node_options(addr)  # validates addr and every shared field
+            check_addr(addr, "an address in addrs", "RedisClusterOptions.from_url()")
+            self.node_options(addr)  # validates every shared field
         if not isinstance(self.max_redirects, int) or isinstance(self.max_redirects, bool):
             raise ConfigurationError(f"max_redirects must be an int, not {self.max_redirects!r}")
         if self.max_redirects < 1:
@@ -211,7 +219,7 @@ class RedisClusterOptions:
         """Parse a seed URL: ``redis[s]://[[user]:password@]host:port[?option=value...]``.
 
         Takes the query options of :meth:`RedisOptions.from_url` (except ``db``:
-        a cluster has only database 0), plus ``max_redirects``,
+        a cluster has only database 0, and ``min_idle_conns``), plus ``max_redirects``,
         ``read_from_replicas`` (``true``/``false``) and ``addr=host:port``
         (repeatable) for more seed nodes. ``overrides`` win over the URL.
 
@@ -225,6 +233,16 @@ class RedisClusterOptions:
         if parts.scheme.lower() not in ("redis", "rediss", "valkey", "valkeys"):
             raise ConfigurationError(f"unsupported URL scheme {parts.scheme!r}: use redis:// or rediss://")
         query = url_query(parts.query, repeatable=("addr",))
+        # Not dropped silently (an unknown option is an error): RedisOptions.from_url,
+        # which reads the rest, takes both.
+        if "db" in query:
+            raise ConfigurationError("a cluster has only database 0: remove ?db= from the URL")
+        if "min_idle_conns" in query:
+            raise ConfigurationError(
+                "min_idle_conns is not a cluster option (connections to each node open on demand): "
+                "remove ?min_idle_conns= from the URL"
+            )
+        refuse_unknown_options(parts.query, _URL_OPTIONS)
         extra_addrs = query.pop("addr", [])
         kwargs: dict[str, object] = {}
         if "max_redirects" in query:

@@ -7,6 +7,7 @@ import math
 import os
 import ssl
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 from urllib.parse import SplitResult, parse_qs, quote, unquote, urlencode, urlsplit
@@ -14,7 +15,7 @@ from urllib.parse import SplitResult, parse_qs, quote, unquote, urlencode, urlsp
 from ...errors import ConfigurationError
 from ._cache import ClientCache
 
-__all__ = ["RedisOptions", "join_addr"]
+__all__ = ["URL_OPTIONS", "RedisOptions", "check_addr", "join_addr", "refuse_unknown_options"]
 
 
 def _default_pool_size() -> int:
@@ -98,6 +99,10 @@ class RedisOptions:
             raise ConfigurationError(f"network must be 'tcp' or 'unix', not {self.network!r}")
         if self.network == "tcp":
             _split_addr(self.addr)
+        for name in ("username", "password"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                # The value is not quoted: it may be the password itself.
+                raise ConfigurationError(f"{name} must be a str or None")
         for name in ("db", "pool_size", "min_idle_conns", "max_retries"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -109,7 +114,10 @@ class RedisOptions:
         for name in ("dial_timeout", "read_timeout", "write_timeout", "pool_timeout"):
             value = getattr(self, name)
             if value is not None and (
-                not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)  # True would be a one-second timeout
+                or not math.isfinite(value)
+                or value <= 0
             ):
                 raise ConfigurationError(f"{name} must be a positive number of seconds or None")
         if self.write_timeout is not None and self.write_timeout != self.read_timeout:
@@ -211,6 +219,9 @@ class RedisOptions:
             raise ConfigurationError(f"unsupported URL scheme {scheme!r}: use redis://, rediss:// or unix://")
         refuse_unescaped_credentials(parts, unix=scheme == "unix")
         query = {k: v[0] for k, v in url_query(parts.query).items()}
+        refuse_unknown_options(
+            parts.query, URL_OPTIONS | ({"password", "username"} if scheme == "unix" else set())
+        )
         kwargs: dict[str, object] = {}
         if parts.username:
             kwargs["username"] = unquote(parts.username)
@@ -377,6 +388,49 @@ def refuse_unescaped_credentials(parts: SplitResult, *, unix: bool = False) -> N
         raise ConfigurationError("invalid Redis URL: a '#fragment' has no meaning in it")
 
 
+#: The query options of :meth:`RedisOptions.from_url` (``unix://`` adds ``password`` and ``username``).
+URL_OPTIONS = frozenset(
+    {
+        "db",
+        "client_name",
+        "auto_pipeline",
+        "pool_size",
+        "min_idle_conns",
+        "max_retries",
+        "dial_timeout",
+        "read_timeout",
+        "write_timeout",
+        "pool_timeout",
+        "protocol",
+        "ssl_ca_certs",
+        "ssl_cert_reqs",
+    }
+)
+#: Query options whose value is a credential.
+_CREDENTIAL_OPTIONS = frozenset({"password", "username", "sentinel_password", "sentinel_username"})
+
+
+def refuse_unknown_options(query: str, known: AbstractSet[str]) -> None:
+    """Refuse the first option of ``query`` not in ``known``, in the order written.
+
+    Its name is quoted, unless a credential option comes before it: an ``&`` left
+    unescaped in ``?password=`` makes the rest of the password read as an option name.
+    """
+    after_credential = False
+    for pair in query.split("&"):
+        if not pair:
+            continue
+        name = unquote(pair.partition("=")[0].replace("+", "%2B"))
+        if name not in known:
+            if after_credential:
+                raise ConfigurationError(
+                    "invalid Redis URL: an unknown option follows a credential option "
+                    "(percent-encode '&' as %26 in the username and password)"
+                )
+            raise ConfigurationError(f"unknown option {name!r} in Redis URL")
+        after_credential = after_credential or name in _CREDENTIAL_OPTIONS
+
+
 def _int_option(name: str, raw: str) -> int:
     try:
         return int(raw)
@@ -396,16 +450,32 @@ def join_addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _split_addr(addr: str) -> tuple[str, int]:
+def check_addr(addr: object, what: str = "addr", parser: str = "RedisOptions.from_url()") -> None:
+    """Refuse an address that is not ``host:port``, naming the field ``what``.
+
+    A URL or a ``user:password@host:port`` is refused before anything quotes it:
+    its password would be shown in the error, and, accepted as a host name, in
+    every ``repr`` and connection error after.
+    """
+    if not isinstance(addr, str) or not addr:
+        raise ConfigurationError(f"{what} must be a non-empty 'host:port' string")
+    _split_addr(addr, what, parser)
+
+
+def _split_addr(addr: str, what: str = "addr", parser: str = "RedisOptions.from_url()") -> tuple[str, int]:
+    if "://" in addr or "@" in addr or "/" in addr:
+        raise ConfigurationError(f"{what} looks like a URL: give 'host:port' or use {parser}")
+    if any(c.isspace() for c in addr):
+        raise ConfigurationError(f"{what} must be 'host:port', without spaces")
+    # Quoted from here on: without "@" or "/" it holds no credentials.
     host, sep, port = addr.rpartition(":")
     if not sep or not host:
-        raise ConfigurationError(f"addr must be 'host:port', not {addr!r}")
+        raise ConfigurationError(f"{what} must be 'host:port', not {addr!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    try:
-        number = int(port)
-    except ValueError:
-        raise ConfigurationError(f"addr must be 'host:port', not {addr!r}") from None
-    if not 0 < number < 65536:
-        raise ConfigurationError(f"port out of range in addr {addr!r}")
-    return host, number
+    if not host or "[" in host or "]" in host:
+        raise ConfigurationError(f"{what} must be 'host:port' ('[::1]:6379' for IPv6), not {addr!r}")
+    # ASCII digits only: int() also takes "+10", "1_0", " 10" and fullwidth digits.
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ConfigurationError(f"{what} needs a port from 1 to 65535, not {addr!r}")
+    return host, int(port)

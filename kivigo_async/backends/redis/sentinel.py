@@ -29,12 +29,15 @@ from ...errors import BackendUnavailableError, ConfigurationError
 from ._errors import DialTimeoutError, is_dial_timeout, where
 from ._mux import Arg, Opener, pack, tcp_opener
 from .options import (
+    URL_OPTIONS,
     RedisOptions,
     _default_pool_size,
+    check_addr,
     checked_replace,
     join_addr,
     query_text,
     refuse_unescaped_credentials,
+    refuse_unknown_options,
     split_url,
     url_query,
 )
@@ -115,6 +118,16 @@ class RedisSentinelOptions:
             raise ConfigurationError("sentinels needs at least one address")
         if not isinstance(self.service_name, str) or not self.service_name:
             raise ConfigurationError("service_name must be a non-empty string")
+        for name in ("sentinel_username", "sentinel_password"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                # The value is not quoted: it may be the password itself.
+                raise ConfigurationError(f"{name} must be a str or None")
+        if self.sentinel_tls is not None and not isinstance(self.sentinel_tls, (bool, ssl.SSLContext)):
+            raise ConfigurationError(
+                "sentinel_tls must be None (same as tls), True, False or an ssl.SSLContext"
+            )
+        for addr in self.sentinels:
+            check_addr(addr, "an address in sentinels", "RedisSentinelOptions.from_url()")
         self.data_options()
         for addr in self.sentinels:
             self.sentinel_options(addr)
@@ -179,14 +192,15 @@ class RedisSentinelOptions:
                 f"unsupported URL scheme {scheme!r}: use redis+sentinel:// or rediss+sentinel://"
             )
         userinfo, _, hosts = parts.netloc.rpartition("@")
-        sentinels = [h.strip() for h in hosts.split(",") if h.strip()]
-        if not sentinels:
+        entries = [h.strip() for h in hosts.split(",") if h.strip()]
+        if not entries:
             raise ConfigurationError("a sentinel URL needs at least one host:port")
-        sentinels = [h if h.rpartition(":")[2].isdigit() else f"{h}:26379" for h in sentinels]
+        sentinels = [_sentinel_addr(entry, n) for n, entry in enumerate(entries, 1)]
         path = [p for p in parts.path.split("/") if p]
         if not path or len(path) > 2:
             raise ConfigurationError("a sentinel URL needs a path /service_name[/db]")
         query = {k: v[0] for k, v in url_query(parts.query).items()}
+        refuse_unknown_options(parts.query, URL_OPTIONS | {"sentinel_username", "sentinel_password"})
         kwargs: dict[str, object] = {"sentinels": sentinels, "service_name": unquote(path[0])}
         for name in ("sentinel_username", "sentinel_password"):
             if name in query:
@@ -207,6 +221,43 @@ class RedisSentinelOptions:
             return cls(**kwargs)  # type: ignore[arg-type]
         except TypeError as exc:
             raise ConfigurationError(str(exc)) from None
+
+
+#: The port of a sentinel given without one in a URL.
+_SENTINEL_PORT = 26379
+
+
+def _sentinel_addr(entry: str, number: int) -> str:
+    """``host:port`` of the ``number``-th sentinel of a URL, ``host[:port]`` or ``[v6][:port]``.
+
+    The entry is not quoted in errors: it comes from the URL's host part, which a
+    password with an unescaped separator can spill into.
+    """
+    if entry.startswith("["):
+        host, bracket, rest = entry[1:].partition("]")
+        if not bracket or ":" not in host:
+            raise ConfigurationError(
+                f"invalid sentinel URL: sentinel {number} is not host[:port] or [IPv6][:port]"
+            )
+        sep, port = rest[:1], rest[1:]
+        if rest and sep != ":":
+            raise ConfigurationError(f"invalid sentinel URL: sentinel {number} has text after ']'")
+    else:
+        # A bare IPv6 address would be ambiguous: it must be in brackets.
+        host, sep, port = entry.partition(":")
+        if ":" in port:
+            raise ConfigurationError(
+                f"invalid sentinel URL: sentinel {number} has more than one ':' "
+                "(put an IPv6 address in brackets)"
+            )
+    if not host:
+        raise ConfigurationError(f"invalid sentinel URL: sentinel {number} has no host")
+    if not sep:
+        return join_addr(host, _SENTINEL_PORT)
+    # ASCII digits only: int() also takes "+5", "1_2" and fullwidth digits.
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ConfigurationError(f"invalid sentinel URL: sentinel {number} needs a port from 1 to 65535")
+    return join_addr(host, int(port))
 
 
 class _BlockingSentinelPool(SentinelConnectionPool, _ClosablePool):

@@ -27,7 +27,7 @@ from ...backend import BackendTransaction, TxOp
 from ...errors import BackendUnavailableError, KeyNotFoundError, TransactionConflictError
 from ...watch import DEFAULT_MAX_PENDING, ChangeStream
 from ._cache import LocalCache, Tracking, ttl_reply
-from ._errors import DIAL_TIMEOUT_TEXT, translate
+from ._errors import DIAL_TIMEOUT_TEXT, NotSentError, translate
 from ._mux import Arg, MuxConnection, Opener, pack, tcp_opener, unix_opener
 from ._scan import SCAN_COUNT, decode_key, match_pattern
 from .options import RedisOptions, login_user
@@ -152,7 +152,7 @@ class _ClosablePool(BlockingConnectionPool):
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
         if self.closed:
-            raise RedisConnectionError(_CLOSED)
+            raise NotSentError(_CLOSED)
         connection = self._take_idle()
         if connection is not None:
             ensure: Callable[[AbstractConnection], Awaitable[None]] = self.ensure_connection
@@ -167,7 +167,7 @@ class _ClosablePool(BlockingConnectionPool):
                 connection = await acquire(*args, **kwargs)
             except Exception:
                 if self.closed:  # woken by close(), every connection still in use
-                    raise RedisConnectionError(_CLOSED) from None
+                    raise NotSentError(_CLOSED) from None
                 self._pass_wake_up_on()
                 raise
             except BaseException:
@@ -178,7 +178,7 @@ class _ClosablePool(BlockingConnectionPool):
                 raise
         if self.closed:  # closed while this call waited for a free connection
             await self.release(connection)
-            raise RedisConnectionError(_CLOSED)
+            raise NotSentError(_CLOSED)
         return connection
 
     def make_connection(self) -> AbstractConnection:

@@ -1,0 +1,172 @@
+"""Options and URLs: malformed addresses and options are refused, credentials never quoted."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from conftest import chain_text
+
+from kivigo_async.backends.redis import RedisClusterOptions, RedisOptions, RedisSentinelOptions
+from kivigo_async.errors import ConfigurationError
+
+SECRET = "Tiger42"
+
+#: Each way of giving one address: the standalone addr, a cluster seed, a sentinel.
+ADDRESS_FIELDS: list[Callable[[str], object]] = [
+    lambda addr: RedisOptions(addr=addr),
+    lambda addr: RedisClusterOptions(addrs=["n0:7000", addr]),
+    lambda addr: RedisSentinelOptions(sentinels=["s0:26379", addr]),
+]
+ADDRESS_IDS = ["addr", "cluster-addrs", "sentinels"]
+
+
+@pytest.mark.parametrize("make", ADDRESS_FIELDS, ids=ADDRESS_IDS)
+@pytest.mark.parametrize(
+    "addr",
+    [
+        f"redis://:{SECRET}@cache.internal:6379",
+        f"redis://:{SECRET}@cache.internal",
+        f"app:{SECRET}@cache:6379",
+        f"{SECRET}@cache",
+        f"cache/{SECRET}:6379",
+    ],
+    ids=["url", "url-without-port", "userinfo", "userinfo-without-port", "slash"],
+)
+def test_an_address_holding_a_url_or_credentials_is_refused_unquoted(
+    make: Callable[[str], object], addr: str
+) -> None:
+    with pytest.raises(ConfigurationError, match="looks like a URL") as info:
+        make(addr)
+    assert SECRET not in chain_text(info.value)
+    assert "from_url()" in str(info.value)
+
+
+@pytest.mark.parametrize("make", ADDRESS_FIELDS, ids=ADDRESS_IDS)
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "cache internal:6379",
+        "cache:1_0",
+        "cache:+10",
+        "cache: 10",
+        "cache:\uff11\uff10",
+        "cache:0",
+        "cache:65536",
+        "cache",
+        "[::1:6379",
+        "::1]:6379",
+        ":6379",
+    ],
+)
+def test_an_address_needs_a_host_and_an_ascii_port(make: Callable[[str], object], addr: str) -> None:
+    with pytest.raises(ConfigurationError):
+        make(addr)
+
+
+@pytest.mark.parametrize(
+    ("addr", "host", "port"),
+    [("cache:6379", "cache", 6379), ("[::1]:7000", "::1", 7000), ("10.0.0.1:1", "10.0.0.1", 1)],
+)
+def test_a_good_address_is_split(addr: str, host: str, port: int) -> None:
+    options = RedisOptions(addr=addr)
+    assert (options.host, options.port) == (host, port)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://:pw@n1:7000?min_idle_conns=5", "min_idle_conns is not a cluster option"),
+        ("redis://:pw@n1:7000?addr=n2:7000&min_idle_conns=0", "min_idle_conns is not a cluster option"),
+        ("redis://:pw@n1:7000?db=3", r"remove \?db= from the URL"),
+        ("redis://:pw@n1:7000?db=0", r"remove \?db= from the URL"),
+        ("redis://:pw@n1:7000/3", "remove the /db part"),
+    ],
+)
+def test_a_cluster_url_refuses_what_a_cluster_cannot_honour(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        RedisClusterOptions.from_url(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "sentinels"),
+    [
+        ("redis+sentinel://:pw@s1,s2/cache", ("s1:26379", "s2:26379")),
+        ("redis+sentinel://:pw@s1:5000,s2/cache", ("s1:5000", "s2:26379")),
+        ("redis+sentinel://:pw@[::1]:5000,[::2]/cache", ("[::1]:5000", "[::2]:26379")),
+        ("redis+sentinel://:pw@s1, s2 /cache", ("s1:26379", "s2:26379")),
+    ],
+)
+def test_a_sentinel_url_gets_the_default_port_only_where_none_is_given(
+    url: str, sentinels: tuple[str, ...]
+) -> None:
+    assert RedisSentinelOptions.from_url(url).sentinels == sentinels
+
+
+@pytest.mark.parametrize(
+    "hosts",
+    [
+        "s1,s2:abc",
+        "s1,s2:1_2",
+        "s1,s2:",
+        "s1,s2:+5",
+        "s1,s2:\uff11\uff12",
+        "s1:0",
+        "s1:65536",
+        "s1:26379:1",
+        "[::1]x,s2",
+    ],
+)
+def test_a_sentinel_url_with_a_bad_port_is_refused(hosts: str) -> None:
+    with pytest.raises(ConfigurationError, match="sentinel"):
+        RedisSentinelOptions.from_url(f"redis+sentinel://:{SECRET}@{hosts}/cache")
+
+
+@pytest.mark.parametrize(
+    ("url", "parse"),
+    [
+        (f"unix:///tmp/s.sock?password=pw&{SECRET}&db=3", RedisOptions.from_url),
+        (f"unix:///tmp/s.sock?username=app&password=pw&{SECRET}", RedisOptions.from_url),
+        (f"redis+sentinel://s1/cache?sentinel_password=pw&{SECRET}", RedisSentinelOptions.from_url),
+    ],
+    ids=["unix-password", "unix-username", "sentinel-password"],
+)
+def test_an_unescaped_ampersand_in_a_password_is_not_quoted(url: str, parse: Callable[[str], Any]) -> None:
+    with pytest.raises(ConfigurationError, match="percent-encode '&'") as info:
+        parse(url)
+    assert SECRET not in chain_text(info.value)
+
+
+def test_an_unknown_option_before_any_credential_is_named() -> None:
+    with pytest.raises(ConfigurationError, match="unknown option 'pool'"):
+        RedisOptions.from_url("unix:///tmp/s.sock?pool=3&password=pw")
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "message"),
+    [
+        (RedisOptions, {"dial_timeout": True}, "dial_timeout"),
+        (RedisOptions, {"read_timeout": True}, "read_timeout"),
+        (RedisOptions, {"username": 5, "password": "pw"}, "username must be a str"),
+        (RedisOptions, {"password": b"pw"}, "password must be a str"),
+        (RedisSentinelOptions, {"sentinel_username": 5}, "sentinel_username must be a str"),
+        (RedisSentinelOptions, {"sentinel_password": b"pw"}, "sentinel_password must be a str"),
+        (RedisSentinelOptions, {"sentinel_tls": "yes"}, "sentinel_tls must be"),
+    ],
+    ids=[
+        "dial_timeout",
+        "read_timeout",
+        "username",
+        "password",
+        "sentinel_username",
+        "sentinel_password",
+        "sentinel_tls",
+    ],
+)
+def test_options_of_the_wrong_type_are_refused_by_name(
+    cls: Callable[..., object], kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message) as info:
+        cls(**kwargs)
+    assert "pw" not in str(info.value)
