@@ -16,7 +16,9 @@ moves the other way. :func:`scan_cluster` fixes both:
    ``CLUSTER NODES`` on the same connection (still one round trip per page):
    a slot that the primary gave away, started migrating, or may have lost
    and regained (its config epoch moved) is set aside before its keys could
-   be missed.
+   be missed. So are the slots not yet walked when the primary restarted
+   (its ``run_id``, asked with ``INFO server`` beside each page, changed):
+   a cursor means nothing to another server process.
 3. Slots that were migrating, or were set aside, are read again on every node
    that may hold their keys, migration sources before targets, with
    ``CLUSTER GETKEYSINSLOT`` (or a filtered ``SCAN`` when there are many),
@@ -255,6 +257,13 @@ def _moved(before: _Line, after: _Line) -> set[int]:
     return changed
 
 
+def _run_id(info: object) -> str | None:
+    """The server process's ``run_id`` from an ``INFO server`` reply; ``None`` when INFO was refused."""
+    if isinstance(info, Mapping) and "run_id" in info:
+        return str(info["run_id"])
+    return None
+
+
 def _slot_ordered(info: Mapping[str, Any]) -> bool:
     """Whether a server's ``SCAN`` goes slot by slot (Valkey 8+, Redis 7.4+), from ``INFO server``."""
 
@@ -420,6 +429,7 @@ class _ClusterScan:
         self._disturbed: set[int] = set()
         self._asked: set[str] = set()  # the primaries redis-py listed for the last snapshot
         self._relearned = False  # a node was lost, and the layout read again since
+        self._resends = 0  # round trips sent again after a lost connection
 
     async def pages(self, max_passes: int) -> AsyncIterator[list[bytes]]:
         """The keys, a page at a time (pages, not keys, keep the nested generators cheap)."""
@@ -510,10 +520,17 @@ class _ClusterScan:
         # it still; and a cursor naming a slot with no position in it starts there.
         sealed = cursor = start if ordered else 0
         base: _Line | None = None
+        run_id: str | None = None
         while True:
             commands: list[tuple[Any, ...]] = [] if base else [("CLUSTER", "NODES")]
-            commands += [("SCAN", cursor, "MATCH", self._pattern, "COUNT", self._count), ("CLUSTER", "NODES")]
-            replies = await self._send(node, commands, "SCAN")
+            commands += [
+                ("SCAN", cursor, "MATCH", self._pattern, "COUNT", self._count),
+                ("CLUSTER", "NODES"),
+                ("INFO", "server"),
+            ]
+            resends = self._resends
+            replies = await self._send(node, commands, "SCAN", optional=len(commands) - 1)
+            page_run_id = _run_id(replies[-1])
             if base is None:
                 base = _myself(replies[0])
                 if base.node_id != node_id or not base.primary:
@@ -521,8 +538,16 @@ class _ClusterScan:
                     return
                 # The layout was read a moment ago: what changed since is set aside.
                 disturbed.update(slot for slot in _moved(planned, base) if mask[slot])
-            cursor, keys = replies[-2]
-            now = _myself(replies[-1])
+                run_id = page_run_id
+            elif (page_run_id != run_id) if run_id and page_run_id else (self._resends != resends):
+                # A restarted node (same id, epoch and slots) hashes keys with a new seed,
+                # so the cursor skips and repeats keys there without an error. Where INFO
+                # is refused, a connection lost and opened again may have led to one.
+                _log.debug("SCAN on %s: the node may have restarted; reading its slots left again", node.name)
+                disturbed.update(slot for slot in range(sealed, _SLOTS) if mask[slot])
+                return
+            cursor, keys = replies[-3]
+            now = _myself(replies[-2])
             if now.epoch != base.epoch or now.node_id != base.node_id or not now.primary:
                 # It took over a slot, or failed over: a slot not yet sealed may have
                 # left and come back. The next pass reads them again.
@@ -646,6 +671,7 @@ class _ClusterScan:
                         return [command.result for command in pipeline]
                 _log.debug("%s on %s failed (%s); trying again", name, node.name, lost)
                 attempt += 1
+                self._resends += 1
                 await asyncio.sleep(0.05 * attempt)
 
         replies: list[Any] = await self._run(name, None, call)
