@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import signal
@@ -90,6 +91,19 @@ async def test_a_password_for_a_cluster_without_one_connects(
         await client.set("auth:{k}", 1)
         assert await client.get("auth:{k}") == 1
         await client.delete("auth:{k}")
+
+
+async def test_node_connections_do_not_try_maintenance_notifications(
+    redis_cluster: RedisCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    # redis-py asks for them on every new RESP3 node connection by default and logs
+    # each refusal; our pools all turn them off.
+    options = RedisClusterOptions(addrs=redis_cluster.addrs[:1], auto_pipeline=False, protocol=3)
+    with caplog.at_level(logging.DEBUG):
+        async with Client(RedisClusterBackend(options)) as client:
+            await client.batch_set({f"maint:{i}": i for i in range(30)})
+            assert await client.get("maint:7") == 7
+    assert "maintenance notifications" not in caplog.text.lower()
 
 
 async def test_batch_get_is_one_pipeline_per_node(

@@ -66,7 +66,7 @@ from .options import (
     split_url,
     url_query,
 )
-from .standalone import RedisBackend, _mux_for, _TCPConnection, _TLSConnection
+from .standalone import RedisBackend, _mux_for, _TCPConnection, _TLSConnection, no_maintenance_notifications
 
 __all__ = ["RedisClusterBackend", "RedisClusterOptions"]
 
@@ -297,6 +297,9 @@ def _cluster_for(options: RedisClusterOptions) -> RedisCluster:
         # By default every 5th MOVED reply makes redis-py close *all* connections,
         # breaking calls in flight on them; a MOVED reply updates that slot instead.
         "reinitialize_steps": 0,
+        # As on our other pools: redis-py's default tries to turn them on for every
+        # new node connection on RESP3, and logs a failure each time it cannot.
+        "maint_notifications_config": no_maintenance_notifications(),
     }
     if options.protocol is not None:
         kwargs["protocol"] = options.protocol
