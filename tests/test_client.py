@@ -289,6 +289,17 @@ async def test_memory_backend_is_closed_by_the_client() -> None:
         await backend.get("k")
 
 
+async def test_a_listing_under_way_fails_once_the_memory_backend_is_closed() -> None:
+    # As on Redis, where the next page fails: no key is yielded after close().
+    client = Client(MemoryBackend())
+    await client.batch_set({f"k{i}": i for i in range(10)})
+    keys = client.iter_keys("k")
+    assert await keys.__anext__() == "k0"
+    await client.close()
+    with pytest.raises(BackendUnavailableError):
+        await keys.__anext__()
+
+
 async def test_close_releases_the_backend_even_when_cancelled() -> None:
     class SlowWatchBackend(MemoryBackend):
         """A memory backend whose subscriptions take a while to release (like an UNSUBSCRIBE)."""

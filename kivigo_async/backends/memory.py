@@ -210,6 +210,8 @@ class MemoryBackend:
         # A snapshot, because the dict may change while the caller awaits between keys.
         keys = [k for k in self._data if k.startswith(prefix)]
         for i, key in enumerate(keys, 1):
+            # As on Redis, whose next page fails once the backend is closed.
+            self._check_open()
             if self._live(key) is not None:
                 yield key
             if i % _SCAN_CHUNK == 0:
