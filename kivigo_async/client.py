@@ -134,6 +134,14 @@ def _batch_items(
     return _check_keys(map(_first, pairs)), list(map(_second, pairs)), ttl_ms
 
 
+def _raw_bytes(operation: str, value: object, key: str | None = None) -> bytes:
+    """``value`` as the bytes to store as is (a copy: a bytearray may change after the call)."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        where = "" if key is None else f" (key {key!r})"
+        raise InvalidArgumentError(f"{operation} needs bytes, not {type(value).__name__}{where}")
+    return bytes(value)  # an exact bytes object is returned as it is, not copied
+
+
 def _settled(items: list[Item], results: Sequence[object]) -> tuple[list[Item], BaseException | None]:
     """The items whose call succeeded, and the first failure (``None``: none failed).
 
@@ -489,9 +497,7 @@ class Client:
             ```
         """
         _check_key(key)
-        if not isinstance(value, (bytes, bytearray, memoryview)):
-            raise InvalidArgumentError(f"set_raw needs bytes, not {type(value).__name__}")
-        data = bytes(value)
+        data = _raw_bytes("set_raw", value)
         await self._backend.set(key, data, _ttl_ms(ttl))
         if self.hooks:
             await self.hooks.emit(EventType.SET_RAW, key, data)
@@ -770,15 +776,7 @@ class Client:
             ```
         """
         keys, values, ttl_ms = _batch_items("batch_set_raw", mapping, ttl)
-        data: builtins.list[bytes] = []
-        for key, value in zip(keys, values, strict=True):
-            if value.__class__ is not bytes:
-                if not isinstance(value, (bytes, bytearray, memoryview)):
-                    raise InvalidArgumentError(
-                        f"batch_set_raw needs bytes, not {type(value).__name__} (key {key!r})"
-                    )
-                value = bytes(value)  # a copy: the caller may change a bytearray after the call
-            data.append(value)
+        data = [_raw_bytes("batch_set_raw", value, key) for key, value in zip(keys, values, strict=True)]
         if keys:
             await self._write_batch(keys, data, ttl_ms, EventType.BATCH_SET_RAW)
 

@@ -165,16 +165,15 @@ class _ClosablePool(BlockingConnectionPool):
             acquire: Callable[..., Awaitable[AbstractConnection]] = super().get_connection
             try:
                 connection = await acquire(*args, **kwargs)
-            except Exception:
-                if self.closed:  # woken by close(), every connection still in use
+            except BaseException as exc:
+                if self.closed and isinstance(exc, Exception):  # woken by close_and_wake()
                     raise NotSentError(_CLOSED) from None
-                self._pass_wake_up_on()
-                raise
-            except BaseException:
                 # Before Python 3.13, a waiter cancelled (or timed out) just as release()
                 # notified it swallows that notify(): a free connection then sits idle
                 # while the other callers wait out pool_timeout. Pass the wake-up on.
-                self._pass_wake_up_on()
+                waker = asyncio.get_running_loop().create_task(self._wake_one())
+                self._wakers.add(waker)
+                waker.add_done_callback(self._wakers.discard)
                 raise
         if self.closed:  # closed while this call waited for a free connection
             await self.release(connection)
@@ -239,11 +238,6 @@ class _ClosablePool(BlockingConnectionPool):
             # tasks keep them and the others wait out pool_timeout, again and again.
             await asyncio.sleep(0)
 
-    def _pass_wake_up_on(self) -> None:
-        waker = asyncio.get_running_loop().create_task(self._wake_one())
-        self._wakers.add(waker)
-        waker.add_done_callback(self._wakers.discard)
-
     async def _wake_one(self) -> None:
         async with self._condition:
             self._condition.notify()
@@ -255,7 +249,7 @@ class _ClosablePool(BlockingConnectionPool):
 
     async def close_and_wake(self) -> None:
         """Close the pool, and fail every call waiting for a connection now."""
-        self.closed = True
+        self.closed = True  # set by close() already; here too, for any other caller
         async with self._condition:
             self._condition.notify_all()
 
@@ -540,6 +534,22 @@ class RedisBackend:
             return result
         finally:
             await pool.release(conn)
+
+    async def _run_once(self, commands: Sequence[tuple[Arg, ...]]) -> None:
+        """Run ``commands`` as one ``MULTI``..``EXEC`` block, sent at most once.
+
+        Not through redis-py's pipeline: after a connection error it sends the
+        whole block again, and a block that had run would run a second time, over
+        what other clients wrote in between.
+        """
+        if self._mux is not None:
+            await _multi_exec(self._mux, commands)
+            return
+        block = [("MULTI",), *commands, ("EXEC",)]
+        payload = b"".join(pack(command) for command in block)
+        error = _block_error(await self._pool_call(payload, _read_block(len(block)), resend=False))
+        if error is not None:
+            raise error
 
     def _error(self, exc: Exception, command: str, key: str | None = None) -> Exception:
         return translate(exc, command, key, self._node)
@@ -952,20 +962,9 @@ class _RedisTransaction:
                 commands.append(("SET", op[1], op[2]))
             else:
                 commands.append(("SET", op[1], op[2], "PX", op[3]))
-        backend = self._backend
         try:
-            # Without WATCH, not through redis-py's pipeline: after a connection error
-            # it sends the whole block again, and a block that had run would run a
-            # second time, over what other clients wrote in between.
-            if not self._watching and backend._mux is not None:
-                await _multi_exec(backend._mux, commands)
-                return
             if not self._watching:
-                block = [("MULTI",), *commands, ("EXEC",)]
-                payload = b"".join(pack(command) for command in block)
-                error = _block_error(await backend._pool_call(payload, _read_block(len(block)), resend=False))
-                if error is not None:
-                    raise error
+                await self._backend._run_once(commands)
                 return
             pipe = self._pipe
             start: Callable[[], None] = pipe.multi
