@@ -108,6 +108,11 @@ def _check_types(keys: list[str]) -> None:
             raise InvalidKeyError(f"keys must be str, not {type(key).__name__}")
 
 
+def _stored_bytes(key: str) -> bytes:
+    """``key`` as the server holds it: U+DC80..U+DCFF stand for bytes that are not UTF-8."""
+    return key.encode("utf-8", "surrogateescape")
+
+
 def _check_keys(keys: Iterable[str]) -> list[str]:
     """The checked keys, in input order, repeats included."""
     out = _key_list(keys)
@@ -729,14 +734,21 @@ class Client:
         return self._backend.scan(prefix)
 
     async def list(self, prefix: str = "") -> list[str]:
-        """Return the sorted keys that start with the literal ``prefix`` (``""``: all keys).
+        """Return the keys that start with the literal ``prefix`` (``""``: all keys), sorted by their bytes.
 
         Example:
             ```python
             sessions = await client.list("session:")
             ```
         """
-        return sorted({key async for key in self.iter_keys(prefix)})
+        keys = {key async for key in self.iter_keys(prefix)}
+        try:
+            # Code-point order is the stored bytes' order for UTF-8 text, so one
+            # check spares the per-key encoding when no key holds escaped bytes.
+            "".join(keys).encode()
+        except UnicodeEncodeError:
+            return sorted(keys, key=_stored_bytes)
+        return sorted(keys)
 
     async def match_keys(
         self, prefix: str, fn: Callable[[builtins.list[str]], bool | Awaitable[bool]]

@@ -287,6 +287,15 @@ class BackendConformance:
         assert await client.delete(escaped)
         assert await client.list("esc:") == []
 
+    async def test_list_sorts_by_the_stored_bytes(self, client: Client) -> None:
+        # Keys that are not UTF-8 (bytes 0x80 and 0xFF, listed as U+DC80 and U+DCFF)
+        # sort by those bytes, as in KiviGo: 0xFF after U+E000 (bytes EE 80 80) and
+        # U+1F600 (F0 9F 98 80), 0x80 before them. Code-point order puts both first.
+        keys = ["raw:\U0001f600", "raw:\udcff", "raw:\ue000", "raw:z", "raw:\udc80"]
+        await client.batch_set(dict.fromkeys(keys, 1))
+        in_byte_order = ["raw:z", "raw:\udc80", "raw:\ue000", "raw:\U0001f600", "raw:\udcff"]
+        assert await client.list("raw:") == in_byte_order
+
     async def test_list_prefix_is_literal(self, client: Client) -> None:
         await client.batch_set({"user": 0, "user1": 1, "user:1": 2, "users:x": 3, "other": 4})
         assert await client.list("user") == ["user", "user1", "user:1", "users:x"]
