@@ -170,3 +170,65 @@ def test_options_of_the_wrong_type_are_refused_by_name(
     with pytest.raises(ConfigurationError, match=message) as info:
         cls(**kwargs)
     assert "pw" not in str(info.value)
+
+
+#: "Tiger42" followed by a byte that is not UTF-8 (0xFF), percent-encoded.
+NOT_UTF8 = f"{SECRET}%FF"
+
+
+@pytest.mark.parametrize(
+    ("url", "parse", "what"),
+    [
+        (f"redis://:{NOT_UTF8}@cache:6379", RedisOptions.from_url, "the password"),
+        (f"redis://{NOT_UTF8}:pw@cache:6379", RedisOptions.from_url, "the username"),
+        (f"rediss://:{NOT_UTF8}@cache:6379", RedisOptions.from_url, "the password"),
+        (f"unix:///tmp/s.sock?password={NOT_UTF8}", RedisOptions.from_url, "an option"),
+        (f"unix:///tmp/{NOT_UTF8}.sock", RedisOptions.from_url, "the socket path"),
+        (f"redis://:{NOT_UTF8}@n1:7000?addr=n2:7000", RedisClusterOptions.from_url, "the password"),
+        (f"redis+sentinel://:{NOT_UTF8}@s1/cache", RedisSentinelOptions.from_url, "the password"),
+        (
+            f"redis+sentinel://s1/cache?sentinel_password={NOT_UTF8}",
+            RedisSentinelOptions.from_url,
+            "an option",
+        ),
+        (f"redis+sentinel://s1/{NOT_UTF8}", RedisSentinelOptions.from_url, "the service name"),
+    ],
+    ids=[
+        "password",
+        "username",
+        "tls-password",
+        "unix-password",
+        "unix-path",
+        "cluster",
+        "sentinel-data-password",
+        "sentinel-password",
+        "service-name",
+    ],
+)
+def test_a_url_part_that_is_not_utf8_is_refused_unquoted(
+    url: str, parse: Callable[[str], Any], what: str
+) -> None:
+    # Read with U+FFFD for the byte, the password would fail every login unexplained.
+    with pytest.raises(ConfigurationError, match=f"{what} is not UTF-8") as info:
+        parse(url)
+    assert SECRET not in chain_text(info.value)
+
+
+def test_a_percent_encoded_utf8_password_is_decoded() -> None:
+    assert RedisOptions.from_url("redis://:p%C3%A9%40ss@cache:6379").password == "pé@ss"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: RedisOptions(addr="cache:6379", db=2**31),
+        lambda: RedisOptions.from_url("redis://cache:6379/2147483648"),
+        lambda: RedisOptions.from_url("redis://cache:6379?db=99999999999"),
+        lambda: RedisSentinelOptions.from_url("redis+sentinel://s1/cache/2147483648"),
+    ],
+    ids=["addr", "url-path", "url-query", "sentinel"],
+)
+def test_a_db_past_the_servers_range_is_refused(make: Callable[[], object]) -> None:
+    with pytest.raises(ConfigurationError, match="db must be at most 2147483647"):
+        make()
+    assert RedisOptions(addr="cache:6379", db=2**31 - 1).db == 2**31 - 1

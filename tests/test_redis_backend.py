@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import random
 import ssl
@@ -1277,3 +1278,18 @@ async def test_unencodable_keys_never_hold_a_pooled_connection(valkey_server: Re
                 await client.batch_get(["ok", "bad\ud800key"])
         await client.set("fine", 1)
         assert await client.get("fine") == 1
+
+
+@TRANSPORTS
+async def test_a_database_the_server_does_not_have_is_named_as_such(
+    valkey_server: RedisServer, auto_pipeline: bool
+) -> None:
+    # The server has 16 databases (its default): db=16 fails at connect, on every call.
+    options = dataclasses.replace(redis_options(valkey_server, auto_pipeline=auto_pipeline), db=16)
+    backend = RedisBackend(options)
+    try:
+        for _ in range(2):
+            with pytest.raises(BackendUnavailableError, match="cannot select the database"):
+                await backend.set("k", b"v")
+    finally:
+        await backend.close()

@@ -182,6 +182,11 @@ def translate(exc: Exception, command: str, key: str | None, node: str) -> Kivig
         return OperationTimeoutError(f"{call}: timed out ({text}){outcome}")
     if isinstance(exc, rx.MaxConnectionsError):
         return OperationTimeoutError(f"{call}: every connection of the pool is in use (pool_size)")
+    if "DB index is out of range" in text:
+        # SELECT is sent only when connecting: no call can work on this server.
+        return BackendUnavailableError(
+            f"{call}: cannot select the database: db is not below the server's 'databases' setting ({text})"
+        )
     if isinstance(exc, rx.ConnectionError):
         if "No connection available" in text:
             return OperationTimeoutError(f"{call}: no free connection in the pool in time")

@@ -18,6 +18,10 @@ from ._cache import ClientCache
 __all__ = ["URL_OPTIONS", "RedisOptions", "check_addr", "join_addr", "refuse_unknown_options"]
 
 
+#: SELECT's range: the server refuses a larger index whatever its ``databases`` setting.
+_MAX_DB = 2**31 - 1
+
+
 def _default_pool_size() -> int:
     # The same default as go-redis: ten connections per CPU.
     return 10 * (os.cpu_count() or 1)
@@ -107,6 +111,8 @@ class RedisOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigurationError(f"{name} must be a non-negative int, not {value!r}")
+        if self.db > _MAX_DB:
+            raise ConfigurationError(f"db must be at most {_MAX_DB} (the server's limit), not {self.db}")
         if self.pool_size < 1:
             raise ConfigurationError("pool_size must be at least 1")
         if self.min_idle_conns > self.pool_size:
@@ -224,14 +230,14 @@ class RedisOptions:
         )
         kwargs: dict[str, object] = {}
         if parts.username:
-            kwargs["username"] = unquote(parts.username)
+            kwargs["username"] = url_unquote(parts.username, "the username")
         if parts.password is not None:
-            kwargs["password"] = unquote(parts.password)
+            kwargs["password"] = url_unquote(parts.password, "the password")
         if scheme == "unix":
             if not parts.path:
                 raise ConfigurationError("a unix:// URL needs a socket path")
             kwargs["network"] = "unix"
-            kwargs["addr"] = unquote(parts.path)
+            kwargs["addr"] = url_unquote(parts.path, "the socket path")
             if "password" in query:
                 kwargs["password"] = query.pop("password")
             if "username" in query:
@@ -351,6 +357,21 @@ def split_url(url: str) -> SplitResult:
     return parts
 
 
+_NOT_UTF8 = "invalid Redis URL: {what} is not UTF-8 once percent-decoded"
+
+
+def url_unquote(text: str, what: str) -> str:
+    """``text`` percent-decoded; refused (not quoted: it may be a password) unless UTF-8.
+
+    ``urllib``'s default would put U+FFFD in place of the bytes, and a password
+    changed that way fails every login with no hint why.
+    """
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ConfigurationError(_NOT_UTF8.format(what=what)) from None
+
+
 def url_query(query: str, *, repeatable: tuple[str, ...] = ()) -> dict[str, list[str]]:
     """A URL's query options; one given twice is refused (which one should win?).
 
@@ -358,7 +379,11 @@ def url_query(query: str, *, repeatable: tuple[str, ...] = ()) -> dict[str, list
     A ``+`` is a plus sign, as in the user and password part, not a space (HTML
     forms' rule): ``?password=a+b`` is the password ``a+b``.
     """
-    options = parse_qs(query.replace("+", "%2B"), keep_blank_values=True)
+    try:
+        options = parse_qs(query.replace("+", "%2B"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        # Not quoted: the value may be a password.
+        raise ConfigurationError(_NOT_UTF8.format(what="an option")) from None
     for name, values in options.items():
         if len(values) > 1 and name not in repeatable:
             raise ConfigurationError(f"invalid Redis URL: the option {name!r} is given {len(values)} times")

@@ -10,7 +10,6 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -40,6 +39,7 @@ from .options import (
     refuse_unknown_options,
     split_url,
     url_query,
+    url_unquote,
 )
 from .standalone import (
     RedisBackend,
@@ -201,7 +201,10 @@ class RedisSentinelOptions:
             raise ConfigurationError("a sentinel URL needs a path /service_name[/db]")
         query = {k: v[0] for k, v in url_query(parts.query).items()}
         refuse_unknown_options(parts.query, URL_OPTIONS | {"sentinel_username", "sentinel_password"})
-        kwargs: dict[str, object] = {"sentinels": sentinels, "service_name": unquote(path[0])}
+        kwargs: dict[str, object] = {
+            "sentinels": sentinels,
+            "service_name": url_unquote(path[0], "the service name"),
+        }
         for name in ("sentinel_username", "sentinel_password"):
             if name in query:
                 kwargs[name] = query.pop(name)
