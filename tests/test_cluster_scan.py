@@ -313,9 +313,19 @@ async def test_slot_in_the_middle_of_a_migration(
 
     Valkey 8 scans slot by slot; Redis 7.0 does not (the other way of remembering keys).
     """
-    # Slots are read with CLUSTER GETKEYSINSLOT a few keys at first, then 8 times more:
-    # with 4, a group's slot takes two calls.
+    # A slot is read with one CLUSTER GETKEYSINSLOT, or with a filtered SCAN walk
+    # when it fills the reply: with 4 keys a reply, a group's slot takes the walk.
     monkeypatch.setattr(_cluster_scan, "_GETKEYS_COUNT", 4)
+    asked: list[int] = []
+    send = _cluster_scan._ClusterScan._send
+
+    async def recording_send(
+        self: Any, node: ClusterNode, commands: list[tuple[Any, ...]], *args: Any, **kw: Any
+    ) -> Any:
+        asked.extend(c[3] for c in commands if c[:2] == ("CLUSTER", "GETKEYSINSLOT"))
+        return await send(self, node, commands, *args, **kw)
+
+    monkeypatch.setattr(_cluster_scan._ClusterScan, "_send", recording_send)
     cluster = redis_cluster_factory(kind, node_timeout_ms=5000)
     backend = RedisClusterBackend(RedisClusterOptions(addrs=cluster.addrs))
     try:
@@ -338,6 +348,8 @@ async def test_slot_in_the_middle_of_a_migration(
         old = await collect(primary_by_primary(backend.cluster, PREFIX))
         assert duplicated(old) == {copied}
         exactly_once(await collect(scan_cluster(backend.cluster, PREFIX, run=backend._run)), expected)
+        # Never a larger reply than the one page a slot is asked for.
+        assert set(asked) == {4}
         exactly_once(await collect(scan_cluster(backend.cluster, PREFIX, count=5)), expected)
 
         def complete(first: RedisServer, second: RedisServer) -> None:

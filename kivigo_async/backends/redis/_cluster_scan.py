@@ -21,7 +21,8 @@ moves the other way. :func:`scan_cluster` fixes both:
    a cursor means nothing to another server process.
 3. Slots that were migrating, or were set aside, are read again on every node
    that may hold their keys, migration sources before targets, with
-   ``CLUSTER GETKEYSINSLOT`` (or a filtered ``SCAN`` when there are many),
+   ``CLUSTER GETKEYSINSLOT`` (or a filtered ``SCAN`` when there are many, or
+   when a slot holds more keys than one reply should),
    skipping keys already yielded. A migrating slot counts as read only when
    the layout read after the pass still shows it as before the pass; pass
    after pass, until every slot is settled or ``max_passes`` is reached.
@@ -75,7 +76,8 @@ _SLOT_BITS: Final = _SLOTS - 1
 # A node with this many slots or fewer to re-read gets CLUSTER GETKEYSINSLOT
 # calls; more, and one filtered SCAN walk is cheaper.
 _GETKEYS_MAX_SLOTS: Final = 32
-# Keys asked for per slot by CLUSTER GETKEYSINSLOT; a full reply is asked again, 8 times larger.
+# Keys asked for per slot by CLUSTER GETKEYSINSLOT; a slot that fills the reply is read
+# with a filtered SCAN walk instead, page by page.
 _GETKEYS_COUNT: Final = 1024
 # Between passes the layout is given a moment to settle (a SETSLOT NODE reaches
 # the primaries one by one): 10 ms, doubling, at most a quarter of a second.
@@ -594,44 +596,52 @@ class _ClusterScan:
         planned = layout.selves[node_id]
         disturbed = self._disturbed
         seen = self._seen
-        size = _GETKEYS_COUNT
         todo = [slot for slot in slots if slot not in disturbed]
-        while todo:
-            commands: list[tuple[Any, ...]] = [("CLUSTER", "NODES")]
-            # "CLUSTER", "GETKEYSINSLOT" as two words: redis-py's reply callback for the
-            # command would decode the keys (so would one for "CLUSTER NODES", parsing it).
-            commands += [("CLUSTER", "GETKEYSINSLOT", slot, size) for slot in todo]
-            commands.append(("CLUSTER", "NODES"))
-            replies = await self._send(node, commands, "CLUSTER GETKEYSINSLOT")
-            before, after = _myself(replies[0]), _myself(replies[-1])
-            steady = (
-                before.node_id == after.node_id == node_id
-                and before.primary
-                and after.primary
-                and before.epoch == after.epoch
-            )
-            again = []
-            page = []
-            for slot, keys in zip(todo, replies[1:-1], strict=True):
-                # Part of a migration, the node must be as the layout had it; otherwise it
-                # must own the slot with no migration under way (so it holds all its keys).
-                expected = planned.view(slot) if slot in bracket else (True, frozenset())
-                if not (steady and before.view(slot) == expected == after.view(slot)):
-                    disturbed.add(slot)
-                    continue
-                if len(keys) >= size:
-                    again.append(slot)
-                    continue
-                known = seen.setdefault(slot, set())
-                for key in keys:
-                    if key.startswith(self._prefix) and key not in known:
-                        known.add(key)
-                        page.append(key)
-                if slot not in bracket:
-                    del seen[slot]
-            if page:
+        if not todo:
+            return
+        commands: list[tuple[Any, ...]] = [("CLUSTER", "NODES")]
+        # "CLUSTER", "GETKEYSINSLOT" as two words: redis-py's reply callback for the
+        # command would decode the keys (so would one for "CLUSTER NODES", parsing it).
+        commands += [("CLUSTER", "GETKEYSINSLOT", slot, _GETKEYS_COUNT) for slot in todo]
+        commands.append(("CLUSTER", "NODES"))
+        replies = await self._send(node, commands, "CLUSTER GETKEYSINSLOT")
+        before, after = _myself(replies[0]), _myself(replies[-1])
+        steady = (
+            before.node_id == after.node_id == node_id
+            and before.primary
+            and after.primary
+            and before.epoch == after.epoch
+        )
+        crowded = []
+        page = []
+        for slot, keys in zip(todo, replies[1:-1], strict=True):
+            # Part of a migration, the node must be as the layout had it; otherwise it
+            # must own the slot with no migration under way (so it holds all its keys).
+            expected = planned.view(slot) if slot in bracket else (True, frozenset())
+            if not (steady and before.view(slot) == expected == after.view(slot)):
+                disturbed.add(slot)
+                continue
+            if len(keys) >= _GETKEYS_COUNT:
+                crowded.append(slot)
+                continue
+            known = seen.setdefault(slot, set())
+            for key in keys:
+                if key.startswith(self._prefix) and key not in known:
+                    known.add(key)
+                    page.append(key)
+            if slot not in bracket:
+                del seen[slot]
+        if page:
+            yield page
+        if crowded:
+            # A slot with more keys than one reply should hold (a hash tag shared by
+            # millions, say) is read page by page: a larger GETKEYSINSLOT would build
+            # the whole slot in one reply, on the server and here.
+            mask = bytearray(_SLOTS)
+            for slot in crowded:
+                mask[slot] = 1
+            async for page in self._walk(layout, node_id, mask, bracket, start=min(crowded)):
                 yield page
-            todo, size = again, size * 8
 
     async def _send(
         self, node: ClusterNode, commands: list[tuple[Any, ...]], name: str, *, optional: int = -1
