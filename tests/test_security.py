@@ -23,8 +23,15 @@ import trustme
 from conftest import chain_text, redis_options
 from redis.exceptions import ResponseError
 
-from kivigo_async import Client, Codec, EncryptedCodec, JsonCodec, MsgspecCodec
-from kivigo_async.backends.redis import RedisBackend, RedisClusterOptions, RedisOptions, RedisSentinelOptions
+from kivigo_async import AsyncBackend, Client, Codec, EncryptedCodec, JsonCodec, MsgspecCodec
+from kivigo_async.backends.redis import (
+    RedisBackend,
+    RedisClusterBackend,
+    RedisClusterOptions,
+    RedisOptions,
+    RedisSentinelBackend,
+    RedisSentinelOptions,
+)
 from kivigo_async.backends.redis._errors import translate
 from kivigo_async.errors import (
     BackendUnavailableError,
@@ -510,6 +517,44 @@ async def test_a_server_echoing_the_login_never_shows_the_password(
         if missing == "HELLO":
             assert "protocol=2" in str(error)
         assert_absent(chain_text(error), password)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("topology", ["cluster", "sentinel"])
+async def test_a_seed_or_sentinel_echoing_the_login_never_shows_the_password(
+    redis_server_factory: ServerFactory, topology: str
+) -> None:
+    # redis-py logs in to a cluster seed or a sentinel with HELLO 3 AUTH; a server that
+    # does not know HELLO echoes it, and the look-up's error quotes or chains that reply.
+    server = redis_server_factory("redis", "password", extra_config={"rename-command": 'HELLO ""'})
+    assert server.password is not None
+    addr = f"{server.host}:{server.port}"
+    backend: AsyncBackend
+    if topology == "cluster":
+        backend = RedisClusterBackend(
+            RedisClusterOptions(addrs=[addr], password=server.password, protocol=3, max_retries=1)
+        )
+    else:
+        backend = RedisSentinelBackend(
+            RedisSentinelOptions(
+                sentinels=[addr],
+                service_name="cache",
+                sentinel_password=server.password,
+                password=server.password,
+                protocol=3,
+                max_retries=1,
+            )
+        )
+    client = Client(backend)
+    try:
+        with pytest.raises(BackendUnavailableError) as info:
+            await client.set("k", 1)
+    finally:
+        await client.close()
+    assert_absent(chain_text(info.value), server.password)
+    if topology == "sentinel":
+        # Only the echo is cut: what the message says after it is kept.
+        assert str(info.value).endswith(": unknown command 'HELLO')"), str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,7 @@ from ._cache import ClientCache, LocalCache
 from ._cluster_cache import ClusterTracking
 from ._cluster_mux import NodeConnections, Route
 from ._cluster_scan import node_at, scan_cluster
-from ._errors import is_dial_timeout, translate, where
+from ._errors import is_dial_timeout, scrub_chain, translate, where
 from ._mux import MuxConnection
 from ._scan import decode_key
 from .options import (
@@ -490,6 +490,9 @@ class RedisClusterBackend:
         return f"cluster {self._seeds}"
 
     def _error(self, exc: Exception, command: str, key: str | None = None) -> KivigoError:
+        # Before any message quotes it: a seed that does not know HELLO or AUTH echoes
+        # the password, and redis-py's "cannot be connected" chains that reply.
+        scrub_chain(exc)
         node = self._node_of(key)
         call = where(command, key, node)
         if isinstance(exc, RedisClusterException) and isinstance(exc.__cause__, AuthenticationError):

@@ -25,7 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import BackendUnavailableError, ConfigurationError
-from ._errors import DialTimeoutError, is_dial_timeout, where
+from ._errors import DialTimeoutError, is_dial_timeout, strip_echo, where
 from ._mux import Arg, Opener, pack, tcp_opener
 from .options import (
     URL_OPTIONS,
@@ -345,12 +345,12 @@ class _Sentinel(Sentinel):
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 refused += isinstance(exc, AuthenticationError)
                 timed_out += is_dial_timeout(exc)
-                problems.append(f"{name}: {exc}")
+                problems.append(f"{name}: {strip_echo(str(exc))}")
                 continue
             except ResponseError as exc:
                 # Not a sentinel (a data node answers "unknown command"), or one whose
                 # ACL refuses the look-up (NOPERM): the next ones may still answer.
-                problems.append(f"{name}: {exc}")
+                problems.append(f"{name}: {strip_echo(str(exc))}")
                 continue
             state = masters.get(service_name) if isinstance(masters, dict) else None
             if state and self.check_master_state(state, service_name):
