@@ -806,7 +806,11 @@ class Client:
             ```
         """
         keys, values, ttl_ms = _batch_items("batch_set_raw", mapping, ttl)
-        data = [_raw_bytes("batch_set_raw", value, key) for key, value in zip(keys, values, strict=True)]
+        # Exact bytes need neither a copy nor a call per value: one pass in C.
+        if set(map(type, values)) == {bytes}:
+            data = cast("builtins.list[bytes]", values)
+        else:
+            data = [_raw_bytes("batch_set_raw", value, key) for key, value in zip(keys, values, strict=True)]
         if keys:
             await self._write_batch(keys, data, ttl_ms, EventType.BATCH_SET_RAW)
 
