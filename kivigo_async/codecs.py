@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -165,6 +166,32 @@ def _is_pydantic_model(tp: Any) -> bool:
 # msgspec quotes the offending value in a few messages ("Invalid enum value 'x'",
 # "Invalid value 'x' - at `$.type`"); stored values may be secret, so drop it.
 _MSGSPEC_VALUE_RE: Final = re.compile(r"^(Invalid (?:enum )?value) .*?(?= - at `\$[^`]*`$|$)", re.DOTALL)
+# A Struct that forbids unknown fields names the stored key it did not expect.
+_MSGSPEC_UNKNOWN_FIELD_RE: Final = re.compile(
+    r"^(Object contains unknown field) `.*?`(?= - at `\$[^`]*`$|$)", re.DOTALL
+)
+#: pydantic error types whose message may quote the input: the tag read from it, a
+#: character of it, or the text of an application's code (``ValueError(f"bad {v}")``).
+_PYDANTIC_QUOTING: Final = frozenset(
+    {
+        "union_tag_invalid",
+        "value_error",
+        "assertion_error",
+        "uuid_parsing",
+        "url_parsing",
+        "url_syntax_violation",
+        "get_attribute_error",
+        "iteration_error",
+    }
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _pydantic_builtin_errors() -> frozenset[str]:
+    """pydantic's own error types (imported only once a pydantic error is at hand)."""
+    from pydantic_core.core_schema import ErrorType
+
+    return frozenset(get_args(ErrorType))
 
 
 def _declared_names(tp: Any) -> set[str]:
@@ -213,7 +240,7 @@ def _validation_summary(exc: BaseException, tp: Any = object) -> str:
     only the exception type is shown.
     """
     if isinstance(exc, (msgspec.DecodeError, orjson.JSONDecodeError)):
-        return _MSGSPEC_VALUE_RE.sub(r"\1", str(exc))
+        return _MSGSPEC_UNKNOWN_FIELD_RE.sub(r"\1", _MSGSPEC_VALUE_RE.sub(r"\1", str(exc)))
     errors = getattr(exc, "errors", None)
     if callable(errors):  # pydantic.ValidationError
         try:
@@ -222,7 +249,12 @@ def _validation_summary(exc: BaseException, tp: Any = object) -> str:
             parts = []
             for d in details:
                 loc = ".".join(str(p) if type(p) is int or p in names else "[...]" for p in d.get("loc", ()))
-                parts.append(f"{loc or '<root>'}: {d.get('msg', '')}")
+                kind = d.get("type", "")
+                # pydantic's own messages, but for those that quote; an application's
+                # PydanticCustomError may quote anything: its type names it.
+                trusted = kind in _pydantic_builtin_errors() and kind not in _PYDANTIC_QUOTING
+                msg = d.get("msg", "") if trusted else kind
+                parts.append(f"{loc or '<root>'}: {msg}")
             return f"{len(parts)} validation error(s): " + "; ".join(parts)
         except Exception:
             pass
@@ -262,6 +294,8 @@ def _masked_field(cls: Any, seen: set[type]) -> str | None:
     if not isinstance(fields, Mapping):
         fields = getattr(cls, "model_fields", {})
     for name, info in fields.items():
+        if getattr(info, "exclude", None) is True:
+            continue  # never written, so never masked
         if name in serialized or "*" in serialized or _has_serializer(info.metadata):
             continue
         if _masks(info.annotation, seen):
@@ -280,7 +314,18 @@ def _masks(tp: Any, seen: set[type]) -> bool:
             return False
         seen.add(tp)
         return _masked_field(tp, seen) is not None
-    if isinstance(tp, type) and issubclass(tp, dict) and hasattr(tp, "__total__"):  # a TypedDict
+    value = getattr(tp, "__value__", None)
+    if value is not None and type(tp).__name__ == "TypeAliasType":  # `type Token = SecretStr`
+        if tp in seen:
+            return False
+        seen.add(tp)
+        return _masks(value, seen)
+    if isinstance(tp, type) and (
+        (issubclass(tp, dict) and hasattr(tp, "__total__"))  # a TypedDict
+        or dataclasses.is_dataclass(tp)
+        or (issubclass(tp, tuple) and hasattr(tp, "_fields"))  # a NamedTuple
+    ):
+        # pydantic dumps these field by field, masking secrets as in a model.
         if tp in seen:
             return False
         seen.add(tp)
@@ -317,9 +362,11 @@ def _pydantic_dump(obj: Any) -> Any:
         # value on the way back. A value pydantic cannot serialise as its type (set
         # on an instance without validation) fails here rather than being stored
         # for every read to fail on, and its warning (which quotes it) is not logged.
-        return obj.model_dump(mode="json", by_alias=False, warnings="error")
+        # round_trip: what validation reads back (a Json[...] field as its string,
+        # no computed fields, which a model that forbids extras would refuse).
+        return obj.model_dump(mode="json", by_alias=False, warnings="error", round_trip=True)
     # Older pydantic reads aliases only: written by alias.
-    return obj.model_dump(mode="json", by_alias=True)
+    return obj.model_dump(mode="json", by_alias=True, round_trip=True)
 
 
 _BY_NAME: dict[type, bool] = {}
@@ -338,9 +385,30 @@ def _reads_by_name(cls: type) -> bool:
     return known
 
 
+def _alias_collides(tp: Any, seen: set[Any]) -> bool:
+    """Whether an alias in model ``tp`` (or a model inside it) is another field's name."""
+    if tp in seen:
+        return False
+    seen.add(tp)
+    fields = getattr(tp, "model_fields", None) if _is_pydantic_model(tp) else None
+    if isinstance(fields, Mapping):
+        for name, info in fields.items():
+            for alias in (getattr(info, "alias", None), getattr(info, "validation_alias", None)):
+                if isinstance(alias, str) and alias != name and alias in fields:
+                    return True
+        todo = [info.annotation for info in fields.values()]
+    else:
+        todo = list(get_args(tp))
+    return any(_alias_collides(inner, seen) for inner in todo)
+
+
 def _pydantic_reader(tp: Any) -> Callable[[bytes], Any]:
     """``tp.model_validate_json``, reading field names as :func:`_pydantic_dump` writes them."""
     if _reads_by_name(tp):
+        if _alias_collides(tp, set()):
+            # A key that is one field's name and another's alias would be read as
+            # either: read by name only, as written.
+            return functools.partial(tp.model_validate_json, by_alias=False, by_name=True)
         # Names as written now, aliases as written before (by_alias): both read back.
         return functools.partial(tp.model_validate_json, by_alias=True, by_name=True)
     read: Callable[[bytes], Any] = tp.model_validate_json
@@ -421,6 +489,10 @@ def _resolve_json_default(cls: type) -> Callable[[Any], Any]:
         return _struct_to_json
     if callable(getattr(cls, "model_dump", None)):
         return _pydantic_dump
+    if dataclasses.is_dataclass(cls):
+        # Not orjson's own: it leaves out fields whose names start with "_", which a
+        # typed read then misses (or refuses, for a field without a default).
+        return _struct_to_json
     if issubclass(cls, Decimal):
         return str
     if issubclass(cls, (set, frozenset, tuple)):  # tuple: NamedTuple and other subclasses
@@ -448,7 +520,7 @@ def _json_default(obj: Any) -> Any:
     return convert(obj)
 
 
-_JSON_OPTIONS: Final = orjson.OPT_NON_STR_KEYS
+_JSON_OPTIONS: Final = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS
 
 
 class _DecoderCache:
@@ -544,9 +616,10 @@ class JsonCodec(_DecoderCache):
     """The default codec: JSON via `orjson`_ to encode, `msgspec`_ (or pydantic) to decode typed.
 
     Encodes natively: ``str``, ``int`` (64-bit), ``float``, ``bool``, ``None``, ``dict``,
-    ``list``, ``tuple``, ``datetime``/``date``/``time``, ``UUID``, ``Enum``, dataclasses and
-    ``TypedDict`` s; plus msgspec ``Struct`` s, pydantic models (``model_dump(mode="json")``, by field name),
-    ``Decimal`` (as a string), ``set``/``frozenset`` (as a list) and ``NamedTuple`` s.
+    ``list``, ``tuple``, ``datetime``/``date``/``time``, ``UUID``, ``Enum`` and
+    ``TypedDict`` s; plus dataclasses and msgspec ``Struct`` s (through msgspec), pydantic
+    models (``model_dump(mode="json")``, by field name), ``Decimal`` (as a string),
+    ``set``/``frozenset`` (as a list) and ``NamedTuple`` s.
 
     ``decode(data, object)`` returns plain JSON values. Any other type is validated:
     pydantic model classes through ``model_validate_json``, everything else through a
@@ -563,10 +636,13 @@ class JsonCodec(_DecoderCache):
       JSON cannot represent them). Rejecting them would mean walking every value in
       Python on every write. A typed read of a ``float`` field then fails loudly with a
       :class:`~kivigo_async.errors.DecodeError`; ``MsgspecCodec("msgpack")`` keeps them exactly.
-    * **Non-string dict keys** (int, float, bool, UUID, datetime, Enum) are written as
-      strings, like msgspec does: an untyped read returns ``{"1": ...}``, a typed read
-      (``dict[int, str]``) returns ``{1: ...}``. Two keys that are written as the same
-      string (``1`` and ``"1"``) are both written, and a read keeps the last one only.
+    * **Non-string dict keys** (int, float, UUID, datetime, Enum) are written as
+      strings: an untyped read returns ``{"1": ...}``, a typed read (``dict[int, str]``)
+      returns ``{1: ...}``. ``bool`` and ``None`` keys become ``"true"``, ``"false"``
+      and ``"null"``, which no typed read turns back. Two keys that are written as the
+      same string (``1`` and ``"1"``) are both written, and a read keeps the last one only.
+    * **Dataclasses** are written by msgspec, as Structs are: every field, including
+      those whose names start with ``_`` (orjson's own writer leaves them out).
     * **ints beyond 64 bits** are rejected (use ``MsgspecCodec("json")``).
     * **UTC offsets with seconds**: an aware ``datetime`` whose offset is not a whole
       number of minutes (a zone's old local mean time, such as ``Europe/Amsterdam``
