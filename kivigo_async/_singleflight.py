@@ -22,7 +22,7 @@ import secrets
 import sys
 import typing
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from .backend import AsyncBackend, LeaseBackend
 from .codecs import _type_name
@@ -108,11 +108,34 @@ def find_lease(backend: AsyncBackend) -> LeaseBackend | None:
     return None
 
 
+#: Special forms a codec cannot decode into: the value is read untyped instead.
+_UNTYPED_FORMS: Final = frozenset(
+    f"{module}.{name}"
+    for module in ("typing", "typing_extensions")
+    for name in ("Any", "LiteralString", "Never", "NoReturn")
+)
+_SELF_FORMS: Final = frozenset({"typing.Self", "typing_extensions.Self"})
+
+
+def _annotated_return(fn: Any) -> Any:
+    """The return annotation of function ``fn``, resolved alone: a parameter annotated
+    with a name imported only for type checkers must not cost the return type."""
+    raw = getattr(fn, "__annotations__", {}).get("return", object)
+    if not isinstance(raw, str):
+        return raw
+
+    def probe() -> None: ...
+
+    probe.__annotations__ = {"return": raw}
+    return typing.get_type_hints(probe, globalns=getattr(fn, "__globals__", None)).get("return", object)
+
+
 def result_type(factory: Callable[[], object]) -> Any:
     """The type a factory's return annotation names, for decoding cached values.
 
-    ``async def load() -> User`` gives ``User``; a class gives itself; no or an
-    unresolvable annotation gives ``object`` (decode untyped).
+    ``async def load() -> User`` gives ``User``; a class gives itself; ``-> Self`` on
+    a bound method gives its class; no or an unresolvable annotation gives
+    ``object`` (decode untyped).
     """
     target: Any = factory
     while isinstance(target, functools.partial):
@@ -122,13 +145,21 @@ def result_type(factory: Callable[[], object]) -> Any:
     if not (inspect.isfunction(target) or inspect.ismethod(target)):
         return object
     try:
-        hint = typing.get_type_hints(target).get("return", object)
-    except Exception:  # forward references that do not resolve at runtime
+        hint = _annotated_return(inspect.unwrap(getattr(target, "__func__", target)))
+    except Exception:  # a forward reference that does not resolve at runtime
         return object
     if typing.get_origin(hint) in (collections.abc.Awaitable, collections.abc.Coroutine):
         args = typing.get_args(hint)
         hint = args[-1] if args else object
     if isinstance(hint, TypeVar):
+        return object
+    form = repr(hint)
+    if form in _SELF_FORMS:
+        owner = getattr(target, "__self__", None)
+        if owner is None:
+            return object
+        return owner if inspect.isclass(owner) else type(owner)
+    if form in _UNTYPED_FORMS:
         return object
     return hint
 

@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 import pytest
 from conftest import refused_port
 from redis.asyncio import Redis
 from redis.crc import key_slot
+from typing_extensions import Self
 
 from kivigo_async import Client, LeaseBackend
 from kivigo_async._singleflight import SingleFlight, find_lease, lease_key, result_type
@@ -38,6 +39,9 @@ from kivigo_async.hooks import EventType, HookEvent
 from kivigo_async.testing.proxy import FaultProxy
 from kivigo_async.testing.servers import RedisServer
 from kivigo_async.testing.topologies import RedisCluster
+
+if TYPE_CHECKING:
+    from sqlite3 import Connection  # imported for type checkers only, as an app's DB session often is
 
 
 @dataclass
@@ -912,6 +916,43 @@ def test_result_type_inference() -> None:
     assert result_type(functools.partial(a)) is User
     assert result_type(dict) is dict
     assert result_type(lambda: 1) is object
+
+
+async def load_with(db: Connection, uid: int) -> User:
+    """A loader whose session type is imported for type checkers only (not at runtime)."""
+    return User(uid, f"user{uid}")
+
+
+@dataclass
+class Account:
+    name: str
+
+    @classmethod
+    async def load(cls, name: str) -> Self:
+        return cls(name)
+
+    async def copy(self) -> Self:
+        return type(self)(self.name)
+
+
+def test_result_type_resolves_the_return_annotation_alone() -> None:
+    # A parameter annotation that does not resolve at runtime cost the return type:
+    # get_or_set then stored and returned dicts.
+    assert result_type(functools.partial(load_with, cast("Connection", None), 1)) is User
+
+
+def test_result_type_of_self_is_the_class_of_the_bound_method() -> None:
+    # Self was passed to the codec as a type: every get_or_set failed, nothing stored.
+    assert result_type(functools.partial(Account.load, "ada")) is Account
+    assert result_type(Account("ada").copy) is Account
+
+
+async def test_get_or_set_reads_back_a_classmethods_self() -> None:
+    async with Client(MemoryBackend()) as client:
+        factory = functools.partial(Account.load, "ada")
+        assert await client.get_or_set("acct", factory) == Account("ada")
+        assert await client.get_or_set("acct", factory) == Account("ada")  # a hit, decoded as Account
+        assert await client.get_raw("acct") == b'{"name":"ada"}'
 
 
 # -- cancellation ------------------------------------------------------------------
