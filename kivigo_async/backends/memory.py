@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import operator
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from ..backend import BackendTransaction, TxOp, stored_key
 from ..errors import (
     BackendUnavailableError,
     ConfigurationError,
+    InvalidArgumentError,
     InvalidKeyError,
     KeyNotFoundError,
     TransactionConflictError,
@@ -56,6 +58,28 @@ def _canonical(key: str) -> str:
         raise InvalidKeyError(f"key {key!r} cannot be encoded as UTF-8 (a lone surrogate?)") from None
 
 
+def _check_ttl_ms(ttl_ms: int | None) -> None:
+    """Refuse what Redis refuses ("invalid expire time"): the client never sends it."""
+    if ttl_ms is not None and (type(ttl_ms) is not int or ttl_ms <= 0):
+        raise InvalidArgumentError(f"ttl_ms must be a positive int or None, not {ttl_ms!r}")
+
+
+def _prefix_test(prefix: str) -> Callable[[str], bool]:
+    """Whether a stored key starts with ``prefix``, comparing bytes as Redis does.
+
+    Code points and bytes agree unless the prefix ends partway through a UTF-8
+    sequence (escaped bytes, U+DC80..U+DCFF), which a key may complete: ``"\\udcc3"``
+    is a prefix of ``"é"`` (bytes C3 A9) on Redis.
+    """
+    prefix = _canonical(prefix)
+    try:
+        prefix.encode()
+    except UnicodeEncodeError:
+        raw = prefix.encode("utf-8", "surrogateescape")
+        return lambda key: key.encode("utf-8", "surrogateescape").startswith(raw)
+    return operator.methodcaller("startswith", prefix)
+
+
 class MemoryBackend:
     """A TTL-aware in-memory backend.
 
@@ -79,7 +103,7 @@ class MemoryBackend:
         self._closed = False
         # Watches (feed -> prefix). While there is one, a timer removes each key
         # when its TTL runs out, so that watchers see the expiry on time.
-        self._feeds: dict[ChangeFeed, str] = {}
+        self._feeds: dict[ChangeFeed, Callable[[str], bool]] = {}
         self._deadlines: list[tuple[float, str]] = []  # a heap; stale entries are skipped
         self._expiry_timer: asyncio.TimerHandle | None = None
 
@@ -150,8 +174,8 @@ class MemoryBackend:
     def _emit(self, change: ChangeType, key: str) -> None:
         event = ChangeEvent(change, key)
         # A copy: an overflowing feed unregisters itself from inside put().
-        for feed, prefix in tuple(self._feeds.items()):
-            if key.startswith(prefix):
+        for feed, matches in tuple(self._feeds.items()):
+            if matches(key):
                 feed.put(event)
 
     def _track_deadline(self, deadline: float, key: str) -> None:
@@ -198,6 +222,7 @@ class MemoryBackend:
 
     async def set(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
         self._check_open()
+        _check_ttl_ms(ttl_ms)
         self._write(_canonical(key), value, ttl_ms)
 
     async def delete(self, key: str) -> bool:
@@ -206,9 +231,9 @@ class MemoryBackend:
 
     async def scan(self, prefix: str) -> AsyncIterator[str]:
         self._check_open()
-        prefix = _canonical(prefix)
+        matches = _prefix_test(prefix)
         # A snapshot, because the dict may change while the caller awaits between keys.
-        keys = [k for k in self._data if k.startswith(prefix)]
+        keys = list(filter(matches, self._data))
         for i, key in enumerate(keys, 1):
             # As on Redis, whose next page fails once the backend is closed.
             self._check_open()
@@ -238,6 +263,7 @@ class MemoryBackend:
 
     async def batch_set(self, items: Sequence[tuple[str, bytes]], ttl_ms: int | None = None) -> None:
         self._check_open()
+        _check_ttl_ms(ttl_ms)
         # All keys first: a batch is written whole or not at all.
         canonical = [(_canonical(key), value) for key, value in items]
         for key, value in canonical:
@@ -257,6 +283,7 @@ class MemoryBackend:
 
     async def expire(self, key: str, ttl_ms: int) -> bool:
         self._check_open()
+        _check_ttl_ms(ttl_ms)
         key = _canonical(key)
         entry = self._live(key)
         if entry is None:
@@ -294,6 +321,7 @@ class MemoryBackend:
     async def acquire_lease(self, key: str, token: bytes, ttl_ms: int) -> bool:
         # No await between the check and the write: atomic within the event loop.
         self._check_open()
+        _check_ttl_ms(ttl_ms)
         key = _canonical(key)
         if self._live(key) is not None:
             return False
@@ -327,10 +355,10 @@ class MemoryBackend:
         """
         self._check_open()
         _check_watch_args(prefix, max_pending)
-        prefix = _canonical(prefix)
+        matches = _prefix_test(prefix)
         feed = ChangeFeed(max_pending=max_pending, halt=lambda: self._unwatch(feed))
         first = not self._feeds
-        self._feeds[feed] = prefix
+        self._feeds[feed] = matches
         if first:
             self._deadlines = [(d, k) for k, (_, d) in self._data.items() if d is not None]
             heapq.heapify(self._deadlines)
@@ -375,6 +403,9 @@ class _MemoryTransaction:
             self._unwatch()
             # All keys first: a commit applies whole or not at all.
             keys = [_canonical(op[1]) for op in ops]
+            for op in ops:
+                if op[0] == "set":
+                    _check_ttl_ms(op[3])
             for op, key in zip(ops, keys, strict=True):
                 if op[0] == "set":
                     backend._write(key, op[2], op[3])

@@ -287,6 +287,12 @@ class BackendConformance:
         assert await client.delete(escaped)
         assert await client.list("esc:") == []
 
+    async def test_a_prefix_ending_inside_a_utf8_sequence_matches_by_bytes(self, client: Client) -> None:
+        # "\udcc3" is the first byte of "é" (C3 A9): on the server, a prefix of its key.
+        await client.batch_set({"cut:é": 1, "cut:e": 2})
+        assert await client.list("cut:\udcc3") == ["cut:é"]
+        assert [key async for key in client.iter_keys("cut:\udcc3")] == ["cut:é"]
+
     async def test_list_sorts_by_the_stored_bytes(self, client: Client) -> None:
         # Keys that are not UTF-8 (bytes 0x80 and 0xFF, listed as U+DC80 and U+DCFF)
         # sort by those bytes, as in KiviGo: 0xFF after U+E000 (bytes EE 80 80) and
