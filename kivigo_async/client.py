@@ -17,7 +17,7 @@ import operator
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
-from types import TracebackType
+from types import TracebackType, UnionType
 from typing import Any, TypeVar, Union, cast, overload
 
 from ._singleflight import CacheFiller, result_type
@@ -445,6 +445,12 @@ class Client:
     async def get(self, key: str, type: type[T], *, default: D) -> T | D: ...
     @overload
     async def get(self, key: str, *, default: D) -> Any | D: ...
+    # A union (``User | None``) is not a class: decoded as such, but no annotation can
+    # name its instances until TypeForm exists, so the result is Any.
+    @overload
+    async def get(self, key: str, type: UnionType) -> Any: ...
+    @overload
+    async def get(self, key: str, type: UnionType, *, default: object) -> Any: ...
 
     async def get(self, key: str, type: Any = object, *, default: Any = _MISSING) -> Any:
         """Return the value stored under ``key``, decoded as ``type``.
@@ -594,6 +600,17 @@ class Client:
         lock_ttl: TTLLike = 10,
         wait_timeout: TTLLike | None = None,
     ) -> T: ...
+    @overload
+    async def get_or_set(
+        self,
+        key: str,
+        factory: Callable[[], object],
+        *,
+        type: UnionType,
+        ttl: TTLLike | None = None,
+        lock_ttl: TTLLike = 10,
+        wait_timeout: TTLLike | None = None,
+    ) -> Any: ...
     async def get_or_set(
         self,
         key: str,
@@ -836,6 +853,8 @@ class Client:
     async def batch_get(self, keys: Iterable[str]) -> dict[str, Any]: ...
     @overload
     async def batch_get(self, keys: Iterable[str], type: type[T]) -> dict[str, T]: ...
+    @overload
+    async def batch_get(self, keys: Iterable[str], type: UnionType) -> dict[str, Any]: ...
 
     async def batch_get(self, keys: Iterable[str], type: Any = object) -> dict[str, Any]:
         """Return ``{key: value}`` for the keys that exist, in input order.
@@ -1095,6 +1114,12 @@ class Transaction:
     async def get(self, key: str, type: type[T], *, default: D) -> T | D: ...
     @overload
     async def get(self, key: str, *, default: D) -> Any | D: ...
+    # A union (``User | None``) is not a class: decoded as such, but no annotation can
+    # name its instances until TypeForm exists, so the result is Any.
+    @overload
+    async def get(self, key: str, type: UnionType) -> Any: ...
+    @overload
+    async def get(self, key: str, type: UnionType, *, default: object) -> Any: ...
 
     async def get(self, key: str, type: Any = object, *, default: Any = _MISSING) -> Any:
         """Read ``key`` now (not queued); like :meth:`Client.get`."""

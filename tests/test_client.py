@@ -25,6 +25,7 @@ from kivigo_async.errors import (
     BackendError,
     BackendUnavailableError,
     ConfigurationError,
+    DecodeError,
     HealthCheckError,
     InvalidArgumentError,
     InvalidKeyError,
@@ -592,3 +593,22 @@ async def test_typed_api(memory_client: Client) -> None:
     assert removed == 1
     assert remaining is None
     assert raw == b'{"x":1,"y":2}'
+
+
+async def test_a_union_type_is_accepted_by_the_type_checker_and_decoded(memory_client: Client) -> None:
+    # mypy --strict checks these calls: a union is not a class (type[T] refuses it).
+    await memory_client.batch_set({"n": 5, "none": None})
+    assert await memory_client.get("n", int | None) == 5
+    assert await memory_client.get("none", int | None) is None
+    assert await memory_client.get("missing", int | None, default=0) == 0
+    assert await memory_client.batch_get(["n", "none"], int | None) == {"n": 5, "none": None}
+    with pytest.raises(DecodeError):
+        await memory_client.get("n", str | None)
+
+    async def load() -> int | None:
+        return 7
+
+    assert await memory_client.get_or_set("filled", load, type=int | None) == 7
+    assert await memory_client.get_or_set("filled", load, type=int | None) == 7
+    async with memory_client.transaction() as tx:
+        assert await tx.get("n", int | None) == 5
