@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from adapters import BASELINE
 from scenarios import BATCH_SIZES, SCENARIOS
 
-CEILING = "redis-benchmark (ceiling)"
+CEILING = "redis-benchmark (no pipelining)"
 METRICS = ("rate", "p50_us", "p99_us", "cpu_us_per_op")
 #: Rep results: scenario -> (loop, library) -> one summary (or an error string) per repetition.
 Reps = dict[str, dict[tuple[str, str], list[dict[str, Any] | str]]]
@@ -35,6 +36,27 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def source_revision() -> dict[str, Any] | None:
+    """The commit measured, and whether the tree held changes (``None``: not a git checkout)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode or status.returncode:
+        return None
+    return {"commit": commit.stdout.strip(), "modified": bool(status.stdout.strip())}
 
 
 def load_average() -> list[float] | None:
@@ -203,6 +225,13 @@ def _bold(row: Mapping[str, Any]) -> str:
     return f"**{name}**" if name in ("kivigo-async", BASELINE) else name
 
 
+def _revision_line(source: Mapping[str, Any] | None) -> str:
+    if not source:
+        return "- Source: not a git checkout"
+    state = ", with uncommitted changes" if source["modified"] else ""
+    return f"- Source: commit {source['commit']}{state}"
+
+
 def markdown(result: Mapping[str, Any]) -> str:
     meta = result["meta"]
     lines = [
@@ -213,6 +242,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"{meta['machine']['platform']}; load average {meta['machine']['load_before']} before, "
         f"{meta['machine']['load_after']} after",
         f"- Python: {meta['python']}",
+        *([_revision_line(meta["source"])] if "source" in meta else []),
         f"- Server: {meta['server']['name']} {meta['server']['version']} on {meta['server']['where']}",
         f"- Client: redis-py {meta['parser']['redis-py']}, parser {meta['parser']['parser']}",
         f"- Loops: {', '.join(f'{k} ({v})' for k, v in meta['loops'].items())}"

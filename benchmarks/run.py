@@ -432,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "load_after": report.load_average(),
             },
             "python": f"{platform.python_implementation()} {platform.python_version()}",
+            "source": report.source_revision(),
             "server": {**info, "where": where},
             "parser": report.parser_info(),
             "loops": {loop: describe_loop(loop) for loop in loops},

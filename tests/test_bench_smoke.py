@@ -96,6 +96,9 @@ def test_quick_run_writes_every_scenario(valkey_server: RedisServer, tmp_path: P
     assert result["meta"]["mode"] == "quick"
     assert result["meta"]["server"]["name"] in ("valkey", "redis")
     assert list(result["meta"]["loops"]) == ["asyncio"]
+    # The commit measured (the tests run from a git checkout), shown in the report.
+    source = result["meta"]["source"]
+    assert source is None or (len(source["commit"]) == 12 and isinstance(source["modified"], bool))
     assert set(result["scenarios"]) == set(SCENARIOS)
     for sid in SCENARIOS:
         rows = {row["library"]: row for row in result["scenarios"][sid]["rows"]}
@@ -106,7 +109,7 @@ def test_quick_run_writes_every_scenario(valkey_server: RedisServer, tmp_path: P
             assert row["repetitions"] == 2
             assert row["ratio"]["rate"] is not None
         assert rows["redis-py"]["ratio"]["rate"] == pytest.approx(1.0)
-        ceiling = rows["redis-benchmark (ceiling)"]
+        ceiling = rows["redis-benchmark (no pipelining)"]
         assert ceiling["status"] == "ok" or (ceiling["status"] == "n/a" and ceiling["reason"]), ceiling
     assert [row["codec"] for row in result["codecs"]] == list(CODECS)
     assert all(row["encode_us"] > 0 and row["decode_typed_us"] > 0 for row in result["codecs"])
@@ -119,6 +122,7 @@ def test_quick_run_writes_every_scenario(valkey_server: RedisServer, tmp_path: P
     markdown = (tmp_path / "latest-quick.md").read_text(encoding="utf-8")
     for title in ("Sequential set then get", "64 concurrent tasks", "Batch get", "Batch set", "Codec cost"):
         assert title in markdown
+    assert "- Source: " in markdown
     try:
         importlib.import_module("matplotlib")
     except ImportError:
