@@ -1072,4 +1072,13 @@ class EncryptedCodec:
             )
         except self._invalid_tag as exc:
             raise DecodeError("value could not be authenticated: it was tampered with or corrupted") from exc
-        return self._inner.decode(plaintext, type)
+        try:
+            return self._inner.decode(plaintext, type)
+        except DecodeError as exc:
+            error = DecodeError(str(exc))  # its message holds no stored data
+        except Exception as exc:
+            error = DecodeError(f"the inner codec failed: {builtins.type(exc).__name__}")
+        # Raised from here, with no chain and the plaintext gone: an error tracker that
+        # records the locals of each frame in a traceback would record it otherwise.
+        del plaintext
+        raise error

@@ -1336,3 +1336,36 @@ def test_decode_errors_quote_no_stored_tag_key_or_validator_text(codec: Codec) -
         with pytest.raises(DecodeError) as info:
             codec.decode(codec.encode(stored), tp)
         assert SECRET not in "".join(traceback.format_exception(info.value)), tp
+
+
+def _frames_hold(exc: BaseException, secret: bytes) -> bool:
+    """Whether a local of a library frame in ``exc``'s traceback, or its chain's, holds ``secret``.
+
+    This file's frames are left out: the test itself holds the secret it wrote.
+    """
+    current: BaseException | None = exc
+    while current is not None:
+        tb = current.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == __file__:
+                tb = tb.tb_next
+                continue
+            for value in tb.tb_frame.f_locals.values():
+                if isinstance(value, (bytes, bytearray, memoryview)) and secret in bytes(value):
+                    return True
+                if isinstance(value, str) and secret.decode() in value:
+                    return True
+            tb = tb.tb_next
+        current = current.__cause__ or current.__context__
+    return False
+
+
+@pytest.mark.parametrize("inner", [JsonCodec(), MsgspecCodec("msgpack")], ids=["json", "msgpack"])
+def test_a_failed_inner_decode_leaves_no_plaintext_in_traceback_frames(inner: Codec) -> None:
+    # Error trackers record each frame's locals: the decrypted value must not be one.
+    codec = EncryptedCodec(inner, [EncryptedCodec.generate_key()])
+    data = codec.encode({"card": SECRET})
+    with pytest.raises(DecodeError) as info:
+        codec.decode(data, int)
+    assert not _frames_hold(info.value, SECRET.encode())
+    assert "expected int" in str(info.value)
