@@ -186,7 +186,9 @@ class SingleFlight(Generic[R]):
 
     The work runs in its own task, so one caller being cancelled does not
     cancel the others' result; when every caller has been cancelled the
-    task is cancelled too.
+    task is cancelled too. With ``wait_for_cleanup``, the last caller to leave
+    also waits for that task to end (its cleanup on cancellation), so that
+    leaving means nothing it started still runs.
 
     Example:
         ```python
@@ -195,7 +197,8 @@ class SingleFlight(Generic[R]):
         ```
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, wait_for_cleanup: bool = False) -> None:
+        self._wait_for_cleanup = wait_for_cleanup
         self._calls: dict[str, _Call[R]] = {}
         # Every task not yet finished, including an abandoned one that a newer
         # call for its key has replaced in _calls: cancel_all waits for them all.
@@ -243,6 +246,8 @@ class SingleFlight(Generic[R]):
                 # Every caller left: nobody wants the result any more.
                 call.abandoned = True
                 task.cancel()
+                if self._wait_for_cleanup:
+                    await asyncio.wait({task})
         if task.cancelled():
             raise Interrupted
         return task.result()

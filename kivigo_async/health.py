@@ -52,6 +52,7 @@ from enum import Enum
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Union
 
+from ._singleflight import Interrupted, SingleFlight
 from ._tasks import callable_name, cancel_requested
 from .client import Client, HealthCheck, run_health_check
 from .errors import (
@@ -229,14 +230,6 @@ def _log_delivery_failure(task: asyncio.Task[None]) -> None:
         _logger.error("the health listener task failed", exc_info=task.exception())
 
 
-class _SharedCheck:
-    __slots__ = ("task", "waiters")
-
-    def __init__(self, task: asyncio.Task[HealthReport]) -> None:
-        self.task = task
-        self.waiters = 0
-
-
 class _Listener:
     __slots__ = ("fn",)
 
@@ -387,8 +380,10 @@ class HealthWatcher:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        # The check under way, shared by every check_now() call made meanwhile.
-        self._shared: _SharedCheck | None = None
+        # The check under way, shared by every check_now() call made meanwhile; the
+        # last caller to give up stops it, as if it ran in its own task, and waits
+        # for its cleanup.
+        self._check_flight: SingleFlight[HealthReport] = SingleFlight(wait_for_cleanup=True)
         # A probe cancelled at its deadline whose cleanup may still be running.
         self._leftover: asyncio.Task[Any] | None = None
         self._subscriptions: weakref.WeakSet[_Subscription] = weakref.WeakSet()
@@ -579,24 +574,10 @@ class HealthWatcher:
             ```
         """
         while True:
-            shared = self._shared
-            if shared is None or shared.task.done():
-                task = asyncio.get_running_loop().create_task(self._check_now())
-                shared = self._shared = _SharedCheck(task)
-            shared.waiters += 1
             try:
-                # Waited for, not awaited: a caller that gives up leaves the check to
-                # the others; the last one to leave stops it, as if it ran in its task.
-                await asyncio.wait({shared.task})
-            except BaseException:
-                shared.waiters -= 1
-                if shared.waiters == 0:
-                    await _cancel_and_wait(shared.task)
-                raise
-            shared.waiters -= 1
-            if not shared.task.cancelled():
-                return shared.task.result()
-            # Cancelled from elsewhere (not by a caller: one still waited): check again.
+                return await self._check_flight.do("check", self._check_now)
+            except Interrupted:
+                continue  # cancelled from elsewhere, not by a caller (one still waited): check again
 
     async def _check_now(self) -> HealthReport:
         async with self._lock:

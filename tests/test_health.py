@@ -843,8 +843,8 @@ async def test_concurrent_check_now_calls_share_the_check_under_way(memory_clien
     alone.cancel()
     with pytest.raises(asyncio.CancelledError):
         await alone
-    assert watcher._shared is not None
-    assert watcher._shared.task.done()  # the last caller to leave stopped it
+    # The last caller to leave stopped the check and waited for it to end.
+    assert not watcher._check_flight._running
     await watcher.stop()
 
 
