@@ -66,7 +66,8 @@ class RedisOptions:
         auto_pipeline: send single-key and batch commands of all tasks over one
             multiplexed connection, coalescing the commands issued in the same
             event-loop iteration into one write (see "Auto-pipelining" in the
-            docs). Transactions always use a dedicated pooled connection.
+            docs). A transaction that watches keys takes a pooled connection of
+            its own; one that does not is sent as one write on the multiplexed one.
             ``False`` sends every command over the pool instead.
         client_cache: a :class:`ClientCache` turns on client-side caching of
             ``get`` and ``batch_get``: values stay in a local LRU until Redis reports a change

@@ -81,7 +81,8 @@ class RedisSentinelOptions:
         sentinel_tls: TLS for the sentinels; ``None`` means the same as ``tls``.
         auto_pipeline: as in :class:`RedisOptions` (on by default): single commands
             share one multiplexed connection to the primary, which asks the sentinels
-            where the primary is each time it connects. Transactions use the pool.
+            where the primary is each time it connects. Transactions that watch
+            keys take a pooled connection.
 
     Example:
         >>> opts = RedisSentinelOptions(sentinels=["s1:26379", "s2:26379"], service_name="cache",
