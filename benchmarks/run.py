@@ -116,7 +116,7 @@ def describe_loop(kind: str) -> str:
 
 def start_server() -> tuple[Server, str]:
     """The server to measure against and a description of where it is (no credentials)."""
-    external = ExternalServer.from_env()
+    external = ExternalServer.from_env("KIVIGO_REDIS_URL")
     if external is not None:
         if external.tls:
             raise ServerStartError(

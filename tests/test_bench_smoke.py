@@ -95,6 +95,9 @@ def test_quick_run_writes_every_scenario(valkey_server: RedisServer, tmp_path: P
     result = json.loads((tmp_path / "latest-quick.json").read_text(encoding="utf-8"))
     assert result["meta"]["mode"] == "quick"
     assert result["meta"]["server"]["name"] in ("valkey", "redis")
+    # The server KIVIGO_REDIS_URL names, not one the benchmark started for itself.
+    where = f"{valkey_server.host}:{valkey_server.port} (KIVIGO_REDIS_URL)"
+    assert result["meta"]["server"]["where"] == where
     assert list(result["meta"]["loops"]) == ["asyncio"]
     # The commit measured (the tests run from a git checkout), shown in the report.
     source = result["meta"]["source"]

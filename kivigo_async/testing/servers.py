@@ -989,8 +989,13 @@ class ExternalServer(Server):
         self._db = int(path) if path else 0
 
     @classmethod
-    def from_env(cls) -> ExternalServer | None:
-        url = os.environ.get(EXTERNAL_URL_ENV)
+    def from_env(cls, variable: str = EXTERNAL_URL_ENV) -> ExternalServer | None:
+        """The server the environment variable ``variable`` names, or ``None`` when unset.
+
+        The tests read ``KIVIGO_TEST_REDIS_URL`` (they flush its database); the demo
+        and the benchmarks, which never flush, read ``KIVIGO_REDIS_URL``.
+        """
+        url = os.environ.get(variable)
         return cls(url) if url else None
 
     @property
