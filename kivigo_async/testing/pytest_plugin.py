@@ -44,6 +44,8 @@ skip: it fails instead, unless what is missing is optional by nature (no
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from typing import TYPE_CHECKING, NoReturn, Protocol, overload
 
 import pytest
@@ -129,6 +131,15 @@ class ServerFactory(Protocol):
 def kivigo_server_pool() -> Iterator[ServerPool]:
     """Shared servers for the whole session, stopped at its end (also on SIGTERM)."""
     stop_servers_on_sigterm()
+    if (
+        os.environ.get("PYTEST_XDIST_WORKER")
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    ):
+        # pytest-xdist's controller stops its workers with SIGINT; a run started in
+        # the background of a shell (`cmd &`) has it ignored, and the workers would
+        # be cut off later without stopping their servers.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     pool = ServerPool()
     try:
         yield pool
