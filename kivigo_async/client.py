@@ -364,20 +364,23 @@ class Client:
             if self._closed:
                 return  # __aenter__ failed and released the backend itself
             self._closed = True
-            self._closing = detached(self._close_all(), "kivigo client close")
+            # The caller may be a get_or_set factory or a background hook closing its
+            # client: the closing must not wait for (or cancel) the very task awaiting it.
+            caller = asyncio.current_task()
+            self._closing = detached(self._close_all(caller), "kivigo client close")
         elif self._closing.done():
             return  # a failure was for the calls that waited for it, not for every later one
         await asyncio.shield(self._closing)
 
-    async def _close_all(self) -> None:
+    async def _close_all(self, caller: asyncio.Task[Any] | None) -> None:
         try:
             for watch in {*self._watches, *self._subscribed_watches}:
                 # Their loops end (StopAsyncIteration); a failing close must not stop ours.
                 with contextlib.suppress(Exception):
                     await watch.aclose()
             if self._filler is not None:
-                await self._filler.aclose()
-            await self.hooks.aclose()
+                await self._filler.aclose(caller)
+            await self.hooks._close(caller)
         finally:
             await self._backend.close()
 

@@ -17,6 +17,7 @@ from conftest import redis_options
 
 from kivigo_async import Client
 from kivigo_async import hooks as hooks_module
+from kivigo_async.backends.memory import MemoryBackend
 from kivigo_async.backends.redis import RedisBackend
 from kivigo_async.errors import BackendUnavailableError, InvalidArgumentError
 from kivigo_async.hooks import (
@@ -875,6 +876,28 @@ async def test_aclose_inside_a_background_hook_does_not_deadlock(
     await asyncio.wait_for(registry.drain(), 5)
     assert closed == ["k"]
     assert cancelled == ["k"]
+    assert loop_errors == []
+
+
+async def test_a_background_hook_closing_its_client_runs_to_its_end(
+    loop_errors: list[dict[str, Any]],
+) -> None:
+    # Client.close() runs in a task of its own: it must spare the hook that asked for
+    # it (neither cancel it nor wait for it), as a hook calling hooks.aclose() is.
+    backend = MemoryBackend()
+    client = Client(backend)
+    closed: list[str] = []
+
+    async def closer(event: HookEvent) -> None:
+        await client.close()
+        closed.append(event.key)  # reached: the closing did not cancel this call
+
+    client.hooks.register(closer, background=True, events=[EventType.SET])
+    await client.set("k", 1)
+    await asyncio.wait_for(client.hooks.drain(), 5)
+    assert closed == ["k"]
+    with pytest.raises(BackendUnavailableError):
+        await backend.get("k")
     assert loop_errors == []
 
 
