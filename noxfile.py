@@ -1,4 +1,5 @@
-"""Development sessions: ``tests``, ``lint``, ``demo``, ``docs``, ``soak``, ``bench``, ``instructions``.
+"""Development sessions: ``tests``, ``lint``, ``demo``, ``docs``, ``soak``, ``compat``, ``bench``,
+``instructions``.
 
 Each session builds its own virtual environment from the package registry, so
 a fresh machine needs only Python and ``pip install nox``.
@@ -82,3 +83,24 @@ def soak(session: nox.Session) -> None:
     """
     session.install("-e", ".[test]")
     session.run("pytest", "tests/test_soak.py", "-m", "soak", *session.posargs)
+
+
+#: Tests of the client layer, whose behaviour moves with asyncio and typing between
+#: Python versions (cancellation, task groups, annotations), for the compat session.
+COMPAT_TESTS = [
+    "tests/test_client.py",
+    "tests/test_codecs.py",
+    "tests/test_get_or_set.py",
+    "tests/test_hooks.py",
+    "tests/test_health.py",
+    "tests/test_conformance_memory.py",
+    "tests/test_options_parsing.py",
+    "tests/test_autopipeline.py",
+]
+
+
+@nox.session(python=["3.10", "3.13"])
+def compat(session: nox.Session) -> None:
+    """The client-layer tests on the oldest and the newest supported Python."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-n", "2", "--dist", "loadfile", *COMPAT_TESTS, *session.posargs)
