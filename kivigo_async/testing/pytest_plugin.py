@@ -193,6 +193,9 @@ def redis_server_factory(kivigo_server_pool: ServerPool) -> Iterator[ServerFacto
 #: ``cluster-node-timeout`` of the shared cluster: long enough that a node
 #: stalled by a busy machine is not failed over under other tests' feet.
 SHARED_CLUSTER_NODE_TIMEOUT_MS = 5000
+#: ``down-after-milliseconds`` of the shared Sentinel topology, for the same reason
+#: (its tests fail it over on purpose, with SENTINEL FAILOVER, never by a stall).
+SHARED_SENTINEL_DOWN_AFTER_MS = 5000
 
 
 class ClusterFactory(Protocol):
@@ -257,7 +260,7 @@ def redis_sentinel(kivigo_server_pool: ServerPool) -> Iterator[RedisSentinel]:
     Tests may fail it over (``SENTINEL FAILOVER``) but must not kill its processes.
     """
     binary = require_topology_binary(kivigo_server_pool, "valkey", cluster=False)
-    with RedisSentinel(binary) as topology:
+    with RedisSentinel(binary, down_after_ms=SHARED_SENTINEL_DOWN_AFTER_MS) as topology:
         yield topology
 
 
