@@ -252,17 +252,14 @@ class SingleFlight(Generic[R]):
             raise Interrupted
         return task.result()
 
-    async def cancel_all(self, spare: asyncio.Task[Any] | None = None) -> None:
+    async def cancel_all(self) -> None:
         """Cancel every running task and wait until each has finished its cleanup.
 
         Called from inside one of them (a factory closing its client), that one is
-        left to finish by itself: it cannot wait for its own end. So is ``spare``,
-        the task on whose behalf another task runs this.
+        left to finish by itself: it cannot wait for its own end.
         """
         current = asyncio.current_task()
-        running = [
-            (task, call) for task, call in self._running.items() if task is not current and task is not spare
-        ]
+        running = [(task, call) for task, call in self._running.items() if task is not current]
         for task, call in running:
             # An abandoned task was cancelled already and may be giving its lease
             # back: cancelling it again would cut that short.
@@ -308,14 +305,10 @@ class CacheFiller:
         self._releases: set[asyncio.Future[bool]] = set()
         self._closed = False
 
-    async def aclose(self, spare: asyncio.Task[Any] | None = None) -> None:
-        """Stop every fill in progress (their leases are released) before the backend closes.
-
-        ``spare``: the task that asked for the closing (a factory closing its client),
-        left to finish by itself.
-        """
+    async def aclose(self) -> None:
+        """Stop every fill in progress (their leases are released) before the backend closes."""
         self._closed = True
-        await self._flights.cancel_all(spare)
+        await self._flights.cancel_all()
         if self._releases:
             # A fill cancelled while it gave its lease back ends at once; the release
             # goes on, and needs the backend open until it is done.

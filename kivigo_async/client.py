@@ -21,7 +21,7 @@ from types import TracebackType, UnionType
 from typing import Any, TypeVar, Union, cast, overload
 
 from ._singleflight import CacheFiller, result_type
-from ._tasks import cancel_requested, detached
+from ._tasks import cancel_requested
 from .backend import (
     AsyncBackend,
     BackendTransaction,
@@ -300,7 +300,6 @@ class Client:
         self._subscribed_watches: set[Watch] = set()
         self.hooks = HookRegistry()
         self._closed = False
-        self._closing: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"Client(backend={self._backend!r}, codec={self._codec!r})"
@@ -345,43 +344,23 @@ class Client:
     async def close(self) -> None:
         """Stop watches, running ``get_or_set`` fills and background hooks, then close the backend.
 
-        Safe to call twice, and from several tasks at once: each call returns once
-        the closing has finished. A caller cancelled while it waits (a timeout around
-        the shutdown) leaves the closing running to its end, since nobody else would
-        finish it. A ``get_or_set`` caller whose fill is stopped gets
+        Safe to call twice. A ``get_or_set`` caller whose fill is stopped gets
         :class:`~kivigo_async.errors.BackendUnavailableError`.
-
-        Example:
-            ```python
-            client = Client(RedisBackend(RedisOptions(addr="localhost:6379")))
-            try:
-                await client.set("k", 1)
-            finally:
-                await client.close()
-            ```
         """
-        if self._closing is None:
-            if self._closed:
-                return  # __aenter__ failed and released the backend itself
-            self._closed = True
-            # The caller may be a get_or_set factory or a background hook closing its
-            # client: the closing must not wait for (or cancel) the very task awaiting it.
-            caller = asyncio.current_task()
-            self._closing = detached(self._close_all(caller), "kivigo client close")
-        elif self._closing.done():
-            return  # a failure was for the calls that waited for it, not for every later one
-        await asyncio.shield(self._closing)
-
-    async def _close_all(self, caller: asyncio.Task[Any] | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             for watch in {*self._watches, *self._subscribed_watches}:
                 # Their loops end (StopAsyncIteration); a failing close must not stop ours.
                 with contextlib.suppress(Exception):
                     await watch.aclose()
             if self._filler is not None:
-                await self._filler.aclose(caller)
-            await self.hooks._close(caller)
+                await self._filler.aclose()
+            await self.hooks.aclose()
         finally:
+            # Even when cancelled above: a second close() returns at once, so this
+            # is the only chance to release the backend's connections.
             await self._backend.close()
 
     # -- encoding helpers ------------------------------------------------

@@ -712,19 +712,20 @@ class HookRegistry:
             await client.hooks.drain()  # background hooks have seen "k"
             ```
         """
-        own = self._own_tasks(asyncio.current_task())
+        own = self._own_tasks()
         while True:
             pending = [task for task in self._tasks if task not in own]
             if not pending:
                 return
             await asyncio.wait(pending)
 
-    def _own_tasks(self, caller: asyncio.Task[Any] | None) -> tuple[asyncio.Task[Any], ...]:
-        """``caller`` and, if it is a background hook call, the worker awaiting it."""
-        if caller is None:
+    def _own_tasks(self) -> tuple[asyncio.Task[Any], ...]:
+        """The running task and, inside a background hook call, the worker awaiting it."""
+        current = asyncio.current_task()
+        if current is None:
             return ()
-        worker = self._callers.get(caller)
-        return (caller,) if worker is None else (caller, worker)
+        worker = self._callers.get(current)
+        return (current,) if worker is None else (current, worker)
 
     async def aclose(self) -> None:
         """Cancel running background hook calls and wait for them to finish.
@@ -737,12 +738,8 @@ class HookRegistry:
             await client.hooks.aclose()
             ```
         """
-        await self._close(asyncio.current_task())
-
-    async def _close(self, caller: asyncio.Task[Any] | None) -> None:
-        """:meth:`aclose` on behalf of ``caller`` (a hook closing its client), which is spared."""
         self._closed = True
-        own = self._own_tasks(caller)
+        own = self._own_tasks()
         pending = [task for task in self._tasks if task not in own]
         for task in pending:
             task.cancel()
