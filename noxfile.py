@@ -24,8 +24,12 @@ def tests(session: nox.Session) -> None:
     # own servers: most tests wait on servers (failovers, timeouts) rather than on
     # the CPU, so two halve the run on a 2-core machine. One process when the tests
     # are given a server of their own (both would flush its database); `-- -n 0` too.
-    workers = "0" if os.environ.get("KIVIGO_TEST_REDIS_URL") else "2"
-    session.run("pytest", "-m", "not soak", "-n", workers, "--dist", "loadfile", *session.posargs)
+    session.run("pytest", "-m", "not soak", "-n", _workers(), "--dist", "loadfile", *session.posargs)
+
+
+def _workers() -> str:
+    """Two pytest worker processes; one when the tests share a server someone else runs."""
+    return "0" if os.environ.get("KIVIGO_TEST_REDIS_URL") else "2"
 
 
 @nox.session
@@ -103,4 +107,4 @@ COMPAT_TESTS = [
 def compat(session: nox.Session) -> None:
     """The client-layer tests on the oldest and the newest supported Python."""
     session.install("-e", ".[test]")
-    session.run("pytest", "-n", "2", "--dist", "loadfile", *COMPAT_TESTS, *session.posargs)
+    session.run("pytest", "-n", _workers(), "--dist", "loadfile", *COMPAT_TESTS, *session.posargs)

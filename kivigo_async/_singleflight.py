@@ -121,8 +121,6 @@ def _annotated_return(fn: Any) -> Any:
     """The return annotation of function ``fn``, resolved alone: a parameter annotated
     with a name imported only for type checkers must not cost the return type."""
     raw = getattr(fn, "__annotations__", {}).get("return", object)
-    if not isinstance(raw, str):
-        return raw
 
     def probe() -> None: ...
 

@@ -385,11 +385,11 @@ def _reads_by_name(cls: type) -> bool:
     return known
 
 
-def _alias_collides(tp: Any, seen: set[Any]) -> bool:
+def _alias_collides(tp: Any, seen: set[int]) -> bool:
     """Whether an alias in model ``tp`` (or a model inside it) is another field's name."""
-    if tp in seen:
+    if id(tp) in seen:  # by id: a type argument may be unhashable (Callable's [int])
         return False
-    seen.add(tp)
+    seen.add(id(tp))
     fields = getattr(tp, "model_fields", None) if _is_pydantic_model(tp) else None
     if isinstance(fields, Mapping):
         for name, info in fields.items():

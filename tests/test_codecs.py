@@ -1369,3 +1369,14 @@ def test_a_failed_inner_decode_leaves_no_plaintext_in_traceback_frames(inner: Co
         codec.decode(data, int)
     assert not _frames_hold(info.value, SECRET.encode())
     assert "expected int" in str(info.value)
+
+
+def test_a_pydantic_model_with_an_unhashable_type_argument_reads_back(codec: Codec) -> None:
+    pydantic = pytest.importorskip("pydantic")
+    from collections.abc import Callable as CallableABC
+
+    class WithCallable(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        a: int
+        hook: CallableABC[[int], int] | None = pydantic.Field(default=None, exclude=True)
+
+    assert roundtrip(codec, WithCallable(a=1), WithCallable) == WithCallable(a=1)

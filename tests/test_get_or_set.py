@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import msgspec
 import pytest
@@ -1096,3 +1096,13 @@ async def test_cluster_runs_the_factory_once(redis_cluster: RedisCluster) -> Non
             assert not await client.has_key(lease_key(key))
             await client.delete(key)
         assert calls.runs == 2
+
+
+def test_result_type_resolves_forward_references_inside_an_evaluated_annotation() -> None:
+    # Without postponed annotations, `-> Optional["User"]` is an object holding a
+    # ForwardRef: it must be resolved like a string annotation.
+    async def load() -> None:
+        raise NotImplementedError
+
+    load.__annotations__ = {"return": Optional["User"]}
+    assert result_type(load) == Optional[User]  # noqa: UP045
