@@ -319,13 +319,24 @@ async def test_slot_in_the_middle_of_a_migration(
     asked: list[int] = []
     send = _cluster_scan._ClusterScan._send
 
+    # Each walk's wanted slots and the cursors of the SCANs it sent (walks run one at a time).
+    walks: list[tuple[list[int], list[int]]] = []
+    walk = _cluster_scan._ClusterScan._walk
+
     async def recording_send(
         self: Any, node: ClusterNode, commands: list[tuple[Any, ...]], *args: Any, **kw: Any
     ) -> Any:
         asked.extend(c[3] for c in commands if c[:2] == ("CLUSTER", "GETKEYSINSLOT"))
+        if walks:
+            walks[-1][1].extend(int(c[1]) for c in commands if c[0] == "SCAN")
         return await send(self, node, commands, *args, **kw)
 
+    def recording_walk(self: Any, layout: Any, node_id: str, mask: bytearray, *args: Any, **kw: Any) -> Any:
+        walks.append(([i for i, wanted in enumerate(mask) if wanted], []))
+        return walk(self, layout, node_id, mask, *args, **kw)
+
     monkeypatch.setattr(_cluster_scan._ClusterScan, "_send", recording_send)
+    monkeypatch.setattr(_cluster_scan._ClusterScan, "_walk", recording_walk)
     cluster = redis_cluster_factory(kind, node_timeout_ms=5000)
     backend = RedisClusterBackend(RedisClusterOptions(addrs=cluster.addrs))
     try:
@@ -334,6 +345,13 @@ async def test_slot_in_the_middle_of_a_migration(
         owner_of = owner_map(cluster)
         slot = next(iter(groups))
         source = owner_of[slot]
+        # Keys in the source's slots after the migrating one: what a walk of that one
+        # slot must not go on to read.
+        later = [f"{PREFIX}later:{i}" for i in range(5000)]
+        later = [k for k in later if key_slot(k.encode()) > slot and owner_of[key_slot(k.encode())] is source]
+        assert len(later) >= 200
+        await backend.batch_set([(key, b"1") for key in later[:200]])
+        expected = await listed(backend)
         target = next(p for p in slots_by_primary(cluster) if p is not source)
         begin_migration(source, target, slot)
         assert move_keys(source, target, slot, limit=GROUP_SIZE // 2) == GROUP_SIZE // 2
@@ -350,7 +368,13 @@ async def test_slot_in_the_middle_of_a_migration(
         exactly_once(await collect(scan_cluster(backend.cluster, PREFIX, run=backend._run)), expected)
         # Never a larger reply than the one page a slot is asked for.
         assert set(asked) == {4}
+        walks.clear()
         exactly_once(await collect(scan_cluster(backend.cluster, PREFIX, count=5)), expected)
+        crowded = [cursors for wanted, cursors in walks if wanted == [slot]]
+        assert crowded, "the crowded slot was not read by a walk"
+        if kind == "valkey":
+            # Slot by slot, the walk stops once past the slot: no page of later slots.
+            assert all(cursor & 16383 <= slot for cursors in crowded for cursor in cursors), crowded
 
         def complete(first: RedisServer, second: RedisServer) -> None:
             move_keys(source, target, slot)

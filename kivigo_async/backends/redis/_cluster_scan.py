@@ -521,6 +521,7 @@ class _ClusterScan:
         # Slot-ordered, every slot below `sealed` was read in full while the node held
         # it still; and a cursor naming a slot with no position in it starts there.
         sealed = cursor = start if ordered else 0
+        last = mask.rfind(1)  # the highest slot wanted
         base: _Line | None = None
         run_id: str | None = None
         while True:
@@ -586,6 +587,8 @@ class _ClusterScan:
             if ordered:
                 sealed = done
                 self._settle(mask, bracket, sealed)
+                if sealed > last:
+                    break  # every slot wanted is read: the rest of the node holds none of them
         self._settle(mask, bracket, _SLOTS)
 
     async def _getkeys(
