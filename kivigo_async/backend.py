@@ -64,7 +64,16 @@ def stored_key(key: str) -> str:
     """
     if key.isascii():
         return key
-    return key.encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")
+    return stored_bytes(key).decode("utf-8", "surrogateescape")
+
+
+def stored_bytes(key: str) -> bytes:
+    """``key``'s bytes on the server (not exported: for backends and the client).
+
+    U+DC80..U+DCFF stand for bytes that are not UTF-8; they become those bytes again.
+    Raises ``UnicodeEncodeError`` for a key the server cannot hold (a lone surrogate).
+    """
+    return key.encode("utf-8", "surrogateescape")
 
 
 @runtime_checkable

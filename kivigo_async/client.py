@@ -32,6 +32,7 @@ from .backend import (
     TTLBackend,
     TxOp,
     WatchBackend,
+    stored_bytes,
 )
 from .codecs import Codec, JsonCodec
 from .errors import (
@@ -106,11 +107,6 @@ def _check_types(keys: list[str]) -> None:
             _check_key(key)
             # Only a str subclass that overrides __class__ gets here.
             raise InvalidKeyError(f"keys must be str, not {type(key).__name__}")
-
-
-def _stored_bytes(key: str) -> bytes:
-    """``key`` as the server holds it: U+DC80..U+DCFF stand for bytes that are not UTF-8."""
-    return key.encode("utf-8", "surrogateescape")
 
 
 def _check_keys(keys: Iterable[str]) -> list[str]:
@@ -746,7 +742,7 @@ class Client:
             # check spares the per-key encoding when no key holds escaped bytes.
             "".join(keys).encode()
         except UnicodeEncodeError:
-            return sorted(keys, key=_stored_bytes)
+            return sorted(keys, key=stored_bytes)
         return sorted(keys)
 
     async def match_keys(

@@ -303,6 +303,14 @@ def _masked_field(cls: Any, seen: set[type]) -> str | None:
     return None
 
 
+def _first_sight(tp: Any, seen: set[type]) -> bool:
+    """Whether ``tp`` is met for the first time (then remembered): recursive types end."""
+    if tp in seen:
+        return False
+    seen.add(tp)
+    return True
+
+
 def _masks(tp: Any, seen: set[type]) -> bool:
     if _is_pydantic_secret(tp):
         return True
@@ -310,25 +318,18 @@ def _masks(tp: Any, seen: set[type]) -> bool:
         return False
     if _is_pydantic_model(tp) or isinstance(getattr(tp, "__pydantic_fields__", None), Mapping):
         # A model, or a pydantic dataclass: fields with their serializers alike.
-        if tp in seen:
-            return False
-        seen.add(tp)
-        return _masked_field(tp, seen) is not None
+        return _first_sight(tp, seen) and _masked_field(tp, seen) is not None
     value = getattr(tp, "__value__", None)
     if value is not None and type(tp).__name__ == "TypeAliasType":  # `type Token = SecretStr`
-        if tp in seen:
-            return False
-        seen.add(tp)
-        return _masks(value, seen)
+        return _first_sight(tp, seen) and _masks(value, seen)
     if isinstance(tp, type) and (
         (issubclass(tp, dict) and hasattr(tp, "__total__"))  # a TypedDict
         or dataclasses.is_dataclass(tp)
         or (issubclass(tp, tuple) and hasattr(tp, "_fields"))  # a NamedTuple
     ):
         # pydantic dumps these field by field, masking secrets as in a model.
-        if tp in seen:
+        if not _first_sight(tp, seen):
             return False
-        seen.add(tp)
         try:
             # With extras: Annotated[SecretStr, PlainSerializer(...)] reveals itself.
             hints = typing.get_type_hints(tp, include_extras=True)
@@ -643,7 +644,8 @@ class JsonCodec(_DecoderCache):
       same string (``1`` and ``"1"``) are both written, and a read keeps the last one only.
     * **Dataclasses** are written by msgspec, as Structs are: every field, including
       those whose names start with ``_`` (orjson's own writer leaves them out).
-    * **ints beyond 64 bits** are rejected (use ``MsgspecCodec("json")``).
+    * **ints beyond 64 bits** are rejected (use ``MsgspecCodec("json")``), except inside
+      a dataclass or a Struct, which msgspec writes by its own rules.
     * **UTC offsets with seconds**: an aware ``datetime`` whose offset is not a whole
       number of minutes (a zone's old local mean time, such as ``Europe/Amsterdam``
       before 1938, or a ``timezone`` built with seconds) is written with the offset

@@ -24,7 +24,7 @@ import operator
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from ..backend import BackendTransaction, TxOp, stored_key
+from ..backend import BackendTransaction, TxOp, stored_bytes, stored_key
 from ..errors import (
     BackendUnavailableError,
     ConfigurationError,
@@ -75,8 +75,8 @@ def _prefix_test(prefix: str) -> Callable[[str], bool]:
     try:
         prefix.encode()
     except UnicodeEncodeError:
-        raw = prefix.encode("utf-8", "surrogateescape")
-        return lambda key: key.encode("utf-8", "surrogateescape").startswith(raw)
+        raw = stored_bytes(prefix)
+        return lambda key: stored_bytes(key).startswith(raw)
     return operator.methodcaller("startswith", prefix)
 
 
