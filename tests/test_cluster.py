@@ -683,7 +683,11 @@ def mark_migrating(source: RedisServer, target: RedisServer, slot: int) -> bytes
 
 
 def migrate_slot(cluster: RedisCluster, slot: int, target: RedisServer, pause: float) -> int:
-    """Move ``slot`` to ``target`` the way ``--cluster reshard`` does, a few keys at a time."""
+    """Move ``slot`` to ``target`` the way ``--cluster reshard`` does, a few keys at a time.
+
+    The end is told to the primaries in their order, the source sometimes before
+    the target (see test_moved_back_and_forth_waits_for_the_new_owner).
+    """
     source = cluster.node_for_slot(slot)
     target_id = mark_migrating(source, target, slot)
     with sync_client(source) as src:
@@ -733,6 +737,55 @@ async def test_single_keys_follow_ask_then_moved(
             stats = src.info("commandstats")["cmdstat_get"]
         assert (stats["calls"], stats["rejected_calls"]) == (0, 1)  # the first read, answered MOVED
         assert command_calls(target)["get"] == 2
+
+
+def rejected_calls(node: RedisServer, command: str) -> int:
+    """Calls of ``command`` that ``node`` refused (MOVED, ASK...) since its last CONFIG RESETSTAT."""
+    with sync_client(node) as client:
+        stats: dict[str, Any] = client.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("rejected_calls", 0))
+
+
+@pytest.mark.parametrize("auto_pipeline", [True, False])
+async def test_moved_back_and_forth_waits_for_the_new_owner(
+    redis_cluster_factory: ClusterFactory, auto_pipeline: bool
+) -> None:
+    # Tooling that ends a migration on the source before the target leaves a
+    # window in which each names the other as the slot's owner: the source
+    # answers MOVED to the target, the still-importing target MOVED back. Followed
+    # at once, the redirections ran out in a millisecond; a bounce waits instead.
+    cluster = redis_cluster_factory(node_timeout_ms=5000)
+    options = RedisClusterOptions(addrs=cluster.addrs, auto_pipeline=auto_pipeline)
+    async with Client(RedisClusterBackend(options)) as client:
+        await client.batch_set({"{pp}:a": 1, "{pp}:b": 2})
+        slot = key_slot(b"pp")
+        source = cluster.node_for_slot(slot)
+        target = start_migration(cluster, slot, ["{pp}:a", "{pp}:b"])
+        with sync_client(target) as dst, sync_client(source) as src:
+            target_id = dst.execute_command("CLUSTER MYID")
+            src.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+        reset_stats(cluster)
+
+        def finish() -> None:
+            time.sleep(0.3)
+            for node in [target, *(p for p in cluster.primaries() if p not in (source, target))]:
+                with sync_client(node) as each:
+                    each.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+
+        finishing = asyncio.create_task(asyncio.to_thread(finish))
+        try:
+            assert await client.get("{pp}:a", int) == 1
+            await client.batch_set({"{pp}:c": 3, "other:pp": 4})
+            assert await client.batch_get(["{pp}:a", "{pp}:b", "{pp}:c", "other:pp"], int) == {
+                "{pp}:a": 1,
+                "{pp}:b": 2,
+                "{pp}:c": 3,
+                "other:pp": 4,
+            }
+        finally:
+            await finishing
+        assert rejected_calls(target, "get") >= 1  # the target sent the read back: it did bounce
+        assert cluster.node_for_slot(slot) is target
 
 
 async def test_a_transaction_read_after_its_slot_moved_is_a_conflict(

@@ -10,7 +10,8 @@ tasks for that node leave together in one write. A batch's share for a node
 leaves in one write and comes back as one list.
 
 Redirections are followed as redis-py follows them: ``MOVED`` updates the
-slot's owner, ``ASK`` re-sends the command with ``ASKING`` in one write to the
+slot's owner (after a pause when two nodes send the command back and forth),
+``ASK`` re-sends the command with ``ASKING`` in one write to the
 node importing the slot, ``TRYAGAIN`` waits a little.
 
 After a lost connection or a timeout the layout is learned anew (the node may
@@ -38,10 +39,27 @@ from redis.cluster import get_node_name
 from ._errors import is_dial_timeout
 from ._mux import Arg, MuxConnection, backoff
 
-__all__ = ["NodeConnections", "reply_value"]
+__all__ = ["NodeConnections", "follow_moved", "reply_value"]
 
 #: (command, slot) -> the node to send it to.
 Route = Callable[[Sequence[Any]], ClusterNode]
+
+
+async def follow_moved(
+    nodes: NodesManager, error: rx.MovedError, refused_by: str, moved_by: set[str], redirects: int
+) -> None:
+    """Make the node ``error`` names the slot's owner, after a pause if it is a bounce.
+
+    ``moved_by``: the nodes that answered ``MOVED`` earlier in this command. A
+    ``MOVED`` back to one of them means the two disagree on the owner: a
+    migration's end has reached one and not yet the other (tooling that tells
+    the source before the target). Followed at once, the redirections would run
+    out in a millisecond; the pause gives the other node time to hear of it.
+    """
+    moved_by.add(refused_by)
+    if get_node_name(error.host, error.port) in moved_by:
+        await asyncio.sleep(min(0.05 * redirects, 0.25))
+    await nodes.move_slot(error)
 
 
 def reply_value(reply: Any) -> Any:
@@ -99,14 +117,16 @@ class NodeConnections:
         """
         nodes = self._nodes
         ask: str | None = None  # the node an ASK sent the command to
+        moved_by: set[str] = set()
         redirects = failures = 0
         while True:
             try:
                 if ask is None:
-                    reply = await self._conn(route(args).name).send_command(args)
+                    name = route(args).name
+                    reply = await self._conn(name).send_command(args)
                 else:
-                    reply = (await self._conn(ask).execute_many([("ASKING",), args]))[1]
-                    ask = None
+                    name, ask = ask, None
+                    reply = (await self._conn(name).execute_many([("ASKING",), args]))[1]
                 if reply.__class__ is not hiredis.ReplyError:
                     return reply
                 error = reply_value(reply)
@@ -127,7 +147,7 @@ class NodeConnections:
                 await asyncio.sleep(backoff(failures))
                 continue
             if isinstance(error, rx.MovedError):  # before AskError, its base class
-                await nodes.move_slot(error)
+                await follow_moved(nodes, error, name, moved_by, redirects)
             elif isinstance(error, rx.AskError):
                 # By address: a node joining the cluster serves no slot yet, so the
                 # layout does not list it while the first slot migrates to it.

@@ -48,7 +48,7 @@ from ...errors import (
 from ...watch import DEFAULT_MAX_PENDING, ChangeStream
 from ._cache import ClientCache, LocalCache
 from ._cluster_cache import ClusterTracking
-from ._cluster_mux import NodeConnections, Route
+from ._cluster_mux import NodeConnections, Route, follow_moved
 from ._cluster_scan import node_at, scan_cluster
 from ._errors import is_dial_timeout, scrub_chain, translate, where
 from ._mux import MuxConnection
@@ -659,6 +659,7 @@ class RedisClusterBackend:
         nodes = self._cluster.nodes_manager
         slot = _slot(args[1] if key is None else key)
         ask_node: ClusterNode | None = None
+        moved_by: set[str] = set()
         for attempt in range(self._options.max_redirects + 1 - sent):
             node = ask_node if ask_node is not None else nodes.get_node_from_slot(slot)
             commands = [PipelineCommand(0, *args)]
@@ -668,7 +669,7 @@ class RedisClusterBackend:
             result = commands[-1].result
             ask_node = None
             if isinstance(result, MovedError):
-                await nodes.move_slot(result)
+                await follow_moved(nodes, result, node.name, moved_by, attempt)
             elif isinstance(result, AskError):
                 ask_node = node_at(nodes, result.host, result.port)
             elif isinstance(result, TryAgainError):
