@@ -250,6 +250,10 @@ class SingleFlight(Generic[R]):
             raise Interrupted
         return task.result()
 
+    def runs(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether ``task`` is one of the calls' tasks (which :meth:`cancel_all` waits for)."""
+        return task in self._running
+
     async def cancel_all(self) -> None:
         """Cancel every running task and wait until each has finished its cleanup.
 
@@ -302,6 +306,10 @@ class CacheFiller:
         #: Lease releases not yet ended, some cut loose from their cancelled fill.
         self._releases: set[asyncio.Future[bool]] = set()
         self._closed = False
+
+    def runs(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether ``task`` is a fill (which :meth:`aclose` waits for)."""
+        return self._flights.runs(task)
 
     async def aclose(self) -> None:
         """Stop every fill in progress (their leases are released) before the backend closes."""

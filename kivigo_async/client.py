@@ -296,6 +296,10 @@ class Client:
         self._subscribed_watches: set[Watch] = set()
         self.hooks = HookRegistry()
         self._closed = False
+        # While a close() is under way: what it will end with (its error or None),
+        # and the task running it.
+        self._close_done: asyncio.Future[BaseException | None] | None = None
+        self._close_task: asyncio.Task[Any] | None = None
 
     def __repr__(self) -> str:
         return f"Client(backend={self._backend!r}, codec={self._codec!r})"
@@ -324,8 +328,9 @@ class Client:
                 # __aexit__ will not run: release what connect() opened, keep its error.
                 # Marked closed, so that a later close() does not close the backend twice.
                 self._closed = True
-                with contextlib.suppress(Exception):
-                    await self._backend.close()
+                async with self._closing():
+                    with contextlib.suppress(Exception):
+                        await self._backend.close()
                 raise
         return self
 
@@ -340,24 +345,70 @@ class Client:
     async def close(self) -> None:
         """Stop watches, running ``get_or_set`` fills and background hooks, then close the backend.
 
-        Safe to call twice. A ``get_or_set`` caller whose fill is stopped gets
+        Safe to call twice. A call made while another is under way returns when
+        that one has finished, with its error if it failed; called from work the
+        first one stops (a background hook, a ``get_or_set`` factory), it returns
+        at once, since waiting would never end; such work must not await a
+        close() in a task of its own (``asyncio.gather``, or ``asyncio.wait_for``
+        before Python 3.12), which cannot be told apart and would wait. A
+        ``get_or_set`` caller whose fill is stopped gets
         :class:`~kivigo_async.errors.BackendUnavailableError`.
+
+        Example:
+            ```python
+            await asyncio.gather(client.close(), client.close())  # both return once it is closed
+            ```
         """
         if self._closed:
+            await self._wait_closed()
             return
         self._closed = True
+        async with self._closing():
+            try:
+                for watch in {*self._watches, *self._subscribed_watches}:
+                    # Their loops end (StopAsyncIteration); a failing close must not stop ours.
+                    with contextlib.suppress(Exception):
+                        await watch.aclose()
+                if self._filler is not None:
+                    await self._filler.aclose()
+                await self.hooks.aclose()
+            finally:
+                # Even when cancelled above: this close() is the only one that
+                # releases the backend's connections.
+                await self._backend.close()
+
+    @contextlib.asynccontextmanager
+    async def _closing(self) -> AsyncIterator[None]:
+        """Mark the close under way, so that a close() called meanwhile can wait for it."""
+        done: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+        self._close_done, self._close_task = done, asyncio.current_task()
+        failure: BaseException | None = None
         try:
-            for watch in {*self._watches, *self._subscribed_watches}:
-                # Their loops end (StopAsyncIteration); a failing close must not stop ours.
-                with contextlib.suppress(Exception):
-                    await watch.aclose()
-            if self._filler is not None:
-                await self._filler.aclose()
-            await self.hooks.aclose()
+            yield
+        except Exception as exc:
+            failure = exc
+            raise
         finally:
-            # Even when cancelled above: a second close() returns at once, so this
-            # is the only chance to release the backend's connections.
-            await self._backend.close()
+            self._close_task = None
+            done.set_result(failure)
+
+    async def _wait_closed(self) -> None:
+        """Wait for a close() under way, unless that close waits for the running task."""
+        done = self._close_done
+        if done is None or done.done():
+            return
+        current = asyncio.current_task()
+        filler = self._filler
+        if (
+            current is self._close_task  # called by something the close itself awaits
+            or self.hooks.runs(current)
+            or (filler is not None and filler.runs(current))
+        ):
+            return
+        # Shielded: a caller that gives up must not cancel the close it waited for.
+        failure = await asyncio.shield(done)
+        if failure is not None:
+            raise failure
 
     # -- encoding helpers ------------------------------------------------
 

@@ -719,6 +719,10 @@ class HookRegistry:
                 return
             await asyncio.wait(pending)
 
+    def runs(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether ``task`` runs background hook calls (which :meth:`aclose` waits for)."""
+        return task in self._tasks or task in self._callers
+
     def _own_tasks(self) -> tuple[asyncio.Task[Any], ...]:
         """The running task and, inside a background hook call, the worker awaiting it."""
         current = asyncio.current_task()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -301,31 +301,133 @@ async def test_a_listing_under_way_fails_once_the_memory_backend_is_closed() -> 
         await keys.__anext__()
 
 
-async def test_close_releases_the_backend_even_when_cancelled() -> None:
-    class SlowWatchBackend(MemoryBackend):
-        """A memory backend whose subscriptions take a while to release (like an UNSUBSCRIBE)."""
+class SlowWatchBackend(MemoryBackend):
+    """A memory backend whose subscriptions take a while to release (like an UNSUBSCRIBE)."""
 
-        async def watch(
-            self, prefix: str, *, max_pending: int = DEFAULT_MAX_PENDING, configure_server: bool = True
-        ) -> ChangeStream:
-            async def release() -> None:
-                await asyncio.sleep(0.5)
+    def __init__(self) -> None:
+        super().__init__()
+        self.releasing = asyncio.Event()
+        self.on_release: Callable[[], Awaitable[None]] | None = None
 
-            return ChangeFeed(max_pending=max_pending, release=release)
+    async def watch(
+        self, prefix: str, *, max_pending: int = DEFAULT_MAX_PENDING, configure_server: bool = True
+    ) -> ChangeStream:
+        async def release() -> None:
+            self.releasing.set()
+            if self.on_release is not None:
+                await self.on_release()
+            await asyncio.sleep(0.5)
 
-    backend = SlowWatchBackend()
+        return ChangeFeed(max_pending=max_pending, release=release)
+
+
+async def closing_in_a_watch_release(backend: SlowWatchBackend) -> tuple[Client, asyncio.Task[None]]:
+    """A client on ``backend`` whose close() has started and waits for a watch to be released."""
     client = Client(backend)
-    watch = client.watch("k")
-    await watch.__aenter__()
+    await client.watch("k").__aenter__()
     closing = asyncio.create_task(client.close())
-    await asyncio.sleep(0.05)  # inside the watch's slow close
+    await asyncio.wait_for(backend.releasing.wait(), 10)
+    return client, closing
+
+
+async def test_close_releases_the_backend_even_when_cancelled() -> None:
+    backend = SlowWatchBackend()
+    client, closing = await closing_in_a_watch_release(backend)
     closing.cancel()
     with pytest.raises(asyncio.CancelledError):
         await closing
     # The cancelled close() was the only one that could release the backend (a second
-    # call returns at once), so it must have closed it on the way out.
+    # call would wait for it), so it must have closed it on the way out.
     with pytest.raises(BackendUnavailableError):
         await backend.get("k")
+    await client.close()
+
+
+async def test_a_second_close_returns_once_the_first_has_closed_the_backend() -> None:
+    # An application that closes from two places (its shutdown hook and a signal
+    # handler) must not go on to stop the loop with the connections still open.
+    backend = SlowWatchBackend()
+    client, closing = await closing_in_a_watch_release(backend)
+    await asyncio.wait_for(client.close(), 10)
+    with pytest.raises(BackendUnavailableError):
+        await backend.get("k")
+    await closing
+    await client.close()  # and later calls return at once
+
+
+async def test_a_second_close_that_gives_up_leaves_the_first_to_finish() -> None:
+    backend = SlowWatchBackend()
+    client, closing = await closing_in_a_watch_release(backend)
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(client.close(), 0.05)
+    await asyncio.wait_for(closing, 10)
+    with pytest.raises(BackendUnavailableError):
+        await backend.get("k")
+
+
+async def test_a_close_waiting_for_the_first_gets_its_error() -> None:
+    class FailingClose(MemoryBackend):
+        async def close(self) -> None:
+            await asyncio.sleep(0.1)
+            await super().close()
+            raise BackendUnavailableError("the connections could not be closed cleanly")
+
+    client = Client(FailingClose())
+    first, second = await asyncio.gather(client.close(), client.close(), return_exceptions=True)
+    assert isinstance(first, BackendUnavailableError), first
+    assert second is first
+    await client.close()  # reported to both: closing again raises nothing
+
+
+async def test_a_close_from_inside_the_first_close_returns_at_once() -> None:
+    # The watch release runs in the closing task: waiting there for the close to
+    # finish would never end.
+    backend = SlowWatchBackend()
+    client = Client(backend)
+    backend.on_release = client.close
+    await client.watch("k").__aenter__()
+    await asyncio.wait_for(client.close(), 10)
+    with pytest.raises(BackendUnavailableError):
+        await backend.get("k")
+
+
+async def test_a_close_from_a_stopped_background_hook_returns_at_once() -> None:
+    client = Client(MemoryBackend())
+    started = asyncio.Event()
+    closed_inside: list[bool] = []
+
+    async def hook(event: HookEvent) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        finally:  # the first close cancels this call and waits for it to end
+            await client.close()
+            closed_inside.append(True)
+
+    client.hooks.register(hook, background=True)
+    await client.set("k", 1)
+    await asyncio.wait_for(started.wait(), 10)
+    await asyncio.wait_for(client.close(), 10)
+    assert closed_inside == [True]
+
+
+async def test_a_close_from_a_stopped_get_or_set_factory_returns_at_once() -> None:
+    client = Client(MemoryBackend())
+    started = asyncio.Event()
+
+    async def factory() -> int:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        finally:  # the first close cancels the fill and waits for it to end
+            await client.close()
+        return 1
+
+    fill = asyncio.create_task(client.get_or_set("k", factory))
+    await asyncio.wait_for(started.wait(), 10)
+    await asyncio.wait_for(client.close(), 10)
+    with pytest.raises(BackendUnavailableError):
+        await fill
 
 
 # --------------------------------------------------------------------------- hooks
