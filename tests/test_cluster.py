@@ -36,6 +36,7 @@ from kivigo_async.errors import (
     HealthCheckError,
     InvalidArgumentError,
     InvalidKeyError,
+    KeyNotFoundError,
     KivigoError,
     OperationTimeoutError,
     TransactionConflictError,
@@ -673,6 +674,16 @@ def test_options_validation_and_url() -> None:
     assert RedisClusterOptions(addrs=["n1:7000"]).replace(pool_size=3).pool_size == 3
 
 
+@contextlib.asynccontextmanager
+async def cluster_client(
+    factory: ClusterFactory, **options: Any
+) -> AsyncIterator[tuple[RedisCluster, Client]]:
+    """A private cluster (no failover of its own within 5 s) and a client of it with ``options``."""
+    cluster = factory(node_timeout_ms=5000)
+    async with Client(RedisClusterBackend(RedisClusterOptions(addrs=cluster.addrs, **options))) as client:
+        yield cluster, client
+
+
 def mark_migrating(source: RedisServer, target: RedisServer, slot: int) -> bytes:
     """Mark ``slot`` importing on ``target`` and migrating on ``source``; returns the target's id."""
     with sync_client(source) as src, sync_client(target) as dst:
@@ -709,10 +720,9 @@ async def test_single_keys_follow_ask_then_moved(
     # While a slot migrates, its source answers ASK for a key it does not hold:
     # the command goes to the importing node with ASKING. Once the slot has
     # moved, MOVED updates its owner and later calls go straight there.
-    cluster = redis_cluster_factory(node_timeout_ms=5000)
     # max_redirects=1: each call below needs exactly one redirection, which it may follow.
-    options = RedisClusterOptions(addrs=cluster.addrs, auto_pipeline=auto_pipeline, max_redirects=1)
-    async with Client(RedisClusterBackend(options)) as client:
+    options = {"auto_pipeline": auto_pipeline, "max_redirects": 1}
+    async with cluster_client(redis_cluster_factory, **options) as (cluster, client):
         await client.set("{ask}:old", "before")
         slot = key_slot(b"ask")
         source = cluster.node_for_slot(slot)
@@ -746,6 +756,13 @@ def rejected_calls(node: RedisServer, command: str) -> int:
     return int(stats.get(f"cmdstat_{command}", {}).get("rejected_calls", 0))
 
 
+def wait_refused(node: RedisServer, command: str) -> None:
+    """Block until ``node`` has refused ``command`` once (or 10 s have passed)."""
+    deadline = time.monotonic() + 10
+    while rejected_calls(node, command) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize("auto_pipeline", [True, False])
 async def test_moved_back_and_forth_waits_for_the_new_owner(
     redis_cluster_factory: ClusterFactory, auto_pipeline: bool
@@ -754,9 +771,7 @@ async def test_moved_back_and_forth_waits_for_the_new_owner(
     # window in which each names the other as the slot's owner: the source
     # answers MOVED to the target, the still-importing target MOVED back. Followed
     # at once, the redirections ran out in a millisecond; a bounce waits instead.
-    cluster = redis_cluster_factory(node_timeout_ms=5000)
-    options = RedisClusterOptions(addrs=cluster.addrs, auto_pipeline=auto_pipeline)
-    async with Client(RedisClusterBackend(options)) as client:
+    async with cluster_client(redis_cluster_factory, auto_pipeline=auto_pipeline) as (cluster, client):
         await client.batch_set({"{pp}:a": 1, "{pp}:b": 2})
         slot = key_slot(b"pp")
         source = cluster.node_for_slot(slot)
@@ -767,7 +782,7 @@ async def test_moved_back_and_forth_waits_for_the_new_owner(
         reset_stats(cluster)
 
         def finish() -> None:
-            time.sleep(0.3)
+            wait_refused(target, "get")
             for node in [target, *(p for p in cluster.primaries() if p not in (source, target))]:
                 with sync_client(node) as each:
                     each.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
@@ -786,6 +801,100 @@ async def test_moved_back_and_forth_waits_for_the_new_owner(
             await finishing
         assert rejected_calls(target, "get") >= 1  # the target sent the read back: it did bounce
         assert cluster.node_for_slot(slot) is target
+
+
+@pytest.mark.parametrize("auto_pipeline", [True, False])
+@pytest.mark.parametrize("variant", ["abort reaches the target first", "migrating before importing"])
+async def test_an_ask_answered_by_moved_back_waits_for_the_nodes_to_agree(
+    redis_cluster_factory: ClusterFactory, auto_pipeline: bool, variant: str
+) -> None:
+    # The source sends the command on with ASK; the target, which is not importing
+    # the slot (yet, or any more), sends it back with MOVED. Each is a bounce.
+    async with cluster_client(redis_cluster_factory, auto_pipeline=auto_pipeline) as (cluster, client):
+        await client.set("{am}:present", 1)
+        slot = key_slot(b"am")
+        source = cluster.node_for_slot(slot)
+        target = next(p for p in cluster.primaries() if p is not source)
+        with sync_client(source) as src, sync_client(target) as dst:
+            source_id, target_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
+            if variant == "abort reaches the target first":
+                mark_migrating(source, target, slot)
+                dst.execute_command("CLUSTER SETSLOT", slot, "STABLE")
+            else:
+                src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+        reset_stats(cluster)
+
+        def settle() -> None:
+            wait_refused(target, "get")
+            with sync_client(source) as src, sync_client(target) as dst:
+                if variant == "abort reaches the target first":
+                    src.execute_command("CLUSTER SETSLOT", slot, "STABLE")
+                else:
+                    dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+
+        settling = asyncio.create_task(asyncio.to_thread(settle))
+        try:
+            with pytest.raises(KeyNotFoundError):  # answered: the key is on neither node
+                await client.get("{am}:missing")
+            assert await client.get("{am}:present") == 1
+        finally:
+            await settling
+        assert rejected_calls(target, "get") >= 1  # the target sent the read back
+
+
+@pytest.mark.parametrize("auto_pipeline", [True, False])
+async def test_a_redirection_loop_is_sent_max_redirects_plus_one_times(
+    redis_cluster_factory: ClusterFactory, auto_pipeline: bool
+) -> None:
+    # Two nodes that never agree: the command gives up, having been sent once and
+    # redirected max_redirects times, with no pause after the last refusal.
+    options = {"auto_pipeline": auto_pipeline, "max_redirects": 3}
+    async with cluster_client(redis_cluster_factory, **options) as (cluster, client):
+        await client.set("{loop}:k", 1)
+        slot = key_slot(b"loop")
+        source = cluster.node_for_slot(slot)
+        target = start_migration(cluster, slot, ["{loop}:k"])
+        with sync_client(target) as dst, sync_client(source) as src:
+            src.execute_command("CLUSTER SETSLOT", slot, "NODE", dst.execute_command("CLUSTER MYID"))
+        reset_stats(cluster)
+        with pytest.raises(BackendError, match="gave up after following 3 redirections"):
+            await client.get("{loop}:k")
+        assert rejected_calls(source, "get") + rejected_calls(target, "get") == 4
+
+
+async def test_a_transaction_on_keys_split_by_a_migration_is_a_conflict(
+    redis_cluster_factory: ClusterFactory,
+) -> None:
+    # WATCH of keys on both sides of a migrating slot is refused with TRYAGAIN:
+    # nothing was applied, so it is a conflict to retry, like ASK and MOVED.
+    async with cluster_client(redis_cluster_factory) as (cluster, client):
+        await client.batch_set({"{split}:a": 1, "{split}:b": 2})
+        slot = key_slot(b"split")
+        target = start_migration(cluster, slot, ["{split}:b"])
+        for watch in (["{split}:a", "{split}:b"], ["{split}:b"], []):
+            with pytest.raises(TransactionConflictError, match="migrating"):
+                async with client.transaction(watch=watch) as tx:
+                    tx.set("{split}:b", 3)
+        with sync_client(target) as dst:
+            pipe = dst.pipeline(transaction=False)
+            pipe.execute_command("ASKING")  # the slot is still the source's
+            pipe.get("{split}:b")
+            assert pipe.execute() == [True, b"2"]
+
+
+async def test_a_transaction_on_an_unserved_slot_is_unavailable(
+    redis_cluster_factory: ClusterFactory,
+) -> None:
+    # CLUSTERDOWN: an outage that passes, as for any other command, not a server error.
+    async with cluster_client(redis_cluster_factory, max_retries=0) as (cluster, client):
+        await client.set("{down}:a", 1)
+        slot = key_slot(b"down")
+        with sync_client(cluster.node_for_slot(slot)) as owner:
+            owner.execute_command("CLUSTER DELSLOTS", slot)
+        for watch in (["{down}:a"], []):
+            with pytest.raises(BackendUnavailableError, match="the cluster is down"):
+                async with client.transaction(watch=watch) as tx:
+                    tx.set("{down}:a", 2)
 
 
 async def test_a_transaction_read_after_its_slot_moved_is_a_conflict(

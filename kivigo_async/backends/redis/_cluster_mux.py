@@ -46,18 +46,19 @@ Route = Callable[[Sequence[Any]], ClusterNode]
 
 
 async def follow_moved(
-    nodes: NodesManager, error: rx.MovedError, refused_by: str, moved_by: set[str], redirects: int
+    nodes: NodesManager, error: rx.MovedError, refused_by: str, redirected_by: set[str], redirects: int
 ) -> None:
     """Make the node ``error`` names the slot's owner, after a pause if it is a bounce.
 
-    ``moved_by``: the nodes that answered ``MOVED`` earlier in this command. A
-    ``MOVED`` back to one of them means the two disagree on the owner: a
-    migration's end has reached one and not yet the other (tooling that tells
-    the source before the target). Followed at once, the redirections would run
-    out in a millisecond; the pause gives the other node time to hear of it.
+    ``redirected_by``: the nodes that answered ``MOVED`` or ``ASK`` earlier in
+    this command (``redirects`` so far). A ``MOVED`` back to one of them means
+    the two disagree on the slot: a migration's end (or its abort) has reached
+    one and not yet the other, as with tooling that tells the source before the
+    target. Followed at once, the redirections would run out in a millisecond;
+    the pause gives the other node time to hear of it.
     """
-    moved_by.add(refused_by)
-    if get_node_name(error.host, error.port) in moved_by:
+    redirected_by.add(refused_by)
+    if get_node_name(error.host, error.port) in redirected_by:
         await asyncio.sleep(min(0.05 * redirects, 0.25))
     await nodes.move_slot(error)
 
@@ -117,7 +118,7 @@ class NodeConnections:
         """
         nodes = self._nodes
         ask: str | None = None  # the node an ASK sent the command to
-        moved_by: set[str] = set()
+        redirected_by: set[str] = set()
         redirects = failures = 0
         while True:
             try:
@@ -146,20 +147,21 @@ class NodeConnections:
                 failures += 1
                 await asyncio.sleep(backoff(failures))
                 continue
-            if isinstance(error, rx.MovedError):  # before AskError, its base class
-                await follow_moved(nodes, error, name, moved_by, redirects)
+            if not isinstance(error, (rx.AskError, rx.TryAgainError)):  # MovedError is an AskError
+                raise error
+            redirects += 1
+            if redirects > self._max_redirects:  # before any pause: nothing follows it
+                raise rx.ClusterError(f"gave up after following {self._max_redirects} redirections ({error})")
+            if isinstance(error, rx.MovedError):
+                await follow_moved(nodes, error, name, redirected_by, redirects)
             elif isinstance(error, rx.AskError):
+                redirected_by.add(name)
                 # By address: a node joining the cluster serves no slot yet, so the
                 # layout does not list it while the first slot migrates to it.
                 ask = get_node_name(error.host, error.port)
-            elif isinstance(error, rx.TryAgainError):
-                # The slot is moving and the keys are split between the two nodes.
-                await asyncio.sleep(0.05 * (redirects + 1))
             else:
-                raise error
-            redirects += 1
-            if redirects > self._max_redirects:
-                raise rx.ClusterError(f"gave up after following {self._max_redirects} redirections ({error})")
+                # TRYAGAIN: the slot is moving and the keys are split between the two nodes.
+                await asyncio.sleep(0.05 * redirects)
 
     async def send(self, commands: Sequence[tuple[Arg, ...]], route: Route, *, reads: bool) -> list[Any]:
         """The replies to ``commands`` in order, server errors as exception values.

@@ -659,8 +659,9 @@ class RedisClusterBackend:
         nodes = self._cluster.nodes_manager
         slot = _slot(args[1] if key is None else key)
         ask_node: ClusterNode | None = None
-        moved_by: set[str] = set()
-        for attempt in range(self._options.max_redirects + 1 - sent):
+        redirected_by: set[str] = set()
+        sends = self._options.max_redirects + 1 - sent
+        for attempt in range(1, sends + 1):
             node = ask_node if ask_node is not None else nodes.get_node_from_slot(slot)
             commands = [PipelineCommand(0, *args)]
             if ask_node is not None:
@@ -668,16 +669,19 @@ class RedisClusterBackend:
             await node.execute_pipeline(commands)
             result = commands[-1].result
             ask_node = None
-            if isinstance(result, MovedError):
-                await follow_moved(nodes, result, node.name, moved_by, attempt)
-            elif isinstance(result, AskError):
-                ask_node = node_at(nodes, result.host, result.port)
-            elif isinstance(result, TryAgainError):
-                await asyncio.sleep(0.05 * (attempt + 1))
-            elif isinstance(result, Exception):
-                raise result
-            else:
+            if not isinstance(result, Exception):
                 return result
+            if not isinstance(result, (AskError, TryAgainError)):  # MovedError is an AskError
+                raise result
+            if attempt == sends:  # nothing is sent after this: no pause either
+                break
+            if isinstance(result, MovedError):
+                await follow_moved(nodes, result, node.name, redirected_by, attempt)
+            elif isinstance(result, AskError):
+                redirected_by.add(node.name)
+                ask_node = node_at(nodes, result.host, result.port)
+            else:
+                await asyncio.sleep(0.05 * attempt)
         raise ClusterError(f"gave up after following {self._options.max_redirects} redirections")
 
     def _batch_conn(self, name: str) -> MuxConnection:
@@ -1018,28 +1022,40 @@ class RedisClusterBackend:
     async def _tx_error(self, exc: KivigoError) -> KivigoError:
         """The error a transaction's failure on its slot's node gives the caller.
 
-        A redirection means the slot moved: a conflict, worth a retry. A lost or
-        silent node may have failed over: the transaction is not sent again (it
-        may have been applied). Either way the layout is read again, so that the
-        next transaction goes to the slot's owner: it is read once and kept, and
-        nothing else would read it again if transactions are all the traffic.
+        A redirection means the slot moved or is moving (``ASK``, or ``TRYAGAIN``
+        for keys split between the two nodes): a conflict, worth a retry; nothing
+        was applied. ``CLUSTERDOWN`` is an outage that passes, as for any other
+        command. A lost or silent node may have failed over: the transaction is
+        not sent again (it may have been applied). Either way the layout is read
+        again, so that the next transaction goes to the slot's owner: it is read
+        once and kept, and nothing else would read it again if transactions are
+        all the traffic.
         """
         # By the reply's type or its own first word: the message names the key, which
         # may read "MOVED" or "ASK " too.
         cause = exc.__cause__
-        moved = isinstance(cause, AskError) or (  # MovedError is an AskError
-            isinstance(cause, ResponseError) and str(cause).startswith(("MOVED ", "ASK "))
+        text = str(cause) if isinstance(cause, ResponseError) else ""
+        moved = isinstance(cause, MovedError) or text.startswith("MOVED ")
+        moving = not moved and (
+            isinstance(cause, (AskError, TryAgainError)) or text.startswith(("ASK ", "TRYAGAIN "))
         )
+        down = isinstance(cause, ClusterDownError) or text.startswith(("CLUSTERDOWN ", "MASTERDOWN "))
         # A node that did not answer, not a pool with no free connection (a busy
         # client, which re-reading the layout on every refusal would make busier).
         silent = isinstance(exc, OperationTimeoutError) and isinstance(exc.__cause__, RedisTimeoutError)
-        if moved or silent or isinstance(exc, BackendUnavailableError):
+        if moved or moving or down or silent or isinstance(exc, BackendUnavailableError):
             await self._learn_layout()
-        if not moved:
+        error: KivigoError
+        if moved:
+            error = TransactionConflictError(f"{exc}; the slot moved to another node, retry")
+        elif moving:
+            error = TransactionConflictError(f"{exc}; the slot is migrating to another node, retry")
+        elif down and not isinstance(exc, BackendUnavailableError):
+            error = BackendUnavailableError(f"{exc}: the cluster is down (failover in progress?)")
+        else:
             return exc
-        conflict = TransactionConflictError(f"{exc}; the slot moved to another node, retry")
-        conflict.__cause__ = exc
-        return conflict
+        error.__cause__ = exc
+        return error
 
     async def begin(self, watch: Sequence[str]) -> BackendTransaction:
         if not watch:
