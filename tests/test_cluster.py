@@ -897,6 +897,41 @@ async def test_a_transaction_on_an_unserved_slot_is_unavailable(
                     tx.set("{down}:a", 2)
 
 
+@pytest.mark.parametrize("auto_pipeline", [True, False])
+async def test_a_batch_refused_with_clusterdown_is_sent_again(
+    redis_cluster_factory: ClusterFactory, auto_pipeline: bool
+) -> None:
+    # CLUSTERDOWN applied nothing: a batch, reads and writes alike, is sent again
+    # once the layout is read anew, as a single-key command is, not failed at once.
+    options = {"auto_pipeline": auto_pipeline, "max_retries": 20}
+    async with cluster_client(redis_cluster_factory, **options) as (cluster, client):
+        await client.batch_set({"down:k": 1, "unserved": 2})
+        slot = key_slot(b"unserved")
+        owner = cluster.node_for_slot(slot)
+        for node in cluster.running_nodes():  # every node stops serving every key
+            with sync_client(node) as direct:
+                direct.execute_command("CLUSTER DELSLOTS", slot)
+        reset_stats(cluster)
+
+        def serve_again() -> None:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not any(
+                rejected_calls(p, "mget") for p in cluster.primaries()
+            ):
+                time.sleep(0.01)
+            with sync_client(owner) as direct:
+                direct.execute_command("CLUSTER ADDSLOTS", slot)
+
+        serving = asyncio.create_task(asyncio.to_thread(serve_again))
+        try:
+            assert await client.batch_get(["down:k", "unserved"], int) == {"down:k": 1, "unserved": 2}
+            await client.batch_set({"down:k": 3, "unserved": 4})
+            assert await client.batch_get(["down:k", "unserved"], int) == {"down:k": 3, "unserved": 4}
+        finally:
+            await serving
+        assert any(rejected_calls(p, "mget") for p in cluster.primaries())  # it was refused first
+
+
 async def test_a_transaction_read_after_its_slot_moved_is_a_conflict(
     redis_cluster_factory: ClusterFactory,
 ) -> None:

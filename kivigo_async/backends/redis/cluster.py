@@ -109,7 +109,9 @@ class RedisClusterOptions:
             already. A dial timeout counts too (a hung node may have been
             replaced), so a call may take ``(max_retries + 1) * dial_timeout``
             when its node hangs. Batches re-read the layout after a lost
-            connection and retry reads once, writes never.
+            connection and retry reads once, writes never; a batch's commands
+            refused with ``CLUSTERDOWN`` (which applied nothing) are sent again
+            up to ``max_retries`` times, writes too.
         max_redirects: how many ``MOVED`` / ``ASK`` redirections one command
             may follow.
         read_from_replicas: send reads (``GET``, ``MGET``, ``EXISTS``, ``PTTL``)
@@ -322,6 +324,18 @@ def _cluster_for(options: RedisClusterOptions) -> RedisCluster:
     return cluster
 
 
+def _uncovered(exc: BaseException | None) -> bool:
+    """Whether ``exc`` says no node serves some slot (in the layout just read)."""
+    return isinstance(exc, SlotNotCoveredError) or (
+        isinstance(exc, RedisClusterException) and "slots are not covered" in str(exc)
+    )
+
+
+def _outage(exc: BaseException | None) -> bool:
+    """Whether ``exc`` refused a command for an outage that passes, having applied nothing."""
+    return isinstance(exc, ClusterDownError) or _uncovered(exc)
+
+
 def _torn_down(exc: BaseException) -> bool:
     """Whether ``exc`` is redis-py finding a connection's reader or writer gone mid-call.
 
@@ -507,10 +521,7 @@ class RedisClusterBackend:
             return ConnectTimeoutError(f"{call}: no seed answered within dial_timeout: {exc}")
         # No reachable node, or no node serving some slots (while a failover runs):
         # an outage that passes, not a server error.
-        if isinstance(exc, SlotNotCoveredError) or (
-            isinstance(exc, RedisClusterException)
-            and ("cannot be connected" in str(exc) or "slots are not covered" in str(exc))
-        ):
+        if (isinstance(exc, RedisClusterException) and "cannot be connected" in str(exc)) or _uncovered(exc):
             return BackendUnavailableError(f"{call}: {exc}")
         if isinstance(exc, ClusterDownError):
             # CLUSTERDOWN / MASTERDOWN: a primary failed and no replica serves its
@@ -822,7 +833,12 @@ class RedisClusterBackend:
         return node
 
     async def _pipeline(
-        self, name: str, commands: list[tuple[Any, ...]], served_by: list[str | None] | None = None
+        self,
+        name: str,
+        commands: list[tuple[Any, ...]],
+        served_by: list[str | None] | None = None,
+        *,
+        resend_refused: bool = True,
     ) -> list[Any]:
         """Send ``commands`` as one pipeline per node, nodes in parallel; results in order.
 
@@ -830,6 +846,11 @@ class RedisClusterBackend:
         moving), or refused with ``TRYAGAIN`` (a multi-key command whose keys
         are split between two nodes mid-migration) is re-sent one key at a
         time, as single-key commands, which follow redirections one by one.
+
+        A command refused with ``CLUSTERDOWN`` (a failover under way) applied
+        nothing: those are sent again once the layout is read anew, up to
+        ``max_retries`` times, as a single-key command is (unless ``resend_refused``
+        is false).
 
         ``served_by``, when given, receives per command the name of the node it
         was sent to, or ``None`` when it had to be re-sent (the client cache
@@ -867,6 +888,14 @@ class RedisClusterBackend:
         # it tracks, redis-py's.
         fast = served_by is None and (not reads or self._tracking is None)
         results: list[Any] = await self._run(name, None, multiplexed if fast else send)
+        down = [i for i, result in enumerate(results) if isinstance(result, ClusterDownError)]
+        if down and resend_refused and self._options.max_retries and not self._closed:
+            again_by: list[str | None] | None = None if served_by is None else []
+            again = await self._after_cluster_down(name, [commands[i] for i in down], again_by)
+            for position, index in enumerate(down):
+                results[index] = again[position]
+                if again_by is not None:
+                    targets[index] = again_by[position]
         redo: dict[int, list[tuple[Any, ...]]] = {}
         for index, (args, result) in enumerate(zip(commands, results, strict=True)):
             if isinstance(result, (AskError, TryAgainError)):  # MovedError is an AskError
@@ -888,6 +917,22 @@ class RedisClusterBackend:
         if served_by is not None:
             served_by[:] = targets
         return results
+
+    async def _after_cluster_down(
+        self, name: str, commands: list[tuple[Any, ...]], served_by: list[str | None] | None
+    ) -> list[Any]:
+        """The results of ``commands``, refused with ``CLUSTERDOWN``, sent again as a batch."""
+        retries = self._options.max_retries
+        for attempt in range(1, retries + 1):
+            await asyncio.sleep(0.25)  # as for a single-key command: give the failover a moment
+            await self._learn_layout()
+            try:
+                return await self._pipeline(name, commands, served_by, resend_refused=False)
+            except BackendUnavailableError as exc:
+                # Still down, or a slot that no node serves in the layout just read: both pass.
+                if attempt == retries or not _outage(exc.__cause__):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def batch_get(self, keys: Sequence[str]) -> list[bytes | None]:
         if self._tracking is not None:
