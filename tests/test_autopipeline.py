@@ -232,10 +232,12 @@ async def test_reconnect_moves_the_next_calls_to_a_new_socket(
     # flight on the old one get their replies, or fail at once.
     from kivigo_async.backends.redis.standalone import _mux_for
 
-    mux = _mux_for(redis_options(valkey_server, read_timeout=5.0))
+    mux = _mux_for(redis_options(valkey_server, read_timeout=10.0))
     try:
         first = await mux.execute("CLIENT", "ID")
-        await admin.client_pause(300)
+        # Long enough that a stalled test still reconnects before the replies come; the
+        # calls after it wait for the pause's end (an ALL pause holds UNPAUSE too).
+        await admin.client_pause(2000)
         in_flight = [asyncio.ensure_future(mux.execute("CLIENT", "ID")) for _ in range(5)]
         await asyncio.sleep(0.05)  # written, not answered
         mux.reconnect(wait_for_replies=wait_for_replies)
@@ -352,14 +354,14 @@ async def test_a_retired_connection_answers_the_calls_in_flight_then_closes(
     mux = _mux_for(redis_options(valkey_server, read_timeout=None))
     try:
         own_id = await mux.execute("CLIENT", "ID")
-        await admin.client_pause(300)
+        await admin.client_pause(2000)  # long enough that a stalled test still retires it first
         in_flight = [asyncio.ensure_future(mux.execute("ECHO", str(i))) for i in range(5)]
         await asyncio.sleep(0.05)  # written, not answered yet
         mux.retire()
         assert mux.draining
         with pytest.raises(RedisConnectionError, match="closed"):
             await mux.execute("PING")  # no new call on it
-        assert await asyncio.wait_for(asyncio.gather(*in_flight), 5) == [str(i).encode() for i in range(5)]
+        assert await asyncio.wait_for(asyncio.gather(*in_flight), 10) == [str(i).encode() for i in range(5)]
         deadline = time.monotonic() + 10
         while any(c["id"] == str(own_id) for c in await admin.client_list()):
             assert time.monotonic() < deadline, "the retired connection stayed open"

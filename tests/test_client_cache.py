@@ -306,7 +306,8 @@ async def test_a_silent_invalidation_connection_is_noticed(
         assert tracking is not None
         transport_of(tracking._conn).pause_reading()  # nothing arrives: no invalidation, no reply
         await admin.set("silent", b'"new"')
-        await watcher.wait_for(None)  # the flush when the heartbeat stalled
+        # The flush when the heartbeat stalled: without read_timeout, up to 6 s (tick and stall).
+        await watcher.wait_for(None, timeout=30)
         assert await client.get("silent") == "new"
 
 
@@ -368,11 +369,11 @@ async def test_own_expiry_changes_drop_the_cached_copy(client: Client, admin: Re
         assert await client.expire("exp", 0.05)
         await until_expired(admin, "exp")
         assert await client.get("exp", default=None) is None
-        await client.set("exp", "w", ttl=0.5)
-        assert await client.get("exp") == "w"  # cached with a 0.5 s TTL
+        await client.set("exp", "w", ttl=2)  # room for a slow machine before persist()
+        assert await client.get("exp") == "w"  # cached with a 2 s TTL
         assert await client.persist("exp")
         assert cache_of(client).lookup("exp") is None
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(2.1)
         assert await client.get("exp") == "w"  # persisted: read back past the old TTL
 
 

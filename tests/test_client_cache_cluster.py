@@ -677,7 +677,8 @@ async def test_manual_failover_is_noticed_without_any_read(
 ) -> None:
     # Every read after the failover could be a cache hit, so the data path would never
     # learn the new layout; the listeners' role check must, and listen to the new primary.
-    cluster = redis_cluster_factory(node_timeout_ms=1000)
+    # The failover is asked for: a node timeout a loaded machine cannot set one off by mistake.
+    cluster = redis_cluster_factory(node_timeout_ms=5000)
     keys = one_key_per_primary(cluster, "mfo:")
     options = RedisClusterOptions(addrs=cluster.addrs, client_cache=ClientCache(ttl=None), client_name=name)
     old = cluster.primaries()[0]

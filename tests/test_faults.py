@@ -330,7 +330,8 @@ async def test_acknowledged_writes_survive_sigkill(
     acked: dict[str, int] = {}
     attempts = 0
     enough = asyncio.Event()
-    options = redis_options(server, auto_pipeline=auto_pipeline, read_timeout=2.0, max_retries=0)
+    # A writer that times out stops; one slow fsync on a busy disk must not stop them all.
+    options = redis_options(server, auto_pipeline=auto_pipeline, read_timeout=10.0, max_retries=0)
 
     async with Client(RedisBackend(options)) as client:
 

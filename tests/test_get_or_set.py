@@ -215,16 +215,24 @@ async def test_factory_error_reaches_every_waiter_and_releases_the_lease(client:
     key = fresh_key()
     calls = Counter()
     started = asyncio.Event()
+    fail = asyncio.Event()  # set once the test has seen the lease and every caller waiting
 
     async def factory() -> int:
         calls.runs += 1
         started.set()
-        await asyncio.sleep(0.2)
+        await fail.wait()
         raise ValueError("backend of record is down")
+
+    async def every_caller_waits() -> None:
+        assert client._filler is not None
+        while client._filler._flights._calls[key].waiters < 20:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
     tasks = [asyncio.create_task(client.get_or_set(key, factory)) for _ in range(20)]
     await started.wait()
     assert await exists(client, lease_key(key))  # held while the factory runs
+    await asyncio.wait_for(every_caller_waits(), 10)  # the error must reach them all
+    fail.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert calls.runs == 1
     assert all(isinstance(r, ValueError) and str(r) == "backend of record is down" for r in results)

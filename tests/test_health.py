@@ -827,22 +827,44 @@ async def test_concurrent_check_now_calls_share_the_check_under_way(memory_clien
     assert runs == 1
     assert elapsed < 3  # one after another, the last would answer after 30 s
 
+    await watcher.stop()
+
     # Callers that give up, the one that started the check among them, do not stop
-    # it for those still waiting; the last one to leave stops it.
+    # it for those still waiting; the last one to leave stops it. The check ends when
+    # told, not at a timeout a stalled test could reach before the callers act.
+    entered, failing = asyncio.Event(), asyncio.Event()
+
+    async def held(client: Client) -> None:
+        nonlocal runs
+        runs += 1
+        entered.set()
+        await failing.wait()
+        raise RuntimeError("down")
+
+    async def callers_waiting(count: int) -> None:
+        while watcher._check_flight._calls["check"].waiters < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+    watcher = HealthWatcher(memory_client, timeout=60, interval=60, checks=[held])
     first = asyncio.ensure_future(watcher.check_now())
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(entered.wait(), 10)
     impatient = asyncio.ensure_future(watcher.check_now())
     patient = asyncio.ensure_future(watcher.check_now())
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(callers_waiting(3), 10)
     impatient.cancel()
     first.cancel()
+    await asyncio.wait({impatient, first})
+    failing.set()
     assert (await asyncio.wait_for(patient, 10)).status is DOWN
     assert runs == 2
+    entered.clear()
+    failing.clear()
     alone = asyncio.ensure_future(watcher.check_now())
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(entered.wait(), 10)
     alone.cancel()
     with pytest.raises(asyncio.CancelledError):
         await alone
+    assert runs == 3
     # The last caller to leave stopped the check and waited for it to end.
     assert not watcher._check_flight._running
     await watcher.stop()

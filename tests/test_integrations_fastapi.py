@@ -498,7 +498,8 @@ async def test_concurrent_probes_share_one_check(redis_server_factory: ServerFac
             answers = await asyncio.gather(*(http.get("/readyz") for _ in range(5)))
             took = time.monotonic() - started
             assert [a.status_code for a in answers] == [503] * 5
-            assert took < 2 * DEFAULT_READY_TIMEOUT, f"5 probes took {took:.1f} s"
+            # One shared check takes about one timeout; checks one after another would take five.
+            assert took < 4 * DEFAULT_READY_TIMEOUT, f"5 probes took {took:.1f} s"
             proxy.heal()
 
 

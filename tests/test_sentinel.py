@@ -97,10 +97,11 @@ async def test_the_sentinel_connections_speak_the_protocol_asked_for(
     # protocol=2 is for servers without HELLO; the sentinels were sent HELLO 3 all
     # the same. The subscription's PINGs are answered in either protocol's form.
     caplog.set_level(logging.DEBUG, logger=sentinel_module.__name__)
-    backend = RedisSentinelBackend(sentinel_options(redis_sentinel, protocol=protocol, read_timeout=0.2))
+    # A read_timeout long enough that a stall on a busy machine does not look like a lost sentinel.
+    backend = RedisSentinelBackend(sentinel_options(redis_sentinel, protocol=protocol, read_timeout=1.0))
     async with Client(backend) as client:
         await client.set("k", 1)
-        await asyncio.sleep(1.5)  # several rounds of PING and reply
+        await asyncio.sleep(2.5)  # two rounds of PING and reply at least
         clients = own_sentinel_clients(backend, redis_sentinel)
     assert clients
     assert {c.get("resp") for _, c in clients} == {str(protocol)}

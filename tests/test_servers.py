@@ -473,20 +473,26 @@ def test_sigterm_ends_the_session_with_every_server_stopped(
 
 
 def test_a_child_that_runs_too_long_is_stopped_with_its_servers(tmp_path: Path) -> None:
-    if not servers.find_binaries():
+    found = servers.find_binaries()
+    if not found:
         skip_or_fail(ServerUnavailable("no valkey-server or redis-server binary"), "valkey")
+    binary = found[0]
     info = tmp_path / "server.txt"
+    # The binary found here, so the child starts its server without probing again.
     script = (
         "import sys, time\n"
-        "from kivigo_async.testing.servers import RedisServer, find_binaries, stop_servers_on_sigterm\n"
+        "from kivigo_async.testing.servers import RedisServer, ServerBinary, stop_servers_on_sigterm\n"
         "stop_servers_on_sigterm()\n"
-        "server = RedisServer(find_binaries()[0]).start()\n"
+        "binary = ServerBinary(kind=sys.argv[2], path=sys.argv[3], version=sys.argv[4], supports_tls=False)\n"
+        "server = RedisServer(binary).start()\n"
         "open(sys.argv[1], 'w').write(str(server.pid))\n"
         "time.sleep(120)\n"
     )
     # Time enough to start one server on a loaded machine; the child sleeps far longer.
-    with pytest.raises(pytest.fail.Exception, match="ran past 6 s"):
-        run_child([sys.executable, "-c", script, str(info)], timeout=6)
+    with pytest.raises(pytest.fail.Exception, match="ran past 10 s"):
+        run_child(
+            [sys.executable, "-c", script, str(info), binary.kind, binary.path, binary.version], timeout=10
+        )
     pid = int(info.read_text())
     try:
         assert pid_gone(pid), "the child's server outlived it"
