@@ -888,22 +888,25 @@ class RedisClusterBackend:
         # it tracks, redis-py's.
         fast = served_by is None and (not reads or self._tracking is None)
         results: list[Any] = await self._run(name, None, multiplexed if fast else send)
-        down = [i for i, result in enumerate(results) if isinstance(result, ClusterDownError)]
-        if down and resend_refused and self._options.max_retries and not self._closed:
-            again_by: list[str | None] | None = None if served_by is None else []
-            again = await self._after_cluster_down(name, [commands[i] for i in down], again_by)
-            for position, index in enumerate(down):
-                results[index] = again[position]
-                if again_by is not None:
-                    targets[index] = again_by[position]
         redo: dict[int, list[tuple[Any, ...]]] = {}
+        down: list[int] = []  # refused with CLUSTERDOWN
         for index, (args, result) in enumerate(zip(commands, results, strict=True)):
             if isinstance(result, (AskError, TryAgainError)):  # MovedError is an AskError
                 redo[index] = _split(args)
                 if served_by is not None:
                     targets[index] = None
+            elif isinstance(result, ClusterDownError):
+                down.append(index)
             elif isinstance(result, Exception):
                 raise self._error(result, name, args[1] if len(args) == 2 else None) from result
+        if down and resend_refused:
+            again, again_by = await self._after_cluster_down(
+                name, [commands[i] for i in down], results[down[0]], served_by
+            )
+            for position, index in enumerate(down):
+                results[index] = again[position]
+                if served_by is not None:
+                    targets[index] = again_by[position]
         if redo:
             singles = [single for parts in redo.values() for single in parts]
             if self._options.auto_pipeline:  # as single-key commands: together, per node
@@ -919,20 +922,48 @@ class RedisClusterBackend:
         return results
 
     async def _after_cluster_down(
-        self, name: str, commands: list[tuple[Any, ...]], served_by: list[str | None] | None
-    ) -> list[Any]:
-        """The results of ``commands``, refused with ``CLUSTERDOWN``, sent again as a batch."""
-        retries = self._options.max_retries
-        for attempt in range(1, retries + 1):
+        self,
+        name: str,
+        commands: list[tuple[Any, ...]],
+        refusal: ClusterDownError,
+        served_by: list[str | None] | None,
+    ) -> tuple[list[Any], list[str | None]]:
+        """The results of ``commands``, refused with ``CLUSTERDOWN`` (``refusal``), and the
+        nodes that served them (with ``served_by``); each try sends those still refused."""
+        results: list[Any] = [None] * len(commands)
+        by: list[str | None] = [None] * len(commands)
+        pending = list(range(len(commands)))
+        failure: Exception = refusal
+        for _ in range(self._options.max_retries):
+            if self._closed:
+                break
             await asyncio.sleep(0.25)  # as for a single-key command: give the failover a moment
             await self._learn_layout()
+            sub_by: list[str | None] | None = None if served_by is None else []
             try:
-                return await self._pipeline(name, commands, served_by, resend_refused=False)
+                got = await self._pipeline(name, [commands[i] for i in pending], sub_by, resend_refused=False)
             except BackendUnavailableError as exc:
-                # Still down, or a slot that no node serves in the layout just read: both pass.
-                if attempt == retries or not _outage(exc.__cause__):
+                # A slot that no node serves in the layout just read: nothing was sent.
+                if not _outage(exc.__cause__):
                     raise
-        raise AssertionError("unreachable")  # pragma: no cover
+                failure = exc
+                continue
+            refused = []
+            for position, index in enumerate(pending):
+                if isinstance(got[position], ClusterDownError):
+                    refused.append(index)
+                    failure = got[position]
+                else:
+                    results[index] = got[position]
+                    if sub_by is not None:
+                        by[index] = sub_by[position]
+            pending = refused
+            if not pending:
+                return results, by
+        if isinstance(failure, KivigoError):
+            raise failure
+        args = commands[pending[0]]
+        raise self._error(failure, name, args[1] if len(args) == 2 else None) from failure
 
     async def batch_get(self, keys: Sequence[str]) -> list[bytes | None]:
         if self._tracking is not None:
