@@ -18,7 +18,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType, UnionType
-from typing import Any, TypeVar, Union, cast, overload
+from typing import Any, NamedTuple, TypeVar, Union, cast, overload
 
 from ._singleflight import CacheFiller, result_type
 from ._tasks import cancel_requested
@@ -241,6 +241,14 @@ def _decode_error(key: str, exc: Exception) -> DecodeError:
     return DecodeError(f"cannot decode the value of key {key!r}: {detail}")
 
 
+class _CloseOutcome(NamedTuple):
+    """How a close() ended, for the calls that waited for it."""
+
+    error: Exception | None
+    traceback: TracebackType | None
+    interrupted: bool  # cancelled (or interrupted) before it finished
+
+
 class Client:
     """An asyncio key-value client over any :class:`~kivigo_async.backend.AsyncBackend`.
 
@@ -296,9 +304,8 @@ class Client:
         self._subscribed_watches: set[Watch] = set()
         self.hooks = HookRegistry()
         self._closed = False
-        # While a close() is under way: what it will end with (its error or None),
-        # and the task running it.
-        self._close_done: asyncio.Future[BaseException | None] | None = None
+        # While a close() is under way: what it will end with, and the task running it.
+        self._close_done: asyncio.Future[_CloseOutcome] | None = None
         self._close_task: asyncio.Task[Any] | None = None
 
     def __repr__(self) -> str:
@@ -380,17 +387,21 @@ class Client:
     @contextlib.asynccontextmanager
     async def _closing(self) -> AsyncIterator[None]:
         """Mark the close under way, so that a close() called meanwhile can wait for it."""
-        done: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[_CloseOutcome] = asyncio.get_running_loop().create_future()
         self._close_done, self._close_task = done, asyncio.current_task()
-        failure: BaseException | None = None
+        outcome = _CloseOutcome(None, None, interrupted=False)
         try:
             yield
         except Exception as exc:
-            failure = exc
+            outcome = _CloseOutcome(exc, exc.__traceback__, interrupted=False)
+            raise
+        except BaseException:
+            # Cancelled, perhaps while the backend closed: that may go on without us.
+            outcome = _CloseOutcome(None, None, interrupted=True)
             raise
         finally:
             self._close_task = None
-            done.set_result(failure)
+            done.set_result(outcome)
 
     async def _wait_closed(self) -> None:
         """Wait for a close() under way, unless that close waits for the running task."""
@@ -406,9 +417,14 @@ class Client:
         ):
             return
         # Shielded: a caller that gives up must not cancel the close it waited for.
-        failure = await asyncio.shield(done)
-        if failure is not None:
-            raise failure
+        outcome = await asyncio.shield(done)
+        if outcome.interrupted:
+            # The backend's close goes on detached; closing again joins it (it is safe to repeat).
+            await self._backend.close()
+        if outcome.error is not None:
+            # Its traceback as the first close left it, as a future's result is raised:
+            # each waiter raising the one object would otherwise add its frames to it.
+            raise outcome.error.with_traceback(outcome.traceback)
 
     # -- encoding helpers ------------------------------------------------
 

@@ -271,11 +271,20 @@ async def _call(hook: _Hook, event: HookEvent) -> None:
         await result
 
 
+#: Python 3.10: the task wait_for runs a timed hook call in -> the task awaiting it.
+_timed_calls: dict[asyncio.Task[None], asyncio.Task[Any]] = {}
+
+
 async def _bounded_wait_for(hook: _Hook, event: HookEvent, timeout: float) -> None:
     # Python 3.10 has no asyncio.timeout; wait_for cannot tell our deadline from
     # a TimeoutError raised by the hook itself, so both count as timed out.
+    call = asyncio.ensure_future(_call(hook, event))
+    caller = asyncio.current_task()
+    if caller is not None:  # so that HookRegistry.runs() knows the call's own task
+        _timed_calls[call] = caller
+        call.add_done_callback(_timed_calls.pop)
     try:
-        await asyncio.wait_for(_call(hook, event), timeout)
+        await asyncio.wait_for(call, timeout)
     except asyncio.TimeoutError as exc:
         raise _HookTimeoutError from exc
 
@@ -721,6 +730,9 @@ class HookRegistry:
 
     def runs(self, task: asyncio.Task[Any] | None) -> bool:
         """Whether ``task`` runs background hook calls (which :meth:`aclose` waits for)."""
+        if task is None:
+            return False
+        task = _timed_calls.get(task, task)
         return task in self._tasks or task in self._callers
 
     def _own_tasks(self) -> tuple[asyncio.Task[Any], ...]:

@@ -941,7 +941,7 @@ async def test_a_clusterdown_retry_sends_only_what_is_still_refused(
     options = {"auto_pipeline": auto_pipeline, "max_retries": 40}
     async with cluster_client(redis_cluster_factory, **options) as (cluster, client):
         first, second, third = cluster.primaries()
-        keys = {}
+        keys: dict[int, str] = {}
         for n in range(200):
             owner = cluster.node_for_slot(key_slot(f"cd:{n}".encode()))
             if owner is not third:
