@@ -308,7 +308,7 @@ class SlowWatchBackend(MemoryBackend):
     def __init__(self) -> None:
         super().__init__()
         self.releasing = asyncio.Event()
-        self.on_release: Callable[[], Awaitable[None]] | None = None
+        self.on_release: Callable[[], Awaitable[object]] | None = None
 
     async def watch(
         self, prefix: str, *, max_pending: int = DEFAULT_MAX_PENDING, configure_server: bool = True
@@ -358,9 +358,12 @@ async def test_a_second_close_returns_once_the_first_has_closed_the_backend() ->
 
 async def test_a_second_close_that_gives_up_leaves_the_first_to_finish() -> None:
     backend = SlowWatchBackend()
+    release = asyncio.Event()
+    backend.on_release = release.wait  # the first close waits until the second has given up
     client, closing = await closing_in_a_watch_release(backend)
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(client.close(), 0.05)
+    release.set()
     await asyncio.wait_for(closing, 10)
     with pytest.raises(BackendUnavailableError):
         await backend.get("k")

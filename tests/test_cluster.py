@@ -1080,7 +1080,7 @@ async def test_closing_while_a_call_relearns_the_layout_leaves_no_connection_ope
     monkeypatch.setattr(backend._node_conns, "_refresh", held_relearn)
     owner = redis_cluster.node_for_slot(key_slot(b"relearn"))
     with sync_client(owner) as direct:
-        direct.execute_command("CLIENT PAUSE", 800, "ALL")
+        direct.execute_command("CLIENT PAUSE", 3000, "ALL")  # far past read_timeout, on a slow machine too
         try:
             call = asyncio.ensure_future(backend.get("relearn"))
             await asyncio.wait_for(entered.wait(), 5)
