@@ -954,13 +954,13 @@ async def test_a_write_in_flight_at_close_is_never_sent_again(
     # would apply it after close() returned, and report it written.
     backend = RedisBackend(redis_options(private_server, auto_pipeline=auto_pipeline, read_timeout=5))
     await backend.connect()
-    await pause(private_control, 1000, "WRITE")
+    await pause(private_control, 3000, "WRITE")  # outlasts a stall before close()
     write = asyncio.ensure_future(backend.set("closing:k", b"v"))
     await asyncio.sleep(0.2)  # the SET is on the wire, held by the pause
     await backend.close()
     with pytest.raises(BackendUnavailableError):
         await asyncio.wait_for(write, 5)
-    await asyncio.sleep(1.2)  # past the pause: a re-sent SET would have run by now
+    await asyncio.sleep(3.2)  # past the pause: a re-sent SET would have run by now
     assert await private_control.exists("closing:k") == 0
 
 
