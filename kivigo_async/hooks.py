@@ -280,7 +280,7 @@ async def _bounded_wait_for(hook: _Hook, event: HookEvent, timeout: float) -> No
     # a TimeoutError raised by the hook itself, so both count as timed out.
     call = asyncio.ensure_future(_call(hook, event))
     caller = asyncio.current_task()
-    if caller is not None:  # so that HookRegistry.runs() knows the call's own task
+    if caller is not None:  # so that the registry knows the call's own task (HookRegistry._chain)
         _timed_calls[call] = caller
         call.add_done_callback(_timed_calls.pop)
     try:
@@ -730,18 +730,26 @@ class HookRegistry:
 
     def runs(self, task: asyncio.Task[Any] | None) -> bool:
         """Whether ``task`` runs background hook calls (which :meth:`aclose` waits for)."""
+        return any(t in self._tasks or t in self._callers for t in self._chain(task))
+
+    def _chain(self, task: asyncio.Task[Any] | None) -> tuple[asyncio.Task[Any], ...]:
+        """``task`` and, inside a background hook call, the tasks awaiting it: on Python
+        3.10 a timed call runs in a task of wait_for's, awaited by the call's own task
+        or its worker; a call's own task is awaited by its worker."""
         if task is None:
-            return False
-        task = _timed_calls.get(task, task)
-        return task in self._tasks or task in self._callers
+            return ()
+        chain = [task]
+        caller = _timed_calls.get(task)
+        if caller is not None:
+            chain.append(caller)
+        worker = self._callers.get(chain[-1])
+        if worker is not None:
+            chain.append(worker)
+        return tuple(chain)
 
     def _own_tasks(self) -> tuple[asyncio.Task[Any], ...]:
-        """The running task and, inside a background hook call, the worker awaiting it."""
-        current = asyncio.current_task()
-        if current is None:
-            return ()
-        worker = self._callers.get(current)
-        return (current,) if worker is None else (current, worker)
+        """The running task and, inside a background hook call, the tasks awaiting it."""
+        return self._chain(asyncio.current_task())
 
     async def aclose(self) -> None:
         """Cancel running background hook calls and wait for them to finish.

@@ -837,14 +837,17 @@ async def test_drain_waits_for_hooks_started_by_hooks(registry: HookRegistry) ->
     assert seen == ["k", "k"]
 
 
-async def test_drain_inside_a_background_hook_does_not_deadlock(registry: HookRegistry) -> None:
+@pytest.mark.parametrize("timeout", [None, 30.0])  # with a timeout, 3.10 runs the call in a task of its own
+async def test_drain_inside_a_background_hook_does_not_deadlock(
+    registry: HookRegistry, timeout: float | None
+) -> None:
     done: list[bool] = []
 
     async def hook(event: HookEvent) -> None:
         await registry.drain()
         done.append(True)
 
-    registry.register(hook, background=True)
+    registry.register(hook, background=True, timeout=timeout)
     await registry.emit(EventType.SET, "k", b"v")
     await asyncio.wait_for(registry.drain(), 5)
     assert done == [True]
