@@ -756,11 +756,18 @@ def rejected_calls(node: RedisServer, command: str) -> int:
     return int(stats.get(f"cmdstat_{command}", {}).get("rejected_calls", 0))
 
 
-def wait_refused(node: RedisServer, command: str) -> None:
-    """Block until ``node`` has refused ``command`` once (or 10 s have passed)."""
+def wait_refused(command: str, *nodes: RedisServer, at_least: int = 1) -> None:
+    """Block until ``nodes`` together have refused ``command`` ``at_least`` times (or 10 s have passed)."""
     deadline = time.monotonic() + 10
-    while rejected_calls(node, command) < 1 and time.monotonic() < deadline:
+    while sum(rejected_calls(node, command) for node in nodes) < at_least and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def unserve(cluster: RedisCluster, slot: int) -> None:
+    """Make no node serve ``slot``: needing full coverage, every node then refuses every key."""
+    for node in cluster.running_nodes():
+        with sync_client(node) as direct:
+            direct.execute_command("CLUSTER DELSLOTS", slot)
 
 
 @pytest.mark.parametrize("auto_pipeline", [True, False])
@@ -782,7 +789,7 @@ async def test_moved_back_and_forth_waits_for_the_new_owner(
         reset_stats(cluster)
 
         def finish() -> None:
-            wait_refused(target, "get")
+            wait_refused("get", target)
             for node in [target, *(p for p in cluster.primaries() if p not in (source, target))]:
                 with sync_client(node) as each:
                     each.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
@@ -825,7 +832,7 @@ async def test_an_ask_answered_by_moved_back_waits_for_the_nodes_to_agree(
         reset_stats(cluster)
 
         def settle() -> None:
-            wait_refused(target, "get")
+            wait_refused("get", target)
             with sync_client(source) as src, sync_client(target) as dst:
                 if variant == "abort reaches the target first":
                     src.execute_command("CLUSTER SETSLOT", slot, "STABLE")
@@ -908,17 +915,11 @@ async def test_a_batch_refused_with_clusterdown_is_sent_again(
         await client.batch_set({"down:k": 1, "unserved": 2})
         slot = key_slot(b"unserved")
         owner = cluster.node_for_slot(slot)
-        for node in cluster.running_nodes():  # every node stops serving every key
-            with sync_client(node) as direct:
-                direct.execute_command("CLUSTER DELSLOTS", slot)
+        unserve(cluster, slot)
         reset_stats(cluster)
 
         def serve_again() -> None:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and not any(
-                rejected_calls(p, "mget") for p in cluster.primaries()
-            ):
-                time.sleep(0.01)
+            wait_refused("mget", *cluster.primaries())
             with sync_client(owner) as direct:
                 direct.execute_command("CLUSTER ADDSLOTS", slot)
 
@@ -948,24 +949,17 @@ async def test_a_clusterdown_retry_sends_only_what_is_still_refused(
                 keys.setdefault(owner.port, f"cd:{n}")
         await client.batch_set(dict.fromkeys(keys.values(), 1))
         slot = key_slot(b"nowhere")
-        for node in cluster.running_nodes():  # every node stops serving every key
-            with sync_client(node) as direct:
-                direct.execute_command("CLUSTER DELSLOTS", slot)
+        unserve(cluster, slot)
         reset_stats(cluster)
-
-        def refusals(node: RedisServer, at_least: int) -> None:
-            deadline = time.monotonic() + 10
-            while rejected_calls(node, "unlink") < at_least and time.monotonic() < deadline:
-                time.sleep(0.01)
 
         def serve(node: RedisServer) -> None:  # a node that needs no full coverage serves again
             with sync_client(node) as direct:
                 direct.config_set("cluster-require-full-coverage", "no")
 
         def one_then_the_other() -> None:
-            refusals(first, 1)
+            wait_refused("unlink", first)
             serve(first)
-            refusals(second, 3)  # refused on two more tries, while the first node served
+            wait_refused("unlink", second, at_least=3)  # two more tries refused while the first served
             serve(second)
 
         recovering = asyncio.create_task(asyncio.to_thread(one_then_the_other))
