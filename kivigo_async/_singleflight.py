@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
@@ -278,6 +279,17 @@ class SingleFlight(Generic[R]):
             task.exception()  # retrieved: the callers got it, or there were none left
 
 
+#: The fills (filler, key, task) the running code is part of. Set in each fill's
+#: task, so that the factory and the tasks it starts inherit it: a get_or_set from
+#: there for a key being filled would join its own fill and wait for itself.
+_FILLING: contextvars.ContextVar[tuple[tuple[CacheFiller, str, asyncio.Task[Any]], ...]] = (
+    contextvars.ContextVar("kivigo_get_or_set_filling", default=())
+)
+
+#: _Filled.type of bytes no caller's type has decoded yet: each caller decodes them.
+_UNDECODED: Final = object()
+
+
 class _Filled:
     """What a fill produced: the value, its encoded form, and the type it was decoded as.
 
@@ -333,6 +345,13 @@ class CacheFiller:
         """Return the value of ``key`` after at most one factory run per key in this process."""
         if self._closed:
             raise BackendUnavailableError(f"get_or_set for key {key!r}: the client is closed")
+        for filler, filling, task in _FILLING.get():
+            if filler is self and filling == key and not task.done():
+                raise KivigoError(
+                    f"get_or_set for key {key!r}: called from the factory computing that key "
+                    "(directly or through the factory of another get_or_set), which would wait "
+                    "for itself; read the key with get() there instead"
+                )
         wait_s = None if wait_ms is None else wait_ms / 1000
         try:
             # wait_timeout is each caller's own, and bounds only waiting for another
@@ -374,6 +393,9 @@ class CacheFiller:
         ttl_ms: int | None,
         lock_ms: int,
     ) -> _Filled:
+        task = asyncio.current_task()
+        assert task is not None
+        _FILLING.set((*_FILLING.get(), (self, key, task)))  # this task's own context: see _FILLING
         lease = self.lease
         if lease is None:
             # The caller's miss may have been read before a fill that has since
@@ -437,9 +459,18 @@ class CacheFiller:
 
 
 async def _read(client: Client, key: str, rtype: Any) -> _Filled | None:
-    """The value stored under ``key`` (decoded as ``rtype``), or None."""
+    """The value stored under ``key`` (decoded as ``rtype`` when it can be), or None."""
     data = await client.backend.get(key)
-    return None if data is None else _Filled(client._decode(key, data, rtype), data, rtype)
+    if data is None:
+        return None
+    try:
+        value = client._codec.decode(data, rtype)
+    except Exception:
+        # rtype is the first caller's. Callers sharing the fill may ask for other
+        # types (old and new code during a schema change): each decodes the bytes
+        # itself, and only a caller whose own type fails hears of it.
+        return _Filled(None, data, _UNDECODED)
+    return _Filled(value, data, rtype)
 
 
 async def _read_or_produce(

@@ -156,8 +156,8 @@ def _settled(items: list[Item], results: Sequence[object]) -> tuple[list[Item], 
     return [item for item, r in zip(items, results, strict=True) if not isinstance(r, BaseException)], failed
 
 
-def _ttl_ms(ttl: TTLLike | None) -> int | None:
-    """Convert a user TTL to whole milliseconds (None: no expiry)."""
+def _ttl_ms(ttl: TTLLike | None, name: str = "ttl") -> int | None:
+    """A user TTL (or another duration: ``name``, in errors) in whole milliseconds (None: no expiry)."""
     if ttl is None:
         return None
     if isinstance(ttl, timedelta):
@@ -169,19 +169,19 @@ def _ttl_ms(ttl: TTLLike | None) -> int | None:
             seconds = math.inf
     else:
         raise InvalidArgumentError(
-            f"ttl must be seconds (int or float) or a timedelta, not {type(ttl).__name__}"
+            f"{name} must be seconds (int or float) or a timedelta, not {type(ttl).__name__}"
         )
     if not math.isfinite(seconds) or seconds <= 0:
-        raise InvalidArgumentError(f"ttl must be a positive, finite duration, got {seconds!r} seconds")
+        raise InvalidArgumentError(f"{name} must be a positive, finite duration, got {seconds!r} seconds")
     exact_ms = seconds * 1000  # infinite above about 1.8e305 s, which round() refuses
     if exact_ms > MAX_TTL_MS:
         raise InvalidArgumentError(
-            f"ttl must be at most {MAX_TTL_MS // 1000} seconds, got {seconds!r} seconds "
-            "(leave ttl=None for no expiry)"
+            f"{name} must be at most {MAX_TTL_MS // 1000} seconds, got {seconds!r} seconds"
+            + (" (leave ttl=None for no expiry)" if name == "ttl" else "")
         )
     ms = round(exact_ms)  # at most MAX_TTL_MS: floats near 2**62 are whole numbers
     if ms < 1:
-        raise InvalidArgumentError(f"ttl must be at least 1 millisecond, got {seconds!r} seconds")
+        raise InvalidArgumentError(f"{name} must be at least 1 millisecond, got {seconds!r} seconds")
     return ms
 
 
@@ -713,17 +713,22 @@ class Client:
                 f"get_or_set needs a callable factory, not {builtins.type(factory).__name__}"
             )
         ttl_ms = _ttl_ms(ttl)
-        lock_ms = _ttl_ms(lock_ttl)
+        lock_ms = _ttl_ms(lock_ttl, "lock_ttl")
         if lock_ms is None:
             raise InvalidArgumentError("get_or_set needs a lock_ttl (a positive duration), not None")
-        wait_ms = _ttl_ms(wait_timeout)
+        wait_ms = _ttl_ms(wait_timeout, "wait_timeout")
         rtype = result_type(factory) if type is None else type
         data = await self._backend.get(key)
         if data is not None:
             return self._decode(key, data, rtype)
-        if self._filler is None:
-            self._filler = CacheFiller(self._backend)
-        return await self._filler.fill(self, key, factory, rtype, ttl_ms, lock_ms, wait_ms)
+        filler = self._filler
+        if filler is None:
+            if self._closed:
+                # A close() under way found no filler to stop: one made now would
+                # run the factory after close() returned.
+                raise BackendUnavailableError(f"get_or_set for key {key!r}: the client is closed")
+            filler = self._filler = CacheFiller(self._backend)
+        return await filler.fill(self, key, factory, rtype, ttl_ms, lock_ms, wait_ms)
 
     # -- TTL -------------------------------------------------------------
 

@@ -55,6 +55,17 @@ class Point(msgspec.Struct):
     y: int
 
 
+# Generous: two shared cores, and other test runs beside this one.
+WAIT = 30.0
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "the condition never held"
+        await asyncio.sleep(0.005)
+
+
 class Counter:
     """Counts factory runs in this process."""
 
@@ -900,6 +911,114 @@ async def test_concurrent_callers_asking_different_types() -> None:
         assert await raw == {"x": 1, "y": 2}
 
 
+async def test_callers_sharing_a_fill_each_decode_the_stored_value_as_their_own_type() -> None:
+    # During a schema change old and new code ask for one key with different types;
+    # the value another process stores must fail only the caller whose type rejects it.
+    backend = MemoryBackend()
+    started, stored = asyncio.Event(), asyncio.Event()
+    async with Client(backend) as other, Client(backend) as client:  # other: another process
+
+        async def slow_text() -> str:
+            started.set()
+            await stored.wait()
+            return "abc"
+
+        def never() -> object:
+            raise AssertionError("the value comes from the other process")
+
+        holder = asyncio.create_task(other.get_or_set("k", slow_text))
+        await asyncio.wait_for(started.wait(), WAIT)  # the other process holds the lease
+        as_int = asyncio.create_task(client.get_or_set("k", never, type=int))  # polls, decoding as int
+        await wait_until(lambda: client._filler is not None and "k" in client._filler._polling)
+        as_text = asyncio.create_task(client.get_or_set("k", never, type=str))  # joins that fill
+        stored.set()
+        assert await asyncio.wait_for(holder, WAIT) == "abc"
+        assert await asyncio.wait_for(as_text, WAIT) == "abc"
+        with pytest.raises(DecodeError, match="'k'"):
+            await asyncio.wait_for(as_int, WAIT)
+
+
+@pytest.mark.parametrize("way", ["directly", "through another key", "in a task it awaits"])
+async def test_a_factory_asking_for_its_own_key_fails_instead_of_waiting_for_itself(way: str) -> None:
+    async with Client(MemoryBackend()) as client:
+
+        async def inner() -> int:
+            raise AssertionError("never run: its key is being filled")
+
+        async def report() -> int:
+            if way == "directly":
+                return await client.get_or_set("report", inner)
+            if way == "in a task it awaits":
+                (value,) = await asyncio.gather(client.get_or_set("report", inner))
+                return value
+            return await client.get_or_set("summary", summary)
+
+        async def summary() -> int:
+            return await client.get_or_set("report", report) + 1
+
+        # Before, the inner call joined the fill running it: a hang that also held
+        # the key for every later caller, whatever their wait_timeout.
+        with pytest.raises(KivigoError, match="'report': called from the factory computing that key"):
+            await asyncio.wait_for(client.get_or_set("report", report, wait_timeout=60), WAIT)
+        assert await asyncio.wait_for(client.get_or_set("report", lambda: 7), WAIT) == 7
+        assert not await client.has_key("summary")
+
+
+async def test_work_a_factory_left_behind_may_ask_for_the_key_once_filled() -> None:
+    async with Client(MemoryBackend()) as client:
+        filled = asyncio.Event()
+        later: list[asyncio.Task[int]] = []
+
+        async def refresh_afterwards() -> int:
+            await filled.wait()  # the fill has ended: asking now waits for nothing
+            return await client.get_or_set("k", lambda: 2)
+
+        async def factory() -> int:
+            later.append(asyncio.create_task(refresh_afterwards()))  # inherits the fill's context
+            return 1
+
+        assert await client.get_or_set("k", factory) == 1
+        filled.set()
+        assert await asyncio.wait_for(later[0], WAIT) == 1
+
+
+async def test_a_get_or_set_whose_read_races_close_starts_no_fill() -> None:
+    read_started, release_read, closing, release_close = (asyncio.Event() for _ in range(4))
+
+    class Gated(MemoryBackend):
+        async def get(self, key: str) -> bytes | None:
+            read_started.set()
+            await release_read.wait()
+            return await super().get(key)
+
+        async def close(self) -> None:
+            closing.set()
+            await release_close.wait()
+            await super().close()
+
+    client = Client(Gated())
+    await client.__aenter__()
+    ran: list[str] = []
+
+    async def factory() -> int:
+        ran.append("factory")
+        return 1
+
+    caller = asyncio.create_task(client.get_or_set("k", factory))
+    await asyncio.wait_for(read_started.wait(), WAIT)
+    closer = asyncio.create_task(client.close())
+    await asyncio.wait_for(closing.wait(), WAIT)  # close() found no fill to stop
+    release_read.set()
+    try:
+        # Before, the miss made a fill of its own, which ran the factory after close().
+        with pytest.raises(BackendUnavailableError, match="'k': the client is closed"):
+            await asyncio.wait_for(caller, WAIT)
+    finally:
+        release_close.set()
+        await asyncio.wait_for(closer, WAIT)
+    assert ran == []
+
+
 def test_result_type_inference() -> None:
     async def a() -> User:
         raise NotImplementedError
@@ -1035,11 +1154,13 @@ async def test_single_flight_joins_only_while_running() -> None:
         ({"key": ""}, InvalidKeyError, "empty"),
         ({"key": 3}, InvalidKeyError, "str"),
         ({"factory": 42}, InvalidArgumentError, "callable"),
-        ({"ttl": 0}, InvalidArgumentError, "ttl"),
-        ({"ttl": "10"}, InvalidArgumentError, "ttl"),
+        ({"ttl": 0}, InvalidArgumentError, "^ttl must be a positive"),
+        ({"ttl": "10"}, InvalidArgumentError, "^ttl must be seconds"),
         ({"lock_ttl": None}, InvalidArgumentError, "lock_ttl"),
-        ({"lock_ttl": -1}, InvalidArgumentError, "ttl"),
-        ({"wait_timeout": float("nan")}, InvalidArgumentError, "ttl"),
+        ({"lock_ttl": -1}, InvalidArgumentError, "^lock_ttl must be a positive"),
+        ({"lock_ttl": 0}, InvalidArgumentError, "^lock_ttl must be a positive"),
+        ({"wait_timeout": 0}, InvalidArgumentError, "^wait_timeout must be a positive"),
+        ({"wait_timeout": float("nan")}, InvalidArgumentError, "^wait_timeout must be a positive"),
     ],
 )
 async def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], fragment: str) -> None:

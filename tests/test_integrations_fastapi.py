@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, MutableMapping
@@ -15,12 +17,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import anyio.to_thread
 import httpx
 import pytest
 import redis.asyncio
 import uvicorn
 from conftest import redis_options, refused_port
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 
 from kivigo_async import Client
 from kivigo_async.backends.memory import MemoryBackend
@@ -323,11 +326,79 @@ async def test_a_sub_application_request_after_shutdown_gets_a_clear_error() -> 
         return Request({"type": "http", "app": sub, "state": dict(lifespan_state)})
 
     async with kivigo(parent) as state:
-        client = get_client(request(state))
+        client = await get_client(request(state))
         assert client is getattr(parent.state, STATE_CLIENT)
         await client.set("k", 1)
     with pytest.raises(ConfigurationError, match="no kivigo client"):
-        get_client(request(state))
+        await get_client(request(state))
+
+
+async def test_websocket_routes_get_the_client_and_the_watcher() -> None:
+    # FastAPI hands a WebSocket route's dependencies no Request: they must ask for
+    # the connection (what HTTP and WebSocket scopes share) to be served at all.
+    app = FastAPI(lifespan=kivigo_lifespan(lambda: Client(MemoryBackend())))
+
+    @app.websocket("/ws")
+    async def echo(websocket: WebSocket, client: KivigoClient, watcher: KivigoWatcher) -> None:
+        await websocket.accept()
+        await client.set("ws", await websocket.receive_json())
+        await websocket.send_json({"stored": await client.get("ws"), "watching": watcher.running})
+        await websocket.close()
+
+    incoming: list[Message] = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "text": json.dumps({"n": 7})},
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        if incoming:
+            return incoming.pop(0)
+        await asyncio.Event().wait()  # the route closes first; a hang is bounded below
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/ws", "headers": [], "query_string": b"", "state": {}}
+    async with Lifespan(app):
+        await asyncio.wait_for(app(scope, receive, send), WAIT)
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send", "websocket.close"]
+    assert json.loads(sent[1]["text"]) == {"stored": {"n": 7}, "watching": True}
+
+
+async def test_the_dependencies_do_not_queue_for_the_thread_pool() -> None:
+    # A plain-function dependency runs in the thread pool on every request: with the
+    # pool taken by blocking handlers, async handlers that only need the client waited.
+    release, loop, entered = threading.Event(), asyncio.get_running_loop(), asyncio.Event()
+    app = FastAPI(lifespan=kivigo_lifespan(lambda: Client(MemoryBackend())))
+
+    @app.get("/blocking")
+    def blocking() -> str:
+        loop.call_soon_threadsafe(entered.set)
+        release.wait(WAIT)
+        return "done"
+
+    @app.get("/deps")
+    async def deps(client: KivigoClient, watcher: KivigoWatcher) -> int:
+        await client.set("n", 1)
+        return await client.get("n", int)
+
+    async with serving(app) as http:
+        limiter = anyio.to_thread.current_default_thread_limiter()  # this event loop's own
+        tokens = limiter.total_tokens
+        limiter.total_tokens = 1
+        blocked = asyncio.create_task(http.get("/blocking"))
+        try:
+            await asyncio.wait_for(entered.wait(), WAIT)
+            assert limiter.borrowed_tokens == 1  # the blocking handler holds the pool's one thread
+            response = await asyncio.wait_for(http.get("/deps"), 5.0)
+            assert (response.status_code, response.json()) == (200, 1)
+            assert not blocked.done()
+        finally:
+            release.set()
+            assert (await blocked).json() == "done"
+            limiter.total_tokens = tokens
 
 
 def _nested(kivigo: KivigoLifespan) -> Callable[[FastAPI], Any]:

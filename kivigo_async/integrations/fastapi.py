@@ -57,6 +57,7 @@ try:
     from fastapi import APIRouter, Depends, Request
     from fastapi.responses import JSONResponse
     from starlette.applications import Starlette
+    from starlette.requests import HTTPConnection
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "kivigo_async.integrations.fastapi needs FastAPI: pip install 'kivigo-async[fastapi]'"
@@ -183,8 +184,13 @@ def kivigo_lifespan(
     return KivigoLifespan(client_factory, watch=watch, watcher_options=watcher_options)
 
 
-def get_client(request: Request) -> Client:
+async def get_client(connection: HTTPConnection) -> Client:
     """The app's client; raises :class:`~kivigo_async.errors.ConfigurationError` without the lifespan.
+
+    A dependency for HTTP and WebSocket routes alike. It is a coroutine function
+    so that FastAPI calls it on the event loop: a plain function would be run in
+    the thread pool on every request, where it would queue behind the app's
+    blocking handlers.
 
     Example:
         ```python
@@ -193,22 +199,10 @@ def get_client(request: Request) -> Client:
             return await client.get(key)
         ```
     """
-    client: Client | None = _opened(request, STATE_CLIENT)
-    if client is None:
-        raise ConfigurationError(_NOT_INSTALLED)
-    return client
+    return _client(connection)
 
 
-def _opened(request: Request, name: str) -> Any:
-    """What the lifespan opened: on the app, or (from a mounted sub-application) in the request's state."""
-    found = getattr(request.app.state, name, None)
-    if found is not None:
-        return found
-    shared: Mapping[str, Any] = getattr(request.state, _LIFESPAN_STATE, None) or {}
-    return shared.get(name)
-
-
-def get_watcher(request: Request) -> HealthWatcher:
+async def get_watcher(connection: HTTPConnection) -> HealthWatcher:
     """The app's health watcher; raises :class:`~kivigo_async.errors.ConfigurationError` if there is none.
 
     Example:
@@ -218,11 +212,27 @@ def get_watcher(request: Request) -> HealthWatcher:
             return watcher.status.value
         ```
     """
-    get_client(request)
-    watcher: HealthWatcher | None = _opened(request, STATE_WATCHER)
+    _client(connection)
+    watcher: HealthWatcher | None = _opened(connection, STATE_WATCHER)
     if watcher is None:
         raise ConfigurationError("the kivigo lifespan runs without a health watcher (watch=False)")
     return watcher
+
+
+def _client(connection: HTTPConnection) -> Client:
+    client: Client | None = _opened(connection, STATE_CLIENT)
+    if client is None:
+        raise ConfigurationError(_NOT_INSTALLED)
+    return client
+
+
+def _opened(connection: HTTPConnection, name: str) -> Any:
+    """What the lifespan opened: on the app, or (from a mounted sub-application) in the connection's state."""
+    found = getattr(connection.app.state, name, None)
+    if found is not None:
+        return found
+    shared: Mapping[str, Any] = getattr(connection.state, _LIFESPAN_STATE, None) or {}
+    return shared.get(name)
 
 
 #: Declare ``client: KivigoClient`` in a handler to receive the app's client.
@@ -253,7 +263,7 @@ def health_router(*, prefix: str = "", include_in_schema: bool = False) -> APIRo
 
     @router.get("/readyz", response_model=None, summary="Readiness probe")
     async def readyz(request: Request) -> JSONResponse:
-        client = get_client(request)
+        client = _client(request)
         probe: HealthWatcher | None = _opened(request, _STATE_PROBE)
         code, body = await readiness(client, probe)
         return JSONResponse(body, status_code=code, headers=dict(_PROBE_HEADERS))
