@@ -164,6 +164,28 @@ async def test_flushdb_elsewhere_drops_everything(client: Client, admin: Redis) 
     assert await client.get("f1", default=None) is None
 
 
+async def test_a_bogus_message_on_the_invalidation_channel_is_ignored(client: Client, admin: Redis) -> None:
+    # Any client allowed to PUBLISH can send to the channel, a string where the
+    # server sends a list of keys. It must not end the listener (a flush and a
+    # reconnect per message), and the server's own messages must still count.
+    cache, tracking = cache_of(client), backend_of(client)._tracking
+    assert tracking is not None
+    await client.set("bogus", "v1")
+    assert await client.get("bogus") == "v1"
+    assert await client.get("bogus") == "v1"  # cached now
+    listener, losses = tracking._client_id, tracking._losses
+    watcher = Invalidations(cache)
+    assert await admin.publish("__redis__:invalidate", "x") >= 1
+    await admin.set("bogus", b'"v2"')  # its message follows the bogus one on the same socket
+    await watcher.wait_for("bogus")
+    assert watcher.seen == ["bogus"]  # no flush
+    assert (tracking._client_id, tracking._losses) == (listener, losses)  # no reconnect
+    assert cache.enabled
+    assert await client.get("bogus") == "v2"
+    assert await client.get("bogus") == "v2"
+    assert cache.lookup("bogus") == b'"v2"'
+
+
 async def test_lost_invalidation_connection_flushes_and_recovers(client: Client, admin: Redis) -> None:
     cache = cache_of(client)
     await client.set("r", "v1")
@@ -587,8 +609,15 @@ async def test_a_cancelled_close_still_closes_every_connection(
             {"commands": ["+client|tracking"]},
             "refused to track",
         ),
+        # CLIENT ID is refused and SUBSCRIBE, sent with it, succeeds: a socket left
+        # subscribed refuses CLIENT ID for good ("only SUBSCRIBE ... in this context").
+        (
+            {"channels": ["*"], "commands": ["+@all", "-client|id"]},
+            {"commands": ["+client|id"]},
+            "no invalidation connection",
+        ),
     ],
-    ids=["no-channel", "no-tracking"],
+    ids=["no-channel", "no-tracking", "no-client-id"],
 )
 async def test_a_user_refused_what_the_cache_needs_works_uncached_until_allowed(
     redis_server_factory: ServerFactory,
@@ -742,6 +771,92 @@ async def test_a_listener_black_holed_from_the_start_holds_the_first_call_briefl
             assert "no invalidation connection" in caplog.text
             proxy.heal()
             await eventually(lambda: cache_of(client).enabled, 30, "the cache never came on")
+
+
+class ResetOnce(FaultProxy):
+    """A :class:`FaultProxy` that, once :attr:`armed`, resets the next connection it accepts."""
+
+    armed = False
+    resets = 0
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.armed:
+            await super()._accept(reader, writer)
+            return
+        self.armed = False
+        self.resets += 1
+        self.refuse()
+        try:
+            await super()._accept(reader, writer)  # reset at once
+        finally:
+            self.heal()
+
+
+async def test_a_listener_whose_first_connect_is_reset_during_its_login_comes_back(
+    redis_server_factory: ServerFactory,
+) -> None:
+    # With a password, the listener's reconnect is reset during AUTH and retried
+    # within the same connect, which then subscribes. The reset socket's loss voids
+    # that subscription; the subscribed socket must then be closed, or every later
+    # attempt sends CLIENT ID on it, refused for good: the cache would stay off.
+    server = redis_server_factory("valkey", "password")
+    admin = Redis(**server.redis_kwargs())  # type: ignore[arg-type]
+    try:
+        proxy = ResetOnce(server.host, server.port)
+        async with proxy:
+            backend = RedisBackend(redis_options(server, client_cache=ClientCache(ttl=30)))
+            tracking = backend._tracking
+            assert tracking is not None
+            tracking._conn._opener = tcp_opener(proxy.host, proxy.port, None)
+            async with Client(backend) as client:
+                await client.set("reset", "v1")
+                assert await client.get("reset") == "v1"
+                watcher = Invalidations(cache_of(client))
+                proxy.armed = True
+                [listener] = await subscriber_ids(admin)
+                await admin.client_kill_filter(_id=str(listener))
+                await watcher.wait_for(None)  # the loss is seen: the reconnect is under way
+                await eventually(lambda: proxy.resets == 1, 10, "no listener connect was reset")
+                await asyncio.wait_for(until_tracking_works(client, admin, "reset"), 20)
+    finally:
+        await admin.aclose()
+
+
+async def test_a_listener_lost_as_a_data_connection_logs_in_is_not_tracked_into(
+    valkey_server: RedisServer, admin: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The data connection's login asks for the listener's id; the listener is lost
+    # after the answer and before the login uses it (on Python before 3.12, wait_for
+    # runs the question in a task of its own, loop turns apart). The server has not
+    # seen the loss (a stalled network holds its side open) and accepts tracking into
+    # that id: turned on, the cache would miss every write from elsewhere until the
+    # repair, which cannot reach the server either, re-pointed tracking.
+    async with listener_through_proxy(valkey_server, read_timeout=10.0) as (client, proxy):
+        cache, tracking = cache_of(client), backend_of(client)._tracking
+        assert tracking is not None
+        await client.set("gap", "v1")
+        assert await client.get("gap") == "v1"
+        real = tracking._listen
+        answered: list[int] = []
+
+        async def listen_then_lose() -> int:
+            client_id = await real()
+            if not answered:  # the data connection's login: nothing else asks before it
+                answered.append(client_id)
+                losses = tracking._losses
+                proxy.stall()
+                tracking._conn.drop()
+                await eventually(lambda: tracking._losses > losses, 10, "the loss was never seen")
+            return client_id
+
+        monkeypatch.setattr(tracking, "_listen", listen_then_lose)
+        await kill_data_connection(client, admin)
+        assert await asyncio.wait_for(client.get("gap"), 10) == "v1"  # the login ran
+        assert answered
+        assert not cache.enabled
+        assert cache.lookup("gap") is None
+        proxy.heal()
+        await asyncio.wait_for(until_tracking_works(client, admin, "gap"), 30)
 
 
 def test_retry_delays_stay_bounded_however_long_the_retries_go_on() -> None:

@@ -408,6 +408,35 @@ async def test_flushall_elsewhere_drops_everything(
     assert len(cache) == 0
 
 
+async def test_a_bogus_message_on_the_invalidation_channel_is_ignored(
+    client: Client, redis_cluster: RedisCluster, other: AsyncRedisCluster, keys: dict[str, str]
+) -> None:
+    # Any client allowed to PUBLISH can send to the channel, a string where the
+    # server sends a list of keys. It must not end the listener (a flush and a
+    # reconnect per message), and the server's own messages must still count.
+    cache = cache_of(backend_of(client))
+    tracking = backend_of(client)._tracking
+    assert tracking is not None
+    node = redis_cluster.primaries()[0]
+    key = keys[addr(node)]
+    await client.set(key, "v1")
+    assert await client.get(key) == "v1"
+    assert await client.get(key) == "v1"  # cached now
+    listener = tracking._listeners[addr(node)]
+    before = (listener.client_id, listener._generation)
+    watcher = Invalidations(cache)
+    with sync_client(node) as direct:
+        assert direct.publish("__redis__:invalidate", "x") >= 1
+    await other.set(key, b'"v2"')  # its message follows the bogus one on the same socket
+    await watcher.wait_for(key)
+    assert None not in watcher.seen  # no flush
+    assert listener.live
+    assert (listener.client_id, listener._generation) == before  # no reconnect
+    assert await client.get(key) == "v2"
+    assert await client.get(key) == "v2"
+    assert cache.lookup(key) == b'"v2"'
+
+
 async def test_killed_listener_flushes_and_recovers(
     client: Client, redis_cluster: RedisCluster, other: AsyncRedisCluster, keys: dict[str, str], name: str
 ) -> None:

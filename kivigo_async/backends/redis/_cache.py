@@ -354,6 +354,7 @@ class Tracking:
             return []
         dial = self._options.dial_timeout
         budget = dial / 2 if dial else None
+        losses = self._losses
         try:
             # Half the data socket's own dial_timeout at most: a listener that hangs
             # (its connect, or its SUBSCRIBE) costs the cache, not the calls waiting
@@ -368,7 +369,15 @@ class Tracking:
             _log.warning("client cache: no invalidation connection, reads go to the server: %s", why)
             self._start_repair()
             return []
-        losses = self._losses
+        if self._losses != losses or self._client_id != client_id or not self._conn.connected:
+            # The listener was lost after it answered (before Python 3.12, wait_for
+            # runs _listen in a task: loop turns pass before we resume). A server that
+            # has not seen the loss yet accepts tracking into its id, which then
+            # delivers nothing. _on_lost started the repair, which points this socket
+            # at the next listener once it is open.
+            self._cache.enabled = False
+            self._start_repair()
+            return []
         self._cache.enabled = True
         # Optional: refused (an ACL user without CLIENT TRACKING, a listener the
         # server dropped before we heard of it), the socket still serves every call.
@@ -401,21 +410,27 @@ class Tracking:
             bound = _STALL if self._options.read_timeout is None else None
             try:
                 id_reply, reply = await asyncio.wait_for(exchange, bound)
+                for answer in (id_reply, reply):
+                    if answer.__class__ is hiredis.ReplyError:
+                        raise rx.ResponseError(str(answer))
+                if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
+                    raise rx.ResponseError(f"unexpected reply to SUBSCRIBE: {reply!r}")
+                if self._losses != losses or not self._conn.connected:
+                    # This socket was lost, or one before it in the same connect (reset
+                    # during its login, then a retry subscribed): which one, the count
+                    # cannot tell, so go round again.
+                    raise rx.ConnectionError("the invalidation connection closed as it subscribed")
+                client_id = int(id_reply)
             except BaseException as exc:
-                # Cut short, the socket may yet be subscribed: CLIENT ID would be refused
-                # on it next time. Closed, it runs _on_lost, which repairs.
+                # Whatever failed once the exchange was sent, the socket may be
+                # subscribed (cut short, or CLIENT ID refused and SUBSCRIBE not): CLIENT
+                # ID would be refused on it for good, and nothing else would close it
+                # (the heartbeat leaves a socket without an id alone). Closed, it runs
+                # _on_lost, which repairs.
                 self._conn.drop()
                 if isinstance(exc, asyncio.TimeoutError):
                     raise rx.TimeoutError(f"no reply to SUBSCRIBE within {_STALL} s") from None
                 raise
-            for answer in (id_reply, reply):
-                if answer.__class__ is hiredis.ReplyError:
-                    raise rx.ResponseError(str(answer))
-            if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
-                raise rx.ResponseError(f"unexpected reply to SUBSCRIBE: {reply!r}")
-            if self._losses != losses or not self._conn.connected:
-                raise rx.ConnectionError("the invalidation connection closed as it subscribed")
-            client_id = int(id_reply)
             self._client_id = client_id
             if self._heartbeat is None and not self._closed:
                 self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
@@ -442,6 +457,12 @@ class Tracking:
         keys = message[2]
         if keys is None:  # FLUSHDB / FLUSHALL, or the server's tracking table overflowed
             self._cache.flush()
+            return
+        if keys.__class__ is not list:
+            # Not the server's (its messages name keys, or none): a PUBLISH by any
+            # client allowed to. Raised from here, it would end the connection, a
+            # flush and a reconnect per message.
+            _log.debug("client cache: ignored a message on __redis__:invalidate that names no keys")
             return
         for raw in keys:
             self._cache.invalidate(raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw)

@@ -195,6 +195,12 @@ class _Listener:
         if keys is None:  # FLUSHALL / FLUSHDB
             cache.flush()
             return
+        if keys.__class__ is not list:
+            # Not the server's (its messages name keys, or none): a PUBLISH by any
+            # client allowed to, which may come from any node through the cluster
+            # bus. Raised from here, it would end the listener: a flush per message.
+            _log.debug("client cache: ignored a message from %s that names no keys", self.name)
+            return
         for raw in keys:
             cache.invalidate(decode_key(raw))
 
