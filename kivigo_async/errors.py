@@ -146,4 +146,7 @@ class NotificationsDisabledError(UnsupportedOperationError):
     services). The fix is on the server: set ``notify-keyspace-events`` to
     include ``K``, ``g``, ``$``, ``x`` and ``e`` (``Kg$xe``, or ``KEA``), then
     watch with ``configure_server=False``, which skips the check.
+
+    Also what ends a running watch when a flag it needs is turned off on the
+    server after it subscribed: the changes made since were not published.
     """

@@ -18,8 +18,12 @@ been missed, the stream raises instead of carrying on.
   either order).
 * :class:`WatchOverflowError` when the consumer falls more than
   ``max_pending`` events behind.
+* :class:`~kivigo_async.errors.NotificationsDisabledError` when, on Redis
+  or Valkey, the heartbeat finds that a keyspace-notification flag the watch
+  needs was turned off after it subscribed (checked only when the watch could
+  read ``notify-keyspace-events`` as it started).
 
-In both cases the events received before the failure are yielded first, the
+In every case the events received before the failure are yielded first, the
 subscription is already released, and the usual answer is to resynchronise
 (re-read or drop what you derived from the keys) and watch again.
 

@@ -643,6 +643,120 @@ async def test_without_info_nor_hello_the_watch_checks_liveness_only(
         assert "cannot learn the server's role" in caplog.text
 
 
+async def heartbeat_checks(admin: Redis) -> int:
+    """Commands the heartbeat's second connection has run (Valkey only: ``tot-cmds``); 0 before it opens."""
+    clients: list[dict[str, Any]] = await admin.client_list()
+    checks = [c for c in clients if c.get("cmd") in ("info", "config|get")]
+    return sum(int(c["tot-cmds"]) for c in checks)
+
+
+@pytest.mark.parametrize(
+    ("kind", "turned_to", "lacking"),
+    [("valkey", "", "Kg$xe"), ("redis", "", "Kg$xe"), ("valkey", "K$x", "ge")],
+)
+async def test_notifications_turned_off_meanwhile_end_the_watch(
+    redis_server_factory: ServerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: BinaryKind,
+    turned_to: str,
+    lacking: str,
+) -> None:
+    # An operator or another tool changes the setting the watch turned on: later
+    # writes publish nothing, which only the heartbeat can tell.
+    monkeypatch.setattr(_watch, "_HEARTBEAT", 0.2)
+    server = redis_server_factory(kind)
+    async with (
+        admin_of(server) as admin,
+        Client(RedisBackend(redis_options(server))) as client,
+        client.watch("k") as changes,
+    ):
+        await admin.set("k1", b"1")  # published: delivered before the error
+        await admin.config_set("notify-keyspace-events", turned_to)
+        await admin.delete("k1")  # published to nobody (a generic event: "g")
+        assert pairs(await take(changes, 1)) == [("set", "k1")]
+        with pytest.raises(NotificationsDisabledError, match="turned off") as info:
+            await asyncio.wait_for(anext(changes), TIMEOUT)
+        assert f"lacking {lacking!r}" in str(info.value)
+        assert changes.closed
+        assert set(await config(admin)) == set(turned_to)  # not turned back on behind the operator's back
+    await no_subscribers(admin)
+
+
+async def test_a_change_that_keeps_the_flags_needed_does_not_end_the_watch(
+    redis_server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_watch, "_HEARTBEAT", 0.2)
+    server = redis_server_factory("valkey")
+    async with (
+        admin_of(server) as admin,
+        Client(RedisBackend(redis_options(server))) as client,
+        client.watch("k") as changes,
+    ):
+        await admin.config_set("notify-keyspace-events", "KEA")  # broader: still enough
+        await admin.config_resetstat()
+
+        async def read_thrice() -> bool:  # by the heartbeat: nothing else here runs CONFIG GET
+            stats: dict[str, Any] = await admin.info("commandstats")
+            return int(stats.get("cmdstat_config|get", {}).get("calls", 0)) >= 3
+
+        await eventually(read_thrice, what="the heartbeat did not read the setting")
+        await admin.set("k1", b"1")
+        assert pairs(await take(changes, 1)) == [("set", "k1")]
+
+
+async def test_config_refused_after_subscribing_leaves_the_watch_running(
+    redis_server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The ACL takes CONFIG away from the watching user mid-watch: the heartbeat
+    # says once that it can no longer tell, stops asking, and the watch goes on.
+    monkeypatch.setattr(_watch, "_HEARTBEAT", 0.2)
+    server = redis_server_factory("valkey", "acl")
+    async with admin_of(server, username=server.username, password=server.password) as admin:
+        await admin.acl_setuser(
+            "watcher", enabled=True, passwords=["+w-secret"], keys=["*"], channels=["*"], commands=["+@all"]
+        )
+        options = redis_options(server).replace(username="watcher", password="w-secret")
+        with caplog.at_level("WARNING", logger="kivigo_async.watch"):
+            async with Client(RedisBackend(options)) as client, client.watch("k") as changes:
+                await admin.acl_setuser("watcher", enabled=True, commands=["-config"])
+                await eventually(lambda: "CONFIG GET refused" in caplog.text)
+                then = await heartbeat_checks(admin)
+
+                async def three_more_beats() -> bool:
+                    return await heartbeat_checks(admin) >= then + 3
+
+                await eventually(three_more_beats)
+                await admin.set("k1", b"1")
+                assert pairs(await take(changes, 1)) == [("set", "k1")]
+        assert caplog.text.count("CONFIG GET refused") == 1
+        log: list[dict[str, Any]] = await admin.acl_log()
+        assert [int(e["count"]) for e in log if e["object"] == "config|get"] == [1]  # asked once
+        await no_subscribers(admin)
+
+
+async def test_configure_server_false_sends_no_config_command(
+    redis_server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Told not to touch CONFIG (often because the ACL refuses it, and each refusal
+    # would land in ACL LOG), the heartbeat does not ask for the setting either.
+    monkeypatch.setattr(_watch, "_HEARTBEAT", 0.2)
+    server = redis_server_factory("valkey", extra_config={"notify-keyspace-events": "KEA"})
+    async with (
+        admin_of(server) as admin,
+        Client(RedisBackend(redis_options(server))) as client,
+        client.watch("k", configure_server=False) as changes,
+    ):
+
+        async def three_beats() -> bool:
+            return await heartbeat_checks(admin) >= 3
+
+        await eventually(three_beats, what="the heartbeat did not ask the server's state")
+        stats: dict[str, Any] = await admin.info("commandstats")
+        assert "cmdstat_config|get" not in stats
+        await admin.set("k1", b"1")
+        assert pairs(await take(changes, 1)) == [("set", "k1")]
+
+
 # --------------------------------------------------------------------------- API
 
 
@@ -869,6 +983,19 @@ async def test_cluster_lost_node_subscription_raises(cluster_config: RedisCluste
         async with admin_of(node) as direct:
             await no_subscribers(direct)
     assert other_tasks() <= before
+
+
+async def test_cluster_notifications_turned_off_on_one_primary_end_the_watch(
+    cluster_config: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_watch, "_HEARTBEAT", 0.2)
+    cluster = cluster_config
+    victim = cluster.primaries()[0]
+    backend = RedisClusterBackend(RedisClusterOptions(addrs=cluster.addrs[:1]))
+    async with Client(backend) as client, client.watch("w:") as changes, admin_of(victim) as direct:
+        await direct.config_set("notify-keyspace-events", "")
+        with pytest.raises(NotificationsDisabledError, match=str(victim.port)):
+            await asyncio.wait_for(anext(changes), TIMEOUT)
 
 
 def node_id(node: RedisServer) -> str:

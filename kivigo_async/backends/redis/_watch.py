@@ -7,7 +7,9 @@ disturb anyone else's. On each connection, before subscribing:
 
 1. unless ``configure_server=False``, ``CONFIG GET notify-keyspace-events``;
    when a flag we need is missing, ``CONFIG SET`` to the current flags *plus*
-   the missing ones (flags someone else turned on are never turned off);
+   the missing ones (flags someone else turned on are never turned off). Not
+   atomic: a flag another client adds between the two is lost (the server has
+   no command that adds flags, and scripts may not run ``CONFIG``);
 2. the node's state, which the heartbeat compares later: on a cluster its own
    line of ``CLUSTER NODES`` (role, config epoch, slots, slots being moved),
    elsewhere its role and replication id from ``INFO replication``; when those
@@ -32,15 +34,23 @@ from real changes as they arrive; ending the watch afterwards tells the
 consumer to resynchronise. On a subscribed RESP2 connection the server runs
 only ``PING`` and subscription commands, so this second question goes on a
 connection of its own, opened by the first heartbeat.
+
+When the watch read ``notify-keyspace-events`` at subscribe, the heartbeat
+reads it again, in the same write as the state: an operator or another tool
+turning a needed flag off silences the subscription without closing it, and
+the watch then fails with :class:`NotificationsDisabledError`. With
+``configure_server=False`` no ``CONFIG`` command is sent, so nothing notices.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
 
+import hiredis
 from redis import exceptions as rx
 
 from ...errors import BackendUnavailableError, InvalidKeyError, KivigoError, PermissionDeniedError
@@ -105,6 +115,7 @@ _CLUSTER_NODES = ("CLUSTER", "NODES")
 # for users without it.
 _INFO_REPLICATION = ("INFO", "replication")
 _HELLO = ("HELLO", "2")
+_CONFIG_GET = ("CONFIG", "GET", "notify-keyspace-events")
 #: What each probe leaves unseen when the one before it was refused.
 _MISSED = {
     _CLUSTER_NODES: "the slots this primary serves; resharding will not end the watch, a failover still will",
@@ -209,6 +220,9 @@ class _Subscriber:
         self._cluster = cluster
         self._probe: tuple[str, ...] | None = None  # None: only PING is left to the heartbeat
         self._state: NodeState = ()
+        # Only once CONFIG GET answered at subscribe: told configure_server=False, the
+        # watch sends no CONFIG at all (each refusal would land in the server's ACL LOG).
+        self._config_check = False
         self.check: MuxConnection | None = None  # opened by the first heartbeat
 
     async def subscribe(self, configure_server: bool) -> None:
@@ -236,7 +250,8 @@ class _Subscriber:
     async def _configure(self) -> None:
         current: str | None = None
         try:
-            current = _config_value(await self.conn.execute("CONFIG", "GET", "notify-keyspace-events"))
+            current = _config_value(await self.conn.execute(*_CONFIG_GET))
+            self._config_check = True
             missing = missing_flags(current)
             if missing:
                 await self.conn.execute("CONFIG", "SET", "notify-keyspace-events", current + missing)
@@ -280,48 +295,95 @@ class _Subscriber:
             )
 
     async def beat(self) -> None:
-        """PING the subscription, then ask the node its state again.
+        """PING the subscription, then ask the node its state and ``notify-keyspace-events`` again.
 
         Raises :class:`BackendUnavailableError` when the state changed since the
-        watch subscribed; a refusal or an outage of the check is logged and left
-        to the next beat (a lost subscription fails the watch by itself).
+        watch subscribed, :class:`NotificationsDisabledError` when a flag the
+        watch needs was turned off; a refusal or an outage of the check is
+        logged and left to the next beat (a lost subscription fails the watch by
+        itself).
         """
         if not self.conn.connected:
             return
         # Bounded even with read_timeout=None: a silent server must end the watch.
         await heartbeat(self.conn, self._read_timeout)
         probe = self._probe
-        if probe is None or not self.conn.connected:
+        commands = [c for c in (probe, _CONFIG_GET if self._config_check else None) if c is not None]
+        if not commands or not self.conn.connected:
             return
         if self.check is None:
             self.check = _mux_for(self._options, select_db=False)
         check = self.check
-        call = check.execute(*probe)
+        call = check.execute_many(commands)  # one write, one round trip, however many questions
         try:
             if self._read_timeout is None:
-                reply = await asyncio.wait_for(call, _cache._STALL)
+                replies = await asyncio.wait_for(call, _cache._STALL)
             else:
-                reply = await call  # the connection aborts itself at read_timeout
+                replies = await call  # the connection aborts itself at read_timeout
         except asyncio.TimeoutError:
             check.drop()
-            _log.debug("watch on %s: no reply to %s", self.node, " ".join(probe))
+            _log.debug("watch on %s: no reply to %s", self.node, " / ".join(" ".join(c) for c in commands))
             return
-        except rx.ResponseError as exc:
-            if not str(exc).startswith(_REFUSALS):
-                # A passing state (LOADING, no room for a client): asked again next beat.
-                _log.debug("watch on %s: %s failed for now: %s", self.node, " ".join(probe), exc)
-                return
+        answers = dict(zip(commands, replies, strict=True))
+        # The setting first: a watch ended for a failover is usually watched again at
+        # once, which (configure_server=True) turns the flags back on, with a log line
+        # at INFO as the only trace of an operator's decision undone.
+        if _CONFIG_GET in answers and self._answered(_CONFIG_GET, answers[_CONFIG_GET]):
+            current = _config_value(answers[_CONFIG_GET])
+            missing = missing_flags(current)
+            if missing:
+                # Events published before the setting changed are queued on the
+                # subscription ahead of this PING's reply: they reach the feed before
+                # the error does. After the change, nothing was published to lose. A
+                # subscription lost meanwhile fails the watch by itself.
+                with contextlib.suppress(rx.RedisError):
+                    await heartbeat(self.conn, self._read_timeout)
+                # Not turned back on, though configure_server=True let the watch turn
+                # them on at subscribe: the changes made meanwhile are lost either way,
+                # so the watch must end regardless, and a CONFIG SET from a background
+                # task would undo an operator's decision (or race a tool that resets
+                # the setting) with nobody watching. Turning them on again is left to
+                # the next watch(), which the application starts knowingly.
+                raise self._turned_off(current, missing)
+        if probe is not None and self._answered(probe, answers[probe]):
+            state = node_state(probe, answers[probe])
+            if state is not None and state != self._state:
+                raise self._changed(state)
+
+    def _answered(self, command: tuple[str, ...], reply: Any) -> bool:
+        """Whether ``reply`` answers ``command``; a lasting refusal stops asking it."""
+        if not isinstance(reply, hiredis.ReplyError):
+            return True
+        what = " ".join(command)
+        if not str(reply).startswith(_REFUSALS):
+            # A passing state (LOADING, no room for a client): asked again next beat.
+            _log.debug("watch on %s: %s failed for now: %s", self.node, what, reply)
+            return False
+        if command == _CONFIG_GET:
+            self._config_check = False
+            _log.warning(
+                "watch on %s: CONFIG GET refused (%s); keyspace notifications turned off on the "
+                "server will not end the watch from now on",
+                self.node,
+                reply,
+            )
+        else:
             self._probe = None
             _log.warning(
                 "watch on %s: %s refused (%s); the heartbeat checks liveness only from now on",
                 self.node,
-                " ".join(probe),
-                exc,
+                what,
+                reply,
             )
-            return
-        state = node_state(probe, reply)
-        if state is not None and state != self._state:
-            raise self._changed(state)
+        return False
+
+    def _turned_off(self, current: str, missing: str) -> NotificationsDisabledError:
+        return NotificationsDisabledError(
+            f"watch on {self.node}: keyspace notifications were turned off after the watch subscribed "
+            f"(notify-keyspace-events is {current!r}, lacking {missing!r} of {NEEDED_FLAGS!r}); changes "
+            "made since were not published. Find out who turned them off before watching again "
+            "(watch() with configure_server=True turns them back on); then resynchronise"
+        )
 
     def _changed(self, state: NodeState) -> BackendUnavailableError:
         was = self._state
@@ -392,7 +454,7 @@ class _RedisWatch:
             await asyncio.sleep(_HEARTBEAT)
             results = await asyncio.gather(*(s.beat() for s in self._subscribers), return_exceptions=True)
             for result in results:
-                if isinstance(result, BackendUnavailableError):
+                if isinstance(result, (BackendUnavailableError, NotificationsDisabledError)):
                     self.feed.fail(result)  # halts the watch, this task included
                     return
                 if isinstance(result, rx.RedisError):
