@@ -46,14 +46,14 @@ import random
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Union
 
 from ._singleflight import Interrupted, SingleFlight
-from ._tasks import callable_name, cancel_requested
+from ._tasks import callable_name, cancel_requested, detached
 from .client import Client, HealthCheck, run_health_check
 from .errors import (
     ConfigurationError,
@@ -99,7 +99,8 @@ class HealthReport:
     Attributes:
         status: the status this check led to.
         latency: seconds the check took, or ``None`` when it failed outright
-            (``DOWN``) or before the first check.
+            (``DOWN``) or before the first check. A wait for the previous probe
+            to finish its cleanup is not counted.
         error: ``"ExcType: message"`` of this check's failure (``DOWN``, or
             ``DEGRADED`` because an extra check failed), else ``None``.
         checked_at: ``time.time()`` when the check ended (``0.0`` before the first).
@@ -171,7 +172,7 @@ def _positive(name: str, value: object, error: type[KivigoError] = Configuration
 
 
 class _TimedOut(Exception):
-    """Raised by :func:`_within` when the time is up; ``task`` is the cancelled, still unfinished run."""
+    """Raised by :func:`_within` when the time is up; ``task`` is the cancelled, still unfinished task."""
 
     def __init__(self, task: asyncio.Task[Any]) -> None:
         super().__init__()
@@ -189,31 +190,33 @@ async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
     await asyncio.wait({task})
 
 
-async def _within(coro: Coroutine[Any, Any, T], timeout: float) -> T:
-    """Run ``coro`` for at most ``timeout`` seconds, else cancel it and raise :class:`_TimedOut`.
+def _abandon(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    task.add_done_callback(_retrieve)
 
-    At the deadline the task is cancelled but not waited for: cleanup that runs
-    on cancellation (closing a session, say) may take any time, and the caller
-    was promised an answer within ``timeout``. The caller gets the task in the
-    exception to keep track of it; its outcome is retrieved, never reported.
 
-    When the caller itself is cancelled, the task is cancelled and waited for,
-    so that stopping a watcher ends everything it started.
+async def _within(task: asyncio.Task[T], timeout: float) -> T:
+    """Wait at most ``timeout`` seconds for ``task``, else cancel it and raise :class:`_TimedOut`.
+
+    At the deadline, and when the caller is cancelled, the task is cancelled
+    but not waited for: cleanup that runs on cancellation (closing a session,
+    say) may take any time, and the caller was promised an answer within
+    ``timeout``, or has given up. The caller keeps track of the task (the
+    exception carries it at the deadline) and waits for it when it must; its
+    outcome is retrieved, never reported.
 
     Unlike ``asyncio.wait_for`` before Python 3.12, a cancellation that arrives
-    just as ``coro`` finishes is never swallowed: a watcher being stopped must stop.
-    A ``coro`` cancelled from inside has failed (:class:`KivigoError`), on every
+    just as ``task`` finishes is never swallowed: a watcher being stopped must stop.
+    A ``task`` cancelled from inside has failed (:class:`KivigoError`), on every
     Python version.
     """
-    task = asyncio.create_task(coro)
     try:
         done, _ = await asyncio.wait({task}, timeout=timeout)
     except BaseException:
-        await _cancel_and_wait(task)
+        _abandon(task)
         raise
     if not done:
-        task.cancel()
-        task.add_done_callback(_retrieve)
+        _abandon(task)
         raise _TimedOut(task)
     if task.cancelled():  # not by us: our own cancellation comes through asyncio.wait
         raise KivigoError("cancelled from inside (it awaited something another task cancelled)")
@@ -292,10 +295,13 @@ class HealthWatcher:
     The first passing check returns to the normal ``interval``.
 
     A check that overruns ``timeout`` is cancelled and reported ``DOWN`` at
-    once; its cancellation cleanup finishes in the background. Until it has,
-    no new probe is started: the next check waits for it (within its own
-    ``timeout``) and is ``DOWN`` if it is still not done, so a hanging check
-    never piles up copies of itself. :meth:`stop` waits for it to end.
+    once; its cancellation cleanup finishes in the background. A check whose
+    :meth:`check_now` callers all gave up (were cancelled) is cancelled the
+    same way, with no report: they return at once, and the status stays as it
+    was. Until such a cleanup is over, no new probe is started: the next check
+    waits for it (within its own ``timeout``, not counted in its latency) and
+    is ``DOWN`` if it is still not done, so a hanging check never piles up
+    copies of itself. :meth:`stop` waits for it to end.
 
     Listeners (``on_change`` first, then :meth:`add_listener` ones, in order)
     are called with the new :class:`HealthReport` on every status change,
@@ -379,13 +385,22 @@ class HealthWatcher:
         self._state: Literal["new", "running", "stopped"] = "new"
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        # The one shutdown every stop() waits for, and when it has stopped the watcher
+        # (what a listener calling stop() waits for: the rest waits for the listeners).
+        self._shutdown: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
         self._lock = asyncio.Lock()
         # The check under way, shared by every check_now() call made meanwhile; the
         # last caller to give up stops it, as if it ran in its own task, and waits
-        # for its cleanup.
+        # for it to end. That is at once: like one at its deadline, the probe is
+        # cancelled and left to finish its cleanup (see _probe_task), so the check
+        # lets go of the lock, and the watcher, straight away.
         self._check_flight: SingleFlight[HealthReport] = SingleFlight(wait_for_cleanup=True)
-        # A probe cancelled at its deadline whose cleanup may still be running.
-        self._leftover: asyncio.Task[Any] | None = None
+        # The latest probe. Only one runs at a time, so between checks it is either
+        # done or was cancelled (at its deadline, or when its check's callers all gave
+        # up) and may still be running its cleanup: the next check waits for it before
+        # starting another, and stop() waits for it.
+        self._probe_task: asyncio.Task[None] | None = None
         self._subscriptions: weakref.WeakSet[_Subscription] = weakref.WeakSet()
         # Status changes the listeners have not heard of yet, and the task telling them.
         self._changes: deque[HealthReport] = deque()
@@ -464,59 +479,80 @@ class HealthWatcher:
                 await watcher.stop()
             ```
         """
+        if self._stopping or self._state == "stopped":
+            raise KivigoError("this HealthWatcher was stopped and cannot be restarted; create a new one")
         if self._state == "running":
             raise KivigoError("this HealthWatcher is already running; it can be entered only once")
-        if self._state == "stopped":
-            raise KivigoError("this HealthWatcher was stopped and cannot be restarted; create a new one")
         self._state = "running"
         try:
             await self.check_now()
         except BaseException:
-            # Cancelled while entering: no task was started, and no 'async with' exit will come.
-            self._finish()
+            # Cancelled while entering: no 'async with' exit will come, so stop here,
+            # waiting (as stop() does) for the first probe's cleanup.
+            await self.stop()
             raise
-        if self._state == "running":  # stop() may have been called during the first check
+        if not self._stopping:  # stop() may have been called during the first check
             self._task = asyncio.create_task(self._run(), name="kivigo-health-watcher")
 
     async def stop(self) -> None:
         """Cancel the background task and wait for it; end every ``async for``.
 
-        Listeners get up to ``listener_timeout`` seconds to hear of the status
-        changes already seen, then their task is cancelled and what is left
-        untold is dropped. A check abandoned at its deadline is waited for
-        (it was cancelled then; only its cleanup is left). Safe to call more
-        than once, and before :meth:`start` (the watcher then never runs).
+        Waits for the latest probe to end too: one cancelled (at its deadline,
+        or because every caller of its :meth:`check_now` gave up) has only its
+        cleanup left; one still checking for a :meth:`check_now` caller ends
+        within ``timeout``. Listeners then get up to ``listener_timeout``
+        seconds to hear of the status changes already seen; after that their
+        task is cancelled and what is left untold is dropped.
+
+        The stopping is done once, for every caller: concurrent calls all
+        return when it is over, and a call that is cancelled (a shutdown timeout
+        around it, say) raises ``CancelledError`` while the stopping goes on, so
+        that a later call waits for its end. Called from a listener, it returns
+        once the watcher has stopped, without waiting for the listeners (it
+        would wait for itself). Safe to call more than once, and before
+        :meth:`start` (the watcher then never runs).
 
         Example:
             ```python
             await watcher.stop()
             ```
         """
-        if self._state == "stopped":
+        shutdown = self._shutdown
+        # Cancelled: only by something cancelling every task (asyncio.run() ending, say): begin again.
+        if shutdown is None or shutdown.cancelled():
+            self._stopping = True
+            if self._task is not None:
+                self._task.cancel()  # with the flag, in one step: the loop ends by its cancellation
+            shutdown = self._shutdown = detached(self._shut_down(), "kivigo-health-stop")
+        if self._inside_listener(asyncio.current_task()):
+            # The shutdown ends by waiting for the listeners' task, which ends once
+            # this listener returns and the changes already queued are told.
+            await self._stopped.wait()
             return
-        task, self._task = self._task, None
-        self._stopping = True
-        current = asyncio.current_task()
+        # asyncio.wait, unlike awaiting the task, leaves it running when this caller is cancelled.
+        await asyncio.wait({shutdown})
+        shutdown.result()
+
+    async def _shut_down(self) -> None:
         try:
+            task = self._task
             if task is not None:
-                task.cancel()
-                if task is not current:
-                    await asyncio.wait({task})
-                    if not task.cancelled() and task.exception() is not None:
-                        _logger.error("the health watcher task failed", exc_info=task.exception())
-            await self._end_delivery(current)
-            leftover = self._leftover
-            if leftover is not None and leftover is not current:
-                # Already cancelled at its deadline: what is left is its own cleanup.
-                await asyncio.wait({leftover})
+                await asyncio.wait({task})  # cancelled by stop()
+                if not task.cancelled() and task.exception() is not None:
+                    _logger.error("the health watcher task failed", exc_info=task.exception())
+            # Read once the task has ended: the check it left (if no other caller
+            # wanted it) has ended too, its probe cancelled and now this one.
+            probe = self._probe_task
+            if probe is not None:
+                await asyncio.wait({probe})
         finally:
             self._finish()
+        await self._end_delivery()
 
-    async def _end_delivery(self, current: asyncio.Task[Any] | None) -> None:
+    async def _end_delivery(self) -> None:
+        # After _finish(): no change is queued any more, so no new task can start meanwhile.
         delivery = self._delivery
-        if delivery is None or delivery.done() or self._inside_listener(current):
-            # A listener stopping its own watcher must not wait for itself; with no
-            # checks left, its task ends once the changes already queued are told.
+        if delivery is None or delivery.done():
             return
         try:
             await asyncio.wait({delivery}, timeout=self._listener_timeout)
@@ -533,6 +569,7 @@ class HealthWatcher:
         for subscription in list(self._subscriptions):
             subscription._push(None)
         self._subscriptions.clear()
+        self._stopped.set()
 
     async def _run(self) -> None:
         # The flag backs up cancellation, which user code (a check or a listener)
@@ -564,8 +601,11 @@ class HealthWatcher:
         is under way (another caller's, or the watcher's own) waits for that
         check and returns its report, so that a hundred readiness probes against
         a hung server all answer within ``timeout``, not one after another.
-        After :meth:`stop` it still checks and updates :attr:`report`, but calls
-        no listener.
+        A caller that gives up (is cancelled, by its own ``asyncio.wait_for``
+        say) leaves at once; when the last one has, the check is cancelled as
+        if at its deadline, without updating :attr:`report`, and the next
+        check waits for its cleanup. After :meth:`stop` it still checks and
+        updates :attr:`report`, but calls no listener.
 
         Example:
             ```python
@@ -607,12 +647,24 @@ class HealthWatcher:
 
             return run
 
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        if not await self._previous_probe_ended(deadline):
+            return self._outcome(
+                HealthStatus.DOWN,
+                None,
+                OperationTimeoutError(
+                    f"the health check took longer than {self._timeout:g} s "
+                    "(the previous one, cancelled, is still finishing)"
+                ),
+            )
+        # Timed from here: how long the previous probe's cleanup took says nothing of the backend now.
         started = time.perf_counter()
         status = HealthStatus.HEALTHY
         error: BaseException | None = None
         latency: float | None = None
         try:
-            await self._probe(counting)
+            await self._probe(counting, deadline)
         except HealthCheckError as exc:
             error = exc
             backend_passed = len(exc.errors) == failed_extras
@@ -621,12 +673,8 @@ class HealthWatcher:
                 latency = time.perf_counter() - started
             else:
                 status = HealthStatus.DOWN
-        except _TimedOut as exc:
-            message = f"the health check took longer than {self._timeout:g} s"
-            if exc.task is self._leftover:
-                message += " (the previous one, cancelled at its deadline, is still finishing)"
-            self._leftover = exc.task
-            error = OperationTimeoutError(message)
+        except _TimedOut:
+            error = OperationTimeoutError(f"the health check took longer than {self._timeout:g} s")
             status = HealthStatus.DOWN
         except Exception as exc:  # a backend breaking its contract is still "down"
             error = exc
@@ -635,6 +683,11 @@ class HealthWatcher:
             latency = time.perf_counter() - started
             if self._degraded_latency is not None and latency > self._degraded_latency:
                 status = HealthStatus.DEGRADED
+        return self._outcome(status, latency, error)
+
+    def _outcome(
+        self, status: HealthStatus, latency: float | None, error: BaseException | None
+    ) -> tuple[HealthReport, BaseException | None]:
         failures = self._report.consecutive_failures + 1 if status is HealthStatus.DOWN else 0
         report = HealthReport(
             status=status,
@@ -645,25 +698,29 @@ class HealthWatcher:
         )
         return report, error
 
-    async def _probe(self, counting: Callable[[HealthCheck], HealthCheck]) -> None:
-        """Run ``client.health(...)`` within ``timeout``; raise :class:`_TimedOut` when it is up.
+    async def _previous_probe_ended(self, deadline: float) -> bool:
+        """Wait until ``deadline`` for the previous probe to end; whether it has.
 
-        Never starts a probe while the one abandoned at the last deadline is
-        still finishing: a backend or check that hangs would otherwise gain one
-        more stuck task per check.
+        A probe is never started while a cancelled one is still finishing: a
+        backend or check that hangs would otherwise gain one more stuck task per check.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
-        leftover = self._leftover
-        if leftover is not None:
-            if not leftover.done():
-                await asyncio.wait({leftover}, timeout=self._timeout)
-                if not leftover.done():
-                    raise _TimedOut(leftover)
-            self._leftover = None
+        previous = self._probe_task
+        if previous is None or previous.done():
+            return True
+        await asyncio.wait({previous}, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+        return previous.done()
+
+    async def _probe(self, counting: Callable[[HealthCheck], HealthCheck], deadline: float) -> None:
+        """Run ``client.health(...)`` until ``deadline``; raise :class:`_TimedOut` when it is up.
+
+        At the deadline, or when the check is cancelled (every caller gave up,
+        or stop()), the probe is cancelled and left to finish its cleanup as
+        ``_probe_task``.
+        """
         # The coroutine is made only now: one never started would be reported as never awaited.
-        probe = self._client.health(*(counting(check) for check in self._checks))
-        await _within(probe, max(0.0, deadline - loop.time()))
+        probe = asyncio.create_task(self._client.health(*(counting(check) for check in self._checks)))
+        self._probe_task = probe
+        await _within(probe, max(0.0, deadline - asyncio.get_running_loop().time()))
 
     def _log_transition(self, previous: HealthReport, report: HealthReport) -> None:
         if report.status is HealthStatus.DOWN:
@@ -709,7 +766,9 @@ class HealthWatcher:
                     continue  # the changes in between were dropped: nothing changed for the listeners
                 self._told = report.status
                 for entry in list(self._listeners):
-                    await self._call_listener(entry.fn, report)
+                    # Removed while an earlier listener was being called: it must not hear of this change.
+                    if entry in self._listeners:
+                        await self._call_listener(entry.fn, report)
             self._behind = False  # caught up
         finally:
             if self._delivery is asyncio.current_task():
@@ -854,10 +913,14 @@ class HealthWatcher:
                     return report
             raise KivigoError(f"the health watcher stopped before the status became {wanted}")
 
+        matching = asyncio.create_task(first_match())
         try:
-            return await _within(first_match(), seconds)
-        except _TimedOut as exc:
-            await asyncio.wait({exc.task})  # cancelled, and only waiting on the subscription: at once
+            return await _within(matching, seconds)
+        except _TimedOut:
             raise OperationTimeoutError(
                 f"the health status did not become {wanted} within {seconds:g} s (it is {self.status})"
             ) from None
+        finally:
+            if not matching.done():
+                # Cancelled by _within, and only waiting on the subscription: it ends at once.
+                await asyncio.wait({matching})

@@ -234,15 +234,23 @@ async def test_check_slower_than_timeout_is_down(valkey_client: Client) -> None:
 
 
 class SlowToCancel:
-    """An extra check that hangs, and whose cleanup on cancellation waits for ``cleanup_may_end``."""
+    """An extra check that hangs, and whose cleanup on cancellation waits for ``cleanup_may_end``.
+
+    It passes at once while ``hang`` is false; ``entered`` is set once a call hangs.
+    """
 
     def __init__(self) -> None:
         self.calls = 0
+        self.hang = True
+        self.entered = asyncio.Event()
         self.cleanup_may_end = asyncio.Event()
         self.cleaned_up = asyncio.Event()
 
     async def __call__(self, client: Client) -> None:
         self.calls += 1
+        if not self.hang:
+            return
+        self.entered.set()
         try:
             await asyncio.sleep(60)  # the dependency hangs
         finally:
@@ -253,12 +261,12 @@ class SlowToCancel:
 
 @contextlib.asynccontextmanager
 async def watching_slow_to_cancel(
-    client: Client, timeout: float, loop_errors: list[dict[str, Any]]
+    client: Client, timeout: float, loop_errors: list[dict[str, Any]], **options: Any
 ) -> AsyncIterator[tuple[HealthWatcher, SlowToCancel]]:
     """A watcher whose extra check is slow to cancel; stopped on exit, leaving no task or loop error."""
     before = asyncio.all_tasks()
     check = SlowToCancel()
-    watcher = HealthWatcher(client, interval=60, timeout=timeout, checks=[check])
+    watcher = HealthWatcher(client, interval=60, timeout=timeout, checks=[check], **options)
     try:
         yield watcher, check
     finally:
@@ -311,6 +319,73 @@ async def test_stop_waits_for_a_check_still_finishing_after_its_deadline(
         check.cleanup_may_end.set()
         await asyncio.wait_for(stopping, WAIT)
         assert check.cleaned_up.is_set()
+
+
+async def give_up_on_a_check(watcher: HealthWatcher, check: SlowToCancel) -> None:
+    """Start a check_now() that hangs in ``check``, then cancel its caller; fail unless it leaves at once."""
+    caller = asyncio.create_task(watcher.check_now())
+    await asyncio.wait_for(check.entered.wait(), WAIT)
+    caller.cancel()
+    # Far longer than leaving takes, and the cleanup cannot end before the test lets it.
+    await asyncio.wait({caller}, timeout=5)
+    assert caller.done(), "the caller that gave up waited for the check's cleanup"
+    assert caller.cancelled()
+    assert not check.cleaned_up.is_set()
+
+
+async def test_a_caller_giving_up_neither_waits_for_the_cleanup_nor_holds_up_the_next_check(
+    memory_client: Client, loop_errors: list[dict[str, Any]]
+) -> None:
+    # The deadline is far off: the caller gives up (a readiness handler's own timeout, say), not the watcher.
+    async with watching_slow_to_cancel(memory_client, WAIT, loop_errors) as (watcher, check):
+        await give_up_on_a_check(watcher, check)
+        # The abandoned check let go of the watcher: the next check (or the background
+        # loop's) waits for the cleanup within its own timeout, not for a lock.
+        assert not watcher._lock.locked()
+        check.hang = False
+        second = asyncio.create_task(watcher.check_now())
+        await asyncio.sleep(0.1)
+        assert not second.done()
+        assert check.calls == 1  # no second probe while the first is still finishing
+        check.cleanup_may_end.set()
+        report = await asyncio.wait_for(second, WAIT)
+        assert report.healthy
+        assert check.calls == 2
+        assert check.cleaned_up.is_set()
+
+
+async def test_stop_waits_for_the_cleanup_of_a_check_its_caller_gave_up(
+    memory_client: Client, loop_errors: list[dict[str, Any]]
+) -> None:
+    async with watching_slow_to_cancel(memory_client, WAIT, loop_errors) as (watcher, check):
+        await give_up_on_a_check(watcher, check)
+        stopping = asyncio.create_task(watcher.stop())
+        await asyncio.sleep(0.1)
+        assert not stopping.done()
+        check.cleanup_may_end.set()
+        await asyncio.wait_for(stopping, WAIT)
+        assert check.cleaned_up.is_set()
+
+
+async def test_latency_leaves_out_the_wait_for_the_previous_probe(
+    memory_client: Client, loop_errors: list[dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    async with watching_slow_to_cancel(memory_client, WAIT, loop_errors, degraded_latency=0.5) as (
+        watcher,
+        check,
+    ):
+        await give_up_on_a_check(watcher, check)
+        check.hang = False  # the dependency answers at once from now on
+        second = asyncio.create_task(watcher.check_now())
+        await asyncio.sleep(0.7)  # at least this long waiting for the previous probe's cleanup
+        assert not second.done()
+        check.cleanup_may_end.set()
+        report = await asyncio.wait_for(second, WAIT)
+    assert report.status is HEALTHY
+    assert report.latency is not None
+    assert report.latency < 0.5
+    assert not [r for r in caplog.records if r.name == LOGGER and "degraded" in r.getMessage()]
 
 
 @pytest.mark.server
@@ -596,6 +671,36 @@ async def test_add_listener_returns_a_remover(memory_client: Client) -> None:
             w.add_listener("not callable")  # type: ignore[arg-type]
 
 
+async def test_a_listener_removed_while_a_change_is_told_is_not_called_for_it(memory_client: Client) -> None:
+    switch = Switch()
+    slow_called, release = asyncio.Event(), asyncio.Event()
+    heard_slow: list[HealthStatus] = []
+    heard_later: list[HealthStatus] = []
+
+    async def slow(report: HealthReport) -> None:
+        heard_slow.append(report.status)
+        if report.status is DOWN:
+            slow_called.set()
+            await release.wait()
+
+    watcher = HealthWatcher(
+        memory_client, interval=60, degraded_latency=None, checks=[switch], listener_timeout=WAIT
+    )
+    watcher.add_listener(slow)
+    remove_later = watcher.add_listener(lambda report: heard_later.append(report.status))
+    async with watcher:
+        await asyncio.wait_for(watcher.drain(), WAIT)
+        assert heard_later == [HEALTHY]
+        switch.ok = False
+        await watcher.check_now()
+        await asyncio.wait_for(slow_called.wait(), WAIT)
+        remove_later()  # while the change to DOWN is being told to the listener before it
+        release.set()
+        await asyncio.wait_for(watcher.drain(), WAIT)
+    assert heard_slow == [HEALTHY, DOWN]
+    assert heard_later == [HEALTHY]
+
+
 async def test_raising_listener_is_logged_and_the_watcher_keeps_going(
     memory_client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -868,6 +973,91 @@ async def test_concurrent_check_now_calls_share_the_check_under_way(memory_clien
     # The last caller to leave stopped the check and waited for it to end.
     assert not watcher._check_flight._running
     await watcher.stop()
+
+
+async def test_concurrent_stops_all_return_once_the_watcher_has_stopped(
+    memory_client: Client, loop_errors: list[dict[str, Any]]
+) -> None:
+    # An explicit stop() (a signal handler's) and the 'async with' exit, say.
+    before = asyncio.all_tasks()
+    check = SlowToCancel()
+    check.hang = False
+    watcher = HealthWatcher(memory_client, interval=0.05, timeout=WAIT, checks=[check])
+    try:
+        await asyncio.wait_for(watcher.start(), WAIT)
+        [task] = watcher_tasks()
+        check.hang = True
+        await asyncio.wait_for(check.entered.wait(), WAIT)  # the background task is inside a check
+        stops = [asyncio.create_task(watcher.stop()) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        assert not [stop for stop in stops if stop.done()]  # the check's cleanup has not ended
+        assert watcher.running
+        check.cleanup_may_end.set()
+        await asyncio.wait_for(asyncio.gather(*stops), WAIT)
+        assert task.done()
+        assert check.cleaned_up.is_set()
+        assert not watcher.running
+        await watcher.stop()  # once stopped, at once
+    finally:
+        check.cleanup_may_end.set()
+        await asyncio.wait_for(watcher.stop(), WAIT)
+    assert asyncio.all_tasks() == before
+    assert loop_errors == []
+
+
+async def test_a_cancelled_stop_goes_on_and_a_later_stop_waits_for_it(
+    memory_client: Client, loop_errors: list[dict[str, Any]]
+) -> None:
+    before = asyncio.all_tasks()
+    check = SlowToCancel()
+    check.hang = False
+    switch = Switch()
+    release = asyncio.Event()
+    heard: list[HealthStatus] = []
+
+    async def pager(report: HealthReport) -> None:
+        heard.append(report.status)
+        await release.wait()
+
+    watcher = HealthWatcher(
+        memory_client,
+        interval=0.05,
+        timeout=WAIT,
+        degraded_latency=None,
+        listener_timeout=WAIT,
+        checks=[check, switch],
+        on_change=pager,
+    )
+    try:
+        await asyncio.wait_for(watcher.start(), WAIT)  # the pager hangs on HEALTHY
+        switch.ok = False
+        assert (await asyncio.wait_for(watcher.check_now(), WAIT)).status is DEGRADED  # not told yet
+        check.hang = True
+        await asyncio.wait_for(check.entered.wait(), WAIT)  # the background task is inside a check
+        stopping = asyncio.create_task(watcher.stop())
+        await asyncio.sleep(0.1)
+        stopping.cancel()  # a shutdown timeout around stop(), say
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        # The stopping went on; a later stop() waits for it rather than returning at once.
+        second = asyncio.create_task(watcher.stop())
+        await asyncio.sleep(0.1)
+        assert not second.done()
+        check.cleanup_may_end.set()
+        release.set()
+        await asyncio.wait_for(second, WAIT)
+        assert check.cleaned_up.is_set()
+        told = list(heard)
+        assert told == [HEALTHY, DEGRADED]  # the change already seen was told before stop() returned
+        assert watcher._delivery is None
+        await asyncio.sleep(0.1)
+        assert heard == told  # and nothing after
+    finally:
+        check.cleanup_may_end.set()
+        release.set()
+        await asyncio.wait_for(watcher.stop(), WAIT)
+    assert asyncio.all_tasks() == before
+    assert loop_errors == []
 
 
 async def test_stop_before_start(memory_client: Client) -> None:
