@@ -667,3 +667,49 @@ def test_the_core_package_imports_without_the_web_frameworks() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT, check=True
     )
     assert "kivigo-async[fastapi]" in out.stdout
+
+
+async def test_shutdown_waits_for_a_readiness_check_still_finishing_before_closing_the_client() -> None:
+    # watch=False: /readyz checks on demand. A probe whose request was cancelled is
+    # left to finish its cleanup (against the client), which shutdown must wait for.
+    probing, release_cleanup = asyncio.Event(), asyncio.Event()
+    order: list[str] = []
+
+    class SlowToCancel(MemoryBackend):
+        checks = 0
+
+        async def health(self) -> None:
+            self.checks += 1
+            if self.checks == 1:
+                return  # the check at startup
+            probing.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                await release_cleanup.wait()
+                order.append("probe cleaned up")
+                raise
+
+        async def close(self) -> None:
+            order.append("backend closed")
+            await super().close()
+
+    app = FastAPI(lifespan=kivigo_lifespan(lambda: Client(SlowToCancel()), watch=False))
+    app.include_router(health_router())
+    lifespan = Lifespan(app)
+    await lifespan.__aenter__()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            request = asyncio.create_task(http.get("/readyz"))
+            await asyncio.wait_for(probing.wait(), WAIT)
+            request.cancel()
+            await asyncio.wait({request}, timeout=WAIT)
+        assert request.cancelled()
+        closing = asyncio.create_task(lifespan.__aexit__(None, None, None))
+        await asyncio.sleep(0.2)
+        assert order == []  # before: the backend closed under the probe
+    finally:
+        release_cleanup.set()
+    await asyncio.wait_for(closing, WAIT)
+    assert order == ["probe cleaned up", "backend closed"]

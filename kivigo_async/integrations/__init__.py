@@ -114,8 +114,12 @@ def _check_options(
 
 async def _open(
     stack: AsyncExitStack, client_factory: Callable[[], Client], watch: bool, watcher_options: dict[str, Any]
-) -> tuple[Client, HealthWatcher | None]:
-    """Open the client (and the watcher) on ``stack``, which closes them in reverse order."""
+) -> tuple[Client, HealthWatcher | None, HealthWatcher]:
+    """Open the client (and the watcher) on ``stack``, which closes them in reverse order.
+
+    Returns the client, the watcher (``None`` with ``watch=False``) and what the
+    readiness probe asks: the watcher, or one checked on demand.
+    """
     client = client_factory()
     if not isinstance(client, Client):
         raise ConfigurationError(f"client_factory must return a Client, not {type(client).__name__}")
@@ -127,10 +131,14 @@ async def _open(
         # that cannot serve (one shared between startups and closed by the first)
         # would start an application whose every call fails.
         await client.health()
-    watcher: HealthWatcher | None = None
     if watch:
         watcher = await stack.enter_async_context(HealthWatcher(client, **watcher_options))
-    return client, watcher
+        return client, watcher, watcher
+    probe = _probe_watcher(client)
+    # Stopped before the client closes: a probe whose request was cancelled may
+    # still be finishing, against the client.
+    stack.push_async_callback(probe.stop)
+    return client, None, probe
 
 
 def _check_prefix(prefix: str) -> str:

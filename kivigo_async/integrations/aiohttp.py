@@ -54,7 +54,6 @@ from . import (
     _check_options,
     _check_prefix,
     _open,
-    _probe_watcher,
     readiness,
 )
 
@@ -123,10 +122,10 @@ def setup(
 
     async def kivigo_ctx(app: web.Application) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            client, watcher = await _open(stack, client_factory, watch, options)
+            client, watcher, probe = await _open(stack, client_factory, watch, options)
             app[CLIENT_KEY] = client
             app[WATCHER_KEY] = watcher
-            app[_PROBE_KEY] = _probe_watcher(client) if watcher is None else watcher
+            app[_PROBE_KEY] = probe
             yield
 
     app.cleanup_ctx.append(kivigo_ctx)

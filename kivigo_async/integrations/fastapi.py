@@ -72,7 +72,6 @@ from . import (
     _check_options,
     _check_prefix,
     _open,
-    _probe_watcher,
     readiness,
 )
 
@@ -143,12 +142,9 @@ class KivigoLifespan:
         if getattr(state, STATE_CLIENT, None) is not None:
             raise ConfigurationError("a kivigo lifespan is already running for this app")
         async with AsyncExitStack() as stack:
-            client, watcher = await _open(stack, self._client_factory, self._watch, self._watcher_options)
-            opened = {
-                STATE_CLIENT: client,
-                STATE_WATCHER: watcher,
-                _STATE_PROBE: _probe_watcher(client) if watcher is None else watcher,
-            }
+            opening = _open(stack, self._client_factory, self._watch, self._watcher_options)
+            client, watcher, probe = await opening
+            opened = {STATE_CLIENT: client, STATE_WATCHER: watcher, _STATE_PROBE: probe}
             for name, value in opened.items():
                 setattr(state, name, value)
             try:
