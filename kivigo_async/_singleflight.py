@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from .backend import AsyncBackend, LeaseBackend
-from .codecs import _type_name
+from .codecs import _codec_failure, _type_name
 from .errors import BackendUnavailableError, EncodeError, KivigoError, OperationTimeoutError
 from .hooks import EventType
 
@@ -493,17 +493,24 @@ async def _produce(
     # is refused before it is stored (it would fail every read until its TTL ran
     # out), and the miss returns what the hits will (untyped too: JSON turns a
     # datetime into a string, a set into a list).
-    try:
-        result = client._codec.decode(data, rtype)
-    except Exception as exc:
-        raise EncodeError(
-            f"get_or_set for key {key!r}: the factory's result does not read back as "
-            f"{_type_name(rtype)}: {exc}"
-        ) from exc
+    result = _read_back(client, key, data, rtype)
     await client.backend.set(key, data, ttl_ms)
     if client.hooks:
         await client.hooks.emit(EventType.SET, key, data)
     return _Filled(result, data, rtype)
+
+
+def _read_back(client: Client, key: str, data: bytes, rtype: Any) -> object:
+    try:
+        return client._codec.decode(data, rtype)
+    except Exception as exc:
+        error = EncodeError(
+            f"get_or_set for key {key!r}: the factory's result does not read back as "
+            f"{_type_name(rtype)}: {_codec_failure(client._codec, exc)}"
+        )
+    # Without the chain, as Client._decode raises its errors: the codec's exception,
+    # or what it chained, may quote the value.
+    raise error from None
 
 
 def _release_failed(key: str, exc: BaseException) -> None:

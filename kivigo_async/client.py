@@ -34,10 +34,9 @@ from .backend import (
     WatchBackend,
     stored_bytes,
 )
-from .codecs import Codec, JsonCodec
+from .codecs import Codec, JsonCodec, _codec_failure
 from .errors import (
     BackendUnavailableError,
-    CodecError,
     ConfigurationError,
     DecodeError,
     EncodeError,
@@ -231,14 +230,24 @@ def _none_type_error() -> InvalidArgumentError:
     )
 
 
-def _encode_error(key: str, exc: Exception) -> EncodeError:
-    detail = str(exc) if isinstance(exc, CodecError) else f"{type(exc).__name__}: {exc}"
-    return EncodeError(f"cannot encode the value for key {key!r}: {detail}")
+def _encode_error(key: str, codec: object, exc: Exception) -> EncodeError:
+    return EncodeError(f"cannot encode the value for key {key!r}: {_codec_failure(codec, exc)}")
 
 
-def _decode_error(key: str, exc: Exception) -> DecodeError:
-    detail = str(exc) if isinstance(exc, CodecError) else f"{type(exc).__name__}: {exc}"
-    return DecodeError(f"cannot decode the value of key {key!r}: {detail}")
+def _decode_error(key: str, codec: object, exc: Exception) -> DecodeError:
+    return DecodeError(f"cannot decode the value of key {key!r}: {_codec_failure(codec, exc)}")
+
+
+def _miscounted(codec: object, method: str, given: int, returned: object) -> str:
+    """The message for a batch method of ``codec`` that did not return one result per item."""
+    try:
+        count = f"{len(returned)} result(s)"  # type: ignore[arg-type]
+    except Exception:
+        count = f"a {type(returned).__name__}"
+    return (
+        f"{type(codec).__name__}.{method} returned {count} for {given} values: "
+        "a codec's batch method must return one result per value, in order"
+    )
 
 
 class _CloseOutcome(NamedTuple):
@@ -428,44 +437,58 @@ class Client:
 
     # -- encoding helpers ------------------------------------------------
 
+    # Codec errors are raised from None, outside the handler: a codec's EncodeError or
+    # DecodeError says what it has to say in its message, but whatever it chained (a
+    # serializer's error, a third-party parser's) may quote the value, and a log
+    # prints the chain; so may the message of any other exception (only its type is said).
+
     def _encode(self, key: str, value: object) -> bytes:
         try:
             return self._codec.encode(value)
-        except CodecError as exc:
-            error = _encode_error(key, exc)
         except Exception as exc:
-            raise _encode_error(key, exc) from exc
-        # A codec's EncodeError says what it has to say in its message; whatever it
-        # chained (a serializer's error) may quote the value, and a log prints a chain.
+            error = _encode_error(key, self._codec, exc)
         raise error from None
 
-    def _encode_values(self, keys: Sequence[str], values: Sequence[object]) -> list[bytes]:
-        """Encode ``values`` (those of ``keys``) in one codec call when the codec can."""
+    def _encode_items(self, keys: Sequence[str], values: Sequence[object]) -> list[tuple[str, bytes]]:
+        """``(key, encoded value)`` for ``keys`` and their ``values``; one codec call when the codec can."""
         many = self._encode_many
         if many is not None:
             try:
-                return many(values)
+                data = many(values)
             except Exception:
                 pass  # encoded again below, one by one, so that the error names the key
+            else:
+                try:
+                    return builtins.list(zip(keys, data, strict=True))
+                except (TypeError, ValueError):  # not one value per key: nothing is written
+                    error = EncodeError(_miscounted(self._codec, "encode_many", len(values), data))
+                raise error from None
         encode = self._encode
-        return [encode(key, value) for key, value in zip(keys, values, strict=True)]
+        return [(key, encode(key, value)) for key, value in zip(keys, values, strict=True)]
 
     def _decode(self, key: str, data: bytes, type: type[T]) -> T:
         try:
             return self._codec.decode(data, type)
         except Exception as exc:
-            raise _decode_error(key, exc) from exc
+            error = _decode_error(key, self._codec, exc)
+        raise error from None
 
-    def _decode_values(self, keys: Sequence[str], data: Sequence[bytes], type: Any) -> list[Any]:
-        """Decode ``data`` (the values of ``keys``) in one codec call when the codec can."""
+    def _decode_values(self, keys: Sequence[str], data: Sequence[bytes], type: Any) -> dict[str, Any]:
+        """``{key: decoded value}`` for ``keys`` and their ``data``; one codec call when the codec can."""
         many = self._decode_many
         if many is not None:
             try:
-                return many(data, type)
+                values = many(data, type)
             except Exception:
                 pass  # decoded again below, one by one, so that the error names the key
+            else:
+                try:
+                    return dict(zip(keys, values, strict=True))
+                except (TypeError, ValueError):
+                    error = DecodeError(_miscounted(self._codec, "decode_many", len(data), values))
+                raise error from None
         decode = self._decode
-        return [decode(key, value, type) for key, value in zip(keys, data, strict=True)]
+        return {key: decode(key, value, type) for key, value in zip(keys, data, strict=True)}
 
     def _result(self, key: str, data: bytes | None, type: Any, default: Any) -> Any:
         """What a read returns: the decoded value, ``default``, or KeyNotFoundError."""
@@ -855,7 +878,7 @@ class Client:
         """
         keys, values, ttl_ms = _batch_items("batch_set", mapping, ttl)
         if keys:
-            await self._write_batch(keys, self._encode_values(keys, values), ttl_ms, EventType.BATCH_SET)
+            await self._write_batch(self._encode_items(keys, values), ttl_ms, EventType.BATCH_SET)
 
     async def batch_set_raw(
         self, mapping: Mapping[str, bytes | bytearray | memoryview], *, ttl: TTLLike | None = None
@@ -875,17 +898,19 @@ class Client:
         keys, values, ttl_ms = _batch_items("batch_set_raw", mapping, ttl)
         # Exact bytes need neither a copy nor a call per value: one pass in C.
         if set(map(type, values)) == {bytes}:
-            data = cast("builtins.list[bytes]", values)
+            items = builtins.list(zip(keys, cast("builtins.list[bytes]", values), strict=True))
         else:
-            data = [_raw_bytes("batch_set_raw", value, key) for key, value in zip(keys, values, strict=True)]
-        if keys:
-            await self._write_batch(keys, data, ttl_ms, EventType.BATCH_SET_RAW)
+            items = [
+                (key, _raw_bytes("batch_set_raw", value, key))
+                for key, value in zip(keys, values, strict=True)
+            ]
+        if items:
+            await self._write_batch(items, ttl_ms, EventType.BATCH_SET_RAW)
 
     async def _write_batch(
-        self, keys: builtins.list[str], data: builtins.list[bytes], ttl_ms: int | None, event: EventType
+        self, items: builtins.list[tuple[str, bytes]], ttl_ms: int | None, event: EventType
     ) -> None:
-        """Write checked keys and their bytes; hooks hear of each key written."""
-        items = builtins.list(zip(keys, data, strict=True))
+        """Write checked keys with their bytes; hooks hear of each key written."""
         failed: BaseException | None = None
         if self._batch is not None:
             await self._batch.batch_set(items, ttl_ms)
@@ -920,7 +945,7 @@ class Client:
         if type is None:  # refused before any I/O, as get() does
             raise _none_type_error()
         found, data = await self._read_batch(keys)
-        return dict(zip(found, self._decode_values(found, data, type), strict=True))
+        return self._decode_values(found, data, type)
 
     async def batch_get_raw(self, keys: Iterable[str]) -> dict[str, bytes]:
         """Return ``{key: stored bytes}`` for the keys that exist, in input order, without decoding.

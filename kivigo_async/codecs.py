@@ -30,6 +30,8 @@ Follow the same rules as the built-in codecs:
   say what was expected, never include the bytes;
 * do not chain an exception whose text may quote the value (a validation error
   does): a log prints the chain with yours. Raise yours ``from None``;
+  the client shows a CodecError's message as written (without its chain), and
+  any other exception out of a codec by its type only;
 * do not mention the key: codecs never see it, the client adds it to the message;
 * keep per-call work small: codecs run on every get and set. Resolve per-type
   work once and cache it (as :class:`JsonCodec` does with its decoders).
@@ -39,7 +41,7 @@ A codec may also have ``decode_many(data: Sequence[bytes], type) -> list``, whic
 ``encode_many(values: Sequence) -> list[bytes]``, which ``Client.batch_set`` calls
 the same way (:class:`JsonCodec` and :class:`MsgspecCodec` have both). When one
 raises, the client goes through the values one by one, so the error names the key
-that failed.
+that failed. Each returns one result per value, in order.
 
     >>> import pickle
     >>> from kivigo_async.errors import DecodeError, EncodeError
@@ -95,7 +97,7 @@ from typing import (
 import msgspec
 import orjson
 
-from .errors import ConfigurationError, DecodeError, EncodeError
+from .errors import CodecError, ConfigurationError, DecodeError, EncodeError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -151,6 +153,18 @@ def _type_name(tp: Any) -> str:
     return f"{_type_name(origin)}[{', '.join('...' if a is Ellipsis else _type_name(a) for a in args)}]"
 
 
+def _codec_failure(codec: object, exc: BaseException) -> str:
+    """What an error message may say of ``exc``, raised by ``codec``.
+
+    A :class:`~kivigo_async.errors.CodecError` says what its codec's author wrote for
+    it, under the rule every codec follows (types, never values); anything else (a
+    ValueError quoting the value it could not parse) is named by its type only.
+    """
+    if isinstance(exc, CodecError):
+        return str(exc)
+    return f"{type(codec).__name__} raised {type(exc).__name__}"
+
+
 def _check_inner(inner: object, owner: str) -> None:
     if not (callable(getattr(inner, "encode", None)) and callable(getattr(inner, "decode", None))):
         raise ConfigurationError(
@@ -170,6 +184,8 @@ _MSGSPEC_VALUE_RE: Final = re.compile(r"^(Invalid (?:enum )?value) .*?(?= - at `
 _MSGSPEC_UNKNOWN_FIELD_RE: Final = re.compile(
     r"^(Object contains unknown field) `.*?`(?= - at `\$[^`]*`$|$)", re.DOTALL
 )
+# The location msgspec appends to a message ("- at `$.items[0]`"; dict keys are `[...]`).
+_MSGSPEC_PATH_RE: Final = re.compile(r" - at (?:`key` in )?`\$[^`]*`")
 #: pydantic error types whose message may quote the input: the tag read from it, a
 #: character of it, or the text of an application's code (``ValueError(f"bad {v}")``).
 _PYDANTIC_QUOTING: Final = frozenset(
@@ -178,6 +194,7 @@ _PYDANTIC_QUOTING: Final = frozenset(
         "value_error",
         "assertion_error",
         "uuid_parsing",
+        "bytes_invalid_encoding",  # a hex or base64 field: "Invalid character 'x' at position 0"
         "url_parsing",
         "url_syntax_violation",
         "get_attribute_error",
@@ -229,16 +246,62 @@ def _declared_names(tp: Any) -> set[str]:
     return names
 
 
+class _Summary(ValueError):
+    """Raised by the ``dec_hook`` with a summary built by :func:`_validation_summary`.
+
+    msgspec wraps it in its ValidationError, as the cause: the one cause whose
+    message is trusted.
+    """
+
+
+def _raised_by_msgspec(exc: BaseException) -> bool:
+    """Whether msgspec itself raised ``exc``, not Python code it called (a ``__post_init__``)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    # msgspec is compiled: what it raises ends its traceback in the frame here that called it.
+    return tb.tb_frame.f_globals.get("__name__") == __name__
+
+
+def _code_error_summary(exc: msgspec.DecodeError) -> str:
+    """The summary of an error raised by a type's own code inside msgspec: its type, and
+    where msgspec met it when the message says so."""
+    cause = exc.__cause__
+    if cause is None:  # a msgspec.ValidationError raised by that code, let through as is
+        return f"{type(exc).__name__} raised by the type's own code"
+    # msgspec's message is str(cause), then the location it appends.
+    message = str(exc)
+    try:
+        text = str(cause)
+    except Exception:
+        text = None
+    path = message[len(text) :] if text is not None and message.startswith(text) else ""
+    if not _MSGSPEC_PATH_RE.fullmatch(path):
+        path = ""
+    return f"{type(cause).__name__} raised by the type's own code{path}"
+
+
 def _validation_summary(exc: BaseException, tp: Any = object) -> str:
     """A message for a decode failure (``tp`` was asked for) that carries no stored data.
 
     msgspec and orjson messages only hold positions, paths and types (minus the
-    quoted values removed above). pydantic's ``str(ValidationError)`` includes the
+    quoted values removed above), but msgspec also turns a TypeError or ValueError
+    raised by the type's own code (a ``__post_init__``, the ``dec_hook``) into its
+    ValidationError with that code's message (``ValueError(f"bad card {n}")``): such
+    an error is shown by type and location only, unless it is our ``dec_hook``'s
+    :class:`_Summary`. pydantic's ``str(ValidationError)`` includes the
     input, so it is rebuilt from ``errors(include_input=False)``; the location keeps
     list indexes and the names ``tp`` declares, not the keys of a stored dict
     (``[...]``, as msgspec shows them). Messages of anything else are not trusted:
     only the exception type is shown.
     """
+    if isinstance(exc, msgspec.DecodeError):
+        if type(exc.__cause__) is _Summary:
+            return str(exc)
+        if exc.__cause__ is not None or not _raised_by_msgspec(exc):
+            return _code_error_summary(exc)
     if isinstance(exc, (msgspec.DecodeError, orjson.JSONDecodeError)):
         return _MSGSPEC_UNKNOWN_FIELD_RE.sub(r"\1", _MSGSPEC_VALUE_RE.sub(r"\1", str(exc)))
     errors = getattr(exc, "errors", None)
@@ -417,21 +480,40 @@ def _pydantic_reader(tp: Any) -> Callable[[bytes], Any]:
 
 
 #: pydantic model class -> its reader from plain values, built once (the dec_hook
-#: runs once per nested model).
+#: runs once per nested model); one table per way of writing them as JSON.
 _PLAIN_READERS: dict[type, Callable[[Any], Any]] = {}
+_EXACT_READERS: dict[type, Callable[[Any], Any]] = {}
 
 
-def _pydantic_from_plain(tp: Any) -> Callable[[Any], Any]:
+@functools.lru_cache(maxsize=1)
+def _exact_json_encoder() -> Callable[[Any], bytes]:
+    """A JSON writer of plain values that writes NaN and infinity as ``NaN``/``Infinity``,
+    which ``model_validate_json`` reads back (msgspec's writes ``null``)."""
+    try:
+        from pydantic_core import SchemaSerializer, core_schema
+    except ImportError:  # a duck-typed model without pydantic: JSON's null it is
+        return msgspec.json.encode
+    # Built once: pydantic_core.to_json(..., inf_nan_mode=) infers a serializer per call.
+    config = core_schema.CoreConfig(ser_json_inf_nan="constants")
+    encode: Callable[[Any], bytes] = SchemaSerializer(core_schema.any_schema(), config).to_json
+    return encode
+
+
+def _pydantic_from_plain(tp: Any, exact_floats: bool = False) -> Callable[[Any], Any]:
     """A reader of ``tp`` from plain values (msgpack, or nested in a msgspec type).
 
     They are what the JSON dump was, so they are validated by JSON's rules: a strict
-    model takes an ISO string for a datetime there, not in Python mode.
+    model takes an ISO string for a datetime there, not in Python mode. Values read
+    from MessagePack (``exact_floats``) may hold NaN or infinity, which the model
+    was given: they go through a writer that keeps them, about a microsecond
+    slower than msgspec's; values read from JSON cannot hold them.
     """
-    reader = _PLAIN_READERS.get(tp)
+    readers = _EXACT_READERS if exact_floats else _PLAIN_READERS
+    reader = readers.get(tp)
     if reader is None:
         read = _pydantic_reader(tp)
-        encode = msgspec.json.encode
-        reader = _PLAIN_READERS[tp] = lambda obj: read(encode(obj))
+        encode = _exact_json_encoder() if exact_floats else msgspec.json.encode
+        reader = readers[tp] = lambda obj: read(encode(obj))
     return reader
 
 
@@ -442,20 +524,33 @@ def _msgspec_enc_hook(obj: Any) -> Any:
     raise TypeError(f"unsupported type `{_type_name(type(obj))}`")
 
 
-def _msgspec_dec_hook(tp: Any, obj: Any) -> Any:
-    """msgspec ``dec_hook``: lets pydantic models appear inside msgspec types (``list[User]``)."""
-    if not _is_pydantic_model(tp):
-        raise NotImplementedError
-    try:
-        return _pydantic_from_plain(tp)(obj)
-    except ValueError as exc:  # pydantic.ValidationError; its str() holds the input
-        raise ValueError(_validation_summary(exc, tp)) from None
+def _nested_model_hook(exact_floats: bool) -> Callable[[Any, Any], Any]:
+    """A msgspec ``dec_hook`` that lets pydantic models appear inside msgspec types (``list[User]``)."""
+
+    def dec_hook(tp: Any, obj: Any) -> Any:
+        if not _is_pydantic_model(tp):
+            raise NotImplementedError
+        try:
+            return _pydantic_from_plain(tp, exact_floats)(obj)
+        except Exception as exc:
+            # msgspec puts the message of a TypeError or ValueError from here in its
+            # own (pydantic lets a validator's TypeError through, its text and all):
+            # only a summary is raised, as the one exception type whose message is trusted.
+            summary = _validation_summary(exc, tp)
+        raise _Summary(summary) from None
+
+    return dec_hook
 
 
-def _typed_decoder(new_decoder: Callable[..., Any], tp: Any) -> _Decoder:
+_msgspec_dec_hook: Final = _nested_model_hook(exact_floats=False)
+#: For MessagePack decoders, whose floats may be NaN or infinity.
+_msgpack_dec_hook: Final = _nested_model_hook(exact_floats=True)
+
+
+def _typed_decoder(new_decoder: Callable[..., Any], tp: Any, dec_hook: Callable[[Any, Any], Any]) -> _Decoder:
     """A msgspec decoder for ``tp``; a type msgspec cannot build one for is a DecodeError."""
     try:
-        decode: _Decoder = new_decoder(tp, dec_hook=_msgspec_dec_hook).decode
+        decode: _Decoder = new_decoder(tp, dec_hook=dec_hook).decode
     except (TypeError, ValueError) as exc:
         raise DecodeError(f"cannot decode into {_type_name(tp)}: not a supported type") from exc
     except NameError as exc:  # a forward reference in the type that does not resolve
@@ -714,7 +809,7 @@ class JsonCodec(_DecoderCache):
         elif _is_pydantic_model(tp) and callable(getattr(tp, "model_validate_json", None)):
             decoder = _pydantic_reader(tp)
         else:
-            decoder = _typed_decoder(msgspec.json.Decoder, tp)
+            decoder = _typed_decoder(msgspec.json.Decoder, tp, _msgspec_dec_hook)
         with contextlib.suppress(TypeError):  # unhashable annotation: not cached
             self._decoders[tp] = decoder
         return decoder
@@ -752,17 +847,19 @@ class MsgspecCodec(_DecoderCache):
     .. _msgspec: https://jcristharif.com/msgspec/
     """
 
-    __slots__ = ("_decoders", "_encode", "_format", "_label", "_new_decoder")
+    __slots__ = ("_dec_hook", "_decoders", "_encode", "_format", "_label", "_new_decoder")
 
     def __init__(self, format: Literal["json", "msgpack"] = "json") -> None:
         self._new_decoder: Callable[..., msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]]
         if format == "json":
             self._encode = msgspec.json.Encoder(enc_hook=_msgspec_enc_hook).encode
             self._new_decoder = msgspec.json.Decoder
+            self._dec_hook: Callable[[Any, Any], Any] = _msgspec_dec_hook
             self._label = "JSON"
         elif format == "msgpack":
             self._encode = msgspec.msgpack.Encoder(enc_hook=_msgspec_enc_hook).encode
             self._new_decoder = msgspec.msgpack.Decoder
+            self._dec_hook = _msgpack_dec_hook
             self._label = "MessagePack"
         else:
             raise ConfigurationError(f"MsgspecCodec: format must be 'json' or 'msgpack', got {format!r}")
@@ -805,12 +902,12 @@ class MsgspecCodec(_DecoderCache):
                 decoder = _pydantic_reader(tp)
             else:
                 untyped = self._new_decoder().decode
-                validate = _pydantic_from_plain(tp)
+                validate = _pydantic_from_plain(tp, exact_floats=True)
 
                 def decoder(data: bytes) -> Any:
                     return validate(untyped(data))
         else:
-            decoder = _typed_decoder(self._new_decoder, tp)
+            decoder = _typed_decoder(self._new_decoder, tp, self._dec_hook)
         with contextlib.suppress(TypeError):  # unhashable annotation: not cached
             self._decoders[tp] = decoder
         return decoder

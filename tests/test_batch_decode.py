@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
@@ -278,3 +279,51 @@ async def test_batches_go_through_an_overridden_encode(codec: JsonCodec | Msgspe
     async with Client(MemoryBackend(), codec=codec) as client:
         await client.batch_set({"a": 1, "b": "x"})
         assert await client.batch_get(["a", "b"]) == {"a": {"v": 1, "data": 1}, "b": {"v": 1, "data": "x"}}
+
+
+class Miscounting(JsonCodec):
+    """A third-party codec whose batch methods do not return one result per value."""
+
+    def __init__(self, change: str) -> None:
+        super().__init__()
+        self.change = change
+
+    def _miscount(self, results: list[Any]) -> Any:
+        if self.change == "short":
+            return results[:-1]
+        if self.change == "long":
+            return [*results, results[0]]
+        return None
+
+    def encode_many(self, values: Sequence[Any]) -> list[bytes]:
+        return self._miscount(super().encode_many(values))  # type: ignore[no-any-return]
+
+    def decode_many(self, data: Sequence[bytes], type: type[T]) -> list[T]:
+        return self._miscount(super().decode_many(data, type))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("change", "written", "read"),
+    [
+        ("short", "2 result(s)", "1 result(s)"),
+        ("long", "4 result(s)", "3 result(s)"),
+        ("none", "a NoneType", "a NoneType"),
+    ],
+)
+async def test_a_batch_method_that_miscounts_raises_a_codec_error_and_writes_nothing(
+    change: str, written: str, read: str
+) -> None:
+    heard: list[object] = []
+    async with Client(MemoryBackend(), codec=Miscounting(change)) as client:
+        client.hooks.register(heard.append)
+        with pytest.raises(
+            EncodeError, match=re.escape(f"Miscounting.encode_many returned {written} for 3 values:")
+        ):
+            await client.batch_set({"a": 1, "b": 2, "c": 3})
+        assert await client.list() == []
+        assert heard == []
+        await client.batch_set_raw({"a": b"1", "b": b"2"})
+        with pytest.raises(
+            DecodeError, match=re.escape(f"Miscounting.decode_many returned {read} for 2 values:")
+        ):
+            await client.batch_get(["a", "b"])

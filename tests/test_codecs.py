@@ -805,6 +805,45 @@ def test_msgpack_keeps_nan_and_infinity() -> None:
     assert out[1:] == [math.inf, -math.inf]
 
 
+@pytest.mark.parametrize(
+    "codec",
+    [MsgspecCodec("msgpack"), CompressedCodec(MsgspecCodec("msgpack"), min_size=0)],
+    ids=["msgpack", "compressed-msgpack"],
+)
+def test_msgpack_keeps_nan_and_infinity_in_pydantic_models(codec: Codec) -> None:
+    pydantic = pytest.importorskip("pydantic")
+
+    class Reading(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        value: float
+        low: float | None = None  # null would be read back as None, without an error
+
+    class Series(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        first: Reading
+        rest: list[Reading]
+
+    def same(a: float | None, b: float | None) -> bool:
+        return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+    def check(got: Reading, sent: Reading) -> None:
+        assert type(got) is Reading
+        assert same(got.value, sent.value)
+        assert same(got.low, sent.low)
+
+    readings = [
+        Reading(value=v, low=w) for v, w in ((math.inf, -math.inf), (math.nan, math.nan), (-0.0, 1.5))
+    ]
+    series = Series(first=readings[0], rest=readings)
+    for sent in readings:
+        check(roundtrip(codec, sent, Reading), sent)
+    # In a msgspec type, through the dec_hook; and models inside a model.
+    for got, sent in zip(roundtrip(codec, readings, list[Reading]), readings, strict=True):
+        check(got, sent)
+    for out in (roundtrip(codec, series, Series), roundtrip(codec, {"s": series}, dict[str, Series])["s"]):
+        check(out.first, series.first)
+        for got, sent in zip(out.rest, series.rest, strict=True):
+            check(got, sent)
+
+
 def test_json_non_string_keys() -> None:
     codec = JsonCodec()
     data = codec.encode({1: "a", 2: "b"})
@@ -1336,6 +1375,108 @@ def test_decode_errors_quote_no_stored_tag_key_or_validator_text(codec: Codec) -
         with pytest.raises(DecodeError) as info:
             codec.decode(codec.encode(stored), tp)
         assert SECRET not in "".join(traceback.format_exception(info.value)), tp
+
+
+def test_a_bytes_field_that_is_not_valid_hex_or_base64_is_not_quoted(codec: Codec) -> None:
+    pydantic = pytest.importorskip("pydantic")
+
+    class Hex(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        model_config = pydantic.ConfigDict(val_json_bytes="hex")
+        blob: bytes
+
+    class Base64(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        model_config = pydantic.ConfigDict(val_json_bytes="base64")
+        blob: bytes
+
+    # pydantic's messages name a character of the input: "Invalid character 'Z' at
+    # position 0" (hex), "Invalid symbol 36, offset 24" (base64: the `$`).
+    hex_doc, base64_doc = {"blob": "Zx" + SECRET}, {"blob": SECRET + "$"}
+    cases: list[tuple[object, Any]] = [
+        (hex_doc, Hex),
+        ([hex_doc], list[Hex]),
+        (base64_doc, Base64),
+        ([base64_doc], list[Base64]),
+    ]
+    for value, tp in cases:
+        with pytest.raises(DecodeError) as info:
+            codec.decode(codec.encode(value), tp)
+        message = str(info.value)
+        assert "blob: bytes_invalid_encoding" in message
+        assert "Invalid" not in message
+        assert SECRET not in "".join(traceback.format_exception(info.value))
+
+
+@dataclasses.dataclass
+class _CheckedCard:
+    number: str
+
+    def __post_init__(self) -> None:
+        if not self.number.isdigit():
+            raise ValueError(f"not a card number: {self.number!r}")
+
+
+class _CheckedStruct(msgspec.Struct):
+    number: str
+
+    def __post_init__(self) -> None:
+        if not self.number.isdigit():
+            # Text that reads like msgspec's location, to be taken for it.
+            raise TypeError(f"not a card number: {self.number} - at `$.{self.number}`")
+
+
+class _SelfValidated(msgspec.Struct):
+    number: str
+
+    def __post_init__(self) -> None:
+        # Let through by msgspec as it is: no cause, no location.
+        raise msgspec.ValidationError(f"Expected `int`, got `{self.number}`")
+
+
+def test_a_types_own_error_text_is_not_quoted(codec: Codec) -> None:
+    # msgspec puts the message of a TypeError or ValueError raised by the type's own
+    # code (a __post_init__, a pydantic validator reached through the dec_hook) in its
+    # ValidationError: the type of that exception and msgspec's location are shown.
+    pydantic = pytest.importorskip("pydantic")
+
+    class CardModel(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        number: str
+
+        @pydantic.field_validator("number")  # type: ignore[untyped-decorator]
+        @classmethod
+        def digits(cls, number: str) -> str:
+            if not number.isdigit():
+                raise TypeError(f"not a card number: {number!r}")  # pydantic lets a TypeError through
+            return number
+
+    card = {"number": SECRET}
+    own = "raised by the type's own code"
+    cases: list[tuple[object, Any, str]] = [
+        (card, _CheckedCard, f"ValueError {own}"),
+        ([card], list[_CheckedCard], f"ValueError {own} - at `$[0]`"),
+        ({"k": card}, dict[str, _CheckedCard], f"ValueError {own} - at `$[...]`"),
+        (card, _CheckedStruct, f"TypeError {own}"),
+        ([card], list[_CheckedStruct], f"TypeError {own} - at `$[0]`"),
+        (card, _SelfValidated, f"ValidationError {own}"),
+        ([card], list[_SelfValidated], f"ValidationError {own}"),
+        ([card], list[CardModel], "TypeError - at `$[0]`"),
+    ]
+    for value, tp, expected in cases:
+        data = codec.encode(value)
+        with pytest.raises(DecodeError) as info:
+            codec.decode(data, tp)
+        assert str(info.value).endswith(f"): {expected}"), tp
+        assert SECRET not in "".join(traceback.format_exception(info.value)), tp
+        decode_many = getattr(codec, "decode_many", None)
+        if decode_many is not None:
+            with pytest.raises(DecodeError) as many:
+                decode_many([codec.encode([]), data], tp)
+            assert SECRET not in str(many.value), tp
+    # A summary the dec_hook built is kept whole: pydantic's own message and its location.
+    with pytest.raises(DecodeError) as info:
+        codec.decode(codec.encode([{"number": 5}]), list[CardModel])
+    assert str(info.value).endswith(
+        "): 1 validation error(s): number: Input should be a valid string - at `$[0]`"
+    )
 
 
 def _frames_hold(exc: BaseException, secret: bytes) -> bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
+import json
 import logging
 import ssl
 import uuid
@@ -202,12 +204,39 @@ class ChainingCodec(JsonCodec):
         except ValueError as exc:
             raise EncodeError(f"cannot encode a value of type {type(value).__name__}") from exc
 
+    def decode(self, data: bytes, type: Any) -> Any:
+        with contextlib.suppress(DecodeError):
+            return super().decode(data, type)
+        try:
+            raise ValueError(f"cannot parse {data!r}")
+        except ValueError as exc:
+            raise DecodeError(f"expected {type.__name__}") from exc
 
-@pytest.mark.parametrize(
+
+class QuotingCodec:
+    """A third-party codec whose own exceptions, not CodecErrors, quote the value."""
+
+    def encode(self, value: Any) -> bytes:
+        try:
+            return json.dumps(value).encode()
+        except TypeError:
+            raise ValueError(f"cannot serialise {value!r}") from None
+
+    def decode(self, data: bytes, type: Any) -> Any:
+        value = json.loads(data)
+        if type is not object and not isinstance(value, type):
+            raise TypeError(f"expected {type.__name__}, got {value!r}")
+        return value
+
+
+ENCODERS = pytest.mark.parametrize(
     "codec",
-    [JsonCodec(), MsgspecCodec("json"), MsgspecCodec("msgpack"), ChainingCodec()],
-    ids=["json", "msgspec-json", "msgspec-msgpack", "chaining"],
+    [JsonCodec(), MsgspecCodec("json"), MsgspecCodec("msgpack"), ChainingCodec(), QuotingCodec()],
+    ids=["json", "msgspec-json", "msgspec-msgpack", "chaining", "quoting"],
 )
+
+
+@ENCODERS
 async def test_a_value_that_cannot_be_encoded_is_not_in_the_error_chain(codec: Codec) -> None:
     pydantic = pytest.importorskip("pydantic")
     from kivigo_async.backends.memory import MemoryBackend
@@ -232,6 +261,104 @@ async def test_a_value_that_cannot_be_encoded_is_not_in_the_error_chain(codec: C
     for error in errors:
         assert "'login'" in str(error)
         assert "Tiger42" not in chain_text(error)
+    if isinstance(codec, QuotingCodec):  # named by its type, as EncryptedCodec names an inner failure
+        assert "QuotingCodec raised ValueError" in str(single.value)
+
+
+@ENCODERS
+async def test_a_value_that_cannot_be_decoded_is_not_in_the_error_chain(codec: Codec) -> None:
+    from kivigo_async.backends.memory import MemoryBackend
+
+    card = {"pan": "4111-Tiger42"}
+    errors: list[BaseException] = []
+    async with Client(MemoryBackend(), codec=codec) as client:
+        await client.set("card", card)
+        with pytest.raises(DecodeError) as single:
+            await client.get("card", int)
+        errors.append(single.value)
+        with pytest.raises(DecodeError) as batch:
+            await client.batch_get(["card"], int)
+        errors.append(batch.value)
+        with pytest.raises(DecodeError) as hit:
+            await client.get_or_set("card", int, type=int)
+        errors.append(hit.value)
+        async with client.transaction() as tx:
+            with pytest.raises(DecodeError) as read:
+                await tx.get("card", int)
+        errors.append(read.value)
+        # The factory's result is read back before it is stored: that decode too.
+        with pytest.raises(EncodeError) as filled:
+            await client.get_or_set("fresh", lambda: card, type=int)
+        errors.append(filled.value)
+    for error in errors:
+        assert "'card'" in str(error) or "'fresh'" in str(error)
+        assert "Tiger42" not in chain_text(error)
+    # A CodecError says what its codec wrote; any other exception is named by its type.
+    expected = {ChainingCodec: "expected int", QuotingCodec: "QuotingCodec raised TypeError"}
+    for error in errors:
+        assert expected.get(type(codec), "expected int") in str(error)
+
+
+@pytest.mark.parametrize(
+    "codec",
+    [JsonCodec(), MsgspecCodec("msgpack"), EncryptedCodec(JsonCodec(), [EncryptedCodec.generate_key()])],
+    ids=["json", "msgspec-msgpack", "encrypted"],
+)
+async def test_a_types_own_error_does_not_quote_the_stored_value(codec: Codec) -> None:
+    # msgspec puts the message of a ValueError or TypeError raised by the type's
+    # own code (__post_init__, a pydantic validator in a list) in its error.
+    pydantic = pytest.importorskip("pydantic")
+    import msgspec
+
+    from kivigo_async.backends.memory import MemoryBackend
+
+    @dataclasses.dataclass
+    class Card:
+        number: str
+
+        def __post_init__(self) -> None:
+            if not self.number.isdigit():
+                raise ValueError(f"not a card number: {self.number!r}")
+
+    class CardStruct(msgspec.Struct):
+        number: str
+
+        def __post_init__(self) -> None:
+            if not self.number.isdigit():
+                raise ValueError(f"not a card number: {self.number!r}")
+
+    class CardModel(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        number: str
+
+        @pydantic.field_validator("number")  # type: ignore[untyped-decorator]
+        @classmethod
+        def digits(cls, number: str) -> str:
+            if not number.isdigit():
+                raise TypeError(f"not a card number: {number!r}")  # pydantic lets a TypeError through
+            return number
+
+    card = {"number": "4111-Tiger42"}
+    errors: list[BaseException] = []
+    async with Client(MemoryBackend(), codec=codec) as client:
+        await client.set("card", card)
+        await client.set("cards", [card])
+        for key, tp in (
+            ("card", Card),
+            ("card", CardStruct),
+            ("cards", list[CardModel]),
+            ("cards", list[Card]),
+        ):
+            with pytest.raises(DecodeError) as single:
+                await client.get(key, tp)
+            errors.append(single.value)
+            with pytest.raises(DecodeError) as batch:
+                await client.batch_get([key], tp)
+            errors.append(batch.value)
+    for error in errors:
+        assert "Tiger42" not in chain_text(error)
+    # What is said: the type of the exception, and where msgspec met it.
+    assert str(errors[0]).endswith("): ValueError raised by the type's own code")
+    assert str(errors[-1]).endswith("): ValueError raised by the type's own code - at `$[0]`")
 
 
 URL_PARSERS = pytest.mark.parametrize(
