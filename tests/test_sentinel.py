@@ -359,3 +359,217 @@ async def test_a_failover_before_a_late_first_subscription_is_followed(
 def tuple_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     return host, int(port)
+
+
+def drop_data_connections(backend: RedisSentinelBackend) -> Awaitable[None]:
+    """Close the connections to the primary: the next call asks the sentinels first."""
+    if backend._mux is not None:
+        backend._mux.drop()
+    return backend._pool.disconnect()
+
+
+async def until_the_switch_is_handled(backend: RedisSentinelBackend, changes: int) -> None:
+    await eventually(lambda: backend._server_changes != changes, 30, "the backend never heard +switch-master")
+
+
+@pytest.mark.parametrize("call", ["set", "watched transaction"])
+async def test_a_pooled_connection_opening_across_a_switch_reaches_the_new_primary(
+    redis_sentinel_factory: SentinelFactory, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    # Its look-up named the old primary, and +switch-master was handled while its
+    # socket was opening: disconnect() had nothing to close yet, and the connection
+    # went on to the demoted primary, which acknowledged the write and lost it.
+    # A set is pooled with auto_pipeline=False; a transaction watching keys always is.
+    topology = redis_sentinel_factory()
+    old = topology.master_addr()
+    # Long timeouts: the open is held for the whole failover.
+    options = sentinel_options(topology, auto_pipeline=call != "set", dial_timeout=30, read_timeout=30)
+    backend = RedisSentinelBackend(options)
+    async with Client(backend) as client:
+        await client.set("k", "before")
+        await backend._pool.disconnect()  # the next pooled call opens a connection
+        opening, release = asyncio.Event(), asyncio.Event()
+        open_socket: Callable[[Any], Awaitable[None]] = sentinel_module._SentinelConnection._connect
+
+        async def held_open(self: Any) -> None:
+            opening.set()
+            await release.wait()
+            await open_socket(self)
+
+        monkeypatch.setattr(sentinel_module._SentinelConnection, "_connect", held_open)
+
+        async def write() -> None:
+            if call == "set":
+                await client.set("k", "during")
+            else:
+                async with client.transaction(watch=["k"]) as tx:
+                    assert await tx.get("k", str) == "before"
+                    tx.set("k", "during")
+
+        writing = asyncio.create_task(write())
+        try:
+            await asyncio.wait_for(opening.wait(), 10)
+            changes = backend._server_changes
+            new = await asyncio.to_thread(topology.failover, 60.0)
+            await until_the_switch_is_handled(backend, changes)
+        finally:
+            release.set()
+        await asyncio.wait_for(writing, 30)
+        # The sentinels make the old primary a replica only about 10 s after the
+        # switch: until then it takes writes, and keeps them.
+        assert await read_from(old, "k") == b'"before"'
+        assert await read_from(new, "k") == b'"during"'
+
+
+async def test_a_reconnect_whose_lookup_spans_a_switch_asks_again(
+    redis_sentinel_factory: SentinelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redis-py reconnects a dropped connection (before retrying its command) through
+    # connect_check_health, which asked the sentinels there: an answer read after
+    # +switch-master was handled named the old primary, and the connection went there.
+    topology = redis_sentinel_factory()
+    old = topology.master_addr()
+    backend = RedisSentinelBackend(sentinel_options(topology, auto_pipeline=False))
+    async with Client(backend) as client:
+        await client.set("k", "before")
+        pool = backend._pool
+        acquire: Callable[[], Awaitable[Any]] = pool.get_connection
+        conn = await acquire()
+        try:
+            await conn.disconnect()  # lost, as its command is about to be retried
+            answered, release = asyncio.Event(), asyncio.Event()
+            discover: Callable[[str], Awaitable[tuple[str, int]]] = backend.sentinel.discover_master
+
+            async def answered_late(service_name: str) -> tuple[str, int]:
+                address = await discover(service_name)
+                if not release.is_set():
+                    answered.set()
+                    await release.wait()
+                return address
+
+            monkeypatch.setattr(backend.sentinel, "discover_master", answered_late)
+            reconnecting = asyncio.create_task(conn.connect_check_health(check_health=False))
+            try:
+                await asyncio.wait_for(answered.wait(), 10)
+                changes = backend._server_changes
+                new = await asyncio.to_thread(topology.failover, 60.0)
+                await until_the_switch_is_handled(backend, changes)
+            finally:
+                release.set()
+            await asyncio.wait_for(reconnecting, 30)
+            assert f"{conn.host}:{conn.port}" == new != old
+        finally:
+            await pool.release(conn)
+        await client.set("k", "after")
+        assert await read_from(new, "k") == b'"after"'
+
+
+async def test_a_switch_missed_in_a_gap_is_caught_up_after_a_pooled_lookup(
+    redis_sentinel_factory: SentinelFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The subscribed sentinel was lost and the primary switched before the backend
+    # subscribed to another. The catch-up compared the sentinels' answer with the
+    # pool's master_address, which a watched transaction's look-up had already moved
+    # to the new primary: it saw no change, and the multiplexed connection stayed on
+    # the demoted primary.
+    caplog.set_level(logging.INFO, logger=sentinel_module.__name__)
+    topology = redis_sentinel_factory()
+    old = topology.master_addr()
+    async with contextlib.AsyncExitStack() as stack:
+        proxies = [await stack.enter_async_context(FaultProxy(s.host, s.port)) for s in topology.sentinels]
+        options = sentinel_options(topology, dial_timeout=2)
+        backend = RedisSentinelBackend(options.replace(sentinels=[p.addr for p in proxies]))
+        client = await stack.enter_async_context(Client(backend))
+        await client.set("k", "before")  # the multiplexed connection, on the old primary
+        assert proxies[0].connections > 0  # the one subscribed to
+        # The next subscription waits here until the switch was missed.
+        check_monitors = backend._check_monitors
+        resubscribing, release = asyncio.Event(), asyncio.Event()
+
+        async def held(sentinel: Any, service: str, bound: float) -> None:
+            resubscribing.set()
+            await release.wait()
+            await check_monitors(sentinel, service, bound)
+
+        confirm = backend._confirm_subscription
+        confirmed = asyncio.Event()
+
+        async def confirmed_once(sentinel: Any) -> None:
+            await confirm(sentinel)
+            confirmed.set()
+
+        monkeypatch.setattr(backend, "_check_monitors", held)
+        monkeypatch.setattr(backend, "_confirm_subscription", confirmed_once)
+        try:
+            proxies[0].refuse()  # lost: redis-py cannot subscribe to it again
+            await proxies[0].reset_connections()
+            await asyncio.wait_for(resubscribing.wait(), 10)
+            new = await asyncio.to_thread(topology.failover, 60.0)
+            async with client.transaction(watch=["other"]) as tx:  # a pooled look-up
+                tx.set("other", "x")
+            assert backend._sentinel_pool.master_address == tuple_addr(new)
+        finally:
+            release.set()
+        await asyncio.wait_for(confirmed.wait(), 10)
+        await client.set("k", "after")
+        assert await read_from(new, "k") == b'"after"'
+        assert await read_from(old, "k") == b'"before"'
+        assert "re-subscribed to the sentinels, reconnecting" in caplog.text
+
+
+async def test_after_a_switch_the_announcing_sentinel_is_asked_first(
+    redis_sentinel_factory: SentinelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another sentinel was first in the list (as after a look-up the subscribed one
+    # was too slow to answer); it hears of the switch up to seconds after the one
+    # that announced it, and named the old primary to the reconnect in between.
+    topology = redis_sentinel_factory()
+    old = topology.master_addr()
+    backend = RedisSentinelBackend(sentinel_options(topology))
+    async with Client(backend) as client:
+        await client.set("k", "before")
+        announcer, other = backend.sentinel.sentinels[:2]  # the subscribed one is asked first
+        before: Any = await other.sentinel_masters()
+
+        async def not_heard_yet() -> Any:
+            return before
+
+        monkeypatch.setattr(other, "sentinel_masters", not_heard_yet)
+        backend._sentinel.ask_first(other)
+        changes = backend._server_changes
+        new = await asyncio.to_thread(topology.failover, 60.0)
+        await until_the_switch_is_handled(backend, changes)
+        await client.set("k", "after")
+        assert await read_from(new, "k") == b'"after"'
+        assert await read_from(old, "k") == b'"before"'
+        assert backend.sentinel.sentinels[0] is announcer
+
+
+@TRANSPORTS
+async def test_a_silent_sentinel_holds_no_lookup_without_read_timeout(
+    redis_sentinel: RedisSentinel, monkeypatch: pytest.MonkeyPatch, auto_pipeline: bool
+) -> None:
+    # With read_timeout=None the look-up waited on the silent first sentinel for
+    # good; on the multiplexed transport every later call waited on that connect.
+    monkeypatch.setattr(sentinel_module, "_WATCH_SILENCE", 2.0)  # the bound without read_timeout
+    redis_sentinel.flushall()
+    first = redis_sentinel.sentinels[0]
+    async with FaultProxy(first.host, first.port) as proxy:
+        options = sentinel_options(
+            redis_sentinel, read_timeout=None, dial_timeout=2, auto_pipeline=auto_pipeline
+        )
+        backend = RedisSentinelBackend(
+            options.replace(sentinels=[proxy.addr, *redis_sentinel.sentinel_addrs[1:]])
+        )
+        async with Client(backend) as client:
+            await client.set("k", 1)  # asked the first sentinel, whose connection stays open
+            assert backend.sentinel.sentinels[0].connection_pool.connection_kwargs["port"] == proxy.port
+            proxy.blackhole()
+            await drop_data_connections(backend)
+            calls = [asyncio.ensure_future(client.set("k", n)) for n in (2, 3)]
+            try:
+                await asyncio.wait_for(asyncio.gather(*calls), 20)
+            finally:
+                for call in calls:
+                    call.cancel()
+            assert await read_from(redis_sentinel.master_addr(), "k") in (b"2", b"3")

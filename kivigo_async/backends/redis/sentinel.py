@@ -162,7 +162,10 @@ class RedisSentinelOptions:
             pool_size=2,
             max_retries=self.max_retries,
             dial_timeout=self.dial_timeout,
-            read_timeout=self.read_timeout,
+            # Never None: a look-up waiting on a silent sentinel (its host lost, a
+            # partition: no FIN, no RST) would never ask the next one, and on the
+            # multiplexed transport every call waits on that one connect.
+            read_timeout=self.read_timeout if self.read_timeout is not None else _WATCH_SILENCE,
             tls=self.tls if self.sentinel_tls is None else self.sentinel_tls,
             # protocol=2 is for servers without HELLO, and their sentinels lack it just the same.
             protocol=self.protocol,
@@ -267,6 +270,28 @@ def _sentinel_addr(entry: str, number: int) -> str:
 class _BlockingSentinelPool(SentinelConnectionPool, _ClosablePool):
     """Sentinel-managed connections in the standalone pool: waits for a free one, stays closed once closed."""
 
+    #: Bumped whenever the backend leaves the primary: see _SentinelConnection.connect_check_health.
+    failovers = 0
+    #: Look-ups for a connection not answered yet: their answer is not in ``named`` yet.
+    lookups_under_way = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        init: Callable[..., None] = super().__init__
+        init(*args, **kwargs)
+        #: Every primary named to a connection (pooled or multiplexed) since the backend
+        #: last left the primary: where its connections may be. See _confirm_subscription.
+        self.named: set[tuple[str, int]] = set()
+
+    async def get_master_address(self) -> tuple[str, int]:
+        look_up: Callable[[], Awaitable[tuple[str, int]]] = super().get_master_address
+        self.lookups_under_way += 1
+        try:
+            address = await look_up()
+        finally:
+            self.lookups_under_way -= 1
+        self.named.add(address)
+        return address
+
     async def release(self, connection: AbstractConnection) -> None:
         # The failover mark is for the holder that had the connection when the
         # primary changed; given back, it would fail the next caller's first use.
@@ -285,17 +310,19 @@ class _SentinelConnection(_DialBounded, SentinelManagedConnection):
     that are lost when the sentinels turn it into a replica seconds later.
     """
 
-    _address_fresh = False
     #: Set by a failover on the connections in use: see connect_check_health.
     dropped_by_failover = False
 
-    async def connect_to(self, address: tuple[str, int]) -> None:
-        self._address_fresh = True  # connect() just asked the sentinels
-        try:
-            connect_to: Callable[[tuple[str, int]], Awaitable[None]] = super().connect_to
-            await connect_to(address)
-        finally:
-            self._address_fresh = False
+    async def connect(self) -> None:
+        # redis-py's looks the primary up, then connects through connect_to(): here the
+        # look-up is connect_check_health's, so one failover check covers both.
+        retry: Any = self.retry
+        # As redis-py's own connect(): a try that failed part-way is disconnected, or
+        # the next would find the socket open and skip the login.
+        await retry.call_with_retry(
+            lambda: self.connect_check_health(check_health=True, retry_socket_connect=False),
+            lambda error: self.disconnect(),
+        )
 
     async def connect_check_health(
         self, check_health: bool = True, retry_socket_connect: bool = True
@@ -313,9 +340,30 @@ class _SentinelConnection(_DialBounded, SentinelManagedConnection):
             self.dropped_by_failover = False
             raise RedisConnectionError("the primary changed (a failover) while the connection was in use")
         pool: Any = self.connection_pool
-        if not self._address_fresh and pool.is_master:
-            self.host, self.port = await pool.get_master_address()
-        await super().connect_check_health(check_health, retry_socket_connect)
+        connect: Callable[[bool, bool], Awaitable[None]] = super().connect_check_health
+        while True:
+            # Read before the look-up, with no pause since the check above. A failover
+            # the backend handles from here until the socket is ready cannot reach
+            # this connection (disconnect() does nothing to a socket not open yet),
+            # and the look-up may have been answered before the switch: the address
+            # may be the demoted primary's, which acknowledges writes it then loses.
+            failovers: int = pool.failovers
+            try:
+                if pool.is_master:
+                    self.host, self.port = await pool.get_master_address()
+                await connect(check_health, retry_socket_connect)
+            except RedisError:
+                if pool.failovers == failovers:
+                    raise
+                # The failover's disconnect() cut the login: that is no failure of ours.
+            if pool.failovers == failovers:
+                return
+            _log.debug("%s: the primary changed while connecting, asking the sentinels again", self)
+            await self.disconnect()
+            # Marked as in use by that failover, but nothing was sent on this socket:
+            # its holder has nothing to hear of, and the connect starts over.
+            self.dropped_by_failover = False
+            self.refuse_if_closed()
 
 
 class _SentinelTLSConnection(_TLSContextConnection, _SentinelConnection):
@@ -559,6 +607,11 @@ class RedisSentinelBackend(RedisBackend):
     async def _leave_primary(self) -> None:
         """Reconnect to the primary the sentinels name now."""
         self._server_changes += 1
+        # Before any pause: the pooled connects under way see it once their socket is
+        # ready, and look the primary up again. Every connection is left below, so
+        # from here on the only addresses in use are those the sentinels name next.
+        self._sentinel_pool.failovers += 1
+        self._sentinel_pool.named = set()
         if self._mux is not None:
             # The calls in flight fail: the old primary could acknowledge a write that
             # is lost once it turns replica, and a lost write must not look like a success.
@@ -635,14 +688,19 @@ class RedisSentinelBackend(RedisBackend):
             gap = "subscribed to the sentinels only after connect()"
         # Re-subscribed after losing a sentinel, or first subscribed after connect()
         # looked the primary up: a switch announced in the gap was missed, so
-        # reconnect unless the primary is still the one the pool found.
-        known = self._sentinel_pool.master_address
+        # reconnect unless every address named to a connection since the backend last
+        # left the primary is the primary's, and no look-up (asked before the switch,
+        # perhaps) is still to name one. Not redis-py's master_address: that is the
+        # latest look-up's answer only, and any pooled connect (a transaction watching
+        # keys) moves it to the new primary while the multiplexed connection and the
+        # busy pooled ones are still on the old one.
+        pool = self._sentinel_pool
         try:
             primary = await self._sentinel.discover_master(self._sentinel_options.service_name)
         except (RedisError, OSError) as exc:
             _log.debug("%s: cannot ask the sentinels for the primary: %s", self._node, exc)
             primary = None
-        if primary is None or primary != known:
+        if primary is None or pool.named - {primary} or pool.lookups_under_way:
             _log.info("%s: %s, reconnecting to the primary", self._node, gap)
             await self._leave_primary()
 
@@ -704,4 +762,7 @@ class RedisSentinelBackend(RedisBackend):
             # "<service> <old-ip> <old-port> <new-ip> <new-port>"
             elif kind == "message" and isinstance(data, bytes) and data.split(b" ", 1)[0] == service:
                 _log.info("%s: primary switched, reconnecting (%s)", self._node, data.decode())
+                # The others hear of the switch up to seconds later, and until then name
+                # the old primary, which still takes writes: the reconnects ask this one first.
+                self._sentinel.ask_first(sentinel)
                 await self._leave_primary()
