@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import msgspec
 import pytest
 import redis
 
@@ -144,6 +146,46 @@ async def check_a_failed_close_is_reported_once(
     assert isinstance(first, BackendUnavailableError), first
     assert second is first
     await backend.close()  # it was reported: closing again raises nothing
+
+
+# Types whose own code refuses a stored value with a message that quotes it: what
+# a decode error must not repeat (the value may be a secret).
+
+
+@dataclasses.dataclass
+class CheckedCard:
+    number: str
+
+    def __post_init__(self) -> None:
+        if not self.number.isdigit():
+            raise ValueError(f"not a card number: {self.number!r}")
+
+
+class CheckedStruct(msgspec.Struct):
+    number: str
+
+    def __post_init__(self) -> None:
+        if not self.number.isdigit():
+            # Text that reads like msgspec's location, to be taken for it.
+            raise TypeError(f"not a card number: {self.number} - at `$.{self.number}`")
+
+
+def checked_card_models() -> Any:
+    """``list[CardModel]``: a pydantic model whose validator refuses with a TypeError
+    (pydantic lets those through), inside a msgspec type."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class CardModel(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        number: str
+
+        @pydantic.field_validator("number")  # type: ignore[untyped-decorator]
+        @classmethod
+        def digits(cls, number: str) -> str:
+            if not number.isdigit():
+                raise TypeError(f"not a card number: {number!r}")
+            return number
+
+    return list[CardModel]
 
 
 def redis_options(server: Server, **overrides: Any) -> RedisOptions:

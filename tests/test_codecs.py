@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict, cast
 import msgspec
 import orjson
 import pytest
+from conftest import CheckedCard, CheckedStruct, checked_card_models
 
 from kivigo_async.codecs import Codec, CompressedCodec, EncryptedCodec, JsonCodec, MsgspecCodec
 from kivigo_async.errors import CodecError, ConfigurationError, DecodeError, EncodeError, KivigoError
@@ -1406,24 +1407,6 @@ def test_a_bytes_field_that_is_not_valid_hex_or_base64_is_not_quoted(codec: Code
         assert SECRET not in "".join(traceback.format_exception(info.value))
 
 
-@dataclasses.dataclass
-class _CheckedCard:
-    number: str
-
-    def __post_init__(self) -> None:
-        if not self.number.isdigit():
-            raise ValueError(f"not a card number: {self.number!r}")
-
-
-class _CheckedStruct(msgspec.Struct):
-    number: str
-
-    def __post_init__(self) -> None:
-        if not self.number.isdigit():
-            # Text that reads like msgspec's location, to be taken for it.
-            raise TypeError(f"not a card number: {self.number} - at `$.{self.number}`")
-
-
 class _SelfValidated(msgspec.Struct):
     number: str
 
@@ -1436,29 +1419,18 @@ def test_a_types_own_error_text_is_not_quoted(codec: Codec) -> None:
     # msgspec puts the message of a TypeError or ValueError raised by the type's own
     # code (a __post_init__, a pydantic validator reached through the dec_hook) in its
     # ValidationError: the type of that exception and msgspec's location are shown.
-    pydantic = pytest.importorskip("pydantic")
-
-    class CardModel(pydantic.BaseModel):  # type: ignore[name-defined,misc]
-        number: str
-
-        @pydantic.field_validator("number")  # type: ignore[untyped-decorator]
-        @classmethod
-        def digits(cls, number: str) -> str:
-            if not number.isdigit():
-                raise TypeError(f"not a card number: {number!r}")  # pydantic lets a TypeError through
-            return number
-
+    card_models = checked_card_models()
     card = {"number": SECRET}
     own = "raised by the type's own code"
     cases: list[tuple[object, Any, str]] = [
-        (card, _CheckedCard, f"ValueError {own}"),
-        ([card], list[_CheckedCard], f"ValueError {own} - at `$[0]`"),
-        ({"k": card}, dict[str, _CheckedCard], f"ValueError {own} - at `$[...]`"),
-        (card, _CheckedStruct, f"TypeError {own}"),
-        ([card], list[_CheckedStruct], f"TypeError {own} - at `$[0]`"),
+        (card, CheckedCard, f"ValueError {own}"),
+        ([card], list[CheckedCard], f"ValueError {own} - at `$[0]`"),
+        ({"k": card}, dict[str, CheckedCard], f"ValueError {own} - at `$[...]`"),
+        (card, CheckedStruct, f"TypeError {own}"),
+        ([card], list[CheckedStruct], f"TypeError {own} - at `$[0]`"),
         (card, _SelfValidated, f"ValidationError {own}"),
         ([card], list[_SelfValidated], f"ValidationError {own}"),
-        ([card], list[CardModel], "TypeError - at `$[0]`"),
+        ([card], card_models, "TypeError - at `$[0]`"),
     ]
     for value, tp, expected in cases:
         data = codec.encode(value)
@@ -1473,7 +1445,7 @@ def test_a_types_own_error_text_is_not_quoted(codec: Codec) -> None:
             assert SECRET not in str(many.value), tp
     # A summary the dec_hook built is kept whole: pydantic's own message and its location.
     with pytest.raises(DecodeError) as info:
-        codec.decode(codec.encode([{"number": 5}]), list[CardModel])
+        codec.decode(codec.encode([{"number": 5}]), card_models)
     assert str(info.value).endswith(
         "): 1 validation error(s): number: Input should be a valid string - at `$[0]`"
     )

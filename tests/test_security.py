@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
 import json
 import logging
 import ssl
@@ -22,7 +21,7 @@ from urllib.parse import quote
 import pytest
 import redis.asyncio as aioredis
 import trustme
-from conftest import chain_text, redis_options
+from conftest import CheckedCard, CheckedStruct, chain_text, checked_card_models, redis_options
 from redis.exceptions import ResponseError
 
 from kivigo_async import AsyncBackend, Client, Codec, EncryptedCodec, JsonCodec, MsgspecCodec
@@ -307,46 +306,19 @@ async def test_a_value_that_cannot_be_decoded_is_not_in_the_error_chain(codec: C
 async def test_a_types_own_error_does_not_quote_the_stored_value(codec: Codec) -> None:
     # msgspec puts the message of a ValueError or TypeError raised by the type's
     # own code (__post_init__, a pydantic validator in a list) in its error.
-    pydantic = pytest.importorskip("pydantic")
-    import msgspec
-
     from kivigo_async.backends.memory import MemoryBackend
 
-    @dataclasses.dataclass
-    class Card:
-        number: str
-
-        def __post_init__(self) -> None:
-            if not self.number.isdigit():
-                raise ValueError(f"not a card number: {self.number!r}")
-
-    class CardStruct(msgspec.Struct):
-        number: str
-
-        def __post_init__(self) -> None:
-            if not self.number.isdigit():
-                raise ValueError(f"not a card number: {self.number!r}")
-
-    class CardModel(pydantic.BaseModel):  # type: ignore[name-defined,misc]
-        number: str
-
-        @pydantic.field_validator("number")  # type: ignore[untyped-decorator]
-        @classmethod
-        def digits(cls, number: str) -> str:
-            if not number.isdigit():
-                raise TypeError(f"not a card number: {number!r}")  # pydantic lets a TypeError through
-            return number
-
+    card_models = checked_card_models()
     card = {"number": "4111-Tiger42"}
     errors: list[BaseException] = []
     async with Client(MemoryBackend(), codec=codec) as client:
         await client.set("card", card)
         await client.set("cards", [card])
         for key, tp in (
-            ("card", Card),
-            ("card", CardStruct),
-            ("cards", list[CardModel]),
-            ("cards", list[Card]),
+            ("card", CheckedCard),
+            ("card", CheckedStruct),
+            ("cards", card_models),
+            ("cards", list[CheckedCard]),
         ):
             with pytest.raises(DecodeError) as single:
                 await client.get(key, tp)

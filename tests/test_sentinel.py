@@ -368,8 +368,12 @@ def drop_data_connections(backend: RedisSentinelBackend) -> Awaitable[None]:
     return backend._pool.disconnect()
 
 
-async def until_the_switch_is_handled(backend: RedisSentinelBackend, changes: int) -> None:
+async def fail_over(topology: RedisSentinel, backend: RedisSentinelBackend) -> str:
+    """Fail the primary over; return the new one's address once the backend has heard of the switch."""
+    changes = backend._server_changes
+    new = await asyncio.to_thread(topology.failover, 60.0)
     await eventually(lambda: backend._server_changes != changes, 30, "the backend never heard +switch-master")
+    return new
 
 
 @pytest.mark.parametrize("call", ["set", "watched transaction"])
@@ -409,9 +413,7 @@ async def test_a_pooled_connection_opening_across_a_switch_reaches_the_new_prima
         writing = asyncio.create_task(write())
         try:
             await asyncio.wait_for(opening.wait(), 10)
-            changes = backend._server_changes
-            new = await asyncio.to_thread(topology.failover, 60.0)
-            await until_the_switch_is_handled(backend, changes)
+            new = await fail_over(topology, backend)
         finally:
             release.set()
         await asyncio.wait_for(writing, 30)
@@ -451,9 +453,7 @@ async def test_a_reconnect_whose_lookup_spans_a_switch_asks_again(
             reconnecting = asyncio.create_task(conn.connect_check_health(check_health=False))
             try:
                 await asyncio.wait_for(answered.wait(), 10)
-                changes = backend._server_changes
-                new = await asyncio.to_thread(topology.failover, 60.0)
-                await until_the_switch_is_handled(backend, changes)
+                new = await fail_over(topology, backend)
             finally:
                 release.set()
             await asyncio.wait_for(reconnecting, 30)
@@ -536,9 +536,7 @@ async def test_after_a_switch_the_announcing_sentinel_is_asked_first(
 
         monkeypatch.setattr(other, "sentinel_masters", not_heard_yet)
         backend._sentinel.ask_first(other)
-        changes = backend._server_changes
-        new = await asyncio.to_thread(topology.failover, 60.0)
-        await until_the_switch_is_handled(backend, changes)
+        new = await fail_over(topology, backend)
         await client.set("k", "after")
         assert await read_from(new, "k") == b'"after"'
         assert await read_from(old, "k") == b'"before"'
