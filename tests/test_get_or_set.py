@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional, cast
 
 import msgspec
 import pytest
-from conftest import refused_port
+from conftest import eventually, refused_port
 from redis.asyncio import Redis
 from redis.crc import key_slot
 from typing_extensions import Self
@@ -57,13 +57,6 @@ class Point(msgspec.Struct):
 
 # Generous: two shared cores, and other test runs beside this one.
 WAIT = 30.0
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    deadline = asyncio.get_running_loop().time() + WAIT
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "the condition never held"
-        await asyncio.sleep(0.005)
 
 
 class Counter:
@@ -929,7 +922,11 @@ async def test_callers_sharing_a_fill_each_decode_the_stored_value_as_their_own_
         holder = asyncio.create_task(other.get_or_set("k", slow_text))
         await asyncio.wait_for(started.wait(), WAIT)  # the other process holds the lease
         as_int = asyncio.create_task(client.get_or_set("k", never, type=int))  # polls, decoding as int
-        await wait_until(lambda: client._filler is not None and "k" in client._filler._polling)
+
+        def polling() -> bool:
+            return client._filler is not None and "k" in client._filler._polling
+
+        await eventually(polling, WAIT, "the first caller never polled")
         as_text = asyncio.create_task(client.get_or_set("k", never, type=str))  # joins that fill
         stored.set()
         assert await asyncio.wait_for(holder, WAIT) == "abc"
