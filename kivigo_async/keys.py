@@ -45,7 +45,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol, Union, runtime_checkable
 
-from .errors import InvalidArgumentError, InvalidKeyError
+import msgspec
+
+from .errors import InvalidArgumentError, InvalidKeyError, KivigoError
 
 __all__ = ["KeyFunc", "KeyRegistry", "KeyTemplate", "KeyVars", "default_registry"]
 
@@ -112,7 +114,7 @@ def _intadd(value: str, amount: str) -> str:
     # The template's own integer rule (as Go's strconv.Atoi): no "1_000", no non-ASCII digits.
     text = value.strip()
     if _INT.fullmatch(text) is None:
-        raise ValueError(f"intadd needs an integer, got {value!r}")
+        raise ValueError("intadd needs an integer")  # the value may be a secret: not quoted
     return str(int(text) + int(amount))
 
 
@@ -122,17 +124,24 @@ class _Func:
     # Functions that see missing fields (as None); the others are skipped for them.
     takes_missing: bool = False
     int_args: bool = False
+    # Ours: their messages never quote the value, so errors may show them.
+    builtin: bool = False
 
 
 _BUILTINS: dict[str, _Func] = {
-    "upper": _Func(_upper),
-    "lower": _Func(_lower),
-    "trim": _Func(_trim),
-    "default": _Func(_default, takes_missing=True),
-    "slugify": _Func(_slugify),
-    "if": _Func(_if, takes_missing=True),
-    "intadd": _Func(_intadd, int_args=True),
+    "upper": _Func(_upper, builtin=True),
+    "lower": _Func(_lower, builtin=True),
+    "trim": _Func(_trim, builtin=True),
+    "default": _Func(_default, takes_missing=True, builtin=True),
+    "slugify": _Func(_slugify, builtin=True),
+    "if": _Func(_if, takes_missing=True, builtin=True),
+    "intadd": _Func(_intadd, int_args=True, builtin=True),
 }
+
+
+def _from_template(func: _Func, text: str | None) -> bool:
+    """Whether ``func`` answers ``text`` with one of the template's own arguments."""
+    return func.fn is _if or (func.fn is _default and not text)
 
 
 # -- parsing ----------------------------------------------------------------
@@ -283,16 +292,46 @@ class _Parser:
 
 
 def _text(value: object) -> str | None:
-    """A field value as key text; ``None`` means missing."""
-    if value is None or isinstance(value, str):
+    """A field value as key text; ``None`` means missing.
+
+    Raises TypeError or ValueError, whose messages name types, never the value.
+    """
+    if value is None or type(value) is str:
         return value
+    if value is msgspec.UNSET:  # a Struct field left unset: no value, not the text "UNSET"
+        return None
     if isinstance(value, bool):
         return "true" if value else "false"  # as KiviGo (Go's %v) writes them
-    if isinstance(value, enum.Enum):
+    if isinstance(value, enum.Enum):  # before str: str() of a (str, Enum) member is "Cls.NAME"
         return _text(value.value)
+    if isinstance(value, str):
+        # A plain copy: functions then see the text, not a subclass's own __str__ or __format__.
+        return str.__str__(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         raise TypeError("bytes are not key text; decode them first")
-    return str(value)
+    if type(value) is int:
+        return str(value)  # may raise ValueError for an int too long for text: it names no digit
+    _check_has_text(value)
+    try:
+        return str(value)
+    except Exception as exc:  # the object's own code: its message may quote anything
+        raise TypeError(f"str() of a {type(value).__name__} raised {type(exc).__name__}") from None
+
+
+def _check_has_text(value: object) -> None:
+    """Refuse values whose str() is not their text: a memory address, a mask."""
+    kind = type(value).__name__
+    if inspect.isawaitable(value):
+        if inspect.iscoroutine(value):
+            value.close()  # never awaited: closing spares the "never awaited" warning
+        raise TypeError(f"a {kind} is not key text (template functions must not be async)")
+    if callable(value):
+        raise TypeError(f"a {kind} is callable, not a value (call it first?)")
+    if callable(getattr(value, "get_secret_value", None)):
+        # pydantic's SecretStr and the like: the same "**********" for every secret.
+        raise TypeError(f"a {kind} masks its text (pass its get_secret_value(), or a hash of it)")
+    if type(value).__str__ is object.__str__ and type(value).__repr__ is object.__repr__:
+        raise TypeError(f"a {kind} has no text of its own: str() would give its memory address")
 
 
 _SCALARS = (str, bytes, bytearray, memoryview, int, float, complex)
@@ -352,15 +391,17 @@ class KeyTemplate:
             function later does not change this template.
         strict: refuse field values that would make keys ambiguous (the
             default): an empty value (unless ``if`` or ``default`` chose it), a
-            control character, a brace (it would move a Redis Cluster hash
-            tag), or a non-alphanumeric character of the literal text between
+            control character (C0, DEL or C1) or a lone surrogate, a brace (it
+            would move a Redis Cluster hash tag), or a non-alphanumeric character of the literal text between
             two fields (with ``session:{user}:{sid}``, ``user="a:1", sid="x"``
             and ``user="a", sid="1:x"`` would build the same key); when that
             text is all letters and digits (``{a}v{b}``), any of them. The check
             applies to the text a field ends up as, after its functions. Two
             fields with no text between them (``{a}{b}``) cannot be checked:
             ``ab`` + ``c`` and ``a`` + ``bc`` give the same key, so put a
-            separator between fields that hold user data.
+            separator between fields that hold user data. The text of an
+            ``if`` or ``default`` argument is the template's own and is not
+            checked, unless two fields have arguments holding refused characters.
             ``strict=False`` builds keys from values as they are, as KiviGo does.
 
     Raises:
@@ -374,7 +415,7 @@ class KeyTemplate:
         'order:EU:7'
     """
 
-    __slots__ = ("_fields", "_forbidden", "_parts", "_template")
+    __slots__ = ("_fields", "_forbidden", "_parts", "_template", "_trust_args")
 
     def __init__(self, template: str, *, registry: KeyRegistry | None = None, strict: bool = True) -> None:
         if not isinstance(template, str):
@@ -392,6 +433,7 @@ class KeyTemplate:
         if not isinstance(strict, bool):
             raise InvalidArgumentError(f"strict must be True or False, not {strict!r}")
         self._forbidden: re.Pattern[str] | None = _forbidden_in_values(self._parts) if strict else None
+        self._trust_args = self._forbidden is None or _args_trusted(self._parts, self._forbidden)
 
     def __repr__(self) -> str:
         return f"KeyTemplate({self._template!r})"
@@ -412,12 +454,16 @@ class KeyTemplate:
         ``data`` is a mapping, an object with a ``key_vars()`` method
         (:class:`KeyVars`), or any object whose attributes are the fields
         (dataclass, ``msgspec.Struct``, pydantic model...). Values become text
-        with ``str()``; booleans as ``true``/``false``, enums by their value.
+        with ``str()``; booleans as ``true``/``false``, enums by their value,
+        ``str`` subclasses as plain ``str``. ``None`` and ``msgspec.UNSET``
+        count as missing.
 
         Raises:
-            InvalidKeyError: a field is missing or ``None`` (and no
-                ``default`` covers it), a function fails on a value, or the
-                key comes out empty.
+            InvalidKeyError: a field is missing, ``None`` or unset (and no
+                ``default`` covers it); a value is bytes, callable, awaitable
+                or has no text of its own (no ``__str__`` or ``__repr__``); a
+                function fails on a value; a strict check fails; or the key
+                comes out empty. The message never quotes a field's value.
 
         Example:
             >>> KeyTemplate("user:{id}").build({"id": 42}), KeyTemplate("user:{id}").build(id=42)
@@ -430,12 +476,14 @@ class KeyTemplate:
             if isinstance(part, str):
                 out.append(part)
                 continue
-            text, chosen = self._apply(part, lookup.get(part.name))
+            text, chosen, constant = self._apply(part, lookup.get(part.name))
             if text is None:
                 if part.name not in missing:
                     missing.append(part.name)
                 continue
-            if self._forbidden is not None:
+            # Text the template itself wrote (an ``if`` or ``default`` argument) is
+            # no more ambiguous than its literal text, separators and all.
+            if self._forbidden is not None and not (constant and self._trust_args):
                 self._check_value(part, text, chosen)
             out.append(text)
         if missing:
@@ -460,27 +508,67 @@ class KeyTemplate:
                 "would make keys ambiguous (pass strict=False to build keys from such values anyway)"
             )
 
-    def _apply(self, part: _Field, value: object) -> tuple[str | None, bool]:
-        """The field's text after its functions, and whether ``if``/``default`` chose it."""
+    def _apply(self, part: _Field, value: object) -> tuple[str | None, bool, bool]:
+        """The field's text after its functions, whether ``if``/``default`` chose it,
+        and whether it is an argument of the ``if``/``default`` that chose it, unchanged."""
         try:
             text = _text(value)
         except (TypeError, ValueError) as exc:  # ValueError: an int too long for str()
             raise InvalidKeyError(f"key template {self._template!r}: field {part.name!r}: {exc}") from None
-        chosen = False
+        chosen = constant = False
         for step in part.steps:
             takes_missing = step.func.takes_missing
             if text is None and not takes_missing:
                 continue
-            try:
-                result = _text(step.func.fn(text, *step.args))
-            except Exception as exc:
-                raise InvalidKeyError(
-                    f"key template {self._template!r}: {step.name}() failed on field {part.name!r}: {exc}"
-                ) from exc
+            from_template = _from_template(step.func, text)
+            result = self._run(part, step, text)
             if takes_missing or result != text:
                 chosen = takes_missing
+            if from_template or result != text:
+                constant = from_template
             text = result
-        return text, chosen
+        return text, chosen, constant
+
+    def _run(self, part: _Field, step: _Step, text: str | None) -> str | None:
+        """One function on the field's text; its failure as :class:`InvalidKeyError`."""
+        try:
+            result = step.func.fn(text, *step.args)
+        except Exception as exc:
+            detail = _failure(step.func, exc)
+        else:
+            try:
+                return _text(result)
+            except (TypeError, ValueError) as exc:
+                detail = f"its result: {exc}"
+        # Raised outside the handler and without a cause: the chain may quote the value.
+        raise InvalidKeyError(
+            f"key template {self._template!r}: {step.name}() failed on field {part.name!r}: {detail}"
+        ) from None
+
+
+def _failure(func: _Func, exc: Exception) -> str:
+    """What an error may say of ``exc``, raised by ``func``."""
+    if func.builtin or isinstance(exc, KivigoError):
+        return str(exc)  # ours, or what the function's author wrote for a key error
+    # Anything else may quote the value (int("s3cret") does): its type only.
+    return f"it raised {type(exc).__name__}"
+
+
+def _args_trusted(parts: tuple[_Part, ...], forbidden: re.Pattern[str]) -> bool:
+    """Whether the ``if``/``default`` arguments of ``parts`` can be used as they are.
+
+    One field's arguments holding refused characters keep keys apart, as its literal
+    text does; two such fields may not: with ``{a|default('x:y')}:{b|default('y:z')}``,
+    ``b="z"`` alone and ``a="x"`` alone both build ``x:y:z``.
+    """
+    holders = 0
+    for part in parts:
+        if isinstance(part, _Field) and any(
+            step.func.fn in (_if, _default) and any(forbidden.search(arg) for arg in step.args)
+            for step in part.steps
+        ):
+            holders += 1
+    return holders <= 1
 
 
 def _forbidden_in_values(parts: tuple[_Part, ...]) -> re.Pattern[str]:
@@ -492,7 +580,9 @@ def _forbidden_in_values(parts: tuple[_Part, ...]) -> re.Pattern[str]:
             # letters and digits only (``{a}v{b}``) has none unless all of it is refused.
             marks = {c for c in between if not c.isalnum()}
             separators.update(marks or between)
-    return re.compile("[" + re.escape("".join(sorted(separators))) + "\\x00-\\x1f\\x7f]")
+    # Control characters (C0, DEL, C1 such as NEL) break log lines; a lone surrogate
+    # cannot be stored as UTF-8, or escapes a byte that another text also stands for.
+    return re.compile("[" + re.escape("".join(sorted(separators))) + "\\x00-\\x1f\\x7f-\\x9f\\ud800-\\udfff]")
 
 
 class KeyRegistry:
@@ -580,7 +670,11 @@ class KeyRegistry:
 
         ``fn(text, *args)`` receives the field's text and the token's
         arguments as strings and returns text. It is skipped for a missing
-        field. Built-in names cannot be replaced.
+        field. Built-in names cannot be replaced, and ``fn`` must not be
+        ``async``. When ``fn`` raises, the build's error names the exception's
+        type only (its message may quote the value), unless it is a
+        :class:`~kivigo_async.errors.KivigoError` such as
+        :class:`~kivigo_async.errors.InvalidKeyError`, shown as written.
 
         Example:
             ```python
@@ -593,6 +687,9 @@ class KeyRegistry:
             raise InvalidArgumentError(f"{name!r} is a built-in template function and cannot be replaced")
         if not callable(fn):
             raise InvalidArgumentError(f"fn must be callable, not {type(fn).__name__}")
+        if inspect.iscoroutinefunction(fn):
+            # Keys are built synchronously: its coroutine would become the key's text.
+            raise InvalidArgumentError(f"template function {name!r} must be synchronous, not async")
         if not replace and name in self._funcs:
             raise InvalidArgumentError(f"a template function named {name!r} is already registered")
         self._funcs[name] = _Func(fn)
