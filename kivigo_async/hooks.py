@@ -46,7 +46,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 from ._tasks import callable_name, cancel_requested
 from .errors import BackendUnavailableError, InvalidArgumentError
@@ -116,8 +116,10 @@ class HookEvent:
         return f"HookEvent(type={str(self.type)!r}, key={self.key!r}, value={value})"
 
 
-#: A hook: an ``async def`` or a plain function taking a :class:`HookEvent`.
-HookFn = Callable[[HookEvent], Awaitable[None] | None]
+#: A hook: an ``async def`` or a plain function taking a :class:`HookEvent`. What it
+#: returns is ignored (awaited first if awaitable), so ``cache.pop`` or an ``async def``
+#: returning a bool fit too.
+HookFn = Callable[[HookEvent], Awaitable[object] | object]
 #: A predicate on keys; the hook is called only when it returns true.
 KeyFilter = Callable[[str], bool]
 
@@ -215,6 +217,7 @@ class _Hook:
         "active",
         "background",
         "behind",
+        "closed_warned",
         "dropped",
         "events",
         "fn",
@@ -258,6 +261,8 @@ class _Hook:
         # Whether the hook has dropped events since its queue was last empty: one
         # warning per episode of falling behind, not one per dropped event.
         self.behind = False
+        # Whether the warning about events lost to the registry's close was logged.
+        self.closed_warned = False
 
 
 class _HookTimeoutError(Exception):
@@ -268,7 +273,7 @@ async def _call(hook: _Hook, event: HookEvent) -> None:
     result = hook.fn(event)
     # Plain functions may still return an awaitable (a partial, a lambda around a coroutine function).
     if result is not None and (hook.is_coro or inspect.isawaitable(result)):
-        await result
+        await cast("Awaitable[object]", result)  # is_coro: a coroutine, unchecked for speed
 
 
 #: Python 3.10: the task wait_for runs a timed hook call in -> the task awaiting it.
@@ -339,7 +344,7 @@ async def _invoke(hook: _Hook, event: HookEvent) -> None:
             # Inlined _call: one coroutine frame less on the common path.
             result = hook.fn(event)
             if result is not None and (hook.is_coro or inspect.isawaitable(result)):
-                await result
+                await cast("Awaitable[object]", result)
         else:
             await _bounded(hook, event, hook.timeout)
     except _HookTimeoutError as exc:
@@ -356,7 +361,7 @@ async def _invoke(hook: _Hook, event: HookEvent) -> None:
         _swallow(hook, event, exc)
 
 
-def _call_plain(hook: _Hook, event: HookEvent) -> Awaitable[None] | None:
+def _call_plain(hook: _Hook, event: HookEvent) -> Awaitable[object] | None:
     """:func:`_invoke` for a plain function without a timeout, as far as it goes without awaiting.
 
     Returns what is left to await: an awaitable the function returned.
@@ -369,7 +374,7 @@ def _call_plain(hook: _Hook, event: HookEvent) -> Awaitable[None] | None:
     return result if result is not None and inspect.isawaitable(result) else None
 
 
-async def _await_result(hook: _Hook, event: HookEvent, result: Awaitable[None]) -> None:
+async def _await_result(hook: _Hook, event: HookEvent, result: Awaitable[object]) -> None:
     """The rest of :func:`_call_plain`, once the function returned an awaitable."""
     try:
         await result
@@ -402,7 +407,7 @@ async def _drain_pending(hook: _Hook, callers: dict[asyncio.Task[None], asyncio.
                 if result is None:
                     continue
                 work = _await_result(hook, event, result)
-            elif context == contextvars.copy_context():
+            elif _same_values(context, contextvars.copy_context()):
                 # The values this worker runs with already (the usual case: writes
                 # from one request, or no context variables at all): no task needed.
                 # A call that sets one changes the worker's, so the next call,
@@ -423,10 +428,28 @@ async def _drain_pending(hook: _Hook, callers: dict[asyncio.Task[None], asyncio.
                 callers.pop(call, None)
         hook.behind = False  # caught up
     finally:
-        if hook.worker is asyncio.current_task():
+        # Not current_task(): a worker left on a closed loop is closed by the garbage
+        # collector, with no loop running.
+        if hook.worker is worker:
             hook.worker = None
         if not hook.active:
             pending.clear()
+
+
+_MISSING = object()
+
+
+def _same_values(context: contextvars.Context, other: contextvars.Context) -> bool:
+    """Whether two contexts hold the very same objects.
+
+    By identity, never ``==``: values that compare equal may still be two
+    requests' objects (two empty lists), and some values' ``==`` raises (an
+    array's or an SQL expression's truth), which would end the worker.
+    """
+    if len(context) != len(other):
+        return False
+    get = other.get
+    return all(get(var, _MISSING) is value for var, value in context.items())
 
 
 def _dropping(hook: _Hook, count: int) -> None:
@@ -439,6 +462,21 @@ def _dropping(hook: _Hook, count: int) -> None:
             hook.name,
             hook.id,
             hook.pending.maxlen,
+            hook.dropped,
+        )
+
+
+def _dropping_at_close(hook: _Hook, count: int) -> None:
+    """Count events that will never reach ``hook`` because the registry is closed; warn once."""
+    hook.dropped += count
+    if not hook.closed_warned:
+        hook.closed_warned = True
+        _logger.warning(
+            "hooks closed: background hook %s (id %s) will not receive %d events written before "
+            "or during the close; they are dropped (%d dropped so far)",
+            hook.name,
+            hook.id,
+            count,
             hook.dropped,
         )
 
@@ -484,9 +522,10 @@ class HookHandle:
 
     @property
     def dropped(self) -> int:
-        """How many events this background hook lost because its queue was full.
+        """How many events this background hook lost: its queue was full, or the registry closed.
 
-        See ``max_pending`` in :meth:`HookRegistry.register`; always 0 for an inline hook.
+        See ``max_pending`` in :meth:`HookRegistry.register` and :meth:`HookRegistry.aclose`;
+        always 0 for an inline hook.
         """
         return self._hook.dropped
 
@@ -641,11 +680,11 @@ class HookRegistry:
             if overflow > 0:
                 _dropping(hook, overflow)
         pending.extend(entries)  # a deque with maxlen drops from the left: the oldest
-        # done(): a worker cancelled before it started never ran its cleanup.
-        if hook.worker is None or hook.worker.done():
-            task = asyncio.get_running_loop().create_task(
-                _drain_pending(hook, self._callers), name=f"kivigo-hook-{hook.id}"
-            )
+        # done(): a worker cancelled before it started never ran its cleanup. Another
+        # loop's: left on a loop closed (or stopped) without cancelling it, it never ends.
+        worker, loop = hook.worker, asyncio.get_running_loop()
+        if worker is None or worker.done() or worker.get_loop() is not loop:
+            task = loop.create_task(_drain_pending(hook, self._callers), name=f"kivigo-hook-{hook.id}")
             hook.worker = task
             # The loop keeps only weak references to tasks; the set keeps them alive until done.
             self._tasks.add(task)
@@ -668,12 +707,15 @@ class HookRegistry:
             return
         sync_hooks, background_hooks = entry
         event = HookEvent(_coerce_type(type), key, value)
-        if background_hooks and not self._closed:
-            # One snapshot per write, shared by its hooks: each call runs in a copy of its own.
-            entries = ((event, contextvars.copy_context()),)
-            for hook in background_hooks:
-                if hook.active and (hook.key_filter is None or _accepts(hook, event)):
-                    self._queue(hook, entries)
+        if background_hooks:
+            if self._closed:
+                self._dropped_after_close(background_hooks, (event,))
+            else:
+                # One snapshot per write, shared by its hooks: each call runs in a copy of its own.
+                entries = ((event, contextvars.copy_context()),)
+                for hook in background_hooks:
+                    if hook.active and (hook.key_filter is None or _accepts(hook, event)):
+                        self._queue(hook, entries)
         for hook in sync_hooks:
             # A hook earlier in this emit may have removed this one.
             if hook.active and (hook.key_filter is None or _accepts(hook, event)):
@@ -696,7 +738,9 @@ class HookRegistry:
         sync_hooks, background_hooks = entry
         event_type = _coerce_type(type)
         events = [HookEvent(event_type, key, value) for key, value in items]
-        if background_hooks and not self._closed:
+        if background_hooks and self._closed:
+            self._dropped_after_close(background_hooks, events)
+        elif background_hooks:
             context = contextvars.copy_context()
             for hook in background_hooks:
                 if not hook.active:
@@ -709,6 +753,15 @@ class HookRegistry:
                 for hook in sync_hooks:
                     if hook.active and (hook.key_filter is None or _accepts(hook, event)):
                         await _invoke(hook, event)
+
+    @staticmethod
+    def _dropped_after_close(hooks: Sequence[_Hook], events: Sequence[HookEvent]) -> None:
+        # A write that finished as the client closed: its event is lost, but not without a word.
+        for hook in hooks:
+            if hook.active:
+                count = sum(1 for event in events if _accepts(hook, event))
+                if count:
+                    _dropping_at_close(hook, count)
 
     async def drain(self) -> None:
         """Wait until no background hook call is running, including calls started meanwhile.
@@ -723,10 +776,26 @@ class HookRegistry:
         """
         own = self._own_tasks()
         while True:
-            pending = [task for task in self._tasks if task not in own]
+            pending = [task for task in self._tasks_here() if task not in own]
             if not pending:
                 return
             await asyncio.wait(pending)
+
+    def _tasks_here(self) -> list[asyncio.Task[None]]:
+        """The background tasks of the running loop; forgets those of closed loops.
+
+        A loop closed without cancelling its tasks leaves them pending forever:
+        waiting for one would never end, and cancelling one raises.
+        """
+        loop = asyncio.get_running_loop()
+        here = []
+        for task in list(self._tasks):
+            task_loop = task.get_loop()
+            if task_loop is loop:
+                here.append(task)
+            elif task_loop.is_closed():
+                self._tasks.discard(task)
+        return here
 
     def runs(self, task: asyncio.Task[Any] | None) -> bool:
         """Whether ``task`` runs background hook calls (which :meth:`aclose` waits for)."""
@@ -754,8 +823,11 @@ class HookRegistry:
     async def aclose(self) -> None:
         """Cancel running background hook calls and wait for them to finish.
 
-        Background hooks are not started by later emits; synchronous hooks still
-        run. Safe to call more than once.
+        Events still queued for a background hook are dropped: counted in
+        :attr:`HookHandle.dropped` and logged (one warning per hook); call
+        :meth:`drain` first to deliver them. Later emits do not reach background
+        hooks either (counted the same way); synchronous hooks still run. Safe to
+        call more than once.
 
         Example:
             ```python
@@ -763,8 +835,15 @@ class HookRegistry:
             ```
         """
         self._closed = True
+        for hook in self._hooks:
+            # Cleared before the cancelling: a worker spared (the one calling us) stops
+            # after its running call too. What it loses is counted and logged.
+            if hook.background and hook.pending:
+                count = len(hook.pending)
+                hook.pending.clear()
+                _dropping_at_close(hook, count)
         own = self._own_tasks()
-        pending = [task for task in self._tasks if task not in own]
+        pending = [task for task in self._tasks_here() if task not in own]
         for task in pending:
             task.cancel()
         if pending:

@@ -449,6 +449,51 @@ async def test_background_hooks_run_in_the_context_of_their_write(valkey_server:
         await client.batch_delete([key for key, _ in expected])
 
 
+class Unorderable:
+    """A context value whose ``==`` raises, as a numpy array's or an SQL expression's truth does."""
+
+    def __eq__(self, other: object) -> bool:
+        raise TypeError("boolean value of this object is not defined")
+
+    __hash__ = object.__hash__
+
+
+#: Per-request objects a hook may use: equal values, distinct objects.
+request_log: contextvars.ContextVar[list[str]] = contextvars.ContextVar("request_log")
+request_marker: contextvars.ContextVar[Unorderable] = contextvars.ContextVar("request_marker")
+
+
+@pytest.mark.parametrize("timeout", [None, 10.0])
+async def test_background_hooks_get_the_very_objects_of_their_write(
+    registry: HookRegistry, loop_errors: list[dict[str, Any]], timeout: float | None
+) -> None:
+    # Contexts are told apart by the identity of their values: comparing them with ==
+    # raised in the worker (losing the queue) or mixed up equal objects of two writes.
+    markers: list[tuple[str, Unorderable]] = []
+
+    async def hook(event: HookEvent) -> None:
+        request_log.get().append(event.key)
+        markers.append((event.key, request_marker.get()))
+
+    registry.register(hook, background=True, timeout=timeout)
+    logs: dict[str, list[str]] = {}
+    sent: dict[str, Unorderable] = {}
+
+    async def write(key: str) -> None:
+        logs[key] = []
+        sent[key] = Unorderable()
+        request_log.set(logs[key])
+        request_marker.set(sent[key])
+        await registry.emit(EventType.SET, key, b"v")
+
+    await asyncio.gather(write("a"), write("b"), write("c"))
+    await asyncio.wait_for(registry.drain(), WAIT)
+    assert logs == {"a": ["a"], "b": ["b"], "c": ["c"]}
+    assert [key for key, _ in markers] == ["a", "b", "c"]
+    assert all(marker is sent[key] for key, marker in markers)
+    assert loop_errors == []
+
+
 @pytest.mark.server
 async def test_registering_a_background_hook_on_a_closed_client_raises(valkey_server: RedisServer) -> None:
     client = Client(RedisBackend(redis_options(valkey_server)))
@@ -507,6 +552,21 @@ async def test_async_plain_and_other_callables(registry: HookRegistry) -> None:
     assert seen[:5] == ["async", "plain", "async-callable", "partial", "lambda"]
     # Each background hook has a task of its own: no order between them.
     assert sorted(seen[5:]) == ["async", "background-lambda", "plain"]
+
+
+async def test_hooks_returning_a_value_are_accepted_and_the_value_ignored(registry: HookRegistry) -> None:
+    # The public type must accept what the docs allow (the return value is ignored):
+    # mypy --strict checks this test, and rejected these when hooks had to return None.
+    cache = {"a": 1, "b": 2}
+
+    async def invalidate(event: HookEvent) -> bool:
+        return cache.pop(event.key, None) is not None
+
+    registry.register(invalidate, events=["set"])
+    registry.register(lambda event: cache.pop(event.key, None), events=["delete"])
+    await registry.emit(EventType.SET, "a", b"1")
+    await registry.emit(EventType.DELETE, "b", None)
+    assert cache == {}
 
 
 async def test_event_type_strings_are_coerced(registry: HookRegistry) -> None:
@@ -586,7 +646,7 @@ async def test_plain_function_returning_a_non_awaitable_is_fine(
 ) -> None:
     caplog.set_level(logging.WARNING, logger=LOGGER)
     store: dict[str, bytes | None] = {}
-    registry.register(lambda event: store.setdefault(event.key, event.value))  # type: ignore[arg-type,return-value]
+    registry.register(lambda event: store.setdefault(event.key, event.value))
     await registry.emit(EventType.SET, "k", b"v")
     assert store == {"k": b"v"}
     assert caplog.records == []
@@ -945,3 +1005,64 @@ async def test_aclose_cancels_running_background_calls(
     gc.collect()
     await asyncio.sleep(0)
     assert loop_errors == []
+
+
+async def test_aclose_counts_and_logs_the_events_it_drops(
+    registry: HookRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    started = asyncio.Event()
+
+    async def slow(event: HookEvent) -> None:
+        started.set()
+        await asyncio.sleep(WAIT)
+
+    handle = registry.register(slow, background=True)
+    await registry.emit(EventType.SET, "k0", SECRET)
+    await wait_for_flag(started)  # k0 is running: it is cancelled, not dropped
+    await registry.emit_many(EventType.BATCH_SET, [("k1", SECRET), ("k2", SECRET)])
+    with caplog.at_level(logging.WARNING, LOGGER):
+        await asyncio.wait_for(registry.aclose(), 5)
+        assert handle.dropped == 2  # queued before the close, never delivered
+        # A write finishing after the close does not reach a background hook either.
+        await registry.emit(EventType.SET, "k3", SECRET)
+        assert handle.dropped == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert handle.id in warnings[0]
+    assert "2" in warnings[0]
+    assert "s3cr3t" not in warnings[0]
+    assert "k1" not in warnings[0]
+
+
+def test_a_worker_left_on_a_closed_loop_does_not_stall_the_next_loop() -> None:
+    # A loop closed without cancelling its tasks (run_until_complete then close, as
+    # code calling async from sync code often does) leaves a worker that never ends.
+    registry = HookRegistry()
+    seen: list[str] = []
+    started = asyncio.Event()
+
+    async def hook(event: HookEvent) -> None:
+        seen.append(event.key)
+        if event.key == "first":
+            started.set()
+            await asyncio.sleep(WAIT)
+
+    async def first() -> None:
+        registry.register(hook, background=True)
+        await registry.emit(EventType.SET, "first", b"v")
+        await wait_for_flag(started)
+
+    old = asyncio.new_event_loop()
+    try:
+        old.run_until_complete(first())
+    finally:
+        old.close()
+
+    async def second() -> None:
+        await registry.emit(EventType.SET, "second", b"v")
+        await asyncio.wait_for(registry.drain(), WAIT)  # hung on the old loop's worker
+        assert seen == ["first", "second"]
+        await asyncio.wait_for(registry.aclose(), WAIT)  # raised "Event loop is closed"
+
+    asyncio.run(second())
+    assert "running=0" in repr(registry)
