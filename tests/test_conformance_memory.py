@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -28,7 +28,12 @@ def test_bad_sweep_every_is_refused_at_construction(sweep_every: object) -> None
         MemoryBackend(sweep_every=sweep_every)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("ttl_ms", [0, -1, 1.5, True])
+# 2**63 and past: Redis answers "out of range", and a float deadline overflowed.
+@pytest.mark.parametrize(
+    "ttl_ms",
+    [0, -1, 1.5, True, 2**63 - 1, 2**63, 10**400],
+    ids=["zero", "negative", "fraction", "bool", "int64-max", "2**63", "10**400"],
+)
 async def test_a_ttl_redis_would_refuse_is_refused_and_nothing_is_written(ttl_ms: object) -> None:
     # The client never sends one; a direct caller got an entry already expired (and a
     # lease "acquired" for no time) where Redis answers "invalid expire time".
@@ -64,3 +69,62 @@ async def test_a_watch_prefix_ending_inside_a_utf8_sequence_matches_by_bytes() -
     finally:
         await stream.aclose()
         await backend.close()
+
+
+async def test_the_longest_ttl_redis_takes_is_accepted() -> None:
+    backend = MemoryBackend()
+    await backend.set("k", b"v", 2**62)
+    assert await backend.expire("k", 2**62)
+    remaining = await backend.ttl("k")
+    assert remaining is not None
+    assert remaining > 2**62 - 60_000
+    await backend.close()
+
+
+def _buffers() -> list[tuple[str, bytearray, bytes | bytearray | memoryview]]:
+    """(name, the buffer a caller keeps, what it passes): a bytearray, and a view of one."""
+    array, viewed = bytearray(b"before"), bytearray(b"before")
+    return [("array", array, array), ("view", viewed, memoryview(viewed))]
+
+
+async def test_a_buffer_changed_after_a_write_does_not_change_the_stored_value() -> None:
+    # The value was kept by reference: a caller reusing its buffer rewrote the stored
+    # value, and a read returned the caller's bytearray or memoryview, not bytes.
+    backend = MemoryBackend()
+    kept: list[bytearray] = []
+    for name, buffer, passed in _buffers():
+        value: Any = passed
+        await backend.set(f"set:{name}", value)
+        await backend.batch_set([(f"batch:{name}", value)], 60_000)
+        assert await backend.acquire_lease(f"lease:{name}", value, 60_000)
+        tx = await backend.begin([])
+        await tx.commit([("set", f"tx:{name}", value, None)])
+        kept.append(buffer)
+    for buffer in kept:
+        buffer[:] = b"AFTER!"
+    keys = [f"{op}:{name}" for op in ("set", "batch", "lease", "tx") for name in ("array", "view")]
+    values = await backend.batch_get(keys)
+    assert values == [b"before"] * len(keys)
+    assert all(type(value) is bytes for value in values)
+    assert await backend.release_lease("lease:array", b"before")
+    await backend.close()
+
+
+@pytest.mark.parametrize("value", ["text", 1, None, [b"v"]], ids=repr)
+async def test_a_value_that_is_not_bytes_is_refused_and_nothing_is_written(value: object) -> None:
+    # It was stored as given and read back as that object, where Redis stores bytes.
+    backend = MemoryBackend()
+    bad: Any = value
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: backend.set("k", bad),
+        lambda: backend.batch_set([("k", b"fine"), ("k2", bad)]),
+        lambda: backend.acquire_lease("k", bad, 1000),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgumentError, match="bytes"):
+            await call()
+    tx = await backend.begin([])
+    with pytest.raises(InvalidArgumentError, match="bytes"):
+        await tx.commit([("set", "k", b"fine", None), ("set", "k2", bad, None)])
+    assert await backend.batch_get(["k", "k2"]) == [None, None]
+    await backend.close()

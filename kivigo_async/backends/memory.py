@@ -44,6 +44,10 @@ _Entry = tuple[bytes, "float | None"]
 # listing a huge keyspace does not starve other tasks.
 _SCAN_CHUNK = 1000
 
+_INT64_MAX = 2**63 - 1
+# A TTL no deadline can overflow: it needs no look at the clock.
+_SAFE_TTL_MS = 2**62
+
 
 def _canonical(key: str) -> str:
     """The key as Redis stores and lists it (:func:`stored_key`).
@@ -60,8 +64,24 @@ def _canonical(key: str) -> str:
 
 def _check_ttl_ms(ttl_ms: int | None) -> None:
     """Refuse what Redis refuses ("invalid expire time"): the client never sends it."""
-    if ttl_ms is not None and (type(ttl_ms) is not int or ttl_ms <= 0):
+    if ttl_ms is None:
+        return
+    if type(ttl_ms) is not int or ttl_ms <= 0:
         raise InvalidArgumentError(f"ttl_ms must be a positive int or None, not {ttl_ms!r}")
+    # Redis keeps the deadline as milliseconds since the epoch in a signed 64-bit int.
+    if ttl_ms > _SAFE_TTL_MS and ttl_ms > _INT64_MAX - int(time.time() * 1000):
+        raise InvalidArgumentError(
+            f"ttl_ms {ttl_ms!r} is too large: its deadline would be past 2**63 - 1 ms since the epoch"
+        )
+
+
+def _stored_value(value: bytes) -> bytes:
+    """``value`` as exact bytes: a copy of a buffer the caller may change after the call."""
+    if type(value) is bytes:  # immutable: kept as it is
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise InvalidArgumentError(f"values must be bytes, not {type(value).__name__}")
 
 
 def _prefix_test(prefix: str) -> Callable[[str], bool]:
@@ -86,6 +106,11 @@ class MemoryBackend:
     Expired keys are dropped when they are read or scanned, and by a sweep that
     runs every ``sweep_every`` writes, so memory does not grow with keys that
     expire without ever being read again.
+
+    Values are kept as ``bytes``: a ``bytearray`` or ``memoryview`` is copied
+    when written, so changing it afterwards does not change the stored value,
+    and a value of any other type raises
+    :class:`~kivigo_async.errors.InvalidArgumentError`.
 
     Example:
         >>> backend = MemoryBackend()
@@ -223,6 +248,7 @@ class MemoryBackend:
     async def set(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
         self._check_open()
         _check_ttl_ms(ttl_ms)
+        value = _stored_value(value)
         self._write(_canonical(key), value, ttl_ms)
 
     async def delete(self, key: str) -> bool:
@@ -264,8 +290,8 @@ class MemoryBackend:
     async def batch_set(self, items: Sequence[tuple[str, bytes]], ttl_ms: int | None = None) -> None:
         self._check_open()
         _check_ttl_ms(ttl_ms)
-        # All keys first: a batch is written whole or not at all.
-        canonical = [(_canonical(key), value) for key, value in items]
+        # All keys and values first: a batch is written whole or not at all.
+        canonical = [(_canonical(key), _stored_value(value)) for key, value in items]
         for key, value in canonical:
             self._write(key, value, ttl_ms)
 
@@ -322,6 +348,7 @@ class MemoryBackend:
         # No await between the check and the write: atomic within the event loop.
         self._check_open()
         _check_ttl_ms(ttl_ms)
+        token = _stored_value(token)
         key = _canonical(key)
         if self._live(key) is not None:
             return False
@@ -372,6 +399,14 @@ class MemoryBackend:
         return _MemoryTransaction(self, [_canonical(key) for key in watch])
 
 
+def _checked_op(op: TxOp) -> tuple[str, bytes | None, int | None]:
+    """``op`` as (canonical key, value or ``None`` to delete, TTL); raises what a write would."""
+    if op[0] == "set":
+        _check_ttl_ms(op[3])
+        return _canonical(op[1]), _stored_value(op[2]), op[3]
+    return _canonical(op[1]), None, None
+
+
 class _MemoryTransaction:
     """An optimistic transaction; commits run without awaiting, hence atomically."""
 
@@ -401,16 +436,13 @@ class _MemoryTransaction:
                     f"a watched key changed before commit: {', '.join(map(repr, self._watch))}"
                 )
             self._unwatch()
-            # All keys first: a commit applies whole or not at all.
-            keys = [_canonical(op[1]) for op in ops]
-            for op in ops:
-                if op[0] == "set":
-                    _check_ttl_ms(op[3])
-            for op, key in zip(ops, keys, strict=True):
-                if op[0] == "set":
-                    backend._write(key, op[2], op[3])
-                else:
+            # Every op checked first: a commit applies whole or not at all.
+            checked = [_checked_op(op) for op in ops]
+            for key, value, ttl_ms in checked:
+                if value is None:
                     backend._remove(key)
+                else:
+                    backend._write(key, value, ttl_ms)
         finally:
             self._unwatch()
 

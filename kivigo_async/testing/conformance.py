@@ -26,25 +26,27 @@ encrypted codec cases, ``cryptography``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Any, TypedDict
 
 import msgspec
 import pytest
 
-from ..backend import AsyncBackend, BatchBackend
+from ..backend import AsyncBackend, BatchBackend, TTLBackend, WatchBackend
 from ..client import MAX_TTL_MS, Client
 from ..codecs import Codec, CompressedCodec, EncryptedCodec, JsonCodec, MsgspecCodec
 from ..errors import (
     BackendUnavailableError,
     DecodeError,
     EncodeError,
+    HealthCheckError,
     InvalidArgumentError,
     InvalidKeyError,
     KeyNotFoundError,
@@ -127,6 +129,18 @@ _WEIRD_KEYS = [
 ]
 
 
+async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Poll ``check`` until it is true; fail after ``timeout`` seconds (a generous bound)."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"still false after {timeout} s"
+        await asyncio.sleep(0.02)
+
+
+async def _gone(client: Client, key: str) -> bool:
+    return not await client.has_key(key)
+
+
 class BackendConformance:
     """The conformance tests. Subclass it and provide a ``kv_backend`` fixture."""
 
@@ -145,7 +159,9 @@ class BackendConformance:
     @pytest.mark.parametrize("value", _PLAIN_VALUES, ids=lambda v: type(v).__name__)
     async def test_round_trip(self, codec_client: Client, value: Any) -> None:
         await codec_client.set("rt", value)
-        assert await codec_client.get("rt") == value
+        got = await codec_client.get("rt")
+        assert got == value
+        assert type(got) is type(value)  # True == 1 == 1.0: equality alone cannot tell
 
     @pytest.mark.parametrize(("value", "type_"), _TYPED_VALUES, ids=lambda v: getattr(v, "__name__", ""))
     async def test_typed_round_trip(self, codec_client: Client, value: Any, type_: Any) -> None:
@@ -180,7 +196,9 @@ class BackendConformance:
     async def test_raw_round_trip(self, client: Client) -> None:
         payload = bytes(range(256)) * 4
         await client.set_raw("raw", payload)
-        assert await client.get_raw("raw") == payload
+        got = await client.get_raw("raw")
+        assert got == payload
+        assert type(got) is bytes  # a memoryview or bytearray would compare equal too
         await client.set_raw("raw-view", memoryview(b"view"))
         assert await client.get_raw("raw-view") == b"view"
         with pytest.raises(KeyNotFoundError):
@@ -194,7 +212,7 @@ class BackendConformance:
         await client.set("big", big)
         assert await client.get("big", str) == big
         await client.set_raw("big-raw", big.encode())
-        assert len(await client.get_raw("big-raw")) == len(big)
+        assert await client.get_raw("big-raw") == big.encode()  # every byte, not just the length
 
     async def test_overwrite_replaces_value_and_ttl(self, client: Client) -> None:
         await client.set("ow", 1, ttl=60)
@@ -312,6 +330,12 @@ class BackendConformance:
         assert await client.list("a?") == ["a?"]
         assert await client.list("a[") == ["a[1]"]
         assert await client.list("a\\") == ["a\\"]
+        # Escaping the glob characters one by one, not only the first of them.
+        await client.batch_set({"p\\*q": 1, "p\\xq": 2, "p[1]": 3, "p[2]": 4, "p]": 5, "p[^x]-": 6})
+        assert await client.list("p\\*") == ["p\\*q"]
+        assert await client.list("p[1]") == ["p[1]"]
+        assert await client.list("p]") == ["p]"]
+        assert await client.list("p[^x]") == ["p[^x]-"]
 
     async def test_list_empty_prefix_lists_all_sorted(self, client: Client) -> None:
         keys = ["b", "a", "c:1", "A"]
@@ -327,6 +351,26 @@ class BackendConformance:
         assert await client.list("bulk:") == sorted(wanted)
         streamed = {key async for key in client.iter_keys("bulk:")}
         assert streamed == set(wanted)
+
+    async def test_iter_keys_while_the_keyspace_changes(self, client: Client) -> None:
+        # Keys present for the whole listing are all yielded, while others are deleted
+        # and thousands more written (growing the keyspace past a resize on Redis).
+        # In byte order, deleted keys come before the kept ones and new keys after them.
+        kept = [f"churn:m:{i:04d}" for i in range(2000)]
+        doomed = [f"churn:a:{i:04d}" for i in range(2000)]
+        await client.batch_set_raw(dict.fromkeys(kept + doomed, b"1"))
+        added: list[str] = []
+        seen: set[str] = set()
+        async for key in client.iter_keys("churn:"):
+            seen.add(key)
+            if len(seen) % 100 == 0 and len(added) < 5000:
+                await client.batch_delete([doomed.pop() for _ in range(20)])
+                batch = [f"churn:z:{len(added) + i:04d}" for i in range(50)]
+                await client.batch_set_raw(dict.fromkeys(batch, b"1"))
+                added += batch
+        assert added, "the listing ended before the keyspace changed"
+        assert set(kept) <= seen
+        assert seen <= set(kept) | {f"churn:a:{i:04d}" for i in range(2000)} | set(added)
 
     async def test_invalid_prefix(self, client: Client) -> None:
         with pytest.raises(InvalidArgumentError):
@@ -449,6 +493,43 @@ class BackendConformance:
         await kv_backend.batch_set([], 1000)
         assert await kv_backend.batch_get(["present"]) == [b"1"]
 
+    async def test_repeated_keys_in_batches_on_the_backend(self, kv_backend: AsyncBackend) -> None:
+        # The client removes repeats where it can; a backend called directly meets them.
+        if not isinstance(kv_backend, BatchBackend):
+            pytest.skip("no batch operations")
+        await kv_backend.batch_set([("{r}a", b"1"), ("{r}a", b"2")])
+        await kv_backend.batch_set([("{r}t", b"1"), ("{r}t", b"2")], 60_000)
+        assert await kv_backend.batch_get(["{r}a", "{r}t", "{r}a", "{r}zz"]) == [b"2", b"2", b"2", None]
+        assert await kv_backend.exists(["{r}a", "{r}a", "{r}zz"]) == 2  # a repeat counts again
+        assert await kv_backend.batch_delete(["{r}a", "{r}a", "{r}zz"]) == 1
+
+    async def test_a_batch_with_a_key_the_server_cannot_hold_writes_nothing(self, client: Client) -> None:
+        # A lone surrogate passes the client's checks (a non-empty str) and only fails
+        # when the key is encoded: no key of the batch may have been written before.
+        # One hash tag: on a cluster, the batch is not refused for spanning slots.
+        for ttl in (None, 60):
+            with pytest.raises(InvalidKeyError):
+                await client.batch_set({"{sur}1": 1, "{sur}\ud800": 2}, ttl=ttl)
+            with pytest.raises(InvalidKeyError):
+                await client.batch_set_raw({"{sur}2": b"1", "{sur}\ud800": b"2"}, ttl=ttl)
+        with pytest.raises(InvalidKeyError):
+            async with client.transaction() as tx:
+                tx.set("{sur}3", 1)
+                tx.set("{sur}\ud800", 2)
+        assert await client.list() == []
+
+    async def test_batch_writes_replace_ttls(self, client: Client) -> None:
+        # As a single set: a batch without a TTL leaves its keys without one.
+        await client.batch_set({"bt:a": 1, "bt:b": 2}, ttl=60)
+        await client.batch_set({"bt:a": 3})
+        await client.batch_set_raw({"bt:b": b"4"})
+        assert await client.ttl("bt:a") is None
+        assert await client.ttl("bt:b") is None
+        await client.batch_set({"bt:a": 5}, ttl=30)
+        remaining = await client.ttl("bt:a")
+        assert remaining is not None
+        assert 0 < remaining <= 30
+
     async def test_batch_set_with_ttl(self, client: Client) -> None:
         # Sub-second TTLs, with room for a slow machine between the calls.
         start = time.monotonic()
@@ -494,6 +575,18 @@ class BackendConformance:
         with pytest.raises(KeyNotFoundError):
             await client.ttl("gone:ttl")
         assert await client.list("gone:") == ["gone:kept"]
+
+    async def test_expired_keys_do_not_count_as_existing_for_writes(self, client: Client) -> None:
+        # Each write meets a key nothing has read since it expired.
+        paths = ("delete", "batch_delete", "expire", "persist", "tx")
+        await client.batch_set({f"dead:{path}": 1 for path in paths}, ttl=0.2)
+        await client.set("dead:kept", 1)
+        await _until(lambda: _gone(client, "dead:tx"))
+        assert await client.delete("dead:delete") is False
+        assert await client.batch_delete(["dead:batch_delete", "dead:kept"]) == 1
+        assert await client.expire("dead:expire", 60) is False
+        assert await client.persist("dead:persist") is False
+        assert await client.list("dead:") == []
 
     async def test_ttl_reads_remaining_time(self, client: Client) -> None:
         # A TTL no stall outlasts; its half second tells milliseconds from whole seconds.
@@ -545,6 +638,38 @@ class BackendConformance:
             with pytest.raises(BackendUnavailableError):
                 await call()
 
+    async def test_every_call_fails_once_closed(self, kv_backend: AsyncBackend) -> None:
+        client = Client(kv_backend)
+        await client.set("k", 1, ttl=60)
+        await kv_backend.close()
+        calls: list[Callable[[], Awaitable[object]]] = [
+            lambda: client.get("k"),
+            lambda: client.set("k", 2),
+            lambda: client.delete("k"),
+            lambda: client.has_key("k"),
+            lambda: client.list(),
+            lambda: client.batch_get(["k", "j"]),
+            lambda: client.batch_set({"k": 2, "j": 3}),
+            lambda: client.batch_set({"k": 2, "j": 3}, ttl=60),
+            lambda: client.batch_delete(["k", "j"]),
+            lambda: client.has_keys(["k", "j"]),
+        ]
+        if isinstance(kv_backend, TTLBackend):
+            calls += [lambda: client.ttl("k"), lambda: client.expire("k", 5), lambda: client.persist("k")]
+        for call in calls:
+            with pytest.raises(BackendUnavailableError):
+                await call()
+        with pytest.raises(HealthCheckError) as unhealthy:
+            await client.health()
+        (error,) = unhealthy.value.errors
+        assert isinstance(error, BackendUnavailableError)
+        with pytest.raises(BackendUnavailableError):
+            async with client.transaction() as tx:  # refused when it opens or when it commits
+                tx.set("k", 2)
+        if isinstance(kv_backend, WatchBackend):
+            with pytest.raises(BackendUnavailableError):
+                await kv_backend.watch("k")
+
     # -- transactions ------------------------------------------------------
 
     async def test_transaction_applies_all_writes(self, client: Client) -> None:
@@ -586,6 +711,33 @@ class BackendConformance:
                 await client.delete("w")
                 tx.set("w", 2)
         assert not await client.has_key("w")
+
+    async def test_transaction_conflict_on_a_ttl_change(self, client: Client) -> None:
+        # Changing only a watched key's TTL changes the key, as on Redis.
+        await client.set("{w}ttl", 1)
+        changes: list[Callable[[], Awaitable[bool]]] = [
+            lambda: client.expire("{w}ttl", 60),
+            lambda: client.persist("{w}ttl"),
+        ]
+        for change in changes:
+            with pytest.raises(TransactionConflictError):
+                async with client.transaction(watch=["{w}ttl"]) as tx:
+                    assert await change()
+                    tx.set("{w}out", 1)
+        assert not await client.has_key("{w}out")
+
+    async def test_transaction_conflict_when_a_watched_key_expires(self, client: Client) -> None:
+        start = time.monotonic()
+        await client.set("{x}w", 1, ttl=0.5)
+        async with contextlib.AsyncExitStack() as stack:
+            tx = await stack.enter_async_context(client.transaction(watch=["{x}w"]))
+            if time.monotonic() - start >= 0.5:
+                pytest.skip("this machine stalled past the TTL before the watch began")
+            await _until(lambda: _gone(client, "{x}w"))
+            tx.set("{x}out", 1)
+            with pytest.raises(TransactionConflictError):
+                await stack.aclose()
+        assert not await client.has_key("{x}out")
 
     async def test_transaction_refuses_use_after_its_block(self, client: Client) -> None:
         # One hash tag: a cluster transaction stays in one slot.
@@ -650,6 +802,23 @@ class BackendConformance:
                 assert await client.get(f"own:{n}") == [n, i]
 
         await asyncio.wait_for(asyncio.gather(*(worker(n) for n in range(100))), 120)
+
+    async def test_cancelled_calls_leave_every_other_reply_in_place(self, client: Client) -> None:
+        # Calls cancelled at every stage (before sending, awaiting the reply...): each
+        # call that finishes gets its own key's value, and the backend stays usable.
+        values = {f"cx:{i}": i for i in range(40)}
+        await client.batch_set(values)
+        for yields in range(6):
+            tasks = [asyncio.create_task(client.get(key)) for key in values]
+            for _ in range(yields):
+                await asyncio.sleep(0)
+            for task in tasks[::3]:
+                task.cancel()
+            results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+            for value, result in zip(values.values(), results, strict=True):
+                assert isinstance(result, asyncio.CancelledError) or result == value
+        assert [await client.get(key) for key in values] == list(values.values())
+        assert await client.batch_get(list(values)) == values
 
     # -- health and hooks --------------------------------------------------
 
