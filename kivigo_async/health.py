@@ -146,6 +146,9 @@ _INITIAL = HealthReport(HealthStatus.UNKNOWN, None, None, 0.0, 0)
 #: How many status changes may wait for the listeners before the oldest are dropped.
 _MAX_UNTOLD_CHANGES = 100
 
+#: How many status changes an ``async for`` that is not reading keeps before dropping the oldest.
+_MAX_UNREAD_CHANGES = 100
+
 
 def _next_delay(interval: float, max_backoff: float, failures: int, rng: random.Random = _rng) -> float:
     """Seconds to wait before the next check, after ``failures`` consecutive ``DOWN`` checks.
@@ -179,7 +182,7 @@ class _TimedOut(Exception):
         self.task = task
 
 
-def _retrieve(task: asyncio.Task[Any]) -> None:
+def _retrieve(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()  # nobody else looks: keep the loop from reporting it as never retrieved
 
@@ -241,32 +244,58 @@ class _Listener:
 
 
 class _Subscription:
-    """One ``async for`` over a watcher: its own queue, so every loop sees every transition."""
+    """One ``async for`` over a watcher: its own backlog, so every loop sees every transition.
+
+    The backlog keeps the latest ``_MAX_UNREAD_CHANGES`` reports: a loop that
+    stops reading while the status keeps changing must not make memory grow
+    without bound. The oldest are dropped, never the most recent, and a report
+    repeating the status last yielded is skipped, so the loop still sees
+    changes only, ending on the current status.
+    """
 
     def __init__(self, watcher: HealthWatcher) -> None:
-        self._queue: asyncio.Queue[HealthReport | None] = asyncio.Queue()
-        self._ended = False
-        self._queue.put_nowait(watcher.report)
-        if watcher._state == "stopped":
-            self._queue.put_nowait(None)
-        else:
+        self._reports: deque[HealthReport] = deque([watcher.report])
+        self._ended = watcher._state == "stopped"
+        self._wakeup = asyncio.Event()
+        self._yielded: HealthStatus | None = None
+        self._behind = False
+        if not self._ended:
             # Weakly held: a loop that breaks out and drops its iterator unsubscribes itself.
             watcher._subscriptions.add(self)
 
-    def _push(self, report: HealthReport | None) -> None:
-        self._queue.put_nowait(report)
+    def _push(self, report: HealthReport) -> None:
+        if len(self._reports) >= _MAX_UNREAD_CHANGES:
+            self._reports.popleft()
+            if not self._behind:
+                self._behind = True
+                _logger.warning(
+                    "an 'async for' over a health watcher fell %d status changes behind (it is not "
+                    "reading): dropping the oldest until it catches up; it will still see the latest status",
+                    _MAX_UNREAD_CHANGES,
+                )
+        self._reports.append(report)
+        self._wakeup.set()
+
+    def _end(self) -> None:
+        self._ended = True
+        self._wakeup.set()
 
     def __aiter__(self) -> _Subscription:
         return self
 
     async def __anext__(self) -> HealthReport:
-        if self._ended:
-            raise StopAsyncIteration
-        report = await self._queue.get()
-        if report is None:
-            self._ended = True
-            raise StopAsyncIteration
-        return report
+        while True:
+            if self._reports:
+                report = self._reports.popleft()
+                if report.status is self._yielded:
+                    continue  # the changes in between were dropped: no change for this loop
+                self._yielded = report.status
+                return report
+            self._behind = False  # caught up
+            if self._ended:
+                raise StopAsyncIteration
+            self._wakeup.clear()
+            await self._wakeup.wait()
 
 
 class HealthWatcher:
@@ -309,10 +338,12 @@ class HealthWatcher:
     functions. They run in a task of the watcher's own, one call at a time and
     in the order of the changes, so a slow listener never delays a check or
     :meth:`check_now`. An async listener still running after
-    ``listener_timeout`` seconds is cancelled; one that raises or overruns is
-    logged on ``kivigo_async.health`` and the others are still called. If the
-    listeners fall more than 100 changes behind, the oldest are dropped (with
-    a warning): they then hear the latest status rather than a stale history.
+    ``listener_timeout`` seconds is cancelled (and left running, with a
+    warning, if it has not ended ``listener_timeout`` seconds later); one that
+    raises or overruns is logged on ``kivigo_async.health`` and the others are
+    still called. If the listeners fall more than 100 changes behind, the
+    oldest are dropped (with a warning): they then hear the latest status
+    rather than a stale history.
     :meth:`drain` waits until they have heard of every change so far.
 
     Args:
@@ -406,6 +437,8 @@ class HealthWatcher:
         self._changes: deque[HealthReport] = deque()
         self._delivery: asyncio.Task[None] | None = None
         self._listener_call: asyncio.Future[Any] | None = None
+        # Listener calls that ignored their cancellation, kept until they end.
+        self._left_behind: set[asyncio.Future[Any]] = set()
         # The last status the listeners were told: after dropped changes, the next
         # one left may repeat it, and listeners are promised changes only.
         self._told = HealthStatus.UNKNOWN
@@ -502,7 +535,10 @@ class HealthWatcher:
         cleanup left; one still checking for a :meth:`check_now` caller ends
         within ``timeout``. Listeners then get up to ``listener_timeout``
         seconds to hear of the status changes already seen; after that their
-        task is cancelled and what is left untold is dropped.
+        task is cancelled and what is left untold is dropped. The listener then
+        running gets ``listener_timeout`` seconds more to end; one that ignores
+        its cancellation is left running, with a warning naming it, so the
+        listeners hold up this call by at most twice ``listener_timeout``.
 
         The stopping is done once, for every caller: concurrent calls all
         return when it is over, and a call that is cancelled (a shutdown timeout
@@ -567,7 +603,7 @@ class HealthWatcher:
     def _finish(self) -> None:
         self._state = "stopped"
         for subscription in list(self._subscriptions):
-            subscription._push(None)
+            subscription._end()
         self._subscriptions.clear()
         self._stopped.set()
 
@@ -795,7 +831,11 @@ class HealthWatcher:
         call = asyncio.ensure_future(result)
         self._listener_call = call
         try:
-            done, _ = await asyncio.wait({call}, timeout=self._listener_timeout)
+            try:
+                done, _ = await asyncio.wait({call}, timeout=self._listener_timeout)
+            except BaseException:  # the watcher stopping: the call ends with it
+                await self._end_call(call, name, report)
+                raise
             if not done:
                 _logger.warning(
                     "health listener %s took longer than %g s on the change to %s: cancelling it",
@@ -803,13 +843,8 @@ class HealthWatcher:
                     self._listener_timeout,
                     report.status,
                 )
-                # Waited for, so that listeners still run one at a time.
-                await _cancel_and_wait(call)
+                await self._end_call(call, name, report)
                 return
-        except BaseException:  # the watcher stopping: the call ends with it
-            if not call.done():
-                await _cancel_and_wait(call)
-            raise
         finally:
             self._listener_call = None
         if call.cancelled():  # not by us: it awaited something another task cancelled
@@ -823,6 +858,37 @@ class HealthWatcher:
                 report.status,
                 exc_info=call.exception(),
             )
+
+    async def _end_call(self, call: asyncio.Future[Any], name: str, report: HealthReport) -> None:
+        """Cancel a listener call and wait up to ``listener_timeout`` for it to end.
+
+        Waited for, so that listeners still run one at a time; but a listener
+        that ignores its cancellation (catches ``CancelledError`` and carries
+        on) is then left behind, so that it holds up neither the other
+        listeners nor :meth:`stop`. Interrupted (by :meth:`stop`), it leaves
+        the call behind at once.
+        """
+        if call.done():
+            return
+        call.cancel()
+        try:
+            await asyncio.wait({call}, timeout=self._listener_timeout)
+        finally:
+            if not call.done():
+                self._leave_behind(call, name, report)
+
+    def _leave_behind(self, call: asyncio.Future[Any], name: str, report: HealthReport) -> None:
+        _logger.warning(
+            "health listener %s did not end within %g s of being cancelled on the change to %s "
+            "(it ignores cancellation): leaving it running",
+            name,
+            self._listener_timeout,
+            report.status,
+        )
+        # The loop holds tasks weakly: keep this one until it ends, and never report its outcome.
+        self._left_behind.add(call)
+        call.add_done_callback(self._left_behind.discard)
+        call.add_done_callback(_retrieve)
 
     async def drain(self) -> None:
         """Wait until the listeners have been called for every status change so far.
@@ -875,7 +941,10 @@ class HealthWatcher:
     def __aiter__(self) -> AsyncIterator[HealthReport]:
         """Yield the current report, then one report per status change, until the watcher stops.
 
-        Every ``async for`` gets every change, however many run at once.
+        Every ``async for`` gets every change, however many run at once. One
+        that stops reading keeps only the latest 100 changes (with a warning):
+        the most recent status is never dropped, and a report repeating the
+        status it saw last is skipped.
 
         Example:
             ```python

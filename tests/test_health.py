@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import itertools
 import json
@@ -13,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import redis_options
+from conftest import eventually, redis_options
 
 from kivigo_async import Client, HealthReport, HealthStatus, HealthWatcher
 from kivigo_async.backends.memory import MemoryBackend
@@ -1221,3 +1222,128 @@ async def test_stop_just_as_a_check_finishes(
     assert task.done()
     assert watcher_tasks() == []
     assert loop_errors == []
+
+
+# -- listeners that ignore cancellation ----------------------------------------
+
+
+class Stubborn:
+    """An async listener that swallows every cancellation until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.ended = asyncio.Event()
+
+    async def pager(self, report: HealthReport, *, token: str) -> None:
+        try:
+            while not self.release.is_set():
+                try:
+                    await self.release.wait()
+                except asyncio.CancelledError:
+                    self.cancelled.set()  # swallowed: the listener carries on
+        finally:
+            self.ended.set()
+
+
+async def test_stop_returns_in_bounded_time_when_a_listener_ignores_cancellation(
+    memory_client: Client, caplog: pytest.LogCaptureFixture, loop_errors: list[dict[str, Any]]
+) -> None:
+    before = asyncio.all_tasks()
+    stubborn = Stubborn()
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    # A partial holding a secret: the log must name the function, never show its arguments.
+    listener = functools.partial(stubborn.pager, token="s3cr3t-token")
+    watcher = HealthWatcher(memory_client, interval=60, listener_timeout=0.2, on_change=listener)
+    try:
+        await asyncio.wait_for(watcher.start(), WAIT)
+        await asyncio.wait_for(stubborn.cancelled.wait(), WAIT)  # overran, cancelled, carried on
+        # Before the fix, stop() waited for the listener forever: shutdown hung.
+        await asyncio.wait_for(watcher.stop(), WAIT)
+        assert not watcher.running
+        assert not stubborn.ended.is_set()  # left behind, not waited for
+        left = [r for r in caplog.records if r.name == LOGGER and "did not end" in r.getMessage()]
+        assert left
+        assert all(r.levelno == logging.WARNING for r in left)
+        assert all("Stubborn.pager" in r.getMessage() for r in left)
+        assert "s3cr3t-token" not in caplog.text
+    finally:
+        stubborn.release.set()
+        await asyncio.wait_for(stubborn.ended.wait(), WAIT)
+        await asyncio.wait_for(watcher.stop(), WAIT)
+    await eventually(lambda: asyncio.all_tasks() == before, WAIT, "a listener task was left running")
+    assert loop_errors == []
+
+
+async def test_a_listener_ignoring_cancellation_does_not_starve_the_others(
+    memory_client: Client, caplog: pytest.LogCaptureFixture, loop_errors: list[dict[str, Any]]
+) -> None:
+    stubborn = Stubborn()
+    heard: list[HealthStatus] = []
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    watcher = HealthWatcher(
+        memory_client,
+        interval=60,
+        listener_timeout=0.2,
+        on_change=functools.partial(stubborn.pager, token="x"),
+    )
+    watcher.add_listener(lambda report: heard.append(report.status))
+    try:
+        await asyncio.wait_for(watcher.start(), WAIT)
+        # Before the fix, the listeners' task waited for the stubborn one forever.
+        await asyncio.wait_for(watcher.drain(), WAIT)
+        assert heard == [watcher.status]
+        assert stubborn.cancelled.is_set()
+        assert not stubborn.ended.is_set()
+        assert any("did not end" in r.getMessage() for r in caplog.records if r.name == LOGGER)
+    finally:
+        stubborn.release.set()
+        await asyncio.wait_for(stubborn.ended.wait(), WAIT)
+        await asyncio.wait_for(watcher.stop(), WAIT)
+    assert loop_errors == []
+
+
+# -- iterators that stop reading -----------------------------------------------
+
+
+async def test_an_iterator_that_stops_reading_keeps_only_the_latest_changes(
+    memory_client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    switch = Switch()
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    watcher = HealthWatcher(memory_client, interval=60, degraded_latency=None, checks=[switch])
+    async with watcher:
+        iterator = watcher.__aiter__()
+        for _ in range(1001):  # the backend flaps; nobody reads the iterator
+            switch.ok = not switch.ok
+            await watcher.check_now()
+        latest = watcher.report
+        assert latest.status is DOWN
+    reports = [report async for report in iterator]
+    # Before the fix every change was kept: 1002 reports, and memory grew without bound.
+    assert len(reports) <= 101
+    assert reports[-1] is latest  # the most recent status is never dropped
+    assert all(a.status is not b.status for a, b in itertools.pairwise(reports))  # changes only
+    behind = [r for r in caplog.records if r.name == LOGGER and "behind" in r.getMessage()]
+    assert len(behind) == 1  # one warning per episode, not one per dropped change
+
+
+async def test_an_iterator_that_catches_up_gets_every_change_again(memory_client: Client) -> None:
+    switch = Switch()
+    watcher = HealthWatcher(memory_client, interval=60, degraded_latency=None, checks=[switch])
+    async with watcher:
+        iterator = watcher.__aiter__()
+        for _ in range(300):
+            switch.ok = not switch.ok
+            await watcher.check_now()
+        backlog: list[HealthReport] = []
+        while len(backlog) < 101 and (not backlog or backlog[-1] is not watcher.report):
+            backlog.append(await asyncio.wait_for(iterator.__anext__(), WAIT))
+        assert backlog[-1] is watcher.report
+        assert backlog[-1].status is HEALTHY
+        # Caught up: from here on nothing is dropped.
+        for ok in (False, True, False):
+            switch.ok = ok
+            await watcher.check_now()
+    after = [report.status async for report in iterator]
+    assert after == [DOWN, HEALTHY, DOWN]
