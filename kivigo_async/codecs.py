@@ -68,6 +68,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
+import enum
 import functools
 import hashlib
 import inspect
@@ -402,24 +403,67 @@ def _masks(tp: Any, seen: set[type]) -> bool:
     return any(_masks(arg, seen) for arg in get_args(tp))
 
 
-# pydantic model class -> the field whose secret its JSON dump would replace by
-# "**********" (None: no such field). Checked once per class.
-_MASKED_FIELDS: dict[type, str | None] = {}
+def _models_in(tp: Any) -> list[type]:
+    """The pydantic models an annotation names, at any depth of its arguments."""
+    if _is_pydantic_model(tp):
+        return [tp]
+    return [model for arg in get_args(tp) for model in _models_in(arg)]
+
+
+def _dropped_field(cls: Any, seen: set[type]) -> str | None:
+    """``Model.field`` for the first required field that the JSON dump of model ``cls`` (or
+    of a model in its fields) leaves out (``Field(exclude=True)``), or ``None``.
+
+    Such a value is written without the field, and no read of the model can succeed.
+    """
+    decorators = getattr(cls, "__pydantic_decorators__", None)
+    if decorators is not None and decorators.model_serializers:
+        return None  # the model serialises itself: its author decides
+    fields = getattr(cls, "model_fields", None)
+    for name, info in fields.items() if isinstance(fields, Mapping) else ():
+        if getattr(info, "exclude", None) is True:
+            if callable(getattr(info, "is_required", None)) and info.is_required():
+                return f"{_type_name(cls)}.{name}"
+            continue
+        for model in _models_in(info.annotation):
+            if _first_sight(model, seen) and (dropped := _dropped_field(model, seen)) is not None:
+                return dropped
+    return None
+
+
+def _dump_refusal(cls: Any) -> str | None:
+    """Why a model of class ``cls`` must not be written (``None``: it may be)."""
+    masked = _masked_field(cls, {cls})
+    if masked is not None:
+        # Stored as pydantic's mask, the secret would be lost without an error.
+        return (
+            f"`{_type_name(cls)}.{masked}` holds a pydantic secret, which model_dump(mode='json') "
+            "writes as '**********': give the field a field_serializer that returns the secret "
+            "value (and consider EncryptedCodec)"
+        )
+    dropped = _dropped_field(cls, {cls})
+    if dropped is not None:
+        return (
+            f"`{dropped}` is required but excluded from the dump (Field(exclude=True)): the value "
+            "would be stored without it, and could never be read back as the model; give the "
+            "field a default, or do not exclude it"
+        )
+    return None
+
+
+# pydantic model class -> why its values are refused (None: they are not). Checked
+# once per class.
+_DUMP_REFUSALS: dict[type, str | None] = {}
 
 
 def _pydantic_dump(obj: Any) -> Any:
     cls = type(obj)
     try:
-        masked = _MASKED_FIELDS[cls]
+        refusal = _DUMP_REFUSALS[cls]
     except KeyError:
-        masked = _MASKED_FIELDS[cls] = _masked_field(cls, {cls})
-    if masked is not None:
-        # Stored as pydantic's mask, the secret would be lost without an error.
-        raise TypeError(
-            f"`{_type_name(cls)}.{masked}` holds a pydantic secret, which model_dump(mode='json') "
-            "writes as '**********': give the field a field_serializer that returns the secret "
-            "value (and consider EncryptedCodec)"
-        )
+        refusal = _DUMP_REFUSALS[cls] = _dump_refusal(cls)
+    if refusal is not None:
+        raise TypeError(refusal)
     if _reads_by_name(cls):
         # Written and read by field name: an alias for one direction only
         # (serialization_alias, validation_alias) would otherwise drop the field's
@@ -517,11 +561,38 @@ def _pydantic_from_plain(tp: Any, exact_floats: bool = False) -> Callable[[Any],
     return reader
 
 
-def _msgspec_enc_hook(obj: Any) -> Any:
-    """msgspec ``enc_hook``: pydantic models (duck-typed); everything else is unsupported."""
-    if callable(getattr(obj, "model_dump", None)):
-        return _pydantic_dump(obj)
+def _unsupported_by_msgspec(obj: Any) -> Any:
     raise TypeError(f"unsupported type `{_type_name(type(obj))}`")
+
+
+def _resolve_msgspec_hook(cls: type) -> Callable[[Any], Any]:
+    if callable(getattr(cls, "model_dump", None)):
+        return _pydantic_dump
+    # Subclasses of str, int and float (typed ids, say), which orjson writes as their base
+    # type: written the same way here, so the two codecs store the same values. The
+    # base type's own method, not str()/int(), which a subclass may override.
+    if issubclass(cls, str):
+        return str.__str__
+    if issubclass(cls, int):
+        return int.__index__
+    if issubclass(cls, float):
+        return float.__float__
+    return _unsupported_by_msgspec
+
+
+# One converter per type, resolved on first sight; msgspec calls the hook only for
+# the types it does not handle natively.
+_MSGSPEC_HOOKS: dict[type, Callable[[Any], Any]] = {}
+
+
+def _msgspec_enc_hook(obj: Any) -> Any:
+    """msgspec ``enc_hook``: pydantic models (duck-typed), str, int and float subclasses
+    (as the base type); everything else is unsupported."""
+    cls = type(obj)
+    convert = _MSGSPEC_HOOKS.get(cls)
+    if convert is None:
+        convert = _MSGSPEC_HOOKS[cls] = _resolve_msgspec_hook(cls)
+    return convert(obj)
 
 
 def _nested_model_hook(exact_floats: bool) -> Callable[[Any, Any], Any]:
@@ -547,11 +618,55 @@ _msgspec_dec_hook: Final = _nested_model_hook(exact_floats=False)
 _msgpack_dec_hook: Final = _nested_model_hook(exact_floats=True)
 
 
-def _typed_decoder(new_decoder: Callable[..., Any], tp: Any, dec_hook: Callable[[Any, Any], Any]) -> _Decoder:
-    """A msgspec decoder for ``tp``; a type msgspec cannot build one for is a DecodeError."""
+def _hashable(value: Any) -> Any:
+    """``value`` (as a format reads it back untyped) as a key: arrays as tuples."""
+    if isinstance(value, list):
+        return tuple(map(_hashable, value))
+    if isinstance(value, dict):
+        return frozenset((_hashable(k), _hashable(v)) for k, v in value.items())
+    return value
+
+
+def _enum_decoder(tp: type[enum.Enum], untyped: _Decoder, encode: Callable[[Any], bytes]) -> _Decoder:
+    """A decoder of an enum whose values msgspec cannot read (floats, tuples, mixed types).
+
+    Each member is looked up by its value as written and read back untyped (a tuple
+    comes back as a list), so every member that could be written reads back.
+    """
+    members = {_hashable(untyped(encode(member))): member for member in tp.__members__.values()}
+    name = _type_name(tp)
+
+    def decode(data: bytes) -> Any:
+        value = _hashable(untyped(data))  # malformed data: msgspec's own error
+        try:
+            return members[value]
+        except (KeyError, TypeError):
+            pass
+        # With a _Summary as its cause, the one message shown as written; no value in it.
+        raise msgspec.ValidationError(f"Invalid enum value: not a value of {name}") from _Summary()
+
+    return decode
+
+
+def _typed_decoder(
+    new_decoder: Callable[..., Any],
+    tp: Any,
+    dec_hook: Callable[[Any, Any], Any],
+    encode: Callable[[Any], bytes],
+) -> _Decoder:
+    """A msgspec decoder for ``tp``; a type msgspec cannot build one for is a DecodeError.
+
+    ``encode`` is the codec's writer: an enum msgspec cannot read is read by the
+    values it writes.
+    """
     try:
         decode: _Decoder = new_decoder(tp, dec_hook=dec_hook).decode
     except (TypeError, ValueError) as exc:
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            # msgspec reads only enums of all-str or all-int values; the others are
+            # written all the same (by value), and must read back as written.
+            with contextlib.suppress(Exception):  # a value that cannot be written
+                return _enum_decoder(tp, new_decoder().decode, encode)
         raise DecodeError(f"cannot decode into {_type_name(tp)}: not a supported type") from exc
     except NameError as exc:  # a forward reference in the type that does not resolve
         raise DecodeError(f"cannot decode into {_type_name(tp)}: {exc}") from exc
@@ -591,6 +706,8 @@ def _resolve_json_default(cls: type) -> Callable[[Any], Any]:
         return _struct_to_json
     if issubclass(cls, Decimal):
         return str
+    if issubclass(cls, float):  # orjson writes str and int subclasses, not float ones
+        return float.__float__
     if issubclass(cls, (set, frozenset, tuple)):  # tuple: NamedTuple and other subclasses
         return list
     if issubclass(cls, (bytes, bytearray, memoryview)):
@@ -617,6 +734,8 @@ def _json_default(obj: Any) -> Any:
 
 
 _JSON_OPTIONS: Final = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS
+#: JsonCodec's writer, without a subclass's changes to encode (a prefix, say).
+_orjson_encode: Final = functools.partial(orjson.dumps, default=_json_default, option=_JSON_OPTIONS)
 
 
 class _DecoderCache:
@@ -737,6 +856,11 @@ class JsonCodec(_DecoderCache):
       returns ``{1: ...}``. ``bool`` and ``None`` keys become ``"true"``, ``"false"``
       and ``"null"``, which no typed read turns back. Two keys that are written as the
       same string (``1`` and ``"1"``) are both written, and a read keeps the last one only.
+    * **Subclasses of str, int and float** are written as their base type, and read
+      back as it (so by :class:`MsgspecCodec` too).
+    * **Enums** are written by value. One whose values are not all ``str`` or all
+      ``int`` (floats, tuples, mixed) reads back when the enum itself is asked for,
+      not nested in another type (``list[E]``, a Struct field), which is refused.
     * **Dataclasses** are written by msgspec, as Structs are: every field, including
       those whose names start with ``_`` (orjson's own writer leaves them out).
     * **ints beyond 64 bits** are rejected (use ``MsgspecCodec("json")``), except inside
@@ -809,7 +933,7 @@ class JsonCodec(_DecoderCache):
         elif _is_pydantic_model(tp) and callable(getattr(tp, "model_validate_json", None)):
             decoder = _pydantic_reader(tp)
         else:
-            decoder = _typed_decoder(msgspec.json.Decoder, tp, _msgspec_dec_hook)
+            decoder = _typed_decoder(msgspec.json.Decoder, tp, _msgspec_dec_hook, _orjson_encode)
         with contextlib.suppress(TypeError):  # unhashable annotation: not cached
             self._decoders[tp] = decoder
         return decoder
@@ -828,6 +952,8 @@ class MsgspecCodec(_DecoderCache):
     :class:`JsonCodec`: store such values in UTC, or as MessagePack).
     ``"msgpack"`` is compact and binary-safe: ``bytes``, NaN and infinity round-trip
     exactly, and aware datetimes are stored as timestamps (read back in UTC).
+    Subclasses of ``str``, ``int`` and ``float`` are written and read back as their
+    base type, as by :class:`JsonCodec`.
 
     Typed decoding accepts every type msgspec does (Structs, dataclasses, TypedDicts,
     ``datetime``, ``UUID``, ``Decimal``, ``list[int]``...), with a decoder built once
@@ -907,7 +1033,7 @@ class MsgspecCodec(_DecoderCache):
                 def decoder(data: bytes) -> Any:
                     return validate(untyped(data))
         else:
-            decoder = _typed_decoder(self._new_decoder, tp, self._dec_hook)
+            decoder = _typed_decoder(self._new_decoder, tp, self._dec_hook, self._encode)
         with contextlib.suppress(TypeError):  # unhashable annotation: not cached
             self._decoders[tp] = decoder
         return decoder

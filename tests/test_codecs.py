@@ -1493,3 +1493,69 @@ def test_a_pydantic_model_with_an_unhashable_type_argument_reads_back(codec: Cod
         hook: CallableABC[[int], int] | None = pydantic.Field(default=None, exclude=True)
 
     assert roundtrip(codec, WithCallable(a=1), WithCallable) == WithCallable(a=1)
+
+
+class _Name(str):
+    """A str subclass, as a typed-id library makes them."""
+
+
+class _Count(int):
+    """An int subclass."""
+
+
+class _Ratio(float):
+    """A float subclass."""
+
+
+def test_str_int_and_float_subclasses_are_stored_and_read_back_as_the_base_type(codec: Codec) -> None:
+    value = {"name": _Name("ada"), "n": _Count(3), "r": _Ratio(0.5), "tags": [_Name("x")]}
+    back = roundtrip(codec, value)
+    assert back == {"name": "ada", "n": 3, "r": 0.5, "tags": ["x"]}
+    assert [type(back[k]) for k in ("name", "n", "r")] == [str, int, float]
+    assert roundtrip(codec, _Name("ada"), str) == "ada"
+    assert roundtrip(codec, _Count(7), int) == 7
+
+
+class _FloatEnum(enum.Enum):
+    HALF = 0.5
+    ONE = 1.5
+
+
+class _TupleEnum(enum.Enum):
+    ORIGIN = (0, 0)
+    UNIT = (1, 1)
+
+
+class _MixedEnum(enum.Enum):
+    ONE = 1
+    TWO = "two"
+
+
+@pytest.mark.parametrize("member", [_FloatEnum.ONE, _TupleEnum.UNIT, _MixedEnum.ONE, _MixedEnum.TWO])
+def test_enums_of_floats_tuples_or_mixed_values_read_back_as_the_enum(
+    codec: Codec, member: enum.Enum
+) -> None:
+    assert roundtrip(codec, member, type(member)) is member
+
+
+def test_a_stored_value_that_is_no_member_of_such_an_enum_is_a_decode_error(codec: Codec) -> None:
+    data = codec.encode(2.5)
+    with pytest.raises(DecodeError, match="_FloatEnum") as info:
+        codec.decode(data, _FloatEnum)
+    assert "2.5" not in str(info.value)
+
+
+def test_a_required_field_left_out_of_the_dump_is_refused_at_write_time(codec: Codec) -> None:
+    pydantic = pytest.importorskip("pydantic")
+
+    class Account(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        name: str
+        token: str = pydantic.Field(exclude=True)
+
+    class Holder(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        accounts: list[Account]
+
+    for value in (Account(name="a", token=SECRET), Holder(accounts=[Account(name="a", token=SECRET)])):
+        with pytest.raises(EncodeError, match=r"Account\.token") as info:
+            codec.encode(value)
+        assert SECRET not in str(info.value)
