@@ -654,6 +654,8 @@ def test_options_validation_and_url() -> None:
         "unix:///tmp/s",
         "redis://n1:7000?bogus=1",
         "redis://n1?max_redirects=x",
+        "redis://n1?max_redirects=1_6",  # int() reads 16; the URL options take plain digits
+        "redis://n1?max_redirects=%EF%BC%95",  # a fullwidth 5
         "redis://n1?auto_pipeline=maybe",
     ):
         with pytest.raises(ConfigurationError):

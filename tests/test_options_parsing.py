@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
+import trustme
 from conftest import chain_text
 
 from kivigo_async.backends.redis import RedisClusterOptions, RedisOptions, RedisSentinelOptions
@@ -232,3 +235,83 @@ def test_a_db_past_the_servers_range_is_refused(make: Callable[[], object]) -> N
     with pytest.raises(ConfigurationError, match="db must be at most 2147483647"):
         make()
     assert RedisOptions(addr="cache:6379", db=2**31 - 1).db == 2**31 - 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "unix://tmp/redis.sock",  # one slash short: "tmp" would be read as a host, dropped
+        "unix://cache:6379/run/redis.sock",
+        "unix://:6379/run/redis.sock",
+        f"unix://:{SECRET}@cache/run/redis.sock",
+    ],
+    ids=["relative-path", "host-and-port", "port", "host-after-password"],
+)
+def test_a_unix_url_with_a_host_or_port_is_refused(url: str) -> None:
+    # Dropped silently, "unix://tmp/redis.sock" would connect to /redis.sock.
+    with pytest.raises(ConfigurationError, match="unix:// URL takes no host or port") as info:
+        RedisOptions.from_url(url)
+    assert SECRET not in chain_text(info.value)
+
+
+def test_a_unix_url_with_credentials_and_an_empty_host_is_read() -> None:
+    options = RedisOptions.from_url("unix://app:s%40cret@/run/redis.sock?db=2")
+    assert (options.addr, options.username, options.password, options.db) == (
+        "/run/redis.sock",
+        "app",
+        "s@cret",
+        2,
+    )
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "db=1_0",
+        "db=%2B5",
+        "db=%205",
+        "db=\u0663",
+        "pool_size=1_0",
+        "max_retries=%EF%BC%91",  # a fullwidth one
+        "read_timeout=1_0",
+        "dial_timeout=%201",
+        "pool_timeout=\u0663",
+        "read_timeout=nan",
+    ],
+)
+def test_numeric_url_options_take_plain_ascii_numbers_only(query: str) -> None:
+    # int() and float() also take "1_0", "+5", " 5" and non-ASCII digits: a typo
+    # would quietly become another database or another timeout.
+    with pytest.raises(ConfigurationError, match="must be"):
+        RedisOptions.from_url(f"redis://cache:6379?{query}")
+
+
+@pytest.mark.parametrize(
+    ("query", "field", "value"),
+    [
+        ("db=12", "db", 12),
+        ("pool_size=7", "pool_size", 7),
+        ("read_timeout=0.25", "read_timeout", 0.25),
+        ("dial_timeout=2", "dial_timeout", 2.0),
+        ("pool_timeout=.5", "pool_timeout", 0.5),
+        ("read_timeout=1e1", "read_timeout", 10.0),
+    ],
+)
+def test_numeric_url_options_are_read(query: str, field: str, value: float) -> None:
+    assert getattr(RedisOptions.from_url(f"redis://cache:6379?{query}"), field) == value
+
+
+@pytest.mark.parametrize("query", ["db=-1", "read_timeout=-1", "dial_timeout=0"])
+def test_negative_or_zero_url_options_are_refused_by_the_options(query: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"non-negative|positive"):
+        RedisOptions.from_url(f"redis://cache:6379?{query}")
+
+
+def test_a_ca_file_with_verification_turned_off_is_refused(tmp_path: Path) -> None:
+    # The CA would be loaded and never used: the URL cannot mean what it says.
+    ca_file = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))
+    url = f"rediss://cache:6380?ssl_cert_reqs=none&ssl_ca_certs={quote(str(ca_file))}"
+    with pytest.raises(ConfigurationError, match=r"ssl_ca_certs has no effect with ssl_cert_reqs=none"):
+        RedisOptions.from_url(url)
+    assert RedisOptions.from_url(url.replace("none", "required")).tls

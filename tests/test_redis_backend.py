@@ -1294,3 +1294,52 @@ async def test_a_database_the_server_does_not_have_is_named_as_such(
                 await backend.set("k", b"v")
     finally:
         await backend.close()
+
+
+@TRANSPORTS
+async def test_every_call_after_close_says_so_and_opens_nothing(
+    valkey_server: RedisServer, auto_pipeline: bool
+) -> None:
+    name = unique_name()
+    backend = RedisBackend(redis_options(valkey_server, auto_pipeline=auto_pipeline, client_name=name))
+    async with Client(backend) as client:
+        await client.set("closed:a", 1)
+
+    async def commit_plain() -> None:
+        tx = await backend.begin([])
+        await tx.commit([("set", "closed:a", b"2", None)])
+
+    async def listing() -> None:
+        async for _ in backend.scan("closed:"):
+            pass
+
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "connect": backend.connect,
+        "get": lambda: backend.get("closed:a"),
+        "set": lambda: backend.set("closed:a", b"2"),
+        "batch_set-ttl": lambda: backend.batch_set([("closed:a", b"2")], 5000),
+        "batch_get": lambda: backend.batch_get(["closed:a", "closed:b"]),
+        "expire": lambda: backend.expire("closed:a", 5000),
+        "health": backend.health,
+        "scan": listing,
+        "transaction": commit_plain,
+        "watch-transaction": lambda: backend.begin(["closed:a"]),
+    }
+    failures = {}
+    for what, call in calls.items():
+        try:
+            await asyncio.wait_for(call(), 30)
+        except BackendUnavailableError as exc:
+            if "closed" not in str(exc):
+                failures[what] = str(exc)
+        except BaseException as exc:
+            failures[what] = repr(exc)
+        else:
+            failures[what] = "no error"
+    assert failures == {}
+    control = control_client(valkey_server)
+    try:
+        assert await named_connections(control, name) == 0
+        assert await control.get("closed:a") == b"1"
+    finally:
+        await control.aclose()

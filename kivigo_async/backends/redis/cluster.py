@@ -57,6 +57,7 @@ from .options import (
     URL_OPTIONS,
     RedisOptions,
     _default_pool_size,
+    _int_option,
     check_addr,
     checked_replace,
     login_user,
@@ -248,11 +249,7 @@ class RedisClusterOptions:
         extra_addrs = query.pop("addr", [])
         kwargs: dict[str, object] = {}
         if "max_redirects" in query:
-            raw = query.pop("max_redirects")[-1]
-            try:
-                kwargs["max_redirects"] = int(raw)
-            except ValueError:
-                raise ConfigurationError(f"max_redirects must be an integer, not {raw!r}") from None
+            kwargs["max_redirects"] = _int_option("max_redirects", query.pop("max_redirects")[-1])
         if "read_from_replicas" in query:
             raw = query.pop("read_from_replicas")[-1].lower()
             if raw not in ("true", "false", "1", "0", "yes", "no"):

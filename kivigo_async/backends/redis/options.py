@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import ssl
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -204,10 +205,11 @@ class RedisOptions:
 
         ``redis://[[username]:password@]host[:port][/db][?option=value...]``.
         Query options: ``db``, ``client_name``, ``auto_pipeline``, ``pool_size``, ``min_idle_conns``,
-        ``max_retries``, ``dial_timeout``, ``read_timeout``, ``pool_timeout``,
-        ``protocol``, and for ``rediss://`` ``ssl_ca_certs`` (a CA file) and
+        ``max_retries``, ``dial_timeout``, ``read_timeout``, ``write_timeout``, ``pool_timeout``,
+        ``protocol``, and for ``rediss://`` ``ssl_ca_certs`` (a CA file) or
         ``ssl_cert_reqs=none`` (turns verification off, explicitly). An unknown
-        option is an error, never silently ignored. ``overrides`` win over the URL.
+        option is an error, never silently ignored, and so is a host or port in a
+        ``unix://`` URL. Numbers are plain ASCII. ``overrides`` win over the URL.
 
         Example:
             >>> o = RedisOptions.from_url("rediss://app:p%40ss@cache.internal:6380/2")
@@ -237,6 +239,7 @@ class RedisOptions:
         if scheme == "unix":
             if not parts.path:
                 raise ConfigurationError("a unix:// URL needs a socket path")
+            _refuse_unix_host(parts)
             kwargs["network"] = "unix"
             kwargs["addr"] = url_unquote(parts.path, "the socket path")
             if "password" in query:
@@ -258,6 +261,11 @@ class RedisOptions:
         cert_reqs = query.pop("ssl_cert_reqs", None)
         if (ca_file is not None or cert_reqs is not None) and not tls_required:
             raise ConfigurationError("ssl_ca_certs and ssl_cert_reqs need a rediss:// URL")
+        if ca_file and cert_reqs is not None and cert_reqs.lower() in ("none", "cert_none"):
+            # The CA would be loaded and never consulted: say so rather than guess.
+            raise ConfigurationError(
+                "ssl_ca_certs has no effect with ssl_cert_reqs=none (verification off): drop one of them"
+            )
         if tls_required:
             try:
                 ctx = ssl.create_default_context(cafile=ca_file or None)
@@ -457,18 +465,37 @@ def refuse_unknown_options(query: str, known: AbstractSet[str]) -> None:
         after_credential = after_credential or name in _CREDENTIAL_OPTIONS
 
 
+def _refuse_unix_host(parts: SplitResult) -> None:
+    """Refuse a ``unix://`` URL with a host or port, which nothing would use.
+
+    ``unix://tmp/redis.sock`` (one slash short) has the host ``tmp`` and the path
+    ``/redis.sock``: read silently, it would connect to another socket.
+    """
+    host = parts.netloc.rpartition("@")[2]  # not quoted: it follows the password
+    if host:
+        raise ConfigurationError(
+            "invalid Redis URL: a unix:// URL takes no host or port; "
+            "write unix:///absolute/path.sock (three slashes), credentials as unix://user:password@/path"
+        )
+
+
+# Plain ASCII numbers only: int() and float() also take "1_0", "+5", " 5" and
+# non-ASCII digits, so a typo would quietly become another database or timeout.
+# A leading "-" is kept, for the options' own "non-negative" / "positive" message.
+_INT = re.compile(r"-?[0-9]+")
+_FLOAT = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
 def _int_option(name: str, raw: str) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name} must be an integer, not {raw!r}") from None
+    if not _INT.fullmatch(raw):
+        raise ConfigurationError(f"{name} must be an integer, not {raw!r}")
+    return int(raw)
 
 
 def _float_option(name: str, raw: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name} must be a number of seconds, not {raw!r}") from None
+    if not _FLOAT.fullmatch(raw):
+        raise ConfigurationError(f"{name} must be a number of seconds, not {raw!r}")
+    return float(raw)
 
 
 def join_addr(host: str, port: int) -> str:
