@@ -261,7 +261,8 @@ class RedisOptions:
         cert_reqs = query.pop("ssl_cert_reqs", None)
         if (ca_file is not None or cert_reqs is not None) and not tls_required:
             raise ConfigurationError("ssl_ca_certs and ssl_cert_reqs need a rediss:// URL")
-        if ca_file and cert_reqs is not None and cert_reqs.lower() in ("none", "cert_none"):
+        verify_off = cert_reqs is not None and cert_reqs.lower() in ("none", "cert_none")
+        if ca_file and verify_off:
             # The CA would be loaded and never consulted: say so rather than guess.
             raise ConfigurationError(
                 "ssl_ca_certs has no effect with ssl_cert_reqs=none (verification off): drop one of them"
@@ -271,12 +272,11 @@ class RedisOptions:
                 ctx = ssl.create_default_context(cafile=ca_file or None)
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigurationError(f"cannot load ssl_ca_certs {ca_file!r}: {exc}") from None
-            if cert_reqs is not None:
-                if cert_reqs.lower() in ("none", "cert_none"):
-                    ctx.check_hostname = False
-                    ctx.verify_mode = ssl.CERT_NONE
-                elif cert_reqs.lower() not in ("required", "cert_required"):
-                    raise ConfigurationError("ssl_cert_reqs must be 'required' or 'none'")
+            if verify_off:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            elif cert_reqs is not None and cert_reqs.lower() not in ("required", "cert_required"):
+                raise ConfigurationError("ssl_cert_reqs must be 'required' or 'none'")
             kwargs["tls"] = ctx
         for name, raw in query.items():
             if name in ("db", "pool_size", "min_idle_conns", "max_retries", "protocol"):
